@@ -1,0 +1,124 @@
+"""Atom bookkeeping shared by the readers and engines: elements, bonds, selections.
+
+Element data come from ASE's tables (``ase.data``); selections use MDAnalysis' selection language
+on any :class:`~surrogate_md.data.h5md.Topology`, so ``--select "not name H*"`` means the same for
+an MD17 file, an ASE trajectory and a PSF.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from surrogate_md.data.h5md import Topology
+from surrogate_md.errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: Two atoms are bonded when closer than this factor times the sum of their covalent radii.
+BOND_SCALE = 1.2
+
+
+def atomic_numbers_from_symbols(symbols) -> np.ndarray:
+    """(N,) atomic numbers from element symbols (any case); 0 where the symbol is unknown."""
+    from ase.data import atomic_numbers
+
+    out = np.zeros(len(symbols), dtype=np.int64)
+    for i, s in enumerate(symbols):
+        s = str(s).strip()
+        out[i] = atomic_numbers.get(s[:1].upper() + s[1:].lower(), 0)
+    return out
+
+
+def atomic_numbers_from_masses(masses: np.ndarray, tolerance_amu: float = 0.6) -> np.ndarray:
+    """(N,) atomic numbers of the elements whose standard mass is within ``tolerance_amu``.
+
+    Robust for force-field topologies (PSF, TPR, prmtop) that carry masses but no elements; 0 for
+    virtual sites (mass 0) and unmatched masses (e.g. hydrogen-mass-repartitioned atoms).
+    """
+    from ase.data import atomic_masses
+
+    masses = np.asarray(masses, dtype=np.float64)
+    table = np.asarray(atomic_masses[1:87])
+    idx = np.abs(masses[:, None] - table[None, :]).argmin(axis=1)
+    z = idx + 1
+    z[np.abs(table[idx] - masses) > tolerance_amu] = 0
+    return z.astype(np.int64)
+
+
+def standard_masses(atomic_numbers: np.ndarray) -> np.ndarray:
+    """(N,) standard atomic masses in amu (ASE's table)."""
+    from ase.data import atomic_masses
+
+    return np.asarray(atomic_masses)[np.asarray(atomic_numbers, dtype=np.int64)].astype(np.float64)
+
+
+def infer_bonds(atomic_numbers: np.ndarray, positions_A: np.ndarray,
+                scale: float = BOND_SCALE) -> np.ndarray:
+    """Bonds from one frame by the covalent-radii rule ``d < scale * (r_i + r_j)``.
+
+    Args:
+        atomic_numbers: (N,) int.
+        positions_A: (N, 3) Å, a frame where molecules are whole.
+        scale: tolerance factor on the sum of covalent radii (ASE's table).
+
+    Returns:
+        (B, 2) int64 index pairs with i < j, sorted.
+    """
+    from ase import Atoms
+    from ase.data import covalent_radii
+    from ase.neighborlist import neighbor_list
+
+    z = np.asarray(atomic_numbers, dtype=np.int64)
+    if len(z) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    atoms = Atoms(numbers=np.where(z > 0, z, 1), positions=np.asarray(positions_A, float))
+    radii = scale * np.asarray(covalent_radii)[z]
+    radii[z == 0] = 0.0
+    i, j = neighbor_list("ij", atoms, radii.tolist(), self_interaction=False)
+    keep = i < j
+    bonds = np.stack([i[keep], j[keep]], axis=1).astype(np.int64)
+    return bonds[np.lexsort((bonds[:, 1], bonds[:, 0]))] if len(bonds) else bonds.reshape(0, 2)
+
+
+def select_indices(topology: Topology, select: str | None, source: str | os.PathLike) -> np.ndarray:
+    """Indices of the atoms of ``topology`` matching the MDAnalysis selection ``select``.
+
+    ``None`` selects every atom. Raises :class:`DataError` naming ``source`` when the selection is
+    invalid or empty.
+    """
+    n = topology.n_atoms
+    if select is None:
+        return np.arange(n)
+    import MDAnalysis as mda
+
+    res_ids, res_index = np.unique(topology.residue_ids, return_inverse=True)
+    u = mda.Universe.empty(n, n_residues=len(res_ids), atom_resindex=res_index,
+                           trajectory=False)
+    u.add_TopologyAttr("names", topology.atom_names)
+    u.add_TopologyAttr("elements", topology.elements)
+    u.add_TopologyAttr("types", topology.elements)
+    u.add_TopologyAttr("masses", topology.masses)
+    u.add_TopologyAttr("resids", res_ids)
+    first = np.unique(res_index, return_index=True)[1]
+    u.add_TopologyAttr("resnames", topology.residue_names[first])
+    if len(topology.bonds):
+        u.add_TopologyAttr("bonds", [tuple(b) for b in topology.bonds.tolist()])
+    return selection_indices(u.atoms, select, source)
+
+
+def selection_indices(atoms, select: str, source: str | os.PathLike) -> np.ndarray:
+    """Indices (into ``atoms``' universe) of an MDAnalysis selection, with clear errors."""
+    from MDAnalysis.exceptions import SelectionError
+
+    try:
+        group = atoms.select_atoms(select)
+    except (SelectionError, ValueError, KeyError, AttributeError) as exc:
+        raise DataError(f"{source}: invalid atom selection {select!r} ({exc}); use MDAnalysis "
+                        "selection syntax, e.g. 'backbone', 'name CA', 'not name H*'") from exc
+    if group.n_atoms == 0:
+        raise DataError(f"{source}: the selection {select!r} matches no atom; check atom names "
+                        "with MDAnalysis or choose another selection")
+    return np.asarray(group.indices, dtype=np.int64)

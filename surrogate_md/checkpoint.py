@@ -1,0 +1,131 @@
+"""Checkpoint format: a state dict plus plain metadata, loadable with ``weights_only=True``.
+
+A checkpoint is a dict of tensors and plain Python values (no pickled classes)::
+
+    format: "surrogate-md-checkpoint", format_version: int
+    model: {name, config (dict)}, state_dict: {...}, normalisation: {...}
+    protocol: {kind, jump_frames, n_out, history, history_stride, interval_ps, jump_ps,
+               times_ps, history_stride_ps, velocity_source}
+    selection: NodeSelection.to_dict(), graph: GraphBuilder.to_dict()
+    topology: {atomic_numbers, atom_names, residue_ids, residue_names, bonds, masses} (full system)
+    validity: {bonds, bond_length_mean_A, bond_tolerance_A, min_distance_A}
+    provenance: {data files and their metadata}, versions: {surrogate_md, torch}
+    training (last.pt only): optimiser, scheduler, RNG states, epoch, step, best metric
+
+Writes are atomic (temporary file + rename). :func:`migrate` upgrades older format versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surrogate_md.errors import CheckpointError
+
+FORMAT = "surrogate-md-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (plus format markers) atomically to ``path``."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: directory {path.parent} does not exist; create it first")
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(data, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def migrate(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Upgrade a checkpoint dict to the current format version (the one place that does so)."""
+    version = data.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: checkpoint has no format_version; it was not written by "
+                              "surrogate-md")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this "
+                              f"surrogate-md reads ({FORMAT_VERSION}); upgrade surrogate-md")
+    # version 1 is the first format: nothing to upgrade yet.
+    return data
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                    ) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``) and migrate it to the current format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupted or foreign files
+        raise CheckpointError(f"{path}: not a readable surrogate-md checkpoint ({type(exc).__name__}"
+                              f": {str(exc).splitlines()[0] if str(exc) else ''}); it may be "
+                              "truncated or not a checkpoint: use a best.pt/last.pt written by "
+                              "`python -m surrogate_md.train`") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a surrogate-md checkpoint (no format marker); use a "
+                              "best.pt/last.pt written by `python -m surrogate_md.train`")
+    return migrate(data, path)
+
+
+def file_hash(path: str | os.PathLike, length: int = 16) -> str:
+    """Short sha256 of a file (identifies the checkpoint in trajectory headers and logs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+def build_payload(model: torch.nn.Module, *, protocol: dict[str, Any], selection: Any,
+                  graph: Any, topology: Any, validity: Any = None,
+                  provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The inference part of a checkpoint (what :class:`~surrogate_md.Surrogate` needs).
+
+    Args:
+        model: a registered :class:`~surrogate_md.models.TrajectoryModel` (normalisation set).
+        protocol: ``Protocol.to_dict()`` plus ``interval_ps``, ``jump_ps``, ``times_ps``,
+            ``history_stride_ps`` and ``velocity_source`` (``file`` or ``finite_difference``).
+        selection: :class:`~surrogate_md.data.selection.NodeSelection`.
+        graph: :class:`~surrogate_md.data.windows.GraphBuilder`.
+        topology: :class:`~surrogate_md.data.Topology` of the full system.
+        validity: :class:`~surrogate_md.validity.ValidityReference` over the model atoms.
+        provenance: data files and their metadata (JSON-like).
+    """
+    import dataclasses
+
+    import surrogate_md
+
+    return {
+        "model": {"name": model.name, "config": dataclasses.asdict(model.config)},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "normalisation": model.normalisation(),
+        "protocol": dict(protocol),
+        "selection": selection.to_dict(),
+        "graph": graph.to_dict(),
+        "topology": {"atomic_numbers": topology.atomic_numbers.tolist(),
+                     "masses": topology.masses.tolist(),
+                     "atom_names": topology.atom_names.tolist(),
+                     "residue_ids": topology.residue_ids.tolist(),
+                     "residue_names": topology.residue_names.tolist(),
+                     "bonds": topology.bonds.tolist()},
+        "validity": None if validity is None else validity.to_dict(),
+        "provenance": provenance or {},
+        "units": {"length": "Angstrom", "time": "ps", "velocity": "Angstrom/ps",
+                  "energy": "kJ/mol", "mass": "amu"},
+        "versions": {"surrogate_md": surrogate_md.__version__, "torch": str(torch.__version__)},
+    }

@@ -1,0 +1,262 @@
+"""The inference object integrations and users call: ``Surrogate.load(checkpoint)``.
+
+Inputs and outputs are numpy arrays in Å, Å/ps and ps. A surrogate knows its jump, its output
+time grid, the atoms it models and its protocol, and checks what it is given against them.
+
+Atoms: a model may predict a subset of a system (heavy atoms, backbone, residue nodes). The
+*model atoms* are ``selection.atom_index`` (for residue nodes: N, CA, C, O of each residue, in
+that order). ``predict``/``rollout`` accept positions of the full system (``n_atoms`` atoms) or
+of the model atoms only, and return model atoms.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from surrogate_md.checkpoint import file_hash, load_checkpoint
+from surrogate_md.data import keys as K
+from surrogate_md.data.selection import NodeSelection
+from surrogate_md.data.windows import GraphBuilder, collate
+from surrogate_md.errors import CheckpointError, DataError, DeviceError
+from surrogate_md.models import MODELS, build_model
+from surrogate_md.validity import ValidityReference
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when present else CPU; a CUDA request without CUDA is an error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {str(device)!r} requested but CUDA is not available on this "
+                          "machine; use --device cpu (or auto)")
+    return dev
+
+
+class Surrogate:
+    """A trained trajectory operator ready for inference.
+
+    Attributes:
+        name: model name in the registry.
+        jump_ps: the learned jump ΔT in ps.
+        times_ps: (P,) output time grid after t0, ps (the last entry is ``jump_ps``).
+        atomic_numbers: (n_atoms,) atomic numbers of the full system it was trained on.
+        selection: :class:`NodeSelection` of the modelled atoms.
+        model_atoms: (n_model_atoms,) indices of the modelled atoms in the full system.
+        needs_history: the model takes ``history`` (T frames at ``history_stride_ps``).
+        validity: tolerances for the guards (:class:`ValidityReference` over model atoms).
+        checkpoint_hash: short sha256 of the checkpoint file.
+    """
+
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], *,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 source: str = "") -> None:
+        self.model = model
+        self.meta = meta
+        self.source = source
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.model.to(self.device).eval()
+        proto = meta["protocol"]
+        self.name: str = meta["model"]["name"]
+        self.jump_ps = float(proto["jump_ps"])
+        self.times_ps = np.asarray(proto["times_ps"], dtype=np.float64)
+        self.history_length = int(proto.get("history", 1))
+        self.history_stride_ps = float(proto.get("history_stride_ps") or self.jump_ps)
+        self.velocity_source = proto.get("velocity_source", "file")
+        self.needs_history = bool(MODELS[self.name].needs_history)
+        self.selection = NodeSelection.from_dict(meta["selection"])
+        self.model_atoms = self.selection.atom_index
+        self.n_atoms = self.selection.n_atoms_total
+        topo = meta["topology"]
+        self.topology = topo
+        self.atomic_numbers = np.asarray(topo["atomic_numbers"], dtype=np.int64)
+        self.graph = GraphBuilder.from_dict(meta["graph"], self.selection.n_nodes)
+        self.validity = (ValidityReference.from_dict(meta["validity"])
+                         if meta.get("validity") else None)
+        self.checkpoint_hash = meta.get("checkpoint_hash", "")
+
+    # -- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> Surrogate:
+        """Load ``best.pt``/``last.pt`` (weights-only) onto ``device`` (``"auto"`` picks CUDA)."""
+        path = Path(checkpoint)
+        data = load_checkpoint(path)
+        name = data.get("model", {}).get("name")
+        if name not in MODELS:
+            raise CheckpointError(f"{path}: checkpoint model {name!r} is not in this package's "
+                                  f"registry {sorted(MODELS)}; upgrade surrogate-md")
+        for key in ("protocol", "selection", "graph", "topology", "state_dict"):
+            if key not in data:
+                raise CheckpointError(f"{path}: checkpoint lacks {key!r}; it is incomplete, "
+                                      "re-export it from the run directory")
+        model = build_model(name, data["model"]["config"])
+        try:
+            model.load_state_dict(data["state_dict"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: weights do not fit model {name!r} with the stored "
+                                  f"config ({str(exc).splitlines()[0]})") from exc
+        model.to(dtype)
+        meta = {k: v for k, v in data.items() if k not in ("state_dict", "training")}
+        meta["checkpoint_hash"] = file_hash(path)
+        return cls(model, meta, device=device, dtype=dtype, source=str(path))
+
+    # -- shapes and checks ------------------------------------------------------------------------
+    @property
+    def n_model_atoms(self) -> int:
+        return len(self.model_atoms)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe summary (name, jump, grid, atoms, checkpoint hash) for file headers/logs."""
+        return {"surrogate": self.name, "jump_ps": self.jump_ps,
+                "times_ps": self.times_ps.tolist(), "selection": self.selection.name,
+                "n_model_atoms": self.n_model_atoms, "n_atoms": self.n_atoms,
+                "checkpoint": os.path.basename(self.source),
+                "checkpoint_hash": self.checkpoint_hash}
+
+    def _to_model_atoms(self, arr: np.ndarray, what: str) -> np.ndarray:
+        """(..., n_atoms or n_model_atoms, 3) -> (..., n_model_atoms, 3) float64, checked."""
+        arr = np.asarray(arr, dtype=np.float64)
+        if arr.ndim < 2 or arr.shape[-1] != 3:
+            raise DataError(f"{what} must have shape (..., atoms, 3), got {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise DataError(f"{what} contain NaN or inf; the input state is broken")
+        n = arr.shape[-2]
+        if n == self.n_atoms:
+            return arr[..., self.model_atoms, :]
+        if n == self.n_model_atoms:
+            return arr
+        raise DataError(f"{what} have {n} atoms but the surrogate models a system of "
+                        f"{self.n_atoms} atoms ({self.n_model_atoms} predicted, selection "
+                        f"{self.selection.name!r}); give positions of that system")
+
+    def check_atomic_numbers(self, atomic_numbers: np.ndarray) -> None:
+        """Raise if ``atomic_numbers`` (full system) differ from the training system."""
+        z = np.asarray(atomic_numbers, dtype=np.int64)
+        if len(z) != self.n_atoms or not np.array_equal(z, self.atomic_numbers):
+            raise DataError(f"the system's atoms ({len(z)} atoms) differ from the {self.n_atoms} "
+                            f"atoms the surrogate {self.source or self.name} was trained on; "
+                            "use a checkpoint trained on this system")
+
+    # -- prediction -------------------------------------------------------------------------------
+    def _default_velocities(self, pos: np.ndarray, history: np.ndarray | None) -> np.ndarray:
+        if history is not None and history.shape[-3] >= 2:
+            return (history[..., -1, :, :] - history[..., -2, :, :]) / self.history_stride_ps
+        if self.name == "constant":
+            return np.zeros_like(pos)
+        raise DataError("velocities are required (Å/ps) for this surrogate; pass velocities= "
+                        "or a history of at least two frames")
+
+    @torch.no_grad()
+    def predict(self, positions: np.ndarray, velocities: np.ndarray | None = None,
+                history: np.ndarray | None = None, times_ps: np.ndarray | None = None
+                ) -> np.ndarray:
+        """Advance one jump.
+
+        Args:
+            positions: (atoms, 3) or (B, atoms, 3) Å at t0 (full system or model atoms).
+            velocities: same shape, Å/ps.
+            history: (T, atoms, 3) or (B, T, atoms, 3) Å, oldest first, last frame = t0;
+                required when ``needs_history``.
+            times_ps: output offsets (ps) instead of the trained grid (models that support it).
+        Returns:
+            (P, n_model_atoms, 3) Å, or (B, P, n_model_atoms, 3) for batched input.
+        """
+        pos = self._to_model_atoms(positions, "positions")
+        batched = pos.ndim == 3
+        if not batched:
+            pos = pos[None]
+        hist = None
+        if history is not None:
+            hist = self._to_model_atoms(history, "history")
+            if not batched:
+                hist = hist[None]
+            if hist.shape[1] != self.history_length and self.needs_history:
+                raise DataError(f"history has {hist.shape[1]} frames; the surrogate takes "
+                                f"{self.history_length} frames {self.history_stride_ps} ps apart")
+        elif self.needs_history:
+            raise DataError(f"this surrogate ({self.name}) needs history: {self.history_length} "
+                            f"frames {self.history_stride_ps} ps apart, the last at t0")
+        if velocities is None:
+            vel = self._default_velocities(pos, hist)
+        else:
+            vel = self._to_model_atoms(velocities, "velocities")
+            if not batched:
+                vel = vel[None]
+        if vel.shape != pos.shape:
+            raise DataError(f"velocities shape {vel.shape} differs from positions {pos.shape}")
+        times = self.times_ps if times_ps is None else np.asarray(times_ps, dtype=np.float64)
+        nodes, c = self.selection.n_nodes, self.selection.n_channels
+        items = []
+        for b in range(len(pos)):
+            p = pos[b].reshape(nodes, c, 3)
+            item = {K.POS: p, K.VEL: vel[b].reshape(nodes, c, 3),
+                    K.NODE_TYPE: self.selection.node_type, K.MASS: self.selection.mass}
+            if hist is not None:
+                item[K.HIST] = hist[b].reshape(-1, nodes, c, 3)
+            item[K.EDGE_INDEX], item[K.EDGE_TYPE] = self.graph(p)
+            items.append(item)
+        batch = collate(items)
+        batch[K.TIMES] = torch.as_tensor(times)
+        batch[K.HIST_DT] = torch.tensor(self.history_stride_ps)
+        batch = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                 for k, v in batch.items()}
+        out = self.model(batch).to(torch.float64).cpu().numpy()  # (P, B*nodes, C, 3)
+        out = out.reshape(len(times), len(pos), nodes * c, 3).transpose(1, 0, 2, 3)
+        return out if batched else out[0]
+
+    def rollout(self, positions: np.ndarray, velocities: np.ndarray | None = None,
+                history: np.ndarray | None = None, n_jumps: int = 10,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Chain ``n_jumps`` jumps, feeding each jump's end state into the next.
+
+        The velocity for the next jump is the backward difference of the last two frames of
+        the jump (the last output frame and the one before it, or the input when P = 1).
+        History models take their next history from the input and predicted frames at the
+        history stride (which must be a multiple of the output spacing).
+
+        Returns:
+            frames (n_jumps * P, n_model_atoms, 3) Å and their times (n_jumps * P,) ps after t0.
+        """
+        from tqdm.auto import tqdm
+
+        pos = self._to_model_atoms(positions, "positions")
+        vel = None if velocities is None else self._to_model_atoms(velocities, "velocities")
+        hist = None if history is None else self._to_model_atoms(history, "history")
+        # known frames by time (ps, rounded) for history lookup
+        spacing = self.times_ps[0]
+        known: dict[int, np.ndarray] = {}
+        if hist is not None:
+            for k, frame in enumerate(hist[::-1]):
+                known[round(-k * self.history_stride_ps / spacing)] = frame
+        frames, times = [], []
+        t = 0.0
+        for _ in tqdm(range(n_jumps), disable=not progress, desc="rollout", unit="jump"):
+            out = self.predict(pos, vel, hist)
+            prev = out[-2] if len(out) > 1 else pos
+            dt = (self.times_ps[-1] - self.times_ps[-2]) if len(out) > 1 else self.times_ps[-1]
+            for k, frame in enumerate(out):
+                known[round((t + self.times_ps[k]) / spacing)] = frame
+            frames.append(out)
+            times.append(t + self.times_ps)
+            t += self.jump_ps
+            vel = (out[-1] - prev) / dt
+            pos = out[-1]
+            if hist is not None:
+                want = [round((t - k * self.history_stride_ps) / spacing)
+                        for k in range(self.history_length - 1, -1, -1)]
+                missing = [w for w in want if w not in known]
+                if missing:
+                    raise DataError("history stride is not a multiple of the output spacing; "
+                                    "cannot roll this history model out")
+                hist = np.stack([known[w] for w in want])
+        return np.concatenate(frames), np.concatenate(times)

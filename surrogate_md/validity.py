@@ -1,0 +1,111 @@
+"""Physical-validity measures shared by training (tolerances), evaluation and the guards.
+
+All positions are Å. Functions take numpy arrays and never need an MD engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from surrogate_md.data.graphs import radius_edges
+
+
+def bond_lengths(positions: np.ndarray, bonds: np.ndarray) -> np.ndarray:
+    """(..., atoms, 3), (B, 2) -> (..., B) bond lengths in Å."""
+    bonds = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
+    d = positions[..., bonds[:, 0], :] - positions[..., bonds[:, 1], :]
+    return np.linalg.norm(d, axis=-1)
+
+
+def min_nonbonded_distance(positions: np.ndarray, bonds: np.ndarray, cutoff_A: float = 4.0,
+                           exclude_hops: int = 2) -> float:
+    """Smallest distance between atoms that are more than ``exclude_hops`` bonds apart.
+
+    Uses a cell list (no N x N matrix); returns ``cutoff_A`` if no such pair is closer.
+    Args: positions (atoms, 3) Å, bonds (B, 2).
+    """
+    pos = np.asarray(positions, dtype=np.float64)
+    n = len(pos)
+    edges = radius_edges(torch.from_numpy(pos), cutoff_A).numpy()
+    i, j = edges[1], edges[0]
+    keep = i < j
+    i, j = i[keep], j[keep]
+    if len(i) == 0:
+        return float(cutoff_A)
+    excluded = _excluded_pairs(np.asarray(bonds).reshape(-1, 2), n, exclude_hops)
+    key = i.astype(np.int64) * n + j
+    mask = ~np.isin(key, excluded)
+    if not mask.any():
+        return float(cutoff_A)
+    return float(np.linalg.norm(pos[i[mask]] - pos[j[mask]], axis=1).min())
+
+
+def _excluded_pairs(bonds: np.ndarray, n: int, hops: int) -> np.ndarray:
+    """Keys i*n+j (i<j) of atom pairs within ``hops`` bonds of each other."""
+    if len(bonds) == 0 or hops < 1:
+        return np.zeros(0, dtype=np.int64)
+    nbrs: list[set[int]] = [set() for _ in range(n)]
+    for a, b in bonds:
+        nbrs[a].add(int(b))
+        nbrs[b].add(int(a))
+    keys = set()
+    for a in range(n):
+        frontier, seen = {a}, {a}
+        for _ in range(hops):
+            frontier = {c for f in frontier for c in nbrs[f]} - seen
+            seen |= frontier
+        keys.update(min(a, c) * n + max(a, c) for c in seen if c != a)
+    return np.fromiter(keys, dtype=np.int64, count=len(keys))
+
+
+@dataclass
+class ValidityReference:
+    """Tolerances learned from reference frames, stored with a model and used by the guards.
+
+    Attributes:
+        bonds: (B, 2) node/atom index pairs the model predicts.
+        bond_length_mean_A: (B,) mean length in the reference.
+        bond_tolerance_A: largest allowed |length - mean| (max seen in the reference + margin).
+        min_distance_A: smallest allowed non-bonded distance (min seen in reference x factor).
+    """
+
+    bonds: np.ndarray
+    bond_length_mean_A: np.ndarray
+    bond_tolerance_A: float
+    min_distance_A: float
+
+    @classmethod
+    def from_frames(cls, frames: np.ndarray, bonds: np.ndarray, *, margin_A: float = 0.25,
+                    clash_factor: float = 0.75) -> ValidityReference:
+        """Tolerances from reference frames (F, atoms, 3) Å (a few hundred frames suffice)."""
+        bonds = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
+        if len(bonds):
+            lengths = bond_lengths(frames, bonds)
+            mean = lengths.mean(axis=0)
+            tol = float(np.abs(lengths - mean).max()) + margin_A
+        else:
+            mean, tol = np.zeros(0), float("inf")
+        step = max(1, len(frames) // 20)
+        dmin = min(min_nonbonded_distance(f, bonds) for f in frames[::step])
+        return cls(bonds, mean, tol, float(dmin * clash_factor))
+
+    def bond_deviation(self, positions: np.ndarray) -> float:
+        """Largest |bond length - reference mean| in Å for (atoms, 3) positions."""
+        if len(self.bonds) == 0:
+            return 0.0
+        return float(np.abs(bond_lengths(positions, self.bonds) - self.bond_length_mean_A).max())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bonds"] = self.bonds.tolist()
+        d["bond_length_mean_A"] = self.bond_length_mean_A.tolist()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ValidityReference:
+        return cls(np.asarray(d["bonds"], dtype=np.int64).reshape(-1, 2),
+                   np.asarray(d["bond_length_mean_A"], dtype=np.float64),
+                   float(d["bond_tolerance_A"]), float(d["min_distance_A"]))
