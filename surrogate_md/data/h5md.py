@@ -474,9 +474,11 @@ class TrajectoryFile:
         ds = getattr(self, field)
         if ds is None:
             raise DataError(f"{self.path}: the file has no {field}")
-        if isinstance(ds, np.ndarray) or isinstance(frames, slice):
+        if isinstance(frames, slice):
             return np.asarray(ds[frames], dtype=np.float64)
         frames = np.asarray(frames, dtype=np.int64)
+        if isinstance(ds, np.ndarray):
+            return np.asarray(ds[frames], dtype=np.float64)
         uniq, inverse = np.unique(frames, return_inverse=True)
         return np.asarray(ds[uniq], dtype=np.float64)[inverse.reshape(frames.shape)]
 

@@ -300,8 +300,8 @@ class WindowDataset(torch.utils.data.Dataset):
         """Offsets (relative to t0) of every frame an item reads, sorted."""
         p = self.protocol
         hist = -np.arange(p.history)[::-1] * p.history_stride
-        extra = [-1] if self.finite_difference else []
-        return np.unique(np.concatenate([hist, extra, p.out_frames]))
+        extra = np.array([-1] if self.finite_difference else [], dtype=np.int64)
+        return np.unique(np.concatenate([hist, extra, p.out_frames])).astype(np.int64)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         fi, t0 = self.windows[i]

@@ -1,0 +1,275 @@
+"""The canonical dataset file, selections, protocols, splits, windows and graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from surrogate_md.data import Topology, TrajectoryWriter, open_trajectory, write_trajectory
+from surrogate_md.data import keys as K
+from surrogate_md.data.graphs import bond_edges, full_edges, infer_bonds, radius_edges
+from surrogate_md.data.selection import select_nodes
+from surrogate_md.data.windows import (
+    GraphBuilder,
+    GraphSpec,
+    Protocol,
+    WindowDataset,
+    frames_from_ps,
+    make_windows,
+    split_starts,
+)
+from surrogate_md.errors import ConfigError, DataError
+
+WATER_LIKE = dict(atomic_numbers=[8, 1, 1, 6, 1], masses=[16.0, 1.0, 1.0, 12.0, 1.0])
+
+
+def small_topology() -> Topology:
+    return Topology.from_elements(WATER_LIKE["atomic_numbers"], WATER_LIKE["masses"],
+                                  bonds=[[0, 1], [0, 2], [0, 3], [3, 4]])
+
+
+def random_walk(n_frames: int, n_atoms: int = 5, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    start = np.arange(n_atoms * 3, dtype=float).reshape(n_atoms, 3)
+    return start + np.cumsum(rng.normal(scale=0.01, size=(n_frames, n_atoms, 3)), axis=0)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    pos = random_walk(400)
+    vel = np.gradient(pos, 0.1, axis=0)
+    path = write_trajectory(tmp_path / "d.h5", small_topology(), pos, np.arange(400) * 0.1,
+                            {"interval_ps": 0.1, "engine": "test"}, velocities=vel)
+    return path, pos, vel
+
+
+def test_roundtrip_and_metadata(dataset):
+    path, pos, vel = dataset
+    with open_trajectory(path) as f:
+        assert (f.n_frames, f.n_atoms) == (400, 5)
+        assert f.interval_ps == pytest.approx(0.1)
+        assert f.metadata["engine"] == "test" and "package_version" in f.metadata
+        np.testing.assert_allclose(f.read(slice(None)), pos, atol=1e-4)
+        np.testing.assert_allclose(f.read([7, 3, 3], "velocities"), vel[[7, 3, 3]], rtol=1e-5,
+                                   atol=1e-4)
+        np.testing.assert_allclose(f.time_ps, np.arange(400) * 0.1)
+        assert list(f.topology.atom_names) == ["O1", "H2", "H3", "C4", "H5"]
+        assert f.topology.bonds.tolist() == [[0, 1], [0, 2], [0, 3], [3, 4]]
+
+
+def test_file_opens_in_mdanalysis_h5md_reader(dataset, tmp_path):
+    mda = pytest.importorskip("MDAnalysis")
+    path, pos, vel = dataset
+    with open_trajectory(path) as f:
+        top = f.topology
+    # a topology file for MDAnalysis, written by MDAnalysis itself
+    u0 = mda.Universe.empty(top.n_atoms, n_residues=1, atom_resindex=[0] * top.n_atoms,
+                            trajectory=True)
+    u0.add_TopologyAttr("names", top.atom_names)
+    u0.add_TopologyAttr("resnames", ["MOL"])
+    u0.add_TopologyAttr("elements", top.elements)
+    u0.atoms.positions = pos[0]
+    u0.atoms.write(tmp_path / "top.pdb")
+    u = mda.Universe(str(tmp_path / "top.pdb"), str(path), format="H5MD")
+    assert len(u.trajectory) == 400
+    for i in (0, 123, 399):
+        ts = u.trajectory[i]
+        np.testing.assert_allclose(ts.positions, pos[i], atol=1e-4)
+        np.testing.assert_allclose(ts.velocities, vel[i], rtol=1e-5, atol=1e-4)
+        assert ts.time == pytest.approx(i * 0.1)
+
+
+def test_writer_is_atomic_and_resumable(tmp_path):
+    top = small_topology()
+    out = tmp_path / "r.h5"
+    with pytest.raises(RuntimeError):
+        with TrajectoryWriter(out, top, {"interval_ps": 0.1}, keep_partial=True) as w:
+            w.append(random_walk(10), np.arange(10) * 0.1)
+            raise RuntimeError("killed")
+    assert not out.exists() and (tmp_path / "r.h5.partial").exists()
+    with TrajectoryWriter(out, top, {"interval_ps": 0.1}, resume=True) as w:
+        assert w.n_frames == 10
+        w.append(random_walk(5), np.arange(10, 15) * 0.1)
+    with open_trajectory(out) as f:
+        np.testing.assert_allclose(f.time_ps, np.arange(15) * 0.1)
+    assert not (tmp_path / "r.h5.partial").exists()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_frames_are_rejected(tmp_path, bad):
+    pos = random_walk(5)
+    pos[3, 2, 1] = bad
+    with pytest.raises(DataError, match="NaN or inf"):
+        write_trajectory(tmp_path / "bad.h5", small_topology(), pos, np.arange(5) * 0.1,
+                         {"interval_ps": 0.1})
+    assert not (tmp_path / "bad.h5").exists() and not (tmp_path / "bad.h5.partial").exists()
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="no such dataset"):
+        open_trajectory(tmp_path / "missing.h5")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
+    with pytest.raises(DataError, match="junk.h5"):
+        open_trajectory(tmp_path / "junk.h5")
+    with pytest.raises(DataError, match="does not exist"):
+        write_trajectory(tmp_path / "nodir" / "x.h5", small_topology(), random_walk(3),
+                         np.arange(3.0), {"interval_ps": 1.0})
+
+
+def test_selections():
+    top = small_topology()
+    assert select_nodes(top, "heavy").atom_index.tolist() == [0, 3]
+    assert select_nodes(top, "all").n_nodes == 5
+    with pytest.raises(DataError, match="matches no atoms"):
+        select_nodes(top, "backbone")
+    with pytest.raises(DataError, match="unknown atom selection"):
+        select_nodes(top, "sidechains")
+
+
+def test_residue_nodes():
+    names = ["N", "CA", "C", "O", "CB", "N", "CA", "C", "O", "N", "CA"]
+    resid = [1] * 5 + [2] * 4 + [3] * 2
+    top = Topology([7, 6, 6, 8, 6, 7, 6, 6, 8, 7, 6], [14.0, 12, 12, 16, 12, 14, 12, 12, 16, 14, 12],
+                   names, resid, ["ALA"] * 5 + ["GLY"] * 4 + ["HIE"] * 2)
+    sel = select_nodes(top, "residues")
+    assert sel.index.tolist() == [[0, 1, 2, 3], [5, 6, 7, 8]]  # residue 3 lacks C and O
+    assert sel.node_type.tolist() == [101, 108]
+    assert sel.n_channels == 4
+    assert select_nodes(top, "ca").atom_index.tolist() == [1, 6, 10]
+
+
+def test_protocol_conversion_from_ps():
+    p = Protocol.from_ps("s2t", 1.5, 8, 0.0005)
+    assert p.jump_frames == 3000 and p.out_frames[-1] == 3000 and p.out_frames[0] == 375
+    with pytest.raises(ConfigError, match="multiple"):
+        frames_from_ps(0.25, 0.1, "jump_ps")
+    with pytest.raises(ConfigError, match="divisible"):
+        Protocol("s2t", 10, 3)
+
+
+def test_paper_split_counts_and_margin():
+    p = Protocol("s2t", 3000, 8)
+    s = split_starts(100_000, p, split="paper", counts=(500, 2000, 2000), margin_frames=10_000,
+                     seed=1)
+    assert [len(s[k]) for k in ("train", "val", "test")] == [500, 2000, 2000]
+    allv = np.concatenate(list(s.values()))
+    assert len(np.unique(allv)) == 4500
+    assert allv.min() >= 10_000 and allv.max() <= 100_000 - 1 - 10_000
+    again = split_starts(100_000, p, split="paper", counts=(500, 2000, 2000), seed=1)
+    assert all(np.array_equal(s[k], again[k]) for k in s)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_frames=st.integers(60, 3000), jump=st.integers(1, 20), p=st.integers(1, 4),
+       history=st.integers(1, 5), stride=st.integers(1, 4), fd=st.booleans(),
+       step=st.integers(1, 7))
+def test_blocked_split_never_leaks(n_frames, jump, p, history, stride, fd, step):
+    jump = jump * p
+    proto = Protocol("history" if history > 1 else "s2t", jump, p, history, stride)
+    if proto.window_length(fd) * 3 + 3 > n_frames:
+        with pytest.raises(DataError):
+            split_starts(n_frames, proto, finite_difference=fd, stride=step)
+        return
+    s = split_starts(n_frames, proto, finite_difference=fd, stride=step)
+
+    def frames(starts):
+        lo, hi = proto.before(fd), proto.after
+        return {f for t in starts for f in range(t - lo, t + hi + 1)}
+
+    train, val, test = frames(s["train"]), frames(s["val"]), frames(s["test"])
+    assert not train & test and not train & val and not val & test
+    everything = set().union(train, val, test)
+    assert min(everything) >= 0 and max(everything) <= n_frames - 1
+
+
+def test_windows_content_and_batch(dataset):
+    path, pos, vel = dataset
+    f = open_trajectory(path)
+    proto = Protocol.from_ps("history", 1.0, 2, f.interval_ps, history=3, history_stride_ps=0.2)
+    w = make_windows([f], proto, seed=0)
+    sel = select_nodes(f.topology, "heavy")
+    gb = GraphBuilder.for_selection(GraphSpec("bonds"), sel, f.topology.bonds,
+                                    sel.gather(pos[:1])[0])
+    ds = WindowDataset([f], w["train"], proto, sel, gb)
+    t0 = int(w["train"][4, 1])
+    item = ds[4]
+    np.testing.assert_allclose(item[K.POS][:, 0], pos[t0, [0, 3]], atol=1e-4)
+    np.testing.assert_allclose(item[K.VEL][:, 0], vel[t0, [0, 3]], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(item[K.TARGET][:, :, 0], pos[[t0 + 5, t0 + 10]][:, [0, 3]],
+                               atol=1e-4)
+    np.testing.assert_allclose(item[K.HIST][:, :, 0], pos[[t0 - 4, t0 - 2, t0]][:, [0, 3]],
+                               atol=1e-4)
+    assert item[K.EDGE_INDEX].tolist() == [[0, 1], [1, 0]]  # O-C bond kept, H bonds dropped
+    b = ds.collate([ds[0], ds[1], ds[2]])
+    assert b[K.POS].shape == (6, 1, 3) and b[K.TARGET].shape == (2, 6, 1, 3)
+    assert b[K.HIST].shape == (3, 6, 1, 3)
+    assert b[K.GRAPH].tolist() == [0, 0, 1, 1, 2, 2] and int(b[K.N_GRAPHS]) == 3
+    assert b[K.EDGE_INDEX].tolist() == [[0, 1, 2, 3, 4, 5], [1, 0, 3, 2, 5, 4]]
+    np.testing.assert_allclose(b[K.TIMES].numpy(), [0.5, 1.0])
+
+
+def test_finite_difference_velocities_look_back_only(tmp_path):
+    pos = random_walk(200)
+    path = write_trajectory(tmp_path / "nv.h5", small_topology(), pos, np.arange(200) * 0.5,
+                            {"interval_ps": 0.5})
+    f = open_trajectory(path)
+    proto = Protocol("s2t", 4, 2)
+    w = make_windows([f], proto)
+    sel = select_nodes(f.topology, "all")
+    ds = WindowDataset([f], w["test"], proto, sel, GraphBuilder(GraphSpec("full"), None, 5))
+    t0 = int(w["test"][0, 1])
+    np.testing.assert_allclose(ds[0][K.VEL][:, 0], (pos[t0] - pos[t0 - 1]) / 0.5, atol=1e-3)
+
+
+def brute_radius(pos: np.ndarray, cutoff: float) -> set[tuple[int, int]]:
+    d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
+    i, j = np.nonzero((d < cutoff) & ~np.eye(len(pos), dtype=bool))
+    return set(zip(j.tolist(), i.tolist()))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 120), cutoff=st.floats(0.5, 8.0), box=st.floats(1.0, 30.0),
+       seed=st.integers(0, 10_000))
+def test_radius_graph_equals_brute_force(n, cutoff, box, seed):
+    pos = np.random.default_rng(seed).uniform(0, box, size=(n, 3))
+    e = radius_edges(torch.from_numpy(pos), cutoff)
+    assert set(zip(e[0].tolist(), e[1].tolist())) == brute_radius(pos, cutoff)
+
+
+def test_radius_graph_respects_systems_and_neighbour_cap():
+    pos = torch.from_numpy(np.random.default_rng(0).uniform(0, 6, size=(80, 3)))
+    graph = torch.tensor([0] * 30 + [1] * 50)
+    e = radius_edges(pos, 4.0, graph)
+    assert bool((graph[e[0]] == graph[e[1]]).all())
+    capped = radius_edges(pos, 4.0, graph, max_neighbours=3)
+    assert int(torch.bincount(capped[1]).max()) <= 3
+
+
+def test_bond_graph_two_hop_and_full():
+    ei, et = bond_edges(np.array([[0, 1], [1, 2], [2, 3]]), 4, two_hop=True)
+    pairs = {(int(a), int(b)): int(t) for a, b, t in zip(ei[0], ei[1], et)}
+    assert pairs[(0, 1)] == 0 and pairs[(0, 2)] == 1 and pairs[(3, 1)] == 1
+    assert (0, 3) not in pairs and len(pairs) == 10
+    e = full_edges(3, torch.tensor([0, 0, 1]))
+    assert e.tolist() == [[1, 0], [0, 1]]
+
+
+def test_infer_bonds_md17_rule():
+    pos = np.array([[0.0, 0, 0], [1.5, 0, 0], [3.7, 0, 0]])
+    assert infer_bonds(pos, cutoff_A=1.6).tolist() == [[0, 1]]
+    assert infer_bonds(pos, np.array([6, 6, 6])).tolist() == [[0, 1]]
+
+
+def test_surrogate_md_core_does_not_import_engines():
+    """The one-direction import rule: the core never imports MD engines."""
+    import subprocess
+    import sys
+
+    code = ("import sys, surrogate_md, surrogate_md.data, surrogate_md.models, "
+            "surrogate_md.surrogate, surrogate_md.checkpoint, surrogate_md.validity\n"
+            "bad = [m for m in ('openmm', 'ase', 'MDAnalysis', 'mdtraj', 'datagen', "
+            "'integrations') if m in sys.modules]\nprint(bad)\nassert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
