@@ -2,6 +2,16 @@
 
 The CLI choices, the checkpoint loader and the parametrised tests all read :data:`MODELS`; a model
 added here is trained, loaded and equivariance-tested without touching anything else.
+
+Registered: ``constant``, ``linear`` (floors), ``egnn``, ``egno``, ``estag``, ``painet``.
+
+One interface: ``model(batch) -> (P, N, C, 3)`` Å, positions at the P offsets ``batch[TIMES]``.
+Mixed-size batches are a flat node list with ``batch[GRAPH]`` (no padding in the interface): every
+per-system reduction (EGNO's centroids, ESTAG's centring of the history, PAINET's all-pair sums)
+is a segment operation over ``GRAPH`` (``index_add_``), and message passing only follows
+``EDGE_INDEX``, so a system's outputs do not depend on what else is in the batch. The time axis
+(P output times, or T history frames for ESTAG) is a leading tensor dimension over the one shared
+edge list; no model replicates the graph per time point.
 """
 
 from __future__ import annotations
@@ -12,10 +22,14 @@ from typing import Any
 from surrogate_md.errors import ConfigError
 from surrogate_md.models.base import ModelConfig, TrajectoryModel
 from surrogate_md.models.baselines import ConstantModel, LinearModel
+from surrogate_md.models.egnn import EGNNModel
+from surrogate_md.models.egno import EGNOModel
+from surrogate_md.models.estag import ESTAGModel
+from surrogate_md.models.painet import PAINETModel
 
 MODELS: dict[str, type[TrajectoryModel]] = {
     cls.name: cls
-    for cls in (ConstantModel, LinearModel)
+    for cls in (ConstantModel, LinearModel, EGNNModel, EGNOModel, ESTAGModel, PAINETModel)
 }
 
 

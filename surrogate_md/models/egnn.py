@@ -50,7 +50,8 @@ class EGNNModel(TrajectoryModel):
         self.encoder = NodeEncoder(config.n_node_types, c, config.hidden)
         self.time_proj = nn.Linear(config.time_dim, config.hidden)
         self.layers = nn.ModuleList(
-            EGNNLayer(config.hidden, c, edge_dim=2) for _ in range(config.n_layers))
+            EGNNLayer(config.hidden, c, edge_dim=2, update_features=i < config.n_layers - 1)
+            for i in range(config.n_layers))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg = self.config

@@ -57,7 +57,8 @@ class EGNOModel(TrajectoryModel):
         self.encoder = NodeEncoder(config.n_node_types, c, hid)
         self.time_in = nn.Linear(hid + config.time_dim, hid)
         self.layers = nn.ModuleList(
-            EGNNLayer(hid, c, edge_dim=2) for _ in range(config.n_layers))
+            EGNNLayer(hid, c, edge_dim=2, update_features=i < config.n_layers - 1)
+            for i in range(config.n_layers))
         if config.temporal_conv:
             self.conv_h = nn.ModuleList(
                 TemporalFourierConv(hid, config.modes, vector=False)

@@ -131,7 +131,7 @@ class EGNNLayer(nn.Module):
     x_i += step_scale * mean_j W(m_ij) r_ij + step_scale * U(h_i) v_i, where W, U are (C, C)
     invariant matrices mixing vector channels (never x/y/z components) and r_ij the relative
     vector softly normalised by (1 + |x_ij| / length_scale);
-    h_i += phi_h(h_i, mean_j m_ij, node_feat_i).
+    h_i += phi_h(h_i, mean_j m_ij, node_feat_i) (skipped with ``update_features=False``).
 
     The first linear map of phi_m is split into node terms (W_a h_i + W_b h_j) computed per node
     and gathered onto edges, which saves an (T, E, 2H) concatenation.
@@ -139,7 +139,7 @@ class EGNNLayer(nn.Module):
 
     def __init__(self, hidden: int, n_channels: int, *, edge_dim: int = 0, node_dim: int = 0,
                  use_velocity: bool = True, normalised_gram: bool = False,
-                 zero_init_coords: bool = False) -> None:
+                 zero_init_coords: bool = False, update_features: bool = True) -> None:
         super().__init__()
         c = n_channels
         self.n_channels = c
@@ -152,7 +152,8 @@ class EGNNLayer(nn.Module):
         self.coord = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, c * c))
         self.vel = (nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, c * c))
                     if use_velocity else None)
-        self.node = mlp(2 * hidden + node_dim, hidden, hidden)
+        # the last layer of a stack needs no feature update (it would get no gradient)
+        self.node = mlp(2 * hidden + node_dim, hidden, hidden) if update_features else None
         for head in (self.coord, self.vel):
             if head is None:
                 continue
@@ -201,6 +202,8 @@ class EGNNLayer(nn.Module):
             x = x + step_scale * torch.einsum("tnab,tnbx->tnax", u, vel.expand(t, -1, -1, -1)
                                               .to(u.dtype))
 
+        if self.node is None:
+            return h, x
         magg = segment_sum(m, dst, n, dim=1) * inv_deg.view(1, n, 1).to(m.dtype)
         parts = [h, magg]
         if node_feat is not None:
