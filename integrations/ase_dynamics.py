@@ -1,0 +1,216 @@
+"""The surrogate as an ASE propagator: ``SurrogateDynamics(atoms, surrogate).run(n)``.
+
+A :class:`ase.md.md.MolecularDynamics` whose time step is the learned jump
+(``surrogate.jump_ps`` in ASE time units; in hybrid mode the jump plus the MD segment before it).
+``step()`` predicts one jump and sets positions and momenta; velocities are the backward
+difference of the jump's last two frames (see :mod:`integrations.propagator`). It needs no
+calculator; with one attached (EMT, LJ, xTB...) the standard ``MDLogger`` and
+``ase.io.Trajectory`` report real energies, and observers (``attach``) work as with any ASE
+dynamics. The frames of the last jump are in ``dyn.last_jump`` (times ``dyn.last_jump_times_ps``)
+for observers; ``write_intermediate=True`` also writes them to the trajectory.
+
+Guard actions: ``raise``; ``warn`` (keep the jump unless it is NaN); ``fallback`` (discard the
+jump and run ``fallback_dynamics`` - any ASE MD bound to the same atoms, e.g. VelocityVerlet -
+for the jump's length); ``relax`` (a short FIRE minimisation with the attached calculator, then
+fallback if the guard still fails).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+from ase import units
+from ase.md.md import MolecularDynamics
+
+from integrations.guards import GuardConfig, Guards, guard_error_message
+from integrations.openmm_simulation import load_surrogate
+from integrations.propagator import SurrogatePropagator
+from integrations.writers import PS_IN_ASE_TIME
+from surrogate_md.errors import EngineError, GuardError
+
+log = logging.getLogger(__name__)
+
+KJ_PER_MOL_IN_EV = units.kJ / units.mol
+
+
+class SurrogateDynamics(MolecularDynamics):
+    """ASE dynamics taking learned jumps.
+
+    Args:
+        atoms: the system (atomic numbers must match the surrogate's training system).
+        surrogate: :class:`~surrogate_md.Surrogate` or checkpoint path.
+        timestep: optional; must equal the learned jump (+ MD segment) in ASE time units.
+        trajectory, logfile, loginterval, append_trajectory: as for any ASE MD (``logfile``
+            needs a calculator: the logger prints energies).
+        guards: action name, :class:`GuardConfig` or :class:`Guards`.
+        write_intermediate: also write the jump's intermediate frames to ``trajectory``.
+        md_dynamics, md_steps: hybrid mode: ``md_steps`` steps of this ASE MD before each jump.
+        fallback_dynamics: ASE MD used by the ``fallback`` action (default ``md_dynamics``).
+        temperature_K: for the energy-guard threshold.
+    """
+
+    def __init__(self, atoms, surrogate: Any, timestep: float | None = None,
+                 trajectory=None, logfile=None, loginterval: int = 1, *,
+                 guards: Guards | GuardConfig | str | None = "raise",
+                 write_intermediate: bool = False, md_dynamics=None, md_steps: int = 0,
+                 fallback_dynamics=None, temperature_K: float = 300.0,
+                 append_trajectory: bool = False, **kwargs) -> None:
+        self.surrogate = load_surrogate(surrogate)
+        self.surrogate.check_atomic_numbers(atoms.get_atomic_numbers())
+        if md_steps and md_dynamics is None:
+            raise EngineError("md_steps > 0 needs md_dynamics (an ASE MD bound to the same "
+                              "atoms, e.g. VelocityVerlet(atoms, timestep=0.5 * units.fs))")
+        self.md_dynamics = md_dynamics
+        self.md_steps = int(md_steps)
+        self.fallback_dynamics = fallback_dynamics or md_dynamics
+        self.jump_ase = self.surrogate.jump_ps * PS_IN_ASE_TIME
+        dt = self.jump_ase + (self.md_steps * md_dynamics.dt if self.md_steps else 0.0)
+        if timestep is not None and not math.isclose(timestep, dt, rel_tol=1e-9):
+            raise EngineError(f"SurrogateDynamics advances by the learned jump "
+                              f"({self.surrogate.jump_ps} ps"
+                              f"{' plus the MD segment' if self.md_steps else ''} = {dt} ASE "
+                              f"time units); timestep={timestep} differs: leave it out")
+        if logfile and atoms.calc is None:
+            raise EngineError("logfile needs a calculator on the atoms (ASE's MDLogger prints "
+                              "energies); attach one or leave logfile out")
+        if isinstance(guards, Guards):
+            self.guards = guards
+        else:
+            config = guards if isinstance(guards, GuardConfig) else GuardConfig(
+                action=guards or "raise", temperature_K=temperature_K)
+            self.guards = Guards(self.surrogate, config)
+        self.propagator = SurrogatePropagator(self.surrogate)
+        self.write_intermediate = write_intermediate
+        self.last_jump: np.ndarray | None = None
+        self.last_jump_times_ps: np.ndarray | None = None
+        self.n_jumps = 0
+        self.n_fallbacks = 0
+        super().__init__(atoms, dt, trajectory=trajectory, logfile=logfile,
+                         loginterval=loginterval, append_trajectory=append_trajectory, **kwargs)
+
+    def todict(self) -> dict:
+        d = super().todict()
+        d.update({"surrogate": self.surrogate.name, "jump_ps": self.surrogate.jump_ps,
+                  "checkpoint_hash": self.surrogate.checkpoint_hash, "md_steps": self.md_steps,
+                  "guard_action": self.guards.action})
+        return d
+
+    # -- the loop (no force call without a calculator) --------------------------------------------
+    def _refresh_properties(self) -> None:
+        if self.atoms.calc is not None:
+            self.atoms.get_forces()
+
+    def irun(self, steps: int = 50):
+        """As ``MolecularDynamics.irun``, but only asks for forces when a calculator exists."""
+        self.max_steps = self.nsteps + steps
+        if self.nsteps == 0:
+            self._refresh_properties()
+            self.log()
+            self.call_observers()
+        yield self.nsteps == self.max_steps
+        while self.nsteps < self.max_steps:
+            self.step()
+            self.nsteps += 1
+            self._refresh_properties()
+            self.log()
+            self.call_observers()
+            yield self.nsteps == self.max_steps
+
+    def run(self, steps: int = 50) -> bool:
+        results = list(self.irun(steps))
+        return bool(results[-1])
+
+    # -- one jump ---------------------------------------------------------------------------------
+    def _energy_kJ_per_mol(self) -> float | None:
+        if self.atoms.calc is None:
+            return None
+        return float(self.atoms.get_potential_energy()) / KJ_PER_MOL_IN_EV
+
+    def _set(self, positions: np.ndarray, velocities_A_per_ps: np.ndarray) -> None:
+        self.atoms.set_positions(positions)
+        self.atoms.set_velocities(velocities_A_per_ps / PS_IN_ASE_TIME)
+
+    def step(self) -> None:
+        """MD segment (hybrid mode), then one learned jump."""
+        if self.md_steps:
+            self.md_dynamics.run(self.md_steps)
+        atoms = self.atoms
+        pos = atoms.get_positions()
+        vel = atoms.get_velocities() * PS_IN_ASE_TIME  # Å/ps
+        t0 = (self.nsteps * self.dt + self.md_steps * (self.md_dynamics.dt if self.md_steps
+                                                         else 0.0)) / PS_IN_ASE_TIME
+        e0 = self._energy_kJ_per_mol()
+        if e0 is not None:
+            self.guards.record_energy(e0)
+        result = self.propagator.jump(pos, vel, t0)
+        final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
+        end = t0 + self.surrogate.jump_ps
+        finite = np.isfinite(final).all()
+        energy = None
+        if finite:
+            self._set(final, fvel)
+            energy = self._energy_kJ_per_mol()
+        events = self.guards.check(final, fvel, energy_kJ_per_mol=energy,
+                                   jump=self.n_jumps + self.n_fallbacks, time_ps=end)
+        if events:
+            action = self.guards.action
+            self.guards.handle(events, action)
+            keep = action == "warn" and finite
+            if action == "relax" and finite and atoms.calc is not None:
+                from ase.optimize import FIRE
+
+                FIRE(atoms, logfile=None).run(fmax=0.5,
+                                              steps=self.guards.config.relax_iterations)
+                again = self.guards.check(atoms.get_positions(),
+                                          energy_kJ_per_mol=self._energy_kJ_per_mol(),
+                                          jump=self.n_jumps, time_ps=end)
+                keep = not again
+                if again:
+                    self.guards.handle(again, "fallback")
+            if not keep:
+                self._set(pos, vel)
+                if action == "raise":
+                    raise GuardError(guard_error_message(events, "SurrogateDynamics"))
+                self._fallback()
+                return
+        self.last_jump = result.positions_A
+        self.last_jump_times_ps = t0 + result.offsets_ps
+        if self.write_intermediate and self.trajectory is not None:
+            self._write_intermediate(result.positions_A[:-1], final)
+        self.n_jumps += 1
+
+    def _write_intermediate(self, frames: np.ndarray, final: np.ndarray) -> None:
+        from ase.io.trajectory import Trajectory
+
+        def write_all(traj) -> None:
+            for frame in frames:
+                self.atoms.set_positions(frame)
+                self._refresh_properties()  # real energies of intermediate frames too
+                traj.write(self.atoms)
+
+        if hasattr(self.trajectory, "write"):
+            write_all(self.trajectory)
+        else:
+            with Trajectory(str(self.trajectory), mode="a") as traj:
+                write_all(traj)
+        self.atoms.set_positions(final)
+
+    def _fallback(self) -> None:
+        fb = self.fallback_dynamics
+        if fb is None:
+            raise EngineError("guard action 'fallback' needs fallback_dynamics (an ASE MD on the "
+                              "same atoms with a calculator attached)")
+        n = int(round(self.jump_ase / fb.dt))
+        if n < 1 or not math.isclose(n * fb.dt, self.jump_ase, rel_tol=1e-6):
+            raise EngineError(f"the fallback MD step {fb.dt / units.fs} fs does not divide the "
+                              f"jump {self.surrogate.jump_ps} ps; choose a step that does")
+        fb.run(n)
+        self.n_fallbacks += 1
+        self.last_jump = None
+        self.last_jump_times_ps = None
+
+
+__all__ = ["SurrogateDynamics"]

@@ -1,0 +1,233 @@
+"""Checks run after every learned jump, shared by the OpenMM and ASE integrations.
+
+A jump fails a guard when its end state has
+
+- ``non_finite``: NaN/inf positions or velocities;
+- ``bond``: a predicted bond deviating from its training mean by more than the tolerance learned
+  from the training data (``surrogate.validity.bond_tolerance_A``);
+- ``clash``: two predicted atoms more than two bonds apart closer than
+  ``surrogate.validity.min_distance_A``;
+- ``chain_break``: consecutive protein CA atoms further apart than ``chain_break_A`` (4.5 Å);
+- ``energy``: (when the engine gives energies) a potential energy more than
+  ``energy_jump_kJ_per_mol`` above the median of the recent energies. The default threshold is
+  eight standard deviations of the canonical potential-energy fluctuation of a harmonic system,
+  ``8 · kT · sqrt(n_dof / 2)``.
+
+What happens on failure is the engine's ``action``: ``raise`` (:class:`GuardError`), ``warn``
+(log and keep the jump), ``fallback`` (discard the jump and run real MD of the same length),
+``relax`` (OpenMM: keep the jump, minimise the energy briefly; if the guard still fails, fall back
+to MD). Every event is counted; :meth:`Guards.summary` gives the totals for logs and provenance.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from surrogate_md.data.selection import residue_code
+from surrogate_md.errors import ConfigError
+from surrogate_md.validity import min_nonbonded_distance
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("raise", "warn", "fallback", "relax")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Thresholds and the action on failure.
+
+    Attributes:
+        action: one of :data:`ACTIONS`.
+        bond_tolerance_A: override of the learned bond tolerance (None = from the checkpoint).
+        min_distance_A: override of the learned clash distance (None = from the checkpoint).
+        chain_break_A: largest allowed CA(i)-CA(i+1) distance.
+        energy_jump_kJ_per_mol: largest allowed rise over the recent median energy
+            (None = ``8 kT sqrt(n_dof/2)``).
+        energy_window: how many recent energies form the reference.
+        temperature_K: temperature for the default energy threshold.
+        relax_iterations: minimiser iterations of the ``relax`` action.
+    """
+
+    action: str = "raise"
+    bond_tolerance_A: float | None = None
+    min_distance_A: float | None = None
+    chain_break_A: float = 4.5
+    energy_jump_kJ_per_mol: float | None = None
+    energy_window: int = 10
+    temperature_K: float = 300.0
+    relax_iterations: int = 200
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ConfigError(f"unknown guard action {self.action!r}; choose one of {ACTIONS}")
+
+
+@dataclass
+class GuardEvent:
+    """One failed check of one jump."""
+
+    check: str
+    value: float
+    threshold: float
+    jump: int
+    time_ps: float
+    action: str = ""
+
+    def describe(self) -> str:
+        return (f"jump {self.jump} (t = {self.time_ps:.4f} ps): {self.check} {self.value:.4g} "
+                f"beyond {self.threshold:.4g}")
+
+
+@dataclass
+class Guards:
+    """Run the checks on full-system states and count what happened.
+
+    Args:
+        surrogate: the :class:`~surrogate_md.Surrogate` (tolerances, model atoms, topology).
+        config: :class:`GuardConfig` (or an action name).
+        n_dof: degrees of freedom for the default energy threshold (3 N when not given).
+    """
+
+    surrogate: object
+    config: GuardConfig = field(default_factory=GuardConfig)
+    n_dof: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config, str):
+            self.config = GuardConfig(action=self.config)
+        s = self.surrogate
+        val = s.validity
+        self.bond_tolerance_A = (self.config.bond_tolerance_A if self.config.bond_tolerance_A
+                                 is not None else (val.bond_tolerance_A if val else np.inf))
+        self.min_distance_A = (self.config.min_distance_A if self.config.min_distance_A
+                               is not None else (val.min_distance_A if val else 0.0))
+        self._validity = val
+        self._model_atoms = np.asarray(s.model_atoms)
+        self._ca_pairs = _consecutive_ca_pairs(s.topology)
+        n_dof = self.n_dof if self.n_dof is not None else 3 * s.n_atoms
+        kt = _kt_kJ_per_mol(self.config.temperature_K)
+        self.energy_jump_kJ_per_mol = (self.config.energy_jump_kJ_per_mol
+                                       if self.config.energy_jump_kJ_per_mol is not None
+                                       else 8.0 * kt * np.sqrt(max(n_dof, 1) / 2.0))
+        self._energies: deque[float] = deque(maxlen=self.config.energy_window)
+        self.counts: Counter[str] = Counter()
+        self.actions: Counter[str] = Counter()
+        self.events: list[GuardEvent] = []
+        self.n_checked = 0
+
+    @property
+    def action(self) -> str:
+        return self.config.action
+
+    def record_energy(self, energy_kJ_per_mol: float) -> None:
+        """Add an accepted state's potential energy to the reference window."""
+        if np.isfinite(energy_kJ_per_mol):
+            self._energies.append(float(energy_kJ_per_mol))
+
+    def reset_energies(self) -> None:
+        self._energies.clear()
+
+    def check(self, positions_A: np.ndarray, velocities_A_per_ps: np.ndarray | None = None, *,
+              energy_kJ_per_mol: float | None = None, jump: int = 0, time_ps: float = 0.0
+              ) -> list[GuardEvent]:
+        """Failed checks of one full-system state (empty list = all passed).
+
+        Args:
+            positions_A: (n_atoms, 3) Å.
+            velocities_A_per_ps: (n_atoms, 3) Å/ps or None.
+            energy_kJ_per_mol: potential energy of the state, if the engine has one.
+        """
+        self.n_checked += 1
+        events = []
+
+        def fail(check: str, value: float, threshold: float) -> None:
+            events.append(GuardEvent(check, float(value), float(threshold), jump, time_ps))
+
+        pos = np.asarray(positions_A, dtype=np.float64)
+        finite = np.isfinite(pos).all() and (velocities_A_per_ps is None
+                                             or np.isfinite(velocities_A_per_ps).all())
+        if not finite:
+            fail("non_finite", np.nan, 0.0)
+            return events
+        model = pos[self._model_atoms]
+        if self._validity is not None and len(self._validity.bonds):
+            dev = self._validity.bond_deviation(model)
+            if dev > self.bond_tolerance_A:
+                fail("bond", dev, self.bond_tolerance_A)
+        if self.min_distance_A > 0 and self._validity is not None:
+            dmin = min_nonbonded_distance(model, self._validity.bonds,
+                                          cutoff_A=max(4.0, 2 * self.min_distance_A))
+            if dmin < self.min_distance_A:
+                fail("clash", dmin, self.min_distance_A)
+        if len(self._ca_pairs):
+            d = np.linalg.norm(pos[self._ca_pairs[:, 0]] - pos[self._ca_pairs[:, 1]], axis=1)
+            if d.max() > self.config.chain_break_A:
+                fail("chain_break", d.max(), self.config.chain_break_A)
+        if energy_kJ_per_mol is not None:
+            if not np.isfinite(energy_kJ_per_mol):
+                fail("non_finite", energy_kJ_per_mol, 0.0)
+            elif self._energies:
+                rise = energy_kJ_per_mol - float(np.median(self._energies))
+                if rise > self.energy_jump_kJ_per_mol:
+                    fail("energy", rise, self.energy_jump_kJ_per_mol)
+        return events
+
+    def handle(self, events: list[GuardEvent], action: str | None = None) -> None:
+        """Count and log ``events`` under ``action`` (default: the configured one)."""
+        action = action or self.action
+        for ev in events:
+            ev.action = action
+            self.counts[ev.check] += 1
+            self.events.append(ev)
+            log.warning("guard: %s -> %s", ev.describe(), action)
+        if events:
+            self.actions[action] += 1
+
+    def summary(self) -> dict:
+        """JSON-safe totals: jumps checked, failures per check, actions taken, thresholds."""
+        return {"jumps_checked": self.n_checked, "failures": dict(self.counts),
+                "actions": dict(self.actions),
+                "thresholds": {"bond_tolerance_A": float(self.bond_tolerance_A),
+                               "min_distance_A": float(self.min_distance_A),
+                               "chain_break_A": self.config.chain_break_A,
+                               "energy_jump_kJ_per_mol": float(self.energy_jump_kJ_per_mol)},
+                "config": asdict(self.config)}
+
+    def log_summary(self) -> None:
+        s = self.summary()
+        log.info("guards: %d jumps checked, failures %s, actions %s", s["jumps_checked"],
+                 s["failures"] or "none", s["actions"] or "none")
+
+
+def _kt_kJ_per_mol(temperature_K: float) -> float:
+    from openmm import unit
+
+    r = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
+    return r * temperature_K
+
+
+def _consecutive_ca_pairs(topology: dict) -> np.ndarray:
+    """(K, 2) atom pairs CA(i), CA(i+1) of consecutive amino-acid residues."""
+    names = np.asarray(topology.get("atom_names", []), dtype=str)
+    if len(names) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    res_ids = np.asarray(topology["residue_ids"])
+    res_names = np.asarray(topology["residue_names"], dtype=str)
+    ca = [i for i in np.nonzero(np.char.upper(names) == "CA")[0] if residue_code(res_names[i])]
+    pairs = [(a, b) for a, b in zip(ca[:-1], ca[1:]) if res_ids[b] - res_ids[a] == 1]
+    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def guard_error_message(events: list[GuardEvent], source: str) -> str:
+    """The one-line message of a :class:`GuardError` for ``events``."""
+    what = "; ".join(ev.describe() for ev in events)
+    return (f"{source}: the learned jump left physical ground ({what}); the surrogate is outside "
+            "its training distribution here: use guard action 'fallback' or 'relax', a shorter "
+            "jump, or more training data")
+
+
+__all__ = ["ACTIONS", "GuardConfig", "GuardEvent", "Guards", "guard_error_message"]

@@ -1,0 +1,633 @@
+"""The surrogate inside OpenMM: a ``Simulation`` look-alike and a jump reporter.
+
+:class:`SurrogateSimulation` owns a real :class:`openmm.Context` built from the user's ``System``,
+so the stock reporters (``DCDReporter``, ``XTCReporter``, ``StateDataReporter``,
+``CheckpointReporter``) work unchanged and report the real force-field energy of every surrogate
+frame. ``step(n)`` advances ``n`` learned jumps.
+
+Step and time bookkeeping (what the reporters see):
+
+- jumps only (``md_steps=0``, the default): **one step = one learned jump**. The integrator's step
+  size is set to ``jump_ps`` (its MD step is kept in ``md_step_ps`` and used for fallback MD), so
+  ``XTCReporter(file, 1)`` writes every jump with time stamps ``k x jump_ps``. Reporters see jump
+  ends; the intermediate output frames are not steps;
+- hybrid mode (``md_steps=k > 0``): steps are MD steps. One jump counts as
+  ``steps_per_jump = jump_ps / dt`` integrator steps, and the surrogate's P output frames fall on
+  the steps ``steps_per_frame[k] = times_ps[k] / dt``; both must be whole numbers (the default
+  integrator picks the largest ``dt <= 2 fs`` that divides every output time);
+- after a jump the Context's time is the start time plus ``jump_ps`` and its step count the start
+  count plus ``steps_per_jump``, so ``time = step count x dt`` stays true and DCD/XTC time stamps
+  (which OpenMM derives from step numbers) equal simulated time;
+- a reporter whose next report falls on an output frame gets that frame (positions, backward-
+  difference velocities, real energy); a DCD/XTC reporter whose report falls between frames is an
+  :class:`EngineError` (its file would carry wrong times: choose an interval that is a multiple of
+  ``steps_per_frame[0]``); any other reporter due between frames reports at the next frame.
+
+Hybrid mode (``md_steps=k``): every jump is preceded by ``k`` real integrator steps in the same
+Context (reporters run through them as in ``Simulation``), so one ``step()`` advances
+``k + steps_per_jump`` steps and ``k dt + jump_ps`` ps. A fallback (guard) replaces a jump by MD
+of the same length; in jump-step mode it counts as one step, like the jump it replaces.
+
+:class:`SurrogateJumpReporter` is the zero-intrusion variant for an unchanged ``Simulation``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import openmm
+from openmm import app, unit
+
+from integrations.guards import GuardConfig, Guards, guard_error_message
+from integrations.propagator import JumpResult, SurrogatePropagator
+from surrogate_md.errors import DataError, EngineError, GuardError
+
+log = logging.getLogger(__name__)
+
+ANGSTROM = unit.angstrom
+PS = unit.picosecond
+A_PER_PS = unit.angstrom / unit.picosecond
+KJ_PER_MOL = unit.kilojoule_per_mole
+DEFAULT_MAX_STEP_PS = 0.002
+BAROSTATS = tuple(getattr(openmm, name) for name in (
+    "MonteCarloBarostat", "MonteCarloAnisotropicBarostat", "MonteCarloMembraneBarostat",
+    "MonteCarloFlexibleBarostat") if hasattr(openmm, name))
+_STEP_TOLERANCE = 1e-6
+
+
+# -- helpers shared by the simulation and the reporter ---------------------------------------------
+def load_surrogate(surrogate: Any):
+    """A :class:`~surrogate_md.Surrogate`, loading it when given a checkpoint path."""
+    if isinstance(surrogate, (str, os.PathLike)):
+        from surrogate_md.surrogate import Surrogate
+
+        return Surrogate.load(surrogate)
+    return surrogate
+
+
+def check_system(system: openmm.System, topology: app.Topology | None, surrogate) -> None:
+    """Refuse systems the surrogate cannot drive: barostats, another atom set.
+
+    Raises:
+        EngineError: the System has a barostat (a learned jump cannot move the box).
+        DataError: the particle count or elements differ from the surrogate's training system.
+    Custom forces only warn: the surrogate never saw them, but energies stay real.
+    """
+    for force in system.getForces():
+        if isinstance(force, BAROSTATS):
+            raise EngineError(f"the System has a {type(force).__name__}: surrogate jumps keep the "
+                              "box fixed and cannot sample constant pressure; remove the barostat "
+                              "(equilibrate the box with plain MD first) and run at constant volume")
+        if type(force).__name__.startswith("Custom"):
+            log.warning("the System has a %s: the surrogate was trained without it, so jumps "
+                        "ignore its physics (energies reported still include it)",
+                        type(force).__name__)
+    n = system.getNumParticles()
+    if n != surrogate.n_atoms:
+        raise DataError(f"the System has {n} particles but the surrogate "
+                        f"{surrogate.source or surrogate.name} was trained on {surrogate.n_atoms} "
+                        "atoms; use a checkpoint trained on this system (virtual sites and "
+                        "solvent count as particles)")
+    if topology is not None:
+        z = [a.element.atomic_number if a.element is not None else 0 for a in topology.atoms()]
+        surrogate.check_atomic_numbers(np.asarray(z))
+
+
+def default_step_ps(times_ps: np.ndarray, max_step_ps: float = DEFAULT_MAX_STEP_PS) -> float:
+    """The largest step <= ``max_step_ps`` that divides every output time of a jump."""
+    first = float(times_ps[0])
+    n = int(np.ceil(first / max_step_ps - _STEP_TOLERANCE))
+    for k in range(n, n * 64 + 1):
+        dt = first / k
+        steps = np.asarray(times_ps) / dt
+        if np.all(np.abs(steps - np.round(steps)) < _STEP_TOLERANCE * np.maximum(steps, 1)):
+            return dt
+    raise EngineError(f"cannot find an integrator step that divides the surrogate's output times "
+                      f"{list(times_ps)} ps; pass an integrator whose step size divides them")
+
+
+def frame_steps(times_ps: np.ndarray, step_ps: float) -> np.ndarray:
+    """Integrator steps of each output time; raises if one is not a whole number of steps."""
+    steps = np.asarray(times_ps, dtype=np.float64) / step_ps
+    rounded = np.round(steps).astype(np.int64)
+    if np.any(np.abs(steps - rounded) > _STEP_TOLERANCE * np.maximum(steps, 1)) or rounded[0] < 1:
+        raise EngineError(f"the surrogate's output times {list(np.round(times_ps, 9))} ps are not "
+                          f"whole multiples of the integrator step {step_ps} ps; use an "
+                          f"integrator step that divides {times_ps[0]} ps "
+                          f"(e.g. {default_step_ps(times_ps)} ps)")
+    return rounded
+
+
+def read_state(context: openmm.Context, energy: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, float, float | None]:
+    """(positions Å, velocities Å/ps, time ps, potential energy kJ/mol or None)."""
+    st = context.getState(positions=True, velocities=True, energy=energy)
+    pos = st.getPositions(asNumpy=True).value_in_unit(ANGSTROM)
+    vel = st.getVelocities(asNumpy=True).value_in_unit(A_PER_PS)
+    e = st.getPotentialEnergy().value_in_unit(KJ_PER_MOL) if energy else None
+    return np.asarray(pos), np.asarray(vel), st.getTime().value_in_unit(PS), e
+
+
+def write_state(context: openmm.Context, positions_A: np.ndarray,
+                velocities_A_per_ps: np.ndarray | None, constrained: bool,
+                tolerance: float = 1e-5) -> None:
+    """Set positions (Å) and velocities (Å/ps), then satisfy the System's constraints."""
+    context.setPositions(unit.Quantity(np.asarray(positions_A, dtype=np.float64), ANGSTROM))
+    if velocities_A_per_ps is not None:
+        context.setVelocities(unit.Quantity(np.asarray(velocities_A_per_ps, dtype=np.float64),
+                                            A_PER_PS))
+    if constrained:
+        context.applyConstraints(tolerance)
+        if velocities_A_per_ps is not None:
+            context.applyVelocityConstraints(tolerance)
+
+
+def potential_energy(context: openmm.Context) -> float:
+    return context.getState(energy=True).getPotentialEnergy().value_in_unit(KJ_PER_MOL)
+
+
+def make_guards(guards: Guards | GuardConfig | str | None, surrogate, system: openmm.System,
+                temperature_K: float) -> Guards:
+    if isinstance(guards, Guards):
+        return guards
+    config = guards if isinstance(guards, GuardConfig) else GuardConfig(
+        action=guards or "raise", temperature_K=temperature_K)
+    n_dof = 3 * system.getNumParticles() - system.getNumConstraints()
+    n_dof -= 3 if any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()) else 0
+    return Guards(surrogate, config, n_dof=n_dof)
+
+
+def _report_dict(report) -> dict:
+    """``describeNextReport`` result as the dict form (the legacy tuple form converted)."""
+    if isinstance(report, tuple):
+        out = {"steps": report[0]}
+        if len(report) > 5:
+            out["periodic"] = report[5]
+        names = ["positions", "velocities", "forces", "energy"]
+        out["include"] = [names[i] for i in range(4) if report[i + 1]]
+        return out
+    return report
+
+
+class SurrogateSimulation:
+    """A ``Simulation`` whose ``step`` takes learned jumps.
+
+    Args:
+        topology: ``openmm.app.Topology`` of the system (atoms must match the surrogate).
+        system: the ``openmm.System`` (no barostat).
+        surrogate: a :class:`~surrogate_md.Surrogate` or a checkpoint path.
+        integrator: used for hybrid/fallback MD and for step bookkeeping; default
+            ``LangevinMiddleIntegrator(temperature_K, 1/ps, dt)`` with ``dt`` the largest step
+            <= 2 fs dividing the surrogate's output times.
+        platform, platformProperties, state: as in ``openmm.app.Simulation``.
+        guards: action name (``raise``/``warn``/``fallback``/``relax``), a :class:`GuardConfig`
+            or a :class:`Guards` object.
+        md_steps: hybrid mode: real MD steps before every jump (0 = jumps only).
+        temperature_K: temperature of the default integrator and of the energy-guard threshold.
+        progress: show a progress bar in ``step``.
+
+    Attributes:
+        context, topology, system, integrator, reporters, currentStep: as in ``Simulation``.
+        steps_per_jump: steps one jump counts as (1 unless hybrid).
+        steps_per_frame: steps of each reported output frame after the jump start
+            (``[1]`` unless hybrid, then (P,)).
+        md_step_ps: the integrator's MD step (fallback and hybrid MD).
+        guards: the :class:`Guards` (``guards.summary()`` for the event counts).
+        n_jumps, n_fallbacks: accepted jumps and jumps replaced by MD.
+    """
+
+    def __init__(self, topology: app.Topology, system: openmm.System, surrogate: Any,
+                 integrator: openmm.Integrator | None = None,
+                 platform: openmm.Platform | None = None,
+                 platformProperties: dict | None = None, state: str | None = None, *,
+                 guards: Guards | GuardConfig | str | None = "raise", md_steps: int = 0,
+                 temperature_K: float = 300.0, progress: bool = False) -> None:
+        self.surrogate = load_surrogate(surrogate)
+        check_system(system, topology, self.surrogate)
+        self.topology = topology
+        self.system = system
+        if integrator is None:
+            integrator = openmm.LangevinMiddleIntegrator(
+                temperature_K * unit.kelvin, 1.0 / PS,
+                default_step_ps(self.surrogate.times_ps) * PS)
+        self.integrator = integrator
+        if md_steps < 0 or int(md_steps) != md_steps:
+            raise EngineError(f"md_steps must be a whole number >= 0, got {md_steps}")
+        self.md_steps = int(md_steps)
+        self.md_step_ps = integrator.getStepSize().value_in_unit(PS)
+        md_frame_steps = frame_steps(self.surrogate.times_ps, self.md_step_ps)
+        self.jump_steps = self.md_steps == 0
+        if self.jump_steps:
+            # one step = one jump. Reporters see the jump as the integrator's step size (so
+            # stock DCD/XTC time stamps, step x step size, are true); the Context keeps the MD
+            # step at all other times, because OpenMM uses it for leapfrog kinetic energies and
+            # velocity initialisation, and for fallback MD.
+            self.steps_per_frame = np.array([1], dtype=np.int64)
+            self.step_ps = self.surrogate.jump_ps
+        else:
+            self.steps_per_frame = md_frame_steps
+            self.step_ps = self.md_step_ps
+        self.md_steps_per_jump = int(md_frame_steps[-1])
+        self.steps_per_jump = int(self.steps_per_frame[-1])
+        self.reporters: list = []
+        if platform is None:
+            if platformProperties is not None:
+                raise EngineError("platformProperties need a platform; pass platform= too")
+            self.context = openmm.Context(system, integrator)
+        elif platformProperties is None:
+            self.context = openmm.Context(system, integrator, platform)
+        else:
+            self.context = openmm.Context(system, integrator, platform, platformProperties)
+        if state is not None:
+            self.loadState(state)
+        try:
+            self._usesPBC = system.usesPeriodicBoundaryConditions()
+        except Exception:  # OpenMM raises a bare Exception where it is not implemented
+            self._usesPBC = topology.getUnitCellDimensions() is not None
+        self._constrained = system.getNumConstraints() > 0
+        self.guards = make_guards(guards, self.surrogate, system, temperature_K)
+        self.propagator = SurrogatePropagator(self.surrogate)
+        self.progress = progress
+        self.n_jumps = 0
+        self.n_fallbacks = 0
+        self._snap_warned: set[int] = set()
+        log.info("surrogate %s: one jump = %.6g ps = %d steps of %.6g ps", self.surrogate.name,
+                 self.surrogate.jump_ps, self.steps_per_jump, self.step_ps)
+
+    # -- the Simulation surface -------------------------------------------------------------------
+    @property
+    def currentStep(self) -> int:
+        return self.context.getStepCount()
+
+    @currentStep.setter
+    def currentStep(self, step: int) -> None:
+        self.context.setStepCount(step)
+
+    def minimizeEnergy(self, tolerance=10 * unit.kilojoules_per_mole / unit.nanometer,
+                       maxIterations: int = 0, reporter=None) -> None:
+        """Local energy minimisation, as ``Simulation.minimizeEnergy``."""
+        openmm.LocalEnergyMinimizer.minimize(self.context, tolerance, maxIterations, reporter)
+
+    def saveCheckpoint(self, file) -> None:
+        """Binary checkpoint of the Context (positions, velocities, time, step count, RNG)."""
+        if isinstance(file, (str, os.PathLike)):
+            from openmm.app.internal import safesave
+
+            safesave.save(self.context.createCheckpoint(), os.fspath(file))
+        else:
+            file.write(self.context.createCheckpoint())
+
+    def loadCheckpoint(self, file) -> None:
+        if isinstance(file, (str, os.PathLike)):
+            with open(file, "rb") as fh:
+                self.context.loadCheckpoint(fh.read())
+        else:
+            self.context.loadCheckpoint(file.read())
+        self._after_load()
+
+    def saveState(self, file) -> None:
+        """Portable XML state (positions, velocities, time, parameters)."""
+        state = self.context.getState(positions=True, velocities=True, parameters=True,
+                                      integratorParameters=True)
+        xml = openmm.XmlSerializer.serialize(state)
+        if isinstance(file, (str, os.PathLike)):
+            from openmm.app.internal import safesave
+
+            safesave.save(xml, os.fspath(file))
+        else:
+            file.write(xml)
+
+    def loadState(self, file) -> None:
+        if isinstance(file, (str, os.PathLike)):
+            with open(file) as fh:
+                xml = fh.read()
+        else:
+            xml = file.read()
+        self.context.setState(openmm.XmlSerializer.deserialize(xml))
+        if hasattr(self, "propagator"):
+            self._after_load()
+
+    def _after_load(self) -> None:
+        self.propagator.forget()
+        self.guards.reset_energies()
+
+    # -- stepping ---------------------------------------------------------------------------------
+    def step(self, steps: int) -> None:
+        """Advance ``steps`` learned jumps (each preceded by ``md_steps`` MD steps in hybrid
+        mode)."""
+        if int(steps) != steps:
+            raise TypeError(f"expected an integer number of jumps, got {type(steps)}")
+        from tqdm.auto import tqdm
+
+        for _ in tqdm(range(int(steps)), disable=not self.progress, desc="surrogate",
+                      unit="jump"):
+            if self.md_steps:
+                self.run_md(self.md_steps)
+            self._jump()
+
+    def run_md(self, steps: int) -> None:
+        """``steps`` real integrator steps with reporters, exactly as ``Simulation.step``."""
+        end = self.currentStep + int(steps)
+        while self.currentStep < end:
+            left = end - self.currentStep
+            due = []
+            for reporter in self.reporters:
+                report = _report_dict(reporter.describeNextReport(self))
+                if 0 < report["steps"] <= left:
+                    due.append((reporter, report))
+            n = min([left] + [r["steps"] for _, r in due])
+            todo = n
+            while todo > 10:  # as Simulation: give Python a chance to see Ctrl-C
+                self.integrator.step(10)
+                todo -= 10
+            self.integrator.step(todo)
+            now = [(rep, r) for rep, r in due if r["steps"] == n]
+            if now:
+                self._generate_reports(now)
+
+    def _generate_reports(self, reports: list[tuple[Any, dict]]) -> None:
+        """Group reports by periodic wrapping and hand each group one State (as Simulation)."""
+        wrapped, unwrapped, either = [], [], []
+        for reporter, report in reports:
+            want = self._usesPBC if report.get("periodic") is None else report["periodic"]
+            if "positions" not in report["include"]:
+                either.append((reporter, report))
+            elif want:
+                wrapped.append((reporter, report))
+            else:
+                unwrapped.append((reporter, report))
+        if len(wrapped) > len(unwrapped):
+            wrapped += either
+        else:
+            unwrapped += either
+        states = []
+        for group, periodic in ((wrapped, True), (unwrapped, False)):
+            if not group:
+                continue
+            include = set().union(*[set(r["include"]) for _, r in group])
+            states.append((group, self.context.getState(
+                groups=self.integrator.getIntegrationForceGroups(), enforcePeriodicBox=periodic,
+                parameters=True, **{k: True for k in include})))
+        if self.jump_steps:  # reporters read the step size when they open their files
+            self.integrator.setStepSize(self.step_ps * PS)
+        try:
+            for group, state in states:
+                for reporter, _ in group:
+                    reporter.report(self, state)
+        finally:
+            if self.jump_steps:
+                self.integrator.setStepSize(self.md_step_ps * PS)
+
+    def _md_segment(self, n: int) -> None:
+        """``n`` MD steps without reports (jump-step mode: not counted as steps)."""
+        self.integrator.step(n)
+
+    def _warm_up_history(self) -> None:
+        """Run real MD until the history model has its input frames."""
+        s = self.surrogate
+        stride = frame_steps(np.array([s.history_stride_ps]), self.md_step_ps)[0]
+        log.info("history model: running %d x %d MD steps to build its input history",
+                 s.history_length - 1, stride)
+        pos, _, t, _ = read_state(self.context)
+        self.propagator.observe(t, pos)
+        for _ in range(s.history_length - 1):
+            if self.jump_steps:  # MD time outside the step count: logged, not reported
+                self._md_segment(stride)
+            else:
+                self.run_md(stride)
+            pos, _, t, _ = read_state(self.context)
+            self.propagator.observe(t, pos)
+
+    def _jump(self) -> None:
+        pos, vel, t0, e0 = read_state(self.context, energy=True)
+        if not self.propagator.has_history(t0):
+            self._warm_up_history()
+            pos, vel, t0, e0 = read_state(self.context, energy=True)
+        s0 = self.currentStep
+        self.guards.record_energy(e0)
+        self._check_file_reporters(s0)
+        result = self.propagator.jump(pos, vel, t0)
+        jump_index = self.n_jumps + self.n_fallbacks
+        end_time = t0 + float(result.offsets_ps[-1])
+        final_pos = self._accept_final(result, (pos, vel, t0, s0), jump_index, end_time)
+        if final_pos is None:
+            self._restore(pos, vel, t0, s0)
+            self.n_fallbacks += 1
+            if not self.jump_steps:
+                self.run_md(self.steps_per_jump)
+                return
+            self._md_segment(self.md_steps_per_jump)
+            end_pos, end_vel, _, _ = read_state(self.context)
+            result = JumpResult(end_pos[None], end_vel[None], result.offsets_ps[-1:])
+            self._emit_frames(result, end_pos, t0, s0)
+            return
+        if self.jump_steps:  # reporters see jump ends only (frames between are not steps)
+            result = JumpResult(result.positions_A[-1:], result.velocities_A_per_ps[-1:],
+                                result.offsets_ps[-1:])
+        self._emit_frames(result, final_pos, t0, s0)
+        self.n_jumps += 1
+
+    def _accept_final(self, result: JumpResult, start: tuple, jump_index: int, end_time: float
+                      ) -> np.ndarray | None:
+        """Guard the end state; returns its (possibly relaxed) positions, or None = fall back."""
+        final = result.positions_A[-1]
+        finite = np.isfinite(final).all()
+        energy = None
+        if finite:
+            write_state(self.context, final, result.velocities_A_per_ps[-1], self._constrained)
+            energy = potential_energy(self.context)
+            final = read_state(self.context)[0]
+        events = self.guards.check(final, result.velocities_A_per_ps[-1],
+                                   energy_kJ_per_mol=energy, jump=jump_index, time_ps=end_time)
+        if not events:
+            return final
+        action = self.guards.action
+        self.guards.handle(events, action)
+        if action == "raise":
+            self._restore(*start)
+            raise GuardError(guard_error_message(events, f"SurrogateSimulation "
+                                                 f"({self.surrogate.source or self.surrogate.name})"))
+        if action == "warn":
+            return final if finite else None  # a NaN state cannot be kept
+        if action == "relax" and finite:
+            openmm.LocalEnergyMinimizer.minimize(self.context, 10.0,
+                                                 self.guards.config.relax_iterations)
+            relaxed, _, _, e = read_state(self.context, energy=True)
+            again = self.guards.check(relaxed, energy_kJ_per_mol=e, jump=jump_index,
+                                      time_ps=end_time)
+            if not again:
+                return relaxed
+            self.guards.handle(again, "fallback")
+        return None
+
+    def _restore(self, pos: np.ndarray, vel: np.ndarray, time_ps: float, step: int) -> None:
+        write_state(self.context, pos, vel, False)
+        self.context.setTime(time_ps * PS)
+        self.context.setStepCount(step)
+
+    def _check_file_reporters(self, s0: int) -> None:
+        """DCD/XTC reporters must fall on output frames (their times come from step numbers)."""
+        frames = set((s0 + self.steps_per_frame).tolist())
+        end = s0 + self.steps_per_jump
+        for reporter in self.reporters:
+            if not isinstance(reporter, (app.DCDReporter, app.XTCReporter)):
+                continue
+            interval = int(reporter._reportInterval)
+            first = (s0 // interval + 1) * interval
+            bad = [s for s in range(first, end + 1, interval) if s not in frames]
+            if bad:
+                raise EngineError(
+                    f"{type(reporter).__name__} with reportInterval {interval} would report at "
+                    f"step {bad[0]}, between the surrogate's output frames (one jump = "
+                    f"{self.steps_per_jump} steps, frames every {self.steps_per_frame[0]} "
+                    f"steps); its file would carry wrong times: use a reportInterval that is a "
+                    f"multiple of {self.steps_per_frame[0]} (e.g. simulation.steps_per_jump)")
+
+    def _emit_frames(self, result: JumpResult, final_pos: np.ndarray, t0: float, s0: int) -> None:
+        """Advance time/step to each output frame and run the reporters due there."""
+        due = {}
+        for i, reporter in enumerate(self.reporters):
+            report = _report_dict(reporter.describeNextReport(self))
+            if report["steps"] > 0:
+                due[i] = (s0 + report["steps"], report)
+        last = len(result.offsets_ps) - 1
+        for k, offset in enumerate(result.offsets_ps):
+            step_k = s0 + int(self.steps_per_frame[k])
+            now = [i for i, (d, _) in due.items() if d <= step_k]
+            if not now and k < last:
+                continue
+            positions = final_pos if k == last else result.positions_A[k]
+            write_state(self.context, positions, result.velocities_A_per_ps[k], self._constrained)
+            self.context.setTime((t0 + float(offset)) * PS)
+            self.context.setStepCount(step_k)
+            self.propagator.observe(t0 + float(offset), positions)
+            for i in now:
+                if due[i][0] < step_k and i not in self._snap_warned:
+                    self._snap_warned.add(i)
+                    log.warning("%s is due between surrogate frames; it reports at the next "
+                                "frame (every %d steps)", type(self.reporters[i]).__name__,
+                                self.steps_per_frame[0])
+            if now:
+                self._generate_reports([(self.reporters[i], due[i][1]) for i in now])
+                for i in now:
+                    report = _report_dict(self.reporters[i].describeNextReport(self))
+                    if report["steps"] > 0:
+                        due[i] = (step_k + report["steps"], report)
+                    else:
+                        del due[i]
+
+    def guard_summary(self) -> dict:
+        """JSON-safe guard totals (``guards.summary()``)."""
+        return self.guards.summary()
+
+    def summary(self) -> dict:
+        """JSON-safe run summary: jumps, fallbacks, time, guard events, surrogate."""
+        return {"jumps": self.n_jumps, "fallbacks": self.n_fallbacks,
+                "step": self.currentStep,
+                "time_ps": self.context.getState().getTime().value_in_unit(PS),
+                "steps_per_jump": self.steps_per_jump, "step_ps": self.step_ps,
+                "md_step_ps": self.md_step_ps, "jump_steps": self.jump_steps,
+                "md_steps": self.md_steps, "guards": self.guards.summary(),
+                "surrogate": self.surrogate.describe()}
+
+
+class SurrogateJumpReporter:
+    """Replace the state of an unchanged ``Simulation`` by a learned jump every ``interval`` steps.
+
+    Append it to ``simulation.reporters``. At every report it predicts a jump from the current
+    state, writes the jump's end state (positions and backward-difference velocities, constraints
+    applied) into ``simulation.context`` and moves the Context's **time forward by** ``jump_ps``;
+    the **step count is unchanged** (it keeps counting integrator steps). So after ``n`` MD steps
+    with ``interval`` ``k`` the time is ``n dt + (n // k) jump_ps``. Reporters due at the same step
+    see the state before the jump (OpenMM hands them one State); reporters appended after this
+    one see it after their next interval. Time stamps of DCD/XTC files written by stock reporters
+    count steps only and therefore omit the jumps; use :class:`SurrogateSimulation` when the file
+    times must include them.
+
+    Guard actions: ``raise``; ``warn`` (keep the jump); ``fallback`` (skip the jump: the
+    simulation simply continues with real MD); ``relax`` (minimise, skip if still failing).
+
+    Args:
+        surrogate: a :class:`~surrogate_md.Surrogate` or a checkpoint path.
+        interval: MD steps between jumps.
+        guards: as for :class:`SurrogateSimulation`.
+        temperature_K: for the default energy-guard threshold.
+    """
+
+    def __init__(self, surrogate: Any, interval: int,
+                 guards: Guards | GuardConfig | str | None = "raise",
+                 temperature_K: float = 300.0) -> None:
+        if int(interval) != interval or interval < 1:
+            raise EngineError(f"the jump interval must be a whole number of steps >= 1, got "
+                              f"{interval}")
+        self.surrogate = load_surrogate(surrogate)
+        self.interval = int(interval)
+        self._guards_spec = guards
+        self._temperature_K = temperature_K
+        self.guards: Guards | None = None
+        self.propagator = SurrogatePropagator(self.surrogate)
+        self.n_jumps = 0
+        self.n_skipped = 0
+        self._checked: int | None = None
+
+    def describeNextReport(self, simulation) -> dict:
+        steps = self.interval - simulation.currentStep % self.interval
+        return {"steps": steps, "periodic": False, "include": ["positions", "velocities"]}
+
+    def report(self, simulation, state) -> None:
+        if self._checked != id(simulation):
+            check_system(simulation.system, simulation.topology, self.surrogate)
+            self.guards = make_guards(self._guards_spec, self.surrogate, simulation.system,
+                                      self._temperature_K)
+            self._checked = id(simulation)
+        context = simulation.context
+        constrained = simulation.system.getNumConstraints() > 0
+        pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(ANGSTROM))
+        vel = np.asarray(state.getVelocities(asNumpy=True).value_in_unit(A_PER_PS))
+        t0 = state.getTime().value_in_unit(PS)
+        if not self.propagator.has_history(t0):
+            self.propagator.observe(t0, pos)
+            self.n_skipped += 1
+            log.info("history model: skipping the jump at t = %.4f ps until its history is "
+                     "filled", t0)
+            return
+        self.guards.record_energy(potential_energy(context))
+        result = self.propagator.jump(pos, vel, t0)
+        end = t0 + self.surrogate.jump_ps
+        final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
+        energy = None
+        if np.isfinite(final).all():
+            write_state(context, final, fvel, constrained)
+            energy = potential_energy(context)
+            final = read_state(context)[0]
+        events = self.guards.check(final, fvel, energy_kJ_per_mol=energy, jump=self.n_jumps,
+                                   time_ps=end)
+        if events:
+            action = self.guards.action
+            self.guards.handle(events, action)
+            keep = action == "warn" and energy is not None
+            if action == "relax" and energy is not None:
+                openmm.LocalEnergyMinimizer.minimize(context, 10.0,
+                                                     self.guards.config.relax_iterations)
+                relaxed, _, _, e = read_state(context, energy=True)
+                again = self.guards.check(relaxed, energy_kJ_per_mol=e, jump=self.n_jumps,
+                                          time_ps=end)
+                keep = not again
+                if again:
+                    self.guards.handle(again, "fallback")
+            if not keep:
+                write_state(context, pos, vel, False)
+                if action == "raise":
+                    raise GuardError(guard_error_message(events, "SurrogateJumpReporter"))
+                self.n_skipped += 1
+                return
+        context.setTime(end * PS)
+        self.propagator.observe(end, final)
+        self.n_jumps += 1
+
+
+__all__ = ["SurrogateJumpReporter", "SurrogateSimulation", "check_system", "default_step_ps",
+           "frame_steps", "load_surrogate"]

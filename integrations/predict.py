@@ -1,0 +1,203 @@
+"""``python -m integrations.predict``: advance a structure by learned jumps and write XTC/DCD.
+
+Example::
+
+    python -m integrations.predict RUN/best.pt --topology system.pdb -n 100 -o traj.xtc
+
+Builds the OpenMM System (amber14 for PDB/PDBx files, or the Amber prmtop given as
+``--topology``), runs :class:`~integrations.openmm_simulation.SurrogateSimulation` with a progress
+bar and writes, beside ``OUT``: ``OUT`` itself (all outputs appear under their final names only
+when the run succeeds), ``<OUT stem>.csv`` (StateDataReporter: step, time, energies,
+temperature) and ``<OUT stem>.json`` (provenance: surrogate, checkpoint hash, inputs, guard
+summary, timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from surrogate_md.errors import DataError, EngineError, SurrogateMDError
+
+log = logging.getLogger(__name__)
+
+FORMATS = (".xtc", ".dcd")
+DEFAULT_FORCEFIELDS = ("amber14-all.xml", "amber14/tip3pfb.xml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m integrations.predict",
+                                description="Advance a structure by learned surrogate jumps in "
+                                            "OpenMM and write an XTC or DCD trajectory.")
+    p.add_argument("checkpoint", help="surrogate checkpoint (best.pt/last.pt)")
+    p.add_argument("--topology", required=True,
+                   help="PDB/PDBx file (force field from --forcefield) or Amber .prmtop")
+    p.add_argument("--coordinates", help="starting coordinates: PDB/PDBx or Amber inpcrd/rst7 "
+                                         "(default: the topology file's own coordinates)")
+    p.add_argument("-n", "--jumps", type=int, required=True, help="number of learned jumps")
+    p.add_argument("-o", "--output", required=True, help="trajectory file, .xtc or .dcd")
+    p.add_argument("--platform", help="OpenMM platform (Reference, CPU, CUDA, OpenCL); "
+                                      "default: OpenMM's fastest")
+    p.add_argument("--md-steps", type=int, default=0,
+                   help="hybrid mode: real MD steps before every jump")
+    p.add_argument("--report-interval", type=int, default=1,
+                   help="write a frame every this many jumps")
+    p.add_argument("--forcefield", nargs="+", default=list(DEFAULT_FORCEFIELDS),
+                   help="OpenMM force-field XML files for PDB topologies")
+    p.add_argument("--guard", default="raise", choices=("raise", "warn", "fallback", "relax"),
+                   help="what to do when a jump fails a guard")
+    p.add_argument("--temperature-K", type=float, default=300.0,
+                   help="initial velocities and hybrid/fallback MD temperature")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial velocities")
+    p.add_argument("--minimize", action="store_true", help="minimise the energy first")
+    p.add_argument("--device", default="cpu", help="torch device of the surrogate (cpu, cuda, "
+                                                   "auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def load_system(topology: str, coordinates: str | None, forcefields: list[str]):
+    """(openmm.app.Topology, System, positions) from a PDB/PDBx or prmtop (+ coordinates)."""
+    from openmm import app
+
+    top_path = Path(topology)
+    if not top_path.is_file():
+        raise DataError(f"{top_path}: no such topology file; give a PDB/PDBx or Amber prmtop")
+    coord_path = Path(coordinates) if coordinates else None
+    if coord_path is not None and not coord_path.is_file():
+        raise DataError(f"{coord_path}: no such coordinate file")
+    suffix = top_path.suffix.lower()
+    try:
+        if suffix in (".prmtop", ".parm7", ".top"):
+            if coord_path is None:
+                raise DataError(f"{top_path}: an Amber prmtop has no coordinates; pass "
+                                "--coordinates FILE.inpcrd")
+            prmtop = app.AmberPrmtopFile(str(top_path))
+            positions, box = _coordinates(coord_path)
+            method = app.PME if box is not None else app.NoCutoff
+            system = prmtop.createSystem(nonbondedMethod=method, constraints=app.HBonds)
+            return prmtop.topology, system, positions
+        structure = (app.PDBxFile if suffix in (".cif", ".pdbx") else app.PDBFile)(str(top_path))
+        positions = structure.positions
+        if coord_path is not None:
+            positions, _ = _coordinates(coord_path)
+        ff = app.ForceField(*forcefields)
+        method = (app.PME if structure.topology.getPeriodicBoxVectors() is not None
+                  else app.NoCutoff)
+        system = ff.createSystem(structure.topology, nonbondedMethod=method,
+                                 constraints=app.HBonds)
+        return structure.topology, system, positions
+    except (ValueError, KeyError, OSError) as exc:
+        raise DataError(f"{top_path}: cannot build an OpenMM System ({exc}); check the file and "
+                        "--forcefield, or give an Amber prmtop") from exc
+
+
+def _coordinates(path: Path):
+    from openmm import app
+
+    suffix = path.suffix.lower()
+    if suffix in (".inpcrd", ".rst7", ".crd", ".rst"):
+        crd = app.AmberInpcrdFile(str(path))
+        return crd.positions, crd.boxVectors
+    if suffix in (".cif", ".pdbx"):
+        f = app.PDBxFile(str(path))
+        return f.positions, f.topology.getPeriodicBoxVectors()
+    if suffix == ".pdb":
+        f = app.PDBFile(str(path))
+        return f.positions, f.topology.getPeriodicBoxVectors()
+    raise DataError(f"{path}: unsupported coordinate format {suffix!r}; use PDB, PDBx or Amber "
+                    "inpcrd/rst7")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the prediction described by parsed ``args``; returns the provenance dict."""
+    import openmm
+    from openmm import app, unit
+
+    from integrations.openmm_simulation import SurrogateSimulation
+    from surrogate_md.surrogate import Surrogate
+
+    out = Path(args.output)
+    if out.suffix.lower() not in FORMATS:
+        raise DataError(f"{out}: output must end in .xtc or .dcd")
+    if not out.parent.is_dir():
+        raise DataError(f"{out}: directory {out.parent} does not exist; create it first")
+    csv_path, json_path = out.with_suffix(".csv"), out.with_suffix(".json")
+    for path in (out, csv_path, json_path):
+        if path.exists() and not args.overwrite:
+            raise DataError(f"{path}: file exists; pass --overwrite or choose another -o")
+    if args.jumps < 1 or args.report_interval < 1:
+        raise DataError("-n/--jumps and --report-interval must be >= 1")
+    surrogate = Surrogate.load(args.checkpoint, device=args.device)
+    topology, system, positions = load_system(args.topology, args.coordinates, args.forcefield)
+    platform = None
+    if args.platform:
+        try:
+            platform = openmm.Platform.getPlatformByName(args.platform)
+        except Exception as exc:  # OpenMM raises a bare Exception for unknown platforms
+            names = [openmm.Platform.getPlatform(i).getName()
+                     for i in range(openmm.Platform.getNumPlatforms())]
+            raise EngineError(f"OpenMM platform {args.platform!r} is not available here; "
+                              f"choose one of {names}") from exc
+    sim = SurrogateSimulation(topology, system, surrogate, platform=platform, guards=args.guard,
+                              md_steps=args.md_steps, temperature_K=args.temperature_K,
+                              progress=True)
+    sim.context.setPositions(positions)
+    if args.minimize:
+        sim.minimizeEnergy()
+    sim.context.setVelocitiesToTemperature(args.temperature_K * unit.kelvin, args.seed)
+    interval = args.report_interval * (sim.steps_per_jump + args.md_steps)
+    tmp_traj = out.with_name(f".{out.name}.partial{out.suffix}")
+    tmp_csv = csv_path.with_name(f".{csv_path.name}.partial")
+    reporter_cls = app.XTCReporter if out.suffix.lower() == ".xtc" else app.DCDReporter
+    traj = reporter_cls(str(tmp_traj), interval)
+    with open(tmp_csv, "w") as csv_file:
+        sim.reporters += [traj, app.StateDataReporter(
+            csv_file, interval, step=True, time=True, potentialEnergy=True, kineticEnergy=True,
+            temperature=True)]
+        start = time.perf_counter()
+        try:
+            sim.step(args.jumps)
+        except BaseException:
+            sim.reporters.clear()
+            csv_file.close()
+            for tmp in (tmp_traj, tmp_csv):
+                tmp.unlink(missing_ok=True)
+            raise
+        wall = time.perf_counter() - start
+    if isinstance(traj, app.DCDReporter):
+        traj._out.close()
+    sim.guards.log_summary()
+    provenance = {"command": "python -m integrations.predict", "argv": vars(args),
+                  "output": out.name, "state_data": csv_path.name, "wall_s": wall,
+                  "openmm": openmm.__version__, **sim.summary()}
+    tmp_json = json_path.with_name(f".{json_path.name}.partial")
+    tmp_json.write_text(json.dumps(provenance, indent=2, default=str))
+    os.replace(tmp_traj, out)
+    os.replace(tmp_csv, csv_path)
+    os.replace(tmp_json, json_path)
+    log.info("wrote %s (%d jumps, %.4g ps) in %.1f s", out, sim.n_jumps + sim.n_fallbacks,
+             provenance["time_ps"], wall)
+    return provenance
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except SurrogateMDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

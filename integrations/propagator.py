@@ -1,0 +1,116 @@
+"""Engine-independent part of a learned jump: predict, rebuild missing atoms, derive velocities.
+
+Both engines hand a full-system state (Å, Å/ps, ps) to :class:`SurrogatePropagator` and get back
+the full-system frames of the jump. Velocities of the frames are backward differences of
+consecutive frames: ``v_k = (x_k - x_{k-1}) / (t_k - t_{k-1})`` with ``x_{-1}`` the input state,
+the same convention :meth:`surrogate_md.Surrogate.rollout` uses to feed a jump into the next one.
+(For one output frame per jump this is the mean velocity over the jump, which is lower than the
+instantaneous thermal velocity; the engine's kinetic energy reports it as such.)
+
+History models (ESTAG) need the positions of the last ``history_length`` states at
+``history_stride_ps``; the propagator remembers every state the engine shows it
+(:meth:`observe`) and says when history is missing so the engine can run real MD to fill it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from integrations.reconstruct import Reconstructor
+
+log = logging.getLogger(__name__)
+
+_TIME_KEY_PER_PS = 1_000_000  # states are matched by time to 1e-6 ps
+
+
+@dataclass
+class JumpResult:
+    """Full-system frames of one jump.
+
+    Attributes:
+        positions_A: (P, n_atoms, 3) Å at ``offsets_ps`` after the start.
+        velocities_A_per_ps: (P, n_atoms, 3) Å/ps, backward differences (see module doc).
+        offsets_ps: (P,) ps, the surrogate's output grid (last = ``jump_ps``).
+    """
+
+    positions_A: np.ndarray
+    velocities_A_per_ps: np.ndarray
+    offsets_ps: np.ndarray
+
+
+class SurrogatePropagator:
+    """Advances a full system by one learned jump.
+
+    Args:
+        surrogate: a loaded :class:`~surrogate_md.Surrogate`.
+    """
+
+    def __init__(self, surrogate) -> None:
+        self.surrogate = surrogate
+        self.reconstruct = Reconstructor.for_surrogate(surrogate)
+        self.offsets_ps = np.asarray(surrogate.times_ps, dtype=np.float64)
+        self.jump_ps = float(surrogate.jump_ps)
+        self._known: dict[int, np.ndarray] = {}
+
+    # -- history ----------------------------------------------------------------------------------
+    @property
+    def needs_history(self) -> bool:
+        return bool(self.surrogate.needs_history)
+
+    def _history_keys(self, time_ps: float) -> list[int]:
+        s = self.surrogate
+        return [round((time_ps - k * s.history_stride_ps) * _TIME_KEY_PER_PS)
+                for k in range(s.history_length - 1, -1, -1)]
+
+    def observe(self, time_ps: float, positions_A: np.ndarray) -> None:
+        """Remember a full-system state (only kept for history models)."""
+        if not self.needs_history:
+            return
+        key = round(time_ps * _TIME_KEY_PER_PS)
+        self._known[key] = np.asarray(positions_A, dtype=np.float64)[self.surrogate.model_atoms]
+        horizon = (self.surrogate.history_length + 1) * self.surrogate.history_stride_ps
+        oldest = key - round(horizon * _TIME_KEY_PER_PS)
+        for k in [k for k in self._known if k < oldest]:
+            del self._known[k]
+
+    def forget(self) -> None:
+        """Drop remembered states (after a state was loaded from a file)."""
+        self._known.clear()
+
+    def has_history(self, time_ps: float) -> bool:
+        return not self.needs_history or all(k in self._known
+                                             for k in self._history_keys(time_ps))
+
+    def history(self, time_ps: float) -> np.ndarray | None:
+        """(T, n_model_atoms, 3) Å ending at ``time_ps``, or None for S2T models."""
+        if not self.needs_history:
+            return None
+        return np.stack([self._known[k] for k in self._history_keys(time_ps)])
+
+    # -- the jump ---------------------------------------------------------------------------------
+    def jump(self, positions_A: np.ndarray, velocities_A_per_ps: np.ndarray, time_ps: float
+             ) -> JumpResult:
+        """Predict one jump from the full state at ``time_ps``.
+
+        Args:
+            positions_A: (n_atoms, 3) Å.
+            velocities_A_per_ps: (n_atoms, 3) Å/ps.
+        """
+        pos = np.asarray(positions_A, dtype=np.float64)
+        self.observe(time_ps, pos)
+        pred = self.surrogate.predict(pos, velocities_A_per_ps, history=self.history(time_ps))
+        if np.isfinite(pred).all():
+            frames = self.reconstruct(pos, pred)  # (P, n, 3)
+        else:  # a broken jump: leave it broken for the guards to see, no SVD of NaNs
+            frames = np.repeat(pos[None], len(pred), axis=0)
+            frames[:, self.surrogate.model_atoms] = pred
+        prev = np.concatenate([pos[None], frames[:-1]])
+        dt = np.diff(np.concatenate([[0.0], self.offsets_ps]))
+        vel = (frames - prev) / dt[:, None, None]
+        return JumpResult(frames, vel, self.offsets_ps.copy())
+
+
+__all__ = ["JumpResult", "SurrogatePropagator"]

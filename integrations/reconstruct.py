@@ -1,0 +1,186 @@
+"""Rebuild the atoms a partial model does not predict (hydrogens, side chains).
+
+A surrogate may predict only some atoms of a system (heavy atoms, backbone, residue nodes). The
+engine needs every atom, so after each jump the others are carried along by rigid motions:
+
+- **riding hydrogens**: a hydrogen bonded to a predicted atom (its *anchor*) follows the rigid
+  (Kabsch) superposition of the anchor's predicted neighbourhood (the anchor and the predicted
+  atoms within two bonds of it) from the pre-jump onto the predicted coordinates. Its bond length
+  is kept exactly, its angles approximately.
+- **residues**: every other unpredicted atom follows the superposition of its residue's predicted
+  atoms (side chains onto a predicted backbone). A residue with fewer than three predicted atoms
+  falls back to the neighbourhood of the nearest predicted atom (by bond hops), and an atom with
+  no bonded path to a predicted atom to all predicted atoms.
+
+Groups with fewer than three reference atoms are translated only (a rotation from one or two
+points is undetermined). All positions in Å. Shared by the OpenMM and ASE integrations.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def kabsch(source: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Proper rotations and translations that best map ``source`` onto ``target``.
+
+    Args:
+        source, target: (G, k, 3) Å, ``G`` independent point sets of ``k`` points.
+        weights: (G, k) >= 0; zero weights mark padding.
+    Returns:
+        rotations (G, 3, 3) and translations (G, 3) with ``target ≈ source @ R.T + t``.
+        Sets with fewer than three weighted points get the identity rotation.
+    """
+    src = np.asarray(source, dtype=np.float64)
+    tgt = np.asarray(target, dtype=np.float64)
+    w = np.ones(src.shape[:2]) if weights is None else np.asarray(weights, dtype=np.float64)
+    wsum = w.sum(axis=1, keepdims=True)
+    c_src = (w[..., None] * src).sum(axis=1) / wsum
+    c_tgt = (w[..., None] * tgt).sum(axis=1) / wsum
+    a = (src - c_src[:, None]) * w[..., None]
+    b = tgt - c_tgt[:, None]
+    cov = np.einsum("gki,gkj->gij", a, b)
+    u, _, vt = np.linalg.svd(cov)
+    d = np.sign(np.linalg.det(np.einsum("gij,gjk->gik", u, vt)))
+    d[d == 0] = 1.0
+    fix = np.ones((len(src), 3))
+    fix[:, 2] = d
+    rot = np.einsum("gji,gj,gkj->gik", vt, fix, u)  # V diag(1,1,d) U^T
+    rot[(w > 0).sum(axis=1) < 3] = np.eye(3)
+    trans = c_tgt - np.einsum("gij,gj->gi", rot, c_src)
+    return rot, trans
+
+
+@dataclass
+class _Groups:
+    members: list[np.ndarray]  # atoms moved by each group
+    anchors: np.ndarray  # (G, k) padded indices of predicted atoms defining the motion
+    weights: np.ndarray  # (G, k) 1 for real anchors, 0 for padding
+
+
+class Reconstructor:
+    """Carries unpredicted atoms along with the predicted ones.
+
+    Args:
+        n_atoms: atoms in the full system.
+        model_atoms: (m,) indices of the predicted atoms.
+        bonds: (B, 2) bonds of the full system.
+        atomic_numbers: (n_atoms,) to tell hydrogens apart.
+        residue_ids: (n_atoms,) residue labels (any hashable ints).
+    """
+
+    def __init__(self, n_atoms: int, model_atoms: np.ndarray, bonds: np.ndarray,
+                 atomic_numbers: np.ndarray, residue_ids: np.ndarray) -> None:
+        self.n_atoms = int(n_atoms)
+        self.model_atoms = np.asarray(model_atoms, dtype=np.int64)
+        predicted = np.zeros(self.n_atoms, dtype=bool)
+        predicted[self.model_atoms] = True
+        self.predicted = predicted
+        self.missing = np.nonzero(~predicted)[0]
+        self._groups = self._build(np.asarray(bonds, dtype=np.int64).reshape(-1, 2),
+                                   np.asarray(atomic_numbers), np.asarray(residue_ids))
+
+    @classmethod
+    def for_surrogate(cls, surrogate) -> Reconstructor:
+        """Reconstructor for the full system a :class:`~surrogate_md.Surrogate` was trained on."""
+        topo = surrogate.topology
+        return cls(surrogate.n_atoms, surrogate.model_atoms, np.asarray(topo["bonds"]),
+                   np.asarray(topo["atomic_numbers"]), np.asarray(topo["residue_ids"]))
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the model predicts every atom."""
+        return len(self.missing) == 0
+
+    def _build(self, bonds: np.ndarray, z: np.ndarray, residues: np.ndarray) -> _Groups:
+        n = self.n_atoms
+        nbrs: list[list[int]] = [[] for _ in range(n)]
+        for a, b in bonds:
+            nbrs[a].append(int(b))
+            nbrs[b].append(int(a))
+        pred = self.predicted
+
+        def neighbourhood(anchor: int) -> tuple[int, ...]:
+            found, frontier, seen = [anchor], [anchor], {anchor}
+            for _ in range(2):
+                nxt = []
+                for f in frontier:
+                    for c in nbrs[f]:
+                        if c not in seen:
+                            seen.add(c)
+                            nxt.append(c)
+                found += [c for c in nxt if pred[c]]
+                frontier = nxt
+            return tuple(sorted(found))
+
+        def nearest_predicted(atom: int) -> int | None:
+            queue, seen = deque([atom]), {atom}
+            while queue:
+                cur = queue.popleft()
+                if pred[cur]:
+                    return cur
+                for c in nbrs[cur]:
+                    if c not in seen:
+                        seen.add(c)
+                        queue.append(c)
+            return None
+
+        by_anchor_set: dict[tuple[int, ...], list[int]] = {}
+        residue_pred: dict[int, tuple[int, ...]] = {}
+        for r in np.unique(residues):
+            residue_pred[int(r)] = tuple(np.nonzero((residues == r) & pred)[0].tolist())
+        everything = tuple(self.model_atoms.tolist())
+        for atom in self.missing:
+            atom = int(atom)
+            bonded_pred = [c for c in nbrs[atom] if pred[c]]
+            if z[atom] == 1 and bonded_pred:
+                key = neighbourhood(bonded_pred[0])
+            elif len(residue_pred[int(residues[atom])]) >= 3:
+                key = residue_pred[int(residues[atom])]
+            else:
+                anchor = nearest_predicted(atom)
+                key = everything if anchor is None else neighbourhood(anchor)
+            by_anchor_set.setdefault(key, []).append(atom)
+        keys = list(by_anchor_set)
+        width = max((len(k) for k in keys), default=1)
+        anchors = np.zeros((len(keys), width), dtype=np.int64)
+        weights = np.zeros((len(keys), width))
+        for g, key in enumerate(keys):
+            anchors[g, :len(key)] = key
+            weights[g, :len(key)] = 1.0
+        members = [np.asarray(by_anchor_set[k], dtype=np.int64) for k in keys]
+        return _Groups(members, anchors, weights)
+
+    def __call__(self, reference: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+        """Full-system frames from predicted model-atom frames.
+
+        Args:
+            reference: (n_atoms, 3) Å, the full system before the jump.
+            predicted: (P, m, 3) or (m, 3) Å, predicted model atoms.
+        Returns:
+            (P, n_atoms, 3) (or (n_atoms, 3)) Å: predicted atoms as given, the others moved
+            rigidly with their group.
+        """
+        ref = np.asarray(reference, dtype=np.float64)
+        pred = np.asarray(predicted, dtype=np.float64)
+        single = pred.ndim == 2
+        if single:
+            pred = pred[None]
+        out = np.repeat(ref[None], len(pred), axis=0)
+        out[:, self.model_atoms] = pred
+        g = self._groups
+        if len(g.members):
+            src = ref[g.anchors]  # (G, k, 3)
+            atoms = np.concatenate(g.members)
+            group = np.repeat(np.arange(len(g.members)), [len(m) for m in g.members])
+            for p in range(len(pred)):
+                rot, trans = kabsch(src, out[p][g.anchors], g.weights)
+                out[p, atoms] = np.einsum("aij,aj->ai", rot[group], ref[atoms]) + trans[group]
+        return out[0] if single else out
+
+
+__all__ = ["Reconstructor", "kabsch"]

@@ -1,0 +1,175 @@
+"""Guards trip on broken surrogates and each action does what it says; reconstruction geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _integration_fixtures import (
+    alanine_system,
+    cached_md,
+    cold_start,
+    make_checkpoint,
+    reference_platform,
+    small_egnn_config,
+)
+from openmm import unit
+
+from integrations.guards import GuardConfig, Guards
+from integrations.openmm_simulation import SurrogateSimulation
+from integrations.reconstruct import Reconstructor, kabsch
+from surrogate_md import Surrogate
+from surrogate_md.errors import ConfigError, GuardError
+
+A = unit.angstrom
+KJ = unit.kilojoule_per_mole
+
+
+def state_of(sim):
+    st = sim.context.getState(positions=True, energy=True)
+    return (st.getPositions(asNumpy=True).value_in_unit(A),
+            st.getTime().value_in_unit(unit.picosecond),
+            st.getPotentialEnergy().value_in_unit(KJ))
+
+
+def broken_sim(tmp_path, action, kind="nan"):
+    md = cached_md()
+    if kind == "nan":  # corrupted weights: every prediction is NaN
+        ck = make_checkpoint(md, tmp_path / "nan.pt", model="egnn",
+                             model_config=small_egnn_config(), break_weights=True)
+    else:  # a linear model fed a far too hot state: bonds fly apart within one jump
+        ck = make_checkpoint(md, tmp_path / "hot.pt", model="linear", selection="heavy")
+    top, system, positions = alanine_system()
+    sim = SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform(),
+                              guards=action)
+    cold_start(sim.context, positions)
+    if kind == "hot":
+        sim.context.setVelocitiesToTemperature(20000 * unit.kelvin, 3)
+    return sim
+
+
+@pytest.mark.parametrize("kind", ["nan", "hot"])
+def test_raise_restores_the_state_and_names_the_check(tmp_path, kind):
+    sim = broken_sim(tmp_path, "raise", kind)
+    x0, t0, _ = state_of(sim)
+    with pytest.raises(GuardError, match="non_finite" if kind == "nan" else "bond"):
+        sim.step(1)
+    x1, t1, _ = state_of(sim)
+    np.testing.assert_allclose(x1, x0, atol=1e-9)
+    assert t1 == t0 and sim.currentStep == 0
+    assert sim.guards.summary()["actions"] == {"raise": 1}
+
+
+def test_fallback_replaces_broken_jumps_with_md(tmp_path):
+    sim = broken_sim(tmp_path, "fallback", "nan")
+    sim.step(3)
+    x, t, e = state_of(sim)
+    assert sim.n_fallbacks == 3 and sim.n_jumps == 0
+    assert t == pytest.approx(3 * sim.surrogate.jump_ps, abs=1e-9)
+    assert sim.currentStep == 3 * sim.steps_per_jump
+    assert np.isfinite(x).all() and np.isfinite(e)
+    assert sim.guards.counts["non_finite"] == 3
+
+
+def test_warn_keeps_the_jump_and_counts_it(tmp_path):
+    sim = broken_sim(tmp_path, "warn", "hot")
+    x0, _, e0 = state_of(sim)
+    sim.step(2)
+    x, t, e = state_of(sim)
+    assert sim.n_jumps == 2 and sim.n_fallbacks == 0
+    assert sim.guards.counts["bond"] == 2
+    assert e > e0 + 1000  # the unphysical state was kept, as asked
+    # a NaN jump cannot be kept even under 'warn': it falls back to MD
+    nan = broken_sim(tmp_path, "warn", "nan")
+    nan.step(1)
+    assert nan.n_fallbacks == 1 and np.isfinite(state_of(nan)[0]).all()
+
+
+def test_relax_minimises_or_falls_back(tmp_path):
+    warned = broken_sim(tmp_path, "warn", "hot")
+    warned.step(1)
+    e_raw = state_of(warned)[2]
+    sim = broken_sim(tmp_path, "relax", "hot")
+    sim.step(1)
+    _, t, e = state_of(sim)
+    assert t == pytest.approx(sim.surrogate.jump_ps, abs=1e-9)
+    assert sim.guards.actions["relax"] == 1
+    assert e < e_raw  # minimised (or replaced by MD when minimising was not enough)
+    assert sim.n_jumps + sim.n_fallbacks == 1
+
+
+def test_guard_checks_on_synthetic_states(tmp_path):
+    surrogate = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "a.pt"))
+    guards = Guards(surrogate, GuardConfig(action="warn", energy_jump_kJ_per_mol=50.0))
+    x = cached_md()["frames"][0].copy()
+    assert guards.check(x) == []
+    stretched = x.copy()
+    a, b = surrogate.validity.bonds[0]
+    stretched[b] += (x[b] - x[a]) * 1.0  # double one bond length
+    assert [e.check for e in guards.check(stretched)] == ["bond"]
+    guards.record_energy(-80.0)
+    assert [e.check for e in guards.check(x, energy_kJ_per_mol=-20.0)] == ["energy"]
+    assert guards.check(x, energy_kJ_per_mol=-60.0) == []
+    clash = x.copy()
+    far = [i for i in range(len(x)) if i not in (a, b)]
+    i, j = far[0], far[-1]
+    clash[j] = clash[i] + 0.3
+    assert "clash" in [e.check for e in guards.check(clash)]
+    nan = x.copy()
+    nan[3, 1] = np.nan
+    assert [e.check for e in guards.check(nan)] == ["non_finite"]
+    guards.handle(guards.check(stretched))
+    assert guards.summary()["failures"] == {"bond": 1}
+    with pytest.raises(ConfigError, match="unknown guard action"):
+        GuardConfig(action="ignore")
+
+
+def test_chain_break_on_a_protein():
+    topology = {"atom_names": ["N", "CA", "C", "N", "CA", "C"], "residue_ids": [1, 1, 1, 2, 2, 2],
+                "residue_names": ["ALA"] * 6, "atomic_numbers": [7, 6, 6, 7, 6, 6],
+                "bonds": [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5]]}
+
+    class Stub:  # the two attributes Guards reads besides the topology
+        model_atoms = np.arange(6)
+        n_atoms = 6
+        validity = None
+
+    Stub.topology = topology
+    guards = Guards(Stub(), GuardConfig())
+    x = np.array([[0, 0, 0], [1.45, 0, 0], [2.0, 1.4, 0], [3.3, 1.6, 0], [4.2, 2.7, 0],
+                  [5.6, 2.5, 0]], dtype=float)
+    assert guards.check(x) == []
+    x[3:] += [4.0, 0, 0]
+    assert [e.check for e in guards.check(x)] == ["chain_break"]
+
+
+def test_kabsch_recovers_proper_rotations():
+    rng = np.random.default_rng(0)
+    src = rng.normal(size=(4, 6, 3))
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.linalg.det(q))
+    shift = rng.normal(size=3)
+    rot, trans = kabsch(src, src @ q.T + shift)
+    for r, t in zip(rot, trans):
+        np.testing.assert_allclose(r, q, atol=1e-10)
+        np.testing.assert_allclose(t, shift, atol=1e-10)
+    mirrored = src * np.array([1, 1, -1])
+    rot, _ = kabsch(src, mirrored)
+    np.testing.assert_allclose(np.linalg.det(rot), 1.0)  # never a reflection
+
+
+def test_reconstruction_is_exact_for_rigid_motion():
+    md = cached_md()
+    topo = md["topology"]
+    heavy = np.nonzero(topo.atomic_numbers != 1)[0]
+    rec = Reconstructor(topo.n_atoms, heavy, topo.bonds, topo.atomic_numbers, topo.residue_ids)
+    x = md["frames"][0]
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.linalg.det(q))
+    moved = x @ q.T + [1.0, -2.0, 0.5]
+    out = rec(x, moved[heavy][None])
+    np.testing.assert_allclose(out[0], moved, atol=1e-9)
+    full = Reconstructor(topo.n_atoms, np.arange(topo.n_atoms), topo.bonds, topo.atomic_numbers,
+                         topo.residue_ids)
+    assert full.is_identity
+    np.testing.assert_allclose(full(x, moved), moved)

@@ -1,0 +1,134 @@
+"""SurrogateDynamics in ASE: with and without a calculator, observers, trajectories, guards."""
+
+from __future__ import annotations
+
+import json
+
+import MDAnalysis as mda
+import mdtraj
+import numpy as np
+import pytest
+from _integration_fixtures import PDB, cached_md, make_checkpoint
+from ase import units
+from ase.calculators.emt import EMT
+from ase.io import Trajectory, read
+from ase.md.velocitydistribution import thermalize_momenta
+from ase.md.verlet import VelocityVerlet
+
+from integrations.ase_dynamics import SurrogateDynamics
+from integrations.writers import PS_IN_ASE_TIME, TrajectoryObserver
+from surrogate_md import Surrogate
+from surrogate_md.errors import EngineError, GuardError
+
+
+def cold_atoms(temperature_K=0.05, seed=0):
+    atoms = read(str(PDB))
+    atoms.set_positions(cached_md()["frames"][0])
+    thermalize_momenta(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
+    return atoms
+
+
+@pytest.fixture
+def surrogate(tmp_path):
+    return Surrogate.load(make_checkpoint(cached_md(), tmp_path / "heavy.pt", selection="heavy"))
+
+
+def test_no_calculator_jumps_observers_and_trajectory(tmp_path, surrogate):
+    atoms = cold_atoms()
+    x0 = atoms.get_positions()
+    dyn = SurrogateDynamics(atoms, surrogate, trajectory=str(tmp_path / "a.traj"))
+    assert dyn.dt == pytest.approx(surrogate.jump_ps * 1000 * units.fs)
+    seen = []
+    dyn.attach(lambda: seen.append((dyn.nsteps, dyn.get_time() / PS_IN_ASE_TIME)), interval=4)
+    xtc = TrajectoryObserver(dyn, tmp_path / "a.xtc")
+    dcd = TrajectoryObserver(dyn, tmp_path / "a.dcd", interval=2)
+    dyn.attach(xtc, interval=1)
+    dyn.attach(dcd, interval=2)
+    dyn.run(20)
+    xtc.close()
+    dcd.close()
+    jump = surrogate.jump_ps
+    assert [s for s, _ in seen] == [0, 4, 8, 12, 16, 20]
+    np.testing.assert_allclose([t for _, t in seen], np.arange(0, 21, 4) * jump, atol=1e-12)
+    assert dyn.n_jumps == 20
+    assert np.abs(atoms.get_positions() - x0).max() > 0.01
+    frames = read(str(tmp_path / "a.traj"), index=":")
+    assert len(frames) == 21
+    assert all(np.isfinite(f.positions).all() for f in frames)
+    np.testing.assert_allclose(frames[-1].positions, atoms.get_positions())
+    for reader_times in ([ts.time for ts in mda.Universe(str(PDB), str(tmp_path / "a.xtc"))
+                          .trajectory],
+                         mdtraj.load(str(tmp_path / "a.xtc"), top=str(PDB)).time):
+        np.testing.assert_allclose(reader_times, np.arange(21) * jump, atol=1e-4)
+    u = mda.Universe(str(PDB), str(tmp_path / "a.dcd"))
+    np.testing.assert_allclose([ts.time for ts in u.trajectory], np.arange(0, 21, 2) * jump,
+                               atol=1e-4)
+    assert mdtraj.load(str(tmp_path / "a.dcd"), top=str(PDB)).n_frames == 11
+    d = dyn.todict()
+    json.dumps(d)
+    assert d["surrogate"] == "linear" and d["checkpoint_hash"] == surrogate.checkpoint_hash
+
+
+def test_intermediate_frames_and_calculator_energies(tmp_path, surrogate):
+    atoms = cold_atoms()
+    atoms.calc = EMT()
+    log = tmp_path / "md.log"
+    dyn = SurrogateDynamics(atoms, surrogate, trajectory=str(tmp_path / "b.traj"),
+                            logfile=str(log), write_intermediate=True, guards="warn")
+    dyn.run(20)
+    p = len(surrogate.times_ps)
+    with Trajectory(str(tmp_path / "b.traj")) as traj:
+        energies = [f.get_potential_energy() for f in traj]
+        assert len(traj) == 1 + 20 * p
+    assert np.isfinite(energies).all()
+    assert dyn.last_jump.shape == (p, len(atoms), 3)
+    np.testing.assert_allclose(dyn.last_jump_times_ps, 19 * surrogate.jump_ps
+                               + surrogate.times_ps)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 22  # header + 21 rows
+    assert float(lines[-1].split()[0]) == pytest.approx(20 * surrogate.jump_ps, abs=1e-3)
+
+
+def test_wrong_timestep_and_missing_calculator_are_errors(surrogate):
+    atoms = cold_atoms()
+    with pytest.raises(EngineError, match="timestep"):
+        SurrogateDynamics(atoms, surrogate, timestep=1.0 * units.fs)
+    with pytest.raises(EngineError, match="calculator"):
+        SurrogateDynamics(atoms, surrogate, logfile="-")
+
+
+def test_hybrid_mode_time_bookkeeping(surrogate):
+    atoms = cold_atoms()
+    atoms.calc = EMT()
+    md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    dyn = SurrogateDynamics(atoms, surrogate, md_dynamics=md, md_steps=4, guards="warn")
+    times = []
+    dyn.attach(lambda: times.append(dyn.get_time() / PS_IN_ASE_TIME))
+    dyn.run(5)
+    cycle_ps = surrogate.jump_ps + 4 * 0.5e-3
+    np.testing.assert_allclose(times, np.arange(6) * cycle_ps, atol=1e-12)
+    assert md.nsteps == 20 and dyn.n_jumps == 5
+
+
+def test_guard_actions(surrogate):
+    hot = cold_atoms(temperature_K=20000, seed=1)
+    x0 = hot.get_positions()
+    dyn = SurrogateDynamics(hot, surrogate)
+    with pytest.raises(GuardError, match="bond"):
+        dyn.run(1)
+    np.testing.assert_allclose(hot.get_positions(), x0)
+    warned = cold_atoms(temperature_K=20000, seed=1)
+    dyn = SurrogateDynamics(warned, surrogate, guards="warn")
+    dyn.run(2)
+    assert dyn.n_jumps == 2 and dyn.guards.counts["bond"] == 2
+    fb_atoms = cold_atoms(temperature_K=20000, seed=1)
+    fb_atoms.calc = EMT()
+    fallback = VelocityVerlet(fb_atoms, timestep=0.5 * units.fs)
+    dyn = SurrogateDynamics(fb_atoms, surrogate, guards="fallback", fallback_dynamics=fallback)
+    dyn.run(2)
+    assert dyn.n_fallbacks >= 1 and fallback.nsteps == 40 * dyn.n_fallbacks
+    assert np.isfinite(fb_atoms.get_positions()).all()
+    no_md = SurrogateDynamics(cold_atoms(temperature_K=20000, seed=1), surrogate,
+                              guards="fallback")
+    with pytest.raises(EngineError, match="fallback_dynamics"):
+        no_md.run(1)

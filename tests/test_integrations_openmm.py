@@ -1,0 +1,267 @@
+"""SurrogateSimulation and SurrogateJumpReporter driving real OpenMM Contexts and stock reporters."""
+
+from __future__ import annotations
+
+import csv
+import logging
+
+import MDAnalysis as mda
+import mdtraj
+import numpy as np
+import openmm
+import pytest
+from _integration_fixtures import (
+    MD_STEP_PS,
+    PDB,
+    alanine_system,
+    cached_md,
+    cold_start,
+    make_checkpoint,
+    reference_platform,
+)
+from openmm import app, unit
+
+from integrations.openmm_simulation import (
+    SurrogateJumpReporter,
+    SurrogateSimulation,
+    default_step_ps,
+    frame_steps,
+)
+from surrogate_md import Surrogate
+from surrogate_md.errors import DataError, EngineError
+
+A = unit.angstrom
+
+
+def make_sim(tmp_path, selection="heavy", constraints=app.HBonds, model="linear", **kwargs):
+    # The analytic linear model is ballistic: it pumps energy into bond vibrations faster than
+    # MD can carry it away, so tests mixing jumps with MD use the constant model.
+    ck = make_checkpoint(cached_md(), tmp_path / f"{selection}.pt", selection=selection,
+                         model=model)
+    top, system, positions = alanine_system(constraints)
+    sim = SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform(),
+                              **kwargs)
+    cold_start(sim.context, positions)
+    return sim
+
+
+def positions_A(sim):
+    return sim.context.getState(positions=True).getPositions(asNumpy=True).value_in_unit(A)
+
+
+class FrameRecorder:
+    """A user reporter recording what every report sees."""
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.steps, self.times, self.positions = [], [], []
+
+    def describeNextReport(self, simulation):
+        return {"steps": self.interval - simulation.currentStep % self.interval,
+                "periodic": False, "include": ["positions"]}
+
+    def report(self, simulation, state):
+        self.steps.append(simulation.currentStep)
+        self.times.append(state.getTime().value_in_unit(unit.picosecond))
+        self.positions.append(state.getPositions(asNumpy=True).value_in_unit(A))
+
+
+def test_stock_reporters_read_back_with_true_times(tmp_path):
+    sim = make_sim(tmp_path)
+    spj = sim.steps_per_jump
+    jump = sim.surrogate.jump_ps
+    assert spj == 1 and sim.step_ps == pytest.approx(jump)  # one step = one jump
+    assert sim.md_steps_per_jump * MD_STEP_PS == pytest.approx(jump)
+    start = positions_A(sim)
+    n = 24
+    sim.reporters += [
+        app.DCDReporter(str(tmp_path / "t.dcd"), spj),
+        app.XTCReporter(str(tmp_path / "t.xtc"), 2 * spj),
+        app.StateDataReporter(str(tmp_path / "s.csv"), spj, step=True, time=True,
+                              potentialEnergy=True, temperature=True),
+        app.CheckpointReporter(str(tmp_path / "c.chk"), 12 * spj),
+    ]
+    sim.step(n)
+    del sim.reporters[:]  # closes nothing, but the files are flushed per frame
+    assert sim.currentStep == n * spj
+    state = sim.context.getState()
+    assert state.getTime().value_in_unit(unit.picosecond) == pytest.approx(n * jump, abs=1e-9)
+    assert sim.n_jumps == n and sim.n_fallbacks == 0
+    assert np.abs(positions_A(sim) - start).max() > 0.01  # the molecule moved
+
+    dcd_times = np.arange(1, n + 1) * jump
+    xtc_times = np.arange(1, n // 2 + 1) * 2 * jump
+    u = mda.Universe(str(PDB), str(tmp_path / "t.dcd"))
+    assert len(u.trajectory) == n
+    np.testing.assert_allclose([ts.time for ts in u.trajectory], dcd_times, atol=1e-4)
+    u = mda.Universe(str(PDB), str(tmp_path / "t.xtc"))
+    assert len(u.trajectory) == n // 2
+    np.testing.assert_allclose([ts.time for ts in u.trajectory], xtc_times, atol=1e-4)
+    u.trajectory[-1]
+    np.testing.assert_allclose(u.atoms.positions, positions_A(sim), atol=0.01)
+    t = mdtraj.load(str(tmp_path / "t.dcd"), top=str(PDB))
+    assert t.n_frames == n
+    t = mdtraj.load(str(tmp_path / "t.xtc"), top=str(PDB))
+    np.testing.assert_allclose(t.time, xtc_times, atol=1e-4)
+
+    with open(tmp_path / "s.csv") as fh:
+        rows = list(csv.reader(fh))[1:]
+    assert len(rows) == n
+    steps = [int(r[0]) for r in rows]
+    assert steps == list(range(spj, n * spj + 1, spj))
+    np.testing.assert_allclose([float(r[1]) for r in rows], dcd_times, atol=1e-9)
+    energies = np.array([float(r[2]) for r in rows])
+    assert np.isfinite(energies).all()
+    # the reported energy is the force field's energy of the surrogate frame
+    assert energies[-1] == pytest.approx(
+        sim.context.getState(energy=True).getPotentialEnergy().value_in_unit(
+            unit.kilojoule_per_mole), rel=1e-6)
+    assert (tmp_path / "c.chk").stat().st_size > 0
+
+
+@pytest.mark.parametrize("md_steps", [0, 10])
+def test_output_frames_are_the_predicted_frames(tmp_path, md_steps):
+    # all atoms predicted, no constraints: every frame must equal x0 + v0 t_k exactly
+    sim = make_sim(tmp_path, selection="all", constraints=None, md_steps=md_steps)
+    st = sim.context.getState(positions=True, velocities=True)
+    x0 = st.getPositions(asNumpy=True).value_in_unit(A)
+    v0 = st.getVelocities(asNumpy=True).value_in_unit(A / unit.picosecond)
+    rec = FrameRecorder(int(sim.steps_per_frame[0]))
+    sim.reporters.append(rec)
+    if md_steps:  # hybrid: steps are MD steps and every output frame is a step
+        sim.md_steps = 0  # take the jumps without the MD segments to compare with x0 + v0 t
+    sim.step(3)
+    times = np.asarray(rec.times)
+    grid = sim.surrogate.times_ps if md_steps else sim.surrogate.times_ps[-1:]
+    expected_t = np.concatenate([j * sim.surrogate.jump_ps + grid for j in range(3)])
+    np.testing.assert_allclose(times, expected_t, atol=1e-9)
+    assert rec.steps == [int(round(t / sim.step_ps)) for t in expected_t]
+    for t, x in zip(times, rec.positions):
+        np.testing.assert_allclose(x, x0 + v0 * t, atol=1e-5)
+
+
+def test_checkpoint_saved_mid_run_reloads_and_continues(tmp_path):
+    sim = make_sim(tmp_path, selection="all", constraints=None)
+    sim.step(6)
+    sim.saveCheckpoint(str(tmp_path / "mid.chk"))
+    sim.saveState(str(tmp_path / "mid.xml"))
+    sim.step(6)
+    reference = positions_A(sim)
+    step, time = sim.currentStep, sim.context.getState().getTime()
+
+    top, system, _ = alanine_system(None)
+    again = SurrogateSimulation(top, system, sim.surrogate, platform=reference_platform())
+    again.loadCheckpoint(str(tmp_path / "mid.chk"))
+    assert again.currentStep == 6 * sim.steps_per_jump
+    again.step(6)
+    np.testing.assert_allclose(positions_A(again), reference, atol=1e-6)
+    assert again.currentStep == step
+    assert again.context.getState().getTime() == time
+    from_state = SurrogateSimulation(top, system, sim.surrogate, platform=reference_platform(),
+                                     state=str(tmp_path / "mid.xml"))
+    from_state.step(6)
+    np.testing.assert_allclose(positions_A(from_state), reference, atol=1e-6)
+
+
+def test_hybrid_mode_keeps_exact_time_and_reports_md_and_jump_frames(tmp_path):
+    sim = make_sim(tmp_path, md_steps=10, model="constant")
+    spj = sim.steps_per_jump
+    sim.reporters.append(app.XTCReporter(str(tmp_path / "h.xtc"), 5))
+    rec = FrameRecorder(5)
+    sim.reporters.append(rec)
+    n = 6
+    sim.step(n)
+    assert sim.currentStep == n * (10 + spj)
+    t = sim.context.getState().getTime().value_in_unit(unit.picosecond)
+    assert t == pytest.approx(n * (10 * sim.step_ps + sim.surrogate.jump_ps), abs=1e-9)
+    np.testing.assert_allclose(rec.times, np.asarray(rec.steps) * sim.step_ps, atol=1e-9)
+    assert rec.steps == list(range(5, n * (10 + spj) + 1, 5))
+    u = mda.Universe(str(PDB), str(tmp_path / "h.xtc"))
+    np.testing.assert_allclose([ts.time for ts in u.trajectory], rec.times, atol=1e-4)
+
+
+def test_jump_reporter_on_an_unchanged_simulation(tmp_path):
+    ck = make_checkpoint(cached_md(), tmp_path / "h.pt", selection="heavy", model="constant")
+    top, system, positions = alanine_system()
+    integ = openmm.VerletIntegrator(MD_STEP_PS * unit.picosecond)
+    sim = app.Simulation(top, system, integ, reference_platform())
+    cold_start(sim.context, positions)
+    jumper = SurrogateJumpReporter(ck, interval=10)
+    sim.reporters.append(jumper)
+    rec = FrameRecorder(10)
+    sim.reporters.append(rec)
+    sim.step(50)
+    jump = jumper.surrogate.jump_ps
+    assert jumper.n_jumps == 5
+    assert sim.currentStep == 50  # step count keeps counting integrator steps
+    t = sim.context.getState().getTime().value_in_unit(unit.picosecond)
+    assert t == pytest.approx(50 * MD_STEP_PS + 5 * jump, abs=1e-9)
+    # reporters due together with the jump see the state before it
+    np.testing.assert_allclose(rec.times, [k * 10 * MD_STEP_PS + (k - 1) * jump
+                                           for k in range(1, 6)], atol=1e-9)
+    e = sim.context.getState(energy=True).getPotentialEnergy()
+    assert np.isfinite(e.value_in_unit(unit.kilojoule_per_mole))
+
+
+def test_heavy_atom_model_carries_hydrogens(tmp_path):
+    sim = make_sim(tmp_path, selection="heavy", constraints=None)
+    top = sim.topology
+    pairs = [(b[0].index, b[1].index) for b in top.bonds()
+             if "H" in (b[0].element.symbol, b[1].element.symbol)]
+    pairs = np.array([(a, b) if top._chains else (a, b) for a, b in pairs])
+    x0 = positions_A(sim)
+    d0 = np.linalg.norm(x0[pairs[:, 0]] - x0[pairs[:, 1]], axis=1)
+    sim.step(20)
+    x = positions_A(sim)
+    d = np.linalg.norm(x[pairs[:, 0]] - x[pairs[:, 1]], axis=1)
+    # rigid local superposition keeps X-H bonds close to their length (only the heavy
+    # neighbourhood's own deformation leaks in)
+    assert np.abs(d - d0).max() < 0.05
+    z = np.array([a.element.atomic_number for a in top.atoms()])
+    heavy = np.nonzero(z != 1)[0]
+    hyd = np.nonzero(z == 1)[0]
+    assert np.abs(x[heavy] - x0[heavy]).max() > 0.01
+    assert np.abs(x[hyd] - x0[hyd]).max() > 0.01  # hydrogens moved along
+    e = sim.context.getState(energy=True).getPotentialEnergy().value_in_unit(
+        unit.kilojoule_per_mole)
+    assert np.isfinite(e)
+
+
+def test_unsupported_physics_is_refused(tmp_path, caplog):
+    ck = make_checkpoint(cached_md(), tmp_path / "a.pt")
+    surrogate = Surrogate.load(ck)
+    top, system, _ = alanine_system()
+    system.addForce(openmm.MonteCarloBarostat(1 * unit.bar, 300 * unit.kelvin))
+    with pytest.raises(EngineError, match="MonteCarloBarostat"):
+        SurrogateSimulation(top, system, surrogate, platform=reference_platform())
+    top, system, _ = alanine_system()
+    extra = openmm.CustomExternalForce("0.1*x^2")
+    extra.addParticle(0, [])
+    system.addForce(extra)
+    with caplog.at_level(logging.WARNING):
+        SurrogateSimulation(top, system, surrogate, platform=reference_platform())
+    assert "CustomExternalForce" in caplog.text
+    top, system, _ = alanine_system()
+    system.addParticle(1.0)
+    with pytest.raises(DataError, match="23 particles"):
+        SurrogateSimulation(top, system, surrogate, platform=reference_platform())
+
+
+def test_misaligned_file_reporter_is_an_error_before_anything_moves(tmp_path):
+    sim = make_sim(tmp_path, md_steps=10, model="constant")
+    sim.md_steps = 0  # MD steps as the step unit, jumps only
+    sim.reporters.append(app.XTCReporter(str(tmp_path / "bad.xtc"), 3))
+    before = positions_A(sim)
+    with pytest.raises(EngineError, match="multiple of 5"):
+        sim.step(1)
+    np.testing.assert_array_equal(positions_A(sim), before)
+    assert sim.currentStep == 0
+
+
+def test_step_bookkeeping_helpers():
+    assert default_step_ps(np.array([0.01, 0.02])) == pytest.approx(0.002)
+    dt = default_step_ps(np.array([0.1875, 0.375]))
+    assert dt <= 0.002 and (0.1875 / dt) == pytest.approx(round(0.1875 / dt))
+    np.testing.assert_array_equal(frame_steps(np.array([0.01, 0.02]), 0.002), [5, 10])
+    with pytest.raises(EngineError, match="not whole multiples"):
+        frame_steps(np.array([0.01, 0.02]), 0.003)
