@@ -326,6 +326,21 @@ class TrajectoryWriter:
             ds.resize(start + k, axis=0)
             ds[start:] = np.atleast_1d(potential_energy)
 
+    def truncate(self, n_frames: int) -> None:
+        """Drop every frame after the first ``n_frames`` (resuming from an earlier checkpoint)."""
+        if not 0 <= n_frames <= self.n_frames:
+            raise DataError(f"{self.partial}: cannot truncate {self.n_frames} frames to "
+                            f"{n_frames}; delete it to start over")
+        part = self._file[f"particles/{PARTICLE_GROUP}"]
+        datasets = [part["position/value"], part["position/step"], part["position/time"]]
+        datasets += [part[f"{name}/value"] for name, on in self._fields.items() if on]
+        if self._box:
+            datasets.append(part["box/edges/value"])
+        if self._energies:
+            datasets.append(self._file[f"observables/{PARTICLE_GROUP}/potential_energy/value"])
+        for ds in datasets:
+            ds.resize(n_frames, axis=0)
+
     def flush(self) -> None:
         self._file.flush()
 

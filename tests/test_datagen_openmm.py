@@ -1,0 +1,191 @@
+"""OpenMM data generation: built-in systems, units, thermostats, resume, CLI, replicas."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from datagen.cli import main
+from datagen.openmm_md import prepare_system, run_openmm, temperature_K
+from datagen.systems import BUILTIN_SYSTEMS, MD17_MOLECULES
+from surrogate_md.data.h5md import open_trajectory
+from surrogate_md.errors import ConfigError, DataError
+
+openmm = pytest.importorskip("openmm")
+
+
+def _momenta(f):
+    x, v, m = f.read(slice(None)), f.read(slice(None), "velocities"), f.topology.masses
+    p = (m[None, :, None] * v).sum(axis=1)
+    com = (m[None, :, None] * x).sum(axis=1, keepdims=True) / m.sum()
+    angular = (m[None, :, None] * np.cross(x - com, v)).sum(axis=1)
+    return p, angular
+
+
+def test_alanine_dipeptide_2000_frames(tmp_path):
+    out = run_openmm("alanine-dipeptide", tmp_path / "ala2.h5", frames=2000, equilibrate_ps=2.0,
+                     seed=1, progress=False)
+    with open_trajectory(out) as f:
+        assert (f.n_frames, f.n_atoms) == (2000, 22)
+        assert f.interval_ps == 0.1
+        np.testing.assert_allclose(f.time_ps, np.arange(2000) * 0.1, rtol=0, atol=1e-9)
+        m = f.metadata
+        assert (m["engine"], m["integrator"], m["solvent"]) == ("openmm", "nose-hoover", "vacuum")
+        assert m["force_field"] == "amber14-all.xml" and m["step_fs"] == 2.0
+        temps = temperature_K(f.read(slice(None), "velocities"), f.topology.masses,
+                              m["kinetic_dof"])
+        assert abs(temps.mean() - 300.0) < 20.0
+        p, angular = _momenta(f)
+        assert np.abs(p).max() < 1e-2  # amu Å/ps; thermal momenta are ~100
+        # positions in Å: C-H bonds (constrained) at 1.09 Å
+        x = f.read([0])[0]
+        names = list(f.topology.atom_names)
+        d = np.linalg.norm(x[names.index("CA")] - x[names.index("HA")])
+        assert d == pytest.approx(1.09, abs=0.02)
+        # forces in kJ/mol/Å: OpenMM's own value at frame 0, in its units, converted
+        assert np.isfinite(f.read([0], "forces")).all()
+        assert f.topology.bonds.shape == (21, 2)
+
+
+@pytest.mark.parametrize("name", ["aspirin"])
+def test_md17_molecule_2000_frames_gas_phase(tmp_path, name):
+    out = run_openmm(name, tmp_path / f"{name}.h5", frames=2000, seed=2, progress=False)
+    with open_trajectory(out) as f:
+        assert f.n_atoms == 21 and f.n_frames == 2000
+        assert f.interval_ps == 0.0005 and f.metadata["step_fs"] == 0.5
+        assert f.metadata["charge_method"] in ("AM1-BCC", "Gasteiger")
+        assert f.metadata["temperature_K"] == 500.0
+        temps = temperature_K(f.read(slice(None), "velocities"), f.topology.masses,
+                              f.metadata["kinetic_dof"])
+        assert 400.0 < temps.mean() < 600.0
+        p, angular = _momenta(f)
+        assert np.abs(p).max() < 1e-2 and np.abs(angular).max() < 1e-1
+
+
+def test_every_builtin_md17_file_is_shipped():
+    for name in MD17_MOLECULES:
+        for path in BUILTIN_SYSTEMS[name].paths():
+            assert path.is_file(), path
+
+
+def test_implicit_solvent_uses_native_gbsaobc(tmp_path):
+    prepared = prepare_system("alanine-dipeptide", solvent="implicit")
+    kinds = {type(f).__name__ for f in prepared.system.getForces()}
+    assert "GBSAOBCForce" in kinds and "CustomGBForce" not in kinds
+    out = run_openmm("alanine-dipeptide", tmp_path / "imp.h5", solvent="implicit", frames=20,
+                     equilibrate_ps=0.1, progress=False)
+    with open_trajectory(out) as f:
+        assert f.metadata["integrator"] == "langevin" and f.metadata["solvent"] == "implicit"
+        vac = run_openmm("alanine-dipeptide", tmp_path / "vac.h5", frames=1, equilibrate_ps=0,
+                         minimize=False, progress=False)
+        with open_trajectory(vac) as g:
+            # solvation lowers the energy of a polar peptide
+            assert f.potential_energy[0] < g.potential_energy[0]
+
+
+def test_adk_builtin_runs_a_few_steps(tmp_path):
+    out = run_openmm("adk", tmp_path / "adk.h5", frames=2, interval_ps=0.002, minimize=False,
+                     equilibrate_ps=0.0, platform="CPU", progress=False)
+    with open_trajectory(out) as f:
+        assert f.n_atoms == 3341 and f.metadata["solvent"] == "implicit"
+        assert np.isfinite(f.read(slice(None))).all()
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+    kwargs = dict(frames=300, equilibrate_ps=0.2, checkpoint_frames=100, seed=5, progress=False,
+                  platform="Reference")
+    ref = run_openmm("alanine-dipeptide", tmp_path / "ref.h5", **kwargs)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_250(frame):
+        if frame == 250:
+            raise Killed
+
+    out = tmp_path / "run.h5"
+    with pytest.raises(Killed):
+        run_openmm("alanine-dipeptide", out, frame_callback=kill_at_250, **kwargs)
+    assert not out.exists() and (tmp_path / "run.h5.partial").exists()
+    run_openmm("alanine-dipeptide", out, resume=True, **kwargs)
+    assert not (tmp_path / "run.h5.partial").exists()
+    assert not (tmp_path / "run.h5.chk.npz").exists()
+    with open_trajectory(ref) as a, open_trajectory(out) as b:
+        assert b.n_frames == 300
+        np.testing.assert_allclose(np.diff(b.time_ps), 0.1, atol=1e-12)
+        np.testing.assert_array_equal(b.read(slice(None)), a.read(slice(None)))
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    def stop(frame):
+        if frame == 30:
+            raise KeyboardInterrupt
+
+    kwargs = dict(frames=50, equilibrate_ps=0.0, checkpoint_frames=10, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_openmm("alanine-dipeptide", tmp_path / "r.h5", frame_callback=stop, **kwargs)
+    with pytest.raises(ConfigError, match="different settings"):
+        run_openmm("alanine-dipeptide", tmp_path / "r.h5", resume=True, temperature_K=350,
+                   **kwargs)
+
+
+def test_bad_settings(tmp_path):
+    with pytest.raises(ConfigError, match="multiple"):
+        run_openmm("alanine-dipeptide", tmp_path / "a.h5", interval_ps=0.003, step_fs=2.0,
+                   frames=2)
+    with pytest.raises(ConfigError, match="built-in"):
+        run_openmm("no-such-system", tmp_path / "a.h5", frames=2)
+    run_openmm("alanine-dipeptide", tmp_path / "a.h5", frames=1, equilibrate_ps=0,
+               progress=False)
+    with pytest.raises(DataError, match="exists"):
+        run_openmm("alanine-dipeptide", tmp_path / "a.h5", frames=1, equilibrate_ps=0)
+
+
+def test_user_prmtop_and_system_xml(tmp_path):
+    from openmm import XmlSerializer, app
+
+    spec = BUILTIN_SYSTEMS["ethanol"]
+    prmtop, inpcrd = spec.paths()
+    out = run_openmm(prmtop, tmp_path / "eth.h5", coordinates=inpcrd, frames=5,
+                     equilibrate_ps=0.0, progress=False)
+    with open_trajectory(out) as f:
+        assert f.n_atoms == 9 and f.metadata["integrator"] == "nose-hoover"
+    prepared = prepare_system("alanine-dipeptide")
+    xml = tmp_path / "sys.xml"
+    xml.write_text(XmlSerializer.serialize(prepared.system))
+    pdb = tmp_path / "ala.pdb"
+    with open(pdb, "w") as fh:
+        app.PDBFile.writeFile(prepared.topology, prepared.positions, fh)
+    out = run_openmm(xml, tmp_path / "xml.h5", coordinates=pdb, frames=3, equilibrate_ps=0.0,
+                     progress=False)
+    with open_trajectory(out) as f:
+        assert f.n_atoms == 22
+    with pytest.raises(ConfigError, match="needs a PDB"):
+        run_openmm(xml, tmp_path / "x2.h5", frames=3)
+
+
+def test_cli_openmm_and_replicas(tmp_path):
+    out = tmp_path / "cli.h5"
+    assert main(["openmm", "--system", "ethanol", "--frames", "50", "--equilibrate-ps", "0",
+                 "--seed", "3", "-o", str(out), "--no-progress"]) == 0
+    with open_trajectory(out) as f:
+        assert f.n_frames == 50 and "python -m datagen openmm" in f.metadata["command"]
+    base = tmp_path / "rep.h5"
+    assert main(["openmm", "--system", "ethanol", "--frames", "20", "--equilibrate-ps", "0",
+                 "--replicas", "2", "--workers", "2", "-o", str(base)]) == 0
+    manifest = json.loads((tmp_path / "rep_manifest.json").read_text())
+    assert [r["seed"] for r in manifest["replicas"]] == [0, 1]
+    with open_trajectory(tmp_path / "rep_r000.h5") as a, \
+            open_trajectory(tmp_path / "rep_r001.h5") as b:
+        assert a.metadata["seed"] == 0 and b.metadata["seed"] == 1
+        assert not np.allclose(a.read(slice(None), "velocities"),
+                               b.read(slice(None), "velocities"))
+
+
+def test_cli_bad_interval_exit_code(tmp_path, capsys):
+    code = main(["openmm", "--system", "alanine-dipeptide", "--frames", "2", "--interval-ps",
+                 "0.003", "-o", str(tmp_path / "o.h5")])
+    assert code != 0 and "multiple" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,159 @@
+"""Ingest: MD17 npz, MDAnalysis (AdK PSF/DCD, TPR/XTC), ASE trajectories, and bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from _datagen_fixtures import md17_npz
+
+from datagen.cli import main
+from datagen.ingest import MD17_INTERVAL_PS, ingest
+from surrogate_md.data.h5md import open_trajectory
+from surrogate_md.errors import DataError
+
+mda = pytest.importorskip("MDAnalysis")
+datafiles = pytest.importorskip("MDAnalysisTests.datafiles")
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.mark.parametrize("flavour", ["md17", "rmd17"])
+def test_md17_npz_units_time_bonds(tmp_path, flavour):
+    src = md17_npz(tmp_path / f"{flavour}.npz", flavour=flavour)
+    out = ingest(src, tmp_path / "out.h5")
+    with open_trajectory(src.with_suffix(".src.h5")) as ref, open_trajectory(out) as f:
+        assert f.n_frames == 40 and f.n_atoms == 9
+        assert f.interval_ps == MD17_INTERVAL_PS
+        np.testing.assert_allclose(np.diff(f.time_ps), MD17_INTERVAL_PS)
+        np.testing.assert_allclose(f.read(slice(None)), ref.read(slice(None)), atol=1e-4)
+        # kcal/mol -> kJ/mol round trip recovers OpenMM's own kJ/mol values
+        np.testing.assert_allclose(f.potential_energy[()], ref.potential_energy[()], rtol=1e-6)
+        np.testing.assert_allclose(f.read(slice(None), "forces"), ref.read(slice(None), "forces"),
+                                   rtol=1e-4, atol=1e-3)
+        # ethanol CCO: 8 bonds (C-C, C-O, O-H, 5 C-H), same as the force field's
+        assert len(f.topology.bonds) == 8 == len(ref.topology.bonds)
+        assert f.metadata["engine"] == flavour
+
+
+def test_md17_selection_heavy_atoms_and_dt(tmp_path):
+    src = md17_npz(tmp_path / "e.npz")
+    out = ingest([src], tmp_path / "heavy.h5", select="not element H", dt_ps=0.001)
+    with open_trajectory(out) as f:
+        assert list(f.topology.atomic_numbers) == [6, 6, 8]
+        assert f.interval_ps == 0.001
+        assert f.time_ps[-1] == pytest.approx(39 * 0.001)
+
+
+def test_adk_psf_dcd_round_trip_and_h5md_reader(tmp_path):
+    out = ingest([datafiles.PSF, datafiles.DCD], tmp_path / "adk.h5")
+    u = mda.Universe(datafiles.PSF, datafiles.DCD)
+    ref = np.stack([u.atoms.positions.copy() for _ in u.trajectory])
+    with open_trajectory(out) as f:
+        assert (f.n_frames, f.n_atoms) == (98, 3341)
+        np.testing.assert_allclose(f.read(slice(None)), ref, atol=1e-4)
+        assert len(f.topology.bonds) == len(u.atoms.bonds)
+        assert set(np.unique(f.topology.atomic_numbers)) == {1, 6, 7, 8, 16}
+        np.testing.assert_allclose(f.time_ps, [ts.time for ts in u.trajectory], atol=1e-5)
+    # our file is H5MD that MDAnalysis reads with the same topology
+    u2 = mda.Universe(datafiles.PSF, str(out), format="H5MD")
+    assert len(u2.trajectory) == 98
+    for i in (0, 50, 97):
+        u2.trajectory[i]
+        np.testing.assert_allclose(u2.atoms.positions, ref[i], atol=1e-4)
+
+
+def test_adk_tpr_xtc_protein_unwrapped_cli(tmp_path):
+    out = tmp_path / "opls.h5"
+    assert main(["ingest", datafiles.TPR, datafiles.XTC, "-o", str(out), "--select", "protein",
+                 "--no-progress"]) == 0
+    with open_trajectory(out) as f:
+        assert (f.n_frames, f.n_atoms) == (10, 3341)
+        assert f.box is not None and f.box.shape == (10, 3, 3)
+        x = f.read(slice(None))
+        b = f.topology.bonds
+        lengths = np.linalg.norm(x[:, b[:, 0]] - x[:, b[:, 1]], axis=-1)
+        assert lengths.max() < 2.0  # whole molecule in every frame, no bond across the box
+        assert f.metadata["made_whole"] is True
+        np.testing.assert_allclose(np.diff(f.time_ps), 100.0, rtol=1e-6)
+
+
+def test_mdanalysis_selection_backbone_concatenation(tmp_path):
+    out = ingest([datafiles.PSF, datafiles.DCD, datafiles.DCD], tmp_path / "bb.h5",
+                 select="name CA")
+    with open_trajectory(out) as f:
+        assert (f.n_frames, f.n_atoms) == (196, 214)
+        assert set(f.topology.atom_names) == {"CA"}
+        assert np.all(np.diff(f.time_ps) > 0)  # one continuous axis over both files
+
+
+def test_ase_traj_velocities_converted(tmp_path):
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+    from ase.io import Trajectory
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    from datagen.ingest import ase_velocity_to_A_per_ps
+
+    rng = np.random.default_rng(0)
+    atoms = molecule("CH4")
+    atoms.calc = EMT()
+    path = tmp_path / "m.traj"
+    vel = []
+    with Trajectory(str(path), "w") as traj:
+        for _ in range(5):
+            MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=rng)
+            vel.append(atoms.get_velocities().copy())
+            atoms.get_forces()  # computed results are what Trajectory stores
+            traj.write(atoms)
+    out = ingest(path, tmp_path / "m.h5", dt_ps=0.01)
+    with open_trajectory(out) as f:
+        assert f.n_frames == 5
+        np.testing.assert_allclose(f.read(slice(None), "velocities"),
+                                   np.array(vel) * ase_velocity_to_A_per_ps(), rtol=1e-5)
+        # thermal C/H speeds at 300 K are a few Å/ps
+        assert 1.0 < np.linalg.norm(f.read(slice(None), "velocities"), axis=-1).mean() < 50.0
+        assert f.forces is not None
+
+
+# MDAnalysis' DCDReader.__del__ trips over the garbage file it refused to open (not our code)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_bad_inputs_raise_data_error_and_leave_nothing(tmp_path):
+    out = tmp_path / "x.h5"
+    with pytest.raises(DataError, match="no such file"):
+        ingest(tmp_path / "missing.npz", out)
+    np.savez(tmp_path / "bad.npz", foo=np.zeros(3))
+    with pytest.raises(DataError, match="expected keys"):
+        ingest(tmp_path / "bad.npz", out)
+    garbage = tmp_path / "junk.dcd"
+    garbage.write_bytes(b"not a trajectory at all")
+    with pytest.raises(DataError, match="unreadable|mismatch"):
+        ingest([datafiles.PSF, garbage], out)
+    with pytest.raises(DataError, match="mismatch"):
+        ingest([datafiles.PSF, datafiles.XTC], out)
+    with pytest.raises(DataError, match="matches no atom"):
+        ingest([datafiles.PSF, datafiles.DCD], out, select="name XYZ")
+    with pytest.raises(DataError, match="positive"):
+        ingest([datafiles.PSF, datafiles.DCD], out, dt_ps=0.0)
+    nan = np.zeros((3, 2, 3))
+    nan[1, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", R=nan, z=np.array([1, 1]))
+    with pytest.raises(DataError, match="NaN"):
+        ingest(tmp_path / "nan.npz", out)
+    assert list(tmp_path.glob("x.h5*")) == []
+
+
+def test_cli_error_is_one_line_nonzero(tmp_path, capsys):
+    code = main(["ingest", str(tmp_path / "nope.npz"), "-o", str(tmp_path / "o.h5")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "nope.npz" in err[0]
+
+
+def test_python_m_datagen_help():
+    proc = subprocess.run([sys.executable, "-m", "datagen", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    for word in ("ingest", "openmm", "ase"):
+        assert word in proc.stdout
