@@ -194,7 +194,12 @@ class Surrogate:
                 vel = vel[None]
         if vel.shape != pos.shape:
             raise DataError(f"velocities shape {vel.shape} differs from positions {pos.shape}")
-        times = self.times_ps if times_ps is None else np.asarray(times_ps, dtype=np.float64)
+        times = self.times_ps if times_ps is None else np.atleast_1d(
+            np.asarray(times_ps, dtype=np.float64))
+        if times.ndim != 1 or len(times) == 0 or not np.all(np.isfinite(times)) or np.any(
+                times <= 0):
+            raise DataError(f"times_ps must be a non-empty 1-D array of offsets > 0 ps, got "
+                            f"{times_ps!r}")
         nodes, c = self.selection.n_nodes, self.selection.n_channels
         items = []
         for b in range(len(pos)):
@@ -224,33 +229,43 @@ class Surrogate:
         History models take their next history from the input and predicted frames at the
         history stride (which must be a multiple of the output spacing).
 
+        Args:
+            positions: (atoms, 3) or (B, atoms, 3) Å; velocities, history as in :meth:`predict`.
+            n_jumps: number of jumps (>= 1).
         Returns:
-            frames (n_jumps * P, n_model_atoms, 3) Å and their times (n_jumps * P,) ps after t0.
+            frames (n_jumps * P, n_model_atoms, 3) Å, or (B, n_jumps * P, n_model_atoms, 3) for
+            batched input, and their times (n_jumps * P,) ps after t0.
         """
         from tqdm.auto import tqdm
 
+        if int(n_jumps) < 1:
+            raise DataError(f"n_jumps must be >= 1, got {n_jumps}")
         pos = self._to_model_atoms(positions, "positions")
         vel = None if velocities is None else self._to_model_atoms(velocities, "velocities")
         hist = None if history is None else self._to_model_atoms(history, "history")
-        # known frames by time (ps, rounded) for history lookup
+        # known frames by time (in output spacings) for the history lookup; frames keep any
+        # leading batch axis, the time axis of ``out``/``hist`` is axis -3
         spacing = self.times_ps[0]
         known: dict[int, np.ndarray] = {}
         if hist is not None:
-            for k, frame in enumerate(hist[::-1]):
-                known[round(-k * self.history_stride_ps / spacing)] = frame
+            n_hist = hist.shape[-3]
+            for k in range(n_hist):
+                known[round(-k * self.history_stride_ps / spacing)] = hist[..., n_hist - 1 - k,
+                                                                           :, :]
         frames, times = [], []
         t = 0.0
-        for _ in tqdm(range(n_jumps), disable=not progress, desc="rollout", unit="jump"):
-            out = self.predict(pos, vel, hist)
-            prev = out[-2] if len(out) > 1 else pos
-            dt = (self.times_ps[-1] - self.times_ps[-2]) if len(out) > 1 else self.times_ps[-1]
-            for k, frame in enumerate(out):
-                known[round((t + self.times_ps[k]) / spacing)] = frame
+        for _ in tqdm(range(int(n_jumps)), disable=not progress, desc="rollout", unit="jump"):
+            out = self.predict(pos, vel, hist)  # (..., P, atoms, 3)
+            n_out = out.shape[-3]
+            prev = out[..., -2, :, :] if n_out > 1 else pos
+            dt = (self.times_ps[-1] - self.times_ps[-2]) if n_out > 1 else self.times_ps[-1]
+            for k in range(n_out):
+                known[round((t + self.times_ps[k]) / spacing)] = out[..., k, :, :]
             frames.append(out)
             times.append(t + self.times_ps)
             t += self.jump_ps
-            vel = (out[-1] - prev) / dt
-            pos = out[-1]
+            vel = (out[..., -1, :, :] - prev) / dt
+            pos = out[..., -1, :, :]
             if hist is not None:
                 want = [round((t - k * self.history_stride_ps) / spacing)
                         for k in range(self.history_length - 1, -1, -1)]
@@ -258,5 +273,5 @@ class Surrogate:
                 if missing:
                     raise DataError("history stride is not a multiple of the output spacing; "
                                     "cannot roll this history model out")
-                hist = np.stack([known[w] for w in want])
-        return np.concatenate(frames), np.concatenate(times)
+                hist = np.stack([known[w] for w in want], axis=-3)
+        return np.concatenate(frames, axis=-3), np.concatenate(times)

@@ -1,0 +1,190 @@
+"""Error and physical-validity metrics.
+
+Position errors follow EGNO/PAINET: **Å² per atom** = squared distance summed over x, y, z and
+averaged over atoms (for residue nodes: over their N, CA, C, O atoms). F-MSE is that error at the
+last output frame, A-MSE its mean over the P output frames. (ESTAG's tables also average over the
+three coordinates: a factor 3 smaller.)
+
+Validity measures take numpy positions (..., atoms, 3) in Å and need no MD engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from surrogate_md.data.h5md import Topology
+
+METRIC_DEFINITION = ("Å² per atom: squared distance summed over x, y, z, averaged over atoms "
+                     "(F-MSE: last output frame; A-MSE: mean over the P output frames)")
+
+
+@dataclass
+class ErrorSums:
+    """Running sums for F-MSE/A-MSE: per output time, squared error summed over atoms and xyz.
+
+    Attributes:
+        per_time: (P,) float64 sum over atoms of squared distance, Å².
+        atoms: atoms counted (per output time).
+    """
+
+    per_time: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    atoms: int = 0
+
+    def add(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch: ``pred``/``target`` (P, N, C, 3) Å."""
+        sq = ((pred.detach().to(torch.float64) - target.to(torch.float64)) ** 2).sum(-1)
+        sums = sq.reshape(sq.shape[0], -1).sum(1).cpu().numpy()
+        self.per_time = sums if self.per_time.size == 0 else self.per_time + sums
+        self.atoms += int(sq[0].numel())
+
+    def merge(self, other: ErrorSums) -> None:
+        if other.atoms == 0:
+            return
+        self.per_time = other.per_time.copy() if self.per_time.size == 0 else \
+            self.per_time + other.per_time
+        self.atoms += other.atoms
+
+    @property
+    def mse_per_time(self) -> np.ndarray:
+        """(P,) Å² per atom at each output time."""
+        return self.per_time / max(self.atoms, 1)
+
+    @property
+    def fmse(self) -> float:
+        return float(self.mse_per_time[-1]) if self.atoms else float("nan")
+
+    @property
+    def amse(self) -> float:
+        return float(self.mse_per_time.mean()) if self.atoms else float("nan")
+
+
+def batch_amse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Differentiable A-MSE of a batch, Å² per atom: (P, N, C, 3) x 2 -> ()."""
+    return ((pred - target.to(pred.dtype)) ** 2).sum(-1).mean()
+
+
+def per_frame_sq_error(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """(..., atoms, 3) x 2 -> (...,) Å² per atom."""
+    return ((np.asarray(pred) - np.asarray(ref)) ** 2).sum(-1).mean(-1)
+
+
+# -- physical validity -----------------------------------------------------------------------
+def dihedral(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, p3: np.ndarray) -> np.ndarray:
+    """Dihedral angle (degrees, -180..180) of four points (..., 3) each (IUPAC sign)."""
+    b0 = p0 - p1
+    b1 = p2 - p1
+    b2 = p3 - p2
+    b1n = b1 / np.linalg.norm(b1, axis=-1, keepdims=True)
+    v = b0 - (b0 * b1n).sum(-1, keepdims=True) * b1n
+    w = b2 - (b2 * b1n).sum(-1, keepdims=True) * b1n
+    x = (v * w).sum(-1)
+    y = (np.cross(b1n, v) * w).sum(-1)
+    return np.degrees(np.arctan2(y, x))
+
+
+def backbone_torsion_atoms(topology: Topology, atoms: np.ndarray | None = None
+                           ) -> dict[str, np.ndarray]:
+    """Atom quadruples for backbone phi and psi, from N/CA/C names of consecutive residues.
+
+    phi(i) = C(i-1), N(i), CA(i), C(i); psi(i) = N(i), CA(i), C(i), N(i+1), for residues of one
+    segment whose numbers differ by one. ``atoms`` (optional) restricts to these atom indices and
+    returns quadruples as positions in ``atoms``.
+
+    Returns:
+        {"phi": (n, 4) int, "psi": (m, 4) int}
+    """
+    names = np.char.upper(topology.atom_names.astype(str))
+    allowed = np.arange(topology.n_atoms) if atoms is None else np.asarray(atoms)
+    where = {int(a): k for k, a in enumerate(allowed)}
+    table: dict[tuple[str, int], dict[str, int]] = {}
+    for a in allowed:
+        name = names[a]
+        if name in ("N", "CA", "C"):
+            key = (str(topology.segment_ids[a]), int(topology.residue_ids[a]))
+            table.setdefault(key, {}).setdefault(name, int(a))
+    phi, psi = [], []
+    for (seg, res), here in table.items():
+        if not all(n in here for n in ("N", "CA", "C")):
+            continue
+        prev = table.get((seg, res - 1), {})
+        nxt = table.get((seg, res + 1), {})
+        if "C" in prev:
+            phi.append([prev["C"], here["N"], here["CA"], here["C"]])
+        if "N" in nxt:
+            psi.append([here["N"], here["CA"], here["C"], nxt["N"]])
+
+    def local(q: list) -> np.ndarray:
+        return np.array([[where[a] for a in row] for row in q], dtype=np.int64).reshape(-1, 4)
+
+    return {"phi": local(phi), "psi": local(psi)}
+
+
+def torsions(frames: np.ndarray, quads: np.ndarray) -> np.ndarray:
+    """(F, atoms, 3), (n, 4) -> (F, n) degrees."""
+    if len(quads) == 0:
+        return np.zeros((len(frames), 0))
+    return dihedral(*(frames[:, quads[:, k]] for k in range(4)))
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray, eps: float = 1e-12) -> float:
+    """Jensen–Shannon divergence (natural log, 0..ln 2) of two histograms (any shape)."""
+    p = np.asarray(p, dtype=np.float64).ravel() + eps
+    q = np.asarray(q, dtype=np.float64).ravel() + eps
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+    return float(0.5 * (p * np.log(p / m)).sum() + 0.5 * (q * np.log(q / m)).sum())
+
+
+def torsion_histogram(phi: np.ndarray, psi: np.ndarray, bins: int = 36) -> np.ndarray:
+    """2-D (phi, psi) histogram over -180..180 degrees, normalised to sum 1."""
+    h, _, _ = np.histogram2d(np.ravel(phi), np.ravel(psi), bins=bins,
+                             range=[[-180, 180], [-180, 180]])
+    return h / max(h.sum(), 1)
+
+
+def distance_histogram(frames: np.ndarray, bins: np.ndarray, max_atoms: int = 400,
+                       seed: int = 0) -> np.ndarray:
+    """Normalised histogram h(r) of pairwise distances (Å) over ``frames`` (F, atoms, 3).
+
+    Large systems use a fixed random subset of ``max_atoms`` atoms (same subset for every call
+    with the same ``seed`` and atom count), so the cost stays bounded.
+    """
+    n = frames.shape[1]
+    if n > max_atoms:
+        pick = np.sort(np.random.default_rng(seed).choice(n, size=max_atoms, replace=False))
+        frames = frames[:, pick]
+        n = max_atoms
+    i, j = np.triu_indices(n, k=1)
+    total = np.zeros(len(bins) - 1)
+    for f in frames:
+        d = np.linalg.norm(f[i] - f[j], axis=-1)
+        total += np.histogram(d, bins=bins)[0]
+    return total / max(total.sum(), 1)
+
+
+def chain_breaks(frames: np.ndarray, ca_pairs: np.ndarray, max_A: float = 4.5) -> np.ndarray:
+    """(F,) number of consecutive CA–CA(i, i+1) distances above ``max_A`` Å per frame."""
+    if len(ca_pairs) == 0:
+        return np.zeros(len(frames), dtype=np.int64)
+    d = np.linalg.norm(frames[:, ca_pairs[:, 0]] - frames[:, ca_pairs[:, 1]], axis=-1)
+    return (d > max_A).sum(axis=1)
+
+
+def consecutive_ca_pairs(topology: Topology, atoms: np.ndarray | None = None) -> np.ndarray:
+    """(n, 2) positions (in ``atoms``) of CA atoms of consecutive residues of one segment."""
+    names = np.char.upper(topology.atom_names.astype(str))
+    allowed = np.arange(topology.n_atoms) if atoms is None else np.asarray(atoms)
+    ca = {}
+    for k, a in enumerate(allowed):
+        if names[a] == "CA":
+            ca.setdefault((str(topology.segment_ids[a]), int(topology.residue_ids[a])), k)
+    pairs = [[k, ca[(seg, res + 1)]] for (seg, res), k in ca.items() if (seg, res + 1) in ca]
+    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+__all__ = ["METRIC_DEFINITION", "ErrorSums", "backbone_torsion_atoms", "batch_amse",
+           "chain_breaks", "consecutive_ca_pairs", "dihedral", "distance_histogram",
+           "js_divergence", "per_frame_sq_error", "torsion_histogram", "torsions"]

@@ -1,0 +1,173 @@
+"""Markdown report and PNG plots of an evaluation result (see :func:`evaluate`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from surrogate_md.evaluate.metrics import METRIC_DEFINITION
+from surrogate_md.train.config import atomic_write_text
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_plots(result: dict[str, Any], out: Path) -> list[str]:
+    """Error vs time, per-offset error, bond-deviation histogram, torsion maps; returns names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    ylabel = "Å² per atom (sq. distance summed over xyz)"
+    err = result["errors"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in err["models"].items():
+        ax.plot(err["times_ps"], m["mse_per_time"], marker="o", label=name)
+    ax.set_xlabel("time offset after t0 (ps)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{result['split']} windows: error per output time")
+    ax.legend()
+    _save(fig, out / "error_per_offset.png")
+    written.append("error_per_offset.png")
+    roll = result.get("rollout", {})
+    if "mse_vs_time" in roll:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, curve in roll["mse_vs_time"].items():
+            ax.plot(roll["times_ps"], curve, label=name)
+        ax.set_xlabel("simulated time (ps)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"rollout error vs reference ({roll['n_rollouts']} starts)")
+        ax.legend()
+        _save(fig, out / "rollout_error.png")
+        written.append("rollout_error.png")
+        val = roll.get("validity", {})
+        bonds = val.get("bond_deviation_A")
+        if bonds:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            hi = max(max(bonds["model_values"], default=0), max(bonds["reference_values"],
+                                                                  default=0), 1e-3)
+            bins = np.linspace(0, hi, 50)
+            ax.hist(bonds["reference_values"], bins=bins, alpha=0.6, label="reference MD",
+                    density=True)
+            ax.hist(bonds["model_values"], bins=bins, alpha=0.6, label=result["model"],
+                    density=True)
+            ax.set_xlabel("|bond length - training mean| (Å)")
+            ax.set_ylabel("density")
+            ax.legend()
+            _save(fig, out / "bond_deviation.png")
+            written.append("bond_deviation.png")
+        tors = val.get("torsions")
+        if tors:
+            fig, axes = plt.subplots(1, 2, figsize=(9, 4.3), sharex=True, sharey=True)
+            for ax, label, key in ((axes[0], "reference MD", "reference"),
+                                   (axes[1], result["model"], "model")):
+                ax.hist2d(tors[f"{key}_phi"], tors[f"{key}_psi"], bins=36,
+                          range=[[-180, 180], [-180, 180]], cmap="viridis")
+                ax.set_title(label)
+                ax.set_xlabel("phi (deg)")
+            axes[0].set_ylabel("psi (deg)")
+            _save(fig, out / "torsions.png")
+            written.append("torsions.png")
+    return written
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def write_report(result: dict[str, Any], path: Path) -> Path:
+    """``report.md``: tables labelled with their metric definition, plots linked."""
+    lines = [f"# Evaluation of `{Path(result['checkpoint']).name}` ({result['model']})", "",
+             f"- checkpoint hash: `{result['checkpoint_hash']}`",
+             f"- data: {', '.join(Path(p).name for p in result['data'])}; split "
+             f"`{result['split']}`, {result['n_windows']} windows; protocol "
+             f"`{result['protocol']}`; jump {result['jump_ps']:g} ps", ""]
+    err = result["errors"]
+    lines += ["## One-jump errors", "",
+              f"Metric: {METRIC_DEFINITION}. (ESTAG's tables average over the three coordinates "
+              "as well: divide by 3 to compare.)", "",
+              "| model | F-MSE (Å²/atom) | A-MSE (Å²/atom) |", "|---|---|---|"]
+    for name, m in err["models"].items():
+        lines.append(f"| {name} | {_fmt(m['fmse'])} | {_fmt(m['amse'])} |")
+    lines += ["", "Error per output time offset (Å² per atom, squared distance summed over xyz):",
+              "", "| model | " + " | ".join(f"{t:g} ps" for t in err["times_ps"]) + " |",
+              "|---|" + "---|" * len(err["times_ps"])]
+    for name, m in err["models"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in m["mse_per_time"]) + " |")
+    roll = result.get("rollout")
+    if roll and "mse_vs_time" in roll:
+        times = roll["times_ps"]
+        marks = sorted({int(i) for i in np.linspace(0, len(times) - 1, min(6, len(times)))})
+        lines += ["", "## Rollout", "",
+                  f"{roll['n_rollouts']} rollouts of {roll['n_jumps']} jumps, each jump fed back "
+                  "as the next input, compared with the reference MD at the same times. "
+                  f"Metric: {METRIC_DEFINITION.split(' (')[0]}.", "",
+                  "| model | " + " | ".join(f"{times[i]:g} ps" for i in marks) + " |",
+                  "|---|" + "---|" * len(marks)]
+        for name, curve in roll["mse_vs_time"].items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(curve[i]) for i in marks) + " |")
+        val = roll.get("validity", {})
+        lines += ["", "## Physical validity of the rollout frames", "",
+                  "| measure | model | reference MD |", "|---|---|---|"]
+        b = val.get("bond_deviation_A")
+        if b:
+            lines += [f"| mean bond-length deviation from training mean (Å) | "
+                      f"{_fmt(b['model_mean'])} | {_fmt(b['reference_mean'])} |",
+                      f"| max bond-length deviation (Å) | {_fmt(b['model_max'])} | "
+                      f"{_fmt(b['reference_max'])} |",
+                      f"| frames with a bond deviating > 0.5 Å (collapse) | "
+                      f"{_fmt(b['collapsed_fraction'])} | - |"]
+        d = val.get("min_nonbonded_distance_A")
+        if d:
+            lines += [f"| minimum non-bonded distance (Å) | {_fmt(d['model_min'])} | "
+                      f"{_fmt(d['reference_min'])} |",
+                      f"| frames with a clash (< {_fmt(d['clash_threshold_A'])} Å) | "
+                      f"{_fmt(d['model_clash_fraction'])} | "
+                      f"{_fmt(d['reference_clash_fraction'])} |"]
+        c = val.get("chain_breaks")
+        if c:
+            lines.append(f"| frames with a CA-CA(i,i+1) > {c['threshold_A']} Å chain break | "
+                         f"{_fmt(c['model_frames_with_break'])} | "
+                         f"{_fmt(c['reference_frames_with_break'])} |")
+        h = val.get("distance_histogram")
+        if h:
+            lines.append(f"| pairwise-distance histogram h(r) MAE vs reference (0.1 Å bins) | "
+                         f"{_fmt(h['mae'])} | 0 |")
+        t = val.get("torsions")
+        if t:
+            lines += [f"| backbone (phi, psi) Jensen-Shannon divergence (nats, 36x36 bins) | "
+                      f"{_fmt(t['js_phi_psi'])} | 0 |",
+                      f"| phi / psi JS divergence (nats, 36 bins) | {_fmt(t['js_phi'])} / "
+                      f"{_fmt(t['js_psi'])} | 0 |"]
+    elif roll:
+        lines += ["", f"Rollout skipped: {roll.get('skipped')}."]
+    tm = result.get("training_metrics") or {}
+    if "test_amse" in tm:
+        lines += ["", f"Training run's own test metrics (best epoch {tm.get('best_epoch')}): "
+                  f"F-MSE {_fmt(tm.get('test_fmse'))}, A-MSE {_fmt(tm.get('test_amse'))} "
+                  "Å² per atom."]
+    if result.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in result["plots"]]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

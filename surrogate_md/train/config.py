@@ -1,0 +1,442 @@
+"""Typed run configuration: four frozen dataclass sections loaded from YAML.
+
+A config file has the sections ``data``, ``model``, ``train`` and ``runtime``::
+
+    data:
+      path: alanine_dipeptide.h5      # one file or a list of files of the same system
+      protocol: s2t                   # s2t | history
+      selection: all                  # all | heavy | backbone | ca | residues
+      jump_ps: 1.0                    # ΔT, a multiple of the dataset's saved-frame interval
+      n_out: 4                        # P output frames evenly spaced up to ΔT
+      graph: {kind: bonds, two_hop: true}
+    model: {name: egno, hidden: 64, n_layers: 4}   # name + the model's own options
+    train: {epochs: 100, batch_size: 32, lr: 5.0e-4}
+    runtime: {device: auto, precision: fp32}
+
+Unknown keys, wrong types and impossible values raise :class:`~surrogate_md.errors.ConfigError`
+naming the key. ``--set section.key=value`` overrides are parsed as YAML scalars. Times are in ps
+and converted to frames with the dataset's interval when the data is opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from surrogate_md.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMISERS = ("adam", "adamw")
+SCHEDULES = ("cosine", "none")
+LOSSES = ("mse",)
+SELECTIONS = ("all", "heavy", "backbone", "ca", "residues")
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """Edges of a sample (see :class:`surrogate_md.data.windows.GraphSpec`).
+
+    kind: ``bonds`` | ``radius`` | ``full``; cutoff_A: radius cutoff (Å); two_hop: add two-hop
+    edges to bond graphs; bond_cutoff_A: infer bonds as pairs closer than this (Å) in the first
+    frame instead of the topology's bonds; max_neighbours: radius graphs keep the nearest k;
+    radius_channel: channel used for radius graphs of residue nodes (1 = CA).
+    """
+
+    kind: str = "bonds"
+    cutoff_A: float = 8.0
+    two_hop: bool = True
+    bond_cutoff_A: float | None = None
+    max_neighbours: int | None = None
+    radius_channel: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("data.graph.kind", self.kind, ("bonds", "radius", "full"))
+        _positive("data.graph.cutoff_A", self.cutoff_A)
+        if self.bond_cutoff_A is not None:
+            _positive("data.graph.bond_cutoff_A", self.bond_cutoff_A)
+        if self.max_neighbours is not None:
+            _positive("data.graph.max_neighbours", self.max_neighbours)
+        _non_negative("data.graph.radius_channel", self.radius_channel)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which frames become training windows.
+
+    path: dataset file(s); protocol: ``s2t`` |
+    ``history``; selection: model nodes; split: ``blocked`` | ``paper``; fractions: blocked split
+    shares; counts: windows per split (paper: required; blocked: optional cap); stride: frames
+    between blocked start frames; margin_frames: paper split end margin; jump_ps: ΔT (ps); n_out:
+    P; history: T input frames (history protocol); history_stride_ps: spacing of history frames
+    (ps, default one saved frame); max_stat_windows: training windows sampled for the
+    normalisation statistics and validity tolerances.
+    """
+
+    path: str | list[str] = ""
+    protocol: str = "s2t"
+    selection: str = "all"
+    split: str = "blocked"
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    counts: tuple[int, int, int] | None = None
+    stride: int = 1
+    margin_frames: int = 10000
+    jump_ps: float = 1.0
+    n_out: int = 1
+    history: int = 1
+    history_stride_ps: float | None = None
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    max_stat_windows: int = 512
+
+    def __post_init__(self) -> None:
+        paths = [self.path] if isinstance(self.path, str) else list(self.path)
+        if not paths or any(not p for p in paths):
+            raise ConfigError("data.path is required: the dataset file(s) to train on (set it in "
+                              "the config or with --set data.path=FILE.h5)")
+        _choice("data.protocol", self.protocol, ("s2t", "history"))
+        _choice("data.selection", self.selection, SELECTIONS)
+        _choice("data.split", self.split, ("blocked", "paper"))
+        if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or sum(
+                self.fractions) <= 0:
+            raise ConfigError(f"data.fractions must be three shares >= 0 (train, val, test), got "
+                              f"{list(self.fractions)}")
+        if self.counts is not None and (len(self.counts) != 3 or any(c < 0 for c in self.counts)):
+            raise ConfigError(f"data.counts must be three window counts >= 0, got "
+                              f"{list(self.counts)}")
+        if self.split == "paper" and self.counts is None:
+            raise ConfigError("data.split = paper needs data.counts (n_train, n_val, n_test), "
+                              "e.g. [500, 2000, 2000]")
+        _positive("data.stride", self.stride)
+        _non_negative("data.margin_frames", self.margin_frames)
+        _positive("data.jump_ps", self.jump_ps)
+        _positive("data.n_out", self.n_out)
+        _positive("data.history", self.history)
+        _positive("data.max_stat_windows", self.max_stat_windows)
+        if self.history_stride_ps is not None:
+            _positive("data.history_stride_ps", self.history_stride_ps)
+        if self.protocol == "s2t" and self.history != 1:
+            raise ConfigError("data.history > 1 needs data.protocol = history")
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """``name`` (a key of :data:`surrogate_md.models.MODELS`) and the model's own options."""
+
+    name: str = "egno"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from surrogate_md.models import config_from_dict
+
+        config_from_dict(self.name, self.options)  # unknown model/option -> ConfigError
+
+    def typed(self):
+        """The model's frozen config dataclass."""
+        from surrogate_md.models import config_from_dict
+
+        return config_from_dict(self.name, self.options)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation.
+
+    optimiser: ``adam`` | ``adamw``; lr; weight_decay; schedule: ``cosine`` (per epoch, after a
+    linear warmup of ``warmup_epochs``) | ``none``; epochs; batch_size; patience: stop after this
+    many epochs without a better validation A-MSE (0 = never); grad_clip: max gradient norm
+    (0 = off); data_seed (splits), model_seed (initial weights), train_seed (shuffling, dropout);
+    loss: ``mse`` (A-MSE in Å², squared distance summed over xyz, mean over atoms and times);
+    max_steps_per_epoch: cap on optimiser steps per epoch (0 = whole training split);
+    eval_batch_size: batch size for validation/test (0 = 2 x batch_size).
+    """
+
+    optimiser: str = "adamw"
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    epochs: int = 100
+    batch_size: int = 32
+    patience: int = 0
+    grad_clip: float = 0.0
+    data_seed: int = 0
+    model_seed: int = 0
+    train_seed: int = 0
+    loss: str = "mse"
+    max_steps_per_epoch: int = 0
+    eval_batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("train.optimiser", self.optimiser, OPTIMISERS)
+        _choice("train.schedule", self.schedule, SCHEDULES)
+        _choice("train.loss", self.loss, LOSSES)
+        _positive("train.lr", self.lr)
+        _positive("train.batch_size", self.batch_size)
+        for name in ("weight_decay", "warmup_epochs", "epochs", "patience", "grad_clip",
+                     "max_steps_per_epoch", "eval_batch_size"):
+            _non_negative(f"train.{name}", getattr(self, name))
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how to run.
+
+    device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; precision: ``fp32`` | ``bf16`` | ``fp16``
+    (autocast on GPU only; CPU always runs fp32); compile: ``torch.compile`` the model;
+    workers: DataLoader worker processes; log_every: log a line every N optimiser steps;
+    progress: tqdm bars (null = when attached to a terminal).
+    """
+
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    workers: int = 0
+    log_every: int = 50
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        _choice("runtime.precision", self.precision, PRECISIONS)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"runtime.device must be auto, cpu, cuda or cuda:N, got "
+                              f"{self.device!r}")
+        _non_negative("runtime.workers", self.workers)
+        _positive("runtime.log_every", self.log_every)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run."""
+
+    data: DataConfig
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict in the YAML layout (model options flattened beside ``name``)."""
+        out = {}
+        for section in ("data", "train", "runtime"):
+            out[section] = _plain(dataclasses.asdict(getattr(self, section)))
+        out["model"] = {"name": self.model.name, **_plain(self.model.options)}
+        return {k: out[k] for k in ("data", "model", "train", "runtime")}
+
+    def replace(self, **sections: Any) -> RunConfig:
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "runtime": RuntimeConfig}
+
+
+# -- loading ------------------------------------------------------------------------------------
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build a :class:`RunConfig` from plain values; unknown keys/wrong types -> ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping with sections data, model, "
+                          f"train, runtime; got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {"data", "model", "train", "runtime"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown section {unknown[0]!r}; the sections are data, "
+                          "model, train, runtime")
+    if "data" not in raw:
+        raise ConfigError(f"{source}: the data section is missing; give at least data.path")
+    try:
+        sections = {name: _build(cls, raw.get(name) or {}, name)
+                    for name, cls in SECTIONS.items() if name in raw or name != "data"}
+        model_raw = dict(raw.get("model") or {})
+        if not isinstance(model_raw, dict):
+            raise ConfigError("model must be a mapping with a name and the model's options")
+        name = model_raw.pop("name", "egno")
+        if not isinstance(name, str):
+            raise ConfigError(f"model.name must be a string, got {name!r}")
+        model = ModelSection(name, model_raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return RunConfig(model=model, **sections)
+
+
+def data_config_from_dict(values: dict[str, Any], source: str = "config") -> DataConfig:
+    """A :class:`DataConfig` from plain values (e.g. a checkpoint's recorded data config)."""
+    try:
+        return _build(DataConfig, dict(values), "data")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config (or start from ``base``) and apply ``section.key=value`` overrides.
+
+    Relative ``data.path`` entries are relative to the working directory (the trainer records
+    them as absolute paths in the run directory's resolved config).
+    """
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the config must be a mapping with sections data, model, "
+                              "train, runtime")
+    elif base is not None:
+        raw = _deepcopy(base)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return config_from_dict(raw, source)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key[.sub]=value`` override in place (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=10")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: the key must name a section and a field, e.g. "
+                          "data.path=FILE.h5")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not a YAML scalar ({exc})") from exc
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write_text(path, text)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- typed construction ---------------------------------------------------------------------------
+def _build(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{unknown[0]}; the keys of {where} are "
+                          f"{sorted(known)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value or {}, key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        args = typing.get_args(hint)
+        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(f"{key} must have {len(args)} entries, got {list(value)}")
+        item_types = args if origin is tuple and args and args[-1] is not Ellipsis else \
+            [args[0] if args else Any] * len(value)
+        out = [_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_types))]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not one of {list(choices)}")
+
+
+def _positive(key: str, value: Any) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+
+def _non_negative(key: str, value: Any) -> None:
+    if value < 0:
+        raise ConfigError(f"{key} must be >= 0, got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _deepcopy(value: Any) -> Any:
+    return yaml.safe_load(yaml.safe_dump(_plain(value)))
+
+
+__all__ = ["DataConfig", "GraphConfig", "ModelSection", "RunConfig", "RuntimeConfig",
+           "TrainConfig", "apply_override", "config_from_dict", "data_config_from_dict", "load_config", "save_config"]

@@ -1,0 +1,601 @@
+"""The training loop: one function, :func:`train`, behind ``python -m surrogate_md.train``.
+
+Run directory::
+
+    config.yaml    resolved config (absolute data paths, model options filled in)
+    train.log      log of the run
+    metrics.jsonl  one JSON record per epoch (+ a final ``split: test`` record)
+    loss.png       loss curves
+    last.pt        resumable: inference payload + ``training`` (optimiser, scheduler, RNG, epoch,
+                   metric history)
+    best.pt        inference payload of the epoch with the lowest validation A-MSE
+
+Every file is written atomically. Determinism and resume: shuffling is a pure function of
+(``train_seed``, epoch) (``DistributedSampler.set_epoch``), RNG states are saved with every
+``last.pt`` at the end of an epoch, so a run killed at any point and resumed with
+``resume=True`` repeats the unfinished epoch exactly and ends with the same metrics as an
+uninterrupted run (CPU, fixed seeds).
+
+Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
+DistributedDataParallel (NCCL on GPU, gloo on CPU), each rank trains on its shard of every epoch,
+validation sums are all-reduced, and only rank 0 logs and writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from surrogate_md.checkpoint import build_payload, load_checkpoint, save_checkpoint
+from surrogate_md.data import keys as K
+from surrogate_md.data.windows import WindowDataset, batch_to
+from surrogate_md.errors import CheckpointError, ConfigError
+from surrogate_md.evaluate.metrics import ErrorSums, batch_amse
+from surrogate_md.models import MODELS, build_model
+from surrogate_md.surrogate import resolve_device
+from surrogate_md.train.config import RunConfig, atomic_write_text, load_config, save_config
+from surrogate_md.train.data import (
+    PreparedData,
+    normalisation_stats,
+    prepare_data,
+    validity_reference,
+)
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("config.yaml", "train.log", "metrics.jsonl", "loss.png", "last.pt", "best.pt")
+
+
+# -- distributed helpers -------------------------------------------------------------------------
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def _init_distributed(device_request: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    owns = False
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_request != "cpu"
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        owns = True
+    return Dist(rank, world, local, owns)
+
+
+def _all_reduce_sums(sums: ErrorSums, dist: Dist) -> ErrorSums:
+    if not dist.active:
+        return sums
+    import torch.distributed as tdist
+
+    vec = torch.tensor(np.concatenate([sums.per_time, [sums.atoms]]), dtype=torch.float64)
+    tdist.all_reduce(vec)
+    out = ErrorSums(vec[:-1].numpy().copy(), int(round(float(vec[-1]))))
+    return out
+
+
+# -- model and data ----------------------------------------------------------------------------
+def resolve_model_options(config: RunConfig) -> RunConfig:
+    """Fill the model options the data decides (channels, history length); error on conflicts."""
+    name = config.model.name
+    cls = MODELS[name]
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    opts = dict(config.model.options)
+    channels = 4 if config.data.selection == "residues" else 1
+    if opts.get("n_channels", channels) != channels:
+        raise ConfigError(f"model.n_channels = {opts['n_channels']} but selection "
+                          f"{config.data.selection!r} gives {channels} channel(s); remove "
+                          "model.n_channels")
+    opts["n_channels"] = channels
+    if "n_history" in fields:
+        if opts.get("n_history", config.data.history) != config.data.history:
+            raise ConfigError(f"model.n_history = {opts['n_history']} differs from data.history "
+                              f"= {config.data.history}; set one of them")
+        opts["n_history"] = config.data.history
+    if cls.needs_history and (config.data.protocol != "history" or config.data.history < 2):
+        raise ConfigError(f"model {name!r} needs past frames: set data.protocol: history and "
+                          "data.history >= 2 (e.g. 10) with data.history_stride_ps")
+    model = dataclasses.replace(config.model, options=opts)
+    return config.replace(model=model)
+
+
+def _dtype_context(device: torch.device, precision: str):
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _loader(dataset: WindowDataset, batch_size: int, sampler=None, workers: int = 0,
+            indices: np.ndarray | None = None):
+    from torch.utils.data import DataLoader, Subset
+
+    ds = dataset if indices is None else Subset(dataset, indices.tolist())
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False,
+                      collate_fn=dataset.collate, num_workers=workers,
+                      persistent_workers=False)
+
+
+@torch.no_grad()
+def evaluate_dataset(model: torch.nn.Module, dataset: WindowDataset, *, batch_size: int,
+                     device: torch.device, precision: str = "fp32", dist: Dist | None = None,
+                     workers: int = 0) -> ErrorSums:
+    """Error sums of ``model`` over every window of ``dataset`` (sharded across ranks)."""
+    dist = dist or Dist()
+    sums = ErrorSums()
+    indices = np.arange(dist.rank, len(dataset), dist.world)
+    was_training = model.training
+    model.eval()
+    if len(indices):
+        for batch in _loader(dataset, batch_size, workers=workers, indices=indices):
+            batch = batch_to(batch, device, torch.float32)
+            with _dtype_context(device, precision):
+                pred = model(batch)
+            sums.add(pred.float(), batch[K.TARGET])
+    model.train(was_training)
+    if sums.atoms == 0:
+        sums.per_time = np.zeros(dataset.protocol.n_out)
+    return _all_reduce_sums(sums, dist)
+
+
+# -- RNG state -----------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                       float(np_state[4])],
+             "python": _to_lists(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, (tuple, list)) else x
+
+
+# -- schedule ------------------------------------------------------------------------------------
+def lr_factor(epoch: int, epochs: int, warmup: int, schedule: str) -> float:
+    """Learning-rate multiplier for ``epoch`` (0-based): linear warmup, then cosine to 0."""
+    if warmup and epoch < warmup:
+        return (epoch + 1) / (warmup + 1)
+    if schedule == "none":
+        return 1.0
+    span = max(epochs - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / span))
+
+
+# -- run directory -------------------------------------------------------------------------------
+def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not out.is_dir():
+            raise ConfigError(f"{out}: run directory to resume does not exist; start a new run "
+                              "with --out instead of --resume")
+        return
+    existing = [n for n in RUN_FILES if (out / n).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{out}: run directory already holds a run ({', '.join(existing)}); "
+                          "pass --resume to continue it, --overwrite to replace it, or choose "
+                          "another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for n in existing:
+        (out / n).unlink()
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
+def _plot_losses(out: Path, history: list[dict]) -> None:
+    epochs = [r for r in history if r.get("split") == "epoch"]
+    if not epochs:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r["epoch"] for r in epochs]
+    for key, label in (("train_amse", "train A-MSE"), ("val_amse", "val A-MSE"),
+                       ("val_fmse", "val F-MSE")):
+        y = [r.get(key) for r in epochs]
+        if all(v is not None and np.isfinite(v) for v in y):
+            ax.plot(x, y, marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("Å² per atom (squared distance summed over xyz)")
+    if all(r.get("val_amse", 0) > 0 for r in epochs):
+        ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".loss.png.", suffix=".tmp", dir=out)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, out / "loss.png")
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class _LogToFile:
+    """Attach a FileHandler for ``train.log`` to the package logger for the run's duration."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.handler: logging.Handler | None = None
+        self.logger = logging.getLogger("surrogate_md")
+        self.level = self.logger.level
+
+    def __enter__(self) -> _LogToFile:
+        if self.path is not None:
+            self.handler = logging.FileHandler(self.path)
+            self.handler.setFormatter(logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            self.logger.addHandler(self.handler)
+            if self.logger.getEffectiveLevel() > logging.INFO:
+                self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handler is not None:
+            self.logger.removeHandler(self.handler)
+            self.handler.close()
+            self.logger.setLevel(self.level)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def train(config: RunConfig | dict | str | os.PathLike, out_dir: str | os.PathLike, *,
+          resume: bool = False, overwrite: bool = False, device: str | None = None,
+          overrides: list[str] | None = None) -> Path:
+    """Train a model and return the path of its ``best.pt``.
+
+    Args:
+        config: a :class:`RunConfig`, a plain dict in the YAML layout, or a YAML file path.
+            With ``resume=True`` it may be ``None``-like (``{}``): the run directory's
+            ``config.yaml`` is used.
+        out_dir: run directory (created; an existing run is refused unless ``resume`` or
+            ``overwrite``).
+        resume: continue the run in ``out_dir`` from its ``last.pt``.
+        overwrite: replace an existing run in ``out_dir``.
+        device: overrides ``runtime.device`` (``auto``/``cpu``/``cuda``).
+        overrides: ``section.key=value`` strings applied on top of ``config``.
+
+    Returns:
+        ``out_dir / "best.pt"`` (weights-only loadable; ``Surrogate.load`` accepts it).
+
+    Raises:
+        ConfigError, DataError, CheckpointError, DeviceError with a message naming the problem.
+    """
+    out = Path(out_dir).absolute()
+    if resume and (config is None or config == {}):
+        config = out / "config.yaml"
+    cfg = _as_config(config, overrides)
+    if device is not None:
+        cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, device=device))
+    cfg = resolve_model_options(cfg)
+    cfg = cfg.replace(data=dataclasses.replace(
+        cfg.data, path=[str(Path(p).absolute()) for p in cfg.data.paths]))
+
+    dist = _init_distributed(cfg.runtime.device)
+    try:
+        if dist.main:
+            _prepare_run_dir(out, resume, overwrite)
+        if dist.active:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+        with _LogToFile(out / "train.log" if dist.main else None):
+            return _run(cfg, out, resume, dist)
+    finally:
+        if dist.owns_group:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+
+
+def _as_config(config: Any, overrides: list[str] | None) -> RunConfig:
+    if isinstance(config, RunConfig):
+        if overrides:
+            return load_config(None, overrides, base=config.to_dict())
+        return config
+    if isinstance(config, dict):
+        return load_config(None, overrides, base=config)
+    return load_config(config, overrides)
+
+
+def _run(cfg: RunConfig, out: Path, resume: bool, dist: Dist) -> Path:
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.runtime.device)
+    if device.type == "cuda" and dist.active:
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if device.type != "cuda" and cfg.runtime.precision != "fp32":
+        log.warning("runtime.precision = %s applies on GPU only; running fp32 on %s",
+                    cfg.runtime.precision, device)
+    tc = cfg.train
+    if dist.main:
+        save_config(cfg, out / "config.yaml")
+    log.info("run %s: model %s on %s (world size %d)", out, cfg.model.name, device, dist.world)
+
+    prepared = prepare_data(cfg.data, seed=tc.data_seed)
+    try:
+        return _fit(cfg, prepared, out, resume, dist, device, t_start)
+    finally:
+        prepared.close()
+
+
+def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, resume: bool, dist: Dist,
+         device: torch.device, t_start: float) -> Path:
+    tc, rc = cfg.train, cfg.runtime
+    train_ds, val_ds = prepared.datasets["train"], prepared.datasets["val"]
+    if len(val_ds) == 0:
+        log.warning("the validation split is empty: best.pt follows the training loss")
+    stats = normalisation_stats(train_ds, cfg.data.max_stat_windows, seed=tc.data_seed)
+    validity = validity_reference(prepared, seed=tc.data_seed)
+    log.info("normalisation: velocity %.4g Å/ps, displacement %.4g Å, jump %.4g ps; validity: "
+             "bond tolerance %.3g Å, min distance %.3g Å", stats["velocity_scale"],
+             stats["displacement_scale"], stats["time_scale"], validity.bond_tolerance_A,
+             validity.min_distance_A)
+
+    torch.manual_seed(tc.model_seed)
+    model = build_model(cfg.model.name, cfg.model.options)
+    model.set_normalisation(**stats)
+    model.to(device)
+    trainable = model.has_parameters and any(p.requires_grad for p in model.parameters())
+
+    def payload(metrics: dict | None = None) -> dict:
+        p = build_payload(model, protocol=prepared.protocol_meta(), selection=prepared.selection,
+                          graph=prepared.graph, topology=prepared.topology, validity=validity,
+                          provenance={**prepared.provenance(), "run_config": cfg.to_dict()})
+        if metrics is not None:
+            p["metrics"] = metrics
+        return p
+
+    eval_bs = tc.eval_batch_size or 2 * tc.batch_size
+    history: list[dict] = []
+
+    if not trainable:
+        # Analytic baselines: nothing to fit, but the run still reports and exports them.
+        record = {"split": "epoch", "epoch": 0, "step": 0, "lr": 0.0}
+        for name, ds in (("train", train_ds), ("val", val_ds)):
+            s = evaluate_dataset(model, ds, batch_size=eval_bs, device=device,
+                                 precision=rc.precision, dist=dist, workers=rc.workers)
+            record[f"{name}_fmse"], record[f"{name}_amse"] = s.fmse, s.amse
+        record["train_loss"] = record["train_amse"]
+        record["val_loss"] = record["val_amse"]
+        record.update(samples_per_s=0.0, epoch_time_s=0.0,
+                      peak_memory_MiB=_peak_memory_mib(device))
+        history.append(record)
+        if dist.main:
+            save_checkpoint(out / "best.pt", payload({"best_epoch": 0, **record}))
+        return _finish(cfg, model, prepared, out, dist, device, history, payload, t_start)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_cls = torch.optim.AdamW if tc.optimiser == "adamw" else torch.optim.Adam
+    optimiser = opt_cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda e: lr_factor(e, tc.epochs, tc.warmup_epochs, tc.schedule))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and
+                                  rc.precision == "fp16")
+
+    start_epoch, step, best, best_epoch, bad_epochs = 0, 0, math.inf, -1, 0
+    last = out / "last.pt"
+    if resume and last.is_file():
+        ckpt = load_checkpoint(last)
+        state = ckpt.get("training")
+        if not state:
+            raise CheckpointError(f"{last}: has no training state; it cannot be resumed")
+        if state.get("config", {}).get("model") != cfg.to_dict()["model"]:
+            raise CheckpointError(f"{last}: was trained with another model config than "
+                                  f"{out / 'config.yaml'}; start a new run instead of resuming")
+        model.load_state_dict(ckpt["state_dict"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        best, best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+        bad_epochs = int(state["bad_epochs"])
+        history = [dict(r) for r in state["history"]]
+        if dist.main:
+            _write_metrics(out, history)
+        log.info("resumed %s at epoch %d (step %d, best val A-MSE %.4g)", last, start_epoch,
+                 step, best)
+    elif resume:
+        log.info("%s has no last.pt yet: starting the run from the beginning", out)
+
+    net: torch.nn.Module = model
+    if dist.active:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(net, dynamic=True) if rc.compile else net
+
+    from torch.utils.data.distributed import DistributedSampler
+    from tqdm.auto import tqdm
+
+    sampler = DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                 seed=tc.train_seed, drop_last=False)
+    loader = _loader(train_ds, tc.batch_size, sampler=sampler, workers=rc.workers)
+    show = dist.main and (rc.progress if rc.progress is not None else
+                          bool(os.isatty(2)))
+    stopped = False
+    for epoch in range(start_epoch, tc.epochs):
+        if tc.patience and bad_epochs >= tc.patience:
+            stopped = True
+            break
+        sampler.set_epoch(epoch)
+        model.train()
+        train_sums = ErrorSums()
+        loss_sum, n_batches, n_samples = 0.0, 0, 0
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        n_steps = len(loader) if not tc.max_steps_per_epoch else min(len(loader),
+                                                                      tc.max_steps_per_epoch)
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch",
+                   disable=not show, leave=False)
+        for i, batch in enumerate(loader):
+            if i >= n_steps:
+                break
+            batch = batch_to(batch, device, torch.float32)
+            with _dtype_context(device, rc.precision):
+                pred = forward(batch)
+            pred = pred.float()
+            loss = batch_amse(pred, batch[K.TARGET])
+            if not torch.isfinite(loss):
+                raise ConfigError(f"training diverged at epoch {epoch + 1}, step {step + 1} "
+                                  f"(loss {float(loss)}); lower train.lr or set train.grad_clip")
+            optimiser.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if tc.grad_clip:
+                scaler.unscale_(optimiser)
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            scaler.step(optimiser)
+            scaler.update()
+            step += 1
+            train_sums.add(pred, batch[K.TARGET])
+            loss_sum += float(loss.detach())
+            n_batches += 1
+            n_samples += int(batch[K.N_GRAPHS])
+            rate = n_samples * dist.world / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4g}", samples_s=f"{rate:.0f}")
+            bar.update(1)
+            if step % rc.log_every == 0:
+                log.info("epoch %d step %d loss %.5g (%.0f samples/s)", epoch + 1, step,
+                         float(loss), rate)
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        train_sums = _all_reduce_sums(train_sums, dist)
+        lr = optimiser.param_groups[0]["lr"]
+        scheduler.step()
+        val = evaluate_dataset(model, val_ds, batch_size=eval_bs, device=device,
+                               precision=rc.precision, dist=dist, workers=rc.workers)
+        record = {"split": "epoch", "epoch": epoch + 1, "step": step, "lr": lr,
+                  "train_loss": loss_sum / max(n_batches, 1),
+                  "train_fmse": train_sums.fmse, "train_amse": train_sums.amse,
+                  "val_fmse": val.fmse, "val_amse": val.amse, "val_loss": val.amse,
+                  "samples": n_samples * dist.world,
+                  "samples_per_s": n_samples * dist.world / max(elapsed, 1e-9),
+                  "epoch_time_s": elapsed, "peak_memory_MiB": _peak_memory_mib(device)}
+        history.append(record)
+        metric = val.amse if len(val_ds) else record["train_amse"]
+        improved = metric < best
+        if improved:
+            best, best_epoch, bad_epochs = metric, epoch + 1, 0
+        else:
+            bad_epochs += 1
+        log.info("epoch %d/%d: train A-MSE %.5g, val F-MSE %.5g A-MSE %.5g Å²/atom, lr %.3g, "
+                 "%.0f samples/s%s", epoch + 1, tc.epochs, record["train_amse"], val.fmse,
+                 val.amse, lr, record["samples_per_s"], " (best)" if improved else "")
+        if dist.main:
+            if improved:
+                save_checkpoint(out / "best.pt", payload({"best_epoch": best_epoch, **record}))
+            state = {"optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "rng": _rng_state(), "epoch": epoch + 1, "step": step,
+                     "best_metric": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                     "history": history, "config": cfg.to_dict()}
+            save_checkpoint(last, {**payload(), "training": state})
+            _write_metrics(out, history)
+            _plot_losses(out, history)
+        if dist.active:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+    if stopped:
+        log.info("early stopping: no better validation A-MSE for %d epochs (best epoch %d)",
+                 tc.patience, best_epoch)
+    if best_epoch < 0 and dist.main:  # epochs = 0: export the initial model
+        save_checkpoint(out / "best.pt", payload({"best_epoch": 0}))
+    if dist.active:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    best_state = load_checkpoint(out / "best.pt")["state_dict"]
+    model.load_state_dict(best_state)
+    return _finish(cfg, model, prepared, out, dist, device, history, payload, t_start)
+
+
+def _finish(cfg: RunConfig, model: torch.nn.Module, prepared: PreparedData, out: Path,
+            dist: Dist, device: torch.device, history: list[dict], payload, t_start: float
+            ) -> Path:
+    """Test-split metrics of the best model, written to metrics.jsonl and best.pt."""
+    tc = cfg.train
+    eval_bs = tc.eval_batch_size or 2 * tc.batch_size
+    test = evaluate_dataset(model, prepared.datasets["test"], batch_size=eval_bs, device=device,
+                            precision=cfg.runtime.precision, dist=dist,
+                            workers=cfg.runtime.workers)
+    best = load_checkpoint(out / "best.pt") if dist.main else {}
+    best_epoch = int(best.get("metrics", {}).get("best_epoch", 0)) if dist.main else 0
+    final = {"split": "test", "best_epoch": best_epoch, "test_fmse": test.fmse,
+             "test_amse": test.amse, "test_mse_per_time": test.mse_per_time.tolist(),
+             "times_ps": prepared.protocol_meta()["times_ps"],
+             "wall_time_s": time.perf_counter() - t_start}
+    log.info("test (best epoch %d): F-MSE %.5g, A-MSE %.5g Å² per atom (squared distance summed "
+             "over xyz, mean over atoms)", best_epoch, test.fmse, test.amse)
+    if dist.main:
+        metrics = {**best.get("metrics", {}), **{k: v for k, v in final.items()
+                                                   if k != "split"}}
+        save_checkpoint(out / "best.pt", {**{k: v for k, v in best.items()
+                                             if k not in ("format", "format_version")},
+                                          "metrics": metrics})
+        _write_metrics(out, [*history, final])
+        _plot_losses(out, history)
+    if dist.active:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    return out / "best.pt"
+
+
+__all__ = ["evaluate_dataset", "lr_factor", "resolve_model_options", "train"]

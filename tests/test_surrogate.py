@@ -1,0 +1,110 @@
+"""The Surrogate inference API on a checkpoint trained here from real MD."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _train_fixtures import cached, make_alanine_dipeptide, tiny_config
+
+from surrogate_md import Surrogate
+from surrogate_md.data import open_trajectory
+from surrogate_md.errors import CheckpointError, DataError
+from surrogate_md.testing import random_orthogonal
+from surrogate_md.train import train
+
+
+@pytest.fixture(scope="module")
+def ala(tmp_path_factory):
+    return cached(tmp_path_factory, "ala", make_alanine_dipeptide)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(ala, tmp_path_factory):
+    out = tmp_path_factory.mktemp("surrogate") / "run"
+    return train(tiny_config(ala, "egno", train={"epochs": 1, "max_steps_per_epoch": 3}), out)
+
+
+@pytest.fixture(scope="module")
+def state(ala):
+    f = open_trajectory(ala)
+    frames = np.array([120, 260])
+    x, v = f.read(frames), f.read(frames, "velocities")
+    f.close()
+    return x, v
+
+
+def test_best_pt_is_weights_only_and_loads(checkpoint):
+    raw = torch.load(checkpoint, weights_only=True)
+    assert raw["format"] == "surrogate-md-checkpoint"
+    sur = Surrogate.load(checkpoint)
+    assert sur.name == "egno" and sur.jump_ps == pytest.approx(0.2)
+    assert sur.times_ps == pytest.approx([0.1, 0.2])
+    assert sur.n_atoms == 22 and sur.n_model_atoms == 22
+    assert sur.validity is not None and sur.validity.bond_tolerance_A > 0
+    assert len(sur.checkpoint_hash) == 16
+
+
+def test_predict_single_and_batched_agree(checkpoint, state):
+    sur = Surrogate.load(checkpoint, dtype=torch.float64)
+    x, v = state
+    single = [sur.predict(x[b], v[b]) for b in range(2)]
+    batched = sur.predict(x, v)
+    assert batched.shape == (2, 2, 22, 3)
+    assert np.all(np.isfinite(batched))
+    np.testing.assert_allclose(batched, np.stack(single), atol=1e-10)
+    # the model moves atoms (it is not the identity)
+    assert np.abs(batched[:, -1] - x).max() > 1e-3
+
+
+def test_rollout_shapes_and_continuity(checkpoint, state):
+    sur = Surrogate.load(checkpoint, dtype=torch.float64)
+    x, v = state
+    frames, times = sur.rollout(x[0], v[0], n_jumps=3)
+    assert frames.shape == (6, 22, 3) and np.all(np.isfinite(frames))
+    np.testing.assert_allclose(times, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    # the first jump is exactly predict; the second starts from its end state
+    np.testing.assert_allclose(frames[:2], sur.predict(x[0], v[0]), atol=1e-10)
+    v1 = (frames[1] - frames[0]) / 0.1
+    np.testing.assert_allclose(frames[2:4], sur.predict(frames[1], v1), atol=1e-10)
+    batched, _ = sur.rollout(x, v, n_jumps=3)
+    assert batched.shape == (2, 6, 22, 3)
+    np.testing.assert_allclose(batched[0], frames, atol=1e-10)
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_predict_is_equivariant(checkpoint, state, reflect):
+    sur = Surrogate.load(checkpoint, dtype=torch.float64)
+    x, v = state[0][0], state[1][0]
+    ref = sur.predict(x, v)
+    rot = random_orthogonal(seed=3, reflect=reflect).numpy()
+    np.testing.assert_allclose(sur.predict(x @ rot.T, v @ rot.T), ref @ rot.T, atol=1e-8)
+    shift = np.array([3.0, -7.5, 12.0])
+    np.testing.assert_allclose(sur.predict(x + shift, v), ref + shift, atol=1e-8)
+
+
+def test_clear_errors(checkpoint, state, tmp_path):
+    sur = Surrogate.load(checkpoint)
+    x, v = state[0][0], state[1][0]
+    with pytest.raises(DataError, match="22 atoms"):
+        sur.predict(x[:10], v[:10])
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        sur.predict(bad, v)
+    with pytest.raises(DataError, match="velocities"):
+        sur.predict(x)
+    with pytest.raises(DataError, match="shape"):
+        sur.predict(x, v[:, :2])
+    with pytest.raises(DataError, match="times_ps"):
+        sur.predict(x, v, times_ps=[])
+    with pytest.raises(DataError, match="n_jumps"):
+        sur.rollout(x, v, n_jumps=0)
+    with pytest.raises(DataError, match="differ"):
+        sur.check_atomic_numbers(np.ones(22, dtype=int))
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="broken.pt"):
+        Surrogate.load(broken)
+    with pytest.raises(CheckpointError, match="no such"):
+        Surrogate.load(tmp_path / "missing.pt")
