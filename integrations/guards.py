@@ -29,7 +29,6 @@ import numpy as np
 
 from surrogate_md.data.selection import residue_code
 from surrogate_md.errors import ConfigError
-from surrogate_md.validity import min_nonbonded_distance
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +158,7 @@ class Guards:
             if dev > self.bond_tolerance_A:
                 fail("bond", dev, self.bond_tolerance_A)
         if self.min_distance_A > 0 and self._validity is not None:
-            dmin = min_nonbonded_distance(model, self._validity.bonds,
-                                          cutoff_A=max(4.0, 2 * self.min_distance_A))
+            dmin = self._validity.min_distance(model, cutoff_A=max(4.0, 2 * self.min_distance_A))
             if dmin < self.min_distance_A:
                 fail("clash", dmin, self.min_distance_A)
         if len(self._ca_pairs):

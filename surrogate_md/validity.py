@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from surrogate_md.data.graphs import radius_edges
+from surrogate_md.data.graphs import bond_edges, radius_edges
 
 
 def bond_lengths(positions: np.ndarray, bonds: np.ndarray) -> np.ndarray:
@@ -21,11 +21,12 @@ def bond_lengths(positions: np.ndarray, bonds: np.ndarray) -> np.ndarray:
 
 
 def min_nonbonded_distance(positions: np.ndarray, bonds: np.ndarray, cutoff_A: float = 4.0,
-                           exclude_hops: int = 2) -> float:
-    """Smallest distance between atoms that are more than ``exclude_hops`` bonds apart.
+                           exclude_hops: int = 2, excluded: np.ndarray | None = None) -> float:
+    """Smallest distance between atoms that are more than ``exclude_hops`` (1 or 2) bonds apart.
 
     Uses a cell list (no N x N matrix); returns ``cutoff_A`` if no such pair is closer.
-    Args: positions (atoms, 3) Å, bonds (B, 2).
+    Args: positions (atoms, 3) Å, bonds (B, 2); ``excluded`` = :func:`excluded_pairs` of the
+    bonds, to skip recomputing it when called every frame.
     """
     pos = np.asarray(positions, dtype=np.float64)
     n = len(pos)
@@ -35,30 +36,25 @@ def min_nonbonded_distance(positions: np.ndarray, bonds: np.ndarray, cutoff_A: f
     i, j = i[keep], j[keep]
     if len(i) == 0:
         return float(cutoff_A)
-    excluded = _excluded_pairs(np.asarray(bonds).reshape(-1, 2), n, exclude_hops)
-    key = i.astype(np.int64) * n + j
-    mask = ~np.isin(key, excluded)
+    if excluded is None:
+        excluded = excluded_pairs(bonds, n, exclude_hops)
+    mask = ~np.isin(i.astype(np.int64) * n + j, excluded)
     if not mask.any():
         return float(cutoff_A)
     return float(np.linalg.norm(pos[i[mask]] - pos[j[mask]], axis=1).min())
 
 
-def _excluded_pairs(bonds: np.ndarray, n: int, hops: int) -> np.ndarray:
-    """Keys i*n+j (i<j) of atom pairs within ``hops`` bonds of each other."""
+def excluded_pairs(bonds: np.ndarray, n: int, hops: int = 2) -> np.ndarray:
+    """Sorted keys i*n+j (i<j) of atom pairs within ``hops`` (1 or 2) bonds of each other."""
+    bonds = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
     if len(bonds) == 0 or hops < 1:
         return np.zeros(0, dtype=np.int64)
-    nbrs: list[set[int]] = [set() for _ in range(n)]
-    for a, b in bonds:
-        nbrs[a].add(int(b))
-        nbrs[b].add(int(a))
-    keys = set()
-    for a in range(n):
-        frontier, seen = {a}, {a}
-        for _ in range(hops):
-            frontier = {c for f in frontier for c in nbrs[f]} - seen
-            seen |= frontier
-        keys.update(min(a, c) * n + max(a, c) for c in seen if c != a)
-    return np.fromiter(keys, dtype=np.int64, count=len(keys))
+    if hops > 2:
+        raise ValueError("exclude_hops must be 1 or 2")
+    edges, _ = bond_edges(bonds, n, two_hop=hops == 2)
+    a, b = edges.numpy()
+    keep = a < b
+    return np.unique(a[keep] * n + b[keep])
 
 
 @dataclass
@@ -89,7 +85,8 @@ class ValidityReference:
         else:
             mean, tol = np.zeros(0), float("inf")
         step = max(1, len(frames) // 20)
-        dmin = min(min_nonbonded_distance(f, bonds) for f in frames[::step])
+        excluded = excluded_pairs(bonds, frames.shape[1])
+        dmin = min(min_nonbonded_distance(f, bonds, excluded=excluded) for f in frames[::step])
         return cls(bonds, mean, tol, float(dmin * clash_factor))
 
     def bond_deviation(self, positions: np.ndarray) -> float:
@@ -97,6 +94,14 @@ class ValidityReference:
         if len(self.bonds) == 0:
             return 0.0
         return float(np.abs(bond_lengths(positions, self.bonds) - self.bond_length_mean_A).max())
+
+    def min_distance(self, positions: np.ndarray, cutoff_A: float = 4.0) -> float:
+        """Smallest non-bonded (beyond two bonds) distance in Å for (atoms, 3) positions."""
+        n = len(positions)
+        if getattr(self, "_excluded_n", None) != n:
+            self._excluded = excluded_pairs(self.bonds, n)
+            self._excluded_n = n
+        return min_nonbonded_distance(positions, self.bonds, cutoff_A, excluded=self._excluded)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -24,7 +24,7 @@ from surrogate_md.models import build_model
 from surrogate_md.surrogate import Surrogate
 from surrogate_md.train.config import atomic_write_text, data_config_from_dict
 from surrogate_md.train.data import prepare_data
-from surrogate_md.validity import min_nonbonded_distance
+from surrogate_md.validity import excluded_pairs, min_nonbonded_distance
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,11 @@ def _validity(sur: Surrogate, prepared, pred: np.ndarray, ref: np.ndarray,
             "model_values": dev_pred.ravel()[:20000].tolist(),
             "reference_values": dev_ref.ravel()[:20000].tolist()}
     step = max(1, len(pred) // max_frames)
-    dmin_pred = np.array([min_nonbonded_distance(f, bonds) for f in pred[::step]])
-    dmin_ref = np.array([min_nonbonded_distance(f, bonds) for f in ref[::step]])
+    excluded = excluded_pairs(bonds, pred.shape[-2])
+    dmin_pred = np.array([min_nonbonded_distance(f, bonds, excluded=excluded)
+                          for f in pred[::step]])
+    dmin_ref = np.array([min_nonbonded_distance(f, bonds, excluded=excluded)
+                         for f in ref[::step]])
     threshold = v.min_distance_A if v is not None else 0.0
     out["min_nonbonded_distance_A"] = {
         "model_min": float(dmin_pred.min()), "reference_min": float(dmin_ref.min()),
