@@ -260,7 +260,7 @@ def test_bond_graph_two_hop_and_full():
 def test_infer_bonds_md17_rule():
     pos = np.array([[0.0, 0, 0], [1.5, 0, 0], [3.7, 0, 0]])
     assert infer_bonds(pos, cutoff_A=1.6).tolist() == [[0, 1]]
-    assert infer_bonds(pos, np.array([6, 6, 6])).tolist() == [[0, 1]]
+    assert infer_bonds(pos, cutoff_A=2.5).tolist() == [[0, 1], [1, 2]]
 
 
 def test_surrogate_md_core_does_not_import_engines():

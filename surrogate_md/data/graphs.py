@@ -18,35 +18,18 @@ import torch
 BOND = 0
 TWO_HOP = 1
 
-# Single-bond covalent radii (Å, Cordero et al. 2008) for inferring bonds from distances.
-COVALENT_RADII_A = {1: 0.31, 5: 0.84, 6: 0.76, 7: 0.71, 8: 0.66, 9: 0.57, 14: 1.11, 15: 1.07,
-                    16: 1.05, 17: 1.02, 35: 1.20, 53: 1.39}
+def infer_bonds(positions: np.ndarray, *, cutoff_A: float) -> np.ndarray:
+    """Bonds of one frame by a distance rule, (B, 2) int with i < j.
 
-
-def infer_bonds(positions: np.ndarray, atomic_numbers: np.ndarray | None = None, *,
-                cutoff_A: float | None = None, tolerance_A: float = 0.45) -> np.ndarray:
-    """Bonds of one frame, (B, 2) int with i < j.
-
-    With ``cutoff_A`` every pair closer than it is a bond (the MD17 protocol rule: 1.6 Å on heavy
-    atoms). Otherwise pairs closer than the sum of covalent radii plus ``tolerance_A``.
+    Every pair closer than ``cutoff_A`` is a bond: the MD17 protocol's rule (1.6 Å on heavy atoms
+    in the first frame). Chemistry-aware bond perception from covalent radii happens when data
+    are ingested (:mod:`datagen`), with the element tables of ASE.
 
     Args:
         positions: (N, 3) Å.
-        atomic_numbers: (N,) needed for the covalent-radius rule.
     """
-    pos = torch.as_tensor(np.asarray(positions, dtype=np.float64))
-    if cutoff_A is not None:
-        edges = radius_edges(pos, cutoff_A)
-        i, j = edges[0].numpy(), edges[1].numpy()
-    else:
-        if atomic_numbers is None:
-            raise ValueError("infer_bonds needs atomic_numbers or cutoff_A")
-        radii = np.array([COVALENT_RADII_A.get(int(z), 1.5) for z in atomic_numbers])
-        edges = radius_edges(pos, float(2 * radii.max() + tolerance_A))
-        i, j = edges[0].numpy(), edges[1].numpy()
-        d = np.linalg.norm(positions[i] - positions[j], axis=1)
-        keep = d < radii[i] + radii[j] + tolerance_A
-        i, j = i[keep], j[keep]
+    edges = radius_edges(torch.as_tensor(np.asarray(positions, dtype=np.float64)), cutoff_A)
+    i, j = edges[0].numpy(), edges[1].numpy()
     keep = i < j
     return np.stack([i[keep], j[keep]], axis=1).astype(np.int64)
 
