@@ -94,7 +94,7 @@ def _check_dt(dt_ps: float | None, source: Path) -> None:
                         "pass e.g. --dt-ps 0.0005")
 
 
-def _check_finite(name: str, array: np.ndarray, source: Path, first_frame: int) -> None:
+def _check_finite(name: str, array: np.ndarray, source: Path | str, first_frame: int) -> None:
     finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
     if not finite.all():
         bad = first_frame + int(np.argmin(finite))
@@ -231,11 +231,15 @@ def _open_mdanalysis(paths: list[Path], select: str | None, dt_ps: float | None)
     has_f = bool(u.trajectory.ts.has_forces)
     n = len(u.trajectory)
 
+    names = ", ".join(str(p) for p in paths[1:]) or str(source)  # the trajectory files
+
     def blocks() -> Iterator[Block]:
         buf: dict[str, list] = {"x": [], "v": [], "f": [], "box": [], "i": []}
+        read = 0
         for i, frame in enumerate(u.trajectory):
+            read += 1
             x = group.positions.astype(np.float64)
-            _check_finite("positions", x[None], source, i)
+            _check_finite("positions", x[None], names, i)
             buf["x"].append(x)
             buf["i"].append(i)
             if has_v:
@@ -251,6 +255,12 @@ def _open_mdanalysis(paths: list[Path], select: str | None, dt_ps: float | None)
                             forces=np.stack(buf["f"]) if has_f else None,
                             box=np.stack(buf["box"]) if periodic else None)
                 buf = {k: [] for k in buf}
+        if read != n:
+            # MDAnalysis indexes a frame cut short by a killed writer but stops before it
+            raise DataError(f"{names}: the trajectory lists {n} frames but only {read} can be "
+                            "read; the file is truncated (a run killed while writing?): write its "
+                            f"first {read} frames to a new file (MDAnalysis: "
+                            f"u.trajectory[:{read}]) and ingest that")
 
     meta = {"engine": "MDAnalysis", "engine_version": _mda_version(),
             "interval_ps": interval,

@@ -310,9 +310,11 @@ def _steps_per_frame(interval_ps: float, step_fs: float) -> int:
     from openmm import unit
 
     if not (step_fs > 0 and math.isfinite(step_fs)):
-        raise ConfigError(f"step_fs={step_fs} must be a positive number of femtoseconds")
+        raise ConfigError(f"step_fs={step_fs} must be a positive number of femtoseconds; pass "
+                          "e.g. step_fs=2 (CLI: --step-fs 2)")
     if not (interval_ps > 0 and math.isfinite(interval_ps)):
-        raise ConfigError(f"interval_ps={interval_ps} must be a positive number of picoseconds")
+        raise ConfigError(f"interval_ps={interval_ps} must be a positive number of picoseconds; "
+                          "pass e.g. interval_ps=1 (CLI: --interval-ps 1)")
     step_ps = (step_fs * unit.femtosecond).value_in_unit(unit.picosecond)
     ratio = interval_ps / step_ps
     n = round(ratio)
@@ -477,7 +479,10 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
         interval_ps = spec.interval_ps if spec else 1.0
         if spec and spec.interval_ps < step_fs / 1000.0:
             interval_ps = step_fs / 1000.0
-    steps_per_frame = _steps_per_frame(interval_ps, step_fs)
+    try:
+        steps_per_frame = _steps_per_frame(interval_ps, step_fs)
+    except ConfigError as exc:
+        raise ConfigError(f"{out}: {exc}") from None
     if equilibrate_ps is None:
         equilibrate_ps = spec.equilibrate_ps if spec else 10.0
     if equilibrate_ps < 0:

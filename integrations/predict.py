@@ -128,6 +128,9 @@ def run(args: argparse.Namespace) -> dict:
         raise DataError(f"{out}: output must end in .xtc or .dcd")
     if not out.parent.is_dir():
         raise DataError(f"{out}: directory {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise DataError(f"{out}: directory {out.parent} is not writable; check its permissions "
+                        "or choose another -o")
     csv_path, json_path = out.with_suffix(".csv"), out.with_suffix(".json")
     for path in (out, csv_path, json_path):
         if path.exists() and not args.overwrite:

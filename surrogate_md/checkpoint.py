@@ -68,7 +68,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load a checkpoint safely (``weights_only=True``) and migrate it to the current format."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file; check the path (a training "
+                              "run writes RUN_DIR/best.pt and RUN_DIR/last.pt)")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupted or foreign files

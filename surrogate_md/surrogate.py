@@ -23,7 +23,7 @@ from surrogate_md.checkpoint import file_hash, load_checkpoint
 from surrogate_md.data import keys as K
 from surrogate_md.data.selection import NodeSelection
 from surrogate_md.data.windows import GraphBuilder, collate
-from surrogate_md.errors import CheckpointError, DataError, DeviceError
+from surrogate_md.errors import CheckpointError, ConfigError, DataError, DeviceError
 from surrogate_md.models import MODELS, build_model
 from surrogate_md.validity import ValidityReference
 
@@ -90,6 +90,10 @@ class Surrogate:
              dtype: torch.dtype = torch.float32) -> Surrogate:
         """Load ``best.pt``/``last.pt`` (weights-only) onto ``device`` (``"auto"`` picks CUDA)."""
         path = Path(checkpoint)
+        try:
+            resolve_device(device)
+        except DeviceError as exc:
+            raise DeviceError(f"{path}: {exc}") from None
         data = load_checkpoint(path)
         name = data.get("model", {}).get("name")
         if name not in MODELS:
@@ -99,12 +103,18 @@ class Surrogate:
             if key not in data:
                 raise CheckpointError(f"{path}: checkpoint lacks {key!r}; it is incomplete, "
                                       "re-export it from the run directory")
-        model = build_model(name, data["model"]["config"])
+        try:
+            model = build_model(name, data["model"]["config"])
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: the stored model config does not fit this package's "
+                                  f"{name!r} ({exc}); re-export it from its run directory or "
+                                  "upgrade surrogate-md") from exc
         try:
             model.load_state_dict(data["state_dict"])
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: weights do not fit model {name!r} with the stored "
-                                  f"config ({str(exc).splitlines()[0]})") from exc
+                                  f"config ({str(exc).splitlines()[0]}); the file is inconsistent: "
+                                  "use the best.pt/last.pt its training run wrote") from exc
         model.to(dtype)
         meta = {k: v for k, v in data.items() if k not in ("state_dict", "training")}
         meta["checkpoint_hash"] = file_hash(path)

@@ -169,7 +169,7 @@ def test_paper_split_counts_and_margin():
 def test_blocked_split_never_leaks(n_frames, jump, p, history, stride, fd, step):
     jump = jump * p
     proto = Protocol("history" if history > 1 else "s2t", jump, p, history, stride)
-    if proto.window_length(fd) * 3 + 3 > n_frames:
+    if proto.window_length(fd) * 3 + 2 > n_frames:
         with pytest.raises(DataError):
             split_starts(n_frames, proto, finite_difference=fd, stride=step)
         return

@@ -67,7 +67,6 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
     if (out / "report.md").exists() and not overwrite:
         raise ConfigError(f"{out}: already holds a report; pass --overwrite or choose another "
                           "--out")
-    out.mkdir(parents=True, exist_ok=True)
     sur = Surrogate.load(checkpoint, device=device)
     prov = sur.meta.get("provenance", {})
     paths = [str(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
@@ -102,6 +101,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         prepared.close()
     from surrogate_md.evaluate.report import write_plots, write_report
 
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed evaluation leaves no directory
     if plots:
         result["plots"] = write_plots(result, out)
     atomic_write_text(out / "metrics.json", json.dumps(_jsonable(result), indent=2) + "\n")

@@ -52,6 +52,8 @@ def config_from_dict(name: str, values: dict[str, Any] | None = None) -> ModelCo
         elif want in (int, float, bool, str) and not isinstance(values[key], want):
             raise ConfigError(f"model {name!r} option {key!r} must be {want.__name__}, got "
                               f"{value!r}")
+        if want in (int, float) and not values[key] > 0:  # every size and scale is positive
+            raise ConfigError(f"model {name!r} option {key!r} must be > 0, got {value!r}")
     return cls(**values)
 
 

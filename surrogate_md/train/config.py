@@ -313,7 +313,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not a YAML scalar ({exc})") from exc
+        raise ConfigError(f"--set {item!r}: value is not a YAML scalar "
+                          f"({str(exc).splitlines()[0]})") from exc
     node = raw
     for part in parts[:-1]:
         nxt = node.get(part)

@@ -42,7 +42,7 @@ import torch
 from surrogate_md.checkpoint import build_payload, load_checkpoint, save_checkpoint
 from surrogate_md.data import keys as K
 from surrogate_md.data.windows import WindowDataset, batch_to
-from surrogate_md.errors import CheckpointError, ConfigError
+from surrogate_md.errors import CheckpointError, ConfigError, DeviceError
 from surrogate_md.evaluate.metrics import ErrorSums, batch_amse
 from surrogate_md.models import MODELS, build_model
 from surrogate_md.surrogate import resolve_device
@@ -219,7 +219,11 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"{out}: run directory already holds a run ({', '.join(existing)}); "
                           "pass --resume to continue it, --overwrite to replace it, or choose "
                           "another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot create the run directory ({exc.strerror}); choose "
+                          "another --out") from exc
     for n in existing:
         (out / n).unlink()
 
@@ -321,6 +325,11 @@ def train(config: RunConfig | dict | str | os.PathLike, out_dir: str | os.PathLi
     cfg = _as_config(config, overrides)
     if device is not None:
         cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, device=device))
+    try:  # before the run directory exists: a run that cannot start leaves nothing behind
+        resolve_device(cfg.runtime.device)
+    except DeviceError as exc:
+        source = config if isinstance(config, (str, os.PathLike)) else "config"
+        raise DeviceError(f"{source}: runtime.device: {exc}") from None
     cfg = resolve_model_options(cfg)
     cfg = cfg.replace(data=dataclasses.replace(
         cfg.data, path=[str(Path(p).absolute()) for p in cfg.data.paths]))
