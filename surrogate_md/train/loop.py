@@ -513,15 +513,16 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, resume: bool, dist: 
             scaler.update()
             step += 1
             train_sums.add(pred, batch[K.TARGET])
-            loss_sum += float(loss.detach())
+            loss_value = float(loss.detach())
+            loss_sum += loss_value
             n_batches += 1
             n_samples += int(batch[K.N_GRAPHS])
             rate = n_samples * dist.world / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4g}", samples_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{loss_value:.4g}", samples_s=f"{rate:.0f}")
             bar.update(1)
             if step % rc.log_every == 0:
                 log.info("epoch %d step %d loss %.5g (%.0f samples/s)", epoch + 1, step,
-                         float(loss), rate)
+                         loss_value, rate)
         bar.close()
         elapsed = time.perf_counter() - t0
         train_sums = _all_reduce_sums(train_sums, dist)
