@@ -1,0 +1,258 @@
+"""One-jump accuracy of every model on one system and protocol: F-MSE and A-MSE over seeds.
+
+Systems and protocols (the templates are the example configs in ``examples/configs``):
+
+- MD17 molecules (``--system aspirin|ethanol|malonaldehyde|uracil``; template
+  ``MODEL_aspirin.yaml``): heavy atoms, bonds < 1.6 Å in the first frame plus two-hop edges,
+  jump 1.5 ps (3000 frames of 0.5 fs), P = 8, ``--split paper`` (500/2000/2000 start frames,
+  10000-frame margins) or ``blocked``. ESTAG runs the history protocol (10 frames, 5 fs apart)
+  with the same jump and P, so its row is comparable (the floors on its windows are listed too);
+- alanine dipeptide (``--system alanine-dipeptide``, vacuum or ``--solvent implicit``; template
+  ``MODEL_alanine_dipeptide.yaml``): all atoms, topology bonds + two-hop, jump 1 ps, P = 5,
+  blocked split; ESTAG on the history protocol (10 frames, 0.1 ps apart).
+
+Data: ``--data FILE.h5`` (any canonical dataset of that system, e.g. the real MD17 trajectory
+ingested with ``python -m datagen ingest``), else MD generated here with ``datagen`` at the
+system's built-in conditions (MD17: 500 K, 0.5 fs, Nosé–Hoover, every step saved) and cached in
+``--data-dir``.
+
+Seeds: run ``s`` of ``--seeds N`` sets ``train.model_seed = train.train_seed = s`` and keeps
+``data_seed = 0``, so every seed is scored on the same test windows and the spread is that of
+initialisation and shuffling. ``constant`` and ``linear`` have no parameters and run once.
+Errors are Å² per atom (squared distance summed over x, y, z, averaged over atoms), as in the
+EGNO and PAINET tables; ESTAG's paper averages over coordinates too (3x smaller).
+
+Usage::
+
+    python examples/benchmarks/bench_accuracy.py --system aspirin --epochs 20 --seeds 3 \
+        --json accuracy_aspirin.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from common import (
+    command_line,
+    fmt,
+    fmt_pm,
+    machine,
+    machine_table,
+    markdown_table,
+    mean_std,
+    save_json,
+    setup_logging,
+)
+
+log = logging.getLogger("bench_accuracy")
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MD17 = ("aspirin", "ethanol", "malonaldehyde", "uracil")
+SYSTEMS = (*MD17, "alanine-dipeptide")
+#: benchmark variants: label -> (registered model, option overrides)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "constant": ("constant", {}),
+    "linear": ("linear", {}),
+    "egnn": ("egnn", {}),
+    "egno": ("egno", {}),
+    "egno-noconv": ("egno", {"temporal_conv": False}),
+    "estag": ("estag", {}),
+    "painet": ("painet", {}),
+}
+BASELINES = ("constant", "linear")
+
+
+def template(system: str, model: str) -> dict[str, Any]:
+    """The example config of ``model`` for this system's protocol."""
+    stem = "aspirin" if system in MD17 else "alanine_dipeptide"
+    return yaml.safe_load((CONFIGS / f"{model}_{stem}.yaml").read_text())
+
+
+def dataset(args: argparse.Namespace) -> Path:
+    """``--data``, or cached datagen MD of ``--system``."""
+    if args.data:
+        return Path(args.data)
+    from datagen.openmm_md import run_openmm
+
+    solvent = args.solvent if args.system == "alanine-dipeptide" else "vacuum"
+    path = Path(args.data_dir) / f"{args.system}-{solvent}-{args.frames}f-seed0.h5"
+    if not path.exists():
+        log.info("generating %d frames of %s MD -> %s", args.frames, args.system, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run_openmm(args.system, path, frames=args.frames, solvent=solvent, seed=0,
+                   progress=args.progress)
+    return path
+
+
+def run_config(args: argparse.Namespace, label: str, data: Path, seed: int) -> dict[str, Any]:
+    """The training config of one variant and seed."""
+    model, options = VARIANTS[label]
+    cfg = template(args.system, model)
+    s2t = template(args.system, "egno")["data"]  # every row: the S2T rows' jump and P
+    cfg["data"]["path"] = str(data)
+    cfg["data"]["jump_ps"] = args.jump_ps or s2t["jump_ps"]
+    cfg["data"]["n_out"] = args.n_out or s2t["n_out"]
+    cfg["data"]["split"] = args.split
+    if args.split == "paper":
+        cfg["data"]["counts"] = list(args.counts)
+        cfg["data"]["margin_frames"] = args.margin_frames
+    else:
+        cfg["data"].pop("counts", None)
+    if args.history_stride_ps and cfg["data"].get("protocol") == "history":
+        cfg["data"]["history_stride_ps"] = args.history_stride_ps
+    cfg["model"].update(options)
+    if args.hidden and model not in BASELINES:
+        cfg["model"]["hidden"] = args.hidden
+    if args.layers and model in ("egnn", "egno", "estag"):
+        cfg["model"]["n_layers"] = args.layers
+    cfg["train"].update({"epochs": 1 if model in BASELINES else args.epochs,
+                         "max_steps_per_epoch": args.max_steps_per_epoch,
+                         "patience": 0, "model_seed": seed, "train_seed": seed, "data_seed": 0})
+    if args.batch_size:
+        cfg["train"]["batch_size"] = args.batch_size
+    cfg["runtime"].update({"device": args.device, "progress": args.progress,
+                           "log_every": 10_000})
+    return cfg
+
+
+def run_one(args: argparse.Namespace, label: str, data: Path, seed: int) -> dict[str, Any]:
+    """Train one variant with one seed and evaluate it on the test split."""
+    from surrogate_md.evaluate import evaluate
+    from surrogate_md.train import train
+
+    cfg = run_config(args, label, data, seed)
+    out = Path(args.out_dir) / f"{args.system}-{label}-seed{seed}"
+    start = time.perf_counter()
+    best = train(cfg, out / "train", overwrite=True)
+    train_s = time.perf_counter() - start
+    metrics = evaluate(best, data, out / "evaluate", rollout_jumps=0, overwrite=True,
+                       device=args.device, max_windows=args.eval_windows, plots=False)
+    errors = metrics["errors"]["models"]
+    name = metrics["model"]
+    return {"label": label, "seed": seed, "protocol": cfg["data"]["protocol"],
+            "history": cfg["data"].get("history", 1),
+            "history_stride_ps": cfg["data"].get("history_stride_ps"),
+            "jump_ps": metrics["jump_ps"], "n_out": len(metrics["errors"]["times_ps"]),
+            "n_test_windows": metrics["n_windows"], "fmse": errors[name]["fmse"],
+            "amse": errors[name]["amse"], "train_s": train_s,
+            "floors": {b: {"fmse": errors[b]["fmse"], "amse": errors[b]["amse"]}
+                       for b in BASELINES if b in errors}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for CI)")
+    parser.add_argument("--system", default="aspirin", choices=SYSTEMS)
+    parser.add_argument("--data", default=None, help="dataset file of --system (else datagen)")
+    parser.add_argument("--solvent", default="vacuum", choices=["vacuum", "implicit"],
+                        help="alanine dipeptide only")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="frames of generated MD (MD17: 30000 = 15 ps; alanine: 5000)")
+    parser.add_argument("--data-dir", default="bench_data")
+    parser.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--split", default=None, choices=["paper", "blocked"],
+                        help="default: paper for MD17, blocked for alanine dipeptide")
+    parser.add_argument("--counts", nargs=3, type=int, default=[500, 2000, 2000],
+                        help="paper split windows (train, val, test)")
+    parser.add_argument("--margin-frames", type=int, default=10000)
+    parser.add_argument("--jump-ps", type=float, default=None, help="override the jump (ps)")
+    parser.add_argument("--n-out", type=int, default=None, help="override P")
+    parser.add_argument("--history-stride-ps", type=float, default=None)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--max-steps-per-epoch", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=None, help="override model width")
+    parser.add_argument("--layers", type=int, default=None, help="override n_layers")
+    parser.add_argument("--eval-windows", type=int, default=None,
+                        help="score at most this many test windows")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out-dir", default="bench_runs/accuracy")
+    parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)
+    setup_logging()
+    md17 = args.system in MD17
+    if args.quick:
+        args.frames = args.frames or (1200 if md17 else 300)
+        args.split = args.split or "blocked"
+        if md17:
+            args.jump_ps, args.n_out = args.jump_ps or 0.02, args.n_out or 4
+        args.seeds, args.epochs, args.max_steps_per_epoch = min(args.seeds, 2), 1, 2
+        args.hidden, args.layers = args.hidden or 8, args.layers or 1
+        args.eval_windows = args.eval_windows or 32
+    args.frames = args.frames or (30000 if md17 else 5000)
+    args.split = args.split or ("paper" if md17 else "blocked")
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+        else args.device
+    info = machine(args.device)
+    command = command_line(__file__, argv)
+    data = dataset(args)
+    start = time.perf_counter()
+    runs = []
+    from tqdm.auto import tqdm
+
+    jobs = [(label, seed) for label in args.models
+            for seed in range(1 if label in BASELINES else args.seeds)]
+    for label, seed in tqdm(jobs, desc="train+evaluate", disable=not args.progress):
+        log.info("%s seed %d", label, seed)
+        runs.append(run_one(args, label, data, seed))
+    rows = []
+    for label in args.models:
+        mine = [r for r in runs if r["label"] == label]
+        fm, fs = mean_std([r["fmse"] for r in mine])
+        am, as_ = mean_std([r["amse"] for r in mine])
+        tm, _ = mean_std([r["train_s"] for r in mine])
+        rows.append({"model": label, "protocol": _protocol(mine[0]), "fmse_mean": fm,
+                     "fmse_std": fs, "amse_mean": am, "amse_std": as_, "train_s_mean": tm,
+                     "seeds": len(mine), "n_test_windows": mine[0]["n_test_windows"]})
+    # the floors on the history windows (they differ from the S2T windows)
+    for r in runs:
+        if r["protocol"] == "history" and r["seed"] == 0:
+            for b, err in r["floors"].items():
+                rows.append({"model": f"{b} (history windows)", "protocol": _protocol(r),
+                             "fmse_mean": err["fmse"], "fmse_std": 0.0,
+                             "amse_mean": err["amse"], "amse_std": 0.0, "train_s_mean": None,
+                             "seeds": 1, "n_test_windows": r["n_test_windows"]})
+            break
+    results = {"machine": info, "command": command, "quick": args.quick, "system": args.system,
+               "data": str(data), "split": args.split, "epochs": args.epochs,
+               "max_steps_per_epoch": args.max_steps_per_epoch, "rows": rows, "runs": runs,
+               "metric": "Å² per atom: squared distance summed over xyz, averaged over atoms",
+               "wall_seconds": time.perf_counter() - start}
+    table = markdown_table(
+        ["model", "protocol", "F-MSE (Å²)", "A-MSE (Å²)", "train time (s)", "seeds",
+         "test windows"],
+        [[r["model"], r["protocol"], fmt_pm(r["fmse_mean"], r["fmse_std"]),
+          fmt_pm(r["amse_mean"], r["amse_std"]), fmt(r["train_s_mean"]), r["seeds"],
+          r["n_test_windows"]] for r in rows])
+    print(f"# One-jump accuracy: {args.system} ({args.split} split, {args.epochs} epochs"
+          f"{f', <= {args.max_steps_per_epoch} steps/epoch' if args.max_steps_per_epoch else ''})"
+          "\n")
+    print(machine_table(info, command) + "\n")
+    print(table + "\n")
+    print("F-MSE: last output frame; A-MSE: mean over the P output frames; Å² per atom, squared "
+          "distance summed over x, y, z, averaged over atoms (mean ± std over seeds). Train time "
+          "includes data preparation and the trainer's own test pass.\n")
+    print(f"wall time {results['wall_seconds']:.1f} s")
+    if args.json_path:
+        save_json(args.json_path, results)
+    return 0
+
+
+def _protocol(run: dict[str, Any]) -> str:
+    text = f"{run['protocol']}, jump {fmt(run['jump_ps'])} ps, P = {run['n_out']}"
+    if run["protocol"] == "history":
+        text += f", {run['history']} frames x {fmt(run['history_stride_ps'])} ps"
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

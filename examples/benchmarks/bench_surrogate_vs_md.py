@@ -1,0 +1,362 @@
+"""Simulated time per wall-clock second: learned jumps (with guards) vs OpenMM MD, same machine.
+
+For each system both runs use the same OpenMM ``System``, platform and machine:
+
+- **MD**: ``openmm.app.Simulation`` with ``LangevinMiddleIntegrator`` (2 fs, 1/ps, HBonds), timed
+  over ``--md-ps`` of simulated time after minimisation and a short warm-up;
+- **surrogate**: ``integrations.openmm_simulation.SurrogateSimulation`` (guards on, default action
+  ``fallback``: a failed jump is replaced by real MD of the same length, which is counted in both
+  the wall time and the simulated time), started from the MD's end state, timed over
+  ``--jumps`` jumps after one warm-up jump. ``model only`` is ``Surrogate.predict`` alone.
+
+Alanine dipeptide: a checkpoint from ``--checkpoint``, or a quick one trained here (the example
+config ``examples/configs/MODEL_alanine_dipeptide.yaml`` with ``--train-epochs``) on MD generated
+with ``datagen`` (cached in ``--data-dir``); the accuracy the speed holds at comes from
+``surrogate_md.evaluate`` on the test split (one-jump F-MSE, rollout RMSD, validity).
+
+AdK (``--systems adk``, amber14 + OBC2): without ``--adk-checkpoint`` the jump machinery is timed
+with an **untrained** ``--adk-model`` on the backbone atoms (8 Å radius graph; side chains and
+hydrogens ride along), guards in ``warn`` mode so every jump stays a jump; the table says so and
+the guard pass rate of an untrained model means nothing.
+
+Usage::
+
+    python examples/benchmarks/bench_surrogate_vs_md.py --train-epochs 30 --jumps 200 \
+        --json surrogate_vs_md.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from common import (
+    command_line,
+    fmt,
+    machine,
+    machine_table,
+    markdown_table,
+    save_json,
+    setup_logging,
+)
+
+log = logging.getLogger("bench_surrogate_vs_md")
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SECONDS_PER_DAY = 86400.0
+MD_STEP_PS = 0.002
+FRICTION_PER_PS = 1.0
+TEMPERATURE_K = 300.0
+TRAINABLE = ("egnn", "egno", "estag", "painet")
+
+
+def ns_per_day(simulated_ps: float, wall_s: float) -> float:
+    """Simulated ns per day of wall time."""
+    return simulated_ps * 1e-3 / wall_s * SECONDS_PER_DAY if wall_s > 0 else float("nan")
+
+
+def alanine_data(args: argparse.Namespace) -> Path:
+    """Cached MD of alanine dipeptide (datagen defaults: 0.1 ps between frames)."""
+    from datagen.openmm_md import run_openmm
+
+    path = Path(args.data_dir) / f"alanine-dipeptide-{args.solvent}-{args.frames}f-seed0.h5"
+    if not path.exists():
+        log.info("generating %d frames of alanine dipeptide MD -> %s", args.frames, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run_openmm("alanine-dipeptide", path, frames=args.frames, solvent=args.solvent, seed=0,
+                   progress=args.progress)
+    return path
+
+
+def train_quick(args: argparse.Namespace, data: Path) -> tuple[Path, float]:
+    """Train ``args.model`` from its example config; returns best.pt and the training seconds."""
+    from surrogate_md.train import train
+
+    config = yaml.safe_load((CONFIGS / f"{args.model}_alanine_dipeptide.yaml").read_text())
+    config["data"]["path"] = str(data)
+    config["train"].update({"epochs": args.train_epochs, "patience": 0,
+                            "max_steps_per_epoch": args.max_steps_per_epoch})
+    config["runtime"].update({"device": args.device, "progress": args.progress})
+    if args.hidden:
+        config["model"]["hidden"] = args.hidden
+    out = Path(args.out_dir) / f"train-{args.model}-alanine-dipeptide-{args.solvent}"
+    start = time.perf_counter()
+    best = train(config, out, overwrite=True)
+    return best, time.perf_counter() - start
+
+
+def accuracy(args: argparse.Namespace, checkpoint: Path, data: Path) -> dict[str, Any]:
+    """One-jump errors, rollout error and validity of ``checkpoint`` on the test split."""
+    from surrogate_md.evaluate import evaluate
+
+    metrics = evaluate(checkpoint, data, Path(args.out_dir) / "evaluate-alanine-dipeptide",
+                       rollout_jumps=args.rollout_jumps, n_rollouts=4, overwrite=True,
+                       device=args.device, plots=False)
+    name = metrics["model"]
+    errors = metrics["errors"]["models"]
+    out = {"model": name, "fmse_A2": errors[name]["fmse"], "amse_A2": errors[name]["amse"],
+           "fmse_linear_A2": errors["linear"]["fmse"],
+           "fmse_constant_A2": errors["constant"]["fmse"]}
+    roll = metrics.get("rollout", {})
+    if "mse_vs_time" in roll:
+        out["rollout_ps"] = float(roll["times_ps"][-1])
+        out["rollout_rmsd_A"] = float(np.sqrt(roll["mse_vs_time"][name][-1]))
+        out["rollout_rmsd_linear_A"] = float(np.sqrt(roll["mse_vs_time"]["linear"][-1]))
+        validity = roll.get("validity", {})
+        out["collapsed_fraction"] = validity.get("bond_deviation_A", {}).get(
+            "collapsed_fraction")
+        out["clash_fraction"] = validity.get("min_nonbonded_distance_A", {}).get(
+            "model_clash_fraction")
+        out["h_r_mae"] = validity.get("distance_histogram", {}).get("mae")
+    return out
+
+
+def md_timing(prepared, platform, md_ps: float) -> tuple[dict[str, Any], Any]:
+    """Time plain OpenMM MD; returns the timing and the final State (positions, velocities)."""
+    import openmm
+    from openmm import app, unit
+
+    integrator = openmm.LangevinMiddleIntegrator(TEMPERATURE_K * unit.kelvin,
+                                                 FRICTION_PER_PS / unit.picosecond,
+                                                 MD_STEP_PS * unit.picosecond)
+    integrator.setRandomNumberSeed(1)
+    sim = app.Simulation(prepared.topology, prepared.system, integrator, platform)
+    sim.context.setPositions(prepared.positions)
+    sim.minimizeEnergy(maxIterations=200)
+    sim.context.setVelocitiesToTemperature(TEMPERATURE_K * unit.kelvin, 1)
+    sim.step(50)  # warm-up: kernels, neighbour lists
+    n_steps = max(1, round(md_ps / MD_STEP_PS))
+    start = time.perf_counter()
+    sim.step(n_steps)
+    sim.context.getState(positions=True)  # wait for the platform to finish
+    wall = time.perf_counter() - start
+    simulated = n_steps * MD_STEP_PS
+    state = sim.context.getState(positions=True, velocities=True)
+    return {"steps": n_steps, "simulated_ps": simulated, "wall_s": wall,
+            "ns_per_s": simulated * 1e-3 / wall, "ns_per_day": ns_per_day(simulated, wall)}, state
+
+
+def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards: str
+                     ) -> dict[str, Any]:
+    """Time ``n_jumps`` jumps of ``SurrogateSimulation`` from ``state``; count guard results."""
+    from openmm import unit
+
+    from integrations.openmm_simulation import SurrogateSimulation
+
+    sim = SurrogateSimulation(prepared.topology, prepared.system, surrogate, platform=platform,
+                              guards=guards, temperature_K=TEMPERATURE_K)
+    sim.context.setPositions(state.getPositions())
+    sim.context.setVelocities(state.getVelocities())
+    sim.step(1)  # warm-up (first graph, first energy)
+    t0 = sim.context.getState().getTime().value_in_unit(unit.picosecond)
+    jumps0, fallbacks0 = sim.n_jumps, sim.n_fallbacks
+    start = time.perf_counter()
+    sim.step(n_jumps)
+    wall = time.perf_counter() - start
+    simulated = sim.context.getState().getTime().value_in_unit(unit.picosecond) - t0
+    accepted, fallbacks = sim.n_jumps - jumps0, sim.n_fallbacks - fallbacks0
+    # model-only cost of one jump (no engine, no guards), on the final state
+    pos = state.getPositions(asNumpy=True).value_in_unit(unit.angstrom)
+    vel = state.getVelocities(asNumpy=True).value_in_unit(unit.angstrom / unit.picosecond)
+    hist = None
+    if surrogate.needs_history:
+        hist = np.repeat(np.asarray(pos)[None], surrogate.history_length, axis=0)
+    surrogate.predict(pos, vel, hist)
+    repeats = max(3, min(20, n_jumps))
+    t_model = time.perf_counter()
+    for _ in range(repeats):
+        surrogate.predict(pos, vel, hist)
+    model_s = (time.perf_counter() - t_model) / repeats
+    summary = sim.guard_summary()
+    return {"jumps": n_jumps, "accepted": accepted, "fallbacks": fallbacks,
+            "pass_fraction": accepted / max(n_jumps, 1), "guard_action": guards,
+            "guard_failures": summary["failures"], "simulated_ps": simulated, "wall_s": wall,
+            "ns_per_s": simulated * 1e-3 / wall, "ns_per_day": ns_per_day(simulated, wall),
+            "model_only_s_per_jump": model_s,
+            "model_only_ns_per_day": ns_per_day(surrogate.jump_ps, model_s)}
+
+
+def adk_untrained_checkpoint(args: argparse.Namespace, prepared, out: Path) -> Path:
+    """A checkpoint of an untrained ``args.adk_model`` on the AdK backbone (timing only)."""
+    import openmm
+    from openmm import unit
+
+    from datagen.openmm_md import topology_from_openmm
+    from surrogate_md.checkpoint import build_payload, save_checkpoint
+    from surrogate_md.data.selection import select_nodes
+    from surrogate_md.data.windows import GraphBuilder, GraphSpec, Protocol
+    from surrogate_md.models import build_model
+    from surrogate_md.validity import ValidityReference
+
+    topo = topology_from_openmm(prepared.topology, prepared.system)
+    sel = select_nodes(topo, "backbone")
+    pos = np.asarray(prepared.positions.value_in_unit(unit.angstrom))
+    nodes = sel.gather(pos[None])
+    bonded = GraphBuilder.for_selection(GraphSpec(kind="bonds", two_hop=False), sel, topo.bonds,
+                                        nodes[0])
+    graph = GraphBuilder(GraphSpec(kind="radius", cutoff_A=8.0), bonded.bonds, sel.n_nodes)
+    validity = ValidityReference.from_frames(pos[None, sel.atom_index], bonded.bonds)
+    options = {"n_history": 10} if args.adk_model == "estag" else {}
+    net = build_model(args.adk_model, options)
+    jump_frames, n_out, interval_ps = 4, 4, 1.0  # EGNO AdK-like: P = 4 outputs over 4 ps
+    net.set_normalisation(velocity_scale=3.0, displacement_scale=0.5,
+                          time_scale=jump_frames * interval_ps)
+    proto = Protocol("s2t", jump_frames, n_out)
+    protocol = {**proto.to_dict(), "interval_ps": interval_ps,
+                "jump_ps": jump_frames * interval_ps,
+                "times_ps": (proto.out_frames * interval_ps).tolist(),
+                "history_stride_ps": interval_ps, "velocity_source": "file"}
+    payload = build_payload(net, protocol=protocol, selection=sel, graph=graph, topology=topo,
+                            validity=validity,
+                            provenance={"note": "untrained, timing only",
+                                        "openmm": openmm.__version__})
+    return save_checkpoint(out, payload)
+
+
+def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    from datagen.openmm_md import choose_platform, prepare_system
+    from surrogate_md import Surrogate
+
+    row: dict[str, Any] = {"system": name}
+    solvent = args.solvent if name == "alanine-dipeptide" else "implicit"
+    prepared = prepare_system(name, solvent=solvent)
+    n_atoms = prepared.system.getNumParticles()
+    platform = choose_platform(args.platform, n_atoms, solvent)
+    row.update({"atoms": n_atoms, "solvent": solvent, "platform": platform.getName()})
+    if name == "alanine-dipeptide":
+        data = alanine_data(args)
+        if args.checkpoint:
+            checkpoint, row["train_s"] = Path(args.checkpoint), None
+        else:
+            checkpoint, row["train_s"] = train_quick(args, data)
+        row["trained"] = True
+        row["accuracy"] = accuracy(args, checkpoint, data)
+        md_ps, n_jumps, guards = args.md_ps, args.jumps, args.guards
+    else:
+        if args.adk_checkpoint:
+            checkpoint, row["trained"], guards = Path(args.adk_checkpoint), True, args.guards
+        else:
+            checkpoint = adk_untrained_checkpoint(
+                args, prepared, Path(args.out_dir) / f"adk-untrained-{args.adk_model}.pt")
+            row["trained"], guards = False, "warn"
+        md_ps, n_jumps = args.adk_md_ps, args.adk_jumps
+    surrogate = Surrogate.load(checkpoint, device=args.device)
+    row["model"] = surrogate.name
+    row["jump_ps"] = surrogate.jump_ps
+    row["model_atoms"] = surrogate.n_model_atoms
+    log.info("%s: timing %.3g ps of MD on %s", name, md_ps, platform.getName())
+    row["md"], state = md_timing(prepared, platform, md_ps)
+    log.info("%s: timing %d jumps of %s (%g ps each)", name, n_jumps, surrogate.name,
+             surrogate.jump_ps)
+    row["surrogate"] = surrogate_timing(prepared, platform, surrogate, state, n_jumps, guards)
+    row["speedup"] = row["surrogate"]["ns_per_s"] / row["md"]["ns_per_s"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for CI)")
+    parser.add_argument("--systems", nargs="+", default=["alanine-dipeptide"],
+                        choices=["alanine-dipeptide", "adk"])
+    parser.add_argument("--solvent", default="vacuum", choices=["vacuum", "implicit"],
+                        help="alanine dipeptide solvent (AdK always runs in implicit solvent)")
+    parser.add_argument("--checkpoint", default=None, help="alanine dipeptide checkpoint")
+    parser.add_argument("--model", default="egno", choices=TRAINABLE,
+                        help="model trained when no --checkpoint is given")
+    parser.add_argument("--train-epochs", type=int, default=30)
+    parser.add_argument("--max-steps-per-epoch", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=None, help="override the model width")
+    parser.add_argument("--frames", type=int, default=5000,
+                        help="alanine dipeptide MD frames (0.1 ps apart) for training")
+    parser.add_argument("--rollout-jumps", type=int, default=20)
+    parser.add_argument("--jumps", type=int, default=200, help="timed surrogate jumps")
+    parser.add_argument("--md-ps", type=float, default=100.0, help="timed MD (ps)")
+    parser.add_argument("--guards", default="fallback", choices=["fallback", "relax", "warn"])
+    parser.add_argument("--adk-checkpoint", default=None)
+    parser.add_argument("--adk-model", default="egno", choices=TRAINABLE)
+    parser.add_argument("--adk-jumps", type=int, default=5)
+    parser.add_argument("--adk-md-ps", type=float, default=0.1)
+    parser.add_argument("--platform", default="auto",
+                        choices=["auto", "Reference", "CPU", "CUDA", "OpenCL"])
+    parser.add_argument("--device", default="auto", help="torch device of the surrogate")
+    parser.add_argument("--data-dir", default="bench_data")
+    parser.add_argument("--out-dir", default="bench_runs/surrogate_vs_md")
+    parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.quick:
+        args.frames = min(args.frames, 400)
+        args.train_epochs, args.max_steps_per_epoch = 1, 3
+        args.hidden = args.hidden or 16
+        args.rollout_jumps, args.jumps, args.md_ps = 2, 3, 0.2
+        args.adk_jumps, args.adk_md_ps = 1, 0.004
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    args.device = device
+    info = machine(device)
+    command = command_line(__file__, argv)
+    start = time.perf_counter()
+    rows = [run_system(args, name) for name in args.systems]
+    results = {"machine": info, "command": command, "quick": args.quick, "systems": rows,
+               "wall_seconds": time.perf_counter() - start}
+
+    body = []
+    for r in rows:
+        s, m = r["surrogate"], r["md"]
+        label = r["model"] + ("" if r["trained"] else " (untrained: timing only)")
+        body.append([r["system"], r["atoms"], r["platform"], "OpenMM MD (2 fs Langevin)",
+                     fmt(m["simulated_ps"]), fmt(m["wall_s"]), fmt(m["ns_per_s"]),
+                     fmt(m["ns_per_day"]), "-", "1"])
+        body.append([r["system"], r["atoms"], r["platform"],
+                     f"{label}, jump {fmt(r['jump_ps'])} ps, guards {s['guard_action']}",
+                     fmt(s["simulated_ps"]), fmt(s["wall_s"]), fmt(s["ns_per_s"]),
+                     fmt(s["ns_per_day"]),
+                     f"{100 * s['pass_fraction']:.1f}% ({s['accepted']}/{s['jumps']})",
+                     fmt(r["speedup"])])
+        body.append([r["system"], r["atoms"], "-", f"{r['model']} model only (predict)",
+                     fmt(r["jump_ps"]), fmt(s["model_only_s_per_jump"]),
+                     fmt(r["jump_ps"] * 1e-3 / s["model_only_s_per_jump"]),
+                     fmt(s["model_only_ns_per_day"]), "-",
+                     fmt(r["jump_ps"] * 1e-3 / s["model_only_s_per_jump"] / m["ns_per_s"])])
+    speed = markdown_table(["system", "atoms", "platform", "engine", "simulated (ps)",
+                            "wall (s)", "ns/s", "ns/day", "jumps passing guards",
+                            "speed-up vs MD"], body)
+    acc_rows = []
+    for r in rows:
+        a = r.get("accuracy")
+        if a:
+            acc_rows.append([r["system"], a["model"], fmt(r.get("train_s")), fmt(a["fmse_A2"]),
+                             fmt(a["fmse_linear_A2"]), fmt(a.get("rollout_ps")),
+                             fmt(a.get("rollout_rmsd_A")), fmt(a.get("rollout_rmsd_linear_A")),
+                             fmt(a.get("collapsed_fraction")), fmt(a.get("clash_fraction")),
+                             fmt(a.get("h_r_mae"))])
+    print("# Surrogate vs MD: simulated time per wall-clock second\n")
+    print(machine_table(info, command) + "\n")
+    print(speed + "\n")
+    if acc_rows:
+        print("## Accuracy the speed holds at (test split, `surrogate_md.evaluate`)\n")
+        print(markdown_table(["system", "model", "train (s)", "one-jump F-MSE (Å²)",
+                              "linear F-MSE (Å²)", "rollout (ps)", "rollout RMSD (Å)",
+                              "linear rollout RMSD (Å)", "collapsed frames",
+                              "clash frames", "h(r) MAE"], acc_rows) + "\n")
+        print("Errors: Å² per atom, squared distance summed over xyz, averaged over atoms; "
+              "RMSD = sqrt of that at the end of the rollout.\n")
+    if any(not r["trained"] for r in rows):
+        print("Untrained models time the jump machinery only (model, reconstruction of the "
+              "riding atoms, guards, energy); their guard pass rate means nothing.\n")
+    print(f"wall time {results['wall_seconds']:.1f} s")
+    if args.json_path:
+        save_json(args.json_path, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Physical validity of long surrogate rollouts vs reference MD, per model.
+
+Each model rolls out ``--jumps`` jumps (default 1000) with ``Surrogate.rollout`` from a state of
+the reference trajectory (no engine, no guards: what the model does on its own), and every
+predicted frame is scored with the package's validity measures (``surrogate_md.validity``,
+``surrogate_md.evaluate.metrics``):
+
+- collapses: frames with a bond more than ``COLLAPSE_A`` (0.5 Å) off its reference mean length;
+- clashes: frames whose closest non-bonded pair (beyond two bonds) is nearer than the
+  checkpoint's learned clash distance;
+- chain breaks (proteins): frames with a CA(i)–CA(i+1) distance above ``CHAIN_BREAK_A`` (4.5 Å);
+- h(r) MAE: mean absolute difference of the normalised pair-distance histograms (0–20 Å, 0.1 Å
+  bins) of the rollout and of the reference MD;
+- torsion JSD: Jensen–Shannon divergence (nats, 0..ln 2) of the backbone (phi, psi) histograms
+  (36 x 36 bins) of rollout and reference;
+- guard events: the jump ends that ``integrations.guards.Guards`` (non-finite, bond, clash,
+  chain-break checks; the energy check needs an engine and is not run here) would reject.
+
+Models: ``--checkpoints`` (with the ``--data`` they were trained on), or models trained here on
+alanine dipeptide MD generated with ``datagen`` (example configs, ``--train-epochs``).
+
+Usage::
+
+    python examples/benchmarks/bench_validity.py --models egno painet --train-epochs 30 \
+        --jumps 1000 --json validity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from common import (
+    command_line,
+    fmt,
+    machine,
+    machine_table,
+    markdown_table,
+    save_json,
+    setup_logging,
+)
+
+log = logging.getLogger("bench_validity")
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRAINABLE = ("egnn", "egno", "estag", "painet")
+MAX_SCORED_FRAMES = 2000  # frames scored for the clash/h(r)/torsion statistics
+
+
+def alanine_data(args: argparse.Namespace) -> Path:
+    from datagen.openmm_md import run_openmm
+
+    path = Path(args.data_dir) / f"alanine-dipeptide-{args.solvent}-{args.frames}f-seed0.h5"
+    if not path.exists():
+        log.info("generating %d frames of alanine dipeptide MD -> %s", args.frames, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run_openmm("alanine-dipeptide", path, frames=args.frames, solvent=args.solvent, seed=0,
+                   progress=args.progress)
+    return path
+
+
+def train_model(args: argparse.Namespace, model: str, data: Path) -> Path:
+    from surrogate_md.train import train
+
+    config = yaml.safe_load((CONFIGS / f"{model}_alanine_dipeptide.yaml").read_text())
+    config["data"]["path"] = str(data)
+    config["train"].update({"epochs": args.train_epochs, "patience": 0,
+                            "max_steps_per_epoch": args.max_steps_per_epoch})
+    config["runtime"].update({"device": args.device, "progress": args.progress,
+                              "log_every": 10_000})
+    if args.hidden:
+        config["model"]["hidden"] = args.hidden
+    return train(config, Path(args.out_dir) / f"train-{model}", overwrite=True)
+
+
+def start_state(sur, traj, frame: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Positions, velocities (file, else backward difference) and history at ``frame``."""
+    interval = traj.interval_ps
+    pos = traj.read(np.array([frame]))[0]
+    if traj.velocities is not None:
+        vel = traj.read(np.array([frame]), "velocities")[0]
+    else:
+        vel = (pos - traj.read(np.array([frame - 1]))[0]) / interval
+    hist = None
+    if sur.needs_history:
+        stride = round(sur.history_stride_ps / interval)
+        idx = frame - stride * np.arange(sur.history_length - 1, -1, -1)
+        hist = traj.read(idx)
+    return pos, vel, hist
+
+
+def score(sur, frames: np.ndarray, ref: np.ndarray, topology) -> dict[str, Any]:
+    """Validity of predicted ``frames`` (F, model atoms, 3) Å against reference MD ``ref``."""
+    from surrogate_md.evaluate import metrics as M
+    from surrogate_md.evaluate.core import CHAIN_BREAK_A, COLLAPSE_A
+    from surrogate_md.validity import bond_lengths, excluded_pairs, min_nonbonded_distance
+
+    v = sur.validity
+    out: dict[str, Any] = {"frames": int(len(frames))}
+    finite = np.isfinite(frames).all(axis=(1, 2))
+    out["nonfinite_frames"] = int((~finite).sum())
+    good = frames[finite]
+    bonds = v.bonds if v is not None else np.zeros((0, 2), dtype=np.int64)
+    if len(bonds) and len(good):
+        dev = np.abs(bond_lengths(good, bonds) - v.bond_length_mean_A).max(1)
+        out["collapsed_frames"] = int((dev > COLLAPSE_A).sum() + (~finite).sum())
+        out["max_bond_deviation_A"] = float(dev.max())
+    step = max(1, len(good) // MAX_SCORED_FRAMES)
+    ref_step = max(1, len(ref) // MAX_SCORED_FRAMES)
+    scored, ref_scored = good[::step], ref[::ref_step]
+    excluded = excluded_pairs(bonds, frames.shape[1])
+    if len(scored):
+        dmin = np.array([min_nonbonded_distance(f, bonds, excluded=excluded) for f in scored])
+        threshold = v.min_distance_A if v is not None else 0.0
+        out["clash_fraction"] = float((dmin < threshold).mean())
+        out["min_nonbonded_A"] = float(dmin.min())
+    ca = M.consecutive_ca_pairs(topology, sur.model_atoms)
+    if len(ca):
+        out["chain_break_frames"] = int((M.chain_breaks(good, ca, CHAIN_BREAK_A) > 0).sum())
+    bins = np.linspace(0.0, 20.0, 201)
+    if len(scored):
+        out["h_r_mae"] = float(np.abs(M.distance_histogram(scored, bins)
+                                      - M.distance_histogram(ref_scored, bins)).mean())
+    quads = M.backbone_torsion_atoms(topology, sur.model_atoms)
+    if len(quads["phi"]) and len(quads["psi"]) and len(scored):
+        pairs = [(a, b) for a, qa in enumerate(quads["phi"].tolist())
+                 for b, qb in enumerate(quads["psi"].tolist()) if qa[1:3] == qb[:2]]
+        if pairs:
+            ia, ib = np.array(pairs).T
+
+            def rama(x: np.ndarray) -> np.ndarray:
+                return M.torsion_histogram(M.torsions(x, quads["phi"])[:, ia],
+                                           M.torsions(x, quads["psi"])[:, ib])
+
+            out["torsion_jsd"] = M.js_divergence(rama(scored), rama(ref_scored))
+    return out
+
+
+def guard_events(sur, frames: np.ndarray, times_ps: np.ndarray) -> dict[str, Any]:
+    """Guard checks (no energy) on every jump end of a rollout of ``frames``."""
+    from integrations.guards import GuardConfig, Guards
+
+    if sur.n_model_atoms != sur.n_atoms:
+        return {"skipped": "partial model: guards check reconstructed full systems"}
+    guards = Guards(sur, GuardConfig(action="warn"))
+    n_out = len(sur.times_ps)
+    failed: dict[str, int] = {}
+    rejected = 0
+    for j, k in enumerate(range(n_out - 1, len(frames), n_out)):
+        events = guards.check(frames[k], jump=j, time_ps=float(times_ps[k]))
+        rejected += bool(events)
+        for ev in events:
+            failed[ev.check] = failed.get(ev.check, 0) + 1
+    checked = len(frames) // n_out
+    return {"jumps_checked": checked, "rejected": rejected,
+            "failures": failed,
+            "pass_fraction": 1 - rejected / max(checked, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for CI)")
+    parser.add_argument("--checkpoints", nargs="+", default=None,
+                        help="trained checkpoints (of the system in --data)")
+    parser.add_argument("--data", default=None, help="reference MD (default: datagen alanine)")
+    parser.add_argument("--models", nargs="+", default=["egno", "painet"], choices=TRAINABLE,
+                        help="models trained here when no --checkpoints are given")
+    parser.add_argument("--solvent", default="vacuum", choices=["vacuum", "implicit"])
+    parser.add_argument("--frames", type=int, default=5000)
+    parser.add_argument("--train-epochs", type=int, default=30)
+    parser.add_argument("--max-steps-per-epoch", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--jumps", type=int, default=1000)
+    parser.add_argument("--start-fraction", type=float, default=0.9,
+                        help="start the rollout at this fraction of the reference trajectory")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-dir", default="bench_data")
+    parser.add_argument("--out-dir", default="bench_runs/validity")
+    parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.quick:
+        args.frames, args.train_epochs, args.max_steps_per_epoch = 300, 1, 2
+        args.hidden, args.jumps = args.hidden or 8, min(args.jumps, 10)
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+        else args.device
+    from surrogate_md import Surrogate
+    from surrogate_md.data.h5md import open_trajectory
+
+    info = machine(args.device)
+    command = command_line(__file__, argv)
+    start = time.perf_counter()
+    data = Path(args.data) if args.data else alanine_data(args)
+    if args.checkpoints:
+        checkpoints = [Path(c) for c in args.checkpoints]
+    else:
+        checkpoints = [train_model(args, m, data) for m in args.models]
+    rows = []
+    with open_trajectory(data) as traj:
+        for ckpt in checkpoints:
+            sur = Surrogate.load(ckpt, device=args.device)
+            sur.check_atomic_numbers(traj.topology.atomic_numbers)
+            history_frames = (round(sur.history_length * sur.history_stride_ps /
+                                    traj.interval_ps) if sur.needs_history else 1)
+            frame = min(max(int(args.start_fraction * (traj.n_frames - 1)), history_frames),
+                        traj.n_frames - 1)
+            pos, vel, hist = start_state(sur, traj, frame)
+            log.info("%s: %d-jump rollout (%g ps) from frame %d", sur.name, args.jumps,
+                     args.jumps * sur.jump_ps, frame)
+            t0 = time.perf_counter()
+            with np.errstate(all="ignore"):
+                frames, times = sur.rollout(pos, vel, hist, n_jumps=args.jumps,
+                                            progress=args.progress)
+            rollout_s = time.perf_counter() - t0
+            step = max(1, traj.n_frames // MAX_SCORED_FRAMES)
+            ref = traj.read(slice(0, traj.n_frames, step))[:, sur.model_atoms]
+            with np.errstate(all="ignore"):
+                row = {"model": sur.name, "checkpoint": str(ckpt), "jump_ps": sur.jump_ps,
+                       "rollout_ps": float(times[-1]), "rollout_s": rollout_s,
+                       "start_frame": frame, "reference_frames": int(len(ref)),
+                       **score(sur, frames, ref, traj.topology),
+                       "guards": guard_events(sur, frames, times)}
+            rows.append(row)
+    results = {"machine": info, "command": command, "quick": args.quick, "data": str(data),
+               "jumps": args.jumps, "models": rows, "wall_seconds": time.perf_counter() - start}
+
+    def guard_cell(g: dict) -> str:
+        if "skipped" in g:
+            return "n/a"
+        fails = ", ".join(f"{k} {v}" for k, v in sorted(g["failures"].items())) or "none"
+        return f"{g['rejected']}/{g['jumps_checked']} ({fails})"
+
+    body = []
+    for r in rows:
+        body.append([r["model"], f"{args.jumps} x {fmt(r['jump_ps'])} ps", fmt(r["rollout_s"]),
+                     f"{r.get('collapsed_frames', 'n/a')}/{r['frames']}",
+                     fmt(r.get("clash_fraction")),
+                     str(r.get("chain_break_frames", "n/a")), fmt(r.get("h_r_mae")),
+                     fmt(r.get("torsion_jsd")), guard_cell(r["guards"])])
+    table = markdown_table(["model", "rollout", "wall (s)", "collapsed frames",
+                            "clash fraction", "chain-break frames", "h(r) MAE vs MD",
+                            "torsion JSD vs MD", "jumps rejected by guards"], body)
+    print(f"# Validity of {args.jumps}-jump rollouts vs reference MD ({data.name})\n")
+    print(machine_table(info, command) + "\n")
+    print(table + "\n")
+    print("Collapsed: a bond > 0.5 Å off its mean (or non-finite); clash: closest pair beyond "
+          "two bonds nearer than the checkpoint's clash distance (fraction of scored frames); "
+          "h(r): pair-distance histogram, 0.1 Å bins; torsion JSD: (phi, psi) histograms, "
+          "nats (0..0.69). Guards: no energy check (no engine).\n")
+    print(f"wall time {results['wall_seconds']:.1f} s")
+    if args.json_path:
+        save_json(args.json_path, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

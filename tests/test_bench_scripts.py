@@ -1,0 +1,196 @@
+"""The accuracy, surrogate-vs-MD, scaling and validity benchmarks run at tiny sizes (``--quick``)
+and print well-formed Markdown tables and JSON."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Import a benchmark script as a module (its folder first on sys.path, as when run)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+
+    def load(name: str):
+        return importlib.import_module(name)
+
+    return load
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+    tables, current = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            current.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    if current:
+        tables.append(current)
+    return tables
+
+
+def _check(rows: list[list[str]]) -> list[list[str]]:
+    """A well-formed table: separator row, equal widths; returns the body."""
+    header, sep, body = rows[0], rows[1], rows[2:]
+    assert all(cell and set(cell) <= set("-:") for cell in sep)
+    assert len(sep) == len(header) and body
+    assert all(len(row) == len(header) for row in body)
+    return body
+
+
+def _machine_and_command(tables: list, script: str) -> None:
+    machine = dict((row[0], row[1]) for row in _check(tables[0]))
+    assert {"CPU", "versions", "device", "command"} <= set(machine)
+    assert "torch" in machine["versions"] and "openmm" in machine["versions"]
+    assert f"examples/benchmarks/{script}" in machine["command"]
+
+
+def test_common_helpers(bench, tmp_path):
+    common = bench("common")
+    assert common.loglog_slope([1, 10, 100], [2, 20, 200]) == pytest.approx(1.0)
+    assert common.loglog_slope([1, 10, 100], [1, 100, 1e4]) == pytest.approx(2.0)
+    assert math.isnan(common.loglog_slope([1], [1]))
+    assert common.mean_std([1.0, 3.0]) == pytest.approx((2.0, math.sqrt(2.0)))
+    with pytest.raises(ValueError):
+        common.markdown_table(["a", "b"], [[1]])
+    out = common.save_json(tmp_path / "x.json", {"nan": float("nan"), "p": tmp_path})
+    assert json.loads(out.read_text()) == {"nan": None, "p": str(tmp_path)}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_scaling_quick(bench, tmp_path, capsys):
+    scaling = bench("bench_scaling")
+    out = tmp_path / "scaling.json"
+    assert scaling.main(["--quick", "--in-process", "--threads", "1", "--models", "painet",
+                         "egno", "--json", str(out), "--no-progress"]) == 0
+    tables = _tables(capsys.readouterr().out)
+    _machine_and_command(tables, "bench_scaling.py")
+    atoms, p_sweep, slopes = (_check(t) for t in tables[1:4])
+    assert len(atoms) == 2 * len(scaling.QUICK["atoms"])
+    assert len(p_sweep) == 2 * len(scaling.QUICK["p_values"])
+    for row in atoms + p_sweep:
+        assert float(row[4]) > 0 and int(row[3]) > 0  # time, edges
+    assert {row[0] for row in slopes} == {"painet", "egno"}
+    data = json.loads(out.read_text())
+    assert set(data["slopes_atoms"]) == {"painet", "egno"}
+    assert all(isinstance(v, float) for v in data["slopes_atoms"].values())
+    assert (tmp_path / "scaling.png").stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scaling.json", "scaling.png"]
+
+
+def test_scaling_synthetic_density_and_skip(bench):
+    scaling = bench("bench_scaling")
+    batch = scaling.make_batch(1000, 2, 5.0, 0.1)
+    pos = batch["pos"][:, 0].double()
+    volume = float((pos.max(0).values - pos.min(0).values).prod())
+    assert 0.07 < 1000 / volume < 0.14  # ~0.1 atoms/Å³
+    per_atom = batch["edge_index"].shape[1] / 1000
+    assert 20 < per_atom < 60  # 4/3 pi 5^3 x 0.1 = 52 minus surface atoms
+    assert int((pos[:, None] - pos[None]).norm(dim=-1).add(1e9 * scaling.torch.eye(
+        1000, dtype=pos.dtype)).min()) >= 1  # no overlapping atoms
+    done = [{"n_atoms": 100, "seconds": 1.0}, {"n_atoms": 1000, "seconds": 10.0}]
+    assert scaling.predicted_seconds(done, 10_000, "n_atoms") == pytest.approx(100.0)
+
+
+def test_accuracy_quick_md17(bench, tmp_path, capsys):
+    accuracy = bench("bench_accuracy")
+    out = tmp_path / "acc.json"
+    assert accuracy.main(["--quick", "--system", "ethanol", "--models", "constant", "linear",
+                          "egno", "estag", "--seeds", "1", "--data-dir", str(tmp_path / "d"),
+                          "--out-dir", str(tmp_path / "r"), "--json", str(out),
+                          "--no-progress"]) == 0
+    tables = _tables(capsys.readouterr().out)
+    _machine_and_command(tables, "bench_accuracy.py")
+    body = _check(tables[1])
+    assert [r[0] for r in body][:4] == ["constant", "linear", "egno", "estag"]
+    assert any(r[0].startswith("constant (history") for r in body)
+    for row in body:
+        fmse, amse = (float(c.split("±")[0]) for c in row[2:4])
+        assert fmse > 0 and amse > 0
+    data = json.loads(out.read_text())
+    rows = {r["model"]: r for r in data["rows"]}
+    assert rows["estag"]["protocol"].startswith("history")
+    assert rows["egno"]["protocol"].startswith("s2t")
+    # the trained model and the floors are scored on the same windows by evaluate
+    egno_run = next(r for r in data["runs"] if r["label"] == "egno")
+    assert egno_run["floors"]["constant"]["fmse"] == pytest.approx(rows["constant"]["fmse_mean"])
+
+
+@pytest.mark.slow
+def test_surrogate_vs_md_quick(bench, tmp_path, capsys):
+    vs_md = bench("bench_surrogate_vs_md")
+    out = tmp_path / "vs.json"
+    assert vs_md.main(["--quick", "--data-dir", str(tmp_path / "d"), "--out-dir",
+                       str(tmp_path / "r"), "--json", str(out), "--no-progress"]) == 0
+    tables = _tables(capsys.readouterr().out)
+    _machine_and_command(tables, "bench_surrogate_vs_md.py")
+    speed, acc = _check(tables[1]), _check(tables[2])
+    assert len(speed) == 3 and "OpenMM MD" in speed[0][3]
+    for row in speed:
+        assert float(row[6]) > 0 and float(row[7]) > 0  # ns/s, ns/day
+    assert "%" in speed[1][8]
+    data = json.loads(out.read_text())
+    sys_ = data["systems"][0]
+    assert sys_["surrogate"]["accepted"] + sys_["surrogate"]["fallbacks"] == 3
+    assert sys_["surrogate"]["simulated_ps"] == pytest.approx(3 * sys_["jump_ps"])
+    assert sys_["md"]["ns_per_day"] == pytest.approx(sys_["md"]["ns_per_s"] * 86400)
+    assert float(acc[0][3]) > 0
+
+
+@pytest.mark.slow
+def test_validity_quick(bench, tmp_path, capsys):
+    validity = bench("bench_validity")
+    out = tmp_path / "val.json"
+    assert validity.main(["--quick", "--models", "egno", "--jumps", "4", "--data-dir",
+                          str(tmp_path / "d"), "--out-dir", str(tmp_path / "r"), "--json",
+                          str(out), "--no-progress"]) == 0
+    tables = _tables(capsys.readouterr().out)
+    _machine_and_command(tables, "bench_validity.py")
+    body = _check(tables[1])
+    assert body[0][0] == "egno" and body[0][1].startswith("4 x")
+    data = json.loads(out.read_text())
+    row = data["models"][0]
+    assert row["frames"] == 4 * 5  # 4 jumps x P = 5 (example config)
+    assert row["guards"]["jumps_checked"] == 4
+    assert 0.0 <= row["torsion_jsd"] <= math.log(2) + 1e-9
+    assert row["h_r_mae"] >= 0.0
+
+
+def test_validity_scores_broken_frames(bench, tmp_path):
+    """Exploded frames count as collapsed and differ from MD; MD frames score as valid."""
+    import numpy as np
+
+    from surrogate_md.data.h5md import open_trajectory
+    from surrogate_md.surrogate import Surrogate
+
+    validity = bench("bench_validity")
+    vs_md = bench("bench_surrogate_vs_md")
+    data = tmp_path / "ala.h5"
+    from datagen.openmm_md import run_openmm
+
+    run_openmm("alanine-dipeptide", data, frames=60, seed=0, progress=False)
+    from _integration_fixtures import make_checkpoint  # a linear surrogate on this MD
+
+    with open_trajectory(data) as traj:
+        frames = traj.read(slice(0, traj.n_frames))
+        md = {"topology": traj.topology, "frames": frames,
+              "velocities": traj.read(slice(0, traj.n_frames), "velocities"),
+              "interval_ps": traj.interval_ps}
+        ckpt = make_checkpoint(md, tmp_path / "lin.pt")
+        sur = Surrogate.load(ckpt)
+        good = validity.score(sur, frames[30:], frames[:30], traj.topology)
+        rng = np.random.default_rng(0)
+        broken = frames[30:] + rng.normal(scale=2.0, size=frames[30:].shape)
+        bad = validity.score(sur, broken, frames[:30], traj.topology)
+    assert good["collapsed_frames"] == 0 and bad["collapsed_frames"] == len(broken)
+    assert bad["h_r_mae"] > good["h_r_mae"]
+    assert bad["torsion_jsd"] > good["torsion_jsd"]
+    assert vs_md.ns_per_day(1000.0, 86400.0) == pytest.approx(1.0)
