@@ -3,7 +3,9 @@
 Shapes: ``T`` is a leading time axis (output times P for EGNN/EGNO/PAINET, history frames for
 ESTAG), ``N`` nodes of the flat node list, ``E`` edges of the one shared edge list, ``C`` vector
 channels per node, ``H`` hidden size. Every per-edge tensor is (T, E, ...) and is built by
-gathering node tensors with ``h[:, src]``: the graph is never replicated per time point.
+gathering node tensors with ``h[:, src]``: the graph is never replicated per time point. On large
+graphs the EGNN edge pass runs in chunks of edges and is recomputed in backward, so per-edge
+tensors only ever exist one chunk at a time.
 
 Segment reductions use torch's own ``index_add_`` (no torch_scatter), so everything runs on CPU
 and CUDA, in float32/float64 and under ``torch.autocast``.
@@ -134,7 +136,13 @@ class EGNNLayer(nn.Module):
     h_i += phi_h(h_i, mean_j m_ij, node_feat_i) (skipped with ``update_features=False``).
 
     The first linear map of phi_m is split into node terms (W_a h_i + W_b h_j) computed per node
-    and gathered onto edges, which saves an (T, E, 2H) concatenation.
+    and gathered onto edges, which saves an (T, E, 2H) concatenation. For one channel the Gram
+    matrix is the squared length and W, U are scalar gates (no einsum of 1 x 1 matrices).
+
+    On large graphs (many chunks of edges, see :func:`_edge_chunk_rows`) the edge pass runs
+    chunk by chunk and is recomputed in backward (:class:`_ChunkedEdges`), so no (T, E, H) tensor
+    is kept between forward and backward, in training or inference; the values and gradients are
+    those of the plain pass that small graphs take.
     """
 
     def __init__(self, hidden: int, n_channels: int, *, edge_dim: int = 0, node_dim: int = 0,
@@ -183,34 +191,201 @@ class EGNNLayer(nn.Module):
         """
         t, n = x.shape[0], x.shape[1]
         src, dst = edge_index[0], edge_index[1]
-        rel = (x[:, dst] - x[:, src]) / length_scale  # (T, E, C, 3)
-        pre = self.msg_i(h)[:, dst] + self.msg_j(h)[:, src] + self.msg_g(
-            gram_features(rel, self.normalised_gram))
-        if self.msg_e is not None and edge_feat is not None:
-            pre = pre + self.msg_e(edge_feat)
-        m = self.msg_out(pre)  # (T, E, H)
+        node_i, node_j = self.msg_i(h), self.msg_j(h)
+        # edge features enter per chunk: their (E, H) projection is never kept either
+        if self.msg_e is None:
+            edge_feat = None
+        need_m = self.node is not None
+        params = self._edge_params()
+        args = (node_i, node_j, x, edge_feat, src, dst, length_scale, need_m)
+        rows = _edge_chunk_rows(src.shape[0], t, node_i.shape[-1], x.device)
+        if rows is not None:
+            m_sum, trans_sum = _ChunkedEdges.apply(self, rows, *args, *params)
+        else:
+            m_sum, trans_sum = _edge_sums(self, *args, params)
 
-        inv_deg = 1.0 / segment_count(dst, n, m).clamp(min=1)
-        c = self.n_channels
-        w = self.coord(m).view(t, -1, c, c)
-        size = rel.flatten(-2).norm(dim=-1)[..., None, None]
-        trans = torch.einsum("teab,tebx->teax", w, rel / (1.0 + size))
-        agg = segment_sum(trans, dst, n, dim=1) * inv_deg.view(1, n, 1, 1).to(trans.dtype)
-        x = x + step_scale * agg
+        inv_deg = (1.0 / segment_count(dst, n, trans_sum).clamp(min=1)).view(1, n, 1)
+        x = x + step_scale * (trans_sum * inv_deg.unsqueeze(-1))
         if self.vel is not None and vel is not None:
-            u = self.vel(h).view(t, n, c, c)
-            x = x + step_scale * torch.einsum("tnab,tnbx->tnax", u, vel.expand(t, -1, -1, -1)
-                                              .to(u.dtype))
+            u = self.vel(h)
+            if self.n_channels == 1:  # (T, N, 1) scalar gate: no (1 x 1) matrix products
+                x = x + step_scale * (u.unsqueeze(-1) * vel.to(u.dtype))
+            else:
+                c = self.n_channels
+                x = x + step_scale * (u.view(t, n, c, c) @ vel.to(u.dtype))
 
         if self.node is None:
             return h, x
-        magg = segment_sum(m, dst, n, dim=1) * inv_deg.view(1, n, 1).to(m.dtype)
+        magg = m_sum * inv_deg.to(m_sum.dtype)
         parts = [h, magg]
         if node_feat is not None:
             parts.append(node_feat.expand(t, -1, -1) if node_feat.dim() == 3
                          else node_feat.unsqueeze(0).expand(t, -1, -1))
         h = h + self.node(torch.cat([p.to(magg.dtype) for p in parts], dim=-1))
         return h, x
+
+    def _edge_params(self) -> tuple[torch.Tensor, ...]:
+        """Weights of the per-edge computation, in the order :meth:`_edge_messages` reads them."""
+        out, c0, c2 = self.msg_out[1], self.coord[0], self.coord[2]
+        params = (self.msg_g.weight, out.weight, out.bias, c0.weight, c0.bias, c2.weight, c2.bias)
+        return params if self.msg_e is None else (*params, self.msg_e.weight)
+
+    def _edge_messages(self, a_i: torch.Tensor, b_j: torch.Tensor, x_i: torch.Tensor,
+                       x_j: torch.Tensor, edge_feat: torch.Tensor | None,
+                       length_scale: torch.Tensor | float, params: tuple[torch.Tensor, ...]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Messages m (T, e, H) and coordinate terms W(m) r / (1 + |r|) (T, e, C, 3) of a set of
+        edges, from their gathered node terms and their own features (e, F_e) or (T, e, F_e)."""
+        w_g, w_out, b_out, w_c0, b_c0, w_c2, b_c2 = params[:7]
+        linear, silu = nn.functional.linear, nn.functional.silu
+        rel = (x_i - x_j) / length_scale  # (T, e, C, 3)
+        if self.n_channels == 1:  # Gram matrix = squared length: no einsum, no (1 x 1) products
+            size = torch.linalg.vector_norm(rel, dim=-1, keepdim=True)  # (T, e, 1, 1)
+            gram = rel.square().sum(-1)  # (T, e, 1)
+            pre = torch.addcmul(a_i + b_j, gram.to(w_g.dtype), w_g.view(-1))
+        else:
+            size = rel.flatten(-2).norm(dim=-1)[..., None, None]
+            pre = a_i + b_j + linear(gram_features(rel, self.normalised_gram), w_g)
+        if edge_feat is not None:
+            pre = pre + linear(edge_feat, params[7])
+        m = silu(linear(silu(pre), w_out, b_out))
+        w = linear(silu(linear(m, w_c0, b_c0)), w_c2, b_c2)  # (T, e, C*C)
+        unit = rel / (1.0 + size)
+        if self.n_channels == 1:
+            trans = w.unsqueeze(-1) * unit.to(w.dtype)
+        else:
+            c = self.n_channels
+            trans = w.view(*w.shape[:-1], c, c) @ unit.to(w.dtype)
+        return m, trans
+
+
+def _edge_chunk_rows(n_edges: int, n_times: int, hidden: int, device: torch.device
+                     ) -> int | None:
+    """Edges per chunk of the recomputed edge pass, or None for the plain pass.
+
+    Chunks are (T, rows, H) blocks of about 0.5 M values on CPU (2 MiB in float32, so the
+    elementwise work stays in cache) and 32 M on GPUs. Graphs of fewer than eight chunks take the
+    plain pass: their edge tensors are small, and keeping them saves the recomputation (about 7%
+    of a training step at MD17 size on one CPU thread).
+    """
+    budget = 2**25 if device.type == "cuda" else 2**19
+    rows = max(budget // max(n_times * hidden, 1), 256)
+    return rows if n_edges > 8 * rows else None
+
+
+def _gather_edges(node_i: torch.Tensor, node_j: torch.Tensor, x: torch.Tensor,
+                  edge_feat: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor
+                  ) -> tuple[torch.Tensor, ...]:
+    """Node terms and positions at the targets and sources of edges, plus their own features."""
+    return (node_i.index_select(1, dst), node_j.index_select(1, src), x.index_select(1, dst),
+            x.index_select(1, src), edge_feat)
+
+
+def _edge_sums(layer: EGNNLayer, node_i: torch.Tensor, node_j: torch.Tensor, x: torch.Tensor,
+               edge_feat: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor,
+               length_scale: torch.Tensor | float, need_m: bool,
+               params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per-target sums of messages (T, N, H) (None unless ``need_m``) and of coordinate terms
+    (T, N, C, 3), through ordinary autograd (every edge intermediate is kept for backward)."""
+    n = x.shape[1]
+    m, trans = layer._edge_messages(*_gather_edges(node_i, node_j, x, edge_feat, src, dst),
+                                    length_scale, params)
+    trans_sum = segment_sum(trans, dst, n, dim=1)
+    return (segment_sum(m, dst, n, dim=1) if need_m else None), trans_sum
+
+
+class _ChunkedEdges(torch.autograd.Function):
+    """The edge pass of an EGNN layer in chunks of edges, recomputed chunk by chunk in backward.
+
+    Only the node-level inputs are kept for backward, never a (T, E, H) edge tensor: activation
+    memory per layer drops from about six (T, E, H) blocks to the (T, N, H) node terms, and each
+    chunk's elementwise work runs in cache. Backward re-runs each chunk's forward (the same ops in
+    the same order, so the same values) and differentiates it with autograd: one extra forward of
+    the edge MLPs, exact gradients. Autocast state is recorded in forward and restored for the
+    recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, layer: EGNNLayer, rows: int, node_i: torch.Tensor, node_j: torch.Tensor,
+                x: torch.Tensor, edge_feat: torch.Tensor | None, src: torch.Tensor,
+                dst: torch.Tensor, length_scale: torch.Tensor | float, need_m: bool,
+                *params: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        device = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.layer, ctx.rows, ctx.length_scale, ctx.need_m = layer, rows, length_scale, need_m
+        ctx.has_feat = edge_feat is not None
+        n = x.shape[1]
+        m_sum = trans_sum = None
+        for lo in range(0, src.shape[0], rows):
+            hi = min(lo + rows, src.shape[0])
+            gathered = _gather_edges(node_i, node_j, x, _rows(edge_feat, lo, hi), src[lo:hi],
+                                     dst[lo:hi])
+            m, trans = layer._edge_messages(*gathered, length_scale, params)
+            if trans_sum is None:
+                trans_sum = trans.new_zeros((x.shape[0], n, *trans.shape[2:]))
+                if need_m:
+                    m_sum = m.new_zeros((m.shape[0], n, m.shape[-1]))
+            trans_sum.index_add_(1, dst[lo:hi], trans)
+            if need_m:
+                m_sum.index_add_(1, dst[lo:hi], m)
+        ctx.save_for_backward(node_i, node_j, x, edge_feat, src, dst, *params)
+        return m_sum, trans_sum
+
+    @staticmethod
+    def backward(ctx, grad_m: torch.Tensor | None, grad_trans: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, ...]:
+        node_i, node_j, x, edge_feat, src, dst, *params = ctx.saved_tensors
+        layer, rows = ctx.layer, ctx.rows
+        need = ctx.needs_input_grad
+        want_i, want_j, want_x, want_feat = need[2], need[3], need[4], need[5]
+        want_params = need[10:]
+        g_i = torch.zeros_like(node_i) if want_i else None
+        g_j = torch.zeros_like(node_j) if want_j else None
+        g_x = torch.zeros_like(x) if want_x else None
+        g_feat = torch.zeros_like(edge_feat) if ctx.has_feat and want_feat else None
+        g_params = [torch.zeros_like(p) if w else None for p, w in zip(params, want_params)]
+        use_m = ctx.need_m and grad_m is not None
+        enabled, dtype = ctx.autocast
+        for lo in range(0, src.shape[0], rows):
+            hi = min(lo + rows, src.shape[0])
+            s, d = src[lo:hi], dst[lo:hi]
+            with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype,
+                                                     enabled=enabled):
+                leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in
+                          zip(_gather_edges(node_i, node_j, x, _rows(edge_feat, lo, hi), s, d),
+                              (want_i, want_j, want_x, want_x, want_feat))]
+                weights = [p.detach().requires_grad_(w) for p, w in zip(params, want_params)]
+                m, trans = layer._edge_messages(*leaves, ctx.length_scale, tuple(weights))
+                outs, grads = [trans], [grad_trans.index_select(1, d).to(trans.dtype)]
+                if use_m:
+                    outs.append(m)
+                    grads.append(grad_m.index_select(1, d).to(m.dtype))
+                targets = [t for t in leaves + weights if t is not None and t.requires_grad]
+                if not targets:
+                    break
+                found = iter(torch.autograd.grad(outs, targets, grads, allow_unused=True))
+            got = [next(found) if t is not None and t.requires_grad else None
+                   for t in leaves + weights]
+            gi, gj, gxi, gxj, gb = got[:5]
+            if gi is not None:
+                g_i.index_add_(1, d, gi.to(g_i.dtype))
+            if gj is not None:
+                g_j.index_add_(1, s, gj.to(g_j.dtype))
+            if gxi is not None:
+                g_x.index_add_(1, d, gxi.to(g_x.dtype))
+            if gxj is not None:
+                g_x.index_add_(1, s, gxj.to(g_x.dtype))
+            if gb is not None:
+                g_feat.narrow(-2, lo, hi - lo).add_(gb.to(g_feat.dtype))
+            for acc, g in zip(g_params, got[5:]):
+                if acc is not None and g is not None:
+                    acc.add_(g.to(acc.dtype))
+        return (None, None, g_i, g_j, g_x, g_feat, None, None, None, None, *g_params)
+
+
+def _rows(edge_feat: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+    """Edges lo..hi of an (E, F) or (T, E, F) per-edge tensor."""
+    return None if edge_feat is None else edge_feat.narrow(-2, lo, hi - lo)
 
 
 class NodeEncoder(nn.Module):
@@ -268,8 +443,10 @@ class TemporalFourierConv(nn.Module):
         self.vector = vector
         scale = 1.0 / channels
         if vector:
-            eye = torch.eye(channels).expand(modes, channels, channels)
-            self.weight = nn.Parameter(scale * (eye + 0.1 * torch.randn(modes, channels, channels)))
+            # Near zero: the layer is used as a residual update of positions, so an identity-like
+            # start would move every atom by a multiple of its distance from the centroid and an
+            # untrained model would be far worse than copying the input.
+            self.weight = nn.Parameter(1e-2 * scale * torch.randn(modes, channels, channels))
         else:
             self.weight_re = nn.Parameter(scale * torch.randn(modes, channels, channels))
             self.weight_im = nn.Parameter(scale * torch.randn(modes, channels, channels))

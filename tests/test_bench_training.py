@@ -1,0 +1,193 @@
+"""The training benchmark runs at tiny sizes, and the chunked edge pass it measures is exact.
+
+The chunked, recomputed edge pass of :class:`~surrogate_md.models.layers.EGNNLayer` (the change
+that makes training lean) must give the same outputs and gradients as ordinary autograd through
+every edge tensor, and must keep far fewer bytes for backward.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from surrogate_md import testing as H
+from surrogate_md.data import keys as K
+from surrogate_md.models import build_model
+from surrogate_md.models import layers as L
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "benchmarks" / "bench_training.py"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine every small matmul of a
+    2-thread pool waits for a core (measured: 16 ms instead of 8 us per call)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_training", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module's annotations there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table(text: str) -> list[list[str]]:
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("|")]
+    header, sep = rows[0], rows[1]
+    assert all(set(cell) <= set("-:") and cell for cell in sep)
+    assert len(sep) == len(header)
+    assert all(len(row) == len(header) for row in rows[2:])
+    return rows
+
+
+def test_quick_training_benchmark_table_and_json(tmp_path, capsys):
+    bench = _load()
+    out = tmp_path / "train.json"
+    assert bench.main(["--quick", "--in-process", "--threads", "1", "--json", str(out)]) == 0
+    rows = _table(capsys.readouterr().out)
+    header, body = rows[0], rows[2:]
+    expected = [c.name for c in bench.reference_configs(quick=True, adk_batches=[1, 2])]
+    assert [row[0] for row in body] == expected
+    for name in ("samples/s", "ref samples/s", "speed vs ref", "ref GiB"):
+        assert name in header
+    speed = header.index("samples/s")
+    assert all(float(row[speed]) > 0 for row in body)
+    # the EGNO/ESTAG rows carry their reference figure and ratio, the others a dash
+    ratio = header.index("speed vs ref")
+    by_name = {row[0]: row for row in body}
+    assert by_name["egno aspirin"][ratio].endswith("x")
+    assert by_name["estag aspirin history"][ratio].endswith("x")
+    assert by_name["egnn aspirin"][ratio] == "-"
+    data = json.loads(out.read_text())
+    assert [c["config"]["name"] for c in data["configs"]] == expected
+    for entry in data["configs"]:
+        result = entry["result"]
+        assert result["seconds_per_step"] > 0 and result["peak_bytes"] >= 0
+        assert result["samples_per_s"] == pytest.approx(entry["config"]["batch"]
+                                                        / result["seconds_per_step"])
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_fresh_process_and_comparison_columns(tmp_path, capsys):
+    """Each configuration runs in its own child; ``--compare-src`` adds before/after columns."""
+    bench = _load()
+    out = tmp_path / "cmp.json"
+    assert bench.main(["--quick", "--only", "egno aspirin", "--compare-src", str(ROOT),
+                       "--json", str(out)]) == 0
+    rows = _table(capsys.readouterr().out)
+    header, body = rows[0], rows[2:]
+    assert len(body) == 1 and "speed-up" in header and "peak RSS (GiB)" in header
+    data = json.loads(out.read_text())
+    entry = data["configs"][0]
+    assert entry["before"]["n_edges"] == entry["result"]["n_edges"] > 0
+    # a fresh process sees its high-water mark grow by the step's allocations
+    assert entry["result"]["peak_bytes"] > 0
+
+
+def test_bad_batch_sizes_are_rejected():
+    bench = _load()
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--in-process", "--batch-sizes", "0"])
+
+
+def _run(name: str, n_channels: int, rows: int | None, monkeypatch, dtype=torch.float64):
+    options = {"n_channels": n_channels, "hidden": 16}
+    if name == "estag":
+        options["n_history"] = 3
+    torch.manual_seed(0)
+    model = build_model(name, options).to(dtype)
+    model.set_normalisation(velocity_scale=2.0, displacement_scale=0.3, time_scale=0.4)
+    H.perturb_parameters(model, seed=1)
+    batch = H.random_batch(n_atoms=(9, 11), n_channels=n_channels, history=3, seed=2,
+                           dtype=dtype)
+    # rows: force chunks of a few edges (several per system); None: plain autograd through
+    # every edge tensor
+    monkeypatch.setattr(L, "_edge_chunk_rows", lambda *args: rows)
+    out = model(batch)
+    (out.square().sum() + out.sum()).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("n_channels", [1, 4])
+@pytest.mark.parametrize("name", ["egnn", "egno", "estag", "painet"])
+def test_chunked_edge_pass_matches_plain_autograd(name, n_channels, monkeypatch):
+    plain_out, plain_grads = _run(name, n_channels, None, monkeypatch)
+    chunk_out, chunk_grads = _run(name, n_channels, 7, monkeypatch)
+    assert torch.allclose(chunk_out, plain_out, rtol=0, atol=1e-12)
+    assert set(chunk_grads) == set(plain_grads)
+    moved = 0
+    for key, ref in plain_grads.items():
+        assert torch.allclose(chunk_grads[key], ref, rtol=1e-9, atol=1e-11), key
+        moved += int(ref.abs().max() > 0)
+    assert moved > len(plain_grads) // 2  # the comparison is not between zero gradients
+
+
+def test_chunked_edge_pass_in_inference(monkeypatch):
+    model = build_model("egno", {"hidden": 16, "n_channels": 4}).double()
+    H.perturb_parameters(model, seed=6)
+    batch = H.random_batch(n_channels=4, seed=7)
+    with torch.no_grad():
+        monkeypatch.setattr(L, "_edge_chunk_rows", lambda *args: None)
+        plain = model(batch)
+        monkeypatch.setattr(L, "_edge_chunk_rows", lambda *args: 5)
+        chunked = model(batch)
+    assert torch.allclose(chunked, plain, rtol=0, atol=1e-12)
+    assert float((plain - batch[K.POS]).abs().max()) > 1e-3
+
+
+def test_chunked_edge_pass_keeps_few_bytes_for_backward(monkeypatch):
+    """The recomputed pass saves node tensors only; plain autograd saves (T, E, H) blocks."""
+    model = build_model("egno", {"hidden": 32, "n_layers": 2})
+    batch = H.random_batch(n_atoms=(30, 30), n_times=4, dtype=torch.float32, seed=3)
+
+    def saved_bytes(rows: int | None) -> int:
+        monkeypatch.setattr(L, "_edge_chunk_rows", lambda *args: rows)
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(batch)
+        return sum(seen.values())
+
+    plain, chunked = saved_bytes(None), saved_bytes(256)
+    edge_block = 4 * 2 * 30 * 29 * 32 * 4  # one (T, E, H) float32 tensor
+    assert plain > 4 * edge_block
+    assert chunked < plain / 4
+
+
+def test_chunked_edge_pass_under_cpu_autocast(monkeypatch):
+    monkeypatch.setattr(L, "_edge_chunk_rows", lambda *args: 16)
+    model = build_model("egno", {"hidden": 16, "n_layers": 2})
+    H.perturb_parameters(model, seed=4)
+    batch = H.random_batch(dtype=torch.float32, seed=5)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    out.float().square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_chunk_policy_follows_graph_size():
+    cpu = torch.device("cpu")
+    # AdK backbone (855 atoms, 8 Å graph, P = 4, hidden 128): chunked, in cache-sized blocks
+    rows = L._edge_chunk_rows(31_721, 4, 128, cpu)
+    assert rows is not None and 4 * rows * 128 <= 2**20
+    # aspirin x100 (P = 8, hidden 64): small enough to keep its edge tensors
+    assert L._edge_chunk_rows(4_600, 8, 64, cpu) is None
