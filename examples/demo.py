@@ -9,6 +9,9 @@
    error, physical validity, plots.
 4. ``SurrogateSimulation`` advances the molecule by >= 100 learned jumps inside OpenMM with a
    stock ``XTCReporter`` and ``StateDataReporter`` (real force-field energies of every frame).
+   The model predicts the heavy atoms; hydrogens ride on them, and a jump whose energy rises
+   too far above the recent MD energies is relaxed by 20 minimiser iterations (guard ``relax``;
+   if that does not fix it, real MD replaces the jump).
 
 Outputs in ``--out``: ``data/ala2.h5``, ``runs/<model>/`` (config, log, metrics, loss.png, best.pt),
 ``report/`` (report.md, metrics.json, PNGs), ``demo.xtc``, ``demo_topology.pdb``,
@@ -38,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jumps", type=int, default=200,
                    help="learned jumps in the OpenMM run (default: 200 = 200 ps)")
     p.add_argument("--model", default="egno", help="model to train (default: egno)")
+    p.add_argument("--selection", default="heavy", choices=("heavy", "all"),
+                   help="atoms the model predicts; with 'heavy' the hydrogens ride on their "
+                        "heavy atoms inside OpenMM (default: heavy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes, for the test suite (seconds, numbers meaningless)")
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for name in ("constant", "linear", args.model):
         cfg = {
-            "data": {"path": str(data), "protocol": "s2t", "selection": "all", "jump_ps": 1.0,
+            "data": {"path": str(data), "protocol": "s2t", "selection": args.selection, "jump_ps": 1.0,
                      "n_out": 5, "split": "blocked", "stride": 2,
                      "graph": {"kind": "bonds", "two_hop": True}},
             "model": {"name": name},
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from openmm import app, unit
 
     from datagen.openmm_md import prepare_system
+    from integrations.guards import GuardConfig
     from integrations.openmm_simulation import SurrogateSimulation
     from surrogate_md import Surrogate
     from surrogate_md.data import open_trajectory
@@ -116,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         start_v = f.read([f.n_frames - 1], "velocities")[0]
     sim = SurrogateSimulation(prepared.topology, prepared.system, surrogate,
                               platform=openmm.Platform.getPlatformByName("Reference"),
-                              guards="fallback", progress=True)
+                              guards=GuardConfig(action="relax", relax_iterations=20),
+                              progress=True)
     sim.context.setPositions(start * unit.angstrom)
     sim.context.setVelocities(start_v * unit.angstrom / unit.picosecond)
     xtc = out / "demo.xtc"
