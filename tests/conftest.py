@@ -1,17 +1,21 @@
-"""Shared test configuration: GPU tests skip without CUDA; plots render off-screen."""
+"""Shared test configuration: GPU tests skip without CUDA; plots render off-screen; one thread.
+
+Test tensors are tiny, and with two intra-op threads on a busy 2-core machine a small matmul can
+take milliseconds instead of microseconds, so tests run torch single-threaded.
+"""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

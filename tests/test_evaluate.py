@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from _train_fixtures import cached, make_alanine_dipeptide, tiny_config
 
+from surrogate_md import metrics as M
 from surrogate_md.data import open_trajectory
 from surrogate_md.evaluate import evaluate
-from surrogate_md.evaluate import metrics as M
 from surrogate_md.evaluate.__main__ import main
 from surrogate_md.testing import random_orthogonal
 from surrogate_md.train import train

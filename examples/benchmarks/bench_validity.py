@@ -3,7 +3,7 @@
 Each model rolls out ``--jumps`` jumps (default 1000) with ``Surrogate.rollout`` from a state of
 the reference trajectory (no engine, no guards: what the model does on its own), and every
 predicted frame is scored with the package's validity measures (``surrogate_md.validity``,
-``surrogate_md.evaluate.metrics``):
+``surrogate_md.metrics``):
 
 - collapses: frames with a bond more than ``COLLAPSE_A`` (0.5 Å) off its reference mean length;
 - clashes: frames whose closest non-bonded pair (beyond two bonds) is nearer than the
@@ -98,7 +98,7 @@ def start_state(sur, traj, frame: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def score(sur, frames: np.ndarray, ref: np.ndarray, topology) -> dict[str, Any]:
     """Validity of predicted ``frames`` (F, model atoms, 3) Å against reference MD ``ref``."""
-    from surrogate_md.evaluate import metrics as M
+    from surrogate_md import metrics as M
     from surrogate_md.evaluate.core import CHAIN_BREAK_A, COLLAPSE_A
     from surrogate_md.validity import bond_lengths, excluded_pairs, min_nonbonded_distance
 

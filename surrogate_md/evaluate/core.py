@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from surrogate_md import metrics as M
 from surrogate_md.data import keys as K
 from surrogate_md.data.windows import WindowDataset, batch_to
 from surrogate_md.errors import ConfigError, DataError
-from surrogate_md.evaluate import metrics as M
 from surrogate_md.models import build_model
 from surrogate_md.surrogate import Surrogate
 from surrogate_md.train.config import atomic_write_text, data_config_from_dict

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from surrogate_md.evaluate.metrics import METRIC_DEFINITION
+from surrogate_md.metrics import METRIC_DEFINITION
 from surrogate_md.train.config import atomic_write_text
 
 

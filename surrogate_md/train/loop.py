@@ -43,7 +43,7 @@ from surrogate_md.checkpoint import build_payload, load_checkpoint, save_checkpo
 from surrogate_md.data import keys as K
 from surrogate_md.data.windows import WindowDataset, batch_to
 from surrogate_md.errors import CheckpointError, ConfigError, DeviceError
-from surrogate_md.evaluate.metrics import ErrorSums, batch_amse
+from surrogate_md.metrics import ErrorSums, batch_amse
 from surrogate_md.models import MODELS, build_model
 from surrogate_md.surrogate import resolve_device
 from surrogate_md.train.config import RunConfig, atomic_write_text, load_config, save_config
