@@ -4,25 +4,32 @@ Frames hold positions (Å), velocities (Å/ps, converted from ASE's time unit wi
 forces (kJ/mol/Å) and potential energies (kJ/mol, from eV with ``ase.units``). Non-periodic systems
 start with zero total linear and angular momentum; ``bussi`` (the default, a stochastic velocity
 rescaling thermostat) and ``verlet`` keep them zero, ``langevin`` does not.
+
+Long runs checkpoint every ``checkpoint_frames`` frames: the ``.partial`` dataset is flushed and
+the dynamics state (positions, momenta, cell, the thermostat's random-number state and the step
+count) goes to a small ``out.chk.npz`` sidecar, so that a killed run resumes with ``resume=True``
+where it stopped, on the same trajectory and a continuous time axis.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from datagen.ingest import ase_velocity_to_A_per_ps, ev_to_kj_per_mol
-from datagen.openmm_md import _steps_per_frame
-from surrogate_md.data.h5md import Topology, TrajectoryWriter
-from surrogate_md.errors import ConfigError, DataError, EngineError
+from datagen.runs import CHECKPOINT_SUFFIX, frame_steps, read_partial_metadata
+from surrogate_md.data.h5md import PARTIAL_SUFFIX, Topology, TrajectoryWriter
+from surrogate_md.errors import CheckpointError, ConfigError, DataError, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +37,9 @@ INTEGRATORS = ("langevin", "verlet", "bussi")
 CALCULATORS = ("emt", "lj", "xtb")
 #: Lennard-Jones parameters of argon (sigma Å, epsilon eV), for ``calculator="lj"``.
 LJ_ARGON = {"sigma": 3.405, "epsilon": 0.0103, "rc": 10.0}
+#: Metadata entries that must agree between an interrupted run and its resumption.
+RESUME_KEYS = ("method", "formula", "source_files", "temperature_K", "step_fs", "interval_ps",
+               "seed", "integrator", "friction_per_ps", "solvent")
 
 
 def ase_ps() -> float:
@@ -94,15 +104,18 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
             seed: int = 0,
             integrator: str = "bussi",
             friction_per_ps: float = 1.0,
+            checkpoint_frames: int = 1000,
+            resume: bool = False,
             overwrite: bool = False,
             progress: bool | None = None,
+            frame_callback: Callable[[int], None] | None = None,
             command: str | None = None) -> Path:
     """Run ASE MD and save every ``interval_ps`` to a canonical dataset file.
 
     Args:
         atoms_or_name: ``ase.Atoms``, an ``ase.build.molecule`` name or a structure file.
         calculator: ``"emt"``, ``"lj"``, ``"xtb"`` or an ASE Calculator instance.
-        out: output ``.h5``.
+        out: output ``.h5`` (written as ``out.partial``, renamed when complete).
         frames: saved frames (the first is the start, at t = 0).
         interval_ps: saved-frame interval (default: every step), a whole number of steps.
         step_fs: time step (default 0.5 fs).
@@ -110,9 +123,18 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
         seed: initial velocities and thermostat noise.
         integrator: ``bussi`` (CSVR, keeps zero momenta), ``langevin`` or ``verlet`` (NVE).
         friction_per_ps: Langevin friction; for Bussi the coupling time is ``1/friction_per_ps``.
+        checkpoint_frames: flush the dataset and save the dynamics state every this many frames.
+        resume: continue an interrupted run from ``out.partial`` and ``out.chk.npz`` (the same
+            settings are required; a calculator instance must be an equivalent one).
+        overwrite: replace an existing ``out``.
+        progress: tqdm bar (default: when attached to a terminal).
+        frame_callback: called with the index of each saved frame (for monitoring; raising stops
+            the run and keeps what was checkpointed for ``resume``).
+        command: the command to record in metadata (default ``sys.argv``).
 
     Returns:
-        Path of the dataset (positions Å, velocities Å/ps, forces kJ/mol/Å, energy kJ/mol).
+        Path of the dataset: positions (F, N, 3) Å, velocities Å/ps, forces kJ/mol/Å, potential
+        energy (F,) kJ/mol, time (F,) ps = frame * interval_ps.
     """
     import ase
     from ase.md import velocitydistribution as vd
@@ -120,6 +142,8 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
 
     if frames < 1:
         raise ConfigError(f"frames={frames} must be at least 1")
+    if checkpoint_frames < 1:
+        raise ConfigError(f"checkpoint_frames={checkpoint_frames} must be at least 1")
     step_fs = 0.5 if step_fs is None else float(step_fs)
     temperature_K = 300.0 if temperature_K is None else float(temperature_K)
     if not (temperature_K >= 0 and math.isfinite(temperature_K)):
@@ -128,7 +152,7 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
         from openmm import unit
 
         interval_ps = (step_fs * unit.femtosecond).value_in_unit(unit.picosecond)
-    steps_per_frame = _steps_per_frame(interval_ps, step_fs)
+    steps_per_frame = frame_steps(interval_ps, step_fs)
     if integrator not in INTEGRATORS:
         raise ConfigError(f"integrator={integrator!r} is not one of {INTEGRATORS}")
     if friction_per_ps <= 0:
@@ -138,14 +162,6 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
     atoms.calc = make_calculator(calculator) if isinstance(calculator, str) else calculator
     rng = np.random.default_rng(seed)
     periodic = bool(atoms.pbc.any())
-    # ASE >= 3.28 renamed MaxwellBoltzmannDistribution to thermalize_momenta
-    thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
-    thermalize(atoms, temperature_K=temperature_K, rng=rng)
-    vd.Stationary(atoms)
-    if not periodic:
-        vd.ZeroRotation(atoms)
-    dyn = _make_dynamics(atoms, integrator, step_fs, temperature_K, friction_per_ps, rng)
-
     from datagen.atoms import infer_bonds
 
     z = atoms.numbers.astype(np.int64)
@@ -160,16 +176,59 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
         else [], "formula": atoms.get_chemical_formula(),
         "command": command if command is not None else shlex.join(sys.argv),
     }
-    v_fac, e_fac = ase_velocity_to_A_per_ps(), ev_to_kj_per_mol()
     out = Path(out)
-    bar = tqdm(total=frames, unit="frame", desc=f"ase {atoms.get_chemical_formula()}",
+    partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    chk_path = out.with_name(out.name + CHECKPOINT_SUFFIX)
+    if out.exists() and resume and not overwrite:
+        log.info("%s is complete; nothing to resume", out)
+        return out
+    if out.exists() and not overwrite:
+        raise DataError(f"{out}: file exists; pass overwrite=True (CLI: --overwrite) to replace "
+                        "it or choose another name")
+    resuming = resume and partial.exists() and chk_path.exists()
+    if resume and not resuming:
+        log.info("%s: no checkpoint to resume from; starting a fresh run", out)
+    if resuming:
+        old = read_partial_metadata(partial)
+        diff = {k: (old.get(k), metadata.get(k)) for k in RESUME_KEYS
+                if old.get(k) != metadata.get(k)}
+        if diff:
+            raise ConfigError(f"{partial}: cannot resume with different settings {diff}; use the "
+                              "original settings or delete the .partial and checkpoint files")
+    else:
+        partial.unlink(missing_ok=True)
+        chk_path.unlink(missing_ok=True)
+
+    start_frame = 0
+    if resuming:
+        start_frame, dyn_state = _load_state(chk_path, atoms, steps_per_frame)
+        dyn = _make_dynamics(atoms, integrator, step_fs, temperature_K, friction_per_ps, rng)
+        _restore_dynamics(chk_path, dyn, dyn_state)
+        log.info("resuming %s at frame %d", out, start_frame)
+    else:
+        # ASE >= 3.28 renamed MaxwellBoltzmannDistribution to thermalize_momenta
+        thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
+        thermalize(atoms, temperature_K=temperature_K, rng=rng)
+        vd.Stationary(atoms)
+        if not periodic:
+            vd.ZeroRotation(atoms)
+        dyn = _make_dynamics(atoms, integrator, step_fs, temperature_K, friction_per_ps, rng)
+
+    v_fac, e_fac = ase_velocity_to_A_per_ps(), ev_to_kj_per_mol()
+    writer = TrajectoryWriter(out, topology, metadata, velocities=True, forces=True,
+                              energies=True, box=periodic, overwrite=overwrite, resume=resuming,
+                              keep_partial=True)
+    if resuming:
+        writer.truncate(start_frame)
+    bar = tqdm(total=frames, initial=start_frame, unit="frame",
+               desc=f"ase {atoms.get_chemical_formula()}",
                disable=(not sys.stderr.isatty()) if progress is None else not progress)
-    block = 100
+    block = max(1, min(checkpoint_frames, 100))
     buf: dict[str, list] = {k: [] for k in ("x", "v", "f", "e", "t", "s", "box")}
+    since_checkpoint = 0
     wall0 = time.perf_counter()
-    with TrajectoryWriter(out, topology, metadata, velocities=True, forces=True, energies=True,
-                          box=periodic, overwrite=overwrite) as writer, bar:
-        for frame in range(frames):
+    with writer, bar:
+        for frame in range(start_frame, frames):
             if frame > 0:
                 dyn.run(steps_per_frame)
             try:
@@ -185,16 +244,107 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
             buf["t"].append(frame * float(interval_ps))
             buf["s"].append(frame * steps_per_frame)
             buf["box"].append(np.asarray(atoms.cell[:]))
+            since_checkpoint += 1
             if len(buf["x"]) == block or frame == frames - 1:
                 writer.append(np.asarray(buf["x"]), np.asarray(buf["t"]),
                               step=np.asarray(buf["s"]), velocities=np.asarray(buf["v"]),
                               forces=np.asarray(buf["f"]), potential_energy=np.asarray(buf["e"]),
                               box=np.asarray(buf["box"]) if periodic else None)
                 buf = {k: [] for k in buf}
+                if since_checkpoint >= checkpoint_frames and frame < frames - 1:
+                    writer.flush()
+                    _save_state(chk_path, atoms, dyn, frame + 1, frame * steps_per_frame)
+                    since_checkpoint = 0
             bar.update(1)
-    log.info("wrote %s: %d frames x %d atoms in %.1f s", out, frames, len(atoms),
-             time.perf_counter() - wall0)
+            if frame_callback is not None:
+                frame_callback(frame)
+    chk_path.unlink(missing_ok=True)
+    wall = time.perf_counter() - wall0
+    log.info("wrote %s: %d frames x %d atoms in %.1f s (%.0f frames/s)", out, frames, len(atoms),
+             wall, (frames - start_frame) / max(wall, 1e-9))
     return out
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def _rng_state(rng) -> str:
+    """JSON of a numpy ``Generator``'s or ``RandomState``'s state ("" when there is none)."""
+    if isinstance(rng, np.random.Generator):
+        state = rng.bit_generator.state
+    elif isinstance(rng, np.random.RandomState):
+        state = rng.get_state(legacy=False)
+    else:
+        return ""
+
+    def encode(obj):
+        if isinstance(obj, np.ndarray):
+            return {"__ndarray__": obj.tolist(), "dtype": obj.dtype.str}
+        if isinstance(obj, np.generic):
+            return obj.item()
+        raise TypeError(type(obj).__name__)
+
+    return json.dumps(state, default=encode)
+
+
+def _set_rng_state(rng, text: str, path: Path) -> None:
+    def decode(obj):
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
+        return obj
+
+    state = json.loads(text, object_hook=decode) if text else None
+    kind = "Generator" if isinstance(rng, np.random.Generator) else \
+        "RandomState" if isinstance(rng, np.random.RandomState) else None
+    if (state is None) != (kind is None):
+        raise CheckpointError(f"{path}: the saved random-number state does not fit this "
+                              "integrator; resume with the original settings or start over")
+    if kind == "Generator":
+        rng.bit_generator.state = state
+    elif kind == "RandomState":
+        rng.set_state(state)
+
+
+def _save_state(path: Path, atoms, dyn, frames: int, step: int) -> None:
+    """Write the dynamics state after ``frames`` saved frames to ``path`` atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, positions=atoms.get_positions(), momenta=atoms.get_momenta(),
+                 cell=np.asarray(atoms.cell[:]), frames=np.int64(frames), step=np.int64(step),
+                 nsteps=np.int64(dyn.nsteps), rng=np.str_(_rng_state(getattr(dyn, "rng", None))),
+                 transferred_energy=np.float64(getattr(dyn, "transferred_energy", 0.0)))
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, atoms, steps_per_frame: int) -> tuple[int, dict[str, Any]]:
+    """Restore ``atoms`` from ``path``; returns the frames already saved and the integrator state."""
+    try:
+        with np.load(path) as data:
+            state = {k: data[k] for k in data.files}
+        positions, momenta, cell = state["positions"], state["momenta"], state["cell"]
+        frames, step = int(state["frames"]), int(state["step"])
+        dyn_state = {"nsteps": int(state["nsteps"]), "rng": str(state["rng"]),
+                     "transferred_energy": float(state["transferred_energy"])}
+    except (OSError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable run checkpoint ({exc}); delete it and the "
+                              ".partial dataset to start over") from exc
+    if positions.shape != (len(atoms), 3) or momenta.shape != (len(atoms), 3):
+        raise CheckpointError(f"{path}: holds {positions.shape[0]} atoms, the run has "
+                              f"{len(atoms)}; resume with the original structure or start over")
+    if step != (frames - 1) * steps_per_frame:
+        raise CheckpointError(f"{path}: step {step} does not match frame {frames - 1} at "
+                              f"{steps_per_frame} steps per frame; resume with the original "
+                              "settings or start over")
+    atoms.set_cell(cell)
+    atoms.set_positions(positions, apply_constraint=False)
+    atoms.set_momenta(momenta, apply_constraint=False)
+    return frames, dyn_state
+
+
+def _restore_dynamics(path: Path, dyn, dyn_state: dict[str, Any]) -> None:
+    """Put the step count, random-number state and Bussi's energy tally back into ``dyn``."""
+    dyn.nsteps = dyn_state["nsteps"]
+    if hasattr(dyn, "transferred_energy"):
+        dyn.transferred_energy = dyn_state["transferred_energy"]
+    _set_rng_state(getattr(dyn, "rng", None), dyn_state["rng"], path)
 
 
 def _make_dynamics(atoms, integrator: str, step_fs: float, temperature_K: float,

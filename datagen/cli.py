@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an ase.build.molecule name (e.g. CH3CH2OH) or a structure file")
     p.add_argument("--calculator", required=True, help="emt, lj or xtb")
     p.add_argument("--integrator", choices=("langevin", "verlet", "bussi"), default="bussi")
+    p.add_argument("--checkpoint-frames", type=_positive_int, default=1000,
+                   help="flush the dataset and save the dynamics state every N frames")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     _add_run_options(p)
     return parser
 
@@ -131,8 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             kwargs = dict(frames=args.frames, interval_ps=args.interval_ps, step_fs=args.step_fs,
                           temperature_K=args.temperature_K, integrator=args.integrator,
-                          friction_per_ps=args.friction_per_ps, overwrite=args.overwrite,
-                          progress=progress, command=command)
+                          friction_per_ps=args.friction_per_ps,
+                          checkpoint_frames=args.checkpoint_frames, resume=args.resume,
+                          overwrite=args.overwrite, progress=progress, command=command)
             kwargs["calculator"] = args.calculator
             return _run(run_ase, args.molecule, args, kwargs)
     except SurrogateMDError as exc:

@@ -14,7 +14,6 @@ design notes before choosing it for MD17-like data.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from datagen.runs import CHECKPOINT_SUFFIX, frame_steps, read_partial_metadata
 from datagen.systems import BUILTIN_SYSTEMS, BuiltinSystem, md17_charge_method
 from surrogate_md.data.h5md import PARTIAL_SUFFIX, Topology, TrajectoryWriter
 from surrogate_md.errors import CheckpointError, ConfigError, DataError, DeviceError, EngineError
@@ -49,7 +49,6 @@ DEFAULT_FRICTION_PER_PS = 1.0
 PROTEIN_FORCEFIELD = ("amber14-all.xml",)
 EXPLICIT_WATER_FORCEFIELD = "amber14/tip3p.xml"
 EXPLICIT_CUTOFF_NM = 1.0
-CHECKPOINT_SUFFIX = ".chk.npz"
 #: Metadata entries that must agree between an interrupted run and its resumption.
 RESUME_KEYS = ("system", "solvent", "force_field", "temperature_K", "step_fs", "interval_ps",
                "seed", "integrator", "friction_per_ps", "hmr", "constraints")
@@ -306,25 +305,6 @@ def _openmm_seed(seed: int) -> int:
     return int(seed) % (2**31 - 2) + 1
 
 
-def _steps_per_frame(interval_ps: float, step_fs: float) -> int:
-    from openmm import unit
-
-    if not (step_fs > 0 and math.isfinite(step_fs)):
-        raise ConfigError(f"step_fs={step_fs} must be a positive number of femtoseconds; pass "
-                          "e.g. step_fs=2 (CLI: --step-fs 2)")
-    if not (interval_ps > 0 and math.isfinite(interval_ps)):
-        raise ConfigError(f"interval_ps={interval_ps} must be a positive number of picoseconds; "
-                          "pass e.g. interval_ps=1 (CLI: --interval-ps 1)")
-    step_ps = (step_fs * unit.femtosecond).value_in_unit(unit.picosecond)
-    ratio = interval_ps / step_ps
-    n = round(ratio)
-    if n < 1 or abs(ratio - n) > 1e-6 * max(1.0, ratio):
-        raise ConfigError(f"interval_ps={interval_ps} is not a multiple of step_fs={step_fs} "
-                          f"({ratio:.6g} steps); choose an interval that is a whole number of "
-                          "steps")
-    return int(n)
-
-
 def _kinetic_dof(system, gas_phase: bool) -> int:
     import openmm as mm
 
@@ -369,17 +349,6 @@ def _make_integrator(kind: str, temperature_K: float, step_fs: float, friction_p
     else:
         raise ConfigError(f"integrator={kind!r} is not one of {INTEGRATORS}")
     return integ
-
-
-def _read_partial_metadata(partial: Path) -> dict[str, Any]:
-    import h5py
-
-    try:
-        with h5py.File(partial, "r") as f:
-            return json.loads(f["parameters"].attrs["metadata"])
-    except (OSError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"{partial}: the unfinished dataset cannot be read ({exc}); delete "
-                              "it and its checkpoint to start over") from exc
 
 
 def _save_checkpoint(path: Path, context, frames: int) -> None:
@@ -480,7 +449,7 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
         if spec and spec.interval_ps < step_fs / 1000.0:
             interval_ps = step_fs / 1000.0
     try:
-        steps_per_frame = _steps_per_frame(interval_ps, step_fs)
+        steps_per_frame = frame_steps(interval_ps, step_fs)
     except ConfigError as exc:
         raise ConfigError(f"{out}: {exc}") from None
     if equilibrate_ps is None:
@@ -534,7 +503,7 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
     if resume and not resuming:
         log.info("%s: no checkpoint to resume from; starting a fresh run", out)
     if resuming:
-        old = _read_partial_metadata(partial)
+        old = read_partial_metadata(partial)
         diff = {k: (old.get(k), metadata.get(k)) for k in RESUME_KEYS
                 if old.get(k) != metadata.get(k)}
         if diff:

@@ -84,3 +84,97 @@ def test_xtb_water(tmp_path):
         x = f.read(slice(None))
         oh = np.linalg.norm(x[:, 1] - x[:, 0], axis=-1)
         assert 0.85 < oh.mean() < 1.1  # GFN2-xTB O-H bond length in Å
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_at(n):
+    def callback(frame):
+        if frame == n:
+            raise _Killed
+
+    return callback
+
+
+def _assert_same_frames(ref, out, frames, interval_ps):
+    import h5py
+
+    from surrogate_md.data.h5md import PARTICLE_GROUP
+
+    with h5py.File(out, "r") as f:
+        steps = f[f"particles/{PARTICLE_GROUP}/position/step"][()]
+    with open_trajectory(ref) as a, open_trajectory(out) as b:
+        assert b.n_frames == frames
+        np.testing.assert_array_equal(b.time_ps, np.arange(frames) * interval_ps)
+        np.testing.assert_array_equal(steps, np.arange(frames) * b.metadata["steps_per_frame"])
+        for name in ("positions", "velocities", "forces"):
+            np.testing.assert_array_equal(b.read(slice(None), name), a.read(slice(None), name))
+        np.testing.assert_array_equal(b.potential_energy[()], a.potential_energy[()])
+
+
+@pytest.mark.parametrize("integrator", ["verlet", "langevin", "bussi"])
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, integrator):
+    from ase.cluster import Icosahedron
+
+    atoms = Icosahedron("Ar", 2, latticeconstant=5.4)
+    kwargs = dict(frames=60, step_fs=5.0, interval_ps=0.01, temperature_K=40.0, seed=3,
+                  integrator=integrator, friction_per_ps=5.0, checkpoint_frames=20,
+                  progress=False)
+    ref = run_ase(atoms, "lj", tmp_path / "ref.h5", **kwargs)
+    out = tmp_path / "run.h5"
+    with pytest.raises(_Killed):  # dies after the checkpoint at 40 frames, 5 frames later
+        run_ase(atoms, "lj", out, frame_callback=_kill_at(45), **kwargs)
+    assert not out.exists() and (tmp_path / "run.h5.partial").exists()
+    assert (tmp_path / "run.h5.chk.npz").exists()
+    seen = []
+    run_ase(atoms, "lj", out, resume=True, frame_callback=seen.append, **kwargs)
+    assert seen == list(range(40, 60))  # continues after the last checkpoint, nothing redone
+    assert not (tmp_path / "run.h5.partial").exists()
+    assert not (tmp_path / "run.h5.chk.npz").exists()
+    _assert_same_frames(ref, out, 60, 0.01)
+    # resuming a finished run leaves it alone
+    assert run_ase(atoms, "lj", out, resume=True, **kwargs) == out
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    kwargs = dict(frames=30, checkpoint_frames=10, progress=False, integrator="langevin")
+    with pytest.raises(_Killed):
+        run_ase("CH4", "emt", tmp_path / "r.h5", frame_callback=_kill_at(15), **kwargs)
+    with pytest.raises(ConfigError, match="different settings"):
+        run_ase("CH4", "emt", tmp_path / "r.h5", resume=True, temperature_K=350.0, **kwargs)
+    with pytest.raises(ConfigError, match="different settings"):
+        run_ase("CH4", "emt", tmp_path / "r.h5", resume=True, seed=1, **kwargs)
+    assert (tmp_path / "r.h5.partial").exists() and (tmp_path / "r.h5.chk.npz").exists()
+
+
+def test_cli_resume_after_sigkill(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["ase", "--molecule", "CH3CH2OH", "--calculator", "emt", "--integrator", "langevin",
+            "--frames", "400", "--interval-ps", "0.001", "--step-fs", "0.5", "--seed", "7",
+            "--checkpoint-frames", "20", "--no-progress"]
+    out = tmp_path / "run.h5"
+    chk = tmp_path / "run.h5.chk.npz"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "datagen", *args, "-o", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not chk.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert chk.exists(), "the run wrote no checkpoint"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    assert main([*args, "-o", str(out), "--resume"]) == 0
+    assert not chk.exists()
+    ref = tmp_path / "ref.h5"
+    assert main([*args, "-o", str(ref)]) == 0
+    _assert_same_frames(ref, out, 400, 0.001)
