@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from datagen.ingest import ase_velocity_to_A_per_ps, ev_to_kj_per_mol
-from datagen.runs import CHECKPOINT_SUFFIX, frame_steps, read_partial_metadata
-from surrogate_md.data.h5md import PARTIAL_SUFFIX, Topology, TrajectoryWriter
+from datagen.runs import frame_steps, plan_run
+from surrogate_md.data.h5md import Topology, TrajectoryWriter
 from surrogate_md.errors import CheckpointError, ConfigError, DataError, EngineError
 
 log = logging.getLogger(__name__)
@@ -177,27 +177,11 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
         "command": command if command is not None else shlex.join(sys.argv),
     }
     out = Path(out)
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    chk_path = out.with_name(out.name + CHECKPOINT_SUFFIX)
-    if out.exists() and resume and not overwrite:
-        log.info("%s is complete; nothing to resume", out)
+    state, partial, chk_path = plan_run(out, metadata, RESUME_KEYS, resume=resume,
+                                        overwrite=overwrite)
+    if state == "done":
         return out
-    if out.exists() and not overwrite:
-        raise DataError(f"{out}: file exists; pass overwrite=True (CLI: --overwrite) to replace "
-                        "it or choose another name")
-    resuming = resume and partial.exists() and chk_path.exists()
-    if resume and not resuming:
-        log.info("%s: no checkpoint to resume from; starting a fresh run", out)
-    if resuming:
-        old = read_partial_metadata(partial)
-        diff = {k: (old.get(k), metadata.get(k)) for k in RESUME_KEYS
-                if old.get(k) != metadata.get(k)}
-        if diff:
-            raise ConfigError(f"{partial}: cannot resume with different settings {diff}; use the "
-                              "original settings or delete the .partial and checkpoint files")
-    else:
-        partial.unlink(missing_ok=True)
-        chk_path.unlink(missing_ok=True)
+    resuming = state == "resume"
 
     start_frame = 0
     if resuming:

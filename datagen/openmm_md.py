@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from datagen.runs import CHECKPOINT_SUFFIX, frame_steps, read_partial_metadata
+from datagen.runs import frame_steps, plan_run
 from datagen.systems import BUILTIN_SYSTEMS, BuiltinSystem, md17_charge_method
-from surrogate_md.data.h5md import PARTIAL_SUFFIX, Topology, TrajectoryWriter
+from surrogate_md.data.h5md import Topology, TrajectoryWriter
 from surrogate_md.errors import CheckpointError, ConfigError, DataError, DeviceError, EngineError
 
 log = logging.getLogger(__name__)
@@ -491,27 +491,11 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
         "command": command if command is not None else shlex.join(sys.argv),
         **prepared.extra,
     }
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    chk_path = out.with_name(out.name + CHECKPOINT_SUFFIX)
-    if out.exists() and resume and not overwrite:
-        log.info("%s is complete; nothing to resume", out)
+    state, partial, chk_path = plan_run(out, metadata, RESUME_KEYS, resume=resume,
+                                        overwrite=overwrite)
+    if state == "done":
         return out
-    if out.exists() and not overwrite:
-        raise DataError(f"{out}: file exists; pass overwrite=True (CLI: --overwrite) to replace "
-                        "it or choose another name")
-    resuming = resume and partial.exists() and chk_path.exists()
-    if resume and not resuming:
-        log.info("%s: no checkpoint to resume from; starting a fresh run", out)
-    if resuming:
-        old = read_partial_metadata(partial)
-        diff = {k: (old.get(k), metadata.get(k)) for k in RESUME_KEYS
-                if old.get(k) != metadata.get(k)}
-        if diff:
-            raise ConfigError(f"{partial}: cannot resume with different settings {diff}; use the "
-                              "original settings or delete the .partial and checkpoint files")
-    else:
-        partial.unlink(missing_ok=True)
-        chk_path.unlink(missing_ok=True)
+    resuming = state == "resume"
 
     integ = _make_integrator(integrator, temperature_K, step_fs, friction_per_ps, seed,
                              thermostat_K)

@@ -7,13 +7,17 @@ A run writes ``OUT.h5.partial`` (the dataset so far) and ``OUT.h5`` + :data:`CHE
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from surrogate_md.errors import CheckpointError, ConfigError
+from surrogate_md.data.h5md import PARTIAL_SUFFIX
+from surrogate_md.errors import CheckpointError, ConfigError, DataError
 
 CHECKPOINT_SUFFIX = ".chk.npz"
+
+log = logging.getLogger(__name__)
 
 
 def frame_steps(interval_ps: float, step_fs: float) -> int:
@@ -46,3 +50,35 @@ def read_partial_metadata(partial: Path) -> dict[str, Any]:
     except (OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{partial}: the unfinished dataset cannot be read ({exc}); delete "
                               "it and its checkpoint to start over") from exc
+
+
+def plan_run(out: Path, metadata: dict[str, Any], resume_keys: tuple[str, ...], *,
+             resume: bool, overwrite: bool) -> tuple[str, Path, Path]:
+    """Decide how a producer run starts: ``("done" | "resume" | "fresh", partial, checkpoint)``.
+
+    ``done``: ``out`` is complete and ``resume`` was asked (nothing to do). ``resume``: a partial
+    dataset and a checkpoint exist and their settings (``resume_keys`` of the metadata) match.
+    ``fresh``: leftovers of an older run are removed. An existing ``out`` without ``overwrite``
+    and a resume with other settings are errors.
+    """
+    partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    chk_path = out.with_name(out.name + CHECKPOINT_SUFFIX)
+    if out.exists() and resume and not overwrite:
+        log.info("%s is complete; nothing to resume", out)
+        return "done", partial, chk_path
+    if out.exists() and not overwrite:
+        raise DataError(f"{out}: file exists; pass overwrite=True (CLI: --overwrite) to replace "
+                        "it or choose another name")
+    if resume and partial.exists() and chk_path.exists():
+        old = read_partial_metadata(partial)
+        diff = {k: (old.get(k), metadata.get(k)) for k in resume_keys
+                if old.get(k) != metadata.get(k)}
+        if diff:
+            raise ConfigError(f"{partial}: cannot resume with different settings {diff}; use the "
+                              "original settings or delete the .partial and checkpoint files")
+        return "resume", partial, chk_path
+    if resume:
+        log.info("%s: no checkpoint to resume from; starting a fresh run", out)
+    partial.unlink(missing_ok=True)
+    chk_path.unlink(missing_ok=True)
+    return "fresh", partial, chk_path
