@@ -23,6 +23,16 @@ Step and time bookkeeping (what the reporters see):
   :class:`EngineError` (its file would carry wrong times: choose an interval that is a multiple of
   ``steps_per_frame[0]``); any other reporter due between frames reports at the next frame.
 
+Restrained relaxation (``relax_iterations=n > 0``): after every accepted jump, before the guards
+check it and before any reporter sees it, the end state (predicted atoms as predicted, the others
+rebuilt by :mod:`integrations.reconstruct`) is minimised for at most ``n`` iterations with
+harmonic restraints ``0.5 k |x - x_pred|^2`` (``k = relax_restraint_kJ_per_mol_nm2``) holding the
+predicted atoms near their predicted positions, so mainly the rebuilt atoms (hydrogens, side
+chains) settle into the force field. It runs in a separate relaxation Context on a copy of the
+System with the restraint added; the main Context never holds the restraint, so every energy a
+reporter or guard reads is the plain force field. Velocities stay the predicted ones. In hybrid
+mode only the jump's last frame is relaxed (intermediate output frames are reported as rebuilt).
+
 Hybrid mode (``md_steps=k``): every jump is preceded by ``k`` real integrator steps in the same
 Context (reporters run through them as in ``Simulation``), so one ``step()`` advances
 ``k + steps_per_jump`` steps and ``k dt + jump_ps`` ps. A fallback (guard) replaces a jump by MD
@@ -51,6 +61,10 @@ ANGSTROM = unit.angstrom
 PS = unit.picosecond
 A_PER_PS = unit.angstrom / unit.picosecond
 KJ_PER_MOL = unit.kilojoule_per_mole
+NM = unit.nanometer
+DEFAULT_RELAX_RESTRAINT_KJ_PER_MOL_NM2 = 1.0e5  # 1000 kJ/mol/Å²: ~0.1 Å per 1000 kJ/mol/nm
+RELAX_TOLERANCE_KJ_PER_MOL_NM = 10.0  # as Simulation.minimizeEnergy
+_RESTRAINT_K = "surrogate_relax_k"
 DEFAULT_MAX_STEP_PS = 0.002
 BAROSTATS = tuple(getattr(openmm, name) for name in (
     "MonteCarloBarostat", "MonteCarloAnisotropicBarostat", "MonteCarloMembraneBarostat",
@@ -188,6 +202,13 @@ class SurrogateSimulation:
         md_steps: hybrid mode: real MD steps before every jump (0 = jumps only).
         temperature_K: temperature of the default integrator and of the energy-guard threshold.
         progress: show a progress bar in ``step``.
+        relax_iterations: restrained minimisation after every jump, at most this many minimiser
+            iterations (0 = off, the default); see the module doc.
+        relax_restraint_kJ_per_mol_nm2: force constant of the harmonic position restraints on
+            the predicted atoms during that minimisation (kJ/mol/nm², OpenMM's units). A
+            restrained atom settles about ``F / k`` from its prediction, ``F`` the force the
+            force field puts on it (1000 kJ/mol/nm -> 0.1 Å at the default 1e5); raise it to
+            hold the prediction tighter, 0 for an unrestrained minimisation.
 
     Attributes:
         context, topology, system, integrator, reporters, currentStep: as in ``Simulation``.
@@ -197,6 +218,8 @@ class SurrogateSimulation:
         md_step_ps: the integrator's MD step (fallback and hybrid MD).
         guards: the :class:`Guards` (``guards.summary()`` for the event counts).
         n_jumps, n_fallbacks: accepted jumps and jumps replaced by MD.
+        relax_iterations, relax_restraint_kJ_per_mol_nm2: the relaxation settings (may be
+            changed between ``step`` calls).
     """
 
     def __init__(self, topology: app.Topology, system: openmm.System, surrogate: Any,
@@ -204,7 +227,10 @@ class SurrogateSimulation:
                  platform: openmm.Platform | None = None,
                  platformProperties: dict | None = None, state: str | None = None, *,
                  guards: Guards | GuardConfig | str | None = "raise", md_steps: int = 0,
-                 temperature_K: float = 300.0, progress: bool = False) -> None:
+                 temperature_K: float = 300.0, progress: bool = False,
+                 relax_iterations: int = 0,
+                 relax_restraint_kJ_per_mol_nm2: float = DEFAULT_RELAX_RESTRAINT_KJ_PER_MOL_NM2
+                 ) -> None:
         self.surrogate = load_surrogate(surrogate)
         check_system(system, topology, self.surrogate)
         self.topology = topology
@@ -217,6 +243,18 @@ class SurrogateSimulation:
         if md_steps < 0 or int(md_steps) != md_steps:
             raise EngineError(f"md_steps must be a whole number >= 0, got {md_steps}")
         self.md_steps = int(md_steps)
+        if relax_iterations < 0 or int(relax_iterations) != relax_iterations:
+            raise EngineError(f"relax_iterations must be a whole number >= 0 (0 = no "
+                              f"relaxation after jumps), got {relax_iterations}")
+        if not (np.isfinite(relax_restraint_kJ_per_mol_nm2)
+                and relax_restraint_kJ_per_mol_nm2 >= 0):
+            raise EngineError(f"relax_restraint_kJ_per_mol_nm2 must be a finite force constant "
+                              f">= 0 kJ/mol/nm², got {relax_restraint_kJ_per_mol_nm2}")
+        self.relax_iterations = int(relax_iterations)
+        self.relax_restraint_kJ_per_mol_nm2 = float(relax_restraint_kJ_per_mol_nm2)
+        self._platform_properties = platformProperties
+        self._relax_context: openmm.Context | None = None
+        self._restraint: openmm.CustomExternalForce | None = None
         self.md_step_ps = integrator.getStepSize().value_in_unit(PS)
         md_frame_steps = frame_steps(self.surrogate.times_ps, self.md_step_ps)
         self.jump_steps = self.md_steps == 0
@@ -381,6 +419,51 @@ class SurrogateSimulation:
             if self.jump_steps:
                 self.integrator.setStepSize(self.md_step_ps * PS)
 
+    # -- restrained relaxation after a jump ---------------------------------------------------
+    def _relaxation(self) -> tuple[openmm.Context, openmm.CustomExternalForce]:
+        """The relaxation Context: a copy of the System plus position restraints on the predicted
+        atoms (built on first use, same platform as the main Context)."""
+        if self._relax_context is None:
+            system = openmm.XmlSerializer.clone(self.system)
+            if self._usesPBC:
+                expr = f"0.5*{_RESTRAINT_K}*periodicdistance(x, y, z, x0, y0, z0)^2"
+            else:
+                expr = f"0.5*{_RESTRAINT_K}*((x - x0)^2 + (y - y0)^2 + (z - z0)^2)"
+            restraint = openmm.CustomExternalForce(expr)
+            restraint.addGlobalParameter(_RESTRAINT_K, self.relax_restraint_kJ_per_mol_nm2)
+            for name in ("x0", "y0", "z0"):
+                restraint.addPerParticleParameter(name)
+            for atom in self.surrogate.model_atoms:
+                restraint.addParticle(int(atom), [0.0, 0.0, 0.0])
+            system.addForce(restraint)
+            integrator = openmm.VerletIntegrator(self.md_step_ps * PS)
+            integrator.setConstraintTolerance(self.integrator.getConstraintTolerance())
+            platform = self.context.getPlatform()
+            if self._platform_properties is None:
+                context = openmm.Context(system, integrator, platform)
+            else:
+                context = openmm.Context(system, integrator, platform, self._platform_properties)
+            self._relax_context, self._restraint = context, restraint
+        return self._relax_context, self._restraint
+
+    def _relax(self, positions_A: np.ndarray) -> np.ndarray:
+        """Positions (n_atoms, 3) Å after the restrained minimisation; restraints hold the
+        predicted atoms at their positions in ``positions_A``."""
+        context, restraint = self._relaxation()
+        context.setParameter(_RESTRAINT_K, self.relax_restraint_kJ_per_mol_nm2)
+        box = self.context.getState().getPeriodicBoxVectors()
+        context.setPeriodicBoxVectors(*box)
+        anchors = unit.Quantity(np.asarray(positions_A, dtype=np.float64),
+                                ANGSTROM).value_in_unit(NM)
+        for i, atom in enumerate(self.surrogate.model_atoms):
+            restraint.setParticleParameters(i, int(atom), anchors[int(atom)].tolist())
+        restraint.updateParametersInContext(context)
+        context.setPositions(unit.Quantity(np.asarray(positions_A, dtype=np.float64), ANGSTROM))
+        openmm.LocalEnergyMinimizer.minimize(context, RELAX_TOLERANCE_KJ_PER_MOL_NM,
+                                             self.relax_iterations)
+        return np.asarray(context.getState(positions=True).getPositions(asNumpy=True)
+                          .value_in_unit(ANGSTROM))
+
     def _md_segment(self, n: int) -> None:
         """``n`` MD steps without reports (jump-step mode: not counted as steps)."""
         self.integrator.step(n)
@@ -438,6 +521,10 @@ class SurrogateSimulation:
         energy = None
         if finite:
             write_state(self.context, final, result.velocities_A_per_ps[-1], self._constrained)
+            if self.relax_iterations:
+                relaxed = self._relax(read_state(self.context)[0])
+                write_state(self.context, relaxed, result.velocities_A_per_ps[-1],
+                            self._constrained)
             energy = potential_energy(self.context)
             final = read_state(self.context)[0]
         events = self.guards.check(final, result.velocities_A_per_ps[-1],
@@ -530,7 +617,9 @@ class SurrogateSimulation:
                 "time_ps": self.context.getState().getTime().value_in_unit(PS),
                 "steps_per_jump": self.steps_per_jump, "step_ps": self.step_ps,
                 "md_step_ps": self.md_step_ps, "jump_steps": self.jump_steps,
-                "md_steps": self.md_steps, "guards": self.guards.summary(),
+                "md_steps": self.md_steps, "relax_iterations": self.relax_iterations,
+                "relax_restraint_kJ_per_mol_nm2": self.relax_restraint_kJ_per_mol_nm2,
+                "guards": self.guards.summary(),
                 "surrogate": self.surrogate.describe()}
 
 

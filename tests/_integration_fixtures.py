@@ -135,3 +135,26 @@ def small_egnn_config() -> dict:
     from surrogate_md.models.egnn import EGNNConfig
 
     return dataclasses.asdict(EGNNConfig(hidden=8, n_layers=1, time_dim=4))
+
+
+def train_tiny_surrogate(tmp_path_factory, selection: str = "heavy") -> Path:
+    """``best.pt`` of an egnn trained here for a few seconds (``surrogate_md.train.train``) on a
+    real alanine-dipeptide MD run (400 frames, 0.02 ps apart; the dataset is shared with the
+    other tests of the session). ``selection`` picks the atoms it predicts ("heavy": the others
+    are rebuilt by the integrations). Jump 0.2 ps, two output frames (0.1, 0.2 ps)."""
+    from _train_fixtures import cached, make_alanine_dipeptide, tiny_config
+
+    from surrogate_md.train import train
+
+    data = cached(tmp_path_factory, "ala", make_alanine_dipeptide)
+    cfg = tiny_config(data, "egnn", train={"epochs": 2, "max_steps_per_epoch": 6},
+                      data={"n_out": 2, "jump_ps": 0.2, "selection": selection})
+    cfg["model"].update({"hidden": 8, "n_layers": 1, "time_dim": 4})
+    return train(cfg, tmp_path_factory.mktemp(f"trained-{selection}") / "run", overwrite=True)
+
+
+def thermal_start(frame: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(positions Å, velocities Å/ps) of one frame of the 300 K fixture MD: a real thermal state
+    to start a trained surrogate from."""
+    md = cached_md()
+    return md["frames"][frame].copy(), md["velocities"][frame].copy()

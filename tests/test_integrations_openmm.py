@@ -258,6 +258,38 @@ def test_misaligned_file_reporter_is_an_error_before_anything_moves(tmp_path):
     assert sim.currentStep == 0
 
 
+def test_relaxation_restraint_strength_and_bad_settings(tmp_path):
+    # a ballistic (linear) heavy-atom jump from a 300 K state stretches bonds; the restrained
+    # minimisation after it holds the predicted atoms closer the stiffer the restraint
+    md = cached_md()
+    ck = make_checkpoint(md, tmp_path / "heavy.pt", selection="heavy")
+    surrogate = Surrogate.load(ck)
+    ends = {}
+    for k in (None, 0.0, 1e4, 1e6):
+        top, system, _ = alanine_system()
+        relax = {} if k is None else {"relax_iterations": 100,
+                                      "relax_restraint_kJ_per_mol_nm2": k}
+        sim = SurrogateSimulation(top, system, surrogate, platform=reference_platform(),
+                                  guards="warn", **relax)
+        sim.context.setPositions(unit.Quantity(md["frames"][3], A))
+        sim.context.setVelocities(unit.Quantity(md["velocities"][3], A / unit.picosecond))
+        sim.step(1)
+        st = sim.context.getState(positions=True, energy=True)
+        ends[k] = (st.getPositions(asNumpy=True).value_in_unit(A),
+                   st.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+    heavy = surrogate.model_atoms
+    x_raw, e_raw = ends[None]
+    shifts = {k: np.linalg.norm(ends[k][0] - x_raw, axis=1)[heavy].max() for k in (0.0, 1e4, 1e6)}
+    assert shifts[0.0] > shifts[1e4] > shifts[1e6] and shifts[1e6] < 0.1
+    assert e_raw > ends[1e6][1] > ends[1e4][1] > ends[0.0][1]
+    top, system, _ = alanine_system()
+    for bad in ({"relax_iterations": -1}, {"relax_iterations": 2.5},
+                {"relax_restraint_kJ_per_mol_nm2": float("nan")},
+                {"relax_restraint_kJ_per_mol_nm2": -1.0}):
+        with pytest.raises(EngineError, match="relax_"):
+            SurrogateSimulation(top, system, surrogate, platform=reference_platform(), **bad)
+
+
 def test_step_bookkeeping_helpers():
     assert default_step_ps(np.array([0.01, 0.02])) == pytest.approx(0.002)
     dt = default_step_ps(np.array([0.1875, 0.375]))
