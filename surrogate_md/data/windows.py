@@ -194,6 +194,19 @@ class GraphSpec:
     max_neighbours: int | None = None
     radius_channel: int = 0
 
+    def __post_init__(self) -> None:
+        # Field names as they appear in a training config (``data.graph.*``).
+        if self.kind not in ("bonds", "radius", "full"):
+            raise ConfigError(f"data.graph.kind = {self.kind!r} is not one of "
+                              "['bonds', 'radius', 'full']")
+        for name in ("cutoff_A", "bond_cutoff_A", "max_neighbours"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"data.graph.{name} must be > 0, got {value!r}")
+        if self.radius_channel < 0:
+            raise ConfigError(f"data.graph.radius_channel must be >= 0, got "
+                              f"{self.radius_channel!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -203,8 +216,6 @@ class GraphBuilder:
 
     def __init__(self, spec: GraphSpec, bonds: np.ndarray | None = None,
                  n_nodes: int | None = None) -> None:
-        if spec.kind not in ("bonds", "radius", "full"):
-            raise ConfigError(f"unknown graph kind {spec.kind!r}; use bonds, radius or full")
         self.spec = spec
         self.bonds = None if bonds is None else np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
         self._static: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from surrogate_md.train.config import (
     DataConfig,
-    GraphConfig,
     ModelSection,
     RunConfig,
     RuntimeConfig,
@@ -23,5 +22,5 @@ from surrogate_md.train.config import (
 )
 from surrogate_md.train.loop import train
 
-__all__ = ["DataConfig", "GraphConfig", "ModelSection", "RunConfig", "RuntimeConfig",
+__all__ = ["DataConfig", "ModelSection", "RunConfig", "RuntimeConfig",
            "TrainConfig", "config_from_dict", "load_config", "save_config", "train"]

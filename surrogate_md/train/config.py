@@ -31,6 +31,7 @@ from typing import Any, Union
 
 import yaml
 
+from surrogate_md.data.windows import GraphSpec
 from surrogate_md.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -38,33 +39,6 @@ OPTIMISERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "none")
 LOSSES = ("mse",)
 SELECTIONS = ("all", "heavy", "backbone", "ca", "residues")
-
-
-@dataclass(frozen=True)
-class GraphConfig:
-    """Edges of a sample (see :class:`surrogate_md.data.windows.GraphSpec`).
-
-    kind: ``bonds`` | ``radius`` | ``full``; cutoff_A: radius cutoff (Å); two_hop: add two-hop
-    edges to bond graphs; bond_cutoff_A: infer bonds as pairs closer than this (Å) in the first
-    frame instead of the topology's bonds; max_neighbours: radius graphs keep the nearest k;
-    radius_channel: channel used for radius graphs of residue nodes (1 = CA).
-    """
-
-    kind: str = "bonds"
-    cutoff_A: float = 8.0
-    two_hop: bool = True
-    bond_cutoff_A: float | None = None
-    max_neighbours: int | None = None
-    radius_channel: int = 0
-
-    def __post_init__(self) -> None:
-        _choice("data.graph.kind", self.kind, ("bonds", "radius", "full"))
-        _positive("data.graph.cutoff_A", self.cutoff_A)
-        if self.bond_cutoff_A is not None:
-            _positive("data.graph.bond_cutoff_A", self.bond_cutoff_A)
-        if self.max_neighbours is not None:
-            _positive("data.graph.max_neighbours", self.max_neighbours)
-        _non_negative("data.graph.radius_channel", self.radius_channel)
 
 
 @dataclass(frozen=True)
@@ -92,7 +66,7 @@ class DataConfig:
     n_out: int = 1
     history: int = 1
     history_stride_ps: float | None = None
-    graph: GraphConfig = field(default_factory=GraphConfig)
+    graph: GraphSpec = field(default_factory=GraphSpec)
     max_stat_windows: int = 512
 
     def __post_init__(self) -> None:
@@ -439,5 +413,5 @@ def _deepcopy(value: Any) -> Any:
     return yaml.safe_load(yaml.safe_dump(_plain(value)))
 
 
-__all__ = ["DataConfig", "GraphConfig", "ModelSection", "RunConfig", "RuntimeConfig",
+__all__ = ["DataConfig", "ModelSection", "RunConfig", "RuntimeConfig",
            "TrainConfig", "apply_override", "config_from_dict", "data_config_from_dict", "load_config", "save_config"]

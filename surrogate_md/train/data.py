@@ -17,7 +17,6 @@ from surrogate_md.data.h5md import Topology, TrajectoryFile, open_trajectory
 from surrogate_md.data.selection import NodeSelection, select_nodes
 from surrogate_md.data.windows import (
     GraphBuilder,
-    GraphSpec,
     Protocol,
     WindowDataset,
     make_windows,
@@ -103,10 +102,7 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
                                 history=cfg.history,
                                 history_stride_ps=cfg.history_stride_ps)
     selection = select_nodes(first.topology, cfg.selection, source=str(first.path))
-    g = cfg.graph
-    spec = GraphSpec(kind=g.kind, cutoff_A=g.cutoff_A, two_hop=g.two_hop,
-                     bond_cutoff_A=g.bond_cutoff_A, max_neighbours=g.max_neighbours,
-                     radius_channel=g.radius_channel)
+    spec = g = cfg.graph
     if g.radius_channel >= selection.n_channels:
         raise ConfigError(f"data.graph.radius_channel = {g.radius_channel} but selection "
                           f"{cfg.selection!r} has {selection.n_channels} channel(s); use 0"
