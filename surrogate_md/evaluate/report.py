@@ -42,6 +42,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[str]:
         ax.plot(err["times_ps"], m["mse_per_time"], marker="o", label=name)
     ax.set_xlabel("time offset after t0 (ps)")
     ax.set_ylabel(ylabel)
+    ax.set_yscale("log")  # the linear baseline is orders of magnitude off at ps jumps
     ax.set_title(f"{result['split']} windows: error per output time")
     ax.legend()
     _save(fig, out / "error_per_offset.png")
@@ -53,6 +54,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[str]:
             ax.plot(roll["times_ps"], curve, label=name)
         ax.set_xlabel("simulated time (ps)")
         ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
         ax.set_title(f"rollout error vs reference ({roll['n_rollouts']} starts)")
         ax.legend()
         _save(fig, out / "rollout_error.png")
