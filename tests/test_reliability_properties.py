@@ -172,7 +172,8 @@ def test_paper_split_counts_and_distinct_starts(protocol, seed, counts):
 def test_window_items_hold_exactly_the_protocol_frames(protocol, velocities, seed):
     """Coordinates encode the frame number (x = f, y = -f, z = atom), so every frame of an item
     tells where it came from."""
-    n_frames, n_atoms, interval = 80, 3, 0.25
+    # long enough for a blocked split of any generated protocol (three blocks and two gaps)
+    n_frames, n_atoms, interval = 3 * protocol.window_length(True) + 20, 3, 0.25
     f = np.arange(n_frames, dtype=np.float64)[:, None]
     x = np.stack([np.repeat(f, n_atoms, 1), -np.repeat(f, n_atoms, 1),
                   np.broadcast_to(np.arange(n_atoms), (n_frames, n_atoms))], axis=-1)
