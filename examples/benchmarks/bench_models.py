@@ -105,8 +105,13 @@ def make_batch(kind: str, n_atoms: int, n_systems: int, n_times: int, seed: int 
         K.EDGE_TYPE: np.tile(etype, n_systems),
         K.TIMES: 0.2 * np.arange(1, n_times + 1) / n_times,
     }
+    return as_model_batch(batch)
+
+
+def as_model_batch(arrays: dict) -> dict[str, torch.Tensor]:
+    """numpy arrays -> a model batch: float32 for floating fields, int64 otherwise."""
     out = {}
-    for key, value in batch.items():
+    for key, value in arrays.items():
         tensor = torch.as_tensor(value)
         out[key] = tensor.float() if tensor.is_floating_point() else tensor.long()
     return out
@@ -129,6 +134,26 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def memory_baseline(device: torch.device) -> int:
+    """Bytes in use now, after resetting the peak counter (CUDA allocator, or this process's
+    RSS high-water mark on Linux); where the RSS peak cannot be reset, the current peak, so that
+    only growth above it counts."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    if _reset_peak_rss():
+        return _status_bytes("VmRSS")
+    return max(_status_bytes("VmRSS"), _status_bytes("VmHWM"))
+
+
+def peak_above(device: torch.device, base: int) -> int:
+    """Peak bytes reached since :func:`memory_baseline` returned ``base``."""
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else _status_bytes("VmHWM"))
+    return max(int(peak - base), 0)
 
 
 def run_case(case: dict) -> dict:
@@ -155,25 +180,14 @@ def run_case(case: dict) -> dict:
 
     # baseline before the warm-up step: that first step is the one that grows the process
     # (later steps reuse the allocator's freed blocks)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    elif _reset_peak_rss():
-        base = _status_bytes("VmRSS")
-    else:  # high-water mark cannot be reset: count only what the step adds above it
-        base = max(_status_bytes("VmRSS"), _status_bytes("VmHWM"))
+    base = memory_baseline(device)
     step()  # warm-up (allocator, kernels), not timed
     times = []
     for _ in range(case["repeats"]):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _status_bytes("VmHWM") - base
-    return {"seconds": statistics.median(times), "peak_bytes": max(int(peak), 0),
+    return {"seconds": statistics.median(times), "peak_bytes": peak_above(device, base),
             "n_nodes": int(batch[K.POS].shape[0]), "n_edges": int(batch[K.EDGE_INDEX].shape[1])}
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_models import as_model_batch, memory_baseline, peak_above
 from common import (
     command_line,
     fmt,
@@ -98,32 +99,7 @@ def make_batch(n_atoms: int, n_times: int, cutoff_A: float, density_per_A3: floa
         K.EDGE_INDEX: edges.numpy(), K.EDGE_TYPE: np.zeros(edges.shape[1], dtype=np.int64),
         K.TIMES: np.arange(1, n_times + 1) / n_times,
     }
-    out = {}
-    for key, value in batch.items():
-        tensor = torch.as_tensor(value)
-        out[key] = tensor.float() if tensor.is_floating_point() else tensor.long()
-    return out
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _memory_baseline(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    try:  # reset the high-water mark (Linux); otherwise count only growth above it
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return _status_bytes("VmRSS")
-    except OSError:
-        return max(_status_bytes("VmRSS"), _status_bytes("VmHWM"))
+    return as_model_batch(batch)
 
 
 def run_case(case: dict) -> dict:
@@ -146,16 +122,14 @@ def run_case(case: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    base = _memory_baseline(device)
+    base = memory_baseline(device)
     forward()  # warm-up: allocator growth happens here, kernels get picked
     times = []
     for _ in range(case["repeats"]):
         t0 = time.perf_counter()
         forward()
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else _status_bytes("VmHWM")) - base
-    return {"seconds": statistics.median(times), "peak_bytes": max(int(peak), 0),
+    return {"seconds": statistics.median(times), "peak_bytes": peak_above(device, base),
             "n_edges": int(batch[K.EDGE_INDEX].shape[1]), "graph_seconds": graph_s}
 
 

@@ -133,14 +133,7 @@ def run_config(config: Config, device_name: str, threads: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    elif bench._reset_peak_rss():
-        base = bench._status_bytes("VmRSS")
-    else:  # the high-water mark cannot be reset: count only what the step adds above it
-        base = max(bench._status_bytes("VmRSS"), bench._status_bytes("VmHWM"))
+    base = bench.memory_baseline(device)
     step()  # warm-up: allocates activations, gradients and the optimiser state
     times, cpu_times = [], []
     for _ in range(config.repeats):
@@ -148,14 +141,11 @@ def run_config(config: Config, device_name: str, threads: int) -> dict:
         step()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = bench._status_bytes("VmHWM") - base
+    peak = bench.peak_above(device, base)
     seconds, cpu_seconds = statistics.median(times), statistics.median(cpu_times)
     return {"seconds_per_step": seconds, "samples_per_s": config.batch / seconds,
             "cpu_seconds_per_step": cpu_seconds, "samples_per_cpu_s": config.batch / cpu_seconds,
-            "peak_bytes": max(int(peak), 0), "n_nodes": int(batch[K.POS].shape[0]),
+            "peak_bytes": peak, "n_nodes": int(batch[K.POS].shape[0]),
             "n_edges": int(batch[K.EDGE_INDEX].shape[1]), "step_seconds": times,
             "step_cpu_seconds": cpu_times}
 
