@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", choices=("auto", "Reference", "CPU", "CUDA", "OpenCL"),
                    default="auto")
     p.add_argument("--hmr", action="store_true", help="hydrogen mass repartitioning, 4 fs")
+    p.add_argument("--cutoff-nm", type=float, default=None,
+                   help="nonbonded/GB cutoff for vacuum or implicit solvent (default: none, "
+                        "exact; 1.2 makes proteins in implicit solvent ~3x faster)")
     p.add_argument("--constraints", default="default",
                    help="none, HBonds, AllBonds, HAngles (default: the system's)")
     p.add_argument("--equilibrate-ps", type=float, default=None,
@@ -125,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           integrator=args.integrator, platform=args.platform, hmr=args.hmr,
                           constraints=None if str(args.constraints).lower() == "none"
                           else args.constraints,
-                          coordinates=args.coordinates, equilibrate_ps=args.equilibrate_ps,
+                          coordinates=args.coordinates, cutoff_nm=args.cutoff_nm,
+                          equilibrate_ps=args.equilibrate_ps,
                           checkpoint_frames=args.checkpoint_frames, resume=args.resume,
                           overwrite=args.overwrite, progress=progress, command=command)
             return _run(run_openmm, args.system, args, kwargs)

@@ -51,7 +51,7 @@ EXPLICIT_WATER_FORCEFIELD = "amber14/tip3p.xml"
 EXPLICIT_CUTOFF_NM = 1.0
 #: Metadata entries that must agree between an interrupted run and its resumption.
 RESUME_KEYS = ("system", "solvent", "force_field", "temperature_K", "step_fs", "interval_ps",
-               "seed", "integrator", "friction_per_ps", "hmr", "constraints")
+               "seed", "integrator", "friction_per_ps", "hmr", "constraints", "cutoff_nm")
 
 
 @dataclass
@@ -190,10 +190,37 @@ def _from_xml(xml: Path, pdb_path: Path | None) -> tuple[Any, Any, Any]:
     return pdb.topology, system, pdb.positions
 
 
+def apply_cutoff(system, cutoff_nm: float) -> None:
+    """Switch a non-periodic ``system``'s nonbonded and GB forces to ``CutoffNonPeriodic``.
+
+    Without a cutoff, Coulomb and generalized Born cost O(N^2) per step: AdK (3341 atoms, OBC2)
+    runs at 0.135 s per step on two CPU cores with no cutoff and 0.044 s with 1.2 nm. Beyond the
+    cutoff the reaction-field approximation replaces the exact sums.
+    """
+    import openmm as mm
+
+    if not (cutoff_nm > 0 and math.isfinite(cutoff_nm)):
+        raise ConfigError(f"cutoff_nm={cutoff_nm} must be a positive distance in nm")
+    for force in system.getForces():
+        if isinstance(force, mm.NonbondedForce):
+            if force.usesPeriodicBoundaryConditions():
+                raise ConfigError("cutoff_nm applies to non-periodic (vacuum/implicit) systems; "
+                                  "an explicit-solvent system already uses PME with its cutoff")
+            force.setNonbondedMethod(mm.NonbondedForce.CutoffNonPeriodic)
+            force.setCutoffDistance(cutoff_nm)
+        elif isinstance(force, mm.GBSAOBCForce):
+            force.setNonbondedMethod(mm.GBSAOBCForce.CutoffNonPeriodic)
+            force.setCutoffDistance(cutoff_nm)
+        elif isinstance(force, mm.CustomGBForce | mm.CustomNonbondedForce):
+            force.setNonbondedMethod(force.CutoffNonPeriodic)
+            force.setCutoffDistance(cutoff_nm)
+
+
 def prepare_system(system: str | os.PathLike, *, solvent: str = "vacuum",
                    forcefield: tuple[str, ...] | list[str] | str | None = None,
                    constraints: str | None = "HBonds", hmr: bool = False,
-                   coordinates: str | os.PathLike | None = None) -> PreparedSystem:
+                   coordinates: str | os.PathLike | None = None,
+                   cutoff_nm: float | None = None) -> PreparedSystem:
     """Build an OpenMM ``System`` from a built-in name or a user file.
 
     Args:
@@ -205,7 +232,18 @@ def prepare_system(system: str | os.PathLike, *, solvent: str = "vacuum",
         forcefield: OpenMM force-field XML files for PDB inputs (default amber14-all.xml).
         constraints: ``None``, ``"HBonds"``, ``"AllBonds"`` or ``"HAngles"``.
         hmr: hydrogen mass repartitioning (H mass ``HMR_HYDROGEN_MASS_AMU``).
+        cutoff_nm: nonbonded/GB cutoff for vacuum or implicit solvent (default: none, exact).
     """
+    prepared = _prepare_system(system, solvent=solvent, forcefield=forcefield,
+                               constraints=constraints, hmr=hmr, coordinates=coordinates)
+    if cutoff_nm is not None:
+        apply_cutoff(prepared.system, cutoff_nm)
+        prepared.extra["cutoff_nm"] = float(cutoff_nm)
+    return prepared
+
+
+def _prepare_system(system, *, solvent, forcefield, constraints, hmr,
+                    coordinates) -> PreparedSystem:
     from openmm import unit
 
     if solvent not in SOLVENTS:
@@ -383,6 +421,7 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
                hmr: bool = False,
                constraints: str | None = "default",
                coordinates: str | os.PathLike | None = None,
+               cutoff_nm: float | None = None,
                equilibrate_ps: float | None = None,
                minimize: bool = True,
                checkpoint_frames: int = 1000,
@@ -411,6 +450,8 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
         hmr: hydrogen mass repartitioning (and 4 fs unless ``step_fs`` is given).
         constraints: ``None``/``"HBonds"``/...; ``"default"``: the built-in's choice, else HBonds.
         coordinates: inpcrd for a prmtop, PDB for a System XML.
+        cutoff_nm: nonbonded/GB cutoff in vacuum or implicit solvent (default none: exact O(N^2)
+            sums; 1.2 makes AdK in OBC2 3x faster on a CPU).
         equilibrate_ps: MD after minimisation and before frame 0 (default per system, else 10 ps).
         minimize: minimise the energy first.
         checkpoint_frames: write the dataset and an OpenMM checkpoint every this many frames.
@@ -458,7 +499,8 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
         raise ConfigError(f"equilibrate_ps={equilibrate_ps} must be >= 0")
 
     prepared = prepare_system(system, solvent=solvent, forcefield=forcefield,
-                              constraints=constraints, hmr=hmr, coordinates=coordinates)
+                              constraints=constraints, hmr=hmr, coordinates=coordinates,
+                              cutoff_nm=cutoff_nm)
     gas_phase = solvent == "vacuum" and prepared.topology.getPeriodicBoxVectors() is None
     if integrator is None:
         small = prepared.system.getNumParticles() < REFERENCE_MAX_ATOMS

@@ -85,6 +85,48 @@ def test_implicit_solvent_uses_native_gbsaobc(tmp_path):
             assert f.potential_energy[0] < g.potential_energy[0]
 
 
+def test_cutoff_for_implicit_solvent(tmp_path):
+    mm = openmm
+    exact = prepare_system("alanine-dipeptide", solvent="implicit")
+    cut = prepare_system("alanine-dipeptide", solvent="implicit", cutoff_nm=0.6)
+    methods = {type(f).__name__: f.getNonbondedMethod() for f in cut.system.getForces()
+               if isinstance(f, mm.NonbondedForce | mm.GBSAOBCForce)}
+    assert methods == {"NonbondedForce": mm.NonbondedForce.CutoffNonPeriodic,
+                       "GBSAOBCForce": mm.GBSAOBCForce.CutoffNonPeriodic}
+
+    def energy(prepared):
+        ctx = mm.Context(prepared.system, mm.VerletIntegrator(0.001),
+                         mm.Platform.getPlatformByName("Reference"))
+        ctx.setPositions(exact.positions)
+        return ctx.getState(getEnergy=True).getPotentialEnergy()._value
+
+    # a short cutoff changes the electrostatics of a 1 nm peptide (reaction field), but not wildly
+    e_exact, e_cut = energy(exact), energy(cut)
+    assert e_cut != pytest.approx(e_exact, abs=1e-3)
+    assert e_cut == pytest.approx(e_exact, abs=200.0)
+    kwargs = dict(solvent="implicit", frames=6, equilibrate_ps=0.0, checkpoint_frames=2,
+                  progress=False)
+
+    def stop(i):
+        if i == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_openmm("alanine-dipeptide", tmp_path / "cut.h5", cutoff_nm=0.6, frame_callback=stop,
+                   **kwargs)
+    # resuming with another cutoff is refused (it is a different system); the same one resumes
+    with pytest.raises(ConfigError, match="cutoff_nm"):
+        run_openmm("alanine-dipeptide", tmp_path / "cut.h5", cutoff_nm=0.9, resume=True,
+                   **kwargs)
+    out = run_openmm("alanine-dipeptide", tmp_path / "cut.h5", cutoff_nm=0.6, resume=True,
+                     **kwargs)
+    with open_trajectory(out) as f:
+        assert f.metadata["cutoff_nm"] == 0.6 and f.n_frames == 6
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="cutoff_nm"):
+            prepare_system("alanine-dipeptide", solvent="implicit", cutoff_nm=bad)
+
+
 def test_adk_builtin_runs_a_few_steps(tmp_path):
     out = run_openmm("adk", tmp_path / "adk.h5", frames=2, interval_ps=0.002, minimize=False,
                      equilibrate_ps=0.0, platform="CPU", progress=False)
