@@ -134,6 +134,30 @@ def test_tiny_training_run(ala, tmp_path):
     assert recorded["val_amse"] == min(r["val_amse"] for r in epochs)
 
 
+@pytest.mark.parametrize("model", ["egno", "egnn", "painet"])
+def test_bf16_autocast_on_cpu_trains_close_to_fp32(ala, tmp_path, model):
+    # bf16 runs the matrix products in bfloat16 (the loss differs from fp32 in the 3rd digit) and
+    # keeps positions and weights fp32; training still lowers the validation error
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        train(tiny_config(ala, model, train={"epochs": 3},
+                          runtime={"precision": precision}), out)
+        runs[precision] = [r for r in records(out) if r["split"] == "epoch"]
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    keys = ("train_fmse", "val_fmse", "val_amse")
+    pairs = [(b[k], f[k]) for b, f in zip(bf16, fp32) for k in keys]
+    assert any(b != f for b, f in pairs)  # autocast did run in bf16
+    assert all(b == pytest.approx(f, rel=0.05) for b, f in pairs)
+    assert bf16[-1]["val_amse"] < bf16[0]["val_amse"]
+    # the weights stay in their own dtypes (autocast casts copies)
+    dtypes = {p: {k: v.dtype for k, v in torch.load(tmp_path / p / "best.pt",
+                                                    weights_only=True)["state_dict"].items()}
+              for p in ("fp32", "bf16")}
+    assert dtypes["bf16"] == dtypes["fp32"]
+    assert torch.bfloat16 not in dtypes["bf16"].values()
+
+
 def test_existing_run_dir_is_refused(ala, tmp_path, capsys):
     out = tmp_path / "run"
     cfg = tiny_config(ala, train={"epochs": 1, "max_steps_per_epoch": 1})

@@ -167,7 +167,8 @@ class RuntimeConfig:
     """Where and how to run.
 
     device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; precision: ``fp32`` | ``bf16`` | ``fp16``
-    (autocast on GPU only; CPU always runs fp32); compile: ``torch.compile`` the model;
+    (autocast of the matrix products; bf16 also on CPU, fast where the CPU has AVX512-BF16 or
+    AMX; fp16 on GPU only, with loss scaling); compile: ``torch.compile`` the model;
     workers: DataLoader worker processes; log_every: log a line every N optimiser steps;
     progress: tqdm bars (null = when attached to a terminal).
     """

@@ -129,10 +129,16 @@ def resolve_model_options(config: RunConfig) -> RunConfig:
 
 
 def _dtype_context(device: torch.device, precision: str):
-    if device.type != "cuda" or precision == "fp32":
+    """Autocast for ``precision``: bf16 on CUDA or CPU, fp16 on CUDA only, else nothing.
+
+    Autocast runs the matrix products (the bulk of the work) in the low precision and keeps
+    positions, sums and the loss in fp32. On CPUs with AVX512-BF16 or AMX, bf16 products run 2-4x
+    faster than fp32; elsewhere they are emulated and slower.
+    """
+    if precision == "fp32" or (device.type != "cuda" and precision != "bf16"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _loader(dataset: WindowDataset, batch_size: int, sampler=None, workers: int = 0,
@@ -367,9 +373,9 @@ def _run(cfg: RunConfig, out: Path, resume: bool, dist: Dist) -> Path:
     if device.type == "cuda" and dist.active:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    if device.type != "cuda" and cfg.runtime.precision != "fp32":
-        log.warning("runtime.precision = %s applies on GPU only; running fp32 on %s",
-                    cfg.runtime.precision, device)
+    if device.type != "cuda" and cfg.runtime.precision == "fp16":
+        log.warning("runtime.precision = fp16 applies on GPU only; running fp32 on %s "
+                    "(bf16 runs on CPUs too)", device)
     tc = cfg.train
     if dist.main:
         save_config(cfg, out / "config.yaml")
