@@ -191,3 +191,11 @@ def test_chunk_policy_follows_graph_size():
     assert rows is not None and 4 * rows * 128 <= 2**20
     # aspirin x100 (P = 8, hidden 64): small enough to keep its edge tensors
     assert L._edge_chunk_rows(4_600, 8, 64, cpu) is None
+
+
+def test_quick_training_benchmark_bf16_rows(capsys):
+    bench = _load()
+    assert bench.main(["--quick", "--in-process", "--only", "egno aspirin", "--precision", "fp32",
+                       "bf16"]) == 0
+    body = _table(capsys.readouterr().out)[2:]
+    assert [row[0] for row in body] == ["egno aspirin", "egno aspirin bf16"]

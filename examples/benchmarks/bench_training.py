@@ -25,12 +25,17 @@ DIR (e.g. ``git archive <commit> surrogate_md | tar -x -C DIR``), interleaved wi
 and reports the speed-up and memory ratio: before/after numbers taken on the same noisy machine in
 the same run.
 
-Usage: ``python examples/benchmarks/bench_training.py [--quick] [--threads 1] [--json out.json]``
+``--precision fp32 bf16`` runs each configuration in fp32 and under bf16 autocast (the trainer's
+``runtime.precision: bf16``), side by side.
+
+Usage: ``python examples/benchmarks/bench_training.py [--quick] [--threads 1] [--precision fp32
+bf16] [--json out.json]``
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -62,6 +67,7 @@ class Config:
     ref_samples_per_s: float | None = None
     ref_memory_gib: float | None = None
     repeats: int = 3
+    precision: str = "fp32"  # "bf16": autocast of the matrix products, as runtime.precision
 
 
 def reference_configs(quick: bool, adk_batches: list[int]) -> list[Config]:
@@ -125,9 +131,13 @@ def run_config(config: Config, device_name: str, threads: int) -> dict:
     target = (batch[K.POS].unsqueeze(0)
               + 0.3 * torch.randn(shape, generator=gen).to(device, batch[K.POS].dtype))
 
+    low = config.precision == "bf16"
+
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(model(batch), target)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
+            pred = model(batch)
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
         loss.backward()
         optimiser.step()
         if device.type == "cuda":
@@ -215,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                         help="batch sizes of the AdK-size runs (default 1 8, quick 1 2)")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="run every configuration at each of these precisions (bf16: "
+                             "autocast, fast on CPUs with AVX512-BF16/AMX and on GPUs)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only configurations whose name contains one of these words")
     parser.add_argument("--compare-src", default=None,
@@ -237,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batch_sizes or ([1, 2] if args.quick else [1, 8])
     if any(b < 1 for b in batches):
         parser.error("--batch-sizes must be positive")
-    configs = reference_configs(args.quick, batches)
+    configs = [dataclasses.replace(c, name=c.name if p == "fp32" else f"{c.name} {p}",
+                                   precision=p)
+               for c in reference_configs(args.quick, batches) for p in args.precision]
     if args.only:
         configs = [c for c in configs if any(word in c.name for word in args.only)]
     if args.compare_src and args.in_process:
