@@ -83,6 +83,35 @@ def test_evaluate_s2s_and_wrong_system(ala, checkpoint, tmp_path):
         evaluate(checkpoint, bad, tmp_path / "bad", rollout_jumps=0)
 
 
+def test_transfer_to_permuted_atoms_scores_the_same(ala, checkpoint, tmp_path):
+    # the same MD with the atoms in another order is "another system" atom by atom; transfer
+    # selects the nodes afresh and, the models being permutation-equivariant, scores the same
+    from surrogate_md.data import Topology, write_trajectory
+    from surrogate_md.errors import DataError
+
+    f = open_trajectory(ala)
+    top = f.topology
+    perm = np.random.default_rng(3).permutation(top.n_atoms)
+    inverse = np.argsort(perm)
+    other = Topology(top.atomic_numbers[perm], top.masses[perm], top.atom_names[perm],
+                     top.residue_ids[perm], top.residue_names[perm], inverse[top.bonds])
+    moved = write_trajectory(tmp_path / "perm.h5", other, f.read(slice(None))[:, perm],
+                             f.time_ps, f.metadata,
+                             velocities=f.read(slice(None), "velocities")[:, perm])
+    with pytest.raises(DataError, match="differ"):
+        evaluate(checkpoint, moved, tmp_path / "plain", split="all", rollout_jumps=0)
+    base = evaluate(checkpoint, ala, tmp_path / "base", split="all", rollout_jumps=0,
+                    plots=False)
+    assert main([str(checkpoint), "--data", str(moved), "--out", str(tmp_path / "tr"),
+                 "--split", "all", "--transfer", "-q"]) == 0
+    res = json.loads((tmp_path / "tr" / "metrics.json").read_text())
+    assert res["transfer"] and res["n_nodes"] == 22 and "rollout" not in res
+    for name, m in base["errors"]["models"].items():
+        assert res["errors"]["models"][name]["fmse"] == pytest.approx(m["fmse"], rel=1e-4)
+        assert res["errors"]["models"][name]["amse"] == pytest.approx(m["amse"], rel=1e-4)
+    assert "transfer: 22 nodes" in (tmp_path / "tr" / "report.md").read_text()
+
+
 def test_dihedral_against_known_geometry():
     # trans (180) and gauche (+60 / -60 by the IUPAC sign convention) quadruples
     p0, p1, p2 = np.array([1.0, 0, 0]), np.array([0.0, 0, 0]), np.array([0.0, 1.0, 0])

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jumps per rollout, 0 for none (default 10)")
     p.add_argument("--n-rollouts", type=int, default=4, help="rollout start points (default 4)")
     p.add_argument("--max-windows", type=int, help="score at most this many windows")
+    p.add_argument("--transfer", action="store_true",
+                   help="the data hold another system or atom order (e.g. the same protein from "
+                        "other force-field files): select the nodes afresh, score one-jump errors")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(args.checkpoint, [str(p) for p in args.data], args.out, split=args.split,
                  protocol=args.protocol, rollout_jumps=args.rollout_jumps,
                  n_rollouts=args.n_rollouts, batch_size=args.batch_size, device=args.device,
-                 max_windows=args.max_windows, overwrite=args.overwrite)
+                 max_windows=args.max_windows, overwrite=args.overwrite,
+                 transfer=args.transfer)
     except SurrogateMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

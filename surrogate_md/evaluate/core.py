@@ -39,7 +39,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
              str | os.PathLike, *, split: str = "test", protocol: str = "s2t",
              rollout_jumps: int = 10, n_rollouts: int = 4, batch_size: int = 32,
              device: str = "auto", max_windows: int | None = None,
-             overwrite: bool = False, plots: bool = True) -> dict[str, Any]:
+             overwrite: bool = False, plots: bool = True, transfer: bool = False
+             ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``data`` and write ``report.md``, ``metrics.json`` and PNGs.
 
     Args:
@@ -52,6 +53,10 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         rollout_jumps: jumps per rollout (0 = no rollout); limited by the trajectory length.
         n_rollouts: rollouts started from windows spread over the split.
         max_windows: score at most this many windows (evenly spaced) of the split.
+        transfer: ``data`` holds another system, or the same molecule in another force field or
+            atom order (e.g. AdK from CHARMM files for a model trained on Amber MD): the model's
+            nodes and graph are selected afresh in ``data`` by the training recipe, without the
+            atom-by-atom check, and only one-jump errors are scored (no rollouts).
 
     Returns:
         The metrics dict written to ``metrics.json``. Errors are Å² per atom (squared distance
@@ -75,7 +80,15 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
     seed = int(prov.get("run_config", {}).get("train", {}).get("data_seed", 0))
     prepared = prepare_data(data_config_from_dict(dc, str(checkpoint)), seed=seed)
     try:
-        sur.check_atomic_numbers(prepared.topology.atomic_numbers)
+        if transfer:
+            selection, graph, rollout_jumps = prepared.selection, prepared.graph, 0
+            trained_v = sur.meta["protocol"].get("velocity_source")
+            if trained_v and trained_v != prepared.velocity_source:
+                log.warning("%s: velocities here are %s, the model was trained on %s velocities",
+                            paths[0], prepared.velocity_source, trained_v)
+        else:
+            sur.check_atomic_numbers(prepared.topology.atomic_numbers)
+            selection, graph = sur.selection, sur.graph
         if abs(prepared.protocol.jump_frames * prepared.interval_ps - sur.jump_ps) > 1e-6:
             raise DataError(f"{paths[0]}: the jump cut from this file differs from the "
                             f"checkpoint's {sur.jump_ps} ps")
@@ -86,10 +99,12 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         if len(windows) == 0:
             raise DataError(f"{paths[0]}: the {split} split has no windows; use --split all or "
                             "a longer trajectory")
-        ds = WindowDataset(prepared.files, windows, prepared.protocol, sur.selection, sur.graph)
+        ds = WindowDataset(prepared.files, windows, prepared.protocol, selection, graph)
         result: dict[str, Any] = {
             "checkpoint": str(checkpoint), "checkpoint_hash": sur.checkpoint_hash,
             "model": sur.name, "data": paths, "split": split, "protocol": protocol,
+            "transfer": transfer, "n_nodes": int(selection.n_nodes),
+            "velocity_source": prepared.velocity_source,
             "n_windows": int(len(windows)), "jump_ps": sur.jump_ps,
             "metric_definition": M.METRIC_DEFINITION,
             "training_metrics": sur.meta.get("metrics", {}),

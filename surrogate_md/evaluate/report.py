@@ -105,6 +105,9 @@ def write_report(result: dict[str, Any], path: Path) -> Path:
              f"- data: {', '.join(Path(p).name for p in result['data'])}; split "
              f"`{result['split']}`, {result['n_windows']} windows; protocol "
              f"`{result['protocol']}`; jump {result['jump_ps']:g} ps", ""]
+    if result.get("transfer"):
+        lines[-1:-1] = [f"- transfer: {result['n_nodes']} nodes selected afresh in this data by "
+                        f"the training recipe (velocities: {result['velocity_source']})"]
     err = result["errors"]
     lines += ["## One-jump errors", "",
               f"Metric: {METRIC_DEFINITION}. (ESTAG's tables average over the three coordinates "
