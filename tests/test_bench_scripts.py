@@ -124,6 +124,29 @@ def test_accuracy_quick_md17(bench, tmp_path, capsys):
     assert egno_run["floors"]["constant"]["fmse"] == pytest.approx(rows["constant"]["fmse_mean"])
 
 
+def test_accuracy_quick_adk_residues_with_transfer(bench, tmp_path, capsys):
+    # quick AdK: MDAnalysisTests' CHARMM AdK is both the data and the transfer target
+    accuracy = bench("bench_accuracy")
+    out = tmp_path / "adk.json"
+    assert accuracy.main(["--quick", "--system", "adk", "--protocol", "residues", "--transfer",
+                          "mdanalysistests", "--models", "constant", "estag", "--seeds", "1",
+                          "--data-dir", str(tmp_path / "d"), "--out-dir", str(tmp_path / "r"),
+                          "--json", str(out), "--no-progress"]) == 0
+    tables = _tables(capsys.readouterr().out)
+    header = tables[1][0]
+    assert len(_check(tables[1])) == 4  # constant, estag and the floors on the history windows
+    assert any(h.startswith("transfer F-MSE") for h in header)
+    data = json.loads(out.read_text())
+    rows = {r["model"]: r for r in data["rows"]}
+    assert rows["estag"]["protocol"].startswith("history")
+    # scoring the training file itself as a transfer target: the constant floor over all its
+    # windows is a mean squared displacement like the test split's, the same order of size
+    const = rows["constant"]
+    assert 0.2 < const["transfer_fmse_mean"] / const["fmse_mean"] < 5
+    run = next(r for r in data["runs"] if r["label"] == "estag")
+    assert run["transfer"]["n_windows"] > 0 and run["transfer"]["estag"]["fmse"] > 0
+
+
 @pytest.mark.slow
 def test_surrogate_vs_md_quick(bench, tmp_path, capsys):
     vs_md = bench("bench_surrogate_vs_md")

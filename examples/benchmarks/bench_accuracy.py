@@ -10,6 +10,14 @@ Systems and protocols (the templates are the example configs in ``examples/confi
 - alanine dipeptide (``--system alanine-dipeptide``, vacuum or ``--solvent implicit``; template
   ``MODEL_alanine_dipeptide.yaml``): all atoms, topology bonds + two-hop, jump 1 ps, P = 5,
   blocked split; ESTAG on the history protocol (10 frames, 0.1 ps apart).
+- adenylate kinase (``--system adk``, implicit solvent; ``--protocol backbone``: EGNO's, backbone
+  atoms, 8 Å radius graph, P = 4, template ``MODEL_adk_backbone.yaml``; ``--protocol residues``:
+  ESTAG's, one 4-channel node (N, CA, C, O) per residue, 6 Å CA graph, template
+  ``MODEL_adk_residues.yaml``); blocked split. The papers jump 3.6 ns over microseconds of MD;
+  on the 150 ps that a CPU makes here the defaults are a 4 ps jump (backbone) and a 1 ps jump
+  (residues), with history frames 1 ps apart. ``--transfer FILE.h5`` also scores every trained
+  model on another AdK trajectory with the nodes selected afresh (``--transfer mdanalysistests``:
+  the CHARMM AdK PSF/DCD that ship with MDAnalysisTests, 98 frames 1 ps apart, ingested here).
 
 Data: ``--data FILE.h5`` (any canonical dataset of that system, e.g. the real MD17 trajectory
 ingested with ``python -m datagen ingest``), else MD generated here with ``datagen`` at the
@@ -55,7 +63,11 @@ log = logging.getLogger("bench_accuracy")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MD17 = ("aspirin", "ethanol", "malonaldehyde", "uracil")
-SYSTEMS = (*MD17, "alanine-dipeptide")
+SYSTEMS = (*MD17, "alanine-dipeptide", "adk")
+#: AdK protocol defaults for short MD: (jump ps, P, history stride ps)
+ADK_DEFAULTS = {"backbone": (4.0, 4, 1.0), "residues": (1.0, 1, 1.0)}
+#: AdK MD made here: implicit solvent, 4 fs steps with HMR, 1.2 nm cutoff, a frame every 0.1 ps
+ADK_MD = {"solvent": "implicit", "hmr": True, "cutoff_nm": 1.2, "interval_ps": 0.1}
 #: benchmark variants: label -> (registered model, option overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "constant": ("constant", {}),
@@ -69,9 +81,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 BASELINES = ("constant", "linear")
 
 
-def template(system: str, model: str) -> dict[str, Any]:
+def template(args: argparse.Namespace, model: str) -> dict[str, Any]:
     """The example config of ``model`` for this system's protocol."""
-    stem = "aspirin" if system in MD17 else "alanine_dipeptide"
+    stem = ("aspirin" if args.system in MD17 else f"adk_{args.protocol}" if args.system == "adk"
+            else "alanine_dipeptide")
     return yaml.safe_load((CONFIGS / f"{model}_{stem}.yaml").read_text())
 
 
@@ -81,21 +94,39 @@ def dataset(args: argparse.Namespace) -> Path:
         return Path(args.data)
     from datagen.openmm_md import run_openmm
 
-    solvent = args.solvent if args.system == "alanine-dipeptide" else "vacuum"
-    path = Path(args.data_dir) / f"{args.system}-{solvent}-{args.frames}f-seed0.h5"
+    if args.system == "adk":
+        path = Path(args.data_dir) / f"adk-implicit-hmr-{args.frames}f-seed0.h5"
+        options = dict(ADK_MD)
+    else:
+        solvent = args.solvent if args.system == "alanine-dipeptide" else "vacuum"
+        path = Path(args.data_dir) / f"{args.system}-{solvent}-{args.frames}f-seed0.h5"
+        options = {"solvent": solvent}
     if not path.exists():
         log.info("generating %d frames of %s MD -> %s", args.frames, args.system, path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        run_openmm(args.system, path, frames=args.frames, solvent=solvent, seed=0,
-                   progress=args.progress)
+        run_openmm(args.system, path, frames=args.frames, seed=0, progress=args.progress,
+                   **options)
+    return path
+
+
+def mdanalysis_adk(data_dir: str) -> Path:
+    """The AdK PSF/DCD of MDAnalysisTests (CHARMM, 98 frames 1 ps apart) as a dataset file."""
+    from MDAnalysisTests.datafiles import DCD, PSF
+
+    from datagen.ingest import ingest
+
+    path = Path(data_dir) / "adk-mdanalysistests.h5"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ingest([PSF, DCD], path, progress=False)
     return path
 
 
 def run_config(args: argparse.Namespace, label: str, data: Path, seed: int) -> dict[str, Any]:
     """The training config of one variant and seed."""
     model, options = VARIANTS[label]
-    cfg = template(args.system, model)
-    s2t = template(args.system, "egno")["data"]  # every row: the S2T rows' jump and P
+    cfg = template(args, model)
+    s2t = template(args, "egno")["data"]  # every row: the S2T rows' jump and P
     cfg["data"]["path"] = str(data)
     cfg["data"]["jump_ps"] = args.jump_ps or s2t["jump_ps"]
     cfg["data"]["n_out"] = args.n_out or s2t["n_out"]
@@ -105,8 +136,12 @@ def run_config(args: argparse.Namespace, label: str, data: Path, seed: int) -> d
         cfg["data"]["margin_frames"] = args.margin_frames
     else:
         cfg["data"].pop("counts", None)
-    if args.history_stride_ps and cfg["data"].get("protocol") == "history":
-        cfg["data"]["history_stride_ps"] = args.history_stride_ps
+    if cfg["data"].get("protocol") == "history":
+        if args.history_stride_ps:
+            cfg["data"]["history_stride_ps"] = args.history_stride_ps
+        if args.history:
+            cfg["data"]["history"] = args.history
+            cfg["model"]["n_history"] = args.history
     cfg["model"].update(options)
     if args.hidden and model not in BASELINES:
         cfg["model"]["hidden"] = args.hidden
@@ -136,7 +171,15 @@ def run_one(args: argparse.Namespace, label: str, data: Path, seed: int) -> dict
                        device=args.device, max_windows=args.eval_windows, plots=False)
     errors = metrics["errors"]["models"]
     name = metrics["model"]
-    return {"label": label, "seed": seed, "protocol": cfg["data"]["protocol"],
+    transfer = None
+    if args.transfer:
+        moved = evaluate(best, args.transfer, out / "transfer", split="all", overwrite=True,
+                         device=args.device, max_windows=args.eval_windows, plots=False,
+                         transfer=True)
+        transfer = {k: {"fmse": v["fmse"], "amse": v["amse"]}
+                    for k, v in moved["errors"]["models"].items()}
+        transfer["n_windows"] = moved["n_windows"]
+    return {"transfer": transfer, "label": label, "seed": seed, "protocol": cfg["data"]["protocol"],
             "history": cfg["data"].get("history", 1),
             "history_stride_ps": cfg["data"].get("history_stride_ps"),
             "jump_ps": metrics["jump_ps"], "n_out": len(metrics["errors"]["times_ps"]),
@@ -153,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="dataset file of --system (else datagen)")
     parser.add_argument("--solvent", default="vacuum", choices=["vacuum", "implicit"],
                         help="alanine dipeptide only")
+    parser.add_argument("--protocol", default="backbone", choices=list(ADK_DEFAULTS),
+                        help="AdK only: EGNO's backbone S2T or ESTAG's 4-channel residues")
+    parser.add_argument("--transfer", default=None,
+                        help="also score every model on this dataset of the same system "
+                             "(nodes selected afresh); 'mdanalysistests': MDAnalysisTests' AdK")
     parser.add_argument("--frames", type=int, default=None,
                         help="frames of generated MD (MD17: 30000 = 15 ps; alanine: 5000)")
     parser.add_argument("--data-dir", default="bench_data")
@@ -165,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jump-ps", type=float, default=None, help="override the jump (ps)")
     parser.add_argument("--n-out", type=int, default=None, help="override P")
     parser.add_argument("--history-stride-ps", type=float, default=None)
+    parser.add_argument("--history", type=int, default=None, help="override past frames")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--max-steps-per-epoch", type=int, default=0)
@@ -179,7 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     setup_logging()
-    md17 = args.system in MD17
+    md17, adk = args.system in MD17, args.system == "adk"
+    if adk:
+        jump, n_out, stride = ADK_DEFAULTS[args.protocol]
+        args.jump_ps, args.n_out = args.jump_ps or jump, args.n_out or n_out
+        args.history_stride_ps = args.history_stride_ps or stride
+        if args.transfer == "mdanalysistests" or (args.quick and not args.data):
+            ingested = mdanalysis_adk(args.data_dir)
+            args.transfer = str(ingested) if args.transfer else None
+            args.data = args.data or (str(ingested) if args.quick else None)
+    elif args.transfer == "mdanalysistests":
+        parser.error("--transfer mdanalysistests holds AdK: use it with --system adk")
+    if args.quick and adk:  # MDAnalysisTests' AdK: 98 frames, 1 ps apart
+        args.jump_ps, args.n_out, args.history_stride_ps = 2.0, 2, 1.0
+        args.history = args.history or 3
     if args.quick:
         args.frames = args.frames or (1200 if md17 else 300)
         args.split = args.split or "blocked"
@@ -188,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds, args.epochs, args.max_steps_per_epoch = min(args.seeds, 2), 1, 2
         args.hidden, args.layers = args.hidden or 8, args.layers or 1
         args.eval_windows = args.eval_windows or 32
-    args.frames = args.frames or (30000 if md17 else 5000)
+    args.frames = args.frames or (30000 if md17 else 1500 if adk else 5000)
     args.split = args.split or ("paper" if md17 else "blocked")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else args.device
@@ -210,29 +272,45 @@ def main(argv: list[str] | None = None) -> int:
         fm, fs = mean_std([r["fmse"] for r in mine])
         am, as_ = mean_std([r["amse"] for r in mine])
         tm, _ = mean_std([r["train_s"] for r in mine])
-        rows.append({"model": label, "protocol": _protocol(mine[0]), "fmse_mean": fm,
-                     "fmse_std": fs, "amse_mean": am, "amse_std": as_, "train_s_mean": tm,
-                     "seeds": len(mine), "n_test_windows": mine[0]["n_test_windows"]})
+        row = {"model": label, "protocol": _protocol(mine[0]), "fmse_mean": fm,
+               "fmse_std": fs, "amse_mean": am, "amse_std": as_, "train_s_mean": tm,
+               "seeds": len(mine), "n_test_windows": mine[0]["n_test_windows"]}
+        if args.transfer:
+            name = VARIANTS[label][0]
+            row["transfer_fmse_mean"], row["transfer_fmse_std"] = mean_std(
+                [r["transfer"][name]["fmse"] for r in mine])
+            row["transfer_windows"] = mine[0]["transfer"]["n_windows"]
+        rows.append(row)
     # the floors on the history windows (they differ from the S2T windows)
     for r in runs:
         if r["protocol"] == "history" and r["seed"] == 0:
             for b, err in r["floors"].items():
-                rows.append({"model": f"{b} (history windows)", "protocol": _protocol(r),
-                             "fmse_mean": err["fmse"], "fmse_std": 0.0,
-                             "amse_mean": err["amse"], "amse_std": 0.0, "train_s_mean": None,
-                             "seeds": 1, "n_test_windows": r["n_test_windows"]})
+                row = {"model": f"{b} (history windows)", "protocol": _protocol(r),
+                       "fmse_mean": err["fmse"], "fmse_std": 0.0,
+                       "amse_mean": err["amse"], "amse_std": 0.0, "train_s_mean": None,
+                       "seeds": 1, "n_test_windows": r["n_test_windows"]}
+                if args.transfer:
+                    row.update(transfer_fmse_mean=r["transfer"][b]["fmse"], transfer_fmse_std=0.0,
+                               transfer_windows=r["transfer"]["n_windows"])
+                rows.append(row)
             break
     results = {"machine": info, "command": command, "quick": args.quick, "system": args.system,
                "data": str(data), "split": args.split, "epochs": args.epochs,
                "max_steps_per_epoch": args.max_steps_per_epoch, "rows": rows, "runs": runs,
+               "transfer": args.transfer,
                "metric": "Å² per atom: squared distance summed over xyz, averaged over atoms",
                "wall_seconds": time.perf_counter() - start}
+    head = ["model", "protocol", "F-MSE (Å²)", "A-MSE (Å²)", "train time (s)", "seeds",
+            "test windows"]
+    if args.transfer:
+        head += [f"transfer F-MSE (Å², {Path(args.transfer).name})", "transfer windows"]
     table = markdown_table(
-        ["model", "protocol", "F-MSE (Å²)", "A-MSE (Å²)", "train time (s)", "seeds",
-         "test windows"],
+        head,
         [[r["model"], r["protocol"], fmt_pm(r["fmse_mean"], r["fmse_std"]),
           fmt_pm(r["amse_mean"], r["amse_std"]), fmt(r["train_s_mean"]), r["seeds"],
-          r["n_test_windows"]] for r in rows])
+          r["n_test_windows"]]
+         + ([fmt_pm(r["transfer_fmse_mean"], r["transfer_fmse_std"]), r["transfer_windows"]]
+            if args.transfer else []) for r in rows])
     print(f"# One-jump accuracy: {args.system} ({args.split} split, {args.epochs} epochs"
           f"{f', <= {args.max_steps_per_epoch} steps/epoch' if args.max_steps_per_epoch else ''})"
           "\n")
