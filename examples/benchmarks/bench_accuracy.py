@@ -153,7 +153,7 @@ def run_config(args: argparse.Namespace, label: str, data: Path, seed: int) -> d
     if args.batch_size:
         cfg["train"]["batch_size"] = args.batch_size
     cfg["runtime"].update({"device": args.device, "progress": args.progress,
-                           "log_every": 10_000})
+                           "log_every": 10_000, "precision": args.precision})
     return cfg
 
 
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-windows", type=int, default=None,
                         help="score at most this many test windows")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="training precision (runtime.precision; evaluation runs fp32)")
     parser.add_argument("--out-dir", default="bench_runs/accuracy")
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": info, "command": command, "quick": args.quick, "system": args.system,
                "data": str(data), "split": args.split, "epochs": args.epochs,
                "max_steps_per_epoch": args.max_steps_per_epoch, "rows": rows, "runs": runs,
-               "transfer": args.transfer,
+               "transfer": args.transfer, "precision": args.precision,
                "metric": "Å² per atom: squared distance summed over xyz, averaged over atoms",
                "wall_seconds": time.perf_counter() - start}
     head = ["model", "protocol", "F-MSE (Å²)", "A-MSE (Å²)", "train time (s)", "seeds",
