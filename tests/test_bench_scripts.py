@@ -106,6 +106,7 @@ def test_accuracy_quick_md17(bench, tmp_path, capsys):
     assert accuracy.main(["--quick", "--system", "ethanol", "--models", "constant", "linear",
                           "egno", "estag", "--seeds", "1", "--data-dir", str(tmp_path / "d"),
                           "--out-dir", str(tmp_path / "r"), "--json", str(out),
+                          "--rollout-jumps", "3", "--plot", str(tmp_path / "roll.png"),
                           "--no-progress"]) == 0
     tables = _tables(capsys.readouterr().out)
     _machine_and_command(tables, "bench_accuracy.py")
@@ -122,6 +123,13 @@ def test_accuracy_quick_md17(bench, tmp_path, capsys):
     # the trained model and the floors are scored on the same windows by evaluate
     egno_run = next(r for r in data["runs"] if r["label"] == "egno")
     assert egno_run["floors"]["constant"]["fmse"] == pytest.approx(rows["constant"]["fmse_mean"])
+    # rollout curves: every model, RMSD growing from the first jump, and a plot
+    roll = data["rollout"]
+    assert {"constant", "linear", "egno"} <= set(roll["rmsd_A"])
+    assert len(roll["times_ps"]) == roll["n_jumps"] * 4  # P = 4 frames per jump (quick)
+    assert all(len(c) == len(roll["times_ps"]) and min(c) > 0 for c in roll["rmsd_A"].values())
+    assert (tmp_path / "roll.png").stat().st_size > 1000
+    assert _check(tables[2])[0][0] in roll["rmsd_A"]
 
 
 def test_accuracy_quick_adk_residues_with_transfer(bench, tmp_path, capsys):

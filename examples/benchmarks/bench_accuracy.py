@@ -55,6 +55,7 @@ from common import (
     machine_table,
     markdown_table,
     mean_std,
+    save_figure,
     save_json,
     setup_logging,
 )
@@ -167,8 +168,10 @@ def run_one(args: argparse.Namespace, label: str, data: Path, seed: int) -> dict
     start = time.perf_counter()
     best = train(cfg, out / "train", overwrite=True)
     train_s = time.perf_counter() - start
-    metrics = evaluate(best, data, out / "evaluate", rollout_jumps=0, overwrite=True,
-                       device=args.device, max_windows=args.eval_windows, plots=False)
+    jumps = args.rollout_jumps if seed == 0 else 0
+    metrics = evaluate(best, data, out / "evaluate", rollout_jumps=jumps, n_rollouts=4,
+                       overwrite=True, device=args.device, max_windows=args.eval_windows,
+                       plots=False)
     errors = metrics["errors"]["models"]
     name = metrics["model"]
     transfer = None
@@ -179,7 +182,12 @@ def run_one(args: argparse.Namespace, label: str, data: Path, seed: int) -> dict
         transfer = {k: {"fmse": v["fmse"], "amse": v["amse"]}
                     for k, v in moved["errors"]["models"].items()}
         transfer["n_windows"] = moved["n_windows"]
-    return {"transfer": transfer, "label": label, "seed": seed, "protocol": cfg["data"]["protocol"],
+    rollout = metrics.get("rollout")
+    if rollout and "mse_vs_time" in rollout:
+        rollout = {"n_rollouts": rollout["n_rollouts"], "n_jumps": rollout["n_jumps"],
+                   "times_ps": rollout["times_ps"], "mse_vs_time": rollout["mse_vs_time"],
+                   "model": name}
+    return {"transfer": transfer, "rollout": rollout, "label": label, "seed": seed, "protocol": cfg["data"]["protocol"],
             "history": cfg["data"].get("history", 1),
             "history_stride_ps": cfg["data"].get("history_stride_ps"),
             "jump_ps": metrics["jump_ps"], "n_out": len(metrics["errors"]["times_ps"]),
@@ -214,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-out", type=int, default=None, help="override P")
     parser.add_argument("--history-stride-ps", type=float, default=None)
     parser.add_argument("--history", type=int, default=None, help="override past frames")
+    parser.add_argument("--rollout-jumps", type=int, default=0,
+                        help="also roll seed 0 of every model out this many jumps from 4 test "
+                             "windows: error vs time, table and plot (--plot)")
+    parser.add_argument("--plot", default=None, help="PNG of the rollout error curves")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--max-steps-per-epoch", type=int, default=0)
@@ -321,10 +333,69 @@ def main(argv: list[str] | None = None) -> int:
     print("F-MSE: last output frame; A-MSE: mean over the P output frames; Å² per atom, squared "
           "distance summed over x, y, z, averaged over atoms (mean ± std over seeds). Train time "
           "includes data preparation and the trainer's own test pass.\n")
+    curves = rollout_curves(runs)
+    if curves:
+        results["rollout"] = curves
+        print(rollout_table(curves) + "\n")
+        if args.plot:
+            plot_rollouts(curves, args.plot, f"{args.system}: {runs[0]['jump_ps']:g} ps jumps")
+            print(f"rollout plot: {args.plot}\n")
     print(f"wall time {results['wall_seconds']:.1f} s")
     if args.json_path:
         save_json(args.json_path, results)
     return 0
+
+
+def rollout_curves(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Seed-0 rollout error curves per variant (plus the floors, from the first run)."""
+    rolled = [r for r in runs if r.get("rollout")]
+    if not rolled:
+        return None
+    times = rolled[0]["rollout"]["times_ps"]
+    curves: dict[str, list[float]] = {}
+    for r in rolled:
+        roll = r["rollout"]
+        if len(roll["times_ps"]) != len(times):
+            continue  # rollouts of other lengths (history windows start later)
+        curves[r["label"]] = roll["mse_vs_time"][roll["model"]]
+        for b in BASELINES:
+            curves.setdefault(b, roll["mse_vs_time"][b])
+    return {"times_ps": times, "n_rollouts": rolled[0]["rollout"]["n_rollouts"],
+            "n_jumps": rolled[0]["rollout"]["n_jumps"], "rmsd_A": {
+                k: [float(v) ** 0.5 for v in c] for k, c in curves.items()}}
+
+
+def rollout_table(curves: dict[str, Any]) -> str:
+    """RMSD (Å) of each variant at a few points along the rollout."""
+    times, n_out = curves["times_ps"], len(curves["times_ps"]) // curves["n_jumps"]
+    jumps = [j for j in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if j <= curves["n_jumps"]]
+    cols = [j * n_out - 1 for j in jumps]
+    head = ["model"] + [f"{j} jump{'s' if j > 1 else ''} ({times[c]:g} ps)"
+                        for j, c in zip(jumps, cols)]
+    body = [[k] + [fmt(v[c]) for c in cols] for k, v in curves["rmsd_A"].items()]
+    return (f"Rollout RMSD (Å) vs the reference MD, seed 0, mean over {curves['n_rollouts']} "
+            "rollouts from test windows, each jump fed back as the next input:\n\n"
+            + markdown_table(head, body))
+
+
+def plot_rollouts(curves: dict[str, Any], path: str, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, rmsd in curves["rmsd_A"].items():
+        style = ":" if name in BASELINES else "-"
+        ax.plot(curves["times_ps"], rmsd, style, label=name, lw=1.5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("simulated time (ps)")
+    ax.set_ylabel("RMSD to reference MD (Å)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 def _protocol(run: dict[str, Any]) -> str:
