@@ -137,6 +137,8 @@ def run_config(args: argparse.Namespace, label: str, data: Path, seed: int) -> d
         cfg["data"]["margin_frames"] = args.margin_frames
     else:
         cfg["data"].pop("counts", None)
+        if args.fractions:
+            cfg["data"]["fractions"] = list(args.fractions)
     if cfg["data"].get("protocol") == "history":
         if args.history_stride_ps:
             cfg["data"]["history_stride_ps"] = args.history_stride_ps
@@ -218,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", nargs=3, type=int, default=[500, 2000, 2000],
                         help="paper split windows (train, val, test)")
     parser.add_argument("--margin-frames", type=int, default=10000)
+    parser.add_argument("--fractions", nargs=3, type=float, default=None,
+                        help="blocked split fractions (train, val, test); default: the "
+                             "template's 0.8 0.1 0.1")
     parser.add_argument("--jump-ps", type=float, default=None, help="override the jump (ps)")
     parser.add_argument("--n-out", type=int, default=None, help="override P")
     parser.add_argument("--history-stride-ps", type=float, default=None)
