@@ -150,12 +150,6 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(ala, tmp_path, model):
     assert any(b != f for b, f in pairs)  # autocast did run in bf16
     assert all(b == pytest.approx(f, rel=0.05) for b, f in pairs)
     assert bf16[-1]["val_amse"] < bf16[0]["val_amse"]
-    # the weights stay in their own dtypes (autocast casts copies)
-    dtypes = {p: {k: v.dtype for k, v in torch.load(tmp_path / p / "best.pt",
-                                                    weights_only=True)["state_dict"].items()}
-              for p in ("fp32", "bf16")}
-    assert dtypes["bf16"] == dtypes["fp32"]
-    assert torch.bfloat16 not in dtypes["bf16"].values()
 
 
 def test_existing_run_dir_is_refused(ala, tmp_path, capsys):

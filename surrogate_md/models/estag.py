@@ -68,10 +68,13 @@ class ETMLayer(nn.Module):
         alpha = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)  # (N, T, S)
         h = h + torch.einsum("nts,snh->tnh", alpha, v)
         phi = self.coord(v)  # (S, N, C)
-        # sum_s a_ts (x(t) - x(s)) phi(s) without building the (T, S, N, C, 3) differences
+        # sum_s a_ts (x(t) - x(s)) phi(s) without building the (T, S, N, C, 3) differences; on
+        # positions relative to the last frame (the same sum), so that low-precision autocast
+        # never rounds absolute coordinates tens of Å from the origin
+        rel = (x - x[-1:]).to(phi.dtype)
         weight = torch.einsum("nts,snc->tnc", alpha, phi)
-        pulled = torch.einsum("nts,snc,sncx->tncx", alpha, phi, x.to(phi.dtype))
-        return h, x + weight.unsqueeze(-1) * x - pulled
+        pulled = torch.einsum("nts,snc,sncx->tncx", alpha, phi, rel)
+        return h, x + (weight.unsqueeze(-1) * rel - pulled).to(x.dtype)
 
 
 class ESTAGModel(TrajectoryModel):

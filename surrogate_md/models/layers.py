@@ -290,8 +290,9 @@ def _edge_sums(layer: EGNNLayer, node_i: torch.Tensor, node_j: torch.Tensor, x: 
     n = x.shape[1]
     m, trans = layer._edge_messages(*_gather_edges(node_i, node_j, x, edge_feat, src, dst),
                                     length_scale, params)
-    trans_sum = segment_sum(trans, dst, n, dim=1)
-    return (segment_sum(m, dst, n, dim=1) if need_m else None), trans_sum
+    # sums in the positions' precision, whatever autocast does
+    trans_sum = segment_sum(trans.to(x.dtype), dst, n, dim=1)
+    return (segment_sum(m.to(x.dtype), dst, n, dim=1) if need_m else None), trans_sum
 
 
 class _ChunkedEdges(torch.autograd.Function):
@@ -321,13 +322,13 @@ class _ChunkedEdges(torch.autograd.Function):
             gathered = _gather_edges(node_i, node_j, x, _rows(edge_feat, lo, hi), src[lo:hi],
                                      dst[lo:hi])
             m, trans = layer._edge_messages(*gathered, length_scale, params)
-            if trans_sum is None:
-                trans_sum = trans.new_zeros((x.shape[0], n, *trans.shape[2:]))
+            if trans_sum is None:  # sums in the positions' precision, whatever autocast does
+                trans_sum = x.new_zeros((x.shape[0], n, *trans.shape[2:]))
                 if need_m:
-                    m_sum = m.new_zeros((m.shape[0], n, m.shape[-1]))
-            trans_sum.index_add_(1, dst[lo:hi], trans)
+                    m_sum = x.new_zeros((m.shape[0], n, m.shape[-1]))
+            trans_sum.index_add_(1, dst[lo:hi], trans.to(x.dtype))
             if need_m:
-                m_sum.index_add_(1, dst[lo:hi], m)
+                m_sum.index_add_(1, dst[lo:hi], m.to(x.dtype))
         ctx.save_for_backward(node_i, node_j, x, edge_feat, src, dst, *params)
         return m_sum, trans_sum
 

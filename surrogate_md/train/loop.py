@@ -131,8 +131,8 @@ def resolve_model_options(config: RunConfig) -> RunConfig:
 def _dtype_context(device: torch.device, precision: str):
     """Autocast for ``precision``: bf16 on CUDA or CPU, fp16 on CUDA only, else nothing.
 
-    Autocast runs the matrix products (the bulk of the work) in the low precision and keeps
-    positions, sums and the loss in fp32. On CPUs with AVX512-BF16 or AMX, bf16 products run 2-4x
+    Autocast runs the matrix products (the bulk of the work) in the low precision; the models keep
+    positions, per-node sums of edge terms and the loss in fp32. On CPUs with AVX512-BF16 or AMX, bf16 products run 2-4x
     faster than fp32; elsewhere they are emulated and slower.
     """
     if precision == "fp32" or (device.type != "cuda" and precision != "bf16"):
@@ -155,7 +155,11 @@ def _loader(dataset: WindowDataset, batch_size: int, sampler=None, workers: int 
 def evaluate_dataset(model: torch.nn.Module, dataset: WindowDataset, *, batch_size: int,
                      device: torch.device, precision: str = "fp32", dist: Dist | None = None,
                      workers: int = 0) -> ErrorSums:
-    """Error sums of ``model`` over every window of ``dataset`` (sharded across ranks)."""
+    """Error sums of ``model`` over every window of ``dataset`` (sharded across ranks).
+
+    ``precision`` defaults to fp32 whatever the training precision: the trainer picks and scores
+    checkpoints as :class:`~surrogate_md.Surrogate` runs them.
+    """
     dist = dist or Dist()
     sums = ErrorSums()
     indices = np.arange(dist.rank, len(dataset), dist.world)
@@ -422,8 +426,8 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, resume: bool, dist: 
         # Analytic baselines: nothing to fit, but the run still reports and exports them.
         record = {"split": "epoch", "epoch": 0, "step": 0, "lr": 0.0}
         for name, ds in (("train", train_ds), ("val", val_ds)):
-            s = evaluate_dataset(model, ds, batch_size=eval_bs, device=device,
-                                 precision=rc.precision, dist=dist, workers=rc.workers)
+            s = evaluate_dataset(model, ds, batch_size=eval_bs, device=device, dist=dist,
+                                 workers=rc.workers)
             record[f"{name}_fmse"], record[f"{name}_amse"] = s.fmse, s.amse
         record["train_loss"] = record["train_amse"]
         record["val_loss"] = record["val_amse"]
@@ -534,8 +538,8 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, resume: bool, dist: 
         train_sums = _all_reduce_sums(train_sums, dist)
         lr = optimiser.param_groups[0]["lr"]
         scheduler.step()
-        val = evaluate_dataset(model, val_ds, batch_size=eval_bs, device=device,
-                               precision=rc.precision, dist=dist, workers=rc.workers)
+        val = evaluate_dataset(model, val_ds, batch_size=eval_bs, device=device, dist=dist,
+                               workers=rc.workers)
         record = {"split": "epoch", "epoch": epoch + 1, "step": step, "lr": lr,
                   "train_loss": loss_sum / max(n_batches, 1),
                   "train_fmse": train_sums.fmse, "train_amse": train_sums.amse,
@@ -589,8 +593,7 @@ def _finish(cfg: RunConfig, model: torch.nn.Module, prepared: PreparedData, out:
     tc = cfg.train
     eval_bs = tc.eval_batch_size or 2 * tc.batch_size
     test = evaluate_dataset(model, prepared.datasets["test"], batch_size=eval_bs, device=device,
-                            precision=cfg.runtime.precision, dist=dist,
-                            workers=cfg.runtime.workers)
+                            dist=dist, workers=cfg.runtime.workers)
     best = load_checkpoint(out / "best.pt") if dist.main else {}
     best_epoch = int(best.get("metrics", {}).get("best_epoch", 0)) if dist.main else 0
     final = {"split": "test", "best_epoch": best_epoch, "test_fmse": test.fmse,
