@@ -17,7 +17,9 @@ Systems and protocols (the templates are the example configs in ``examples/confi
   on the 150 ps that a CPU makes here the defaults are a 4 ps jump (backbone) and a 1 ps jump
   (residues), with history frames 1 ps apart. ``--transfer FILE.h5`` also scores every trained
   model on another AdK trajectory with the nodes selected afresh (``--transfer mdanalysistests``:
-  the CHARMM AdK PSF/DCD that ship with MDAnalysisTests, 98 frames 1 ps apart, ingested here).
+  the CHARMM AdK PSF/DCD that ship with MDAnalysisTests, ingested here: 98 frames 1 ps apart of a
+  biased (DIMS) closed-to-open transition, not equilibrium MD, and without velocities, so the S2T
+  models see finite-difference velocities over 1 ps there).
 
 Data: ``--data FILE.h5`` (any canonical dataset of that system, e.g. the real MD17 trajectory
 ingested with ``python -m datagen ingest``), else MD generated here with ``datagen`` at the
@@ -111,9 +113,13 @@ def dataset(args: argparse.Namespace) -> Path:
 
 
 def mdanalysis_adk(data_dir: str) -> Path:
-    """The AdK PSF/DCD of MDAnalysisTests (CHARMM, 98 frames 1 ps apart) as a dataset file."""
-    from MDAnalysisTests.datafiles import DCD, PSF
-
+    """The AdK PSF/DCD of MDAnalysisTests as a dataset file: CHARMM, 98 frames 1 ps apart of a
+    biased (DIMS) closed-to-open transition, no velocities (finite differences are used)."""
+    try:
+        from MDAnalysisTests.datafiles import DCD, PSF
+    except ImportError as exc:
+        raise SystemExit("--transfer mdanalysistests needs the MDAnalysisTests package: "
+                         "pip install MDAnalysisTests") from exc
     from datagen.ingest import ingest
 
     path = Path(data_dir) / "adk-mdanalysistests.h5"
@@ -184,12 +190,16 @@ def run_one(args: argparse.Namespace, label: str, data: Path, seed: int) -> dict
         transfer = {k: {"fmse": v["fmse"], "amse": v["amse"]}
                     for k, v in moved["errors"]["models"].items()}
         transfer["n_windows"] = moved["n_windows"]
-    rollout = metrics.get("rollout")
-    if rollout and "mse_vs_time" in rollout:
+        transfer["velocity_source"] = moved["velocity_source"]
+    rollout = metrics.get("rollout") or {}
+    if "mse_vs_time" in rollout:
         rollout = {"n_rollouts": rollout["n_rollouts"], "n_jumps": rollout["n_jumps"],
                    "times_ps": rollout["times_ps"], "mse_vs_time": rollout["mse_vs_time"],
                    "model": name}
-    return {"transfer": transfer, "rollout": rollout, "label": label, "seed": seed, "protocol": cfg["data"]["protocol"],
+    elif jumps:
+        log.warning("%s seed %d: no rollout (%s)", label, seed, rollout.get("skipped", "none"))
+    return {"transfer": transfer, "rollout": rollout if "mse_vs_time" in rollout else None,
+            "label": label, "seed": seed, "protocol": cfg["data"]["protocol"],
             "history": cfg["data"].get("history", 1),
             "history_stride_ps": cfg["data"].get("history_stride_ps"),
             "jump_ps": metrics["jump_ps"], "n_out": len(metrics["errors"]["times_ps"]),
@@ -249,18 +259,24 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     md17, adk = args.system in MD17, args.system == "adk"
     if adk:
-        jump, n_out, stride = ADK_DEFAULTS[args.protocol]
+        if args.quick:  # MDAnalysisTests' AdK: 98 frames, 1 ps apart
+            jump, n_out, stride = 2.0, 2, 1.0
+            args.history = args.history or 3
+        else:
+            jump, n_out, stride = ADK_DEFAULTS[args.protocol]
         args.jump_ps, args.n_out = args.jump_ps or jump, args.n_out or n_out
         args.history_stride_ps = args.history_stride_ps or stride
-        if args.transfer == "mdanalysistests" or (args.quick and not args.data):
-            ingested = mdanalysis_adk(args.data_dir)
-            args.transfer = str(ingested) if args.transfer else None
-            args.data = args.data or (str(ingested) if args.quick else None)
+        if args.transfer == "mdanalysistests":
+            args.transfer = str(mdanalysis_adk(args.data_dir))
+        if args.quick and not args.data:
+            args.data = str(mdanalysis_adk(args.data_dir))
     elif args.transfer == "mdanalysistests":
         parser.error("--transfer mdanalysistests holds AdK: use it with --system adk")
-    if args.quick and adk:  # MDAnalysisTests' AdK: 98 frames, 1 ps apart
-        args.jump_ps, args.n_out, args.history_stride_ps = 2.0, 2, 1.0
-        args.history = args.history or 3
+    if args.plot and not args.rollout_jumps:
+        parser.error("--plot draws the rollout curves: give --rollout-jumps N too")
+    if args.precision == "fp16" and args.device in ("cpu", "auto") and \
+            not torch.cuda.is_available():
+        parser.error("--precision fp16 runs on GPUs only; use bf16 on a CPU")
     if args.quick:
         args.frames = args.frames or (1200 if md17 else 300)
         args.split = args.split or "blocked"
@@ -323,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             "test windows"]
     if args.transfer:
         head += [f"transfer F-MSE (Å², {Path(args.transfer).name})", "transfer windows"]
+        vel = next((r["transfer"]["velocity_source"] for r in runs if r.get("transfer")), None)
     table = markdown_table(
         head,
         [[r["model"], r["protocol"], fmt_pm(r["fmse_mean"], r["fmse_std"]),
@@ -335,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
           "\n")
     print(machine_table(info, command) + "\n")
     print(table + "\n")
+    if args.transfer:
+        print(f"Transfer: every model scored on all windows of {args.transfer}, nodes selected "
+              f"afresh by the training recipe; velocities there: {vel}.\n")
     print("F-MSE: last output frame; A-MSE: mean over the P output frames; Å² per atom, squared "
           "distance summed over x, y, z, averaged over atoms (mean ± std over seeds). Train time "
           "includes data preparation and the trainer's own test pass.\n")
@@ -352,28 +372,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def rollout_curves(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Seed-0 rollout error curves per variant (plus the floors, from the first run)."""
+    """Seed-0 rollout RMSD curves (Å) of every variant, with the floors of its own windows.
+
+    History models start their rollouts from later windows than single-state models, so their
+    floors (constant, linear) differ and are listed as ``constant (history windows)``. Curves of
+    other lengths than the first (a rollout cut short by the trajectory end) are left out, with a
+    log line.
+    """
     rolled = [r for r in runs if r.get("rollout")]
     if not rolled:
         return None
-    times = rolled[0]["rollout"]["times_ps"]
-    curves: dict[str, list[float]] = {}
+    first = min(rolled, key=lambda r: r["protocol"] != "s2t")["rollout"]
+    times = first["times_ps"]
+    rmsd: dict[str, list[float]] = {}
     for r in rolled:
         roll = r["rollout"]
         if len(roll["times_ps"]) != len(times):
-            continue  # rollouts of other lengths (history windows start later)
-        curves[r["label"]] = roll["mse_vs_time"][roll["model"]]
-        for b in BASELINES:
-            curves.setdefault(b, roll["mse_vs_time"][b])
-    return {"times_ps": times, "n_rollouts": rolled[0]["rollout"]["n_rollouts"],
-            "n_jumps": rolled[0]["rollout"]["n_jumps"], "rmsd_A": {
-                k: [float(v) ** 0.5 for v in c] for k, c in curves.items()}}
+            log.warning("%s: its rollout has %d frames, not %d; left out of the curves",
+                        r["label"], len(roll["times_ps"]), len(times))
+            continue
+        suffix = " (history windows)" if r["protocol"] == "history" else ""
+        curves = {r["label"]: roll["mse_vs_time"][roll["model"]]}
+        curves.update({f"{b}{suffix}": roll["mse_vs_time"][b] for b in BASELINES})
+        for name, curve in curves.items():
+            rmsd.setdefault(name, [float(v) ** 0.5 for v in curve])
+    return {"times_ps": times, "n_rollouts": first["n_rollouts"], "n_jumps": first["n_jumps"],
+            "rmsd_A": rmsd}
 
 
 def rollout_table(curves: dict[str, Any]) -> str:
     """RMSD (Å) of each variant at a few points along the rollout."""
     times, n_out = curves["times_ps"], len(curves["times_ps"]) // curves["n_jumps"]
-    jumps = [j for j in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if j <= curves["n_jumps"]]
+    jumps = sorted({j for j in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+                    if j <= curves["n_jumps"]} | {curves["n_jumps"]})
     cols = [j * n_out - 1 for j in jumps]
     head = ["model"] + [f"{j} jump{'s' if j > 1 else ''} ({times[c]:g} ps)"
                         for j, c in zip(jumps, cols)]
@@ -391,7 +422,7 @@ def plot_rollouts(curves: dict[str, Any], path: str, title: str) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, rmsd in curves["rmsd_A"].items():
-        style = ":" if name in BASELINES else "-"
+        style = ":" if name.split(" ")[0] in BASELINES else "-"
         ax.plot(curves["times_ps"], rmsd, style, label=name, lw=1.5)
     ax.set_xscale("log")
     ax.set_yscale("log")
