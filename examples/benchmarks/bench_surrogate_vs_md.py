@@ -147,15 +147,21 @@ def md_timing(prepared, platform, md_ps: float, step_ps: float = MD_STEP_PS
             "ns_per_s": simulated * 1e-3 / wall, "ns_per_day": ns_per_day(simulated, wall)}, state
 
 
-def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards: str
-                     ) -> dict[str, Any]:
-    """Time ``n_jumps`` jumps of ``SurrogateSimulation`` from ``state``; count guard results."""
+def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards: str,
+                     step_ps: float = MD_STEP_PS) -> dict[str, Any]:
+    """Time ``n_jumps`` jumps of ``SurrogateSimulation`` from ``state``; count guard results.
+    Fallback MD runs the MD baseline's integrator settings (``step_ps``)."""
+    import openmm
     from openmm import unit
 
     from integrations.openmm_simulation import SurrogateSimulation
 
+    integrator = openmm.LangevinMiddleIntegrator(TEMPERATURE_K * unit.kelvin,
+                                                 FRICTION_PER_PS / unit.picosecond,
+                                                 step_ps * unit.picosecond)
     sim = SurrogateSimulation(prepared.topology, prepared.system, surrogate, platform=platform,
-                              guards=guards, temperature_K=TEMPERATURE_K)
+                              integrator=integrator, guards=guards,
+                              temperature_K=TEMPERATURE_K)
     sim.context.setPositions(state.getPositions())
     sim.context.setVelocities(state.getVelocities())
     sim.step(1)  # warm-up (first graph, first energy)
@@ -265,7 +271,8 @@ def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
     row["md"], state = md_timing(prepared, platform, md_ps, step_ps)
     log.info("%s: timing %d jumps of %s (%g ps each)", name, n_jumps, surrogate.name,
              surrogate.jump_ps)
-    row["surrogate"] = surrogate_timing(prepared, platform, surrogate, state, n_jumps, guards)
+    row["surrogate"] = surrogate_timing(prepared, platform, surrogate, state, n_jumps, guards,
+                                        step_ps)
     row["speedup"] = row["surrogate"]["ns_per_s"] / row["md"]["ns_per_s"]
     return row
 
