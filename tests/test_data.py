@@ -248,6 +248,21 @@ def test_radius_graph_respects_systems_and_neighbour_cap():
     assert int(torch.bincount(capped[1]).max()) <= 3
 
 
+@pytest.mark.parametrize("cap", [None, 5])
+def test_radius_graph_dense_and_cell_list_paths_agree(monkeypatch, cap):
+    # small systems take all pair distances at once, large ones the cell list: same edges, same
+    # order, across systems of a batch
+    from surrogate_md.data import graphs as G
+
+    pos = torch.from_numpy(np.random.default_rng(4).uniform(0, 25, size=(700, 3)))
+    graph = torch.tensor([0] * 300 + [1] * 400)
+    dense = radius_edges(pos, 6.0, graph, max_neighbours=cap)
+    monkeypatch.setattr(G, "DENSE_RADIUS_MAX_NODES", 0)
+    cells = radius_edges(pos, 6.0, graph, max_neighbours=cap)
+    assert dense.shape[1] > 1000
+    assert torch.equal(dense, cells)
+
+
 def test_bond_graph_two_hop_and_full():
     ei, et = bond_edges(np.array([[0, 1], [1, 2], [2, 3]]), 4, two_hop=True)
     pairs = {(int(a), int(b)): int(t) for a, b, t in zip(ei[0], ei[1], et)}

@@ -94,9 +94,15 @@ def full_edges(n_nodes: int, graph: torch.Tensor | None = None) -> torch.Tensor:
     return torch.cat(parts, dim=1) if parts else torch.zeros(2, 0, dtype=torch.long)
 
 
+#: Up to this many nodes the radius graph is found from all pair distances at once (a 855-node
+#: AdK backbone: 2 ms instead of 37 ms with the cell list); above, by cell list (no N x N).
+DENSE_RADIUS_MAX_NODES = 1024
+
+
 def radius_edges(positions: torch.Tensor, cutoff_A: float, graph: torch.Tensor | None = None,
                  max_neighbours: int | None = None) -> torch.Tensor:
-    """Directed edges between nodes closer than ``cutoff_A`` (cell list, no N x N matrix).
+    """Directed edges between nodes closer than ``cutoff_A`` (cell list, no N x N matrix, above
+    ``DENSE_RADIUS_MAX_NODES`` nodes).
 
     Args:
         positions: (N, 3) Å (for multi-channel nodes pass one channel, e.g. CA).
@@ -114,6 +120,16 @@ def radius_edges(positions: torch.Tensor, cutoff_A: float, graph: torch.Tensor |
     if n == 0:
         return torch.zeros(2, 0, dtype=torch.long, device=device)
     graph = torch.zeros(n, dtype=torch.long, device=device) if graph is None else graph
+    if n <= DENSE_RADIUS_MAX_NODES:
+        d2 = ((pos[:, None, :] - pos[None, :, :]) ** 2).sum(-1)  # (target, source)
+        close = (d2 < cutoff_A**2) & (graph[:, None] == graph[None, :])
+        close.fill_diagonal_(False)
+        dst, src = torch.nonzero(close, as_tuple=True)  # by target, then source
+        edges = torch.stack([src, dst])
+        if max_neighbours is not None:
+            edges = _nearest(edges, pos, max_neighbours)
+            edges = edges[:, torch.argsort(edges[1] * n + edges[0])]
+        return edges
     cell = torch.floor((pos - pos.min(0).values) / cutoff_A).long()
     dims = cell.max(0).values + 3  # room for the -1/+1 neighbour offsets
     def key_of(c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
