@@ -244,7 +244,7 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
                 frame_callback(frame)
     chk_path.unlink(missing_ok=True)
     wall = time.perf_counter() - wall0
-    log.info("wrote %s: %d frames x %d atoms in %.1f s (%.0f frames/s)", out, frames, len(atoms),
+    log.info("wrote %s: %d frames x %d atoms in %.1f s (%.3g frames/s)", out, frames, len(atoms),
              wall, (frames - start_frame) / max(wall, 1e-9))
     return out
 

@@ -616,8 +616,10 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
                 frame_callback(frame)
     chk_path.unlink(missing_ok=True)
     wall = time.perf_counter() - wall0
-    log.info("wrote %s: %d frames x %d atoms in %.1f s (%.0f frames/s)", out, frames, n_atoms,
-             wall, (frames - start_frame) / max(wall, 1e-9))
+    done = frames - start_frame
+    log.info("wrote %s: %d frames x %d atoms in %.1f s (%.3g frames/s, %.3g ns/day)", out, frames,
+             n_atoms, wall, done / max(wall, 1e-9),
+             done * interval_ps * 1e-3 / max(wall, 1e-9) * 86400.0)
     return out
 
 
