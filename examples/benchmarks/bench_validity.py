@@ -77,6 +77,8 @@ def train_model(args: argparse.Namespace, model: str, data: Path) -> Path:
                               "log_every": 10_000})
     if args.hidden:
         config["model"]["hidden"] = args.hidden
+    if args.selection:
+        config["data"]["selection"] = args.selection
     return train(config, Path(args.out_dir) / f"train-{model}", overwrite=True)
 
 
@@ -177,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-epochs", type=int, default=30)
     parser.add_argument("--max-steps-per-epoch", type=int, default=0)
     parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--selection", default=None, choices=["all", "heavy"],
+                        help="model atoms of the models trained here (default: the example "
+                             "config's, all atoms); heavy: hydrogens left out, as the engine "
+                             "integrations rebuild them")
     parser.add_argument("--jumps", type=int, default=1000)
     parser.add_argument("--start-fraction", type=float, default=0.9,
                         help="start the rollout at this fraction of the reference trajectory")
