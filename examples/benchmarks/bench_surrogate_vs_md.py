@@ -148,19 +148,22 @@ def md_timing(prepared, platform, md_ps: float, step_ps: float = MD_STEP_PS
 
 
 def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards: str,
-                     step_ps: float = MD_STEP_PS) -> dict[str, Any]:
+                     step_ps: float = MD_STEP_PS, relax_iterations: int = 20) -> dict[str, Any]:
     """Time ``n_jumps`` jumps of ``SurrogateSimulation`` from ``state``; count guard results.
     Fallback MD runs the MD baseline's integrator settings (``step_ps``)."""
     import openmm
     from openmm import unit
 
+    from integrations.guards import GuardConfig
     from integrations.openmm_simulation import SurrogateSimulation
 
     integrator = openmm.LangevinMiddleIntegrator(TEMPERATURE_K * unit.kelvin,
                                                  FRICTION_PER_PS / unit.picosecond,
                                                  step_ps * unit.picosecond)
     sim = SurrogateSimulation(prepared.topology, prepared.system, surrogate, platform=platform,
-                              integrator=integrator, guards=guards,
+                              integrator=integrator,
+                              guards=GuardConfig(action=guards,
+                                                 relax_iterations=relax_iterations),
                               temperature_K=TEMPERATURE_K)
     sim.context.setPositions(state.getPositions())
     sim.context.setVelocities(state.getVelocities())
@@ -272,7 +275,7 @@ def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
     log.info("%s: timing %d jumps of %s (%g ps each)", name, n_jumps, surrogate.name,
              surrogate.jump_ps)
     row["surrogate"] = surrogate_timing(prepared, platform, surrogate, state, n_jumps, guards,
-                                        step_ps)
+                                        step_ps, args.relax_iterations)
     row["speedup"] = row["surrogate"]["ns_per_s"] / row["md"]["ns_per_s"]
     return row
 
@@ -296,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jumps", type=int, default=200, help="timed surrogate jumps")
     parser.add_argument("--md-ps", type=float, default=100.0, help="timed MD (ps)")
     parser.add_argument("--guards", default="fallback", choices=["fallback", "relax", "warn"])
+    parser.add_argument("--relax-iterations", type=int, default=20,
+                        help="minimiser iterations of --guards relax (each costs about one MD "
+                             "step's forces, several with line searches; 200 took 55 s on AdK)")
     parser.add_argument("--adk-checkpoint", default=None)
     parser.add_argument("--adk-model", default="egno", choices=TRAINABLE)
     parser.add_argument("--adk-jumps", type=int, default=5)
