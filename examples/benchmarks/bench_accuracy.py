@@ -172,7 +172,9 @@ def run_one(args: argparse.Namespace, label: str, data: Path, seed: int) -> dict
     from surrogate_md.train import train
 
     cfg = run_config(args, label, data, seed)
-    out = Path(args.out_dir) / f"{args.system}-{label}-seed{seed}"
+    variant = (f"-{args.protocol}" if args.system == "adk" else
+               f"-{args.solvent}" if args.system == "alanine-dipeptide" else "")
+    out = Path(args.out_dir) / f"{args.system}{variant}-{label}-seed{seed}"
     start = time.perf_counter()
     best = train(cfg, out / "train", overwrite=True)
     train_s = time.perf_counter() - start
