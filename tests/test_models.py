@@ -11,7 +11,7 @@ import torch
 from surrogate_md import testing as H
 from surrogate_md.data import keys as K
 from surrogate_md.errors import ConfigError
-from surrogate_md.models import MODELS, build_model, config_from_dict
+from surrogate_md.models import MODELS, build_model, compile_model, config_from_dict
 from surrogate_md.models.egno import EGNOModel
 from surrogate_md.models.estag import ESTAGModel
 from surrogate_md.models.layers import TemporalFourierConv, segment_mean, system_centroid
@@ -81,6 +81,35 @@ def test_shapes_dtype_and_gradients(name):
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compiles_as_one_graph_with_eager_values_and_gradients(name):
+    """runtime.compile: every model traces as one graph (fullgraph raises on a break), and a batch
+    of other sizes reuses it (dynamic shapes), with the eager outputs and gradients. Dynamo's own
+    backend keeps this fast; the inductor path runs in bench_training.py --compile."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    fields = {f.name for f in dataclasses.fields(MODELS[name].config_class)}
+    small = {k: v for k, v in (("hidden", 16), ("n_layers", 2), ("n_decoder_layers", 2),
+                               ("n_history", 3)) if k in fields}
+    model = _model(name, dtype=torch.float32, **small)
+    compiled = compile_model(model, dynamic=True, fullgraph=True, backend="eager")
+    for n_atoms, seed in (((4, 6), 1), ((5, 3, 7), 2)):
+        batch = _batch_for(model, n_atoms=n_atoms, dtype=torch.float32, seed=seed)
+        want = model(batch)
+        grads_want = (torch.autograd.grad(want.square().sum(), list(model.parameters()))
+                      if model.has_parameters else [])
+        got = compiled(batch)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if model.has_parameters:
+            grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+            for g, w in zip(grads, grads_want):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("name", ["egnn", "egno", "estag", "painet"])

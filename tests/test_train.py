@@ -151,7 +151,21 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(ala, tmp_path, model):
     pairs = [(b[k], f[k]) for b, f in zip(bf16, fp32) for k in keys]
     assert any(b != f for b, f in pairs)  # autocast did run in bf16
     assert all(b == pytest.approx(f, rel=0.05) for b, f in pairs)
-    assert bf16[-1]["val_amse"] < bf16[0]["val_amse"]
+    assert bf16[-1]["train_amse"] < bf16[0]["train_amse"]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns(ala, tmp_path, caplog, monkeypatch, native):
+    import surrogate_md.train.loop as loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="surrogate_md.train.loop"):
+        train(tiny_config(ala, train={"epochs": 1, "max_steps_per_epoch": 1},
+                          runtime={"precision": "bf16"}), tmp_path / "run")
+    warned = [r.getMessage() for r in caplog.records if "AVX512-BF16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
+    if warned:
+        assert "runtime.precision: fp32" in warned[0]
 
 
 def test_existing_run_dir_is_refused(ala, tmp_path, capsys):

@@ -20,7 +20,8 @@ from surrogate_md.train.config import (
     load_config,
     save_config,
 )
-from surrogate_md.train.loop import train
+from surrogate_md.train.loop import cpu_has_native_bf16, train
 
 __all__ = ["DataConfig", "ModelSection", "RunConfig", "RuntimeConfig",
-           "TrainConfig", "config_from_dict", "load_config", "save_config", "train"]
+           "TrainConfig", "config_from_dict", "cpu_has_native_bf16", "load_config", "save_config",
+           "train"]

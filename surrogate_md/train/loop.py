@@ -44,7 +44,7 @@ from surrogate_md.data import keys as K
 from surrogate_md.data.windows import WindowDataset, batch_to
 from surrogate_md.errors import CheckpointError, ConfigError, DeviceError
 from surrogate_md.metrics import ErrorSums, batch_amse
-from surrogate_md.models import MODELS, build_model
+from surrogate_md.models import MODELS, build_model, compile_model
 from surrogate_md.surrogate import resolve_device
 from surrogate_md.train.config import RunConfig, atomic_write_text, load_config, save_config
 from surrogate_md.train.data import (
@@ -132,13 +132,24 @@ def _dtype_context(device: torch.device, precision: str):
     """Autocast for ``precision``: bf16 on CUDA or CPU, fp16 on CUDA only, else nothing.
 
     Autocast runs the matrix products (the bulk of the work) in the low precision; the models keep
-    positions, per-node sums of edge terms and the loss in fp32. On CPUs with AVX512-BF16 or AMX, bf16 products run 2-4x
-    faster than fp32; elsewhere they are emulated and slower.
+    positions, per-node sums of edge terms and the loss in fp32. On CPUs with AVX512-BF16 or AMX,
+    bf16 training steps ran 1.3-1.5x faster than fp32 (``bench_training.py --precision``);
+    elsewhere bf16 is emulated and several times slower (see :func:`cpu_has_native_bf16`).
     """
     if precision == "fp32" or (device.type != "cuda" and precision != "bf16"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX, as oneDNN sees
+    it). Without them torch emulates bf16: a training step of EGNO at MD17 size ran 6x slower
+    under bf16 autocast than in fp32 on an AVX2-only CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
 
 
 def _loader(dataset: WindowDataset, batch_size: int, sampler=None, workers: int = 0,
@@ -380,6 +391,10 @@ def _run(cfg: RunConfig, out: Path, resume: bool, dist: Dist) -> Path:
     if device.type != "cuda" and cfg.runtime.precision == "fp16":
         log.warning("runtime.precision = fp16 applies on GPU only; running fp32 on %s "
                     "(bf16 runs on CPUs too)", device)
+    if device.type == "cpu" and cfg.runtime.precision == "bf16" and not cpu_has_native_bf16():
+        log.warning("runtime.precision = bf16 on a CPU without AVX512-BF16 or AMX: torch emulates "
+                    "bf16 here and training runs several times slower than fp32; set "
+                    "runtime.precision: fp32 unless you want bf16 numerics")
     tc = cfg.train
     if dist.main:
         save_config(cfg, out / "config.yaml")
@@ -477,7 +492,7 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, resume: bool, dist: 
     if dist.active:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = torch.compile(net, dynamic=True) if rc.compile else net
+    forward = compile_model(net) if rc.compile else net
 
     from torch.utils.data.distributed import DistributedSampler
     from tqdm.auto import tqdm
