@@ -43,8 +43,11 @@ def _load():
 
 
 def _table(text: str) -> list[list[str]]:
+    """The last Markdown table of the output (the machine table comes first)."""
+    blocks = [b for b in text.split("\n\n") if b.strip().startswith("|")]
+    assert blocks, text
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
-            for line in text.splitlines() if line.startswith("|")]
+            for line in blocks[-1].splitlines() if line.startswith("|")]
     header, sep = rows[0], rows[1]
     assert all(set(cell) <= set("-:") and cell for cell in sep)
     assert len(sep) == len(header)
@@ -94,6 +97,28 @@ def test_fresh_process_and_comparison_columns(tmp_path, capsys):
     assert entry["before"]["n_edges"] == entry["result"]["n_edges"] > 0
     # a fresh process sees its high-water mark grow by the step's allocations
     assert entry["result"]["peak_bytes"] > 0
+
+
+def test_compiled_rows_beside_eager_ones(tmp_path, capsys):
+    """``--compile`` adds an inductor-compiled run of each configuration, and the machine table
+    says whether the CPU has native bf16."""
+    bench = _load()
+    out = tmp_path / "compiled.json"
+    assert bench.main(["--quick", "--in-process", "--only", "egno aspirin", "--compile",
+                       "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "native bf16" in text.split("\n\n")[0]
+    rows = _table(text)
+    header, body = rows[0], rows[2:]
+    assert [row[0] for row in body] == ["egno aspirin", "egno aspirin compiled"]
+    speed = header.index("samples/s")
+    assert all(float(row[speed]) > 0 for row in body)
+    data = json.loads(out.read_text())
+    assert [c["config"]["compiled"] for c in data["configs"]] == [False, True]
+    assert isinstance(data["machine"]["native_bf16"], bool)
+    # compilation happens in the untimed first step
+    first = [c["result"]["first_step_seconds"] for c in data["configs"]]
+    assert first[1] > first[0]
 
 
 def test_bad_batch_sizes_are_rejected():

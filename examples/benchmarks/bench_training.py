@@ -26,10 +26,12 @@ and reports the speed-up and memory ratio: before/after numbers taken on the sam
 the same run.
 
 ``--precision fp32 bf16`` runs each configuration in fp32 and under bf16 autocast (the trainer's
-``runtime.precision: bf16``), side by side.
+``runtime.precision: bf16``), side by side; bf16 is fast only where the CPU has AVX512-BF16 or AMX
+(the machine table says whether it has: "native bf16"). ``--compile`` adds a ``torch.compile``d
+(inductor) run of each configuration, as the trainer's ``runtime.compile: true``.
 
 Usage: ``python examples/benchmarks/bench_training.py [--quick] [--threads 1] [--precision fp32
-bf16] [--json out.json]``
+bf16] [--compile] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Config:
     ref_memory_gib: float | None = None
     repeats: int = 3
     precision: str = "fp32"  # "bf16": autocast of the matrix products, as runtime.precision
+    compiled: bool = False  # torch.compile (inductor), as runtime.compile
 
 
 def reference_configs(quick: bool, adk_batches: list[int]) -> list[Config]:
@@ -113,7 +116,7 @@ def _bench_models():
 def run_config(config: Config, device_name: str, threads: int) -> dict:
     """Time full training steps of one configuration in this process; seconds and peak bytes."""
     from surrogate_md.data import keys as K
-    from surrogate_md.models import build_model
+    from surrogate_md.models import build_model, compile_model
 
     bench = _bench_models()
     device = torch.device(device_name)
@@ -132,11 +135,12 @@ def run_config(config: Config, device_name: str, threads: int) -> dict:
               + 0.3 * torch.randn(shape, generator=gen).to(device, batch[K.POS].dtype))
 
     low = config.precision == "bf16"
+    forward = compile_model(model) if config.compiled else model
 
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
-            pred = model(batch)
+            pred = forward(batch)
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         loss.backward()
         optimiser.step()
@@ -144,7 +148,9 @@ def run_config(config: Config, device_name: str, threads: int) -> dict:
             torch.cuda.synchronize()
 
     base = bench.memory_baseline(device)
-    step()  # warm-up: allocates activations, gradients and the optimiser state
+    warm = time.perf_counter()
+    step()  # warm-up: allocates activations, gradients and the optimiser state (and compiles)
+    warm = time.perf_counter() - warm
     times, cpu_times = [], []
     for _ in range(config.repeats):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -156,7 +162,8 @@ def run_config(config: Config, device_name: str, threads: int) -> dict:
     return {"seconds_per_step": seconds, "samples_per_s": config.batch / seconds,
             "cpu_seconds_per_step": cpu_seconds, "samples_per_cpu_s": config.batch / cpu_seconds,
             "peak_bytes": peak, "n_nodes": int(batch[K.POS].shape[0]),
-            "n_edges": int(batch[K.EDGE_INDEX].shape[1]), "step_seconds": times,
+            "n_edges": int(batch[K.EDGE_INDEX].shape[1]), "first_step_seconds": warm,
+            "step_seconds": times,
             "step_cpu_seconds": cpu_times}
 
 
@@ -228,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                         help="run every configuration at each of these precisions (bf16: "
                              "autocast, fast on CPUs with AVX512-BF16/AMX and on GPUs)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run every configuration through torch.compile (inductor, "
+                             "as runtime.compile); the first step, which compiles, is untimed")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only configurations whose name contains one of these words")
     parser.add_argument("--compare-src", default=None,
@@ -253,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     configs = [dataclasses.replace(c, name=c.name if p == "fp32" else f"{c.name} {p}",
                                    precision=p)
                for c in reference_configs(args.quick, batches) for p in args.precision]
+    if args.compile:
+        configs = [variant for c in configs for variant in
+                   (c, dataclasses.replace(c, name=f"{c.name} compiled", compiled=True))]
     if args.only:
         configs = [c for c in configs if any(word in c.name for word in args.only)]
     if args.compare_src and args.in_process:
@@ -269,12 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     # one CPU thread on a shared machine: CPU time is the work done, wall time adds the waits for
     # other users' processes; on an idle machine the two agree
     key = "samples_per_cpu_s" if args.device == "cpu" and args.threads == 1 else "samples_per_s"
+    if str(HERE) not in sys.path:  # loaded by path (the tests) rather than run as a script
+        sys.path.insert(0, str(HERE))
+    from common import command_line, machine, machine_table
+
+    info = machine(args.device)
+    print(machine_table(info, command_line(__file__, argv)) + "\n")
     print(f"Training steps (AdamW, forward + backward + step), device {args.device}, "
           f"{args.threads} thread(s), median of timed steps after one warm-up, torch "
           f"{torch.__version__}; ratios from {key.replace('_', ' ')}\n")
     print(_table(rows, memory_label, bool(args.compare_src), key))
     if args.json_path:
-        data = {"device": args.device, "threads": args.threads, "quick": args.quick,
+        data = {"machine": info, "device": args.device, "threads": args.threads,
+                "quick": args.quick,
                 "ratios_from": key,
                 "torch": torch.__version__, "memory": memory_label,
                 "compare_src": args.compare_src, "configs": rows}

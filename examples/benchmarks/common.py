@@ -36,6 +36,8 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     """JSON-safe description of where a benchmark ran: CPU, cores, versions, device."""
     import torch
 
+    from surrogate_md.train import cpu_has_native_bf16
+
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -45,6 +47,8 @@ def machine(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": str(device),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
     }
     try:
         import openmm
@@ -75,8 +79,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def machine_table(info: dict[str, Any], command: str) -> str:
     """The two-column machine/command table every benchmark prints first."""
+    simd = info.get("cpu_capability")
+    bf16 = {True: ", native bf16", False: ", no native bf16"}.get(info.get("native_bf16"), "")
     rows = [["CPU", f"{info['cpu']} ({info['cores_usable']} of {info['cores']} cores usable, "
-                    f"torch threads {info['torch_threads']})"],
+                    f"torch threads {info['torch_threads']}"
+                    + (f", {simd}{bf16})" if simd else ")")],
             ["versions", f"python {info['python']}, torch {info['torch']}, "
                          f"openmm {info.get('openmm') or 'absent'}"],
             ["device", info["device"] + (f" ({info['gpu']})" if info.get("gpu") else "")],
