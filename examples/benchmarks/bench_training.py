@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     from common import command_line, machine, machine_table
 
     info = machine(args.device)
+    info["torch_threads"] = args.threads  # what every measured step ran with
     print(machine_table(info, command_line(__file__, argv)) + "\n")
     print(f"Training steps (AdamW, forward + backward + step), device {args.device}, "
           f"{args.threads} thread(s), median of timed steps after one warm-up, torch "
