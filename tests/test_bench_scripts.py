@@ -191,6 +191,11 @@ def test_validity_quick(bench, tmp_path, capsys):
     row = data["models"][0]
     assert row["frames"] == 4 * 5  # 4 jumps x P = 5 (example config)
     assert row["guards"]["jumps_checked"] == 4
+    # the energy guard ran with the force field rebuilt from the data's metadata, which
+    # reproduces the energies stored by the MD run
+    assert row["guards"]["energy_checked"]
+    assert row["guards"]["force_field_check_kJ_per_mol"] < 0.1
+    assert "energy_rise_kJ_per_mol" in row["guards"]
     assert 0.0 <= row["torsion_jsd"] <= math.log(2) + 1e-9
     assert row["h_r_mae"] >= 0.0
 
@@ -225,3 +230,46 @@ def test_validity_scores_broken_frames(bench, tmp_path):
     assert bad["h_r_mae"] > good["h_r_mae"]
     assert bad["torsion_jsd"] > good["torsion_jsd"]
     assert vs_md.ns_per_day(1000.0, 86400.0) == pytest.approx(1.0)
+
+
+def test_validity_guards_rebuild_partial_models(bench, tmp_path):
+    """A heavy-atom model's rollout is checked on the full system: hydrogens ride along from the
+    start state, the energy comes from the data's force field. MD frames pass every guard with
+    energies near MD's; the same frames stretched by 30 % fail the bond and energy checks."""
+    import numpy as np
+
+    from datagen.openmm_md import run_openmm
+    from surrogate_md.data.h5md import open_trajectory
+    from surrogate_md.surrogate import Surrogate
+
+    validity = bench("bench_validity")
+    data = tmp_path / "ala.h5"
+    run_openmm("alanine-dipeptide", data, frames=40, seed=0, progress=False)
+    from _integration_fixtures import make_checkpoint
+
+    with open_trajectory(data) as traj:
+        frames = traj.read(slice(0, traj.n_frames))
+        md = {"topology": traj.topology, "frames": frames,
+              "velocities": traj.read(slice(0, traj.n_frames), "velocities"),
+              "interval_ps": traj.interval_ps}
+        sur = Surrogate.load(make_checkpoint(md, tmp_path / "heavy.pt", selection="heavy",
+                                             jump_frames=2, n_out=2))
+        energy, why = validity.ReferenceEnergy.from_trajectory(traj)
+        assert energy is not None, why
+        md_e, check = validity.reference_energies(traj, 9, energy)
+        heavy = sur.model_atoms
+        rollout = frames[10:30][:, heavy]  # 10 "jumps" of P = 2 frames
+        times = np.arange(1, 21) * traj.interval_ps
+        good = validity.guard_events(sur, rollout, times, frames[9], energy, md_e)
+        broken = rollout.copy()
+        centre = rollout[1::2].mean(axis=1, keepdims=True)
+        broken[1::2] = centre + 1.3 * (rollout[1::2] - centre)  # jump ends: bonds 30 % longer
+        bad = validity.guard_events(sur, broken, times, frames[9], energy, md_e)
+    assert check < 0.1 and len(md_e) == 10
+    assert len(heavy) < sur.n_atoms
+    assert good["reconstructed_atoms"] == sur.n_atoms - len(heavy)
+    assert good["jumps_checked"] == bad["jumps_checked"] == 10
+    assert good["rejected"] == 0, good["failures"]
+    assert bad["rejected"] == 10
+    assert bad["failures"].get("bond") == 10 and bad["failures"].get("energy") == 10
+    assert bad["energy_rise_kJ_per_mol"]["median"] > good["energy_rise_kJ_per_mol"]["max"]

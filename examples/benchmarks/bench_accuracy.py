@@ -50,6 +50,8 @@ from typing import Any
 import torch
 import yaml
 from common import (
+    ADK_DEFAULTS,
+    ADK_MD,
     command_line,
     fmt,
     fmt_pm,
@@ -67,10 +69,6 @@ log = logging.getLogger("bench_accuracy")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MD17 = ("aspirin", "ethanol", "malonaldehyde", "uracil")
 SYSTEMS = (*MD17, "alanine-dipeptide", "adk")
-#: AdK protocol defaults for short MD: (jump ps, P, history stride ps)
-ADK_DEFAULTS = {"backbone": (4.0, 4, 1.0), "residues": (1.0, 1, 1.0)}
-#: AdK MD made here: implicit solvent, 4 fs steps with HMR, 1.2 nm cutoff, a frame every 0.1 ps
-ADK_MD = {"solvent": "implicit", "hmr": True, "cutoff_nm": 1.2, "interval_ps": 0.1}
 #: benchmark variants: label -> (registered model, option overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "constant": ("constant", {}),

@@ -13,16 +13,24 @@ predicted frame is scored with the package's validity measures (``surrogate_md.v
   bins) of the rollout and of the reference MD;
 - torsion JSD: Jensen–Shannon divergence (nats, 0..ln 2) of the backbone (phi, psi) histograms
   (36 x 36 bins) of rollout and reference;
-- guard events: the jump ends that ``integrations.guards.Guards`` (non-finite, bond, clash,
-  chain-break checks; the energy check needs an engine and is not run here) would reject.
+- guard events: the jump ends that ``integrations.guards.Guards`` would reject, checked as an
+  engine checks them: on the full system (atoms the model does not predict, such as hydrogens
+  and side chains, carried along by ``integrations.reconstruct.Reconstructor`` jump after jump),
+  with the non-finite, bond, clash and chain-break checks, and the energy check when the
+  reference MD was made by ``datagen`` from a built-in system (its force field is rebuilt from the
+  dataset's metadata; the reference energies are those of the MD frames before the start).
 
-Models: ``--checkpoints`` (with the ``--data`` they were trained on), or models trained here on
-alanine dipeptide MD generated with ``datagen`` (example configs, ``--train-epochs``).
+Models: ``--checkpoints`` (with the ``--data`` they were trained on), or models trained here from
+the example configs (``--train-epochs``) on MD generated with ``datagen``: alanine dipeptide
+(``--system alanine-dipeptide``, default) or adenylate kinase (``--system adk``: backbone atoms,
+4 ps jumps, P = 4, as the AdK accuracy benchmark; ``--data`` takes its MD).
 
 Usage::
 
     python examples/benchmarks/bench_validity.py --models egno painet --train-epochs 30 \
         --jumps 1000 --json validity.json
+    python examples/benchmarks/bench_validity.py --system adk --data adk.h5 --models egno \
+        --hidden 32 --layers 3 --train-epochs 4 --max-steps-per-epoch 40 --jumps 1000
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ import numpy as np
 import torch
 import yaml
 from common import (
+    ADK_DEFAULTS,
+    ADK_MD,
     command_line,
     fmt,
     machine,
@@ -66,11 +76,35 @@ def alanine_data(args: argparse.Namespace) -> Path:
     return path
 
 
+def adk_data(args: argparse.Namespace) -> Path:
+    """Cached AdK MD made as the AdK accuracy benchmark makes it (slow on a CPU: ~30 min)."""
+    from datagen.openmm_md import run_openmm
+
+    path = Path(args.data_dir) / f"adk-implicit-hmr-{args.frames}f-seed0.h5"
+    if not path.exists():
+        log.info("generating %d frames of AdK MD -> %s (give --data to reuse MD)", args.frames,
+                 path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run_openmm("adk", path, frames=args.frames, seed=0, progress=args.progress, **ADK_MD)
+    return path
+
+
 def train_model(args: argparse.Namespace, model: str, data: Path) -> Path:
     from surrogate_md.train import train
 
-    config = yaml.safe_load((CONFIGS / f"{model}_alanine_dipeptide.yaml").read_text())
+    stem = "alanine_dipeptide" if args.system == "alanine-dipeptide" else "adk_backbone"
+    config = yaml.safe_load((CONFIGS / f"{model}_{stem}.yaml").read_text())
     config["data"]["path"] = str(data)
+    if args.system == "adk":
+        jump, n_out, stride = ADK_DEFAULTS["backbone"]
+        config["data"].update({"jump_ps": jump, "n_out": n_out, "split": "blocked",
+                               "fractions": [0.7, 0.1, 0.2]})
+        if config["data"].get("protocol") == "history":
+            config["data"]["history_stride_ps"] = stride
+    if args.layers and model in ("egnn", "egno", "estag"):
+        config["model"]["n_layers"] = args.layers
+    if args.batch_size:
+        config["train"]["batch_size"] = args.batch_size
     config["train"].update({"epochs": args.train_epochs, "patience": 0,
                             "max_steps_per_epoch": args.max_steps_per_epoch})
     config["runtime"].update({"device": args.device, "progress": args.progress,
@@ -145,25 +179,114 @@ def score(sur, frames: np.ndarray, ref: np.ndarray, topology) -> dict[str, Any]:
     return out
 
 
-def guard_events(sur, frames: np.ndarray, times_ps: np.ndarray) -> dict[str, Any]:
-    """Guard checks (no energy) on every jump end of a rollout of ``frames``."""
-    from integrations.guards import GuardConfig, Guards
+class ReferenceEnergy:
+    """Potential energy of full-system states with the force field of a dataset's MD.
 
-    if sur.n_model_atoms != sur.n_atoms:
-        return {"skipped": "partial model: guards check reconstructed full systems"}
+    Rebuilt from the dataset's metadata (``datagen`` runs of a built-in system: system, solvent,
+    constraints, cutoff); :meth:`from_trajectory` returns None, with the reason, for anything else.
+    """
+
+    def __init__(self, context, label: str) -> None:
+        self.context = context
+        self.label = label
+
+    @classmethod
+    def from_trajectory(cls, traj, platform: str = "auto") -> tuple[ReferenceEnergy | None, str]:
+        import openmm
+        from openmm import unit
+
+        from datagen.openmm_md import choose_platform, prepare_system
+        from datagen.systems import BUILTIN_SYSTEMS
+
+        meta = traj.metadata
+        name = meta.get("system")
+        if meta.get("engine") != "openmm" or name not in BUILTIN_SYSTEMS:
+            return None, (f"no force field: the reference MD is not a datagen run of a built-in "
+                          f"system (engine {meta.get('engine')!r}, system {name!r})")
+        solvent = meta.get("solvent", "vacuum")
+        prepared = prepare_system(name, solvent=solvent, constraints=meta.get("constraints"),
+                                  cutoff_nm=meta.get("cutoff_nm"))
+        if prepared.system.getNumParticles() != traj.n_atoms:
+            return None, (f"the rebuilt {name} has {prepared.system.getNumParticles()} atoms, "
+                          f"the data {traj.n_atoms}")
+        plat = choose_platform(platform, traj.n_atoms, solvent)
+        context = openmm.Context(prepared.system, openmm.VerletIntegrator(0.001 * unit.picosecond),
+                                 plat)
+        return cls(context, f"{name} ({prepared.force_field}, {solvent})"), ""
+
+    def __call__(self, positions_A: np.ndarray) -> float:
+        """kJ/mol of (n_atoms, 3) Å positions (NaN where the engine cannot evaluate them)."""
+        from openmm import unit
+
+        try:
+            self.context.setPositions(np.asarray(positions_A, dtype=np.float64) * 0.1)
+            state = self.context.getState(getEnergy=True)
+        except Exception:  # OpenMM raises on NaN coordinates
+            return float("nan")
+        return state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+
+
+def reference_energies(traj, frame: int, energy: ReferenceEnergy, window: int = 10
+                       ) -> tuple[np.ndarray, float | None]:
+    """Energies (kJ/mol) of the ``window`` MD frames up to ``frame`` and, where the data stores
+    energies, the largest difference between stored and rebuilt values (a force-field check)."""
+    idx = np.arange(max(0, frame - window + 1), frame + 1)
+    full = traj.read(idx)
+    ours = np.array([energy(f) for f in full])
+    if traj.potential_energy is None:
+        return ours, None
+    stored = np.asarray(traj.potential_energy[idx[0]:idx[-1] + 1], dtype=np.float64)
+    return ours, float(np.abs(ours - stored).max())
+
+
+def guard_events(sur, frames: np.ndarray, times_ps: np.ndarray, start_full: np.ndarray,
+                 energy: ReferenceEnergy | None = None,
+                 md_energies: np.ndarray | None = None) -> dict[str, Any]:
+    """Guard checks on every jump end of a rollout, as an engine would run them.
+
+    Args:
+        frames: (F, model atoms, 3) Å, the rollout (P frames per jump).
+        times_ps: (F,) ps.
+        start_full: (n_atoms, 3) Å, the full system the rollout started from; the atoms the
+            model does not predict are carried along from it jump by jump.
+        energy: the reference force field (None: no energy check).
+        md_energies: kJ/mol of reference MD frames, the energy check's baseline.
+    """
+    from integrations.guards import GuardConfig, Guards
+    from integrations.reconstruct import Reconstructor
+
     guards = Guards(sur, GuardConfig(action="warn"))
+    for e in md_energies if md_energies is not None else ():
+        guards.record_energy(float(e))
+    rebuild = Reconstructor.for_surrogate(sur)
     n_out = len(sur.times_ps)
     failed: dict[str, int] = {}
     rejected = 0
+    rises = []
+    full = np.asarray(start_full, dtype=np.float64)
     for j, k in enumerate(range(n_out - 1, len(frames), n_out)):
-        events = guards.check(frames[k], jump=j, time_ps=float(times_ps[k]))
+        if np.isfinite(frames[k]).all() and np.isfinite(full).all():
+            full = rebuild(full, frames[k])
+        else:
+            full = np.full_like(full, np.nan)
+        e = energy(full) if energy is not None and np.isfinite(full).all() else None
+        if e is not None and md_energies is not None and len(md_energies):
+            rises.append(e - float(np.median(md_energies)))
+        events = guards.check(full, energy_kJ_per_mol=e, jump=j, time_ps=float(times_ps[k]))
         rejected += bool(events)
         for ev in events:
             failed[ev.check] = failed.get(ev.check, 0) + 1
     checked = len(frames) // n_out
-    return {"jumps_checked": checked, "rejected": rejected,
-            "failures": failed,
-            "pass_fraction": 1 - rejected / max(checked, 1)}
+    out: dict[str, Any] = {"jumps_checked": checked, "rejected": rejected, "failures": failed,
+                           "pass_fraction": 1 - rejected / max(checked, 1),
+                           "energy_checked": energy is not None,
+                           "energy_threshold_kJ_per_mol": float(guards.energy_jump_kJ_per_mol),
+                           "reconstructed_atoms": int(sur.n_atoms - sur.n_model_atoms)}
+    if rises:
+        out["energy_rise_kJ_per_mol"] = {"median": float(np.median(rises)),
+                                         "max": float(np.max(rises)),
+                                         "first_jump": float(rises[0])}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,14 +294,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for CI)")
     parser.add_argument("--checkpoints", nargs="+", default=None,
                         help="trained checkpoints (of the system in --data)")
-    parser.add_argument("--data", default=None, help="reference MD (default: datagen alanine)")
+    parser.add_argument("--data", default=None,
+                        help="reference MD (default: datagen MD of --system, cached)")
+    parser.add_argument("--system", default="alanine-dipeptide",
+                        choices=["alanine-dipeptide", "adk"],
+                        help="system of the models trained here (adk: backbone, 4 ps jumps)")
     parser.add_argument("--models", nargs="+", default=["egno", "painet"], choices=TRAINABLE,
                         help="models trained here when no --checkpoints are given")
     parser.add_argument("--solvent", default="vacuum", choices=["vacuum", "implicit"])
-    parser.add_argument("--frames", type=int, default=5000)
+    parser.add_argument("--frames", type=int, default=None,
+                        help="frames of generated MD (default 5000 alanine, 800 AdK)")
     parser.add_argument("--train-epochs", type=int, default=30)
     parser.add_argument("--max-steps-per-epoch", type=int, default=0)
     parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None, help="override n_layers")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--platform", default="auto",
+                        help="OpenMM platform of the energy check (auto: as datagen picks)")
+    parser.add_argument("--no-energy", dest="energy", action="store_false",
+                        help="skip the energy guard even where the force field can be rebuilt")
     parser.add_argument("--selection", default=None, choices=["all", "heavy"],
                         help="model atoms of the models trained here (default: the example "
                              "config's, all atoms); heavy: hydrogens left out, as the engine "
@@ -194,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     if args.quick:
+        if args.system != "alanine-dipeptide":
+            parser.error("--quick runs on alanine dipeptide")
         args.frames, args.train_epochs, args.max_steps_per_epoch = 300, 1, 2
         args.hidden, args.jumps = args.hidden or 8, min(args.jumps, 10)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
@@ -204,13 +340,19 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(args.device)
     command = command_line(__file__, argv)
     start = time.perf_counter()
-    data = Path(args.data) if args.data else alanine_data(args)
+    args.frames = args.frames or (5000 if args.system == "alanine-dipeptide" else 800)
+    data = Path(args.data) if args.data else (alanine_data(args) if args.system ==
+                                              "alanine-dipeptide" else adk_data(args))
     if args.checkpoints:
         checkpoints = [Path(c) for c in args.checkpoints]
     else:
         checkpoints = [train_model(args, m, data) for m in args.models]
     rows = []
     with open_trajectory(data) as traj:
+        energy, no_energy = (ReferenceEnergy.from_trajectory(traj, args.platform) if args.energy
+                             else (None, "--no-energy"))
+        if energy is None:
+            log.info("energy guard off: %s", no_energy)
         for ckpt in checkpoints:
             sur = Surrogate.load(ckpt, device=args.device)
             sur.check_atomic_numbers(traj.topology.atomic_numbers)
@@ -219,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             frame = min(max(int(args.start_fraction * (traj.n_frames - 1)), history_frames),
                         traj.n_frames - 1)
             pos, vel, hist = start_state(sur, traj, frame)
+            md_energies, energy_check = (reference_energies(traj, frame, energy)
+                                         if energy is not None else (None, None))
             log.info("%s: %d-jump rollout (%g ps) from frame %d", sur.name, args.jumps,
                      args.jumps * sur.jump_ps, frame)
             t0 = time.perf_counter()
@@ -233,14 +377,17 @@ def main(argv: list[str] | None = None) -> int:
                        "rollout_ps": float(times[-1]), "rollout_s": rollout_s,
                        "start_frame": frame, "reference_frames": int(len(ref)),
                        **score(sur, frames, ref, traj.topology),
-                       "guards": guard_events(sur, frames, times)}
+                       "guards": guard_events(sur, frames, times, pos, energy, md_energies)}
+                if energy is not None:
+                    row["guards"]["md_energy_median_kJ_per_mol"] = float(np.median(md_energies))
+                    row["guards"]["force_field_check_kJ_per_mol"] = energy_check
+                else:
+                    row["guards"]["energy_skipped"] = no_energy
             rows.append(row)
     results = {"machine": info, "command": command, "quick": args.quick, "data": str(data),
                "jumps": args.jumps, "models": rows, "wall_seconds": time.perf_counter() - start}
 
     def guard_cell(g: dict) -> str:
-        if "skipped" in g:
-            return "n/a"
         fails = ", ".join(f"{k} {v}" for k, v in sorted(g["failures"].items())) or "none"
         return f"{g['rejected']}/{g['jumps_checked']} ({fails})"
 
@@ -260,7 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     print("Collapsed: a bond > 0.5 Å off its mean (or non-finite); clash: closest pair beyond "
           "two bonds nearer than the checkpoint's clash distance (fraction of scored frames); "
           "h(r): pair-distance histogram, 0.1 Å bins; torsion JSD: (phi, psi) histograms, "
-          "nats (0..0.69). Guards: no energy check (no engine).\n")
+          "nats (0..0.69). Guards: on the full system, non-finite/bond/clash/chain-break"
+          + (f" and energy (more than {fmt(rows[0]['guards']['energy_threshold_kJ_per_mol'])} "
+             f"kJ/mol above the median of {energy.label} MD before the start)"
+             if energy is not None and rows else f" checks; no energy check ({no_energy})")
+          + ".\n")
     print(f"wall time {results['wall_seconds']:.1f} s")
     if args.json_path:
         save_json(args.json_path, results)

@@ -19,6 +19,11 @@ from typing import Any
 
 import numpy as np
 
+#: AdK protocols for short MD made on a CPU: (jump ps, P, history stride ps)
+ADK_DEFAULTS = {"backbone": (4.0, 4, 1.0), "residues": (1.0, 1, 1.0)}
+#: AdK MD made here: implicit solvent, 4 fs steps with HMR, 1.2 nm cutoff, a frame every 0.1 ps
+ADK_MD = {"solvent": "implicit", "hmr": True, "cutoff_nm": 1.2, "interval_ps": 0.1}
+
 
 def cpu_model() -> str:
     """The CPU's marketing name (Linux /proc/cpuinfo, else ``platform.processor()``)."""
