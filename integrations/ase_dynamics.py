@@ -11,8 +11,9 @@ for observers; ``write_intermediate=True`` also writes them to the trajectory.
 
 Guard actions: ``raise``; ``warn`` (keep the jump unless it is NaN); ``fallback`` (discard the
 jump and run ``fallback_dynamics`` - any ASE MD bound to the same atoms, e.g. VelocityVerlet -
-for the jump's length); ``relax`` (a short FIRE minimisation with the attached calculator, then
-fallback if the guard still fails).
+for the jump's length); ``relax`` (FIRE with the attached calculator, stopping at the first state
+that passes every guard with its energy back at the recent median, then fallback if the guard
+still fails).
 """
 
 from __future__ import annotations
@@ -160,13 +161,7 @@ class SurrogateDynamics(MolecularDynamics):
             self.guards.handle(events, action)
             keep = action == "warn" and finite
             if action == "relax" and finite and atoms.calc is not None:
-                from ase.optimize import FIRE
-
-                FIRE(atoms, logfile=None).run(fmax=0.5,
-                                              steps=self.guards.config.relax_iterations)
-                again = self.guards.check(atoms.get_positions(),
-                                          energy_kJ_per_mol=self._energy_kJ_per_mol(),
-                                          jump=self.n_jumps, time_ps=end)
+                again = self._relax(self.n_jumps, end)
                 keep = not again
                 if again:
                     self.guards.handle(again, "fallback")
@@ -181,6 +176,25 @@ class SurrogateDynamics(MolecularDynamics):
         if self.write_intermediate and self.trajectory is not None:
             self._write_intermediate(result.positions_A[:-1], final)
         self.n_jumps += 1
+
+    def _relax(self, jump: int, time_ps: float) -> list:
+        """The ``relax`` action: FIRE with the attached calculator for at most
+        ``relax_iterations`` steps, stopping at the first state that passes every guard with an
+        energy back at the relaxation target; returns the failed checks of the final state."""
+        from ase.optimize import FIRE
+
+        g = self.guards
+        target = min(g.config.relax_energy_target_kJ_per_mol, g.energy_jump_kJ_per_mol)
+        opt = FIRE(self.atoms, logfile=None)
+        for _ in opt.irun(fmax=0.5, steps=g.config.relax_iterations):
+            energy = self._energy_kJ_per_mol()
+            if energy is None or g.energy_rise(energy) <= target:
+                if not g.check(self.atoms.get_positions(), energy_kJ_per_mol=energy, jump=jump,
+                               time_ps=time_ps, count=False):
+                    break
+        g.record_relaxation(opt.nsteps)
+        return g.check(self.atoms.get_positions(), energy_kJ_per_mol=self._energy_kJ_per_mol(),
+                       jump=jump, time_ps=time_ps, count=False)
 
     def _write_intermediate(self, frames: np.ndarray, final: np.ndarray) -> None:
         from ase.io.trajectory import Trajectory

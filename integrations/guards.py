@@ -15,8 +15,13 @@ A jump fails a guard when its end state has
 
 What happens on failure is the engine's ``action``: ``raise`` (:class:`GuardError`), ``warn``
 (log and keep the jump), ``fallback`` (discard the jump and run real MD of the same length),
-``relax`` (OpenMM: keep the jump, minimise the energy briefly; if the guard still fails, fall back
-to MD). Every event is counted; :meth:`Guards.summary` gives the totals for logs and provenance.
+``relax`` (keep the jump and minimise its energy, at most ``relax_iterations`` minimiser
+iterations, stopping at the first iteration whose state passes every check with an energy back at
+the recent median (``relax_energy_target_kJ_per_mol`` above it, default 0), so relaxed states
+neither keep the jump's strain nor ratchet the reference energy upwards; if the guard still fails,
+fall back to MD).
+Every event is counted; :meth:`Guards.summary` gives the totals for logs and provenance, including
+the minimiser iterations the relaxations took.
 """
 
 from __future__ import annotations
@@ -48,7 +53,11 @@ class GuardConfig:
             (None = ``8 kT sqrt(n_dof/2)``).
         energy_window: how many recent energies form the reference.
         temperature_K: temperature for the default energy threshold.
-        relax_iterations: minimiser iterations of the ``relax`` action.
+        relax_iterations: most minimiser iterations of one ``relax`` action (it stops earlier,
+            at the first iteration whose state passes every check with an energy at most
+            ``relax_energy_target_kJ_per_mol`` above the recent median).
+        relax_energy_target_kJ_per_mol: where a relaxation may stop, relative to the recent
+            median energy (must not exceed the energy threshold).
     """
 
     action: str = "raise"
@@ -59,10 +68,15 @@ class GuardConfig:
     energy_window: int = 10
     temperature_K: float = 300.0
     relax_iterations: int = 200
+    relax_energy_target_kJ_per_mol: float = 0.0
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ConfigError(f"unknown guard action {self.action!r}; choose one of {ACTIONS}")
+        if not np.isfinite(self.relax_energy_target_kJ_per_mol):
+            raise ConfigError("relax_energy_target_kJ_per_mol must be a finite number of kJ/mol "
+                              f"(0 = back to the recent median), got "
+                              f"{self.relax_energy_target_kJ_per_mol}")
 
 
 @dataclass
@@ -117,6 +131,8 @@ class Guards:
         self.actions: Counter[str] = Counter()
         self.events: list[GuardEvent] = []
         self.n_checked = 0
+        self.n_relaxations = 0
+        self.relax_iterations_used = 0
 
     @property
     def action(self) -> str:
@@ -130,17 +146,30 @@ class Guards:
     def reset_energies(self) -> None:
         self._energies.clear()
 
+    def energy_rise(self, energy_kJ_per_mol: float) -> float:
+        """kJ/mol above the median of the recent energies (-inf before any is recorded)."""
+        if not self._energies:
+            return float("-inf")
+        return float(energy_kJ_per_mol) - float(np.median(self._energies))
+
+    def record_relaxation(self, iterations: int) -> None:
+        """Count one ``relax`` action that took ``iterations`` minimiser iterations."""
+        self.n_relaxations += 1
+        self.relax_iterations_used += int(iterations)
+
     def check(self, positions_A: np.ndarray, velocities_A_per_ps: np.ndarray | None = None, *,
-              energy_kJ_per_mol: float | None = None, jump: int = 0, time_ps: float = 0.0
-              ) -> list[GuardEvent]:
+              energy_kJ_per_mol: float | None = None, jump: int = 0, time_ps: float = 0.0,
+              count: bool = True) -> list[GuardEvent]:
         """Failed checks of one full-system state (empty list = all passed).
 
         Args:
             positions_A: (n_atoms, 3) Å.
             velocities_A_per_ps: (n_atoms, 3) Å/ps or None.
             energy_kJ_per_mol: potential energy of the state, if the engine has one.
+            count: count the state as a checked jump (False for re-checks of the same jump
+                while it is relaxed).
         """
-        self.n_checked += 1
+        self.n_checked += int(count)
         events = []
 
         def fail(check: str, value: float, threshold: float) -> None:
@@ -169,7 +198,7 @@ class Guards:
             if not np.isfinite(energy_kJ_per_mol):
                 fail("non_finite", energy_kJ_per_mol, 0.0)
             elif self._energies:
-                rise = energy_kJ_per_mol - float(np.median(self._energies))
+                rise = self.energy_rise(energy_kJ_per_mol)
                 if rise > self.energy_jump_kJ_per_mol:
                     fail("energy", rise, self.energy_jump_kJ_per_mol)
         return events
@@ -188,7 +217,8 @@ class Guards:
     def summary(self) -> dict:
         """JSON-safe totals: jumps checked, failures per check, actions taken, thresholds."""
         return {"jumps_checked": self.n_checked, "failures": dict(self.counts),
-                "actions": dict(self.actions),
+                "actions": dict(self.actions), "relaxations": self.n_relaxations,
+                "relax_iterations_used": self.relax_iterations_used,
                 "thresholds": {"bond_tolerance_A": float(self.bond_tolerance_A),
                                "min_distance_A": float(self.min_distance_A),
                                "chain_break_A": self.config.chain_break_A,

@@ -51,7 +51,7 @@ import numpy as np
 import openmm
 from openmm import app, unit
 
-from integrations.guards import GuardConfig, Guards, guard_error_message
+from integrations.guards import GuardConfig, GuardEvent, Guards, guard_error_message
 from integrations.propagator import JumpResult, SurrogatePropagator
 from surrogate_md.errors import DataError, EngineError, GuardError
 
@@ -161,6 +161,43 @@ def write_state(context: openmm.Context, positions_A: np.ndarray,
 
 def potential_energy(context: openmm.Context) -> float:
     return context.getState(energy=True).getPotentialEnergy().value_in_unit(KJ_PER_MOL)
+
+
+class _StopWhenAccepted(openmm.MinimizationReporter):
+    """Minimiser reporter that stops L-BFGS at the first iteration whose state passes every guard
+    with an energy at most ``relax_energy_target_kJ_per_mol`` above the recent median (energy
+    first: the geometric checks run only on states whose energy is already there)."""
+
+    def __init__(self, guards: Guards, jump: int, time_ps: float) -> None:
+        super().__init__()
+        self.guards, self.jump, self.time_ps = guards, jump, time_ps
+        self.iterations = 0
+
+    def report(self, iteration, x, grad, args) -> bool:
+        self.iterations += 1
+        energy = float(args["system energy"])
+        g = self.guards
+        target = min(g.config.relax_energy_target_kJ_per_mol, g.energy_jump_kJ_per_mol)
+        if not np.isfinite(energy) or g.energy_rise(energy) > target:
+            return False
+        pos = np.asarray(x, dtype=np.float64).reshape(-1, 3) * 10.0  # nm -> Å
+        return not g.check(pos, energy_kJ_per_mol=energy, jump=self.jump, time_ps=self.time_ps,
+                           count=False)
+
+
+def relax_until_accepted(context: openmm.Context, guards: Guards, jump: int, time_ps: float
+                         ) -> tuple[np.ndarray, list[GuardEvent]]:
+    """The ``relax`` guard action: minimise the Context's energy for at most
+    ``guards.config.relax_iterations`` iterations, stopping at the first iteration whose state
+    passes every guard with its energy back at the relaxation target. Returns the relaxed positions (n_atoms, 3) Å and the failed checks of
+    the relaxed state (empty: accepted)."""
+    reporter = _StopWhenAccepted(guards, jump, time_ps)
+    openmm.LocalEnergyMinimizer.minimize(context, RELAX_TOLERANCE_KJ_PER_MOL_NM,
+                                         guards.config.relax_iterations, reporter)
+    guards.record_relaxation(reporter.iterations)
+    relaxed, _, _, energy = read_state(context, energy=True)
+    return relaxed, guards.check(relaxed, energy_kJ_per_mol=energy, jump=jump, time_ps=time_ps,
+                                 count=False)
 
 
 def make_guards(guards: Guards | GuardConfig | str | None, surrogate, system: openmm.System,
@@ -540,11 +577,8 @@ class SurrogateSimulation:
         if action == "warn":
             return final if finite else None  # a NaN state cannot be kept
         if action == "relax" and finite:
-            openmm.LocalEnergyMinimizer.minimize(self.context, 10.0,
-                                                 self.guards.config.relax_iterations)
-            relaxed, _, _, e = read_state(self.context, energy=True)
-            again = self.guards.check(relaxed, energy_kJ_per_mol=e, jump=jump_index,
-                                      time_ps=end_time)
+            relaxed, again = relax_until_accepted(self.context, self.guards, jump_index,
+                                                  end_time)
             if not again:
                 return relaxed
             self.guards.handle(again, "fallback")
@@ -699,14 +733,12 @@ class SurrogateJumpReporter:
             self.guards.handle(events, action)
             keep = action == "warn" and energy is not None
             if action == "relax" and energy is not None:
-                openmm.LocalEnergyMinimizer.minimize(context, 10.0,
-                                                     self.guards.config.relax_iterations)
-                relaxed, _, _, e = read_state(context, energy=True)
-                again = self.guards.check(relaxed, energy_kJ_per_mol=e, jump=self.n_jumps,
-                                          time_ps=end)
+                relaxed, again = relax_until_accepted(context, self.guards, self.n_jumps, end)
                 keep = not again
                 if again:
                     self.guards.handle(again, "fallback")
+                else:
+                    final = relaxed
             if not keep:
                 write_state(context, pos, vel, False)
                 if action == "raise":

@@ -97,6 +97,35 @@ def test_relax_minimises_or_falls_back(tmp_path):
     assert sim.n_jumps + sim.n_fallbacks == 1
 
 
+def test_relax_stops_once_the_state_is_back_at_the_median(tmp_path):
+    """The relax action minimises only as far as needed: it stops at the first minimiser
+    iteration whose state passes every guard with its energy back at the recent median, well
+    inside its iteration budget and above the energy a full minimisation reaches."""
+    import openmm
+
+    md = cached_md()
+    ck = make_checkpoint(md, tmp_path / "warm.pt", model="linear", selection="heavy")
+    top, system, positions = alanine_system()
+    budget = 1000
+    sim = SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform(),
+                              guards=GuardConfig(action="relax", relax_iterations=budget))
+    cold_start(sim.context, positions)
+    sim.context.setVelocitiesToTemperature(3000 * unit.kelvin, 3)
+    sim.step(1)
+    summary = sim.guard_summary()
+    assert sim.n_jumps == 1 and sim.n_fallbacks == 0
+    assert summary["failures"].get("energy") == 1  # the raw jump was too hot
+    assert summary["relaxations"] == 1 and summary["jumps_checked"] == 1
+    assert 0 < summary["relax_iterations_used"] < budget
+    median = float(np.median(sim.guards._energies))
+    e_stop = state_of(sim)[2]
+    assert e_stop <= median + 1e-6
+    openmm.LocalEnergyMinimizer.minimize(sim.context, 1.0, 0)  # to convergence
+    assert state_of(sim)[2] < e_stop - 0.1
+    with pytest.raises(ConfigError, match="relax_energy_target"):
+        GuardConfig(action="relax", relax_energy_target_kJ_per_mol=float("nan"))
+
+
 def test_guard_checks_on_synthetic_states(tmp_path):
     surrogate = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "a.pt"))
     guards = Guards(surrogate, GuardConfig(action="warn", energy_jump_kJ_per_mol=50.0))

@@ -132,3 +132,29 @@ def test_guard_actions(surrogate):
                               guards="fallback")
     with pytest.raises(EngineError, match="fallback_dynamics"):
         no_md.run(1)
+
+
+def test_relax_action_stops_at_its_energy_target(surrogate):
+    """relax in ASE: FIRE with the attached calculator (a harmonic force field around an MD
+    frame) stops at the first state that passes every guard within the energy target."""
+    from ase.calculators.harmonic import HarmonicCalculator, HarmonicForceField
+
+    from integrations.guards import GuardConfig
+
+    results = {}
+    for target in (0.0, 50.0):
+        atoms = cold_atoms(temperature_K=20000, seed=1)
+        atoms.set_positions(cached_md()["frames"][0])
+        field = HarmonicForceField(atoms.copy(), 5.0 * np.eye(3 * len(atoms)))
+        atoms.calc = HarmonicCalculator(field)
+        dyn = SurrogateDynamics(atoms, surrogate, guards=GuardConfig(
+            action="relax", relax_iterations=500, relax_energy_target_kJ_per_mol=target))
+        dyn.run(1)
+        summary = dyn.guards.summary()
+        assert dyn.n_jumps == 1 and dyn.n_fallbacks == 0
+        assert summary["failures"].get("bond") == 1  # the raw jump broke bonds
+        assert summary["relaxations"] == 1
+        results[target] = (summary["relax_iterations_used"], dyn._energy_kJ_per_mol())
+    (n_full, e_full), (n_early, e_early) = results[0.0], results[50.0]
+    assert 0 < n_early < n_full < 500
+    assert e_full < e_early <= 50.0
