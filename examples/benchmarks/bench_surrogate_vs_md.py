@@ -190,7 +190,9 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
     summary = sim.guard_summary()
     return {"jumps": n_jumps, "accepted": accepted, "fallbacks": fallbacks,
             "pass_fraction": accepted / max(n_jumps, 1), "guard_action": guards,
-            "guard_failures": summary["failures"], "simulated_ps": simulated, "wall_s": wall,
+            "guard_failures": summary["failures"], "relaxations": summary["relaxations"],
+            "relax_iterations_used": summary["relax_iterations_used"],
+            "simulated_ps": simulated, "wall_s": wall,
             "ns_per_s": simulated * 1e-3 / wall, "ns_per_day": ns_per_day(simulated, wall),
             "model_only_s_per_jump": model_s,
             "model_only_ns_per_day": ns_per_day(surrogate.jump_ps, model_s)}
@@ -232,6 +234,12 @@ def adk_untrained_checkpoint(args: argparse.Namespace, prepared, out: Path) -> P
                                         "openmm": openmm.__version__})
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_checkpoint(out, payload)
+
+
+def relax_each(timing: dict[str, Any]) -> float | None:
+    """Mean minimiser iterations per relaxation of a surrogate timing (None without any)."""
+    n = timing.get("relaxations") or 0
+    return timing["relax_iterations_used"] / n if n else None
 
 
 def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -300,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md-ps", type=float, default=100.0, help="timed MD (ps)")
     parser.add_argument("--guards", default="fallback", choices=["fallback", "relax", "warn"])
     parser.add_argument("--relax-iterations", type=int, default=20,
-                        help="minimiser iterations of --guards relax (each costs about one MD "
-                             "step's forces, several with line searches; 200 took 55 s on AdK)")
+                        help="most minimiser iterations of one --guards relax (it stops at the "
+                             "first state that passes the guards back at the median energy; "
+                             "each costs about one MD step's forces, more with line searches)")
     parser.add_argument("--adk-checkpoint", default=None)
     parser.add_argument("--adk-model", default="egno", choices=TRAINABLE)
     parser.add_argument("--adk-jumps", type=int, default=5)
@@ -349,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{label}, jump {fmt(r['jump_ps'])} ps, guards {s['guard_action']}",
                      fmt(s["simulated_ps"]), fmt(s["wall_s"]), fmt(s["ns_per_s"]),
                      fmt(s["ns_per_day"]),
-                     f"{100 * s['pass_fraction']:.1f}% ({s['accepted']}/{s['jumps']})",
+                     f"{100 * s['pass_fraction']:.1f}% ({s['accepted']}/{s['jumps']}"
+                     + (f", {s['relaxations']} relaxed, {fmt(relax_each(s))} iterations each)"
+                        if s.get("relaxations") else ")"),
                      fmt(r["speedup"])])
         body.append([r["system"], r["atoms"], "-", f"{r['model']} model only (predict)",
                      fmt(r["jump_ps"]), fmt(s["model_only_s_per_jump"]),

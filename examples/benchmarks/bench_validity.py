@@ -108,7 +108,7 @@ def train_model(args: argparse.Namespace, model: str, data: Path) -> Path:
     config["train"].update({"epochs": args.train_epochs, "patience": 0,
                             "max_steps_per_epoch": args.max_steps_per_epoch})
     config["runtime"].update({"device": args.device, "progress": args.progress,
-                              "log_every": 10_000})
+                              "log_every": 10_000, "precision": args.precision})
     if args.hidden:
         config["model"]["hidden"] = args.hidden
     if args.selection:
@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None, help="override n_layers")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="training precision of the models trained here (rollouts: fp32)")
     parser.add_argument("--platform", default="auto",
                         help="OpenMM platform of the energy check (auto: as datagen picks)")
     parser.add_argument("--no-energy", dest="energy", action="store_false",
