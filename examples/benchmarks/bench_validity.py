@@ -53,6 +53,7 @@ from common import (
     machine,
     machine_table,
     markdown_table,
+    relative_path,
     save_json,
     setup_logging,
 )
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             step = max(1, traj.n_frames // MAX_SCORED_FRAMES)
             ref = traj.read(slice(0, traj.n_frames, step))[:, sur.model_atoms]
             with np.errstate(all="ignore"):
-                row = {"model": sur.name, "checkpoint": str(ckpt), "jump_ps": sur.jump_ps,
+                row = {"model": sur.name, "checkpoint": relative_path(ckpt), "jump_ps": sur.jump_ps,
                        "rollout_ps": float(times[-1]), "rollout_s": rollout_s,
                        "start_frame": frame, "reference_frames": int(len(ref)),
                        **score(sur, frames, ref, traj.topology),
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     row["guards"]["energy_skipped"] = no_energy
             rows.append(row)
-    results = {"machine": info, "command": command, "quick": args.quick, "data": str(data),
+    results = {"machine": info, "command": command, "quick": args.quick, "data": relative_path(data),
                "jumps": args.jumps, "models": rows, "wall_seconds": time.perf_counter() - start}
 
     def guard_cell(g: dict) -> str:

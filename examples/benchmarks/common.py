@@ -72,6 +72,15 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
     return shlex.join(["python", f"examples/benchmarks/{Path(script).name}", *args])
 
 
+def relative_path(path: str | os.PathLike) -> str:
+    """``path`` relative to the working directory when it lies below it (results carry no
+    machine-specific absolute paths), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub Markdown table; cells are formatted with ``str``."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
