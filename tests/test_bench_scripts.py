@@ -200,32 +200,35 @@ def test_validity_quick(bench, tmp_path, capsys):
     assert row["h_r_mae"] >= 0.0
 
 
+def _alanine_md(path, frames: int) -> dict:
+    """Real alanine-dipeptide MD (datagen, OpenMM) as the dict the integration fixtures take."""
+    from datagen.openmm_md import run_openmm
+    from surrogate_md.data.h5md import open_trajectory
+
+    run_openmm("alanine-dipeptide", path, frames=frames, seed=0, progress=False)
+    with open_trajectory(path) as traj:
+        every = slice(0, traj.n_frames)
+        return {"topology": traj.topology, "frames": traj.read(every),
+                "velocities": traj.read(every, "velocities"), "interval_ps": traj.interval_ps}
+
+
 def test_validity_scores_broken_frames(bench, tmp_path):
     """Exploded frames count as collapsed and differ from MD; MD frames score as valid."""
     import numpy as np
 
-    from surrogate_md.data.h5md import open_trajectory
     from surrogate_md.surrogate import Surrogate
 
     validity = bench("bench_validity")
     vs_md = bench("bench_surrogate_vs_md")
-    data = tmp_path / "ala.h5"
-    from datagen.openmm_md import run_openmm
-
-    run_openmm("alanine-dipeptide", data, frames=60, seed=0, progress=False)
+    md = _alanine_md(tmp_path / "ala.h5", 60)
     from _integration_fixtures import make_checkpoint  # a linear surrogate on this MD
 
-    with open_trajectory(data) as traj:
-        frames = traj.read(slice(0, traj.n_frames))
-        md = {"topology": traj.topology, "frames": frames,
-              "velocities": traj.read(slice(0, traj.n_frames), "velocities"),
-              "interval_ps": traj.interval_ps}
-        ckpt = make_checkpoint(md, tmp_path / "lin.pt")
-        sur = Surrogate.load(ckpt)
-        good = validity.score(sur, frames[30:], frames[:30], traj.topology)
-        rng = np.random.default_rng(0)
-        broken = frames[30:] + rng.normal(scale=2.0, size=frames[30:].shape)
-        bad = validity.score(sur, broken, frames[:30], traj.topology)
+    frames = md["frames"]
+    sur = Surrogate.load(make_checkpoint(md, tmp_path / "lin.pt"))
+    good = validity.score(sur, frames[30:], frames[:30], md["topology"])
+    rng = np.random.default_rng(0)
+    broken = frames[30:] + rng.normal(scale=2.0, size=frames[30:].shape)
+    bad = validity.score(sur, broken, frames[:30], md["topology"])
     assert good["collapsed_frames"] == 0 and bad["collapsed_frames"] == len(broken)
     assert bad["h_r_mae"] > good["h_r_mae"]
     assert bad["torsion_jsd"] > good["torsion_jsd"]
@@ -238,20 +241,16 @@ def test_validity_guards_rebuild_partial_models(bench, tmp_path):
     energies near MD's; the same frames stretched by 30 % fail the bond and energy checks."""
     import numpy as np
 
-    from datagen.openmm_md import run_openmm
     from surrogate_md.data.h5md import open_trajectory
     from surrogate_md.surrogate import Surrogate
 
     validity = bench("bench_validity")
     data = tmp_path / "ala.h5"
-    run_openmm("alanine-dipeptide", data, frames=40, seed=0, progress=False)
+    md = _alanine_md(data, 40)
+    frames = md["frames"]
     from _integration_fixtures import make_checkpoint
 
     with open_trajectory(data) as traj:
-        frames = traj.read(slice(0, traj.n_frames))
-        md = {"topology": traj.topology, "frames": frames,
-              "velocities": traj.read(slice(0, traj.n_frames), "velocities"),
-              "interval_ps": traj.interval_ps}
         sur = Surrogate.load(make_checkpoint(md, tmp_path / "heavy.pt", selection="heavy",
                                              jump_frames=2, n_out=2))
         energy, why = validity.ReferenceEnergy.from_trajectory(traj)
