@@ -192,9 +192,11 @@ class SurrogateDynamics(MolecularDynamics):
                 if not g.check(self.atoms.get_positions(), energy_kJ_per_mol=energy, jump=jump,
                                time_ps=time_ps, count=False):
                     break
-        g.record_relaxation(opt.nsteps)
-        return g.check(self.atoms.get_positions(), energy_kJ_per_mol=self._energy_kJ_per_mol(),
-                       jump=jump, time_ps=time_ps, count=False)
+        energy = self._energy_kJ_per_mol()
+        events = g.check(self.atoms.get_positions(), energy_kJ_per_mol=energy, jump=jump,
+                         time_ps=time_ps, count=False)
+        g.record_relaxation(opt.nsteps, None if events or energy is None else energy)
+        return events
 
     def _write_intermediate(self, frames: np.ndarray, final: np.ndarray) -> None:
         from ase.io.trajectory import Trajectory

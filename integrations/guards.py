@@ -18,8 +18,9 @@ What happens on failure is the engine's ``action``: ``raise`` (:class:`GuardErro
 ``relax`` (keep the jump and minimise its energy, at most ``relax_iterations`` minimiser
 iterations, stopping at the first iteration whose state passes every check with an energy back at
 the recent median (``relax_energy_target_kJ_per_mol`` above it, default 0), so relaxed states
-neither keep the jump's strain nor ratchet the reference energy upwards; if the guard still fails,
-fall back to MD).
+do not keep the jump's strain; relaxed states stay out of the median's window, which thus holds
+only states the dynamics reached unaided and cannot drift with the relaxations; if the guard still
+fails, fall back to MD).
 Every event is counted; :meth:`Guards.summary` gives the totals for logs and provenance, including
 the minimiser iterations the relaxations took.
 """
@@ -133,15 +134,25 @@ class Guards:
         self.n_checked = 0
         self.n_relaxations = 0
         self.relax_iterations_used = 0
+        self._relaxed_energy: float | None = None
 
     @property
     def action(self) -> str:
         return self.config.action
 
     def record_energy(self, energy_kJ_per_mol: float) -> None:
-        """Add an accepted state's potential energy to the reference window."""
-        if np.isfinite(energy_kJ_per_mol):
-            self._energies.append(float(energy_kJ_per_mol))
+        """Add an accepted state's potential energy to the reference window.
+
+        The state a relaxation just produced is left out (recognised by its energy, recorded by
+        :meth:`record_relaxation`; any MD since changes it): relaxations aim at the window's
+        median, and feeding their results back would drag the reference down jump after jump.
+        """
+        e = float(energy_kJ_per_mol)
+        relaxed, self._relaxed_energy = self._relaxed_energy, None
+        if relaxed is not None and abs(e - relaxed) <= 1e-9 * max(1.0, abs(e)):
+            return
+        if np.isfinite(e):
+            self._energies.append(e)
 
     def reset_energies(self) -> None:
         self._energies.clear()
@@ -152,10 +163,15 @@ class Guards:
             return float("-inf")
         return float(energy_kJ_per_mol) - float(np.median(self._energies))
 
-    def record_relaxation(self, iterations: int) -> None:
-        """Count one ``relax`` action that took ``iterations`` minimiser iterations."""
+    def record_relaxation(self, iterations: int, accepted_energy_kJ_per_mol: float | None = None
+                          ) -> None:
+        """Count one ``relax`` action that took ``iterations`` minimiser iterations; give the
+        energy of the relaxed state when it was accepted (it is then kept out of the reference
+        window, see :meth:`record_energy`)."""
         self.n_relaxations += 1
         self.relax_iterations_used += int(iterations)
+        self._relaxed_energy = (None if accepted_energy_kJ_per_mol is None
+                                else float(accepted_energy_kJ_per_mol))
 
     def check(self, positions_A: np.ndarray, velocities_A_per_ps: np.ndarray | None = None, *,
               energy_kJ_per_mol: float | None = None, jump: int = 0, time_ps: float = 0.0,

@@ -194,10 +194,11 @@ def relax_until_accepted(context: openmm.Context, guards: Guards, jump: int, tim
     reporter = _StopWhenAccepted(guards, jump, time_ps)
     openmm.LocalEnergyMinimizer.minimize(context, RELAX_TOLERANCE_KJ_PER_MOL_NM,
                                          guards.config.relax_iterations, reporter)
-    guards.record_relaxation(reporter.iterations)
     relaxed, _, _, energy = read_state(context, energy=True)
-    return relaxed, guards.check(relaxed, energy_kJ_per_mol=energy, jump=jump, time_ps=time_ps,
-                                 count=False)
+    events = guards.check(relaxed, energy_kJ_per_mol=energy, jump=jump, time_ps=time_ps,
+                          count=False)
+    guards.record_relaxation(reporter.iterations, None if events else energy)
+    return relaxed, events
 
 
 def make_guards(guards: Guards | GuardConfig | str | None, surrogate, system: openmm.System,

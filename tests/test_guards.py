@@ -148,6 +148,13 @@ def test_guard_checks_on_synthetic_states(tmp_path):
     assert [e.check for e in guards.check(nan)] == ["non_finite"]
     guards.handle(guards.check(stretched))
     assert guards.summary()["failures"] == {"bond": 1}
+    # a relaxed state stays out of the reference window; the next unaided state enters it
+    guards.record_relaxation(12, -95.0)
+    guards.record_energy(-95.0)
+    assert list(guards._energies) == [-80.0]
+    guards.record_energy(-95.0)
+    assert list(guards._energies) == [-80.0, -95.0]
+    assert guards.summary()["relaxations"] == 1 and guards.summary()["relax_iterations_used"] == 12
     with pytest.raises(ConfigError, match="unknown guard action"):
         GuardConfig(action="ignore")
 
