@@ -272,7 +272,7 @@ def guard_events(sur, frames: np.ndarray, times_ps: np.ndarray, start_full: np.n
             full = np.full_like(full, np.nan)
         e = energy(full) if energy is not None and np.isfinite(full).all() else None
         if e is not None and md_energies is not None and len(md_energies):
-            rises.append(e - float(np.median(md_energies)))
+            rises.append(guards.energy_rise(e))  # the window holds the MD energies only
         events = guards.check(full, energy_kJ_per_mol=e, jump=j, time_ps=float(times_ps[k]))
         rejected += bool(events)
         for ev in events:
