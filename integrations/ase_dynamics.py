@@ -184,14 +184,11 @@ class SurrogateDynamics(MolecularDynamics):
         from ase.optimize import FIRE
 
         g = self.guards
-        target = min(g.config.relax_energy_target_kJ_per_mol, g.energy_jump_kJ_per_mol)
         opt = FIRE(self.atoms, logfile=None)
         for _ in opt.irun(fmax=0.5, steps=g.config.relax_iterations):
-            energy = self._energy_kJ_per_mol()
-            if energy is None or g.energy_rise(energy) <= target:
-                if not g.check(self.atoms.get_positions(), energy_kJ_per_mol=energy, jump=jump,
-                               time_ps=time_ps, count=False):
-                    break
+            if g.relaxed_enough(self.atoms.get_positions(), self._energy_kJ_per_mol(),
+                                jump=jump, time_ps=time_ps):
+                break
         energy = self._energy_kJ_per_mol()
         events = g.check(self.atoms.get_positions(), energy_kJ_per_mol=energy, jump=jump,
                          time_ps=time_ps, count=False)

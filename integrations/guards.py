@@ -163,6 +163,23 @@ class Guards:
             return float("-inf")
         return float(energy_kJ_per_mol) - float(np.median(self._energies))
 
+    def energy_at_relax_target(self, energy_kJ_per_mol: float) -> bool:
+        """Finite and at most ``relax_energy_target_kJ_per_mol`` (capped at the threshold) above
+        the recent median."""
+        target = min(self.config.relax_energy_target_kJ_per_mol, self.energy_jump_kJ_per_mol)
+        return bool(np.isfinite(energy_kJ_per_mol)
+                    and self.energy_rise(energy_kJ_per_mol) <= target)
+
+    def relaxed_enough(self, positions_A: np.ndarray, energy_kJ_per_mol: float | None, *,
+                       jump: int = 0, time_ps: float = 0.0) -> bool:
+        """Whether a relaxation may stop at this state: its energy at most
+        ``relax_energy_target_kJ_per_mol`` above the recent median (never beyond the threshold;
+        no energy: not tested) and every check passing. Not counted as a checked jump."""
+        if energy_kJ_per_mol is not None and not self.energy_at_relax_target(energy_kJ_per_mol):
+            return False
+        return not self.check(positions_A, energy_kJ_per_mol=energy_kJ_per_mol, jump=jump,
+                              time_ps=time_ps, count=False)
+
     def record_relaxation(self, iterations: int, accepted_energy_kJ_per_mol: float | None = None
                           ) -> None:
         """Count one ``relax`` action that took ``iterations`` minimiser iterations; give the

@@ -176,21 +176,18 @@ class _StopWhenAccepted(openmm.MinimizationReporter):
     def report(self, iteration, x, grad, args) -> bool:
         self.iterations += 1
         energy = float(args["system energy"])
-        g = self.guards
-        target = min(g.config.relax_energy_target_kJ_per_mol, g.energy_jump_kJ_per_mol)
-        if not np.isfinite(energy) or g.energy_rise(energy) > target:
-            return False
+        if not self.guards.energy_at_relax_target(energy):
+            return False  # cheap test first: no positions copied while the energy is too high
         pos = np.asarray(x, dtype=np.float64).reshape(-1, 3) * 10.0  # nm -> Å
-        return not g.check(pos, energy_kJ_per_mol=energy, jump=self.jump, time_ps=self.time_ps,
-                           count=False)
+        return self.guards.relaxed_enough(pos, energy, jump=self.jump, time_ps=self.time_ps)
 
 
 def relax_until_accepted(context: openmm.Context, guards: Guards, jump: int, time_ps: float
                          ) -> tuple[np.ndarray, list[GuardEvent]]:
     """The ``relax`` guard action: minimise the Context's energy for at most
     ``guards.config.relax_iterations`` iterations, stopping at the first iteration whose state
-    passes every guard with its energy back at the relaxation target. Returns the relaxed positions (n_atoms, 3) Å and the failed checks of
-    the relaxed state (empty: accepted)."""
+    passes every guard with its energy back at the relaxation target. Returns the relaxed
+    positions (n_atoms, 3) Å and the failed checks of the relaxed state (empty: accepted)."""
     reporter = _StopWhenAccepted(guards, jump, time_ps)
     openmm.LocalEnergyMinimizer.minimize(context, RELAX_TOLERANCE_KJ_PER_MOL_NM,
                                          guards.config.relax_iterations, reporter)
