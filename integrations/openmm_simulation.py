@@ -28,10 +28,13 @@ check it and before any reporter sees it, the end state (predicted atoms as pred
 rebuilt by :mod:`integrations.reconstruct`) is minimised for at most ``n`` iterations with
 harmonic restraints ``0.5 k |x - x_pred|^2`` (``k = relax_restraint_kJ_per_mol_nm2``) holding the
 predicted atoms near their predicted positions, so mainly the rebuilt atoms (hydrogens, side
-chains) settle into the force field. It runs in a separate relaxation Context on a copy of the
-System with the restraint added; the main Context never holds the restraint, so every energy a
-reporter or guard reads is the plain force field. Velocities stay the predicted ones. In hybrid
-mode only the jump's last frame is relaxed (intermediate output frames are reported as rebuilt).
+chains) settle into the force field. It runs in a separate relaxation Context (:class:`Relaxation`)
+on a copy of the System with the restraint added and its constraints turned into stiff harmonic
+bonds (OpenMM's minimiser is an order of magnitude slower with constraints; the relaxed positions
+are constrained again in the main Context); the main Context never holds the restraint, so every
+energy a reporter or guard reads is the plain force field. The ``relax`` guard action minimises in
+the same Context with the restraint off. Velocities stay the predicted ones. In hybrid mode only
+the jump's last frame is relaxed (intermediate output frames are reported as rebuilt).
 
 Hybrid mode (``md_steps=k``): every jump is preceded by ``k`` real integrator steps in the same
 Context (reporters run through them as in ``Simulation``), so one ``step()`` advances
@@ -65,6 +68,7 @@ NM = unit.nanometer
 DEFAULT_RELAX_RESTRAINT_KJ_PER_MOL_NM2 = 1.0e5  # 1000 kJ/mol/Å²: ~0.1 Å per 1000 kJ/mol/nm
 RELAX_TOLERANCE_KJ_PER_MOL_NM = 10.0  # as Simulation.minimizeEnergy
 _RESTRAINT_K = "surrogate_relax_k"
+FLEXIBLE_CONSTRAINT_K_KJ_PER_MOL_NM2 = 2.5e5  # constraints as bonds while minimising (~X-H)
 DEFAULT_MAX_STEP_PS = 0.002
 BAROSTATS = tuple(getattr(openmm, name) for name in (
     "MonteCarloBarostat", "MonteCarloAnisotropicBarostat", "MonteCarloMembraneBarostat",
@@ -172,6 +176,7 @@ class _StopWhenAccepted(openmm.MinimizationReporter):
         super().__init__()
         self.guards, self.jump, self.time_ps = guards, jump, time_ps
         self.iterations = 0
+        self.accepted = False
 
     def report(self, iteration, x, grad, args) -> bool:
         self.iterations += 1
@@ -179,23 +184,132 @@ class _StopWhenAccepted(openmm.MinimizationReporter):
         if not self.guards.energy_at_relax_target(energy):
             return False  # cheap test first: no positions copied while the energy is too high
         pos = np.asarray(x, dtype=np.float64).reshape(-1, 3) * 10.0  # nm -> Å
-        return self.guards.relaxed_enough(pos, energy, jump=self.jump, time_ps=self.time_ps)
+        self.accepted = self.guards.relaxed_enough(pos, energy, jump=self.jump,
+                                                   time_ps=self.time_ps)
+        return self.accepted
 
 
-def relax_until_accepted(context: openmm.Context, guards: Guards, jump: int, time_ps: float
-                         ) -> tuple[np.ndarray, list[GuardEvent]]:
-    """The ``relax`` guard action: minimise the Context's energy for at most
-    ``guards.config.relax_iterations`` iterations, stopping at the first iteration whose state
-    passes every guard with its energy back at the relaxation target. Returns the relaxed
-    positions (n_atoms, 3) Å and the failed checks of the relaxed state (empty: accepted)."""
-    reporter = _StopWhenAccepted(guards, jump, time_ps)
-    openmm.LocalEnergyMinimizer.minimize(context, RELAX_TOLERANCE_KJ_PER_MOL_NM,
-                                         guards.config.relax_iterations, reporter)
-    relaxed, _, _, energy = read_state(context, energy=True)
-    events = guards.check(relaxed, energy_kJ_per_mol=energy, jump=jump, time_ps=time_ps,
+def uses_pbc(system: openmm.System, topology: app.Topology | None = None) -> bool:
+    """``system.usesPeriodicBoundaryConditions()``, or (where a force does not implement it)
+    whether ``topology`` has a unit cell."""
+    try:
+        return bool(system.usesPeriodicBoundaryConditions())
+    except Exception:  # OpenMM raises a bare Exception where it is not implemented
+        return topology is not None and topology.getUnitCellDimensions() is not None
+
+
+def flexible_system(system: openmm.System,
+                    k_kJ_per_mol_nm2: float = FLEXIBLE_CONSTRAINT_K_KJ_PER_MOL_NM2
+                    ) -> openmm.System:
+    """A copy of ``system`` whose distance constraints are stiff harmonic bonds.
+
+    ``LocalEnergyMinimizer`` enforces constraints by a sequence of restrained minimisations; on a
+    3341-atom protein with HBonds constraints one short relaxation costs 3-5 s that way and
+    0.2-0.3 s on this copy (examples/benchmarks/bench_surrogate_vs_md.py). Relaxed positions go
+    back into the real Context with ``applyConstraints``, so the engine never sees the bonds.
+    """
+    copy = openmm.XmlSerializer.clone(system)
+    n = copy.getNumConstraints()
+    if n == 0:
+        return copy
+    bonds = openmm.HarmonicBondForce()
+    for i in range(n):
+        a, b, distance = copy.getConstraintParameters(i)
+        bonds.addBond(a, b, distance, k_kJ_per_mol_nm2)
+    for i in reversed(range(n)):
+        copy.removeConstraint(i)
+    bonds.setUsesPeriodicBoundaryConditions(uses_pbc(system))
+    copy.addForce(bonds)
+    return copy
+
+
+class Relaxation:
+    """A minimisation Context beside the engine's: :func:`flexible_system` of the engine's System
+    with harmonic position restraints ``0.5 k |x - x0|^2`` on ``restrained_atoms`` (``k`` set per
+    call; 0 = the plain force field). Positions in Å; the restraint's ``x0`` in nm.
+
+    Args:
+        system: the engine's System (copied, not changed).
+        platform, properties: the engine Context's platform and its properties (None = defaults).
+        restrained_atoms: (m,) atom indices the restraint can hold (may be empty).
+    """
+
+    def __init__(self, system: openmm.System, platform: openmm.Platform,
+                 properties: dict | None = None, restrained_atoms: np.ndarray = ()) -> None:
+        flexible = flexible_system(system)
+        if uses_pbc(system):
+            expr = f"0.5*{_RESTRAINT_K}*periodicdistance(x, y, z, x0, y0, z0)^2"
+        else:
+            expr = f"0.5*{_RESTRAINT_K}*((x - x0)^2 + (y - y0)^2 + (z - z0)^2)"
+        self.atoms = np.asarray(restrained_atoms, dtype=np.int64).reshape(-1)
+        self.restraint = openmm.CustomExternalForce(expr)
+        self.restraint.addGlobalParameter(_RESTRAINT_K, 0.0)
+        for name in ("x0", "y0", "z0"):
+            self.restraint.addPerParticleParameter(name)
+        for atom in self.atoms:
+            self.restraint.addParticle(int(atom), [0.0, 0.0, 0.0])
+        flexible.addForce(self.restraint)
+        integrator = openmm.VerletIntegrator(0.001 * PS)  # never stepped
+        if properties is None:
+            self.context = openmm.Context(flexible, integrator, platform)
+        else:
+            self.context = openmm.Context(flexible, integrator, platform, properties)
+
+    def minimise(self, positions_A: np.ndarray, box, iterations: int,
+                 restraint_kJ_per_mol_nm2: float = 0.0,
+                 reporter: openmm.MinimizationReporter | None = None) -> np.ndarray:
+        """L-BFGS from ``positions_A`` (n_atoms, 3) Å for at most ``iterations`` iterations (or
+        until ``reporter`` stops it); ``restraint_kJ_per_mol_nm2 > 0`` holds the restrained atoms
+        near their positions in ``positions_A``. Returns (n_atoms, 3) Å, not yet constrained."""
+        ctx = self.context
+        if box is not None:
+            ctx.setPeriodicBoxVectors(*box)
+        ctx.setParameter(_RESTRAINT_K, float(restraint_kJ_per_mol_nm2))
+        pos = np.asarray(positions_A, dtype=np.float64)
+        if len(self.atoms) and restraint_kJ_per_mol_nm2 > 0:
+            anchors = pos[self.atoms] * 0.1  # Å -> nm
+            for i, atom in enumerate(self.atoms):
+                self.restraint.setParticleParameters(i, int(atom), anchors[i].tolist())
+            self.restraint.updateParametersInContext(ctx)
+        ctx.setPositions(unit.Quantity(pos, ANGSTROM))
+        if reporter is None:
+            openmm.LocalEnergyMinimizer.minimize(ctx, RELAX_TOLERANCE_KJ_PER_MOL_NM, iterations)
+        else:
+            openmm.LocalEnergyMinimizer.minimize(ctx, RELAX_TOLERANCE_KJ_PER_MOL_NM, iterations,
+                                                 reporter)
+        return np.asarray(ctx.getState(positions=True).getPositions(asNumpy=True)
+                          .value_in_unit(ANGSTROM))
+
+
+def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards: Guards,
+                         jump: int, time_ps: float) -> tuple[np.ndarray, list[GuardEvent]]:
+    """The ``relax`` guard action on the state in ``context``: minimise it in ``relaxation``
+    (no restraints) for at most ``guards.config.relax_iterations`` iterations in all, stopping at
+    the first state that passes every guard with its energy back at the relaxation target once
+    written back into ``context`` with its constraints satisfied (where re-constraining lifts
+    the energy over the target again, minimisation goes on from the constrained state).
+    Returns the relaxed positions (n_atoms, 3) Å and the failed checks of the relaxed state as
+    ``context`` holds it (empty: accepted)."""
+    state = context.getState(positions=True)
+    positions = np.asarray(state.getPositions(asNumpy=True).value_in_unit(ANGSTROM))
+    box = state.getPeriodicBoxVectors()
+    constrained = context.getSystem().getNumConstraints() > 0
+    budget, used = guards.config.relax_iterations, 0
+    while used < budget:  # maxIterations 0 would mean "unlimited" to OpenMM
+        reporter = _StopWhenAccepted(guards, jump, time_ps)
+        relaxed = relaxation.minimise(positions, box, budget - used, 0.0, reporter)
+        used += reporter.iterations
+        write_state(context, relaxed, None, constrained)
+        positions, _, _, energy = read_state(context, energy=True)
+        if not (constrained and reporter.accepted and reporter.iterations) or \
+                guards.relaxed_enough(positions, energy, jump=jump, time_ps=time_ps):
+            break
+    if constrained:
+        context.applyVelocityConstraints(1e-5)
+    events = guards.check(positions, energy_kJ_per_mol=energy, jump=jump, time_ps=time_ps,
                           count=False)
-    guards.record_relaxation(reporter.iterations, None if events else energy)
-    return relaxed, events
+    guards.record_relaxation(used, None if events else energy)
+    return positions, events
 
 
 def make_guards(guards: Guards | GuardConfig | str | None, surrogate, system: openmm.System,
@@ -288,8 +402,7 @@ class SurrogateSimulation:
         self.relax_iterations = int(relax_iterations)
         self.relax_restraint_kJ_per_mol_nm2 = float(relax_restraint_kJ_per_mol_nm2)
         self._platform_properties = platformProperties
-        self._relax_context: openmm.Context | None = None
-        self._restraint: openmm.CustomExternalForce | None = None
+        self._relax: Relaxation | None = None
         self.md_step_ps = integrator.getStepSize().value_in_unit(PS)
         md_frame_steps = frame_steps(self.surrogate.times_ps, self.md_step_ps)
         self.jump_steps = self.md_steps == 0
@@ -316,10 +429,7 @@ class SurrogateSimulation:
             self.context = openmm.Context(system, integrator, platform, platformProperties)
         if state is not None:
             self.loadState(state)
-        try:
-            self._usesPBC = system.usesPeriodicBoundaryConditions()
-        except Exception:  # OpenMM raises a bare Exception where it is not implemented
-            self._usesPBC = topology.getUnitCellDimensions() is not None
+        self._usesPBC = uses_pbc(system, topology)
         self._constrained = system.getNumConstraints() > 0
         self.guards = make_guards(guards, self.surrogate, system, temperature_K)
         self.propagator = SurrogatePropagator(self.surrogate)
@@ -455,49 +565,21 @@ class SurrogateSimulation:
                 self.integrator.setStepSize(self.md_step_ps * PS)
 
     # -- restrained relaxation after a jump ---------------------------------------------------
-    def _relaxation(self) -> tuple[openmm.Context, openmm.CustomExternalForce]:
-        """The relaxation Context: a copy of the System plus position restraints on the predicted
-        atoms (built on first use, same platform as the main Context)."""
-        if self._relax_context is None:
-            system = openmm.XmlSerializer.clone(self.system)
-            if self._usesPBC:
-                expr = f"0.5*{_RESTRAINT_K}*periodicdistance(x, y, z, x0, y0, z0)^2"
-            else:
-                expr = f"0.5*{_RESTRAINT_K}*((x - x0)^2 + (y - y0)^2 + (z - z0)^2)"
-            restraint = openmm.CustomExternalForce(expr)
-            restraint.addGlobalParameter(_RESTRAINT_K, self.relax_restraint_kJ_per_mol_nm2)
-            for name in ("x0", "y0", "z0"):
-                restraint.addPerParticleParameter(name)
-            for atom in self.surrogate.model_atoms:
-                restraint.addParticle(int(atom), [0.0, 0.0, 0.0])
-            system.addForce(restraint)
-            integrator = openmm.VerletIntegrator(self.md_step_ps * PS)
-            integrator.setConstraintTolerance(self.integrator.getConstraintTolerance())
-            platform = self.context.getPlatform()
-            if self._platform_properties is None:
-                context = openmm.Context(system, integrator, platform)
-            else:
-                context = openmm.Context(system, integrator, platform, self._platform_properties)
-            self._relax_context, self._restraint = context, restraint
-        return self._relax_context, self._restraint
+    def _relaxation(self) -> Relaxation:
+        """The relaxation Context (built on first use, same platform as the main Context): a
+        flexible copy of the System with restraints on the predicted atoms, shared by the
+        restrained relaxation after jumps and the ``relax`` guard action (restraints off)."""
+        if self._relax is None:
+            self._relax = Relaxation(self.system, self.context.getPlatform(),
+                                     self._platform_properties, self.surrogate.model_atoms)
+        return self._relax
 
-    def _relax(self, positions_A: np.ndarray) -> np.ndarray:
+    def _relax_jump_end(self, positions_A: np.ndarray) -> np.ndarray:
         """Positions (n_atoms, 3) Å after the restrained minimisation; restraints hold the
         predicted atoms at their positions in ``positions_A``."""
-        context, restraint = self._relaxation()
-        context.setParameter(_RESTRAINT_K, self.relax_restraint_kJ_per_mol_nm2)
         box = self.context.getState().getPeriodicBoxVectors()
-        context.setPeriodicBoxVectors(*box)
-        anchors = unit.Quantity(np.asarray(positions_A, dtype=np.float64),
-                                ANGSTROM).value_in_unit(NM)
-        for i, atom in enumerate(self.surrogate.model_atoms):
-            restraint.setParticleParameters(i, int(atom), anchors[int(atom)].tolist())
-        restraint.updateParametersInContext(context)
-        context.setPositions(unit.Quantity(np.asarray(positions_A, dtype=np.float64), ANGSTROM))
-        openmm.LocalEnergyMinimizer.minimize(context, RELAX_TOLERANCE_KJ_PER_MOL_NM,
-                                             self.relax_iterations)
-        return np.asarray(context.getState(positions=True).getPositions(asNumpy=True)
-                          .value_in_unit(ANGSTROM))
+        return self._relaxation().minimise(positions_A, box, self.relax_iterations,
+                                           self.relax_restraint_kJ_per_mol_nm2)
 
     def _md_segment(self, n: int) -> None:
         """``n`` MD steps without reports (jump-step mode: not counted as steps)."""
@@ -557,7 +639,7 @@ class SurrogateSimulation:
         if finite:
             write_state(self.context, final, result.velocities_A_per_ps[-1], self._constrained)
             if self.relax_iterations:
-                relaxed = self._relax(read_state(self.context)[0])
+                relaxed = self._relax_jump_end(read_state(self.context)[0])
                 write_state(self.context, relaxed, result.velocities_A_per_ps[-1],
                             self._constrained)
             energy = potential_energy(self.context)
@@ -575,8 +657,8 @@ class SurrogateSimulation:
         if action == "warn":
             return final if finite else None  # a NaN state cannot be kept
         if action == "relax" and finite:
-            relaxed, again = relax_until_accepted(self.context, self.guards, jump_index,
-                                                  end_time)
+            relaxed, again = relax_until_accepted(self._relaxation(), self.context,
+                                                  self.guards, jump_index, end_time)
             if not again:
                 return relaxed
             self.guards.handle(again, "fallback")
@@ -693,6 +775,8 @@ class SurrogateJumpReporter:
         self.n_jumps = 0
         self.n_skipped = 0
         self._checked: int | None = None
+        self._relax: Relaxation | None = None
+        self._relax_for: int | None = None
 
     def describeNextReport(self, simulation) -> dict:
         steps = self.interval - simulation.currentStep % self.interval
@@ -731,7 +815,11 @@ class SurrogateJumpReporter:
             self.guards.handle(events, action)
             keep = action == "warn" and energy is not None
             if action == "relax" and energy is not None:
-                relaxed, again = relax_until_accepted(context, self.guards, self.n_jumps, end)
+                if self._relax is None or self._relax_for != id(simulation):
+                    self._relax = Relaxation(simulation.system, context.getPlatform())
+                    self._relax_for = id(simulation)
+                relaxed, again = relax_until_accepted(self._relax, context, self.guards,
+                                                      self.n_jumps, end)
                 keep = not again
                 if again:
                     self.guards.handle(again, "fallback")

@@ -118,12 +118,83 @@ def test_relax_stops_once_the_state_is_back_at_the_median(tmp_path):
     assert summary["relaxations"] == 1 and summary["jumps_checked"] == 1
     assert 0 < summary["relax_iterations_used"] < budget
     median = float(np.median(sim.guards._energies))
-    e_stop = state_of(sim)[2]
-    assert e_stop <= median + 1e-6
+    x_stop, _, e_stop = state_of(sim)
+    assert e_stop <= median + 1e-6  # in the engine, with its constraints satisfied again
+    assert constraint_error_A(system, x_stop) < 1e-3
     openmm.LocalEnergyMinimizer.minimize(sim.context, 1.0, 0)  # to convergence
     assert state_of(sim)[2] < e_stop - 0.1
     with pytest.raises(ConfigError, match="relax_energy_target"):
         GuardConfig(action="relax", relax_energy_target_kJ_per_mol=float("nan"))
+
+
+def constraint_error_A(system, positions_A) -> float:
+    """Largest |distance - constraint length| (Å) over the System's constraints."""
+    worst = 0.0
+    for i in range(system.getNumConstraints()):
+        a, b, d = system.getConstraintParameters(i)
+        r = np.linalg.norm(positions_A[a] - positions_A[b])
+        worst = max(worst, abs(r - d.value_in_unit(A)))
+    return worst
+
+
+def test_flexible_copy_keeps_the_force_field_and_drops_the_constraints():
+    """The relaxation System: constraints become stiff bonds at the constraint lengths, so at a
+    constrained geometry both Systems give the same energy; the engine's System is untouched."""
+    import openmm
+
+    from integrations.openmm_simulation import flexible_system
+
+    _, system, positions = alanine_system()
+    n = system.getNumConstraints()
+    assert n > 0
+    flexible = flexible_system(system)
+    assert flexible.getNumConstraints() == 0 and system.getNumConstraints() == n
+    assert flexible.getNumForces() == system.getNumForces() + 1
+    bonds = flexible.getForce(flexible.getNumForces() - 1)
+    assert isinstance(bonds, openmm.HarmonicBondForce) and bonds.getNumBonds() == n
+    energies = []
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), reference_platform())
+    ctx.setPositions(positions)
+    ctx.applyConstraints(1e-8)
+    constrained = ctx.getState(positions=True).getPositions()
+    for s in (system, flexible):
+        c = openmm.Context(s, openmm.VerletIntegrator(0.001), reference_platform())
+        c.setPositions(constrained)
+        energies.append(c.getState(energy=True).getPotentialEnergy().value_in_unit(KJ))
+    assert energies[1] == pytest.approx(energies[0], abs=1e-4)
+    # stretched by 0.1 Å, a constrained bond costs energy only in the flexible copy
+    a, b, _ = system.getConstraintParameters(0)
+    x = np.array(constrained.value_in_unit(A))
+    x[b] += 0.1 * (x[b] - x[a]) / np.linalg.norm(x[b] - x[a])
+    c = openmm.Context(flexible, openmm.VerletIntegrator(0.001), reference_platform())
+    c.setPositions(x * A)
+    assert c.getState(energy=True).getPotentialEnergy().value_in_unit(KJ) > energies[0] + 10
+
+
+def test_jump_reporter_relaxes_failed_jumps(tmp_path):
+    """SurrogateJumpReporter with action relax on an unchanged Simulation: too hot raw jumps are
+    minimised (in the flexible relaxation Context) and kept, constrained and within the guards."""
+    import openmm
+    from openmm import app
+
+    from integrations.openmm_simulation import SurrogateJumpReporter
+
+    ck = make_checkpoint(cached_md(), tmp_path / "warm.pt", model="linear", selection="heavy")
+    top, system, positions = alanine_system()
+    sim = app.Simulation(top, system, openmm.VerletIntegrator(0.0005 * unit.picosecond),
+                         reference_platform())
+    cold_start(sim.context, positions)
+    sim.context.setVelocitiesToTemperature(3000 * unit.kelvin, 3)
+    jumper = SurrogateJumpReporter(ck, interval=2,
+                                   guards=GuardConfig(action="relax", relax_iterations=500))
+    sim.reporters.append(jumper)
+    sim.step(2)
+    summary = jumper.guards.summary()
+    assert summary["failures"].get("energy") == 1 and summary["relaxations"] == 1
+    assert jumper.n_jumps == 1 and jumper.n_skipped == 0
+    x, _, e = state_of(sim)
+    assert jumper.guards.energy_rise(e) <= 1e-6
+    assert constraint_error_A(system, x) < 1e-3
 
 
 def test_guard_checks_on_synthetic_states(tmp_path):
