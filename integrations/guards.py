@@ -123,10 +123,10 @@ class Guards:
         self._model_atoms = np.asarray(s.model_atoms)
         self._ca_pairs = _consecutive_ca_pairs(s.topology)
         n_dof = self.n_dof if self.n_dof is not None else 3 * s.n_atoms
-        kt = _kt_kJ_per_mol(self.config.temperature_K)
         self.energy_jump_kJ_per_mol = (self.config.energy_jump_kJ_per_mol
                                        if self.config.energy_jump_kJ_per_mol is not None
-                                       else 8.0 * kt * np.sqrt(max(n_dof, 1) / 2.0))
+                                       else default_energy_threshold(n_dof,
+                                                                     self.config.temperature_K))
         self._energies: deque[float] = deque(maxlen=self.config.energy_window)
         self.counts: Counter[str] = Counter()
         self.actions: Counter[str] = Counter()
@@ -163,12 +163,16 @@ class Guards:
             return float("-inf")
         return float(energy_kJ_per_mol) - float(np.median(self._energies))
 
+    @property
+    def relax_target_kJ_per_mol(self) -> float:
+        """Where a relaxation may stop, kJ/mol above the recent median:
+        ``relax_energy_target_kJ_per_mol`` capped at the energy threshold."""
+        return min(self.config.relax_energy_target_kJ_per_mol, self.energy_jump_kJ_per_mol)
+
     def energy_at_relax_target(self, energy_kJ_per_mol: float) -> bool:
-        """Finite and at most ``relax_energy_target_kJ_per_mol`` (capped at the threshold) above
-        the recent median."""
-        target = min(self.config.relax_energy_target_kJ_per_mol, self.energy_jump_kJ_per_mol)
+        """Finite and at most :attr:`relax_target_kJ_per_mol` above the recent median."""
         return bool(np.isfinite(energy_kJ_per_mol)
-                    and self.energy_rise(energy_kJ_per_mol) <= target)
+                    and self.energy_rise(energy_kJ_per_mol) <= self.relax_target_kJ_per_mol)
 
     def relaxed_enough(self, positions_A: np.ndarray, energy_kJ_per_mol: float | None, *,
                        jump: int = 0, time_ps: float = 0.0) -> bool:
@@ -264,6 +268,12 @@ class Guards:
                  s["failures"] or "none", s["actions"] or "none")
 
 
+def default_energy_threshold(n_dof: int, temperature_K: float) -> float:
+    """The default energy guard, kJ/mol: ``8 kT sqrt(n_dof / 2)``, eight standard deviations of
+    the canonical potential-energy fluctuation of ``n_dof`` harmonic degrees of freedom."""
+    return 8.0 * _kt_kJ_per_mol(temperature_K) * float(np.sqrt(max(n_dof, 1) / 2.0))
+
+
 def _kt_kJ_per_mol(temperature_K: float) -> float:
     from openmm import unit
 
@@ -291,4 +301,5 @@ def guard_error_message(events: list[GuardEvent], source: str) -> str:
             "jump, or more training data")
 
 
-__all__ = ["ACTIONS", "GuardConfig", "GuardEvent", "Guards", "guard_error_message"]
+__all__ = ["ACTIONS", "GuardConfig", "GuardEvent", "Guards", "default_energy_threshold",
+           "guard_error_message"]

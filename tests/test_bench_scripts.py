@@ -200,6 +200,29 @@ def test_validity_quick(bench, tmp_path, capsys):
     assert row["h_r_mae"] >= 0.0
 
 
+def test_reconstruction_quick(bench, tmp_path, capsys):
+    """Oracle jumps of a heavy-atom selection: riding hydrogens add energy over the true frame,
+    and relaxing on the flexible copy gets the energy back to the reference median."""
+    recon = bench("bench_reconstruction")
+    out = tmp_path / "recon.json"
+    assert recon.main(["--quick", "--selections", "heavy", "backbone", "--lag-ps", "0.3",
+                       "--starts", "4", "--data-dir", str(tmp_path / "d"), "--json", str(out),
+                       "--no-progress"]) == 0
+    tables = _tables(capsys.readouterr().out)
+    _machine_and_command(tables, "bench_reconstruction.py")
+    body = _check(tables[1])
+    assert [row[0] for row in body] == ["heavy", "backbone"]
+    data = json.loads(out.read_text())
+    heavy, backbone = data["rows"]
+    assert heavy["rebuilt_atoms"] == 12 and backbone["rebuilt_atoms"] > heavy["rebuilt_atoms"]
+    for row in data["rows"]:
+        assert row["starts"] == 4 and row["lag_ps"] == pytest.approx(0.3)
+        assert row["rise_rebuilt"]["median"] > row["rise_true"]["median"]
+        relaxed = row.get("relax_flexible")
+        if relaxed:
+            assert relaxed["reached"] == relaxed["relaxed"] and relaxed["final_rise_max"] <= 1e-6
+
+
 def _alanine_md(path, frames: int) -> dict:
     """Real alanine-dipeptide MD (datagen, OpenMM) as the dict the integration fixtures take."""
     from datagen.openmm_md import run_openmm

@@ -171,6 +171,42 @@ def test_flexible_copy_keeps_the_force_field_and_drops_the_constraints():
     assert c.getState(energy=True).getPotentialEnergy().value_in_unit(KJ) > energies[0] + 10
 
 
+def test_relax_in_implicit_solvent_starts_without_the_solvent(tmp_path, monkeypatch):
+    """With implicit solvent the relaxation first minimises a copy without the solvent force
+    (cheaper per iteration); the state it accepts is checked with the full force field."""
+    from datagen.openmm_md import prepare_system
+    from integrations.openmm_simulation import Relaxation
+
+    ck = make_checkpoint(cached_md(), tmp_path / "warm.pt", model="linear", selection="heavy")
+    prepared = prepare_system("alanine-dipeptide", solvent="implicit")
+    names = {type(f).__name__ for f in prepared.system.getForces()}
+    assert "GBSAOBCForce" in names
+    sim = SurrogateSimulation(prepared.topology, prepared.system, Surrogate.load(ck),
+                              platform=reference_platform(),
+                              guards=GuardConfig(action="relax", relax_iterations=1000))
+    cold_start(sim.context, prepared.positions)
+    sim.context.setVelocitiesToTemperature(3000 * unit.kelvin, 3)
+    stages = []
+    minimise = Relaxation.minimise
+
+    def spy(self, *args, **kwargs):
+        stages.append(kwargs.get("solvent_free", False))
+        return minimise(self, *args, **kwargs)
+
+    monkeypatch.setattr(Relaxation, "minimise", spy)
+    sim.step(1)
+    summary = sim.guard_summary()
+    assert summary["failures"].get("energy") == 1 and summary["relaxations"] == 1
+    assert sim.n_jumps == 1 and stages and stages[0] is True
+    dry = {type(f).__name__ for f in sim._relaxation().solvent_free.getSystem().getForces()}
+    assert "GBSAOBCForce" not in dry and "NonbondedForce" in dry
+    x, _, e = state_of(sim)
+    assert sim.guards.energy_rise(e) <= 1e-6  # full force field, as the engine holds it
+    assert constraint_error_A(prepared.system, x) < 1e-3
+    _, vacuum, _ = alanine_system()
+    assert Relaxation(vacuum, reference_platform()).solvent_free is None
+
+
 def test_jump_reporter_relaxes_failed_jumps(tmp_path):
     """SurrogateJumpReporter with action relax on an unchanged Simulation: too hot raw jumps are
     minimised (in the flexible relaxation Context) and kept, constrained and within the guards."""

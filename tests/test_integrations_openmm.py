@@ -297,3 +297,39 @@ def test_step_bookkeeping_helpers():
     np.testing.assert_array_equal(frame_steps(np.array([0.01, 0.02]), 0.002), [5, 10])
     with pytest.raises(EngineError, match="not whole multiples"):
         frame_steps(np.array([0.01, 0.02]), 0.003)
+
+
+class EnergyRecorder:
+    """A user reporter recording the potential energy of every reported state (kJ/mol)."""
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.energies = []
+
+    def describeNextReport(self, simulation):
+        return {"steps": self.interval - simulation.currentStep % self.interval,
+                "periodic": False, "include": ["energy"]}
+
+    def report(self, simulation, state):
+        self.energies.append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+
+
+def test_guard_energy_window_holds_the_energies_of_the_states_jumped_from(tmp_path):
+    """The guards' reference window gets the true energy of each state a jump starts from (the
+    one its acceptance check computed, while the positions are unchanged), and a fresh one after
+    the user moves atoms between steps."""
+    sim = make_sim(tmp_path, model="linear", guards="warn")
+    rec = EnergyRecorder(1)
+    sim.reporters.append(rec)
+    sim.step(3)
+    window = list(sim.guards._energies)
+    assert len(window) == 3 and len(rec.energies) == 3
+    np.testing.assert_allclose(window[1:], rec.energies[:2], rtol=0, atol=1e-6)
+    x = positions_A(sim)
+    x[0] += 0.05
+    sim.context.setPositions(x * A)
+    moved = sim.context.getState(energy=True).getPotentialEnergy().value_in_unit(
+        unit.kilojoule_per_mole)
+    assert abs(moved - rec.energies[-1]) > 1e-3
+    sim.step(1)
+    assert sim.guards._energies[-1] == pytest.approx(moved, abs=1e-6)
