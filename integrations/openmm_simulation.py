@@ -338,7 +338,7 @@ class Relaxation:
 
 def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards: Guards,
                          jump: int, time_ps: float, energy_kJ_per_mol: float | None = None
-                         ) -> tuple[np.ndarray, list[GuardEvent]]:
+                         ) -> tuple[np.ndarray, float, list[GuardEvent]]:
     """The ``relax`` guard action on the state in ``context`` (its potential energy
     ``energy_kJ_per_mol`` where already known): minimise it in ``relaxation`` (no restraints)
     for at most ``guards.config.relax_iterations`` iterations in all, stopping at the first state
@@ -348,9 +348,9 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
     Two stages. With implicit solvent, first the solvent-free copy (several times cheaper per
     iteration) until its energy has fallen by the state's excess over the target plus
     :data:`SOLVENT_FREE_MARGIN` times the energy threshold (the strain of a jump is in bonds,
-    angles and contacts); then, if the state is not yet accepted in
-    ``context``, the full flexible copy with the guards' own stopping test, going on from the
-    constrained state where re-constraining lifts the energy over the target again. Returns the
+    angles and contacts); then, if the state is not yet accepted in ``context``, the full
+    flexible copy with the guards' own stopping test, going on from the constrained state where
+    re-constraining lifts the energy over the target again. Returns the
     relaxed positions (n_atoms, 3) Å and the failed checks of the relaxed state as ``context``
     holds it (empty: accepted)."""
     state = context.getState(positions=True, energy=energy_kJ_per_mol is None)
