@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     setup_logging()
-    from bench_validity import ReferenceEnergy
+    from bench_validity import ReferenceEnergy, alanine_data
 
     from integrations.guards import default_energy_threshold
     from integrations.openmm_simulation import Relaxation, degrees_of_freedom
@@ -192,14 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.data:
         data = Path(args.data)
-    else:
-        from datagen.openmm_md import run_openmm
-
-        frames = 60 if args.quick else 2000
-        data = Path(args.data_dir) / f"alanine-dipeptide-vacuum-{frames}f-seed0.h5"
-        if not data.exists():
-            data.parent.mkdir(parents=True, exist_ok=True)
-            run_openmm("alanine-dipeptide", data, frames=frames, seed=0, progress=args.progress)
+    else:  # the alanine-dipeptide MD the validity benchmark caches
+        args.solvent, args.frames = "vacuum", 60 if args.quick else 2000
+        data = alanine_data(args)
     rows = []
     with open_trajectory(data) as traj:
         energy, why = ReferenceEnergy.from_trajectory(traj, args.platform)
