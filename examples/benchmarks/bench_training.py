@@ -117,10 +117,17 @@ def run_config(config: Config, device_name: str, threads: int) -> dict:
     """Time full training steps of one configuration in this process; seconds and peak bytes."""
     from surrogate_md.data import keys as K
     from surrogate_md.models import build_model, compile_model
+    try:
+        from surrogate_md.train.loop import keep_freed_memory
+    except ImportError:  # an earlier package (--compare-src) without it
+        def keep_freed_memory() -> bool:
+            return False
 
     bench = _bench_models()
     device = torch.device(device_name)
     torch.set_num_threads(threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does
     torch.manual_seed(0)
     batch = bench.make_batch(config.kind, config.n_atoms, config.batch, config.n_times)
     batch = {k: v.to(device) for k, v in batch.items()}

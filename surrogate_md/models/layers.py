@@ -241,13 +241,17 @@ class EGNNLayer(nn.Module):
         rel = (x_i - x_j) / length_scale  # (T, e, C, 3)
         if self.n_channels == 1:  # Gram matrix = squared length: no einsum, no (1 x 1) products
             size = torch.linalg.vector_norm(rel, dim=-1, keepdim=True)  # (T, e, 1, 1)
-            gram = rel.square().sum(-1)  # (T, e, 1)
-            pre = torch.addcmul(a_i + b_j, gram.to(w_g.dtype), w_g.view(-1))
+            inv = rel.square().sum(-1)  # (T, e, 1)
         else:
             size = rel.flatten(-2).norm(dim=-1)[..., None, None]
-            pre = a_i + b_j + linear(gram_features(rel, self.normalised_gram), w_g)
+            inv = gram_features(rel, self.normalised_gram)
+        # all invariant edge inputs through one small product, so the (T, e, H) sum stays in the
+        # dtype of the node terms (bf16 under autocast: no float32 copies of edge tensors)
         if edge_feat is not None:
-            pre = pre + linear(edge_feat, params[7])
+            feat = edge_feat if edge_feat.dim() == 3 else edge_feat.unsqueeze(0)
+            inv = torch.cat([inv, feat.to(inv.dtype).expand(inv.shape[0], -1, -1)], dim=-1)
+            w_g = torch.cat([w_g, params[7]], dim=1)
+        pre = a_i + b_j + linear(inv, w_g)
         m = silu(linear(silu(pre), w_out, b_out))
         w = linear(silu(linear(m, w_c0, b_c0)), w_c2, b_c2)  # (T, e, C*C)
         unit = rel / (1.0 + size)
@@ -290,9 +294,11 @@ def _edge_sums(layer: EGNNLayer, node_i: torch.Tensor, node_j: torch.Tensor, x: 
     n = x.shape[1]
     m, trans = layer._edge_messages(*_gather_edges(node_i, node_j, x, edge_feat, src, dst),
                                     length_scale, params)
-    # sums in the positions' precision, whatever autocast does
+    # coordinate terms summed in the positions' precision, whatever autocast does; messages in
+    # their own (bf16 under autocast: one (T, E, H) conversion less each way, and this plain pass
+    # only serves small graphs) and converted after the sum
     trans_sum = segment_sum(trans.to(x.dtype), dst, n, dim=1)
-    return (segment_sum(m.to(x.dtype), dst, n, dim=1) if need_m else None), trans_sum
+    return (segment_sum(m, dst, n, dim=1).to(x.dtype) if need_m else None), trans_sum
 
 
 class _ChunkedEdges(torch.autograd.Function):

@@ -152,6 +152,34 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's allocator keep freed blocks for reuse instead of returning them to the system.
+
+    A CPU training step allocates and frees the same multi-MiB activation blocks every step; by
+    default glibc serves blocks above its mmap threshold with fresh mappings and trims the heap
+    top, so every step pays page faults and zeroing of fresh pages (10-20 % of a step's time was
+    system time at MD17 size). Raising the mmap and trim thresholds keeps those pages mapped:
+    about 5 % faster steps, at the price of the process holding its peak heap until it exits.
+    Returns False (and changes nothing) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+                    and libc.mallopt(_M_TOP_PAD, 1 << 26))
+    except (OSError, AttributeError):
+        return False
+
+
 def _loader(dataset: WindowDataset, batch_size: int, sampler=None, workers: int = 0,
             indices: np.ndarray | None = None):
     from torch.utils.data import DataLoader, Subset
@@ -395,6 +423,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, dist: Dist) -> Path:
         log.warning("runtime.precision = bf16 on a CPU without AVX512-BF16 or AMX: torch emulates "
                     "bf16 here and training runs several times slower than fp32; set "
                     "runtime.precision: fp32 unless you want bf16 numerics")
+    if device.type == "cpu":
+        keep_freed_memory()
     tc = cfg.train
     if dist.main:
         save_config(cfg, out / "config.yaml")
