@@ -76,9 +76,12 @@ def test_resume_after_sigkill_matches_uninterrupted(ala, reference, tmp_path, ep
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump(_config(ala)))
     run = tmp_path / "run"
+    # the killed run uses the thread count of the reference (this process): matrix products
+    # split their sums by thread, so runs at different thread counts differ in the last bits
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "surrogate_md.train", "--config",
                              str(cfg_file), "--out", str(run), "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 300
     try:
         while proc.poll() is None and time.monotonic() < deadline:
