@@ -200,6 +200,30 @@ def test_validity_quick(bench, tmp_path, capsys):
     assert row["h_r_mae"] >= 0.0
 
 
+def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
+    """--engine: the rollout runs through SurrogateSimulation on the dataset's force field; the
+    jump ends it keeps are scored, and the guard record is the engine's."""
+    validity = bench("bench_validity")
+    out = tmp_path / "val.json"
+    assert validity.main(["--quick", "--models", "egno", "--jumps", "3", "--engine",
+                          "--data-dir", str(tmp_path / "d"), "--out-dir", str(tmp_path / "r"),
+                          "--json", str(out), "--no-progress"]) == 0
+    tables = _tables(capsys.readouterr().out)
+    body = _check(tables[1])
+    assert body[0][0] == "egno" and "MD fallbacks" in body[0][-1]
+    data = json.loads(out.read_text())
+    assert data["engine"]
+    row = data["models"][0]
+    guards = row["guards"]
+    assert row["frames"] == 3  # the jump ends the engine kept, one per jump
+    assert guards["engine"] and guards["jumps_checked"] == 3
+    assert guards["accepted_as_predicted"] + guards["rejected"] == 3
+    assert row["engine"]["guard_action"] == "relax" and row["engine"]["ns_per_day"] > 0
+    # every kept state passed the engine's bond checks: none is collapsed
+    assert row["collapsed_frames"] == 0 and row["nonfinite_frames"] == 0
+    assert "kept_energy_above_md_kJ_per_mol" in guards
+
+
 def test_reconstruction_quick(bench, tmp_path, capsys):
     """Oracle jumps of a heavy-atom selection: riding hydrogens add energy over the true frame,
     and relaxing on the flexible copy gets the energy back to the reference median."""

@@ -20,6 +20,14 @@ predicted frame is scored with the package's validity measures (``surrogate_md.v
   reference MD was made by ``datagen`` from a built-in system (its force field is rebuilt from the
   dataset's metadata; the reference energies are those of the MD frames before the start).
 
+With ``--engine`` the rollout runs inside OpenMM instead: ``SurrogateSimulation`` on the
+dataset's force field (rebuilt from its metadata, as for the energy check), started from the same
+MD frame, with the guards acting (``--guard-action``, default ``relax``: a rejected jump end is
+minimised on the force field until the engine accepts it; ``fallback``: replaced by MD). Every
+jump end the engine keeps is scored as above, and the guard events are the engine's own (jumps
+accepted as predicted, relaxed, replaced by MD; energy of each kept state above the MD median):
+the validity of what a user of the integration gets, not of the free-running model.
+
 Models: ``--checkpoints`` (with the ``--data`` they were trained on), or models trained here from
 the example configs (``--train-epochs``) on MD generated with ``datagen``: alanine dipeptide
 (``--system alanine-dipeptide``, default) or adenylate kinase (``--system adk``: backbone atoms,
@@ -31,6 +39,8 @@ Usage::
         --jumps 1000 --json validity.json
     python examples/benchmarks/bench_validity.py --system adk --data adk.h5 --models egno \
         --hidden 32 --layers 3 --train-epochs 4 --max-steps-per-epoch 40 --jumps 1000
+    python examples/benchmarks/bench_validity.py --checkpoints egno.pt --data adk.h5 --engine \
+        --jumps 1000
 """
 
 from __future__ import annotations
@@ -290,6 +300,105 @@ def guard_events(sur, frames: np.ndarray, times_ps: np.ndarray, start_full: np.n
     return out
 
 
+class _KeptStates:
+    """OpenMM reporter: model-atom positions (Å), time (ps) and potential energy (kJ/mol) of the
+    state after every step of a ``SurrogateSimulation`` (one step = one jump)."""
+
+    def __init__(self, atoms: np.ndarray) -> None:
+        self.atoms = np.asarray(atoms)
+        self.frames: list[np.ndarray] = []
+        self.times: list[float] = []
+        self.energies: list[float] = []
+
+    def describeNextReport(self, simulation) -> dict:
+        return {"steps": 1, "periodic": None, "include": ["positions", "energy"]}
+
+    def report(self, simulation, state) -> None:
+        from openmm import unit
+
+        pos = state.getPositions(asNumpy=True).value_in_unit(unit.angstrom)
+        self.frames.append(np.asarray(pos)[self.atoms])
+        self.times.append(state.getTime().value_in_unit(unit.picosecond))
+        self.energies.append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+
+
+def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_iterations: int,
+                   platform: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """``n_jumps`` jumps of ``SurrogateSimulation`` from MD frame ``frame``, guards acting.
+
+    The System is the dataset's (a ``datagen`` OpenMM run of a built-in system, rebuilt from its
+    metadata with the same solvent, constraints, cutoff and hydrogen masses); fallback MD uses the
+    dataset's integrator settings. Returns ``frames`` (n_jumps, model atoms, 3) Å and ``times``
+    (n_jumps,) ps from the start, ``energies`` (n_jumps,) kJ/mol of the kept states, the engine's
+    ``guards`` summary, ``jumps``/``fallbacks`` counts and ``wall_s``.
+    """
+    import openmm
+    from openmm import unit
+
+    from datagen.openmm_md import choose_platform, prepare_system
+    from datagen.systems import BUILTIN_SYSTEMS
+    from integrations.guards import GuardConfig
+    from integrations.openmm_simulation import SurrogateSimulation
+
+    meta = traj.metadata
+    if meta.get("engine") != "openmm" or meta.get("system") not in BUILTIN_SYSTEMS:
+        raise SystemExit(f"--engine needs reference MD made by datagen from a built-in system "
+                         f"(its force field is rebuilt from the metadata); this data has engine "
+                         f"{meta.get('engine')!r}, system {meta.get('system')!r}")
+    solvent = meta.get("solvent", "vacuum")
+    prepared = prepare_system(meta["system"], solvent=solvent,
+                              constraints=meta.get("constraints"), hmr=bool(meta.get("hmr")),
+                              cutoff_nm=meta.get("cutoff_nm"))
+    temperature = float(meta.get("temperature_K", 300.0))
+    integrator = openmm.LangevinMiddleIntegrator(
+        temperature * unit.kelvin, float(meta.get("friction_per_ps") or 1.0) / unit.picosecond,
+        float(meta.get("step_fs", 2.0)) * 1e-3 * unit.picosecond)
+    integrator.setRandomNumberSeed(1)
+    sim = SurrogateSimulation(prepared.topology, prepared.system, sur, integrator=integrator,
+                              platform=choose_platform(platform, traj.n_atoms, solvent),
+                              guards=GuardConfig(action=action, relax_iterations=relax_iterations),
+                              temperature_K=temperature, progress=progress)
+    frame_idx = np.array([frame])
+    sim.context.setPositions(traj.read(frame_idx)[0] * 0.1)  # Å -> nm
+    if traj.velocities is not None:
+        sim.context.setVelocities(traj.read(frame_idx, "velocities")[0] * 0.1)  # Å/ps -> nm/ps
+    else:
+        sim.context.setVelocitiesToTemperature(temperature * unit.kelvin, 1)
+    kept = _KeptStates(sur.model_atoms)
+    sim.reporters.append(kept)
+    start_ps = sim.context.getState().getTime().value_in_unit(unit.picosecond)
+    t0 = time.perf_counter()
+    sim.step(n_jumps)
+    wall = time.perf_counter() - t0
+    return {"frames": np.stack(kept.frames), "times": np.asarray(kept.times) - start_ps,
+            "energies": np.asarray(kept.energies), "guards": sim.guard_summary(),
+            "jumps": sim.n_jumps, "fallbacks": sim.n_fallbacks, "wall_s": wall}
+
+
+def engine_guard_events(run: dict[str, Any], md_energies: np.ndarray | None) -> dict[str, Any]:
+    """The engine's guard record of an :func:`engine_rollout`, in the shape of
+    :func:`guard_events` (``rejected``: jumps the guards rejected and acted on) plus what the
+    actions did and how far the kept states' energies sit above the MD's."""
+    g = run["guards"]
+    rejected = int(sum(g["actions"].values()))
+    out: dict[str, Any] = {"jumps_checked": g["jumps_checked"], "rejected": rejected,
+                           "failures": g["failures"], "actions": g["actions"],
+                           "pass_fraction": 1 - rejected / max(g["jumps_checked"], 1),
+                           "accepted_as_predicted": g["jumps_checked"] - rejected,
+                           "relaxations": g["relaxations"], "fallbacks": run["fallbacks"],
+                           "relax_iterations_per_relaxation": (g["relax_iterations_used"]
+                                                               / max(g["relaxations"], 1)),
+                           "energy_checked": True,
+                           "energy_threshold_kJ_per_mol":
+                               g["thresholds"]["energy_jump_kJ_per_mol"],
+                           "engine": True}
+    if md_energies is not None and len(md_energies):
+        above = run["energies"] - float(np.median(md_energies))
+        out["kept_energy_above_md_kJ_per_mol"] = {"median": float(np.median(above)),
+                                                  "max": float(np.max(above))}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for CI)")
@@ -320,6 +429,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="model atoms of the models trained here (default: the example "
                              "config's, all atoms); heavy: hydrogens left out, as the engine "
                              "integrations rebuild them")
+    parser.add_argument("--engine", action="store_true",
+                        help="roll out inside OpenMM (SurrogateSimulation, guards acting) "
+                             "instead of the free-running model")
+    parser.add_argument("--guard-action", default="relax", choices=["relax", "fallback", "warn"],
+                        help="with --engine: what the guards do with a rejected jump")
+    parser.add_argument("--relax-iterations", type=int, default=200,
+                        help="with --engine and relax: minimiser iterations per relaxation")
     parser.add_argument("--jumps", type=int, default=1000)
     parser.add_argument("--start-fraction", type=float, default=0.9,
                         help="start the rollout at this fraction of the reference trajectory")
@@ -368,10 +484,21 @@ def main(argv: list[str] | None = None) -> int:
                                          if energy is not None else (None, None))
             log.info("%s: %d-jump rollout (%g ps) from frame %d", sur.name, args.jumps,
                      args.jumps * sur.jump_ps, frame)
+            engine_run = None
             t0 = time.perf_counter()
-            with np.errstate(all="ignore"):
-                frames, times = sur.rollout(pos, vel, hist, n_jumps=args.jumps,
-                                            progress=args.progress)
+            if args.engine:
+                if sur.needs_history:
+                    raise SystemExit(f"--engine: {ckpt} is a history model; SurrogateSimulation "
+                                     f"takes state-to-trajectory models")
+                engine_run = engine_rollout(sur, traj, frame, args.jumps,
+                                            action=args.guard_action,
+                                            relax_iterations=args.relax_iterations,
+                                            platform=args.platform, progress=args.progress)
+                frames, times = engine_run["frames"], engine_run["times"]
+            else:
+                with np.errstate(all="ignore"):
+                    frames, times = sur.rollout(pos, vel, hist, n_jumps=args.jumps,
+                                                progress=args.progress)
             rollout_s = time.perf_counter() - t0
             step = max(1, traj.n_frames // MAX_SCORED_FRAMES)
             ref = traj.read(slice(0, traj.n_frames, step))[:, sur.model_atoms]
@@ -380,19 +507,33 @@ def main(argv: list[str] | None = None) -> int:
                        "rollout_ps": float(times[-1]), "rollout_s": rollout_s,
                        "start_frame": frame, "reference_frames": int(len(ref)),
                        **score(sur, frames, ref, traj.topology),
-                       "guards": guard_events(sur, frames, times, pos, energy, md_energies)}
+                       "guards": (engine_guard_events(engine_run, md_energies) if engine_run
+                                  else guard_events(sur, frames, times, pos, energy,
+                                                    md_energies))}
+                if engine_run is not None:
+                    row["engine"] = {"guard_action": args.guard_action,
+                                     "relax_iterations": args.relax_iterations,
+                                     "wall_s": engine_run["wall_s"],
+                                     "ns_per_day": engine_run["times"][-1] * 1e-3 * 86400.0
+                                     / engine_run["wall_s"]}
                 if energy is not None:
                     row["guards"]["md_energy_median_kJ_per_mol"] = float(np.median(md_energies))
                     row["guards"]["force_field_check_kJ_per_mol"] = energy_check
                 else:
                     row["guards"]["energy_skipped"] = no_energy
             rows.append(row)
-    results = {"machine": info, "command": command, "quick": args.quick, "data": relative_path(data),
+    results = {"machine": info, "command": command, "quick": args.quick, "engine": args.engine,
+               "data": relative_path(data),
                "jumps": args.jumps, "models": rows, "wall_seconds": time.perf_counter() - start}
 
     def guard_cell(g: dict) -> str:
         fails = ", ".join(f"{k} {v}" for k, v in sorted(g["failures"].items())) or "none"
-        return f"{g['rejected']}/{g['jumps_checked']} ({fails})"
+        cell = f"{g['rejected']}/{g['jumps_checked']} ({fails})"
+        if g.get("engine"):
+            cell += (f"; relaxed {g['relaxations']} "
+                     f"({fmt(g['relax_iterations_per_relaxation'])} it. each), "
+                     f"MD fallbacks {g['fallbacks']}")
+        return cell
 
     body = []
     for r in rows:
@@ -404,7 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(["model", "rollout", "wall (s)", "collapsed frames",
                             "clash fraction", "chain-break frames", "h(r) MAE vs MD",
                             "torsion JSD vs MD", "jumps rejected by guards"], body)
-    print(f"# Validity of {args.jumps}-jump rollouts vs reference MD ({data.name})\n")
+    where = (f"inside OpenMM, guards acting ({args.guard_action})" if args.engine
+             else "free-running model")
+    print(f"# Validity of {args.jumps}-jump rollouts ({where}) vs reference MD ({data.name})\n")
     print(machine_table(info, command) + "\n")
     print(table + "\n")
     print("Collapsed: a bond > 0.5 Å off its mean (or non-finite); clash: closest pair beyond "
@@ -414,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
           + (f" and energy (more than {fmt(rows[0]['guards']['energy_threshold_kJ_per_mol'])} "
              f"kJ/mol above the median of {energy.label} MD before the start)"
              if energy is not None and rows else f" checks; no energy check ({no_energy})")
+          + (": the engine's own record (SurrogateSimulation scored the jump ends it kept, "
+             "after the guard action)" if args.engine else "")
           + ".\n")
     print(f"wall time {results['wall_seconds']:.1f} s")
     if args.json_path:
