@@ -9,15 +9,21 @@ A jump fails a guard when its end state has
   ``surrogate.validity.min_distance_A``;
 - ``chain_break``: consecutive protein CA atoms further apart than ``chain_break_A`` (4.5 Å);
 - ``energy``: (when the engine gives energies) a potential energy more than
-  ``energy_jump_kJ_per_mol`` above the median of the recent energies. The default threshold is
-  eight standard deviations of the canonical potential-energy fluctuation of a harmonic system,
-  ``8 · kT · sqrt(n_dof / 2)``.
+  ``energy_jump_kJ_per_mol`` above the reference energy: the median of the recent energies,
+  capped at the median of the first ``energy_window`` energies recorded (the start of the run)
+  plus ``energy_drift_kJ_per_mol`` (default 0). The default threshold is eight standard
+  deviations of the canonical potential-energy fluctuation of a harmonic system,
+  ``8 · kT · sqrt(n_dof / 2)``. The cap matters on long runs: each jump accepted a little above
+  the recent median lifts that median, and without it a guarded 1000-jump AdK run ratcheted its
+  potential energy up by 11 MJ/mol (70 standard deviations) while no single jump failed; at
+  equilibrium the potential energy is stationary, so the start is the right ceiling. Give
+  ``energy_drift_kJ_per_mol=None`` where the energy is meant to change (heating, a reaction).
 
 What happens on failure is the engine's ``action``: ``raise`` (:class:`GuardError`), ``warn``
 (log and keep the jump), ``fallback`` (discard the jump and run real MD of the same length),
 ``relax`` (keep the jump and minimise its energy, at most ``relax_iterations`` minimiser
 iterations, stopping at the first iteration whose state passes every check with an energy back at
-the recent median (``relax_energy_target_kJ_per_mol`` above it, default 0), so relaxed states
+the reference energy (``relax_energy_target_kJ_per_mol`` above it, default 0), so relaxed states
 do not keep the jump's strain; relaxed states stay out of the median's window, which thus holds
 only states the dynamics reached unaided and cannot drift with the relaxations; if the guard still
 fails, fall back to MD).
@@ -50,13 +56,18 @@ class GuardConfig:
         bond_tolerance_A: override of the learned bond tolerance (None = from the checkpoint).
         min_distance_A: override of the learned clash distance (None = from the checkpoint).
         chain_break_A: largest allowed CA(i)-CA(i+1) distance.
-        energy_jump_kJ_per_mol: largest allowed rise over the recent median energy
+        energy_jump_kJ_per_mol: largest allowed rise over the reference energy energy
             (None = ``8 kT sqrt(n_dof/2)``).
-        energy_window: how many recent energies form the reference.
+        energy_window: how many recent energies form the reference (and how many first ones
+            the anchor that caps it).
+        energy_drift_kJ_per_mol: how far the reference may rise above the anchor, the median of
+            the first ``energy_window`` energies recorded since the start (or the last
+            :meth:`Guards.reset_energies`); None: no cap, the reference follows the recent
+            energies wherever they go.
         temperature_K: temperature for the default energy threshold.
         relax_iterations: most minimiser iterations of one ``relax`` action (it stops earlier,
             at the first iteration whose state passes every check with an energy at most
-            ``relax_energy_target_kJ_per_mol`` above the recent median).
+            ``relax_energy_target_kJ_per_mol`` above the reference energy).
         relax_energy_target_kJ_per_mol: where a relaxation may stop, relative to the recent
             median energy (must not exceed the energy threshold).
     """
@@ -67,6 +78,7 @@ class GuardConfig:
     chain_break_A: float = 4.5
     energy_jump_kJ_per_mol: float | None = None
     energy_window: int = 10
+    energy_drift_kJ_per_mol: float | None = 0.0
     temperature_K: float = 300.0
     relax_iterations: int = 200
     relax_energy_target_kJ_per_mol: float = 0.0
@@ -74,9 +86,14 @@ class GuardConfig:
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ConfigError(f"unknown guard action {self.action!r}; choose one of {ACTIONS}")
+        if self.energy_drift_kJ_per_mol is not None and not (
+                np.isfinite(self.energy_drift_kJ_per_mol) and self.energy_drift_kJ_per_mol >= 0):
+            raise ConfigError("energy_drift_kJ_per_mol must be a finite number >= 0 of kJ/mol "
+                              "(0 = never above the start's energies) or None (no cap), got "
+                              f"{self.energy_drift_kJ_per_mol}")
         if not np.isfinite(self.relax_energy_target_kJ_per_mol):
             raise ConfigError("relax_energy_target_kJ_per_mol must be a finite number of kJ/mol "
-                              f"(0 = back to the recent median), got "
+                              f"(0 = back to the reference energy), got "
                               f"{self.relax_energy_target_kJ_per_mol}")
 
 
@@ -128,6 +145,7 @@ class Guards:
                                        else default_energy_threshold(n_dof,
                                                                      self.config.temperature_K))
         self._energies: deque[float] = deque(maxlen=self.config.energy_window)
+        self._anchor: list[float] = []  # the first energy_window energies since a reset
         self.counts: Counter[str] = Counter()
         self.actions: Counter[str] = Counter()
         self.events: list[GuardEvent] = []
@@ -153,31 +171,46 @@ class Guards:
             return
         if np.isfinite(e):
             self._energies.append(e)
+            if len(self._anchor) < self.config.energy_window:
+                self._anchor.append(e)
 
     def reset_energies(self) -> None:
+        """Forget the recorded energies, the anchor included (the state was changed by hand)."""
         self._energies.clear()
+        self._anchor.clear()
+
+    @property
+    def energy_reference_kJ_per_mol(self) -> float:
+        """The energy the check measures rises from: the median of the recent energies, at most
+        ``energy_drift_kJ_per_mol`` above the anchor (NaN before any energy is recorded)."""
+        if not self._energies:
+            return float("nan")
+        ref = float(np.median(self._energies))
+        if self.config.energy_drift_kJ_per_mol is not None:
+            ref = min(ref, float(np.median(self._anchor)) + self.config.energy_drift_kJ_per_mol)
+        return ref
 
     def energy_rise(self, energy_kJ_per_mol: float) -> float:
-        """kJ/mol above the median of the recent energies (-inf before any is recorded)."""
+        """kJ/mol above :attr:`energy_reference_kJ_per_mol` (-inf before any is recorded)."""
         if not self._energies:
             return float("-inf")
-        return float(energy_kJ_per_mol) - float(np.median(self._energies))
+        return float(energy_kJ_per_mol) - self.energy_reference_kJ_per_mol
 
     @property
     def relax_target_kJ_per_mol(self) -> float:
-        """Where a relaxation may stop, kJ/mol above the recent median:
+        """Where a relaxation may stop, kJ/mol above the reference energy:
         ``relax_energy_target_kJ_per_mol`` capped at the energy threshold."""
         return min(self.config.relax_energy_target_kJ_per_mol, self.energy_jump_kJ_per_mol)
 
     def energy_at_relax_target(self, energy_kJ_per_mol: float) -> bool:
-        """Finite and at most :attr:`relax_target_kJ_per_mol` above the recent median."""
+        """Finite and at most :attr:`relax_target_kJ_per_mol` above the reference energy."""
         return bool(np.isfinite(energy_kJ_per_mol)
                     and self.energy_rise(energy_kJ_per_mol) <= self.relax_target_kJ_per_mol)
 
     def relaxed_enough(self, positions_A: np.ndarray, energy_kJ_per_mol: float | None, *,
                        jump: int = 0, time_ps: float = 0.0) -> bool:
         """Whether a relaxation may stop at this state: its energy at most
-        ``relax_energy_target_kJ_per_mol`` above the recent median (never beyond the threshold;
+        ``relax_energy_target_kJ_per_mol`` above the reference energy (never beyond the threshold;
         no energy: not tested) and every check passing. Not counted as a checked jump."""
         if energy_kJ_per_mol is not None and not self.energy_at_relax_target(energy_kJ_per_mol):
             return False
@@ -256,6 +289,10 @@ class Guards:
         return {"jumps_checked": self.n_checked, "failures": dict(self.counts),
                 "actions": dict(self.actions), "relaxations": self.n_relaxations,
                 "relax_iterations_used": self.relax_iterations_used,
+                "energy_anchor_kJ_per_mol": (float(np.median(self._anchor)) if self._anchor
+                                             else None),
+                "energy_reference_kJ_per_mol": (self.energy_reference_kJ_per_mol
+                                                if self._energies else None),
                 "thresholds": {"bond_tolerance_A": float(self.bond_tolerance_A),
                                "min_distance_A": float(self.min_distance_A),
                                "chain_break_A": self.config.chain_break_A,

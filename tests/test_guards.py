@@ -266,6 +266,42 @@ def test_guard_checks_on_synthetic_states(tmp_path):
         GuardConfig(action="ignore")
 
 
+def test_energy_reference_cannot_ratchet_above_the_start(tmp_path):
+    """States accepted a little above the recent median lift that median; the reference is
+    capped at the start's energies, so a slow climb is caught; with no cap it is not."""
+    surrogate = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "a.pt"))
+    x = cached_md()["frames"][0].copy()
+
+    def climb(config: GuardConfig) -> tuple[Guards, list[bool]]:
+        guards = Guards(surrogate, config)
+        for e in (-100.0, -102.0, -98.0):  # the start: anchor median -100
+            guards.record_energy(e)
+        passed = []
+        for k in range(1, 31):  # every state 20 kJ/mol above the last (threshold 50)
+            e = -100.0 + 20.0 * k
+            passed.append(not guards.check(x, energy_kJ_per_mol=e))
+            guards.record_energy(e)
+        return guards, passed
+
+    capped, passed = climb(GuardConfig(action="warn", energy_jump_kJ_per_mol=50.0,
+                                       energy_window=3))
+    assert passed[:2] == [True, True] and not any(passed[2:])  # -40 is 60 above the anchor
+    assert capped.energy_reference_kJ_per_mol == pytest.approx(-100.0)
+    assert capped.energy_rise(-60.0) == pytest.approx(40.0)
+    free, passed = climb(GuardConfig(action="warn", energy_jump_kJ_per_mol=50.0,
+                                     energy_window=3, energy_drift_kJ_per_mol=None))
+    assert all(passed)  # the ratchet: every step is small, the whole climb 600 kJ/mol
+    assert free.energy_reference_kJ_per_mol > 400.0
+    drift, _ = climb(GuardConfig(action="warn", energy_jump_kJ_per_mol=50.0, energy_window=3,
+                                 energy_drift_kJ_per_mol=30.0))
+    assert drift.energy_reference_kJ_per_mol == pytest.approx(-70.0)
+    capped.reset_energies()  # the state was set by hand: a new start, a new anchor
+    capped.record_energy(500.0)
+    assert capped.energy_reference_kJ_per_mol == pytest.approx(500.0)
+    with pytest.raises(ConfigError, match="energy_drift_kJ_per_mol"):
+        GuardConfig(energy_drift_kJ_per_mol=-1.0)
+
+
 def test_chain_break_on_a_protein():
     topology = {"atom_names": ["N", "CA", "C", "N", "CA", "C"], "residue_ids": [1, 1, 1, 2, 2, 2],
                 "residue_names": ["ALA"] * 6, "atomic_numbers": [7, 6, 6, 7, 6, 6],
