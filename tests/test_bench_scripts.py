@@ -221,7 +221,8 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
     assert row["engine"]["guard_action"] == "relax" and row["engine"]["ns_per_day"] > 0
     # every kept state passed the engine's bond checks: none is collapsed
     assert row["collapsed_frames"] == 0 and row["nonfinite_frames"] == 0
-    assert "kept_energy_above_md_kJ_per_mol" in guards
+    assert len(guards["kept_energy_above_md_kJ_per_mol"]["series"]) == 3
+    assert out.with_suffix(".energy.png").stat().st_size > 0  # the energy-vs-time plot
 
 
 def test_reconstruction_quick(bench, tmp_path, capsys):

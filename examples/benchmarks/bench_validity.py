@@ -64,6 +64,7 @@ from common import (
     machine_table,
     markdown_table,
     relative_path,
+    save_figure,
     save_json,
     setup_logging,
 )
@@ -395,8 +396,41 @@ def engine_guard_events(run: dict[str, Any], md_energies: np.ndarray | None) -> 
     if md_energies is not None and len(md_energies):
         above = run["energies"] - float(np.median(md_energies))
         out["kept_energy_above_md_kJ_per_mol"] = {"median": float(np.median(above)),
-                                                  "max": float(np.max(above))}
+                                                  "max": float(np.max(above)),
+                                                  "last_100_median":
+                                                      float(np.median(above[-100:])),
+                                                  "series": above.tolist()}
     return out
+
+
+def plot_engine_energies(rows: list[dict[str, Any]], md_above: np.ndarray | None, path: Path,
+                         title: str) -> Path:
+    """Potential energy of the states the engine kept, above the reference MD's median, vs
+    simulated time, with the MD's own spread and the guard threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in rows:
+        kept = r["guards"].get("kept_energy_above_md_kJ_per_mol")
+        if kept is None:
+            continue
+        t_ns = np.arange(1, len(kept["series"]) + 1) * r["jump_ps"] * 1e-3
+        ax.plot(t_ns, np.asarray(kept["series"]) * 1e-3, lw=1.0, label=f"{r['model']} (kept)")
+    if md_above is not None and len(md_above):
+        ax.axhspan(float(md_above.min()) * 1e-3, float(md_above.max()) * 1e-3, color="grey",
+                   alpha=0.3, label="reference MD (range)")
+    if rows:
+        ax.axhline(rows[0]["guards"]["energy_threshold_kJ_per_mol"] * 1e-3, color="k", ls="--",
+                   lw=0.8, label="guard threshold")
+    ax.set_xlabel("simulated time (ns)")
+    ax.set_ylabel("potential energy above MD median (MJ/mol)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -563,6 +597,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall time {results['wall_seconds']:.1f} s")
     if args.json_path:
         save_json(args.json_path, results)
+        if args.engine and energy is not None:
+            with open_trajectory(data) as traj:
+                stored = traj.potential_energy
+                md_above = (None if stored is None or not rows else
+                            np.asarray(stored, dtype=np.float64)
+                            - rows[0]["guards"]["md_energy_median_kJ_per_mol"])
+            png = plot_engine_energies(rows, md_above,
+                                       Path(args.json_path).with_suffix(".energy.png"),
+                                       f"{data.name}: {args.jumps} jumps inside OpenMM, "
+                                       f"guards {args.guard_action}")
+            print(f"energy plot: {png}")
     return 0
 
 
