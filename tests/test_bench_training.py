@@ -256,6 +256,10 @@ def test_chunk_policy_follows_graph_size():
     assert rows is not None and 4 * rows * 128 <= 2**20
     # aspirin x100 (P = 8, hidden 64): small enough to keep its edge tensors
     assert L._edge_chunk_rows(4_600, 8, 64, cpu) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16: fewer, larger chunks
+        bf16_rows = L._edge_chunk_rows(31_721, 4, 128, cpu)
+        assert bf16_rows is not None and rows < bf16_rows and 4 * bf16_rows * 128 <= 2**21
+        assert L._edge_chunk_rows(4_600, 8, 64, cpu) is None
 
 
 def test_quick_training_benchmark_bf16_rows(capsys):
