@@ -12,8 +12,8 @@ for observers; ``write_intermediate=True`` also writes them to the trajectory.
 Guard actions: ``raise``; ``warn`` (keep the jump unless it is NaN); ``fallback`` (discard the
 jump and run ``fallback_dynamics`` - any ASE MD bound to the same atoms, e.g. VelocityVerlet -
 for the jump's length); ``relax`` (FIRE with the attached calculator, stopping at the first state
-that passes every guard with its energy back at the guards' reference energy, then fallback if the guard
-still fails).
+that passes every guard with its energy back at the guards' reference energy, then fallback if the
+guard still fails).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class GuardConfig:
         bond_tolerance_A: override of the learned bond tolerance (None = from the checkpoint).
         min_distance_A: override of the learned clash distance (None = from the checkpoint).
         chain_break_A: largest allowed CA(i)-CA(i+1) distance.
-        energy_jump_kJ_per_mol: largest allowed rise over the reference energy energy
+        energy_jump_kJ_per_mol: largest allowed rise over the reference energy
             (None = ``8 kT sqrt(n_dof/2)``).
         energy_window: how many recent energies form the reference (and how many first ones
             the anchor that caps it).
@@ -68,8 +68,8 @@ class GuardConfig:
         relax_iterations: most minimiser iterations of one ``relax`` action (it stops earlier,
             at the first iteration whose state passes every check with an energy at most
             ``relax_energy_target_kJ_per_mol`` above the reference energy).
-        relax_energy_target_kJ_per_mol: where a relaxation may stop, relative to the recent
-            median energy (must not exceed the energy threshold).
+        relax_energy_target_kJ_per_mol: where a relaxation may stop, relative to the reference
+            energy (must not exceed the energy threshold).
     """
 
     action: str = "raise"

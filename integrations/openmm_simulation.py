@@ -169,8 +169,8 @@ def potential_energy(context: openmm.Context) -> float:
 
 class _StopWhenAccepted(openmm.MinimizationReporter):
     """Minimiser reporter that stops L-BFGS at the first iteration whose state passes every guard
-    with an energy at most ``relax_energy_target_kJ_per_mol`` above the guards' reference energy (energy
-    first: the geometric checks run only on states whose energy is already there)."""
+    with an energy at most ``relax_energy_target_kJ_per_mol`` above the guards' reference energy
+    (energy first: the geometric checks run only on states whose energy is already there)."""
 
     def __init__(self, guards: Guards, jump: int, time_ps: float, margin_kJ_per_mol: float = 0.0
                  ) -> None:
