@@ -24,7 +24,8 @@ def min_nonbonded_distance(positions: np.ndarray, bonds: np.ndarray, cutoff_A: f
                            exclude_hops: int = 2, excluded: np.ndarray | None = None) -> float:
     """Smallest distance between atoms that are more than ``exclude_hops`` (1 or 2) bonds apart.
 
-    Uses a cell list (no N x N matrix); returns ``cutoff_A`` if no such pair is closer.
+    Uses the radius graph (k-d tree on CPU, no N x N matrix); returns ``cutoff_A`` if no such
+    pair is closer.
     Args: positions (atoms, 3) Å, bonds (B, 2); ``excluded`` = :func:`excluded_pairs` of the
     bonds, to skip recomputing it when called every frame.
     """
@@ -38,7 +39,12 @@ def min_nonbonded_distance(positions: np.ndarray, bonds: np.ndarray, cutoff_A: f
         return float(cutoff_A)
     if excluded is None:
         excluded = excluded_pairs(bonds, n, exclude_hops)
-    mask = ~np.isin(i.astype(np.int64) * n + j, excluded)
+    keys = i.astype(np.int64) * n + j
+    if len(excluded):  # sorted keys: a binary search beats np.isin's sort of both arrays
+        at = np.searchsorted(excluded, keys).clip(max=len(excluded) - 1)
+        mask = excluded[at] != keys
+    else:
+        mask = np.ones(len(keys), dtype=bool)
     if not mask.any():
         return float(cutoff_A)
     return float(np.linalg.norm(pos[i[mask]] - pos[j[mask]], axis=1).min())

@@ -249,18 +249,30 @@ def test_radius_graph_respects_systems_and_neighbour_cap():
 
 
 @pytest.mark.parametrize("cap", [None, 5])
-def test_radius_graph_dense_and_cell_list_paths_agree(monkeypatch, cap):
-    # small systems take all pair distances at once, large ones the cell list: same edges, same
-    # order, across systems of a batch
+def test_radius_graph_kdtree_dense_and_cell_list_paths_agree(monkeypatch, cap):
+    # CPU positions take the k-d tree; off CPU small systems take all pair distances at once,
+    # large ones the cell list: same edges, same order, across systems of a batch, also for
+    # pairs a hair inside and outside the cutoff
     from surrogate_md.data import graphs as G
 
-    pos = torch.from_numpy(np.random.default_rng(4).uniform(0, 25, size=(700, 3)))
+    rng = np.random.default_rng(4)
+    pos = rng.uniform(0, 25, size=(700, 3))
+    direction = rng.normal(size=(40, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    pos[300:340] = pos[:40] + direction * 6.0 * (1 + rng.choice([-1e-12, 1e-12], size=(40, 1)))
+    pos = torch.from_numpy(pos)
     graph = torch.tensor([0] * 300 + [1] * 400)
-    dense = radius_edges(pos, 6.0, graph, max_neighbours=cap)
-    monkeypatch.setattr(G, "DENSE_RADIUS_MAX_NODES", 0)
-    cells = radius_edges(pos, 6.0, graph, max_neighbours=cap)
-    assert dense.shape[1] > 1000
-    assert torch.equal(dense, cells)
+    for g in (graph, None):
+        monkeypatch.setattr(G, "USE_KDTREE", True)
+        kdtree = radius_edges(pos, 6.0, g, max_neighbours=cap)
+        monkeypatch.setattr(G, "USE_KDTREE", False)
+        monkeypatch.setattr(G, "DENSE_RADIUS_MAX_NODES", 1024)
+        dense = radius_edges(pos, 6.0, g, max_neighbours=cap)
+        monkeypatch.setattr(G, "DENSE_RADIUS_MAX_NODES", 0)
+        cells = radius_edges(pos, 6.0, g, max_neighbours=cap)
+        assert dense.shape[1] > 1000
+        assert torch.equal(dense, cells)
+        assert torch.equal(kdtree, dense)
 
 
 def test_bond_graph_two_hop_and_full():
