@@ -14,6 +14,11 @@ jump and run ``fallback_dynamics`` - any ASE MD bound to the same atoms, e.g. Ve
 for the jump's length); ``relax`` (FIRE with the attached calculator, stopping at the first state
 that passes every guard with its energy back at the guards' reference energy, then fallback if the
 guard still fails).
+
+History models (ESTAG) take their input frames from the states the dynamics has seen: the
+predicted frames inside accepted jumps and the end states kept; until those cover the history
+(at the start, after a fallback that did not), a step runs ``fallback_dynamics`` for one jump's
+length instead (counted in ``n_history_md``).
 """
 
 from __future__ import annotations
@@ -84,6 +89,21 @@ class SurrogateDynamics(MolecularDynamics):
                 action=guards or "raise", temperature_K=temperature_K)
             self.guards = Guards(self.surrogate, config)
         self.propagator = SurrogatePropagator(self.surrogate)
+        if self.propagator.needs_history:
+            if self.md_steps:
+                raise EngineError("hybrid mode (md_steps > 0) does not take a history model "
+                                  f"({self.surrogate.name}); use md_steps=0")
+            if self.fallback_dynamics is None:
+                raise EngineError(f"a history model ({self.surrogate.name}: "
+                                  f"{self.surrogate.history_length} frames "
+                                  f"{self.surrogate.history_stride_ps} ps apart) builds its input "
+                                  "history by real MD: pass fallback_dynamics (an ASE MD bound "
+                                  "to the same atoms)")
+            if not self.propagator.history_from_jumps:
+                log.warning("history model %s: its history stride (%g ps) is not a multiple of "
+                            "its output spacing, so every step runs MD instead of a jump",
+                            self.surrogate.name, self.surrogate.history_stride_ps)
+        self.n_history_md = 0
         self.write_intermediate = write_intermediate
         self.last_jump: np.ndarray | None = None
         self.last_jump_times_ps: np.ndarray | None = None
@@ -143,6 +163,15 @@ class SurrogateDynamics(MolecularDynamics):
         vel = atoms.get_velocities() * PS_IN_ASE_TIME  # Å/ps
         t0 = (self.nsteps * self.dt + self.md_steps * (self.md_dynamics.dt if self.md_steps
                                                          else 0.0)) / PS_IN_ASE_TIME
+        if not self.propagator.has_history(t0):
+            # a history model without its input frames: this step is real MD, observed at the
+            # surrogate's output times (the states a jump would have supplied)
+            log.info("history model: step at t = %.4f ps runs MD to build its input history", t0)
+            self.propagator.observe(t0, pos)
+            self._md_jump(t0)
+            self.n_history_md += 1
+            self.last_jump = self.last_jump_times_ps = None
+            return
         e0 = self._energy_kJ_per_mol()
         if e0 is not None:
             self.guards.record_energy(e0)
@@ -169,8 +198,10 @@ class SurrogateDynamics(MolecularDynamics):
                 self._set(pos, vel)
                 if action == "raise":
                     raise GuardError(guard_error_message(events, "SurrogateDynamics"))
-                self._fallback()
+                self._fallback(t0)
                 return
+        self.propagator.remember(t0, result)  # a history model's next input
+        self.propagator.observe(end, self.atoms.get_positions())
         self.last_jump = result.positions_A
         self.last_jump_times_ps = t0 + result.offsets_ps
         if self.write_intermediate and self.trajectory is not None:
@@ -211,7 +242,15 @@ class SurrogateDynamics(MolecularDynamics):
                 write_all(traj)
         self.atoms.set_positions(final)
 
-    def _fallback(self) -> None:
+    def _fallback(self, t0: float) -> None:
+        self._md_jump(t0)
+        self.n_fallbacks += 1
+        self.last_jump = None
+        self.last_jump_times_ps = None
+
+    def _md_jump(self, t0: float) -> None:
+        """One jump's length of ``fallback_dynamics`` from ``t0`` (ps); a history model observes
+        the states at the surrogate's output times."""
         fb = self.fallback_dynamics
         if fb is None:
             raise EngineError("guard action 'fallback' needs fallback_dynamics (an ASE MD on the "
@@ -220,10 +259,19 @@ class SurrogateDynamics(MolecularDynamics):
         if n < 1 or not math.isclose(n * fb.dt, self.jump_ase, rel_tol=1e-6):
             raise EngineError(f"the fallback MD step {fb.dt / units.fs} fs does not divide the "
                               f"jump {self.surrogate.jump_ps} ps; choose a step that does")
-        fb.run(n)
-        self.n_fallbacks += 1
-        self.last_jump = None
-        self.last_jump_times_ps = None
+        if not self.propagator.needs_history:
+            fb.run(n)
+            return
+        done = 0
+        for offset in self.surrogate.times_ps:
+            steps = int(round(offset * PS_IN_ASE_TIME / fb.dt))
+            if steps > done and math.isclose(steps * fb.dt, offset * PS_IN_ASE_TIME,
+                                             rel_tol=1e-6):
+                fb.run(steps - done)
+                done = steps
+                self.propagator.observe(t0 + float(offset), self.atoms.get_positions())
+        if done < n:
+            fb.run(n - done)
 
 
 __all__ = ["SurrogateDynamics"]

@@ -41,6 +41,13 @@ Context (reporters run through them as in ``Simulation``), so one ``step()`` adv
 ``k + steps_per_jump`` steps and ``k dt + jump_ps`` ps. A fallback (guard) replaces a jump by MD
 of the same length; in jump-step mode it counts as one step, like the jump it replaces.
 
+History models (ESTAG) take their input frames from the states the simulation has seen: the
+predicted frames inside accepted jumps, the end states kept, and in jump-step mode the states of
+fallback MD at the surrogate's output times. Only where these do not cover the history (at the
+start, or every jump when the history stride is not a multiple of the output spacing, which is
+logged as a warning) does real MD run first to build it (logged; in jump-step mode that MD
+advances the time but not the step count).
+
 :class:`SurrogateJumpReporter` is the zero-intrusion variant for an unchanged ``Simulation``.
 """
 
@@ -500,6 +507,7 @@ class SurrogateSimulation:
             self.steps_per_frame = md_frame_steps
             self.step_ps = self.md_step_ps
         self.md_steps_per_jump = int(md_frame_steps[-1])
+        self._md_frame_steps = md_frame_steps
         self.steps_per_jump = int(self.steps_per_frame[-1])
         self.reporters: list = []
         if platform is None:
@@ -516,6 +524,13 @@ class SurrogateSimulation:
         self._constrained = system.getNumConstraints() > 0
         self.guards = make_guards(guards, self.surrogate, system, temperature_K)
         self.propagator = SurrogatePropagator(self.surrogate)
+        if not self.propagator.history_from_jumps:
+            log.warning("history model %s: its history stride (%g ps) is not a multiple of its "
+                        "output spacing (frames at %s ps), so jumps cannot supply its input "
+                        "history and every jump first runs %g ps of real MD to rebuild it",
+                        self.surrogate.name, self.surrogate.history_stride_ps,
+                        list(np.round(self.surrogate.times_ps, 6)),
+                        (self.surrogate.history_length - 1) * self.surrogate.history_stride_ps)
         self.progress = progress
         self.n_jumps = 0
         self.n_fallbacks = 0
@@ -668,6 +683,18 @@ class SurrogateSimulation:
         """``n`` MD steps without reports (jump-step mode: not counted as steps)."""
         self.integrator.step(n)
 
+    def _md_jump(self, t0: float) -> None:
+        """One jump's length of MD without reports (the jump-step mode fallback), stopping at
+        each time of the surrogate's output grid so a history model sees those states."""
+        if not self.propagator.needs_history:
+            self._md_segment(self.md_steps_per_jump)
+            return
+        done = 0
+        for steps, offset in zip(self._md_frame_steps, self.surrogate.times_ps):
+            self._md_segment(int(steps) - done)
+            done = int(steps)
+            self.propagator.observe(t0 + float(offset), read_state(self.context)[0])
+
     def _warm_up_history(self) -> None:
         """Run real MD until the history model has its input frames."""
         s = self.surrogate
@@ -701,7 +728,8 @@ class SurrogateSimulation:
         s0 = self.currentStep
         self.guards.record_energy(self._energy_of(pos))
         self._check_file_reporters(s0)
-        result = self.propagator.jump(pos, vel, t0)
+        # jump-step mode reports jump ends only: the frames between are never rebuilt
+        result = self.propagator.jump(pos, vel, t0, last_only=bool(self.jump_steps))
         jump_index = self.n_jumps + self.n_fallbacks
         end_time = t0 + float(result.offsets_ps[-1])
         final_pos = self._accept_final(result, (pos, vel, t0, s0), jump_index, end_time)
@@ -711,14 +739,12 @@ class SurrogateSimulation:
             if not self.jump_steps:
                 self.run_md(self.steps_per_jump)
                 return
-            self._md_segment(self.md_steps_per_jump)
+            self._md_jump(t0)
             end_pos, end_vel, _, _ = read_state(self.context)
             result = JumpResult(end_pos[None], end_vel[None], result.offsets_ps[-1:])
             self._emit_frames(result, end_pos, t0, s0)
             return
-        if self.jump_steps:  # reporters see jump ends only (frames between are not steps)
-            result = JumpResult(result.positions_A[-1:], result.velocities_A_per_ps[-1:],
-                                result.offsets_ps[-1:])
+        self.propagator.remember(t0, result)  # a history model's next input
         self._emit_frames(result, final_pos, t0, s0)
         self.n_jumps += 1
 
@@ -783,8 +809,12 @@ class SurrogateSimulation:
                     f"multiple of {self.steps_per_frame[0]} (e.g. simulation.steps_per_jump)")
 
     def _emit_frames(self, result: JumpResult, final_pos: np.ndarray, t0: float, s0: int) -> None:
-        """Advance time/step to each output frame and run the reporters due there."""
+        """Advance time/step to each output frame and run the reporters due there. The Context
+        holds the end state (``final_pos``) on entry; it is written again only if an earlier
+        frame was reported (a write round-trips positions through nm and the constraints, and
+        the guards' known energy of the end state would no longer match it)."""
         due = {}
+        holds_end = True
         for i, reporter in enumerate(self.reporters):
             report = _report_dict(reporter.describeNextReport(self))
             if report["steps"] > 0:
@@ -796,7 +826,10 @@ class SurrogateSimulation:
             if not now and k < last:
                 continue
             positions = final_pos if k == last else result.positions_A[k]
-            write_state(self.context, positions, result.velocities_A_per_ps[k], self._constrained)
+            if k < last or not holds_end:
+                write_state(self.context, positions, result.velocities_A_per_ps[k],
+                            self._constrained)
+                holds_end = False
             self.context.setTime((t0 + float(offset)) * PS)
             self.context.setStepCount(step_k)
             self.propagator.observe(t0 + float(offset), positions)
@@ -895,7 +928,7 @@ class SurrogateJumpReporter:
                      "filled", t0)
             return
         self.guards.record_energy(potential_energy(context))
-        result = self.propagator.jump(pos, vel, t0)
+        result = self.propagator.jump(pos, vel, t0, last_only=True)
         end = t0 + self.surrogate.jump_ps
         final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
         energy = None
@@ -927,6 +960,7 @@ class SurrogateJumpReporter:
                 self.n_skipped += 1
                 return
         context.setTime(end * PS)
+        self.propagator.remember(t0, result)
         self.propagator.observe(end, final)
         self.n_jumps += 1
 

@@ -33,12 +33,16 @@ class JumpResult:
     Attributes:
         positions_A: (P, n_atoms, 3) Å at ``offsets_ps`` after the start.
         velocities_A_per_ps: (P, n_atoms, 3) Å/ps, backward differences (see module doc).
-        offsets_ps: (P,) ps, the surrogate's output grid (last = ``jump_ps``).
+        offsets_ps: (P,) ps, the surrogate's output grid (last = ``jump_ps``), or its last
+            entry only for a jump-end result.
+        predicted_A: (P_grid, n_model_atoms, 3) Å, the model's own output at every time of the
+            surrogate's grid (also for a jump-end result); None for MD segments.
     """
 
     positions_A: np.ndarray
     velocities_A_per_ps: np.ndarray
     offsets_ps: np.ndarray
+    predicted_A: np.ndarray | None = None
 
 
 class SurrogatePropagator:
@@ -69,8 +73,32 @@ class SurrogatePropagator:
         """Remember a full-system state (only kept for history models)."""
         if not self.needs_history:
             return
+        self._store(time_ps, np.asarray(positions_A, dtype=np.float64)[self.surrogate.model_atoms])
+
+    def remember(self, time_ps: float, result: JumpResult) -> None:
+        """Remember the predicted frames inside an accepted jump that started at ``time_ps``
+        (history models take their next history from them, as ``Surrogate.rollout`` does); the
+        engine observes the end state it keeps itself (it may have been relaxed)."""
+        if not self.needs_history or result.predicted_A is None:
+            return
+        for offset, frame in zip(self.offsets_ps[:-1], result.predicted_A[:-1]):
+            self._store(time_ps + float(offset), frame)
+
+    @property
+    def history_from_jumps(self) -> bool:
+        """Whether jumps alone keep a history model's input (its history stride is a multiple
+        of the output spacing); otherwise every jump needs real MD to rebuild its history."""
+        if not self.needs_history:
+            return True
+        spacing = float(np.min(np.diff(np.concatenate([[0.0], self.offsets_ps]))))
+        ratio = self.surrogate.history_stride_ps / spacing
+        grid = np.concatenate([[0.0], self.offsets_ps]) / spacing
+        return (abs(ratio - round(ratio)) < 1e-6 and round(ratio) >= 1
+                and np.allclose(grid, np.round(grid), atol=1e-6))
+
+    def _store(self, time_ps: float, model_positions_A: np.ndarray) -> None:
         key = round(time_ps * _TIME_KEY_PER_PS)
-        self._known[key] = np.asarray(positions_A, dtype=np.float64)[self.surrogate.model_atoms]
+        self._known[key] = np.array(model_positions_A, dtype=np.float64)
         horizon = (self.surrogate.history_length + 1) * self.surrogate.history_stride_ps
         oldest = key - round(horizon * _TIME_KEY_PER_PS)
         for k in [k for k in self._known if k < oldest]:
@@ -91,26 +119,35 @@ class SurrogatePropagator:
         return np.stack([self._known[k] for k in self._history_keys(time_ps)])
 
     # -- the jump ---------------------------------------------------------------------------------
-    def jump(self, positions_A: np.ndarray, velocities_A_per_ps: np.ndarray, time_ps: float
-             ) -> JumpResult:
+    def jump(self, positions_A: np.ndarray, velocities_A_per_ps: np.ndarray, time_ps: float,
+             *, last_only: bool = False) -> JumpResult:
         """Predict one jump from the full state at ``time_ps``.
 
         Args:
             positions_A: (n_atoms, 3) Å.
             velocities_A_per_ps: (n_atoms, 3) Å/ps.
+            last_only: return the end of the jump only (P = 1: the frame at ``jump_ps`` with
+                its backward-difference velocity); the atoms the model does not predict are
+                then rebuilt for the last two frames instead of all P.
         """
         pos = np.asarray(positions_A, dtype=np.float64)
         self.observe(time_ps, pos)
         pred = self.surrogate.predict(pos, velocities_A_per_ps, history=self.history(time_ps))
+        predicted, offsets = pred, self.offsets_ps
+        if last_only:
+            pred, offsets = pred[-2:], offsets[-2:]
         if np.isfinite(pred).all():
             frames = self.reconstruct(pos, pred)  # (P, n, 3)
         else:  # a broken jump: leave it broken for the guards to see, no SVD of NaNs
             frames = np.repeat(pos[None], len(pred), axis=0)
             frames[:, self.surrogate.model_atoms] = pred
+        if last_only and len(frames) == 2:
+            vel = (frames[1:] - frames[:1]) / (offsets[1] - offsets[0])
+            return JumpResult(frames[1:], vel, offsets[1:].copy(), predicted)
         prev = np.concatenate([pos[None], frames[:-1]])
-        dt = np.diff(np.concatenate([[0.0], self.offsets_ps]))
+        dt = np.diff(np.concatenate([[0.0], offsets]))
         vel = (frames - prev) / dt[:, None, None]
-        return JumpResult(frames, vel, self.offsets_ps.copy())
+        return JumpResult(frames, vel, offsets.copy(), predicted)
 
 
 __all__ = ["JumpResult", "SurrogatePropagator"]

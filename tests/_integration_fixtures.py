@@ -103,27 +103,35 @@ def write_dataset(md: dict, path: Path) -> Path:
 
 def make_checkpoint(md: dict, path: Path, *, model: str = "linear", selection: str = "all",
                     jump_frames: int = 2, n_out: int = 2, model_config: dict | None = None,
-                    break_weights: bool = False, dataset: Path | None = None) -> Path:
+                    break_weights: bool = False, dataset: Path | None = None,
+                    history: int = 1, history_stride: int = 1) -> Path:
     """A surrogate checkpoint built on the MD in ``md`` (jump = ``jump_frames`` saved frames).
 
     ``break_weights`` fills every floating parameter with NaN: a deliberately corrupted model.
+    ``history`` > 1 makes a history-protocol checkpoint (``history`` input frames
+    ``history_stride`` saved frames apart; give a history model such as ``estag``).
     """
     topo: Topology = md["topology"]
     sel = select_nodes(topo, selection)
     nodes = sel.gather(md["frames"])  # (F, nodes, C, 3)
     graph = GraphBuilder.for_selection(GraphSpec(kind="bonds"), sel, topo.bonds, nodes[0])
     validity = ValidityReference.from_frames(md["frames"][:, sel.atom_index], graph.bonds)
-    net = build_model(model, model_config or {})
+    config = dict(model_config or {})
+    if history > 1 and model == "estag":
+        config.setdefault("n_history", history)
+    net = build_model(model, config)
     net.set_normalisation(velocity_scale=float(np.sqrt((md["velocities"] ** 2).mean())),
                           displacement_scale=0.3, time_scale=jump_frames * md["interval_ps"])
     if break_weights:
         for p in net.parameters():
             p.data.fill_(float("nan"))
-    proto = Protocol("s2t", jump_frames, n_out)
+    proto = (Protocol("history", jump_frames, n_out, history, history_stride) if history > 1
+             else Protocol("s2t", jump_frames, n_out))
     protocol = {**proto.to_dict(), "interval_ps": md["interval_ps"],
                 "jump_ps": jump_frames * md["interval_ps"],
                 "times_ps": (proto.out_frames * md["interval_ps"]).tolist(),
-                "history_stride_ps": md["interval_ps"], "velocity_source": "file"}
+                "history_stride_ps": history_stride * md["interval_ps"],
+                "velocity_source": "file"}
     payload = build_payload(net, protocol=protocol, selection=sel, graph=graph, topology=topo,
                             validity=validity,
                             provenance={"dataset": str(dataset.name) if dataset else "",

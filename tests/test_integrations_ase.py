@@ -158,3 +158,29 @@ def test_relax_action_stops_at_its_energy_target(surrogate):
     (n_full, e_full), (n_early, e_early) = results[0.0], results[50.0]
     assert 0 < n_early < n_full < 500
     assert e_full < e_early <= 50.0
+
+
+def test_history_model_builds_its_history_by_md_then_jumps(tmp_path):
+    # ESTAG, 3 input frames 0.02 ps apart, 0.04 ps jumps with frames at 0.02 and 0.04 ps: the
+    # first step is MD (observed at 0.02 and 0.04 ps), every later step a jump fed by the
+    # previous jump's own frames
+    sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "estag.pt", model="estag",
+                                         selection="heavy", jump_frames=4, n_out=2, history=3,
+                                         history_stride=2))
+    atoms = cold_atoms()
+    atoms.calc = EMT()
+    md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    with pytest.raises(EngineError, match="fallback_dynamics"):
+        SurrogateDynamics(atoms, sur, guards="warn")
+    with pytest.raises(EngineError, match="md_steps=0"):
+        SurrogateDynamics(atoms, sur, guards="warn", md_dynamics=md, md_steps=4)
+    dyn = SurrogateDynamics(atoms, sur, guards="warn", fallback_dynamics=md)
+    times = []
+    dyn.attach(lambda: times.append(dyn.get_time() / PS_IN_ASE_TIME))
+    dyn.run(4)
+    assert (dyn.n_history_md, dyn.n_jumps, dyn.n_fallbacks) == (1, 3, 0)
+    assert md.nsteps == 80  # one jump's length of MD, 0.04 ps in 0.5 fs steps
+    np.testing.assert_allclose(times, np.arange(5) * 0.04, atol=1e-12)
+    hist = dyn.propagator.history(0.16)  # (3, heavy atoms, 3): frames at 0.12, 0.14, 0.16 ps
+    np.testing.assert_allclose(hist[-1], atoms.get_positions()[sur.model_atoms], atol=1e-12)
+    np.testing.assert_allclose(hist[1], dyn.last_jump[0][sur.model_atoms], atol=1e-12)

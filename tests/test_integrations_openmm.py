@@ -18,6 +18,7 @@ from _integration_fixtures import (
     cold_start,
     make_checkpoint,
     reference_platform,
+    thermal_start,
 )
 from openmm import app, unit
 
@@ -227,6 +228,26 @@ def test_heavy_atom_model_carries_hydrogens(tmp_path):
     assert np.isfinite(e)
 
 
+def test_jump_end_only_equals_the_last_frame_of_the_full_jump(tmp_path):
+    # jump-step mode rebuilds the unpredicted atoms of the last two frames only; the end state
+    # and its backward-difference velocity must be those of the full jump
+    from integrations.propagator import SurrogatePropagator
+
+    ck = make_checkpoint(cached_md(), tmp_path / "heavy4.pt", selection="heavy",
+                         jump_frames=4, n_out=4)
+    prop = SurrogatePropagator(Surrogate.load(ck))
+    assert len(prop.offsets_ps) == 4
+    pos, vel = thermal_start(3)
+    full = prop.jump(pos, vel, 0.0)
+    end = prop.jump(pos, vel, 0.0, last_only=True)
+    assert end.positions_A.shape == (1, *pos.shape) and end.offsets_ps.tolist() == [
+        full.offsets_ps[-1]]
+    np.testing.assert_allclose(end.positions_A[0], full.positions_A[-1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(end.velocities_A_per_ps[0], full.velocities_A_per_ps[-1],
+                               rtol=0, atol=1e-9)
+    assert np.abs(end.positions_A[0] - pos).max() > 0.01  # the jump moved the atoms
+
+
 def test_unsupported_physics_is_refused(tmp_path, caplog):
     ck = make_checkpoint(cached_md(), tmp_path / "a.pt")
     surrogate = Surrogate.load(ck)
@@ -333,3 +354,54 @@ def test_guard_energy_window_holds_the_energies_of_the_states_jumped_from(tmp_pa
     assert abs(moved - rec.energies[-1]) > 1e-3
     sim.step(1)
     assert sim.guards._energies[-1] == pytest.approx(moved, abs=1e-6)
+
+
+def history_sim(tmp_path, stride: int, guards: str = "warn", break_weights: bool = False):
+    """SurrogateSimulation of an ESTAG history checkpoint: 4-frame jumps (0.04 ps) with output
+    frames 2 frames apart, 3 input frames ``stride`` frames apart."""
+    ck = make_checkpoint(cached_md(), tmp_path / f"estag-{stride}.pt", model="estag",
+                         selection="heavy", jump_frames=4, n_out=2, history=3,
+                         history_stride=stride, break_weights=break_weights)
+    top, system, positions = alanine_system()
+    sim = SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform(),
+                              guards=guards)
+    cold_start(sim.context, positions)
+    return sim
+
+
+def sim_time_ps(sim):
+    return sim.context.getState().getTime().value_in_unit(unit.picosecond)
+
+
+@pytest.mark.parametrize("guards", ["warn", "fallback"])
+def test_history_model_takes_its_history_from_its_own_jumps(tmp_path, caplog, guards):
+    # stride 2 frames = the output spacing: after one MD warm-up (2 x 0.02 ps) the predicted
+    # frames inside each jump (or, for a broken model, the states of the fallback MD at the
+    # output times) supply the next input; before, only jump ends were kept and every jump ran
+    # the warm-up again
+    sim = history_sim(tmp_path, stride=2, guards=guards, break_weights=guards == "fallback")
+    with caplog.at_level(logging.INFO, logger="integrations.openmm_simulation"):
+        sim.step(5)
+    warm_ups = [r for r in caplog.records if "to build its input history" in r.getMessage()]
+    assert len(warm_ups) == 1
+    np.testing.assert_allclose(sim_time_ps(sim), 2 * 0.02 + 5 * 0.04, atol=1e-9)
+    assert (sim.n_jumps, sim.n_fallbacks) == ((5, 0) if guards == "warn" else (0, 5))
+    if guards == "warn":  # the history handed to the model is the last jump's own output
+        end = sim_time_ps(sim)
+        hist = sim.propagator.history(end)
+        np.testing.assert_allclose(hist[-1], positions_A(sim)[sim.surrogate.model_atoms],
+                                   atol=1e-9)
+        pred = sim.propagator.history(end - 0.02)[-1]
+        assert np.abs(pred - hist[-1]).max() > 0  # the mid-jump frame, not the end state
+
+
+def test_history_model_that_jumps_cannot_feed_warns_and_rebuilds_by_md(tmp_path, caplog):
+    # stride 1 frame < output spacing 2 frames: the jumps never produce the input frames
+    with caplog.at_level(logging.INFO, logger="integrations.openmm_simulation"):
+        sim = history_sim(tmp_path, stride=1)
+        sim.step(3)
+    assert any("not a multiple of its output spacing" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
+    warm_ups = [r for r in caplog.records if "to build its input history" in r.getMessage()]
+    assert len(warm_ups) == 3 and sim.n_jumps == 3
+    np.testing.assert_allclose(sim_time_ps(sim), 3 * (2 * 0.01 + 0.04), atol=1e-9)
