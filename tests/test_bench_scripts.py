@@ -205,23 +205,23 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
     jump ends it keeps are scored, and the guard record is the engine's."""
     validity = bench("bench_validity")
     out = tmp_path / "val.json"
-    assert validity.main(["--quick", "--models", "egno", "--jumps", "3", "--engine",
+    assert validity.main(["--quick", "--models", "egno", "estag", "--jumps", "3", "--engine",
                           "--data-dir", str(tmp_path / "d"), "--out-dir", str(tmp_path / "r"),
                           "--json", str(out), "--no-progress"]) == 0
     tables = _tables(capsys.readouterr().out)
     body = _check(tables[1])
-    assert body[0][0] == "egno" and "MD fallbacks" in body[0][-1]
+    assert [r[0] for r in body] == ["egno", "estag"] and "MD fallbacks" in body[0][-1]
     data = json.loads(out.read_text())
     assert data["engine"]
-    row = data["models"][0]
-    guards = row["guards"]
-    assert row["frames"] == 3  # the jump ends the engine kept, one per jump
-    assert guards["engine"] and guards["jumps_checked"] == 3
-    assert guards["accepted_as_predicted"] + guards["rejected"] == 3
-    assert row["engine"]["guard_action"] == "relax" and row["engine"]["ns_per_day"] > 0
-    # every kept state passed the engine's bond checks: none is collapsed
-    assert row["collapsed_frames"] == 0 and row["nonfinite_frames"] == 0
-    assert len(guards["kept_energy_above_md_kJ_per_mol"]["series"]) == 3
+    for row in data["models"]:  # a history model too: its first history is the MD's
+        guards = row["guards"]
+        assert row["frames"] == 3  # the jump ends the engine kept, one per jump
+        assert guards["engine"] and guards["jumps_checked"] == 3
+        assert guards["accepted_as_predicted"] + guards["rejected"] == 3
+        assert row["engine"]["guard_action"] == "relax" and row["engine"]["ns_per_day"] > 0
+        # every kept state passed the engine's bond checks: none is collapsed
+        assert row["collapsed_frames"] == 0 and row["nonfinite_frames"] == 0
+        assert len(guards["kept_energy_above_md_kJ_per_mol"]["series"]) == 3
     assert out.with_suffix(".energy.png").stat().st_size > 0  # the energy-vs-time plot
 
 

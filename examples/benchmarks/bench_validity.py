@@ -365,9 +365,13 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
         sim.context.setVelocities(traj.read(frame_idx, "velocities")[0] * 0.1)  # Å/ps -> nm/ps
     else:
         sim.context.setVelocitiesToTemperature(temperature * unit.kelvin, 1)
+    start_ps = sim.context.getState().getTime().value_in_unit(unit.picosecond)
+    if sur.needs_history:  # the MD frames before the start are its first input history
+        _, _, hist = start_state(sur, traj, frame)
+        for k, past in enumerate(hist[::-1]):
+            sim.propagator.observe(start_ps - k * sur.history_stride_ps, past)
     kept = _KeptStates(sur.model_atoms)
     sim.reporters.append(kept)
-    start_ps = sim.context.getState().getTime().value_in_unit(unit.picosecond)
     t0 = time.perf_counter()
     sim.step(n_jumps)
     wall = time.perf_counter() - t0
@@ -394,7 +398,11 @@ def engine_guard_events(run: dict[str, Any], md_energies: np.ndarray | None) -> 
                                g["thresholds"]["energy_jump_kJ_per_mol"],
                            "engine": True}
     if md_energies is not None and len(md_energies):
-        above = run["energies"] - float(np.median(md_energies))
+        md_median = float(np.median(md_energies))
+        above = run["energies"] - md_median
+        if g.get("energy_reference_kJ_per_mol") is not None:  # what the guards measured from
+            out["energy_reference_above_md_kJ_per_mol"] = (g["energy_reference_kJ_per_mol"]
+                                                           - md_median)
         out["kept_energy_above_md_kJ_per_mol"] = {"median": float(np.median(above)),
                                                   "max": float(np.max(above)),
                                                   "last_100_median":
@@ -406,7 +414,8 @@ def engine_guard_events(run: dict[str, Any], md_energies: np.ndarray | None) -> 
 def plot_engine_energies(rows: list[dict[str, Any]], md_above: np.ndarray | None, path: Path,
                          title: str) -> Path:
     """Potential energy of the states the engine kept, above the reference MD's median, vs
-    simulated time, with the MD's own spread and the guard threshold."""
+    simulated time, with the MD's own spread and each run's guard threshold (its energy
+    reference at the end of the run plus the allowed rise)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -414,22 +423,24 @@ def plot_engine_energies(rows: list[dict[str, Any]], md_above: np.ndarray | None
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r in rows:
-        kept = r["guards"].get("kept_energy_above_md_kJ_per_mol")
+        g = r["guards"]
+        kept = g.get("kept_energy_above_md_kJ_per_mol")
         if kept is None:
             continue
         t_ns = np.arange(1, len(kept["series"]) + 1) * r["jump_ps"] * 1e-3
-        ax.plot(t_ns, np.asarray(kept["series"]) * 1e-3, lw=1.0, label=f"{r['model']} (kept)")
+        line, = ax.plot(t_ns, np.asarray(kept["series"]) * 1e-3, lw=1.0,
+                        label=f"{r['model']} (kept)")
+        base = g.get("energy_reference_above_md_kJ_per_mol", 0.0)
+        ax.axhline((base + g["energy_threshold_kJ_per_mol"]) * 1e-3, color=line.get_color(),
+                   ls="--", lw=0.8, label=f"{r['model']} guard threshold")
     if md_above is not None and len(md_above):
         ax.axhspan(float(md_above.min()) * 1e-3, float(md_above.max()) * 1e-3, color="grey",
                    alpha=0.3, label="reference MD (range)")
-    if rows:
-        ax.axhline(rows[0]["guards"]["energy_threshold_kJ_per_mol"] * 1e-3, color="k", ls="--",
-                   lw=0.8, label="guard threshold")
     ax.set_xlabel("simulated time (ns)")
     ax.set_ylabel("potential energy above MD median (MJ/mol)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     return save_figure(fig, path)
 
 
@@ -521,9 +532,6 @@ def main(argv: list[str] | None = None) -> int:
             engine_run = None
             t0 = time.perf_counter()
             if args.engine:
-                if sur.needs_history:
-                    raise SystemExit(f"--engine: {ckpt} is a history model; SurrogateSimulation "
-                                     f"takes state-to-trajectory models")
                 engine_run = engine_rollout(sur, traj, frame, args.jumps,
                                             action=args.guard_action,
                                             relax_iterations=args.relax_iterations,
