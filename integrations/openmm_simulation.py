@@ -722,6 +722,7 @@ class SurrogateSimulation:
 
     def _jump(self) -> None:
         pos, vel, t0, _ = read_state(self.context)
+        self.propagator.observe(t0, pos)  # the state now is the last frame of any history
         if not self.propagator.has_history(t0):
             self._warm_up_history()
             pos, vel, t0, _ = read_state(self.context)
@@ -902,6 +903,7 @@ class SurrogateJumpReporter:
         self.propagator = SurrogatePropagator(self.surrogate)
         self.n_jumps = 0
         self.n_skipped = 0
+        self._waiting = 0  # reports in a row without a history (history models)
         self._checked: int | None = None
         self._relax: Relaxation | None = None
         self._relax_for: int | None = None
@@ -921,12 +923,21 @@ class SurrogateJumpReporter:
         pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(ANGSTROM))
         vel = np.asarray(state.getVelocities(asNumpy=True).value_in_unit(A_PER_PS))
         t0 = state.getTime().value_in_unit(PS)
+        self.propagator.observe(t0, pos)  # the state now is the last frame of any history
         if not self.propagator.has_history(t0):
-            self.propagator.observe(t0, pos)
             self.n_skipped += 1
+            self._waiting += 1
             log.info("history model: skipping the jump at t = %.4f ps until its history is "
                      "filled", t0)
+            if self._waiting == self.surrogate.history_length + 1:
+                log.warning("history model %s has had no input history for %d reports: it "
+                            "needs states %g ps apart, and this reporter sees states every %d "
+                            "MD steps plus the jumps' own frames; make the jump interval a "
+                            "stride's worth of steps, or use SurrogateSimulation, which builds "
+                            "the history itself", self.surrogate.name, self._waiting,
+                            self.surrogate.history_stride_ps, self.interval)
             return
+        self._waiting = 0
         self.guards.record_energy(potential_energy(context))
         result = self.propagator.jump(pos, vel, t0, last_only=True)
         end = t0 + self.surrogate.jump_ps

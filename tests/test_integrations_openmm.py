@@ -405,3 +405,27 @@ def test_history_model_that_jumps_cannot_feed_warns_and_rebuilds_by_md(tmp_path,
     warm_ups = [r for r in caplog.records if "to build its input history" in r.getMessage()]
     assert len(warm_ups) == 3 and sim.n_jumps == 3
     np.testing.assert_allclose(sim_time_ps(sim), 3 * (2 * 0.01 + 0.04), atol=1e-9)
+
+
+def test_jump_reporter_feeds_a_history_model_or_says_why_it_cannot(tmp_path, caplog):
+    # history 3 frames 0.02 ps apart, jumps of 0.04 ps with a frame at 0.02 ps: reports every
+    # 10 steps (0.02 ps) see the stride, so after two reports every report jumps; reports every
+    # 3 steps never do, and the reporter says so once
+    ck = make_checkpoint(cached_md(), tmp_path / "estag.pt", model="estag", selection="heavy",
+                         jump_frames=4, n_out=2, history=3, history_stride=2)
+    top, system, positions = alanine_system()
+    runs = {}
+    for interval in (10, 3):
+        sim = app.Simulation(top, system, openmm.VerletIntegrator(MD_STEP_PS * unit.picosecond),
+                             reference_platform())
+        cold_start(sim.context, positions)
+        jumper = SurrogateJumpReporter(ck, interval=interval, guards="warn")
+        sim.reporters.append(jumper)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="integrations.openmm_simulation"):
+            sim.step(10 * interval)
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING
+                  and "no input history" in r.getMessage()]
+        runs[interval] = (jumper.n_skipped, jumper.n_jumps, len(warned))
+    assert runs[10] == (2, 8, 0)
+    assert runs[3] == (10, 0, 1)
