@@ -166,7 +166,7 @@ class Surrogate:
         raise DataError("velocities are required (Å/ps) for this surrogate; pass velocities= "
                         "or a history of at least two frames")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, positions: np.ndarray, velocities: np.ndarray | None = None,
                 history: np.ndarray | None = None, times_ps: np.ndarray | None = None
                 ) -> np.ndarray:
