@@ -83,6 +83,19 @@ def test_shapes_dtype_and_gradients(name):
         assert any(float(g.abs().sum()) > 0 for g in grads)
 
 
+def test_segment_count_compiled_equals_eager():
+    from surrogate_md.models.layers import segment_count
+
+    index = torch.tensor([0, 3, 3, 1, 3, 0])
+    for like in (torch.zeros(1), torch.zeros(1, dtype=torch.long)):
+        want = torch.bincount(index, minlength=6).to(like.dtype)
+        compiled = torch.compile(lambda i, like=like: segment_count(i, 6, like), backend="eager",
+                                 fullgraph=True)
+        assert torch.equal(segment_count(index, 6, like), want)
+        assert torch.equal(compiled(index), want) and compiled(index).dtype == like.dtype
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_compiles_as_one_graph_with_eager_values_and_gradients(name):
     """runtime.compile: every model traces as one graph (fullgraph raises on a break), and a batch

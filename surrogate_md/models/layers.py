@@ -31,7 +31,14 @@ def segment_sum(src: torch.Tensor, index: torch.Tensor, n_segments: int,
 
 
 def segment_count(index: torch.Tensor, n_segments: int, like: torch.Tensor) -> torch.Tensor:
-    """Entries per segment, (S,), in the dtype/device of ``like``."""
+    """Entries per segment, (S,), in the dtype/device of ``like``. Under ``torch.compile`` a sum
+    of ones: ``bincount``'s output size depends on the data, which the compiler carries as an
+    unbacked size (compiled EGNO aspirin training ran 1.01-1.16x faster with the sum, side by
+    side in bench_training.py --compile --compare-src; eager keeps ``bincount``)."""
+    if torch.compiler.is_compiling():
+        ones = torch.ones(index.shape[0], dtype=like.dtype, device=like.device)
+        return torch.zeros(n_segments, dtype=like.dtype, device=like.device).index_add_(
+            0, index, ones)
     return torch.bincount(index, minlength=n_segments).to(like.dtype)
 
 
