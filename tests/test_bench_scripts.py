@@ -173,7 +173,32 @@ def test_surrogate_vs_md_quick(bench, tmp_path, capsys):
     assert sys_["surrogate"]["accepted"] + sys_["surrogate"]["fallbacks"] == 3
     assert sys_["surrogate"]["simulated_ps"] == pytest.approx(3 * sys_["jump_ps"])
     assert sys_["md"]["ns_per_day"] == pytest.approx(sys_["md"]["ns_per_s"] * 86400)
-    assert float(acc[0][3]) > 0
+    assert float(acc[0][2]) == pytest.approx(sys_["jump_ps"])
+    assert float(acc[0][4]) > 0 and float(acc[0][5]) > 0  # model and constant F-MSE
+    assert float(acc[0][5]) == pytest.approx(sys_["accuracy"]["fmse_constant_A2"], rel=1e-2)
+
+
+def test_surrogate_vs_md_finds_adk_training_data(bench, tmp_path):
+    """The AdK accuracy row scores the checkpoint on the MD it was trained on, or --adk-data;
+    without either there is no row (no error)."""
+    import argparse
+    import types
+
+    vs_md = bench("bench_surrogate_vs_md")
+    data = tmp_path / "adk.h5"
+    data.write_bytes(b"")
+
+    def sur(path):
+        return types.SimpleNamespace(meta={"provenance": {"data_config": {"path": path}}})
+
+    args = argparse.Namespace(adk_data=None)
+    assert vs_md.adk_data(args, sur([str(data)]), tmp_path / "best.pt") == data
+    assert vs_md.adk_data(args, sur(str(data)), tmp_path / "best.pt") == data
+    assert vs_md.adk_data(args, sur([str(tmp_path / "gone.h5")]), tmp_path / "best.pt") is None
+    assert vs_md.adk_data(args, types.SimpleNamespace(meta={}), tmp_path / "best.pt") is None
+    other = tmp_path / "other.h5"
+    args.adk_data = str(other)
+    assert vs_md.adk_data(args, sur([str(data)]), tmp_path / "best.pt") == other
 
 
 @pytest.mark.slow
