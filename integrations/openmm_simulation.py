@@ -53,6 +53,7 @@ advances the time but not the step count).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from typing import Any
@@ -251,10 +252,17 @@ class StopBelowEnergy(openmm.MinimizationReporter):
         super().__init__()
         self.target = target_kJ_per_mol
         self.iterations = 0
+        self.energy = float("nan")  # the minimised energy at the last iteration
 
     def report(self, iteration, x, grad, args) -> bool:
         self.iterations += 1
-        return float(args["system energy"]) <= self.target
+        self.energy = float(args["system energy"])
+        return self.energy <= self.target
+
+
+#: recent solvent-free relaxations whose full-to-solvent-free energy drop ratio sets the next
+#: solvent-free target
+DROP_RATIO_WINDOW = 10
 
 
 class Relaxation:
@@ -303,6 +311,22 @@ class Relaxation:
         self.context = context(flexible)
         #: the flexible System without implicit solvent (None: the System has none)
         self.solvent_free = None if dry is None else context(dry)
+        self._drop_ratios: collections.deque[float] = collections.deque(maxlen=DROP_RATIO_WINDOW)
+
+    @property
+    def drop_ratio(self) -> float:
+        """How many kJ/mol of the full force field a solvent-free relaxation has shed per kJ/mol
+        of its own: the median over the recent relaxations (1 before any), within [0.5, 4]."""
+        if not self._drop_ratios:
+            return 1.0
+        return float(np.clip(np.median(self._drop_ratios), 0.5, 4.0))
+
+    def record_drop(self, full_kJ_per_mol: float, solvent_free_kJ_per_mol: float) -> None:
+        """Energy shed by one solvent-free relaxation: in the full force field (after the
+        constraints) and in the solvent-free one; sets :attr:`drop_ratio`."""
+        if (np.isfinite(full_kJ_per_mol) and np.isfinite(solvent_free_kJ_per_mol)
+                and solvent_free_kJ_per_mol > 0 and full_kJ_per_mol > 0):
+            self._drop_ratios.append(full_kJ_per_mol / solvent_free_kJ_per_mol)
 
     def minimise(self, positions_A: np.ndarray, box, iterations: int,
                  restraint_kJ_per_mol_nm2: float = 0.0,
@@ -369,12 +393,18 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
     budget, used, accepted = guards.config.relax_iterations, 0, False
     excess = guards.energy_rise(energy) - guards.relax_target_kJ_per_mol
     if relaxation.solvent_free is not None and np.isfinite(excess) and excess > 0:
+        # the full force field sheds more (or less) than the solvent-free one as a jump's strain
+        # goes: aim the solvent-free stage at the full-force-field drop, scaled by the recent
+        # ratio, so that relaxed states land near the target instead of far below it
         shed = excess + SOLVENT_FREE_MARGIN * guards.energy_jump_kJ_per_mol
-        reporter = StopBelowEnergy(relaxation.solvent_free_energy(positions, box) - shed)
+        free_start = relaxation.solvent_free_energy(positions, box)
+        reporter = StopBelowEnergy(free_start - shed / relaxation.drop_ratio)
         trial = relaxation.minimise(positions, box, budget, reporter=reporter, solvent_free=True)
         used += reporter.iterations
         write_state(context, trial, None, constrained)
+        start_energy = energy
         positions, _, _, energy = read_state(context, energy=True)
+        relaxation.record_drop(start_energy - energy, free_start - reporter.energy)
         accepted = guards.relaxed_enough(positions, energy, jump=jump, time_ps=time_ps)
     margin = 0.0
     while not accepted and used < budget:  # maxIterations 0 would mean "unlimited" to OpenMM

@@ -200,6 +200,8 @@ def test_relax_in_implicit_solvent_starts_without_the_solvent(tmp_path, monkeypa
     assert sim.n_jumps == 1 and stages and stages[0] is True
     dry = {type(f).__name__ for f in sim._relaxation().solvent_free.getSystem().getForces()}
     assert "GBSAOBCForce" not in dry and "NonbondedForce" in dry
+    # the solvent-free stage recorded how far the full force field fell per kJ/mol of its own
+    assert len(sim._relaxation()._drop_ratios) == 1 and sim._relaxation().drop_ratio > 0
     x, _, e = state_of(sim)
     assert sim.guards.energy_rise(e) <= 1e-6  # full force field, as the engine holds it
     assert constraint_error_A(prepared.system, x) < 1e-3
@@ -352,3 +354,67 @@ def test_reconstruction_is_exact_for_rigid_motion():
                          topo.residue_ids)
     assert full.is_identity
     np.testing.assert_allclose(full(x, moved), moved)
+
+
+def test_relaxation_drop_ratio_aims_the_solvent_free_stage(tmp_path, monkeypatch):
+    """The solvent-free stage's target is the energy to shed in the full force field divided by
+    the recent ratio of full to solvent-free drops (median of the last ones, within [0.5, 4]):
+    a force field that falls twice as far as its solvent-free copy is minimised half as far."""
+    from datagen.openmm_md import prepare_system
+    from integrations import openmm_simulation as oms
+    from integrations.openmm_simulation import Relaxation
+
+    _, vacuum, _ = alanine_system()
+    relax = Relaxation(vacuum, reference_platform())
+    assert relax.drop_ratio == 1.0
+    relax.record_drop(300.0, 100.0)
+    relax.record_drop(-5.0, 100.0)  # the full force field rose: no ratio
+    relax.record_drop(100.0, 0.0)  # nothing shed: no ratio
+    relax.record_drop(float("nan"), 1.0)
+    assert relax.drop_ratio == 3.0
+    relax.record_drop(100.0, 100.0)
+    relax.record_drop(200.0, 100.0)
+    assert relax.drop_ratio == 2.0  # median of 3, 1, 2
+    for _ in range(oms.DROP_RATIO_WINDOW):
+        relax.record_drop(100.0, 1.0)
+    assert relax.drop_ratio == 4.0  # clipped; the window forgot the first ones
+    assert len(relax._drop_ratios) == oms.DROP_RATIO_WINDOW
+    stop = oms.StopBelowEnergy(-10.0)
+    assert not stop.report(0, None, None, {"system energy": -5.0})
+    assert stop.report(1, None, None, {"system energy": -12.0})
+    assert stop.iterations == 2 and stop.energy == -12.0 and np.isfinite(stop.target)
+
+    # the same failed jump relaxed twice, with no ratio yet (1) and after drops of twice the
+    # solvent-free one: the solvent-free stage aims half as far below its start
+    ck = make_checkpoint(cached_md(), tmp_path / "warm.pt", model="linear",
+                         selection="heavy")
+    prepared = prepare_system("alanine-dipeptide", solvent="implicit")
+    aims = []
+
+    class Spy(oms.StopBelowEnergy):
+        def __init__(self, target_kJ_per_mol):
+            super().__init__(target_kJ_per_mol)
+            aims.append(target_kJ_per_mol)
+
+    starts = []
+    free_energy = Relaxation.solvent_free_energy
+
+    def spy(self, *args, **kwargs):
+        starts.append(free_energy(self, *args, **kwargs))
+        return starts[-1]
+
+    monkeypatch.setattr(oms, "StopBelowEnergy", Spy)
+    monkeypatch.setattr(Relaxation, "solvent_free_energy", spy)
+    for ratio in (None, 2.0):
+        sim = SurrogateSimulation(prepared.topology, prepared.system, Surrogate.load(ck),
+                                  platform=reference_platform(),
+                                  guards=GuardConfig(action="relax", relax_iterations=1000))
+        cold_start(sim.context, prepared.positions)
+        sim.context.setVelocitiesToTemperature(3000 * unit.kelvin, 3)
+        if ratio is not None:
+            sim._relaxation().record_drop(2.0, 1.0)
+        sim.step(1)
+        assert sim.n_jumps == 1 and sim.guard_summary()["relaxations"] == 1
+    assert len(aims) == len(starts) == 2
+    assert starts[0] == pytest.approx(starts[1])
+    assert starts[1] - aims[1] == pytest.approx(0.5 * (starts[0] - aims[0]), rel=1e-6)
