@@ -379,7 +379,8 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
     Two stages. With implicit solvent, first the solvent-free copy (several times cheaper per
     iteration) until its energy has fallen by the state's excess over the target plus
     :data:`SOLVENT_FREE_MARGIN` times the energy threshold (the strain of a jump is in bonds,
-    angles and contacts); then, if the state is not yet accepted in ``context``, the full
+    angles and contacts), divided by ``relaxation.drop_ratio`` (how far the full force field
+    fell per kJ/mol of the solvent-free one in recent relaxations); then, if the state is not yet accepted in ``context``, the full
     flexible copy with the guards' own stopping test, going on from the constrained state where
     re-constraining lifts the energy over the target again. Returns the
     relaxed positions (n_atoms, 3) Å and the failed checks of the relaxed state as ``context``
