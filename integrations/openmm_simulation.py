@@ -380,11 +380,11 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
     iteration) until its energy has fallen by the state's excess over the target plus
     :data:`SOLVENT_FREE_MARGIN` times the energy threshold (the strain of a jump is in bonds,
     angles and contacts), divided by ``relaxation.drop_ratio`` (how far the full force field
-    fell per kJ/mol of the solvent-free one in recent relaxations); then, if the state is not yet accepted in ``context``, the full
-    flexible copy with the guards' own stopping test, going on from the constrained state where
-    re-constraining lifts the energy over the target again. Returns the
-    relaxed positions (n_atoms, 3) Å and the failed checks of the relaxed state as ``context``
-    holds it (empty: accepted)."""
+    fell per kJ/mol of the solvent-free one in recent relaxations); then, if the state is not yet
+    accepted in ``context``, the full flexible copy with the guards' own stopping test, going on
+    from the constrained state where re-constraining lifts the energy over the target again.
+    Returns the relaxed positions (n_atoms, 3) Å and the failed checks of the relaxed state as
+    ``context`` holds it (empty: accepted)."""
     state = context.getState(positions=True, energy=energy_kJ_per_mol is None)
     positions = np.asarray(state.getPositions(asNumpy=True).value_in_unit(ANGSTROM))
     energy = (state.getPotentialEnergy().value_in_unit(KJ_PER_MOL)

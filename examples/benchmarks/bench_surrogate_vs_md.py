@@ -96,8 +96,9 @@ def train_quick(args: argparse.Namespace, data: Path) -> tuple[Path, float]:
     return best, time.perf_counter() - start
 
 
-def accuracy(args: argparse.Namespace, checkpoint: Path, data: Path, name: str = "alanine-dipeptide",
-             rollout_jumps: int | None = None, max_windows: int | None = None) -> dict[str, Any]:
+def accuracy(args: argparse.Namespace, checkpoint: Path, data: Path,
+             name: str = "alanine-dipeptide", rollout_jumps: int | None = None,
+             max_windows: int | None = None) -> dict[str, Any]:
     """One-jump errors (with the constant and linear floors), rollout error and validity of
     ``checkpoint`` on the test split of ``data``."""
     from surrogate_md.evaluate import evaluate
@@ -418,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     if acc_rows:
         print("## Accuracy the speed holds at (test split, `surrogate_md.evaluate`)\n")
         print(markdown_table(["system", "model", "jump (ps)", "train (s)", "one-jump F-MSE (Å²)",
-                              "constant F-MSE (Å²)", "linear F-MSE (Å²)", "rollout (ps)", "rollout RMSD (Å)",
-                              "linear rollout RMSD (Å)", "collapsed frames",
+                              "constant F-MSE (Å²)", "linear F-MSE (Å²)", "rollout (ps)",
+                              "rollout RMSD (Å)", "linear rollout RMSD (Å)", "collapsed frames",
                               "clash frames", "h(r) MAE"], acc_rows) + "\n")
         print("Errors: Å² per atom, squared distance summed over xyz, averaged over atoms; "
               "RMSD = sqrt of that at the end of the rollout.\n")
