@@ -412,7 +412,7 @@ def test_relaxation_drop_ratio_aims_the_solvent_free_stage(tmp_path, monkeypatch
         cold_start(sim.context, prepared.positions)
         sim.context.setVelocitiesToTemperature(3000 * unit.kelvin, 3)
         if ratio is not None:
-            sim._relaxation().record_drop(2.0, 1.0)
+            sim._relaxation().record_drop(ratio, 1.0)
         sim.step(1)
         assert sim.n_jumps == 1 and sim.guard_summary()["relaxations"] == 1
     assert len(aims) == len(starts) == 2

@@ -97,13 +97,13 @@ def train_quick(args: argparse.Namespace, data: Path) -> tuple[Path, float]:
 
 
 def accuracy(args: argparse.Namespace, checkpoint: Path, data: Path,
-             name: str = "alanine-dipeptide", rollout_jumps: int | None = None,
+             system: str = "alanine-dipeptide", rollout_jumps: int | None = None,
              max_windows: int | None = None) -> dict[str, Any]:
     """One-jump errors (with the constant and linear floors), rollout error and validity of
     ``checkpoint`` on the test split of ``data``."""
     from surrogate_md.evaluate import evaluate
 
-    metrics = evaluate(checkpoint, data, Path(args.out_dir) / f"evaluate-{name}",
+    metrics = evaluate(checkpoint, data, Path(args.out_dir) / f"evaluate-{system}",
                        rollout_jumps=args.rollout_jumps if rollout_jumps is None else rollout_jumps,
                        n_rollouts=4, overwrite=True, device=args.device, plots=False,
                        max_windows=max_windows)
