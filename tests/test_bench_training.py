@@ -17,7 +17,7 @@ import torch
 
 from surrogate_md import testing as H
 from surrogate_md.data import keys as K
-from surrogate_md.models import build_model
+from surrogate_md.models import build_model, compile_model
 from surrogate_md.models import layers as L
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,8 @@ def test_bad_batch_sizes_are_rejected():
         bench.main(["--quick", "--in-process", "--batch-sizes", "0"])
 
 
-def _run(name: str, n_channels: int, rows: int | None, monkeypatch, dtype=torch.float64):
+def _model_and_batch(name: str, n_channels: int, dtype):
+    """A small perturbed model and a batch of two systems (9 and 11 atoms, fully connected)."""
     options = {"n_channels": n_channels, "hidden": 16}
     if name == "estag":
         options["n_history"] = 3
@@ -137,6 +138,11 @@ def _run(name: str, n_channels: int, rows: int | None, monkeypatch, dtype=torch.
     H.perturb_parameters(model, seed=1)
     batch = H.random_batch(n_atoms=(9, 11), n_channels=n_channels, history=3, seed=2,
                            dtype=dtype)
+    return model, batch
+
+
+def _run(name: str, n_channels: int, rows: int | None, monkeypatch, dtype=torch.float64):
+    model, batch = _model_and_batch(name, n_channels, dtype)
     # rows: force chunks of a few edges (several per system); None: plain autograd through
     # every edge tensor
     monkeypatch.setattr(L, "_edge_chunk_rows", lambda *args: rows)
@@ -158,6 +164,86 @@ def test_chunked_edge_pass_matches_plain_autograd(name, n_channels, monkeypatch)
         assert torch.allclose(chunk_grads[key], ref, rtol=1e-9, atol=1e-11), key
         moved += int(ref.abs().max() > 0)
     assert moved > len(plain_grads) // 2  # the comparison is not between zero gradients
+
+
+def _compiled_run(name: str, n_channels: int, rows: int, monkeypatch, backend: str,
+                  dtype=torch.float64, low: bool = False):
+    """Outputs and gradients with every EGNN layer's chunks through ``compile_model``'s compiled
+    chunk (the model itself eager, so only the edge pass differs from :func:`_run`)."""
+    model, batch = _model_and_batch(name, n_channels, dtype)
+    compile_model(model, backend=backend)  # switches the layers to compiled chunks
+    layers = [m for m in model.modules() if isinstance(m, L.EGNNLayer)]
+    assert layers and all(m.compiled_chunk is not None for m in layers)
+    monkeypatch.setattr(L, "_edge_chunk_rows", lambda *args: rows)
+    from torch._dynamo.utils import counters
+
+    calls = []
+    for layer in layers:
+        def counted(*args, _compiled=layer.compiled_chunk):
+            calls.append((args[5].shape[0], args[1].shape[1]))  # edges, nodes of this chunk
+            return _compiled(*args)
+        layer.compiled_chunk = counted
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+        out = model(batch).to(dtype)
+    (out.square().sum() + out.sum()).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    # one graph per kind of call (no grad / grad, messages wanted or not), never one per chunk
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return out.detach(), grads, calls, graphs
+
+
+@pytest.mark.parametrize("n_channels", [1, 4])
+@pytest.mark.parametrize("name", ["egno", "estag"])
+def test_compiled_chunks_match_plain_autograd(name, n_channels, monkeypatch):
+    """compile_model's per-chunk compilation (dynamo tracing, eager kernels: fast) gives the plain
+    pass's outputs and gradients, forward and recomputed backward, chunks of uneven size."""
+    plain_out, plain_grads = _run(name, n_channels, None, monkeypatch)
+    out, grads, calls, graphs = _compiled_run(name, n_channels, 5, monkeypatch, "eager")
+    edges, nodes = zip(*calls)
+    assert len(calls) > 20 and max(edges) == 5 and min(edges) < 5  # the last chunk is shorter
+    # each chunk sees its own nodes only (at most 2 per edge), never the batch's 20
+    assert max(nodes) <= 10 and all(u <= 2 * e for e, u in calls)
+    assert 1 <= graphs <= 4
+    assert torch.allclose(out, plain_out, rtol=0, atol=1e-12)
+    assert set(grads) == set(plain_grads)
+    for key, ref in plain_grads.items():
+        assert torch.allclose(grads[key], ref, rtol=1e-9, atol=1e-11), key
+
+
+def test_inductor_compiled_chunks_under_bf16_autocast(monkeypatch):
+    """The configuration it is for (inductor kernels, bf16 autocast): outputs and gradients as
+    close to float32 as the eager chunked pass under the same autocast (inductor rounds at other
+    points, so the two bf16 results differ from each other by bf16 rounding)."""
+    def eager(rows, low):
+        model, batch = _model_and_batch("egno", 1, torch.float32)
+        monkeypatch.setattr(L, "_edge_chunk_rows", lambda *args: rows)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            out = model(batch).float()
+        (out.square().sum() + out.sum()).backward()
+        return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()
+                              if p.grad is not None}
+
+    def flat(grads):
+        return torch.cat([grads[k].flatten() for k in sorted(grads)])
+
+    ref_out, ref_grads = eager(12, False)
+    low_out, low_grads = eager(12, True)
+    out, grads, calls, graphs = _compiled_run("egno", 1, 12, monkeypatch, "inductor",
+                                              dtype=torch.float32, low=True)
+    # inductor may add one size guard per kind of call (here the 2-edge last chunk): still a
+    # handful of graphs for 128 chunk calls (16 chunks, 4 layers, forward and backward), far
+    # below dynamo's recompile limit of 8
+    assert len(calls) == 128 and 1 <= graphs <= 6
+    low_error = float((low_out - ref_out).abs().max())
+    assert 0 < low_error < 0.05
+    assert float((out - ref_out).abs().max()) <= 2 * low_error
+    assert set(grads) == set(ref_grads)
+    ref, low_error = flat(ref_grads), float((flat(low_grads) - flat(ref_grads)).norm())
+    assert 0 < low_error < 0.05 * float(ref.norm())
+    assert float((flat(grads) - ref).norm()) <= 2 * low_error
 
 
 def test_chunked_edge_pass_in_inference(monkeypatch):

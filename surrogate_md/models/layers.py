@@ -14,6 +14,7 @@ and CUDA, in float32/float64 and under ``torch.autocast``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -149,7 +150,9 @@ class EGNNLayer(nn.Module):
     On large graphs (many chunks of edges, see :func:`_edge_chunk_rows`) the edge pass runs
     chunk by chunk and is recomputed in backward (:class:`_ChunkedEdges`), so no (T, E, H) tensor
     is kept between forward and backward, in training or inference; the values and gradients are
-    those of the plain pass that small graphs take.
+    those of the plain pass that small graphs take. Under ``compile_model`` each chunk runs
+    through a compiled :func:`_chunk_sums` (``compiled_chunk``), which fuses the elementwise work
+    around the matrix products.
     """
 
     def __init__(self, hidden: int, n_channels: int, *, edge_dim: int = 0, node_dim: int = 0,
@@ -169,6 +172,9 @@ class EGNNLayer(nn.Module):
                     if use_velocity else None)
         # the last layer of a stack needs no feature update (it would get no gradient)
         self.node = mlp(2 * hidden + node_dim, hidden, hidden) if update_features else None
+        # a torch.compile'd :func:`_chunk_sums` for the chunked edge pass (set by
+        # ``compile_model``; None: eager chunks)
+        self.compiled_chunk: Callable | None = None
         for head in (self.coord, self.vel):
             if head is None:
                 continue
@@ -327,6 +333,32 @@ def _edge_sums(layer: EGNNLayer, node_i: torch.Tensor, node_j: torch.Tensor, x: 
     return segment_sum(m.to(x.dtype), dst, n, dim=1), trans_sum
 
 
+def _chunk_sums(layer: EGNNLayer, node_i: torch.Tensor, node_j: torch.Tensor, x: torch.Tensor,
+                edge_feat: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor,
+                length_scale: torch.Tensor | float, need_m: bool,
+                params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One chunk's contribution to the per-target sums (T, N, H) and (T, N, C, 3), gathers and
+    sums included: the unit the compiled edge pass hands to ``torch.compile``, called with the
+    node tensors of the chunk's own nodes and edges numbered within them (:func:`_chunk_nodes`).
+
+    Compiled whole, its gathers, activations, conversions and sums are fused into a few loops
+    around the matrix products, in forward and in the backward that autograd derives from it
+    (the gathers' gradients are sums onto nodes, the sums' gradients gathers); the eager chunked
+    pass gathers, sums and differentiates op by op instead. Measured on one Intel Xeon thread
+    (AMX; AdK backbone, EGNO hidden 128, 4 layers): training steps 1.15-1.24x faster in bf16,
+    1.05-1.16x in fp32 (batch 8 and 1). Eager, this form is 1.1x slower than the gathered-leaf
+    one, which eager runs keep.
+    """
+    n = x.shape[1]
+    m, trans = layer._edge_messages(*_gather_edges(node_i, node_j, x, edge_feat, src, dst),
+                                    length_scale, params)
+    trans_sum = x.new_zeros((x.shape[0], n, *trans.shape[2:])).index_add(1, dst,
+                                                                          trans.to(x.dtype))
+    if not need_m:
+        return None, trans_sum
+    return x.new_zeros((m.shape[0], n, m.shape[-1])).index_add(1, dst, m.to(x.dtype)), trans_sum
+
+
 class _ChunkedEdges(torch.autograd.Function):
     """The edge pass of an EGNN layer in chunks of edges, recomputed chunk by chunk in backward.
 
@@ -351,6 +383,18 @@ class _ChunkedEdges(torch.autograd.Function):
         m_sum = trans_sum = None
         for lo in range(0, src.shape[0], rows):
             hi = min(lo + rows, src.shape[0])
+            if layer.compiled_chunk is not None:
+                nodes, s, d, feat = _chunk_nodes(edge_feat, src, dst, lo, hi)
+                m_part, trans_part = layer.compiled_chunk(
+                    layer, node_i.index_select(1, nodes), node_j.index_select(1, nodes),
+                    x.index_select(1, nodes), feat, s, d, length_scale, need_m, params)
+                if trans_sum is None:
+                    trans_sum = x.new_zeros((x.shape[0], n, *trans_part.shape[2:]))
+                    m_sum = x.new_zeros((x.shape[0], n, node_i.shape[-1])) if need_m else None
+                trans_sum.index_add_(1, nodes, trans_part)
+                if need_m:
+                    m_sum.index_add_(1, nodes, m_part)
+                continue
             gathered = _gather_edges(node_i, node_j, x, _rows(edge_feat, lo, hi), src[lo:hi],
                                      dst[lo:hi])
             m, trans = layer._edge_messages(*gathered, length_scale, params)
@@ -379,6 +423,9 @@ class _ChunkedEdges(torch.autograd.Function):
         g_params = [torch.zeros_like(p) if w else None for p, w in zip(params, want_params)]
         use_m = ctx.need_m and grad_m is not None
         enabled, dtype = ctx.autocast
+        if layer.compiled_chunk is not None:
+            _compiled_backward(ctx, (g_i, g_j, g_x, g_feat, *g_params), grad_m, grad_trans)
+            return (None, None, g_i, g_j, g_x, g_feat, None, None, None, None, *g_params)
         for lo in range(0, src.shape[0], rows):
             hi = min(lo + rows, src.shape[0])
             s, d = src[lo:hi], dst[lo:hi]
@@ -414,6 +461,60 @@ class _ChunkedEdges(torch.autograd.Function):
                 if acc is not None and g is not None:
                     acc.add_(g.to(acc.dtype))
         return (None, None, g_i, g_j, g_x, g_feat, None, None, None, None, *g_params)
+
+
+def _compiled_backward(ctx, acc: tuple[torch.Tensor | None, ...], grad_m: torch.Tensor | None,
+                       grad_trans: torch.Tensor) -> None:
+    """Backward of :class:`_ChunkedEdges` through the layer's compiled :func:`_chunk_sums`: each
+    chunk is recomputed and differentiated with respect to the node tensors and weights, whose
+    gradients add into ``acc`` (node_i, node_j, x, edge features, then the weights; None where
+    not wanted)."""
+    node_i, node_j, x, edge_feat, src, dst, *params = ctx.saved_tensors
+    layer, rows = ctx.layer, ctx.rows
+    use_m = ctx.need_m and grad_m is not None
+    enabled, dtype = ctx.autocast
+    for lo in range(0, src.shape[0], rows):
+        hi = min(lo + rows, src.shape[0])
+        nodes, s, d, feat = _chunk_nodes(edge_feat, src, dst, lo, hi)
+        local = [t.index_select(1, nodes) for t in (node_i, node_j, x)]
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            leaves = [t.detach().requires_grad_(a is not None) if t is not None else None
+                      for t, a in zip((*local, feat, *params), acc)]
+            m_part, trans_part = layer.compiled_chunk(
+                layer, *leaves[:4], s, d, ctx.length_scale, use_m, tuple(leaves[4:]))
+            outs, grads = [trans_part], [grad_trans.index_select(1, nodes)]
+            if use_m:
+                outs.append(m_part)
+                grads.append(grad_m.index_select(1, nodes))
+            targets = [t for t in leaves if t is not None and t.requires_grad]
+            if not targets:
+                return
+            found = iter(torch.autograd.grad(outs, targets, grads, allow_unused=True))
+        for k, (t, into) in enumerate(zip(leaves, acc)):
+            g = next(found) if t is not None and t.requires_grad else None
+            if g is None or into is None:
+                continue
+            if k < 3:  # node terms and positions of the chunk's own nodes
+                into.index_add_(1, nodes, g.to(into.dtype))
+            elif k == 3:
+                into.narrow(-2, lo, hi - lo).add_(g.to(into.dtype))
+            else:
+                into.add_(g.to(into.dtype))
+
+
+def _chunk_nodes(edge_feat: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor, lo: int,
+                 hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The nodes that edges lo..hi touch (u,), the edges' sources and targets numbered within
+    them, and the edges' own features (a copy, not a view).
+
+    The compiled chunk works on these u nodes only, so a chunk's cost is in its edges, not in the
+    graph: the whole graph's (T, N, H) node terms per chunk would make a pass over all chunks cost
+    O(E N) (measured: AdK x8 steps slower than eager). Fresh tensors, not views: a compiled function
+    guards on a view's storage offset and would recompile for every chunk."""
+    e = hi - lo
+    nodes, local = torch.unique(torch.cat([src[lo:hi], dst[lo:hi]]), return_inverse=True)
+    feat = _rows(edge_feat, lo, hi)
+    return nodes, local[:e], local[e:], None if feat is None else feat.clone()
 
 
 def _rows(edge_feat: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:

@@ -169,8 +169,9 @@ class RuntimeConfig:
     device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; precision: ``fp32`` | ``bf16`` | ``fp16``
     (autocast of the matrix products; bf16 also on CPU, fast where the CPU has AVX512-BF16 or
     AMX and emulated, several times slower, elsewhere; fp16 on GPU only, with loss scaling);
-    compile: ``torch.compile`` the model (:func:`surrogate_md.models.compile_model`; the first
-    steps pay for compilation);
+    compile: ``torch.compile`` the model and the chunked edge pass of large graphs
+    (:func:`surrogate_md.models.compile_model`; the first steps pay for compilation, 1-3
+    minutes);
     workers: DataLoader worker processes; log_every: log a line every N optimiser steps;
     progress: tqdm bars (null = when attached to a terminal).
     """
