@@ -246,17 +246,23 @@ SOLVENT_FREE_MARGIN = 0.3
 
 
 class StopBelowEnergy(openmm.MinimizationReporter):
-    """Stops L-BFGS at the first iteration with the minimised energy at most ``target``."""
+    """Stops L-BFGS at the first iteration with the minimised energy at most ``target``.
 
-    def __init__(self, target_kJ_per_mol: float) -> None:
+    ``keep_path``: keep every iterate as ``path``, a list of (energy kJ/mol, positions (n, 3) Å).
+    """
+
+    def __init__(self, target_kJ_per_mol: float, keep_path: bool = False) -> None:
         super().__init__()
         self.target = target_kJ_per_mol
         self.iterations = 0
         self.energy = float("nan")  # the minimised energy at the last iteration
+        self.path: list[tuple[float, np.ndarray]] | None = [] if keep_path else None
 
     def report(self, iteration, x, grad, args) -> bool:
         self.iterations += 1
         self.energy = float(args["system energy"])
+        if self.path is not None:  # x: flat positions, nm
+            self.path.append((self.energy, 10.0 * np.array(x, dtype=np.float64).reshape(-1, 3)))
         return self.energy <= self.target
 
 
@@ -380,9 +386,11 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
     iteration) until its energy has fallen by the state's excess over the target plus
     :data:`SOLVENT_FREE_MARGIN` times the energy threshold (the strain of a jump is in bonds,
     angles and contacts), divided by ``relaxation.drop_ratio`` (how far the full force field
-    fell per kJ/mol of the solvent-free one in recent relaxations); then, if the state is not yet
-    accepted in ``context``, the full flexible copy with the guards' own stopping test, going on
-    from the constrained state where re-constraining lifts the energy over the target again.
+    fell per kJ/mol of the solvent-free one in recent relaxations), walked back to its earliest
+    iterate still accepted when it ended below the target (:func:`back_off`); then, if the state
+    is not yet accepted in ``context``, the full flexible copy with the guards' own stopping
+    test, going on from the constrained state where re-constraining lifts the energy over the
+    target again.
     Returns the relaxed positions (n_atoms, 3) Å and the failed checks of the relaxed state as
     ``context`` holds it (empty: accepted)."""
     state = context.getState(positions=True, energy=energy_kJ_per_mol is None)
@@ -399,7 +407,7 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
         # ratio, so that relaxed states land near the target instead of far below it
         shed = excess + SOLVENT_FREE_MARGIN * guards.energy_jump_kJ_per_mol
         free_start = relaxation.solvent_free_energy(positions, box)
-        reporter = StopBelowEnergy(free_start - shed / relaxation.drop_ratio)
+        reporter = StopBelowEnergy(free_start - shed / relaxation.drop_ratio, keep_path=True)
         trial = relaxation.minimise(positions, box, budget, reporter=reporter, solvent_free=True)
         used += reporter.iterations
         write_state(context, trial, None, constrained)
@@ -407,6 +415,10 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
         positions, _, _, energy = read_state(context, energy=True)
         relaxation.record_drop(start_energy - energy, free_start - reporter.energy)
         accepted = guards.relaxed_enough(positions, energy, jump=jump, time_ps=time_ps)
+        if accepted:
+            positions, energy = back_off(context, guards, reporter.path, free_start,
+                                         start_energy, positions, energy, constrained,
+                                         jump=jump, time_ps=time_ps)
     margin = 0.0
     while not accepted and used < budget:  # maxIterations 0 would mean "unlimited" to OpenMM
         reporter = _StopWhenAccepted(guards, jump, time_ps, margin)
@@ -425,6 +437,44 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
                           count=False)
     guards.record_relaxation(used, None if events else energy)
     return positions, energy, events
+
+
+#: iterates of the solvent-free stage tried by :func:`back_off`, at most
+BACK_OFF_TRIES = 2
+
+
+def back_off(context: openmm.Context, guards: Guards, path: list[tuple[float, np.ndarray]],
+             free_start: float, start_energy: float, positions: np.ndarray, energy: float,
+             constrained: bool, *, jump: int, time_ps: float) -> tuple[np.ndarray, float]:
+    """An accepted solvent-free stage that ended below the relaxation target: the earliest of its
+    iterates (``path``: solvent-free energy, positions Å) still accepted, so that a relaxed state
+    keeps the energy the guards allow instead of sinking below the MD's range.
+
+    The stage's own drops (``start_energy`` to ``energy`` in the full force field, ``free_start``
+    to the last iterate's solvent-free energy) give this jump's ratio of full to solvent-free
+    drop; the iterate it predicts at the target is tried first in ``context``, then the next one
+    (at most :data:`BACK_OFF_TRIES` evaluations of the full force field, no minimiser
+    iterations). Returns the positions (Å) and energy (kJ/mol) now in ``context``: an accepted
+    earlier iterate's, else the end state's, written back."""
+    if len(path) < 2 or not np.isfinite(energy):
+        return positions, energy
+    free = np.array([e for e, _ in path])
+    free_drop = free_start - free
+    if not free_drop[-1] > 0:
+        return positions, energy
+    ratio = (start_energy - energy) / free_drop[-1]
+    target = guards.energy_reference_kJ_per_mol + guards.relax_target_kJ_per_mol
+    predicted = start_energy - ratio * free_drop  # full-force-field energy along the path
+    if not (predicted <= target).any():
+        return positions, energy
+    first = int(np.argmax(predicted <= target))  # earliest predicted at the target
+    for k in range(first, min(first + BACK_OFF_TRIES, len(path) - 1)):
+        write_state(context, path[k][1], None, constrained)
+        trial, _, _, trial_energy = read_state(context, energy=True)
+        if guards.relaxed_enough(trial, trial_energy, jump=jump, time_ps=time_ps):
+            return trial, trial_energy
+    write_state(context, positions, None, False)  # the end state, constrained already
+    return positions, energy
 
 
 def make_guards(guards: Guards | GuardConfig | str | None, surrogate, system: openmm.System,

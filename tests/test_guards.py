@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import openmm
 import pytest
 from _integration_fixtures import (
     alanine_system,
@@ -392,8 +393,8 @@ def test_relaxation_drop_ratio_aims_the_solvent_free_stage(tmp_path, monkeypatch
     aims = []
 
     class Spy(oms.StopBelowEnergy):
-        def __init__(self, target_kJ_per_mol):
-            super().__init__(target_kJ_per_mol)
+        def __init__(self, target_kJ_per_mol, **kwargs):
+            super().__init__(target_kJ_per_mol, **kwargs)
             aims.append(target_kJ_per_mol)
 
     starts = []
@@ -418,3 +419,48 @@ def test_relaxation_drop_ratio_aims_the_solvent_free_stage(tmp_path, monkeypatch
     assert len(aims) == len(starts) == 2
     assert starts[0] == pytest.approx(starts[1])
     assert starts[1] - aims[1] == pytest.approx(0.5 * (starts[0] - aims[0]), rel=1e-6)
+
+
+def test_relaxation_backs_off_to_an_earlier_iterate_at_the_target(tmp_path):
+    """A solvent-free stage that ended far below the relaxation target is walked back along its
+    iterates: the kept state is an earlier iterate, accepted by every guard in the full force
+    field with its constraints satisfied, at most the target and well above the end state."""
+    from datagen.openmm_md import prepare_system
+    from integrations import openmm_simulation as oms
+
+    ck = make_checkpoint(cached_md(), tmp_path / "warm.pt", model="linear", selection="heavy")
+    prepared = prepare_system("alanine-dipeptide", solvent="implicit")
+    sim = SurrogateSimulation(prepared.topology, prepared.system, Surrogate.load(ck),
+                              platform=reference_platform(),
+                              guards=GuardConfig(action="relax", relax_iterations=1000,
+                                                 relax_energy_target_kJ_per_mol=50.0))
+    cold_start(sim.context, prepared.positions)
+    sim.context.setVelocitiesToTemperature(300 * unit.kelvin, 3)
+    sim.step(1)  # the guards now hold a reference energy
+    guards, relax = sim.guards, sim._relaxation()
+    target = guards.energy_reference_kJ_per_mol + guards.relax_target_kJ_per_mol
+    x_low, _, _ = state_of(sim)
+    openmm.LocalEnergyMinimizer.minimize(sim.context, 1.0, 500)  # far below the target
+    x_low, _, e_low = state_of(sim)
+    assert e_low < target - 20.0
+    rng = np.random.default_rng(0)
+    x_high = x_low + rng.normal(0.0, 0.08, x_low.shape)  # strained: above the target
+    oms.write_state(sim.context, x_high, None, True)
+    x_high, _, e_high = state_of(sim)
+    assert e_high > target
+    # a straight "minimiser path" from the strained to the minimised state, with the solvent-free
+    # energies a real one would report
+    points = [x_high + f * (x_low - x_high) for f in np.linspace(0.1, 1.0, 10)]
+    path = [(relax.solvent_free_energy(p), p) for p in points]
+    oms.write_state(sim.context, x_low, None, True)
+    x, e = oms.back_off(sim.context, guards, path, relax.solvent_free_energy(x_high), e_high,
+                        x_low, e_low, True, jump=1, time_ps=1.0)
+    held_x, _, held_e = state_of(sim)
+    assert e == pytest.approx(held_e) and np.allclose(x, held_x)  # the engine holds it
+    assert e_low + 5.0 < e <= target + 1e-6
+    assert not guards.check(x, energy_kJ_per_mol=e, count=False)
+    assert constraint_error_A(prepared.system, x) < 1e-3
+    # nothing to walk back along: the end state stays
+    x, e = oms.back_off(sim.context, guards, path[-1:], relax.solvent_free_energy(x_high),
+                        e_high, x_low, e_low, True, jump=1, time_ps=1.0)
+    assert e == e_low and np.array_equal(x, x_low)
