@@ -354,3 +354,64 @@ def test_quick_training_benchmark_bf16_rows(capsys):
                        "bf16"]) == 0
     body = _table(capsys.readouterr().out)[2:]
     assert [row[0] for row in body] == ["egno aspirin", "egno aspirin bf16"]
+
+
+def test_bucket_rows_is_a_bounded_set_of_sizes():
+    sizes = [L.bucket_rows(n) for n in range(1, 5000)]
+    assert all(n <= b <= n + max(n // 16, 1) for n, b in zip(range(1, 5000), sizes))
+    assert L.bucket_rows(4096) == 4096 and L.bucket_rows(4097) == 4352
+    assert len({b for b in sizes if 1024 <= b < 2048}) == 16  # 16 sizes per octave
+
+
+def test_edge_blocks_are_padded_only_under_cpu_low_precision_autocast():
+    cpu = torch.device("cpu")
+    assert not L._pads_edge_rows(cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert L._pads_edge_rows(cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert not L._pads_edge_rows(cpu)
+
+
+_EDGE_MESSAGES = L.EGNNLayer._edge_messages
+
+
+def _low_precision_run(name: str, rows: int | None, monkeypatch, pad: bool | None = None,
+                       compiled: bool = False):
+    """Outputs, gradients and the edge-block sizes the products saw, under CPU bf16 autocast
+    (``pad``: force padding on or off; None: the library's own choice)."""
+    model, batch = _model_and_batch(name, 1, torch.float32)
+    if compiled:
+        compile_model(model, backend="eager")
+    monkeypatch.setattr(L, "_edge_chunk_rows", lambda *args: rows)
+    if pad is not None:
+        monkeypatch.setattr(L, "_pads_edge_rows", lambda device: pad)
+    blocks = []
+
+    def recorded(self, a_i, *args):
+        blocks.append(a_i.shape[1])
+        return _EDGE_MESSAGES(self, a_i, *args)
+    monkeypatch.setattr(L.EGNNLayer, "_edge_messages", recorded)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch).float()
+    (out.square().sum() + out.sum()).backward()
+    torch._dynamo.reset()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads, blocks
+
+
+@pytest.mark.parametrize("rows, compiled", [(None, False), (40, False), (40, True)],
+                         ids=["plain", "chunked", "compiled chunks"])
+def test_padded_edge_blocks_give_the_unpadded_results(rows, compiled, monkeypatch):
+    """Under CPU bf16 autocast the edge blocks are padded to a bounded set of sizes (the plain
+    pass's 182 edges to 184, the chunked pass's last 22 of 182 to 25 = 5 x 40 / 8) so oneDNN
+    sees few shapes; the padded edges change no output and no gradient."""
+    out, grads, blocks = _low_precision_run("egno", rows, monkeypatch, compiled=compiled)
+    ref_out, ref_grads, ref_blocks = _low_precision_run("egno", rows, monkeypatch, pad=False,
+                                                        compiled=compiled)
+    assert set(ref_blocks) == ({182} if rows is None else {40, 22})
+    assert set(blocks) == ({184} if rows is None else {40, 25})
+    assert torch.allclose(out, ref_out, rtol=0, atol=1e-6)
+    assert set(grads) == set(ref_grads)
+    for key, ref in ref_grads.items():
+        assert torch.allclose(grads[key], ref, rtol=1e-3, atol=1e-6), key

@@ -309,6 +309,42 @@ def _gather_edges(node_i: torch.Tensor, node_j: torch.Tensor, x: torch.Tensor,
             x.index_select(1, src), edge_feat)
 
 
+def bucket_rows(n: int) -> int:
+    """``n`` rounded up to one of 16 values per octave (k * 2^j with 16 <= k < 32; at most 1/16
+    more): the bounded set of edge-block sizes that :func:`_pads_edge_rows` pads to."""
+    step = 1 << max(n.bit_length() - 5, 0)
+    return -(-n // step) * step
+
+
+def _pads_edge_rows(device: torch.device) -> bool:
+    """Whether edge blocks are padded to :func:`bucket_rows` sizes: on CPU under bf16/fp16
+    autocast, whose matrix products run through oneDNN, which keeps memory for every new shape
+    it sees (measured with torch 2.13: a bf16 linear layer fed 200 blocks of random row counts
+    grew the process by 2.2 MB per new shape, 0.8 MB with its primitive cache off, and not at
+    all when the row counts came from a set of ten; AdK training grew by ~200 MB per epoch,
+    a radius graph having a new edge count in every batch). float32 CPU products (MKL) and CUDA
+    keep nothing per shape, and are not padded."""
+    return (device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16))
+
+
+def _pad_edges(src: torch.Tensor, dst: torch.Tensor, edge_feat: torch.Tensor | None, rows: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Edges padded to ``rows`` by repeats of the last one (their results are sliced off before
+    any sum, so they add nothing, in values or gradients)."""
+    e = src.shape[0]
+    if rows <= e or e == 0:
+        return src, dst, edge_feat
+    extra = rows - e
+    src = torch.cat([src, src[-1:].expand(extra)])
+    dst = torch.cat([dst, dst[-1:].expand(extra)])
+    if edge_feat is not None:
+        last = edge_feat.narrow(-2, e - 1, 1)
+        edge_feat = torch.cat([edge_feat, last.expand(*last.shape[:-2], extra, last.shape[-1])],
+                              dim=-2)
+    return src, dst, edge_feat
+
+
 _LOW_PRECISION_SUM_MAX_DEGREE = 16  # mean in-degree up to which messages are summed in bf16
 
 
@@ -318,9 +354,12 @@ def _edge_sums(layer: EGNNLayer, node_i: torch.Tensor, node_j: torch.Tensor, x: 
                params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Per-target sums of messages (T, N, H) (None unless ``need_m``) and of coordinate terms
     (T, N, C, 3), through ordinary autograd (every edge intermediate is kept for backward)."""
-    n = x.shape[1]
-    m, trans = layer._edge_messages(*_gather_edges(node_i, node_j, x, edge_feat, src, dst),
+    n, e = x.shape[1], src.shape[0]
+    padded = (_pad_edges(src, dst, edge_feat, bucket_rows(e)) if _pads_edge_rows(x.device)
+              else (src, dst, edge_feat))
+    m, trans = layer._edge_messages(*_gather_edges(node_i, node_j, x, padded[2], *padded[:2]),
                                     length_scale, params)
+    m, trans = m[:, :e], trans[:, :e]
     # coordinate terms summed in the positions' precision, whatever autocast does; messages too,
     # except on sparse graphs (a few bonded neighbours per node, as molecules at MD17 size),
     # where summing bf16 messages in bf16 adds little to their own rounding and saves a (T, E, H)
@@ -336,10 +375,13 @@ def _edge_sums(layer: EGNNLayer, node_i: torch.Tensor, node_j: torch.Tensor, x: 
 def _chunk_sums(layer: EGNNLayer, node_i: torch.Tensor, node_j: torch.Tensor, x: torch.Tensor,
                 edge_feat: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor,
                 length_scale: torch.Tensor | float, need_m: bool,
-                params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor]:
+                params: tuple[torch.Tensor, ...], n_edges: int | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """One chunk's contribution to the per-target sums (T, N, H) and (T, N, C, 3), gathers and
     sums included: the unit the compiled edge pass hands to ``torch.compile``, called with the
     node tensors of the chunk's own nodes and edges numbered within them (:func:`_chunk_nodes`).
+    ``n_edges``: the chunk's real edges when ``src``/``dst`` were padded (:func:`_pad_edges`);
+    only their results are summed.
 
     Compiled whole, its gathers, activations, conversions and sums are fused into a few loops
     around the matrix products, in forward and in the backward that autograd derives from it
@@ -352,6 +394,8 @@ def _chunk_sums(layer: EGNNLayer, node_i: torch.Tensor, node_j: torch.Tensor, x:
     n = x.shape[1]
     m, trans = layer._edge_messages(*_gather_edges(node_i, node_j, x, edge_feat, src, dst),
                                     length_scale, params)
+    if n_edges is not None:
+        m, trans, dst = m[:, :n_edges], trans[:, :n_edges], dst[:n_edges]
     trans_sum = x.new_zeros((x.shape[0], n, *trans.shape[2:])).index_add(1, dst,
                                                                           trans.to(x.dtype))
     if not need_m:
@@ -379,15 +423,18 @@ class _ChunkedEdges(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.layer, ctx.rows, ctx.length_scale, ctx.need_m = layer, rows, length_scale, need_m
         ctx.has_feat = edge_feat is not None
+        # pad the last, shorter chunk to a bounded set of sizes where the products need it
+        ctx.pad = _pads_edge_rows(x.device)
         n = x.shape[1]
         m_sum = trans_sum = None
         for lo in range(0, src.shape[0], rows):
             hi = min(lo + rows, src.shape[0])
             if layer.compiled_chunk is not None:
                 nodes, s, d, feat = _chunk_nodes(edge_feat, src, dst, lo, hi)
+                s, d, feat, real = _pad_chunk(s, d, feat, rows, ctx.pad)
                 m_part, trans_part = layer.compiled_chunk(
                     layer, node_i.index_select(1, nodes), node_j.index_select(1, nodes),
-                    x.index_select(1, nodes), feat, s, d, length_scale, need_m, params)
+                    x.index_select(1, nodes), feat, s, d, length_scale, need_m, params, real)
                 if trans_sum is None:
                     trans_sum = x.new_zeros((x.shape[0], n, *trans_part.shape[2:]))
                     m_sum = x.new_zeros((x.shape[0], n, node_i.shape[-1])) if need_m else None
@@ -395,9 +442,11 @@ class _ChunkedEdges(torch.autograd.Function):
                 if need_m:
                     m_sum.index_add_(1, nodes, m_part)
                 continue
-            gathered = _gather_edges(node_i, node_j, x, _rows(edge_feat, lo, hi), src[lo:hi],
-                                     dst[lo:hi])
-            m, trans = layer._edge_messages(*gathered, length_scale, params)
+            s, d, feat, _ = _pad_chunk(src[lo:hi], dst[lo:hi], _rows(edge_feat, lo, hi), rows,
+                                       ctx.pad)
+            m, trans = layer._edge_messages(*_gather_edges(node_i, node_j, x, feat, s, d),
+                                            length_scale, params)
+            m, trans = m[:, :hi - lo], trans[:, :hi - lo]
             if trans_sum is None:  # sums in the positions' precision, whatever autocast does
                 trans_sum = x.new_zeros((x.shape[0], n, *trans.shape[2:]))
                 if need_m:
@@ -428,14 +477,17 @@ class _ChunkedEdges(torch.autograd.Function):
             return (None, None, g_i, g_j, g_x, g_feat, None, None, None, None, *g_params)
         for lo in range(0, src.shape[0], rows):
             hi = min(lo + rows, src.shape[0])
+            e = hi - lo
             s, d = src[lo:hi], dst[lo:hi]
+            ps, pd, feat, _ = _pad_chunk(s, d, _rows(edge_feat, lo, hi), rows, ctx.pad)
             with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype,
                                                      enabled=enabled):
                 leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in
-                          zip(_gather_edges(node_i, node_j, x, _rows(edge_feat, lo, hi), s, d),
+                          zip(_gather_edges(node_i, node_j, x, feat, ps, pd),
                               (want_i, want_j, want_x, want_x, want_feat))]
                 weights = [p.detach().requires_grad_(w) for p, w in zip(params, want_params)]
                 m, trans = layer._edge_messages(*leaves, ctx.length_scale, tuple(weights))
+                m, trans = m[:, :e], trans[:, :e]
                 outs, grads = [trans], [grad_trans.index_select(1, d).to(trans.dtype)]
                 if use_m:
                     outs.append(m)
@@ -446,7 +498,9 @@ class _ChunkedEdges(torch.autograd.Function):
                 found = iter(torch.autograd.grad(outs, targets, grads, allow_unused=True))
             got = [next(found) if t is not None and t.requires_grad else None
                    for t in leaves + weights]
-            gi, gj, gxi, gxj, gb = got[:5]
+            # the padded edges' rows (zero gradients) are dropped
+            gi, gj, gxi, gxj, gb = (None if g is None else g.narrow(-2 if k == 4 else 1, 0, e)
+                                    for k, g in enumerate(got[:5]))
             if gi is not None:
                 g_i.index_add_(1, d, gi.to(g_i.dtype))
             if gj is not None:
@@ -456,7 +510,7 @@ class _ChunkedEdges(torch.autograd.Function):
             if gxj is not None:
                 g_x.index_add_(1, s, gxj.to(g_x.dtype))
             if gb is not None:
-                g_feat.narrow(-2, lo, hi - lo).add_(gb.to(g_feat.dtype))
+                g_feat.narrow(-2, lo, e).add_(gb.to(g_feat.dtype))
             for acc, g in zip(g_params, got[5:]):
                 if acc is not None and g is not None:
                     acc.add_(g.to(acc.dtype))
@@ -476,12 +530,13 @@ def _compiled_backward(ctx, acc: tuple[torch.Tensor | None, ...], grad_m: torch.
     for lo in range(0, src.shape[0], rows):
         hi = min(lo + rows, src.shape[0])
         nodes, s, d, feat = _chunk_nodes(edge_feat, src, dst, lo, hi)
+        s, d, feat, real = _pad_chunk(s, d, feat, rows, ctx.pad)
         local = [t.index_select(1, nodes) for t in (node_i, node_j, x)]
         with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
             leaves = [t.detach().requires_grad_(a is not None) if t is not None else None
                       for t, a in zip((*local, feat, *params), acc)]
             m_part, trans_part = layer.compiled_chunk(
-                layer, *leaves[:4], s, d, ctx.length_scale, use_m, tuple(leaves[4:]))
+                layer, *leaves[:4], s, d, ctx.length_scale, use_m, tuple(leaves[4:]), real)
             outs, grads = [trans_part], [grad_trans.index_select(1, nodes)]
             if use_m:
                 outs.append(m_part)
@@ -496,10 +551,25 @@ def _compiled_backward(ctx, acc: tuple[torch.Tensor | None, ...], grad_m: torch.
                 continue
             if k < 3:  # node terms and positions of the chunk's own nodes
                 into.index_add_(1, nodes, g.to(into.dtype))
-            elif k == 3:
-                into.narrow(-2, lo, hi - lo).add_(g.to(into.dtype))
+            elif k == 3:  # the chunk's own edge features (padded rows dropped)
+                into.narrow(-2, lo, hi - lo).add_(g.narrow(-2, 0, hi - lo).to(into.dtype))
             else:
                 into.add_(g.to(into.dtype))
+
+
+def _pad_chunk(src: torch.Tensor, dst: torch.Tensor, edge_feat: torch.Tensor | None, rows: int,
+               pad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int | None]:
+    """A chunk's edges padded (if ``pad``) to a multiple of ``rows`` / 8: full chunks keep their
+    size, the shorter last one takes one of 8 sizes (its size is spread evenly over 0..rows from
+    batch to batch, so finer buckets would still make dozens of shapes; this pads at most an
+    eighth of a chunk per pass). Returns the (padded) src, dst, features and the real edge count
+    if padded, else None."""
+    e = src.shape[0]
+    step = max(rows // 8, 1)
+    target = min(-(-e // step) * step, rows) if pad else e
+    if target <= e:
+        return src, dst, edge_feat, None
+    return (*_pad_edges(src, dst, edge_feat, target), e)
 
 
 def _chunk_nodes(edge_feat: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor, lo: int,
