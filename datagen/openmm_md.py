@@ -182,12 +182,55 @@ def _from_xml(xml: Path, pdb_path: Path | None) -> tuple[Any, Any, Any]:
                         "openmm.XmlSerializer.serialize(system)") from exc
     if not isinstance(system, mm.System):
         raise DataError(f"{xml}: holds a {type(system).__name__}, not a System")
-    pdb = app.PDBFile(str(pdb_path))
+    try:
+        pdb = app.PDBxFile(str(pdb_path)) if pdb_path.suffix.lower() in (".cif", ".pdbx") \
+            else app.PDBFile(str(pdb_path))
+    except Exception as exc:  # OpenMM's readers raise bare Exceptions (IndexError on junk)
+        raise DataError(f"{pdb_path}: unreadable coordinates for the System in {xml} "
+                        f"({type(exc).__name__}: {exc}); give the PDB (or PDBx/mmCIF) file the "
+                        "System was built from") from exc
     if pdb.topology.getNumAtoms() != system.getNumParticles():
         raise DataError(f"{xml}: the System has {system.getNumParticles()} particles but "
                         f"{pdb_path} has {pdb.topology.getNumAtoms()} atoms; give the PDB the "
                         "System was built from")
+    if system.usesPeriodicBoundaryConditions() and pdb.topology.getPeriodicBoxVectors() is None:
+        # no CRYST1: the run uses the System's own box, so record that one in the dataset
+        pdb.topology.setPeriodicBoxVectors(system.getDefaultPeriodicBoxVectors())
     return pdb.topology, system, pdb.positions
+
+
+def _solvent_of(system) -> str:
+    """``explicit``, ``implicit`` or ``vacuum``: what a built ``system`` models."""
+    import openmm as mm
+
+    if system.usesPeriodicBoundaryConditions():
+        return "explicit"
+    gb = (mm.GBSAOBCForce, mm.CustomGBForce) + ((mm.GBVIForce,) if hasattr(mm, "GBVIForce")
+                                                 else ())
+    return "implicit" if any(isinstance(f, gb) for f in system.getForces()) else "vacuum"
+
+
+def _refuse_xml_settings(xml: Path, *, hmr: bool, constraints: str | None = "default",
+                         solvent: str | None = None) -> None:
+    """A serialized System fixes its masses, constraints and solvent: refuse settings for them.
+
+    ``constraints="default"`` and ``solvent=None`` mean "not given".
+    """
+    given = []
+    if hmr:
+        given.append("hmr (--hmr)")
+    if constraints != "default":
+        given.append(f"constraints={constraints!r} (--constraints)")
+    if solvent is not None:
+        given.append(f"solvent={solvent!r} (--solvent)")
+    if given:
+        raise ConfigError(
+            f"{xml}: a serialized System already fixes its particle masses, constraints and "
+            f"solvent model, so {', '.join(given)} cannot be applied to it; drop "
+            f"{'these options' if len(given) > 1 else 'this option'}, or re-create the System "
+            "with those settings (ForceField.createSystem(..., hydrogenMass=3*amu, "
+            "constraints=HBonds), then XmlSerializer.serialize) or pass the PDB/prmtop itself "
+            "as the system")
 
 
 def apply_cutoff(system, cutoff_nm: float) -> None:
@@ -240,7 +283,9 @@ def prepare_system(system: str | os.PathLike, *, solvent: str = "vacuum",
             ``explicit`` (PME; the input must be solvated and carry a box).
         forcefield: OpenMM force-field XML files for PDB inputs (default amber14-all.xml).
         constraints: ``None``, ``"HBonds"``, ``"AllBonds"`` or ``"HAngles"``.
-        hmr: hydrogen mass repartitioning (H mass ``HMR_HYDROGEN_MASS_AMU``).
+        hmr: hydrogen mass repartitioning (H mass ``HMR_HYDROGEN_MASS_AMU``); refused for a
+            System XML, whose masses are fixed (as are its constraints and solvent: the
+            ``solvent`` of the result is read from the System, ``constraints`` ignored).
         cutoff_nm: nonbonded/GB cutoff for vacuum or implicit solvent (default: none, exact).
     """
     prepared = _prepare_system(system, solvent=solvent, forcefield=forcefield,
@@ -301,8 +346,9 @@ def _prepare_system(system, *, solvent, forcefield, constraints, hmr,
         return PreparedSystem(top, sys_, pos, path.stem, "amber prmtop", solvent,
                               [str(path), str(coords)])
     if suffix == ".xml":
+        _refuse_xml_settings(path, hmr=hmr)
         top, sys_, pos = _from_xml(path, coords)
-        return PreparedSystem(top, sys_, pos, path.stem, "serialized System", "as serialized",
+        return PreparedSystem(top, sys_, pos, path.stem, "serialized System", _solvent_of(sys_),
                               [str(path), str(coords)])
     raise DataError(f"{path}: unknown system file type {suffix!r}; give a PDB/PDBx, an Amber "
                     "prmtop (+ inpcrd) or a serialized System XML (+ PDB)")
@@ -316,6 +362,7 @@ def topology_from_openmm(topology, system) -> Topology:
     z = [a.element.atomic_number if a.element is not None else 0 for a in atoms]
     masses = [system.getParticleMass(i).value_in_unit(unit.amu) for i in range(len(atoms))]
     bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
+    segment = chain_segment_ids(topology)
     return Topology(
         atomic_numbers=np.array(z), masses=np.array(masses),
         atom_names=[a.name for a in atoms],
@@ -323,7 +370,22 @@ def topology_from_openmm(topology, system) -> Topology:
                      else a.residue.index + 1 for a in atoms],
         residue_names=[a.residue.name for a in atoms],
         bonds=np.array(bonds, dtype=np.int64).reshape(-1, 2),
-        segment_ids=[a.residue.chain.id for a in atoms])
+        segment_ids=[segment[a.residue.chain.index] for a in atoms])
+
+
+def chain_segment_ids(topology) -> list[str]:
+    """One distinct segment id per chain of an ``openmm.app.Topology``, in chain order.
+
+    A chain keeps its id when it is non-blank and unique; a blank or repeated id (PDB files may
+    leave the chain column empty, or reuse an id for waters and ions) becomes the chain's
+    index, so residues of different chains never share a (segment id, residue number) label.
+    """
+    ids = [str(c.id).strip() for c in topology.chains()]
+    counts = {i: ids.count(i) for i in ids}
+    out = [i if i and counts[i] == 1 else str(k) for k, i in enumerate(ids)]
+    if len(set(out)) != len(out):  # an index coincides with a kept id: number every chain
+        out = [str(k) for k in range(len(ids))]
+    return out
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -345,6 +407,15 @@ def choose_platform(name: str, n_atoms: int, solvent: str):
         raise err(f"OpenMM platform {name!r} is not available here (have {available}); choose one "
                   "of those or --platform auto")
     return mm.Platform.getPlatformByName(name)
+
+
+def _hydrogen_mass_amu(topology: Topology) -> float | list[float] | None:
+    """The hydrogen mass(es) the System simulates, amu: one value, or the distinct ones (HMR
+    leaves water hydrogens light); ``None`` without hydrogens."""
+    masses = np.unique(np.round(topology.masses[topology.atomic_numbers == 1], 4))
+    if len(masses) == 0:
+        return None
+    return float(masses[0]) if len(masses) == 1 else [float(m) for m in masses]
 
 
 def _openmm_seed(seed: int) -> int:
@@ -485,6 +556,9 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
     if checkpoint_frames < 1:
         raise ConfigError(f"checkpoint_frames={checkpoint_frames} must be at least 1")
     spec: BuiltinSystem | None = BUILTIN_SYSTEMS.get(str(system))
+    serialized = spec is None and Path(system).suffix.lower() == ".xml"
+    if serialized:
+        _refuse_xml_settings(Path(system), hmr=hmr, constraints=constraints, solvent=solvent)
     solvent = solvent or (spec.solvent if spec else "vacuum")
     if constraints == "default":
         constraints = spec.constraints if spec else "HBonds"
@@ -510,6 +584,7 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
     prepared = prepare_system(system, solvent=solvent, forcefield=forcefield,
                               constraints=constraints, hmr=hmr, coordinates=coordinates,
                               cutoff_nm=cutoff_nm)
+    solvent = prepared.solvent  # a serialized System's own
     gas_phase = solvent == "vacuum" and prepared.topology.getPeriodicBoxVectors() is None
     if integrator is None:
         small = prepared.system.getNumParticles() < REFERENCE_MAX_ATOMS
@@ -535,8 +610,10 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
         "seed": int(seed), "integrator": integrator,
         "friction_per_ps": float(friction_per_ps) if integrator == "langevin" else None,
         "thermostat_temperature_K": float(thermostat_K), "kinetic_dof": dof,
-        "hmr": bool(hmr), "hydrogen_mass_amu": HMR_HYDROGEN_MASS_AMU if hmr else None,
-        "constraints": constraints, "equilibrate_ps": float(equilibrate_ps),
+        "hmr": bool(hmr), "hydrogen_mass_amu": _hydrogen_mass_amu(topology),
+        "constraints": "as serialized" if serialized else constraints,
+        "n_constraints": int(prepared.system.getNumConstraints()),
+        "equilibrate_ps": float(equilibrate_ps),
         "platform": plat.getName(), "source_files": prepared.source_files,
         "velocities": "half-step (leapfrog)" if integrator == "langevin" else "on-step",
         "command": command if command is not None else shlex.join(sys.argv),

@@ -243,3 +243,83 @@ def test_cli_bad_interval_exit_code(tmp_path, capsys):
                  "0.003", "-o", str(tmp_path / "o.h5")])
     assert code != 0 and "multiple" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def _serialized(tmp_path, solvent="vacuum"):
+    from openmm import XmlSerializer, app
+
+    prepared = prepare_system("alanine-dipeptide", solvent=solvent)
+    xml = tmp_path / f"{solvent}.xml"
+    xml.write_text(XmlSerializer.serialize(prepared.system))
+    pdb = tmp_path / "ala.pdb"
+    with open(pdb, "w") as fh:
+        app.PDBFile.writeFile(prepared.topology, prepared.positions, fh)
+    return xml, pdb, prepared.system
+
+
+@pytest.mark.parametrize("setting", [{"hmr": True}, {"constraints": None},
+                                     {"constraints": "AllBonds"}, {"solvent": "implicit"}])
+def test_system_xml_refuses_settings_it_cannot_apply(tmp_path, setting):
+    xml, pdb, _ = _serialized(tmp_path)
+    with pytest.raises(ConfigError, match=r"vacuum\.xml: a serialized System already fixes"):
+        run_openmm(xml, tmp_path / "x.h5", coordinates=pdb, frames=2, equilibrate_ps=0.0,
+                   **setting)
+    assert not list(tmp_path.glob("x.h5*"))
+
+
+def test_cli_system_xml_with_hmr_is_a_user_error(tmp_path, capsys):
+    xml, pdb, _ = _serialized(tmp_path)
+    argv = ["openmm", "--system", str(xml), "--coordinates", str(pdb), "--frames", "2",
+            "--equilibrate-ps", "0", "-o", str(tmp_path / "x.h5")]
+    assert main([*argv, "--hmr"]) == 2
+    err = capsys.readouterr().err
+    assert str(xml) in err and "--hmr" in err and "re-create the System" in err
+
+
+def test_system_xml_metadata_describes_the_system_as_serialized(tmp_path):
+    xml, pdb, system = _serialized(tmp_path, "implicit")
+    out = run_openmm(xml, tmp_path / "x.h5", coordinates=pdb, frames=2, equilibrate_ps=0.0,
+                     progress=False)
+    with open_trajectory(out) as f:
+        m = f.metadata
+        assert m["n_constraints"] == system.getNumConstraints() == 12  # the X-H bonds
+        assert m["constraints"] == "as serialized" and m["hmr"] is False
+        assert m["hydrogen_mass_amu"] == pytest.approx(1.008)
+        assert m["step_fs"] == 2.0
+        assert m["solvent"] == "implicit" and m["integrator"] == "langevin"
+        h = f.topology.atomic_numbers == 1
+        np.testing.assert_allclose(f.topology.masses[h], 1.008)
+
+
+def test_hmr_metadata_records_the_simulated_hydrogen_mass(tmp_path):
+    out = run_openmm("alanine-dipeptide", tmp_path / "h.h5", frames=1, equilibrate_ps=0.0,
+                     hmr=True, progress=False)
+    with open_trajectory(out) as f:
+        m = f.metadata
+        assert m["hmr"] is True and m["step_fs"] == 4.0
+        assert m["hydrogen_mass_amu"] == pytest.approx(3.0) and m["n_constraints"] == 12
+        np.testing.assert_allclose(f.topology.masses[f.topology.atomic_numbers == 1], 3.0)
+
+
+def test_system_xml_with_unreadable_coordinates_names_the_file(tmp_path):
+    xml, _, _ = _serialized(tmp_path)
+    bad = tmp_path / "bad.pdb"
+    bad.write_text("garbage\n")
+    with pytest.raises(DataError, match=r"bad\.pdb: unreadable coordinates"):
+        run_openmm(xml, tmp_path / "x.h5", coordinates=bad, frames=2, equilibrate_ps=0.0)
+
+
+def test_chains_with_blank_or_repeated_ids_get_distinct_segment_ids():
+    from openmm import app
+
+    from datagen.openmm_md import chain_segment_ids
+
+    top = app.Topology()
+    for cid in (" ", " ", "A", "B", "B", "1"):
+        top.addChain(cid)
+    # "1" is a kept id and the index of a blank chain: every chain is numbered instead
+    assert chain_segment_ids(top) == [str(k) for k in range(6)]
+    top2 = app.Topology()
+    for cid in (" ", "A", " "):
+        top2.addChain(cid)
+    assert chain_segment_ids(top2) == ["0", "A", "2"]
