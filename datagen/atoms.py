@@ -94,15 +94,17 @@ def select_indices(topology: Topology, select: str | None, source: str | os.Path
         return np.arange(n)
     import MDAnalysis as mda
 
-    res_ids, res_index = np.unique(topology.residue_ids, return_inverse=True)
-    u = mda.Universe.empty(n, n_residues=len(res_ids), atom_resindex=res_index,
+    # residues as runs of atoms (chains that restart their numbering stay apart)
+    res_index = topology.residue_index()
+    first = np.unique(res_index, return_index=True)[1]
+    res_ids = topology.residue_ids[first]
+    u = mda.Universe.empty(n, n_residues=len(first), atom_resindex=res_index,
                            trajectory=False)
     u.add_TopologyAttr("names", topology.atom_names)
     u.add_TopologyAttr("elements", topology.elements)
     u.add_TopologyAttr("types", topology.elements)
     u.add_TopologyAttr("masses", topology.masses)
     u.add_TopologyAttr("resids", res_ids)
-    first = np.unique(res_index, return_index=True)[1]
     u.add_TopologyAttr("resnames", topology.residue_names[first])
     if len(topology.bonds):
         u.add_TopologyAttr("bonds", [tuple(b) for b in topology.bonds.tolist()])

@@ -8,9 +8,12 @@ engine needs every atom, so after each jump the others are carried along by rigi
   atoms within two bonds of it) from the pre-jump onto the predicted coordinates. Its bond length
   is kept exactly, its angles approximately.
 - **residues**: every other unpredicted atom follows the superposition of its residue's predicted
-  atoms (side chains onto a predicted backbone). A residue with fewer than three predicted atoms
-  falls back to the neighbourhood of the nearest predicted atom (by bond hops), and an atom with
-  no bonded path to a predicted atom to all predicted atoms.
+  atoms (side chains onto a predicted backbone). Residues are those of
+  :func:`~surrogate_md.data.h5md.residue_index_of`: a new one wherever (segment id, residue
+  number) changes along the atoms, so equally numbered residues of two chains stay apart. A
+  residue with fewer than three predicted atoms falls back to the neighbourhood of the nearest
+  predicted atom (by bond hops), and an atom with no bonded path to a predicted atom to all
+  predicted atoms.
 
 Groups with fewer than three reference atoms are translated only (a rotation from one or two
 points is undetermined). All positions in Å. Shared by the OpenMM and ASE integrations.
@@ -22,6 +25,9 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+
+from surrogate_md.data.h5md import residue_index_of
+from surrogate_md.errors import DataError
 
 
 def kabsch(source: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None
@@ -70,26 +76,34 @@ class Reconstructor:
         model_atoms: (m,) indices of the predicted atoms.
         bonds: (B, 2) bonds of the full system.
         atomic_numbers: (n_atoms,) to tell hydrogens apart.
-        residue_ids: (n_atoms,) residue labels (any hashable ints).
+        residue_ids: (n_atoms,) int residue numbers as in the source (may restart per chain).
+        segment_ids: (n_atoms,) chain/segment labels, or ``None``; with ``residue_ids`` they
+            define the residues (:func:`~surrogate_md.data.h5md.residue_index_of`).
     """
 
     def __init__(self, n_atoms: int, model_atoms: np.ndarray, bonds: np.ndarray,
-                 atomic_numbers: np.ndarray, residue_ids: np.ndarray) -> None:
+                 atomic_numbers: np.ndarray, residue_ids: np.ndarray,
+                 segment_ids: np.ndarray | None = None) -> None:
         self.n_atoms = int(n_atoms)
         self.model_atoms = np.asarray(model_atoms, dtype=np.int64)
         predicted = np.zeros(self.n_atoms, dtype=bool)
         predicted[self.model_atoms] = True
         self.predicted = predicted
         self.missing = np.nonzero(~predicted)[0]
+        if len(residue_ids) != self.n_atoms:
+            raise DataError(f"{len(residue_ids)} residue ids for {self.n_atoms} atoms; the "
+                            "topology must list every atom of the full system")
         self._groups = self._build(np.asarray(bonds, dtype=np.int64).reshape(-1, 2),
-                                   np.asarray(atomic_numbers), np.asarray(residue_ids))
+                                   np.asarray(atomic_numbers),
+                                   residue_index_of(residue_ids, segment_ids))
 
     @classmethod
     def for_surrogate(cls, surrogate) -> Reconstructor:
         """Reconstructor for the full system a :class:`~surrogate_md.Surrogate` was trained on."""
         topo = surrogate.topology
         return cls(surrogate.n_atoms, surrogate.model_atoms, np.asarray(topo["bonds"]),
-                   np.asarray(topo["atomic_numbers"]), np.asarray(topo["residue_ids"]))
+                   np.asarray(topo["atomic_numbers"]), np.asarray(topo["residue_ids"]),
+                   topo.get("segment_ids"))
 
     @property
     def is_identity(self) -> bool:
@@ -97,6 +111,7 @@ class Reconstructor:
         return len(self.missing) == 0
 
     def _build(self, bonds: np.ndarray, z: np.ndarray, residues: np.ndarray) -> _Groups:
+        """``residues``: (n_atoms,) residue numbers 0..R-1."""
         n = self.n_atoms
         nbrs: list[list[int]] = [[] for _ in range(n)]
         for a, b in bonds:
@@ -130,9 +145,12 @@ class Reconstructor:
             return None
 
         by_anchor_set: dict[tuple[int, ...], list[int]] = {}
-        residue_pred: dict[int, tuple[int, ...]] = {}
-        for r in np.unique(residues):
-            residue_pred[int(r)] = tuple(np.nonzero((residues == r) & pred)[0].tolist())
+        # residue numbers never decrease along the atoms, so each residue's predicted atoms are
+        # one slice of the predicted atoms
+        pred_atoms = np.nonzero(pred)[0]
+        n_res = int(residues.max(initial=-1)) + 1
+        cuts = np.searchsorted(residues[pred_atoms], np.arange(1, max(n_res, 1)))
+        residue_pred = [tuple(part.tolist()) for part in np.split(pred_atoms, cuts)]
         everything = tuple(self.model_atoms.tolist())
         for atom in self.missing:
             atom = int(atom)

@@ -7,7 +7,8 @@ A checkpoint is a dict of tensors and plain Python values (no pickled classes)::
     protocol: {kind, jump_frames, n_out, history, history_stride, interval_ps, jump_ps,
                times_ps, history_stride_ps, velocity_source}
     selection: NodeSelection.to_dict(), graph: GraphBuilder.to_dict()
-    topology: {atomic_numbers, atom_names, residue_ids, residue_names, bonds, masses} (full system)
+    topology: {atomic_numbers, atom_names, residue_ids, residue_names, segment_ids, bonds,
+    masses} (full system)
     validity: {bonds, bond_length_mean_A, bond_tolerance_A, min_distance_A}
     provenance: {data files and their metadata}, versions: {surrogate_md, torch}
     training (last.pt only): optimiser, scheduler, RNG states, epoch, step, best metric
@@ -123,6 +124,7 @@ def build_payload(model: torch.nn.Module, *, protocol: dict[str, Any], selection
                      "atom_names": topology.atom_names.tolist(),
                      "residue_ids": topology.residue_ids.tolist(),
                      "residue_names": topology.residue_names.tolist(),
+                     "segment_ids": topology.segment_ids.tolist(),
                      "bonds": topology.bonds.tolist()},
         "validity": None if validity is None else validity.to_dict(),
         "provenance": provenance or {},

@@ -90,7 +90,7 @@ def backbone_torsion_atoms(topology: Topology, atoms: np.ndarray | None = None
     """Atom quadruples for backbone phi and psi, from N/CA/C names of consecutive residues.
 
     phi(i) = C(i-1), N(i), CA(i), C(i); psi(i) = N(i), CA(i), C(i), N(i+1), for residues of one
-    segment whose numbers differ by one. ``atoms`` (optional) restricts to these atom indices and
+    chain (:meth:`Topology.chain_index`) whose numbers differ by one. ``atoms`` (optional) restricts to these atom indices and
     returns quadruples as positions in ``atoms``.
 
     Returns:
@@ -99,11 +99,12 @@ def backbone_torsion_atoms(topology: Topology, atoms: np.ndarray | None = None
     names = np.char.upper(topology.atom_names.astype(str))
     allowed = np.arange(topology.n_atoms) if atoms is None else np.asarray(atoms)
     where = {int(a): k for k, a in enumerate(allowed)}
-    table: dict[tuple[str, int], dict[str, int]] = {}
+    chain = topology.chain_index()
+    table: dict[tuple[int, int], dict[str, int]] = {}
     for a in allowed:
         name = names[a]
         if name in ("N", "CA", "C"):
-            key = (str(topology.segment_ids[a]), int(topology.residue_ids[a]))
+            key = (int(chain[a]), int(topology.residue_ids[a]))
             table.setdefault(key, {}).setdefault(name, int(a))
     phi, psi = [], []
     for (seg, res), here in table.items():
@@ -174,13 +175,15 @@ def chain_breaks(frames: np.ndarray, ca_pairs: np.ndarray, max_A: float = 4.5) -
 
 
 def consecutive_ca_pairs(topology: Topology, atoms: np.ndarray | None = None) -> np.ndarray:
-    """(n, 2) positions (in ``atoms``) of CA atoms of consecutive residues of one segment."""
+    """(n, 2) positions (in ``atoms``) of CA atoms of consecutive residues of one chain
+    (:meth:`Topology.chain_index`)."""
     names = np.char.upper(topology.atom_names.astype(str))
     allowed = np.arange(topology.n_atoms) if atoms is None else np.asarray(atoms)
+    chain = topology.chain_index()
     ca = {}
     for k, a in enumerate(allowed):
         if names[a] == "CA":
-            ca.setdefault((str(topology.segment_ids[a]), int(topology.residue_ids[a])), k)
+            ca.setdefault((int(chain[a]), int(topology.residue_ids[a])), k)
     pairs = [[k, ca[(seg, res + 1)]] for (seg, res), k in ca.items() if (seg, res + 1) in ca]
     return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 

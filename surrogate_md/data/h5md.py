@@ -59,6 +59,40 @@ def element_symbol(z: int) -> str:
     return ELEMENTS[z] if 0 < z < len(ELEMENTS) else "X"
 
 
+def _residue_labels(residue_ids, segment_ids) -> tuple[np.ndarray, np.ndarray]:
+    res = np.asarray(residue_ids, dtype=np.int64).reshape(-1)
+    seg = (np.full(len(res), "", dtype=str) if segment_ids is None
+           else np.asarray(segment_ids, dtype=str).reshape(-1))
+    if len(seg) != len(res):
+        raise DataError(f"{len(seg)} segment ids for {len(res)} residue ids; give one per atom")
+    return res, seg
+
+
+def residue_index_of(residue_ids, segment_ids=None) -> np.ndarray:
+    """(N,) int64 residue numbers 0..R-1 of atoms listed residue by residue.
+
+    A new residue starts wherever ``(segment_id, residue_id)`` changes from one atom to the next,
+    so residues of different chains that share a number (PDB numbering restarts in every chain)
+    stay apart even when chains have blank or equal segment ids. ``segment_ids`` may be ``None``.
+    """
+    res, seg = _residue_labels(residue_ids, segment_ids)
+    new = np.ones(len(res), dtype=bool)
+    new[1:] = (res[1:] != res[:-1]) | (seg[1:] != seg[:-1])
+    return np.cumsum(new, dtype=np.int64) - 1
+
+
+def chain_index_of(residue_ids, segment_ids=None) -> np.ndarray:
+    """(N,) int64 chain numbers 0..C-1 of atoms listed chain by chain.
+
+    A new chain starts wherever the segment id changes, or the residue number decreases within
+    one segment id (numbering restarts in a new chain whose segment id is blank or repeated).
+    """
+    res, seg = _residue_labels(residue_ids, segment_ids)
+    new = np.ones(len(res), dtype=bool)
+    new[1:] = (res[1:] < res[:-1]) | (seg[1:] != seg[:-1])
+    return np.cumsum(new, dtype=np.int64) - 1
+
+
 @dataclass
 class Topology:
     """What a model needs to know about the atoms of a trajectory, as plain numpy arrays.
@@ -108,6 +142,14 @@ class Topology:
     @property
     def elements(self) -> list[str]:
         return [element_symbol(int(z)) for z in self.atomic_numbers]
+
+    def residue_index(self) -> np.ndarray:
+        """(N,) int64 residue numbers 0..R-1 (see :func:`residue_index_of`)."""
+        return residue_index_of(self.residue_ids, self.segment_ids)
+
+    def chain_index(self) -> np.ndarray:
+        """(N,) int64 chain numbers 0..C-1 (see :func:`chain_index_of`)."""
+        return chain_index_of(self.residue_ids, self.segment_ids)
 
     def subset(self, index: np.ndarray) -> Topology:
         """Topology of the atoms ``index`` (in that order); bonds inside the subset are kept."""

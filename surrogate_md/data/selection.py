@@ -110,12 +110,11 @@ def _is_protein(topology: Topology) -> np.ndarray:
 
 def _residue_nodes(topology: Topology, where: str) -> NodeSelection:
     names = np.char.upper(topology.atom_names.astype(str))
-    key = np.char.add(topology.segment_ids.astype(str),
-                      np.char.add(":", topology.residue_ids.astype(str)))
+    residue = topology.residue_index()
+    starts = np.flatnonzero(np.diff(residue, prepend=-1))
     rows, types = [], []
-    _, first = np.unique(key, return_index=True)
-    for start in np.sort(first):
-        members = np.nonzero(key == key[start])[0]
+    for start, stop in zip(starts, [*starts[1:], topology.n_atoms]):
+        members = np.arange(start, stop)
         found = [members[names[members] == b] for b in BACKBONE_NAMES]
         if all(len(f) for f in found):
             rows.append([int(f[0]) for f in found])
