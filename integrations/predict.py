@@ -4,12 +4,12 @@ Example::
 
     python -m integrations.predict RUN/best.pt --topology system.pdb -n 100 -o traj.xtc
 
-Builds the OpenMM System (amber14 for PDB/PDBx files, or the Amber prmtop given as
-``--topology``), runs :class:`~integrations.openmm_simulation.SurrogateSimulation` with a progress
-bar and writes, beside ``OUT``: ``OUT`` itself (all outputs appear under their final names only
-when the run succeeds), ``<OUT stem>.csv`` (StateDataReporter: step, time, energies,
-temperature) and ``<OUT stem>.json`` (provenance: surrogate, checkpoint hash, inputs, guard
-summary, timings).
+Builds the OpenMM System (amber14 for PDB/PDBx files, or the Amber prmtop or GROMACS .top given
+as ``--topology``, with ``--coordinates``, whose box is used), runs
+:class:`~integrations.openmm_simulation.SurrogateSimulation` with a progress bar and writes,
+beside ``OUT``: ``OUT`` itself (all outputs appear under their final names only when the run
+succeeds), ``<OUT stem>.csv`` (StateDataReporter: step, time, energies, temperature) and
+``<OUT stem>.json`` (provenance: surrogate, checkpoint hash, inputs, guard summary, timings).
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "OpenMM and write an XTC or DCD trajectory.")
     p.add_argument("checkpoint", help="surrogate checkpoint (best.pt/last.pt)")
     p.add_argument("--topology", required=True,
-                   help="PDB/PDBx file (force field from --forcefield) or Amber .prmtop")
-    p.add_argument("--coordinates", help="starting coordinates: PDB/PDBx or Amber inpcrd/rst7 "
-                                         "(default: the topology file's own coordinates)")
+                   help="PDB/PDBx file (force field from --forcefield), Amber .prmtop or GROMACS "
+                        ".top")
+    p.add_argument("--coordinates", help="starting coordinates and box: PDB/PDBx, GROMACS .gro "
+                                         "or Amber inpcrd/rst7 (default: the topology file's "
+                                         "own coordinates)")
     p.add_argument("-n", "--jumps", type=int, required=True, help="number of learned jumps")
     p.add_argument("-o", "--output", required=True, help="trajectory file, .xtc or .dcd")
     p.add_argument("--platform", help="OpenMM platform (Reference, CPU, CUDA, OpenCL); "
@@ -63,56 +65,92 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_system(topology: str, coordinates: str | None, forcefields: list[str]):
-    """(openmm.app.Topology, System, positions) from a PDB/PDBx or prmtop (+ coordinates)."""
+    """(openmm.app.Topology, System, positions, box) from a PDB/PDBx, an Amber prmtop or a
+    GROMACS .top (+ coordinates).
+
+    ``box`` is the periodic box of the coordinates (``--coordinates`` when given, else the
+    topology file's own), or ``None``; the caller sets it on a periodic System's context, so
+    coordinates equilibrated at constant pressure run in their own box.
+    """
     from openmm import app
 
     top_path = Path(topology)
     if not top_path.is_file():
-        raise DataError(f"{top_path}: no such topology file; give a PDB/PDBx or Amber prmtop")
+        raise DataError(f"{top_path}: no such topology file; give a PDB/PDBx, an Amber prmtop or "
+                        "a GROMACS .top")
     coord_path = Path(coordinates) if coordinates else None
     if coord_path is not None and not coord_path.is_file():
         raise DataError(f"{coord_path}: no such coordinate file")
     suffix = top_path.suffix.lower()
+    amber = suffix in (".prmtop", ".parm7") or (suffix == ".top" and _is_amber_prmtop(top_path))
     try:
-        if suffix in (".prmtop", ".parm7", ".top"):
+        if amber or suffix == ".top":
+            kind = "an Amber prmtop" if amber else "a GROMACS topology"
             if coord_path is None:
-                raise DataError(f"{top_path}: an Amber prmtop has no coordinates; pass "
-                                "--coordinates FILE.inpcrd")
-            prmtop = app.AmberPrmtopFile(str(top_path))
+                raise DataError(f"{top_path}: {kind} has no coordinates; pass --coordinates "
+                                f"{'FILE.inpcrd' if amber else 'FILE.gro'}")
             positions, box = _coordinates(coord_path)
+            if amber:
+                top_file = app.AmberPrmtopFile(str(top_path))
+            else:  # #include files resolve beside the .top, then in $GMXDATA/top (or the
+                # share/gromacs/top of the gmx on PATH)
+                top_file = app.GromacsTopFile(str(top_path), periodicBoxVectors=box)
             method = app.PME if box is not None else app.NoCutoff
-            system = prmtop.createSystem(nonbondedMethod=method, constraints=app.HBonds)
-            return prmtop.topology, system, positions
-        structure = (app.PDBxFile if suffix in (".cif", ".pdbx") else app.PDBFile)(str(top_path))
-        positions = structure.positions
-        if coord_path is not None:
-            positions, _ = _coordinates(coord_path)
-        ff = app.ForceField(*forcefields)
-        method = (app.PME if structure.topology.getPeriodicBoxVectors() is not None
-                  else app.NoCutoff)
-        system = ff.createSystem(structure.topology, nonbondedMethod=method,
-                                 constraints=app.HBonds)
-        return structure.topology, system, positions
-    except (ValueError, KeyError, OSError) as exc:
-        raise DataError(f"{top_path}: cannot build an OpenMM System ({exc}); check the file and "
-                        "--forcefield, or give an Amber prmtop") from exc
+            system = top_file.createSystem(nonbondedMethod=method, constraints=app.HBonds)
+            top = top_file.topology
+        else:
+            structure = (app.PDBxFile if suffix in (".cif", ".pdbx") else app.PDBFile)(
+                str(top_path))
+            positions, box = structure.positions, structure.topology.getPeriodicBoxVectors()
+            if coord_path is not None:
+                positions, coord_box = _coordinates(coord_path)
+                box = coord_box if coord_box is not None else box
+            top = structure.topology
+            if box is not None:
+                top.setPeriodicBoxVectors(box)
+            ff = app.ForceField(*forcefields)
+            method = app.PME if box is not None else app.NoCutoff
+            system = ff.createSystem(top, nonbondedMethod=method, constraints=app.HBonds)
+    except SurrogateMDError:
+        raise
+    except Exception as exc:  # OpenMM's readers raise bare Exceptions, IndexError on junk
+        raise DataError(f"{top_path}: cannot build an OpenMM System ({type(exc).__name__}: "
+                        f"{exc}); check the file and --forcefield (PDB), or give an Amber prmtop "
+                        "or a GROMACS .top whose #include files are beside it or under "
+                        "$GMXDATA/top") from exc
+    if len(positions) != system.getNumParticles():
+        raise DataError(f"{coord_path or top_path}: {len(positions)} atoms but the System of "
+                        f"{top_path} has {system.getNumParticles()}; give coordinates of the same "
+                        "system")
+    return top, system, positions, box
+
+
+def _is_amber_prmtop(path: Path) -> bool:
+    """Amber prmtops sometimes end in .top, like GROMACS topologies: tell them by content."""
+    with open(path, errors="replace") as fh:
+        return fh.read(512).lstrip().startswith(("%VERSION", "%FLAG"))
 
 
 def _coordinates(path: Path):
+    """(positions, box or None) from PDB/PDBx, GROMACS .gro or Amber inpcrd/rst7."""
     from openmm import app
 
     suffix = path.suffix.lower()
-    if suffix in (".inpcrd", ".rst7", ".crd", ".rst"):
-        crd = app.AmberInpcrdFile(str(path))
-        return crd.positions, crd.boxVectors
-    if suffix in (".cif", ".pdbx"):
-        f = app.PDBxFile(str(path))
-        return f.positions, f.topology.getPeriodicBoxVectors()
-    if suffix == ".pdb":
-        f = app.PDBFile(str(path))
-        return f.positions, f.topology.getPeriodicBoxVectors()
-    raise DataError(f"{path}: unsupported coordinate format {suffix!r}; use PDB, PDBx or Amber "
-                    "inpcrd/rst7")
+    try:
+        if suffix in (".inpcrd", ".rst7", ".crd", ".rst"):
+            crd = app.AmberInpcrdFile(str(path))
+            return crd.positions, crd.boxVectors
+        if suffix == ".gro":
+            gro = app.GromacsGroFile(str(path))
+            return gro.positions, gro.getPeriodicBoxVectors()
+        if suffix in (".cif", ".pdbx", ".pdb"):
+            f = (app.PDBFile if suffix == ".pdb" else app.PDBxFile)(str(path))
+            return f.positions, f.topology.getPeriodicBoxVectors()
+    except Exception as exc:  # OpenMM's readers raise bare Exceptions
+        raise DataError(f"{path}: unreadable coordinates ({type(exc).__name__}: {exc}); give a "
+                        "valid PDB, PDBx, GROMACS .gro or Amber inpcrd/rst7 file") from exc
+    raise DataError(f"{path}: unsupported coordinate format {suffix!r}; use PDB, PDBx, GROMACS "
+                    ".gro or Amber inpcrd/rst7")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -138,7 +176,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.jumps < 1 or args.report_interval < 1:
         raise DataError("-n/--jumps and --report-interval must be >= 1")
     surrogate = Surrogate.load(args.checkpoint, device=args.device)
-    topology, system, positions = load_system(args.topology, args.coordinates, args.forcefield)
+    topology, system, positions, box = load_system(args.topology, args.coordinates,
+                                                   args.forcefield)
     platform = None
     if args.platform:
         try:
@@ -151,6 +190,8 @@ def run(args: argparse.Namespace) -> dict:
     sim = SurrogateSimulation(topology, system, surrogate, platform=platform, guards=args.guard,
                               md_steps=args.md_steps, temperature_K=args.temperature_K,
                               progress=True)
+    if box is not None and system.usesPeriodicBoundaryConditions():
+        sim.context.setPeriodicBoxVectors(*box)
     sim.context.setPositions(positions)
     if args.minimize:
         sim.minimizeEnergy()

@@ -59,3 +59,120 @@ def test_help_runs_as_a_module(module):
     res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "--topology" in res.stdout
+
+
+def _periodic_alanine(tmp_path, edge_nm: float, name: str):
+    """Alanine dipeptide PDB with a cubic box of ``edge_nm`` (CRYST1)."""
+    from openmm import Vec3, app, unit
+
+    pdb = app.PDBFile(str(PDB))
+    pdb.topology.setPeriodicBoxVectors([Vec3(edge_nm, 0, 0), Vec3(0, edge_nm, 0),
+                                        Vec3(0, 0, edge_nm)] * unit.nanometer)
+    path = tmp_path / name
+    with open(path, "w") as fh:
+        app.PDBFile.writeFile(pdb.topology, pdb.positions, fh)
+    return path
+
+
+def test_predict_runs_in_the_box_of_the_coordinates(tmp_path):
+    """Coordinates equilibrated at constant pressure bring their own box: the run uses it."""
+    from integrations.predict import load_system
+
+    top = _periodic_alanine(tmp_path, 3.0, "top.pdb")
+    npt = _periodic_alanine(tmp_path, 2.8, "npt.pdb")
+    _, system, _, box = load_system(str(top), str(npt), ["amber14-all.xml"])
+    assert system.usesPeriodicBoundaryConditions()
+    assert box[0][0].value_in_unit(box[0][0].unit) * 10 == pytest.approx(28.0)
+    ck = make_checkpoint(cached_md(), tmp_path / "c.pt", model="constant")
+    out = tmp_path / "box.dcd"
+    assert main([str(ck), "--topology", str(top), "--coordinates", str(npt), "-n", "2", "-o",
+                 str(out), "--platform", "Reference"]) == 0
+    u = mda.Universe(str(top), str(out))
+    for _ in u.trajectory:
+        np.testing.assert_allclose(u.dimensions[:3], 28.0, atol=1e-3)
+
+
+TIP3P_TOP = """\
+[ defaults ]
+; nbfunc  comb-rule  gen-pairs  fudgeLJ  fudgeQQ
+1         2          yes        0.5      0.8333
+
+[ atomtypes ]
+; name  at.num  mass     charge  ptype  sigma     epsilon
+OW      8       15.9994  0.0     A      0.315061  0.636386
+HW      1       1.008    0.0     A      0.0       0.0
+
+[ moleculetype ]
+SOL  2
+
+[ atoms ]
+1  OW  1  SOL  OW   1  -0.834  15.9994
+2  HW  1  SOL  HW1  1   0.417   1.008
+3  HW  1  SOL  HW2  1   0.417   1.008
+
+[ bonds ]
+1  2  1  0.09572  502416.0
+1  3  1  0.09572  502416.0
+
+[ angles ]
+2  1  3  1  104.52  628.02
+
+[ system ]
+two waters
+
+[ molecules ]
+SOL  2
+"""
+
+TWO_WATERS_GRO = """\
+two waters
+6
+    1SOL     OW    1   0.100   0.100   0.100
+    1SOL    HW1    2   0.196   0.100   0.100
+    1SOL    HW2    3   0.076   0.193   0.100
+    2SOL     OW    4   0.800   0.800   0.800
+    2SOL    HW1    5   0.896   0.800   0.800
+    2SOL    HW2    6   0.776   0.893   0.800
+   2.50000   2.50000   2.50000
+"""
+
+
+def test_gromacs_top_and_amber_top_load(tmp_path):
+    """``.top`` is a GROMACS topology (with a .gro) unless its content is an Amber prmtop."""
+    import shutil
+
+    from datagen.systems import BUILTIN_SYSTEMS
+    from integrations.predict import load_system
+
+    top, gro = tmp_path / "topol.top", tmp_path / "conf.gro"
+    top.write_text(TIP3P_TOP)
+    gro.write_text(TWO_WATERS_GRO)
+    topology, system, positions, box = load_system(str(top), str(gro), [])
+    assert system.getNumParticles() == 6 == len(positions) == topology.getNumAtoms()
+    assert system.usesPeriodicBoundaryConditions()
+    assert box[2][2].value_in_unit(box[2][2].unit) == pytest.approx(2.5)
+    prmtop, inpcrd = BUILTIN_SYSTEMS["ethanol"].paths()
+    amber_top = tmp_path / "ethanol.top"
+    shutil.copy(prmtop, amber_top)
+    topology, system, _, box = load_system(str(amber_top), str(inpcrd), [])
+    assert system.getNumParticles() == 9 and box is None
+
+
+@pytest.mark.parametrize("case", ["junk top", "missing include", "no coordinates", "bad gro"])
+def test_bad_topologies_are_data_errors_naming_the_file(tmp_path, case, capsys):
+    top, gro = tmp_path / "topol.top", tmp_path / "conf.gro"
+    top.write_text({"junk top": "garbage\n[ nonsense\n",
+                    "missing include": '#include "nowhere.ff/forcefield.itp"\n' + TIP3P_TOP
+                    }.get(case, TIP3P_TOP))
+    gro.write_text("garbage\n" if case == "bad gro" else TWO_WATERS_GRO)
+    ck = make_checkpoint(cached_md(), tmp_path / "a.pt")
+    argv = [str(ck), "--topology", str(top), "-n", "1", "-o", str(tmp_path / "x.xtc")]
+    if case != "no coordinates":
+        argv += ["--coordinates", str(gro)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    named = gro if case == "bad gro" else top
+    assert f"error: {named}:" in err
+    if case == "no coordinates":
+        assert "--coordinates FILE.gro" in err
