@@ -3,7 +3,9 @@
 Frames hold positions (Å), velocities (Å/ps, converted from ASE's time unit with ``ase.units``),
 forces (kJ/mol/Å) and potential energies (kJ/mol, from eV with ``ase.units``). Non-periodic systems
 start with zero total linear and angular momentum; ``bussi`` (the default, a stochastic velocity
-rescaling thermostat) and ``verlet`` keep them zero, ``langevin`` does not.
+rescaling thermostat) and ``verlet`` keep them zero, ``langevin`` does not. The thermostat and the
+initial velocities count the kinetic degrees of freedom that remain (3N - 6 in vacuum, 3N - 3
+periodic, 3N with Langevin; ``metadata["kinetic_dof"]``), so the molecule's temperature is T.
 
 Long runs checkpoint every ``checkpoint_frames`` frames: the ``.partial`` dataset is flushed and
 the dynamics state (positions, momenta, cell, the thermostat's random-number state and the step
@@ -162,6 +164,8 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
     atoms.calc = make_calculator(calculator) if isinstance(calculator, str) else calculator
     rng = np.random.default_rng(seed)
     periodic = bool(atoms.pbc.any())
+    # from the starting structure, before a resumed run overwrites the positions
+    dof = kinetic_dof(atoms, integrator)
     from datagen.atoms import infer_bonds
 
     z = atoms.numbers.astype(np.int64)
@@ -171,6 +175,7 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
         "temperature_K": temperature_K, "step_fs": step_fs, "interval_ps": float(interval_ps),
         "steps_per_frame": steps_per_frame, "seed": int(seed), "integrator": integrator,
         "friction_per_ps": friction_per_ps if integrator != "verlet" else None,
+        "kinetic_dof": dof,
         "solvent": "vacuum" if not periodic else "periodic",
         "source_files": [str(atoms_or_name)] if isinstance(atoms_or_name, (str, os.PathLike))
         else [], "formula": atoms.get_chemical_formula(),
@@ -186,17 +191,17 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
     start_frame = 0
     if resuming:
         start_frame, dyn_state = _load_state(chk_path, atoms, steps_per_frame)
-        dyn = _make_dynamics(atoms, integrator, step_fs, temperature_K, friction_per_ps, rng)
+        dyn = _make_dynamics(atoms, integrator, step_fs, temperature_K, friction_per_ps, rng,
+                             dof)
         _restore_dynamics(chk_path, dyn, dyn_state)
         log.info("resuming %s at frame %d", out, start_frame)
     else:
         # ASE >= 3.28 renamed MaxwellBoltzmannDistribution to thermalize_momenta
         thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
         thermalize(atoms, temperature_K=temperature_K, rng=rng)
-        vd.Stationary(atoms)
-        if not periodic:
-            vd.ZeroRotation(atoms)
-        dyn = _make_dynamics(atoms, integrator, step_fs, temperature_K, friction_per_ps, rng)
+        _remove_rigid_motion(atoms, dof)
+        dyn = _make_dynamics(atoms, integrator, step_fs, temperature_K, friction_per_ps, rng,
+                             dof)
 
     v_fac, e_fac = ase_velocity_to_A_per_ps(), ev_to_kj_per_mol()
     writer = TrajectoryWriter(out, topology, metadata, velocities=True, forces=True,
@@ -331,8 +336,50 @@ def _restore_dynamics(path: Path, dyn, dyn_state: dict[str, Any]) -> None:
     _set_rng_state(getattr(dyn, "rng", None), dyn_state["rng"], path)
 
 
+def kinetic_dof(atoms, integrator: str) -> int:
+    """Kinetic degrees of freedom of a run of ``atoms`` with ``integrator``.
+
+    ``bussi`` and ``verlet`` keep the total momentum zero (and, without periodic boundaries, the
+    angular momentum): 3N - 3 periodic, 3N - 6 in vacuum (3N - 5 = 1 for a diatomic, the only
+    molecule that stays linear; a linear start bends, and with L = 0 it has 3N - 6). ``langevin``
+    kicks every atom: 3N. Constraints (ASE's count) come off first; constrained systems keep it.
+    """
+    n_ase = int(atoms.get_number_of_degrees_of_freedom())
+    if integrator == "langevin" or atoms.constraints:
+        return n_ase
+    if atoms.pbc.any():
+        return n_ase - 3
+    n = len(atoms)
+    dof = n_ase - (3 if n == 1 else 5 if n == 2 else 6)
+    if dof < 1:
+        raise ConfigError(f"{atoms.get_chemical_formula()}: a single atom in vacuum has no "
+                          f"internal motion to thermostat with integrator={integrator!r}; use "
+                          "integrator='langevin' or a periodic cell")
+    return dof
+
+
+def _remove_rigid_motion(atoms, dof: int) -> None:
+    """Zero the total (and, in vacuum, angular) momentum of Maxwell-Boltzmann velocities.
+
+    The projections leave the remaining degrees of freedom at the sampled temperature (ASE's
+    default would rescale them to the 3N-dof temperature: too hot by 3N/dof). When the run has
+    another count ``dof`` (Langevin: 3N; a linear start: 3N - 5 left, 3N - 6 once it bends),
+    rescale so that the kinetic temperature over ``dof`` is the sampled one.
+    """
+    from ase.md import velocitydistribution as vd
+
+    vd.Stationary(atoms, preserve_temperature=False)
+    kept = 3 * len(atoms) - 3
+    if not atoms.pbc.any():
+        with np.errstate(divide="ignore", invalid="ignore"):  # ASE divides by Ip = 0 (linear)
+            vd.ZeroRotation(atoms, preserve_temperature=False)
+        kept -= int((atoms.get_moments_of_inertia() > 0).sum())  # what ZeroRotation removed
+    if kept > 0 and kept != dof:
+        atoms.set_momenta(atoms.get_momenta() * math.sqrt(dof / kept))
+
+
 def _make_dynamics(atoms, integrator: str, step_fs: float, temperature_K: float,
-                   friction_per_ps: float, rng):
+                   friction_per_ps: float, rng, dof: int):
     from ase import units
 
     dt = step_fs * units.fs
@@ -345,7 +392,23 @@ def _make_dynamics(atoms, integrator: str, step_fs: float, temperature_K: float,
 
         return Langevin(atoms, timestep=dt, temperature_K=temperature_K,
                         friction=friction_per_ps / ase_ps(), fixcm=False, rng=rng)
+    import ase
     from ase.md.bussi import Bussi
 
-    return Bussi(atoms, timestep=dt, temperature_K=temperature_K,
-                 taut=ase_ps() / friction_per_ps, rng=rng)
+    dyn = Bussi(atoms, timestep=dt, temperature_K=temperature_K, taut=ase_ps() / friction_per_ps,
+                rng=rng)
+    # ASE's Bussi counts atoms.get_number_of_degrees_of_freedom() (3N less constraints) and aims
+    # the kinetic energy at ndof kT/2 with chi-squared(ndof) noise. With the rigid-body motion
+    # removed only `dof` of them carry energy, so that target would make the molecule hot by
+    # 3N/dof (385 K instead of 300 K for ethanol). Thermostat the degrees of freedom that exist.
+    if hasattr(dyn, "ndof") and hasattr(dyn, "target_kinetic_energy"):
+        dyn.ndof = dof
+        dyn.target_kinetic_energy = 0.5 * dyn.temp * dof
+    else:  # another ASE layout: scale the target instead (same mean, 3N-dof fluctuations)
+        n_ase = atoms.get_number_of_degrees_of_freedom()
+        log.warning("ase %s: Bussi has no ndof/target_kinetic_energy; aiming it at %.4g K so "
+                    "that %d degrees of freedom are at %.4g K", ase.__version__,
+                    temperature_K * dof / n_ase, dof, temperature_K)
+        dyn = Bussi(atoms, timestep=dt, temperature_K=temperature_K * dof / n_ase,
+                    taut=ase_ps() / friction_per_ps, rng=rng)
+    return dyn

@@ -65,6 +65,52 @@ def test_bussi_keeps_momenta_zero_and_cli(tmp_path):
         assert np.abs(p).max() < 1e-3  # float32 storage; thermal momenta ~ 100 amu Å/ps
 
 
+def test_bussi_gas_phase_cluster_is_at_target_temperature(tmp_path):
+    """Bussi thermostats the 3N - 6 degrees of freedom left with zero linear/angular momentum."""
+    from ase.calculators.emt import EMT
+    from ase.cluster import Icosahedron
+    from ase.optimize import BFGS
+
+    atoms = Icosahedron("Cu", 2)
+    atoms.calc = EMT()
+    BFGS(atoms, logfile=None).run(fmax=0.01)  # no potential energy left to turn into heat
+    # taut = 1 fs: each step draws a fresh canonical kinetic energy, so the mean is sharp
+    # (seeds 0-5 read 294-305 K; ASE's 3N-dof target read 348-358 K, 300 K x 39/33)
+    out = run_ase(atoms, "emt", tmp_path / "cu13.h5", frames=300, step_fs=2.0,
+                  interval_ps=0.004, temperature_K=300.0, friction_per_ps=1000.0, seed=0,
+                  progress=False)
+    with open_trajectory(out) as f:
+        temps = temperature_K(f.read(slice(None), "velocities"), f.topology.masses, 3 * 13 - 6)
+        assert abs(temps.mean() - 300.0) < 20.0
+        assert f.metadata["kinetic_dof"] == 3 * 13 - 6
+
+
+def test_kinetic_dof_and_initial_temperature():
+    from ase import Atoms, units
+    from ase.build import bulk, molecule
+    from ase.md import velocitydistribution as vd
+
+    from datagen.ase_md import _remove_rigid_motion, kinetic_dof
+
+    thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
+
+    cases = [(molecule("CH3CH2OH"), "bussi", 3 * 9 - 6), (molecule("CO"), "verlet", 1),
+             (molecule("CO2"), "bussi", 3), (molecule("CH4"), "langevin", 15),
+             (bulk("Cu", cubic=True), "bussi", 3 * 4 - 3)]
+    for atoms, integrator, dof in cases:
+        assert kinetic_dof(atoms, integrator) == dof
+        temps = []
+        for seed in range(400):
+            thermalize(atoms, temperature_K=300.0, rng=np.random.default_rng(seed))
+            _remove_rigid_motion(atoms, dof)
+            temps.append(2 * atoms.get_kinetic_energy() / (dof * units.kB))
+        # mean of 400 draws of chi2(dof)/dof x 300 K: standard error 300 * sqrt(2 / (400 dof))
+        assert abs(np.mean(temps) - 300.0) < 4 * 300.0 * np.sqrt(2.0 / (400 * dof)), atoms
+        assert np.abs(atoms.get_momenta().sum(axis=0)).max() < 1e-9
+    with pytest.raises(ConfigError, match="single atom"):
+        kinetic_dof(Atoms("Ar"), "bussi")
+
+
 def test_bad_ase_inputs(tmp_path):
     with pytest.raises(DataError, match="molecule name"):
         run_ase("NotAMolecule", "emt", tmp_path / "x.h5", frames=2)
