@@ -6,9 +6,12 @@ Three kinds of input, detected from the file names:
   ``energies``, ``forces``) ``.npz`` files: Å and kcal/mol, no time axis (frames 0.5 fs apart unless
   ``dt_ps`` says otherwise); bonds from the first frame by the covalent-radii rule.
 - Anything MDAnalysis reads: a topology (PSF, PDB, GRO, TPR, prmtop...) followed by one or more
-  trajectories (DCD, XTC, TRR...), concatenated in order. Molecules are made whole and kept from
-  jumping across periodic boundaries when the topology has bonds; velocities, forces and the box
-  are kept when present.
+  trajectories (DCD, XTC, TRR...), concatenated in order. Frame times come from the files (a
+  chained file's first frame that repeats the previous file's last is dropped; uneven or
+  decreasing times are refused); formats without times (XYZ, multi-model PDB) need ``dt_ps``.
+  Molecules are kept from jumping across periodic boundaries and made whole when the topology
+  has bonds (a bond longer than half the box afterwards is an error); velocities, forces and
+  the box are kept when present on every frame.
 - ASE trajectories (``.traj``, ``.extxyz``/``.xyz``) read with ``ase.io``.
 """
 
@@ -18,8 +21,9 @@ import logging
 import os
 import shlex
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +65,12 @@ class Block:
 
 @dataclass
 class Source:
-    """An opened input: topology of the kept atoms, per-file facts and a frame-block iterator."""
+    """An opened input: topology of the kept atoms, per-file facts and a frame-block iterator.
+
+    ``n_frames`` counts the frames in the input; repeated frames that ``blocks`` drops can make
+    the dataset shorter. ``report`` is filled while ``blocks`` runs (dropped frames, fields
+    missing on some frames) and goes into the metadata at the end.
+    """
 
     topology: Topology
     n_frames: int
@@ -69,6 +78,7 @@ class Source:
     blocks: Iterator[Block]
     fields: dict[str, bool]
     metadata: dict
+    report: dict = field(default_factory=dict)
 
 
 def _kcal_to_kj() -> float:
@@ -103,6 +113,28 @@ def _check_finite(name: str, array: np.ndarray, source: Path | str, first_frame:
 
 
 # -- MD17 -------------------------------------------------------------------------------------------
+def _md17_frame_order(old_indices: np.ndarray, n_frames: int, path: Path
+                      ) -> tuple[np.ndarray, int]:
+    """Time order of frames that carry their index in the original MD17 trajectory
+    (rMD17's ``old_indices``), and their spacing in MD17 frames.
+
+    rMD17 recomputed a random sample of each MD17 trajectory: its frames are not a time series
+    and cannot train a trajectory model. Refused unless the indices are evenly spaced.
+    """
+    old = np.asarray(old_indices).reshape(-1).astype(np.int64)
+    if len(old) != n_frames:
+        raise DataError(f"{path}: 'old_indices' has {len(old)} entries for {n_frames} frames")
+    order = np.argsort(old, kind="stable")
+    steps = np.diff(old[order])
+    if len(steps) and (steps.min() < 1 or steps.min() != steps.max()):
+        raise DataError(
+            f"{path}: its frames are a sample of an MD17 trajectory ('old_indices' from "
+            f"{old.min()} to {old.max()}, {steps.min()} to {steps.max()} frames apart), not a "
+            "time series a trajectory model can learn from; ingest the original MD17 npz of this "
+            "molecule (keys R, z, E, F), whose frames are consecutive 0.5 fs steps")
+    return order, int(steps[0]) if len(steps) else 1
+
+
 def _open_npz(path: Path, select: str | None, dt_ps: float | None) -> Source:
     try:
         data = np.load(path, allow_pickle=False)
@@ -134,10 +166,16 @@ def _open_npz(path: Path, select: str | None, dt_ps: float | None) -> Source:
             raise DataError(f"{path}: forces of shape {forces.shape} but positions "
                             f"{positions.shape}")
         _check_finite("forces", forces, path, 0)
+    stride = 1
+    if "old_indices" in keys:  # rMD17: frames picked from an MD17 trajectory, in that order?
+        order, stride = _md17_frame_order(data["old_indices"], len(positions), path)
+        positions = positions[order]
+        energies = None if energies is None else energies[order]
+        forces = None if forces is None else forces[order]
     topology = Topology.from_elements(z, standard_masses(z), infer_bonds(z, positions[0]))
     index = select_indices(topology, select, path)
     topology = topology.subset(index)
-    interval = MD17_INTERVAL_PS if dt_ps is None else float(dt_ps)
+    interval = stride * MD17_INTERVAL_PS if dt_ps is None else float(dt_ps)
     n = len(positions)
 
     def blocks() -> Iterator[Block]:
@@ -148,8 +186,9 @@ def _open_npz(path: Path, select: str | None, dt_ps: float | None) -> Source:
                         potential_energy=None if energies is None else energies[sl])
 
     meta = {"engine": flavour, "method": "ab initio (as distributed)",
-            "interval_ps": interval, "interval_source": "default (MD17: 0.5 fs)"
-            if dt_ps is None else "user"}
+            "interval_ps": interval,
+            "interval_source": "user" if dt_ps is not None else "default (MD17: 0.5 fs)"
+            if stride == 1 else f"MD17's 0.5 fs x {stride} (old_indices)"}
     fields = {"velocities": False, "forces": forces is not None,
               "energies": energies is not None, "box": False}
     return Source(topology, n, interval, blocks(), fields, meta)
@@ -163,6 +202,10 @@ def _universe(paths: list[Path]):
     try:
         return mda.Universe(str(topology_file), *[str(t) for t in trajectories])
     except Exception as exc:  # MDAnalysis raises many types for unreadable/mismatched files
+        # Drop the half-opened reader held by the traceback's frames now: its __del__ fails
+        # (no file attribute) and, run later by the garbage collector inside compile(), trips
+        # CPython 3.11's "AST constructor recursion depth mismatch" in unrelated code.
+        traceback.clear_frames(exc.__traceback__)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "number of atoms" in text or "atoms" in text and "match" in text:
             problem = "topology/trajectory atom-count mismatch"
@@ -194,25 +237,112 @@ def _mda_topology(atoms, source: Path) -> Topology:
                     segment_ids=segids)
 
 
-def _open_mdanalysis(paths: list[Path], select: str | None, dt_ps: float | None) -> Source:
+class _FieldMissing(Exception):
+    """A frame lacks a field that earlier frames had (ingest retries without that field)."""
+
+    def __init__(self, name: str, where: str) -> None:
+        super().__init__(f"{name} missing at {where}")
+        self.field, self.where = name, where
+
+
+def _reader_has_times(reader) -> bool:
+    """Whether an MDAnalysis reader has real frame times (not MDAnalysis' 1 ps default)."""
+    import warnings
+
+    if reader.n_frames == 1:
+        return "time" in reader.ts.data
+    # Timestep.dt falls back to 1 ps with this warning when the format stores no time (XYZ,
+    # multi-model PDB, Amber ASCII TRJ, ...); a zero interval (NetCDF written without times)
+    # is no information either.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dt = reader.dt
+    defaulted = any("no dt information" in str(w.message) for w in caught)
+    return not defaulted and bool(np.isfinite(dt) and dt > 0)
+
+
+def _box_half_height(box: np.ndarray) -> float:
+    """Half the smallest distance between opposite faces of a (3, 3) box: the longest bond a
+    molecule made whole can have under the minimum-image convention."""
+    a, b, c = box
+    volume = abs(float(np.dot(a, np.cross(b, c))))
+    areas = [np.linalg.norm(np.cross(b, c)), np.linalg.norm(np.cross(c, a)),
+             np.linalg.norm(np.cross(a, b))]
+    return 0.5 * volume / max(areas)
+
+
+def _time_tolerance(interval: float, t: float) -> float:
+    # times are often float32 in the files (XTC, TRR): allow their rounding, and 0.1 % jitter
+    return 1e-3 * interval + 4.0 * float(np.spacing(np.float32(abs(t))))
+
+
+def _open_mdanalysis(paths: list[Path], select: str | None, dt_ps: float | None,
+                     drop_fields: frozenset[str] = frozenset()) -> Source:
     from MDAnalysis import transformations
 
     u = _universe(paths)
     source = paths[0]
+    if not hasattr(u, "trajectory"):
+        raise DataError(f"{source}: this topology holds no coordinates and no trajectory was "
+                        "given; give the trajectory files after the topology (datagen ingest "
+                        f"{source.name} run.dcd [run2.dcd ...]) or a topology with coordinates "
+                        "(PDB/GRO)")
+    # the files the frames come from: the trajectories, or the topology when it holds them
+    files = [str(p) for p in paths[1:]] or [str(source)]
+    readers = list(getattr(u.trajectory, "readers", [u.trajectory]))
+    starts = np.cumsum([0] + [r.n_frames for r in readers])
+    n = len(u.trajectory)
+
+    def where(i: int) -> tuple[str, int]:
+        """The file holding chained frame ``i`` and the frame's index in that file."""
+        k = int(np.searchsorted(starts, i, side="right")) - 1
+        return files[k], i - int(starts[k])
+
+    timed = [_reader_has_times(r) for r in readers]
+    if n > 1 and not all(timed):
+        bad = files[timed.index(False)]
+        if dt_ps is None:
+            raise DataError(f"{bad}: this file stores no frame times (MDAnalysis would assume "
+                            "frames 1 ps apart); pass the saved-frame interval with --dt-ps "
+                            "(dt_ps=...), in ps")
+    timed_all = all(timed)
+    multi = [r for r in readers if r.n_frames > 1]
+    if dt_ps is not None:
+        interval, interval_source = float(dt_ps), "user"
+    elif n == 1:
+        # a single frame has no interval; 1 ps keeps readers that divide by it finite
+        interval, interval_source = 1.0, "none (a single frame)"
+    elif multi:
+        interval, interval_source = float(multi[0].dt), "trajectory"
+    else:  # a chain of one-frame files with time stamps
+        interval = float(readers[1].ts.time - readers[0].ts.time)
+        interval_source = "trajectory"
+    if not (np.isfinite(interval) and interval > 0):
+        raise DataError(f"{files[0]}: the trajectory reports a frame interval of {interval} ps; "
+                        "pass the real one with --dt-ps")
+    t0 = float(u.trajectory[0].time) if timed_all else 0.0
+    # the spacing of the files' own time stamps (differs from the interval when dt_ps overrides)
+    file_interval = float(multi[0].dt) if timed_all and multi else interval
+
     index = np.arange(u.atoms.n_atoms) if select is None else \
         selection_indices(u.atoms, select, source)
     group = u.atoms[index]
     has_bonds = hasattr(u.atoms, "bonds") and len(u.atoms.bonds) > 0
     ts = u.trajectory.ts
     periodic = ts.dimensions is not None and np.all(np.asarray(ts.dimensions[:3]) > 0)
+    has_v = bool(ts.has_velocities) and "velocities" not in drop_fields
+    has_f = bool(ts.has_forces) and "forces" not in drop_fields
     made_whole = False
     if periodic and has_bonds:
-        # Make the molecules holding the selection whole in every frame, then stop whole atoms
-        # from jumping across the box between frames, so displacements are physical.
+        # NoJump first, on the coordinates as stored (wrapped): it keeps every atom from jumping
+        # across the box between frames, working in box-fractional coordinates so that it
+        # follows box changes (NPT). Then make the molecules holding the selection whole around
+        # their first atom. In the other order NoJump undoes make_whole atom by atom when the box
+        # changes (MDAnalysisTests' tip125_tric_C36: 31-56 Å "bonds" from frame 5 on).
         frags = group.fragments
         whole = u.atoms[np.unique(np.concatenate([f.indices for f in frags]))]
-        u.trajectory.add_transformations(transformations.unwrap(whole),
-                                         transformations.NoJump(check_continuity=False))
+        u.trajectory.add_transformations(transformations.NoJump(check_continuity=False),
+                                         transformations.unwrap(whole))
         made_whole = True
     elif periodic:
         log.warning("%s: periodic box but no bonds in the topology; molecules are left as stored "
@@ -222,38 +352,88 @@ def _open_mdanalysis(paths: list[Path], select: str | None, dt_ps: float | None)
     if not len(topology.bonds):
         topology.bonds = infer_bonds(topology.atomic_numbers, u.trajectory[0].positions)
     topology = topology.subset(index)
-    interval = float(dt_ps) if dt_ps is not None else float(u.trajectory.dt)
-    if not (np.isfinite(interval) and interval > 0):
-        raise DataError(f"{source}: the trajectory reports a frame interval of {interval} ps; "
-                        "pass the real one with --dt-ps")
-    t0 = float(u.trajectory[0].time)
-    has_v = bool(u.trajectory.ts.has_velocities)
-    has_f = bool(u.trajectory.ts.has_forces)
-    n = len(u.trajectory)
+    bonds = topology.bonds if made_whole else np.zeros((0, 2), dtype=np.int64)
+    names = ", ".join(files)
+    report: dict = {}
 
-    names = ", ".join(str(p) for p in paths[1:]) or str(source)  # the trajectory files
+    def check_whole(x: np.ndarray, box: np.ndarray, i: int) -> None:
+        lengths = np.linalg.norm(x[bonds[:, 0]] - x[bonds[:, 1]], axis=-1)
+        k = int(np.argmax(lengths))
+        if lengths[k] > _box_half_height(box):
+            file, local = where(i)
+            a, b = (int(index[j]) for j in bonds[k])
+            raise DataError(
+                f"{file}: frame {local}: the bond between atoms {a} and {b} is "
+                f"{lengths[k]:.1f} Å long after making molecules whole (more than half the box): "
+                "molecules are broken across the periodic box; make them whole first (e.g. gmx "
+                "trjconv -pbc mol, cpptraj autoimage) or check that the topology's bonds belong "
+                "to this trajectory")
 
     def blocks() -> Iterator[Block]:
-        buf: dict[str, list] = {"x": [], "v": [], "f": [], "box": [], "i": []}
+        buf: dict[str, list] = {"x": [], "v": [], "f": [], "box": [], "t": []}
         read = 0
+        kept = 0
+        prev_t = prev_x = None
+        dropped: list[int] = []
+        lacking: dict[str, list[int]] = {"velocities": [], "forces": []}
         for i, frame in enumerate(u.trajectory):
             read += 1
+            file, local = where(i)
+            boundary = i > 0 and local == 0
             x = group.positions.astype(np.float64)
-            _check_finite("positions", x[None], names, i)
+            _check_finite("positions", x[None], file, local)
+            t = float(frame.time) if timed_all else None
+            if t is not None and prev_t is not None:
+                gap = t - prev_t
+                tol = _time_tolerance(file_interval, t)
+                if abs(gap) <= tol and boundary:
+                    # a run continued from its last frame writes that frame again
+                    log.info("%s: frame 0 (t = %.6g ps) repeats the last frame of the file "
+                             "before it; dropped", file, t)
+                    dropped.append(i)
+                    continue
+                if gap <= tol and not (boundary and dt_ps is not None):
+                    # (with dt_ps the user vouches for the order of the files, whose clocks may
+                    # restart: NAMD DCDs of continued runs)
+                    raise DataError(
+                        f"{file}: frame {local} is at t = {t:.6g} ps, not after the frame before "
+                        f"it (t = {prev_t:.6g} ps); times must increase: give the files in "
+                        "time order and remove repeated or overlapping frames (gmx trjcat "
+                        "does both)")
+                if dt_ps is None and abs(gap - interval) > tol:
+                    raise DataError(
+                        f"{file}: frame {local} (t = {t:.6g} ps) is {gap:.6g} ps after the frame "
+                        f"before it, not {interval:.6g} ps like the frames before: the frames "
+                        "are not evenly spaced; ingest the files with different intervals "
+                        "separately, or resample them to one interval")
+            elif t is None and boundary and prev_x is not None and np.array_equal(x, prev_x):
+                log.info("%s: frame 0 repeats the last frame of the file before it; dropped",
+                         file)
+                dropped.append(i)
+                continue
+            prev_t, prev_x = t, x
+            for name, present in (("velocities", frame.has_velocities),
+                                  ("forces", frame.has_forces)):
+                if not present:
+                    lacking[name].append(i)
+            if has_v and not frame.has_velocities:
+                raise _FieldMissing("velocities", f"{file} frame {local}")
+            if has_f and not frame.has_forces:
+                raise _FieldMissing("forces", f"{file} frame {local}")
+            if periodic:
+                box = frame.triclinic_dimensions.astype(np.float64)
+                if made_whole and len(bonds):
+                    check_whole(x, box, i)
+                buf["box"].append(box)
             buf["x"].append(x)
-            buf["i"].append(i)
+            buf["t"].append(t if dt_ps is None else t0 + kept * interval)
+            kept += 1
             if has_v:
                 buf["v"].append(group.velocities.astype(np.float64))
             if has_f:
                 buf["f"].append(group.forces.astype(np.float64))
-            if periodic:
-                buf["box"].append(frame.triclinic_dimensions.astype(np.float64))
-            if len(buf["x"]) == BLOCK_FRAMES or i == n - 1:
-                frames = np.asarray(buf["i"])
-                yield Block(np.stack(buf["x"]), t0 + frames * interval,
-                            velocities=np.stack(buf["v"]) if has_v else None,
-                            forces=np.stack(buf["f"]) if has_f else None,
-                            box=np.stack(buf["box"]) if periodic else None)
+            if len(buf["x"]) == BLOCK_FRAMES:
+                yield _mda_block(buf, has_v, has_f, periodic)
                 buf = {k: [] for k in buf}
         if read != n:
             # MDAnalysis indexes a frame cut short by a killed writer but stops before it
@@ -261,13 +441,31 @@ def _open_mdanalysis(paths: list[Path], select: str | None, dt_ps: float | None)
                             "read; the file is truncated (a run killed while writing?): write its "
                             f"first {read} frames to a new file (MDAnalysis: "
                             f"u.trajectory[:{read}]) and ingest that")
+        if buf["x"]:
+            yield _mda_block(buf, has_v, has_f, periodic)
+        if dropped:
+            report["dropped_duplicate_frames"] = dropped
+        kept_frames = read - len(dropped)
+        for name, frames in lacking.items():
+            if frames and len(frames) < kept_frames:
+                shown = ", ".join(f"{f} frame {k}" for f, k in map(where, frames[:5]))
+                log.warning("%s are missing on %d of %d frames (%s%s); the dataset has no %s "
+                            "(positions are complete)", name, len(frames), kept_frames, shown,
+                            ", ..." if len(frames) > 5 else "", name)
+                report[f"{name}_missing_frames"] = len(frames)
 
     meta = {"engine": "MDAnalysis", "engine_version": _mda_version(),
-            "interval_ps": interval,
-            "interval_source": "user" if dt_ps is not None else "trajectory",
+            "interval_ps": interval, "interval_source": interval_source,
             "made_whole": made_whole}
     fields = {"velocities": has_v, "forces": has_f, "energies": False, "box": periodic}
-    return Source(topology, n, interval, blocks(), fields, meta)
+    return Source(topology, n, interval, blocks(), fields, meta, report)
+
+
+def _mda_block(buf: dict[str, list], has_v: bool, has_f: bool, periodic: bool) -> Block:
+    return Block(np.stack(buf["x"]), np.asarray(buf["t"], dtype=np.float64),
+                 velocities=np.stack(buf["v"]) if has_v else None,
+                 forces=np.stack(buf["f"]) if has_f else None,
+                 box=np.stack(buf["box"]) if periodic else None)
 
 
 def _mda_version() -> str:
@@ -359,8 +557,12 @@ def _open_ase(paths: list[Path], select: str | None, dt_ps: float | None) -> Sou
 
 # -- entry point ------------------------------------------------------------------------------------
 def open_source(inputs: Sequence[str | os.PathLike], select: str | None = None,
-                dt_ps: float | None = None) -> Source:
-    """Open ``inputs`` as one :class:`Source` (auto-detecting MD17 npz, ASE or MDAnalysis)."""
+                dt_ps: float | None = None, *,
+                drop_fields: frozenset[str] = frozenset()) -> Source:
+    """Open ``inputs`` as one :class:`Source` (auto-detecting MD17 npz, ASE or MDAnalysis).
+
+    ``drop_fields`` (``"velocities"``, ``"forces"``): leave these out of an MDAnalysis source.
+    """
     paths = _check_inputs(inputs)
     _check_dt(dt_ps, paths[0])
     suffixes = {p.suffix.lower() for p in paths}
@@ -371,7 +573,7 @@ def open_source(inputs: Sequence[str | os.PathLike], select: str | None = None,
         return _open_npz(paths[0], select, dt_ps)
     if suffixes <= set(ASE_SUFFIXES) and not (len(paths) > 1 and paths[0].suffix == ".xyz"):
         return _open_ase(paths, select, dt_ps)
-    return _open_mdanalysis(paths, select, dt_ps)
+    return _open_mdanalysis(paths, select, dt_ps, drop_fields)
 
 
 def ingest(inputs: Sequence[str | os.PathLike] | str | os.PathLike, out: str | os.PathLike,
@@ -384,8 +586,11 @@ def ingest(inputs: Sequence[str | os.PathLike] | str | os.PathLike, out: str | o
             trajectories MDAnalysis reads (concatenated in order).
         out: output ``.h5`` path (written as ``out.partial`` and renamed when complete).
         select: MDAnalysis selection of the atoms to keep (``"backbone"``, ``"not name H*"``).
-        dt_ps: saved-frame interval in ps; default: the trajectory's own (MD17: 0.5 fs).
-            Required for ASE trajectories.
+        dt_ps: saved-frame interval in ps; default: the trajectory's own time stamps (MD17:
+            0.5 fs). Required for ASE trajectories and for formats without frame times (XYZ,
+            multi-model PDB). With it, frames are ``dt_ps`` apart from the first one's time and
+            the files' time stamps only serve to drop a repeated boundary frame and to refuse
+            frames out of order within a file.
         overwrite: replace an existing ``out``.
         progress: show a tqdm bar (default: when attached to a terminal).
         command: the command line to record in the metadata (default: ``sys.argv``).
@@ -394,22 +599,45 @@ def ingest(inputs: Sequence[str | os.PathLike] | str | os.PathLike, out: str | o
         The path of the written file. Positions Å, velocities Å/ps, forces kJ/mol/Å, energies
         kJ/mol, time ps.
 
+    Chained trajectories: a first frame with the same time as the last frame of the file
+    before it (a continued run) is dropped; velocities or forces missing on some frames
+    (GROMACS nstvout != nstxout) are left out of the whole dataset, with a warning.
+
     Raises:
         DataError: missing/unreadable input, atom-count mismatch, NaN/inf coordinates, empty
-            selection, npz without the expected keys, non-positive ``dt_ps``.
+            selection, npz without the expected keys, non-positive ``dt_ps``, no frame times and
+            no ``dt_ps``, frames unevenly spaced or out of order, a topology without
+            coordinates and no trajectory, molecules broken across the periodic box.
     """
-    from tqdm.auto import tqdm
-
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    src = open_source(inputs, select=select, dt_ps=dt_ps)
+    out = Path(out)
+    dropped: frozenset[str] = frozenset()
+    while True:
+        try:
+            return _ingest_once(inputs, out, select, dt_ps, dropped, overwrite=overwrite,
+                                progress=progress, command=command)
+        except _FieldMissing as exc:  # the writer removed its partial file
+            if exc.field in dropped:  # cannot happen: a dropped field is never asked for
+                raise
+            log.warning("%s has no %s though the frames before it have; writing the dataset "
+                        "again without %s", exc.where, exc.field, exc.field)
+            dropped = dropped | {exc.field}
+
+
+def _ingest_once(inputs: Sequence[str | os.PathLike], out: Path, select: str | None,
+                 dt_ps: float | None, dropped: frozenset[str], *, overwrite: bool,
+                 progress: bool | None, command: str | None) -> Path:
+    from tqdm.auto import tqdm
+
+    src = open_source(inputs, select=select, dt_ps=dt_ps, drop_fields=dropped)
     metadata = {
         **src.metadata,
         "source_files": [str(p) for p in inputs],
         "selection": select,
         "command": command if command is not None else shlex.join(sys.argv),
     }
-    out = Path(out)
+    written = 0
     with TrajectoryWriter(out, src.topology, metadata, velocities=src.fields["velocities"],
                           forces=src.fields["forces"], energies=src.fields["energies"],
                           box=src.fields["box"], overwrite=overwrite) as writer:
@@ -420,7 +648,10 @@ def ingest(inputs: Sequence[str | os.PathLike] | str | os.PathLike, out: str | o
                 writer.append(block.positions, block.time_ps, velocities=block.velocities,
                               forces=block.forces, potential_energy=block.potential_energy,
                               box=block.box)
+                written += len(block.positions)
                 bar.update(len(block.positions))
-    log.info("wrote %s: %d frames x %d atoms, interval %.6g ps", out, src.n_frames,
+        if src.report:
+            writer.update_metadata(**src.report)
+    log.info("wrote %s: %d frames x %d atoms, interval %.6g ps", out, written,
              src.topology.n_atoms, src.interval_ps)
     return out

@@ -7,8 +7,11 @@ from pathlib import Path
 import numpy as np
 
 
-def md17_npz(path: Path, frames: int = 40, flavour: str = "md17", seed: int = 0) -> Path:
-    """An MD17-style npz (Å, kcal/mol) from a short OpenMM run of the shipped ethanol GAFF2 model."""
+def md17_npz(path: Path, frames: int = 40, flavour: str = "md17", seed: int = 0,
+             old_indices: np.ndarray | None = None) -> Path:
+    """An MD17-style npz (Å, kcal/mol) from a short OpenMM run of the shipped ethanol GAFF2 model
+    (rMD17 flavour with ``old_indices``: frame k has MD17 index old_indices[k], and the frames
+    are stored shuffled)."""
     from openmm import unit
 
     from datagen.openmm_md import run_openmm
@@ -25,6 +28,11 @@ def md17_npz(path: Path, frames: int = 40, flavour: str = "md17", seed: int = 0)
     if flavour == "md17":
         np.savez(path, R=x, z=z, E=(energy * to_kcal)[:, None], F=forces * to_kcal)
     else:
+        extra = {}
+        if old_indices is not None:  # frame k of the run has MD17 index old_indices[k]; stored
+            perm = np.random.default_rng(seed).permutation(len(x))  # shuffled, as rMD17 is
+            x, forces, energy = x[perm], forces[perm], energy[perm]
+            extra["old_indices"] = np.asarray(old_indices)[perm]
         np.savez(path, coords=x, nuclear_charges=z, energies=energy * to_kcal,
-                 forces=forces * to_kcal)
+                 forces=forces * to_kcal, **extra)
     return path

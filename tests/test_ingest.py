@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -36,6 +37,22 @@ def test_md17_npz_units_time_bonds(tmp_path, flavour):
         # ethanol CCO: 8 bonds (C-C, C-O, O-H, 5 C-H), same as the force field's
         assert len(f.topology.bonds) == 8 == len(ref.topology.bonds)
         assert f.metadata["engine"] == flavour
+
+
+def test_rmd17_old_indices_restore_time_order_or_are_refused(tmp_path):
+    """rMD17 frames carry their MD17 index: evenly spaced ones are put back in time order
+    (spacing x 0.5 fs); a random sample of the trajectory, which is what rMD17 distributes, is
+    refused as not a time series, and nothing is written."""
+    src = md17_npz(tmp_path / "even.npz", flavour="rmd17", old_indices=1000 + 10 * np.arange(40))
+    out = ingest(src, tmp_path / "even.h5")
+    with open_trajectory(src.with_suffix(".src.h5")) as ref, open_trajectory(out) as f:
+        assert f.interval_ps == pytest.approx(10 * MD17_INTERVAL_PS)
+        np.testing.assert_allclose(f.read(slice(None)), ref.read(slice(None)), atol=1e-4)
+    sample = np.sort(np.random.default_rng(1).choice(100_000, 40, replace=False))
+    src = md17_npz(tmp_path / "sample.npz", flavour="rmd17", old_indices=sample)
+    with pytest.raises(DataError, match="not a time series.*original MD17"):
+        ingest(src, tmp_path / "sample.h5")
+    assert not (tmp_path / "sample.h5").exists()
 
 
 def test_md17_selection_heavy_atoms_and_dt(tmp_path):
@@ -81,12 +98,99 @@ def test_adk_tpr_xtc_protein_unwrapped_cli(tmp_path):
 
 
 def test_mdanalysis_selection_backbone_concatenation(tmp_path):
+    # the same file twice: its clock restarts, so the files' times alone are refused ...
+    with pytest.raises(DataError, match=r"adk_dims.dcd: frame 0 is at t = 1 ps.*time order"):
+        ingest([datafiles.PSF, datafiles.DCD, datafiles.DCD], tmp_path / "bb.h5",
+               select="name CA")
+    assert list(tmp_path.iterdir()) == []
+    # ... and accepted when the user gives the interval (and so vouches for the order)
     out = ingest([datafiles.PSF, datafiles.DCD, datafiles.DCD], tmp_path / "bb.h5",
-                 select="name CA")
+                 select="name CA", dt_ps=1.0)
     with open_trajectory(out) as f:
         assert (f.n_frames, f.n_atoms) == (196, 214)
         assert set(f.topology.atom_names) == {"CA"}
-        assert np.all(np.diff(f.time_ps) > 0)  # one continuous axis over both files
+        t0 = mda.Universe(datafiles.PSF, datafiles.DCD).trajectory[0].time
+        np.testing.assert_allclose(f.time_ps, t0 + np.arange(196) * 1.0)
+        assert f.metadata["interval_source"] == "user"
+
+
+def test_inferred_bonds_are_the_protein_topology_and_scale_to_solvated_systems():
+    """The covalent-radii rule on AdK's first frame gives exactly the PSF's 3365 bonds; on the
+    47 681-atom solvated AdK (GRO, no bonds) it runs on a k-d tree in bounded memory (a dense
+    pair search would need tens of GiB)."""
+    mda = pytest.importorskip("MDAnalysis")
+    from ase.data import atomic_numbers
+    from MDAnalysisTests.datafiles import DCD, GRO, PSF
+
+    from datagen.atoms import infer_bonds
+
+    u = mda.Universe(PSF, DCD)
+    z = np.array([atomic_numbers[name[0]] for name in u.atoms.names])
+    ref = np.sort(u.bonds.indices, axis=1)
+    ref = ref[np.lexsort((ref[:, 1], ref[:, 0]))]
+    np.testing.assert_array_equal(infer_bonds(z, u.atoms.positions.astype(float)), ref)
+    solvated = mda.Universe(GRO)
+    # TIP4P: OW, HW1, HW2 and the massless site MW (Z = 0)
+    z = np.array([0 if name == "MW" else atomic_numbers[name[:2].capitalize()]
+                  if name[:2] in ("CL", "NA") else atomic_numbers[name[0]]
+                  for name in solvated.atoms.names])
+    bonds = infer_bonds(z, solvated.atoms.positions.astype(float))
+    water_o = solvated.select_atoms("resname SOL and name OW").indices
+    real = bonds[(z[bonds] > 0).all(axis=1)]
+    partners = np.bincount(real[np.isin(real, water_o)], minlength=solvated.atoms.n_atoms)
+    # every water has its O-H, O-H (a few of the 11 084 also touch a close neighbour's H)
+    assert len(water_o) > 10_000 and np.all(partners[water_o] >= 2)
+    assert np.mean(partners[water_o] == 2) > 0.99
+
+
+def test_npt_triclinic_water_stays_whole(tmp_path):
+    # CHARMM TIP3P in a triclinic NPT box: NoJump after make-whole broke molecules from frame 5
+    out = ingest([datafiles.PSF_TRICLINIC, datafiles.DCD_TRICLINIC], tmp_path / "w.h5")
+    with open_trajectory(out) as f:
+        assert f.n_frames == 10 and f.metadata["made_whole"] is True
+        x = f.read(slice(None))
+        b = f.topology.bonds
+        lengths = np.linalg.norm(x[:, b[:, 0]] - x[:, b[:, 1]], axis=-1)
+        assert lengths.max() < 2.0  # O-H 0.96 Å, TIP3P H-H 1.51 Å, in every frame
+
+
+def test_trr_with_velocities_on_some_frames(tmp_path, caplog):
+    # GROMACS with nstvout = 2 * nstxout: velocities on every second frame only
+    u = mda.Universe(datafiles.PDB_multiframe)
+    n = u.atoms.n_atoms
+    rng = np.random.default_rng(0)
+    forces = rng.normal(size=(4, n, 3)).astype(np.float32)
+    trr = tmp_path / "mixed.trr"
+    with mda.Writer(str(trr), n_atoms=n) as w:
+        for i in range(4):
+            ts = u.trajectory[i]
+            ts.time = 0.1 * i
+            ts.has_velocities = i % 2 == 0
+            if ts.has_velocities:
+                ts.velocities = rng.normal(size=(n, 3)).astype(np.float32)
+            ts.has_forces = True
+            ts.forces = forces[i]
+            w.write(u.atoms)
+    with caplog.at_level("WARNING", logger="datagen.ingest"):
+        out = ingest([datafiles.PDB_multiframe, trr], tmp_path / "m.h5")
+    assert re.search(r"velocities are missing on 2 of 4 frames \(\S*mixed.trr frame 1, "
+                     r"\S*mixed.trr frame 3\)", caplog.text)
+    with open_trajectory(out) as f:
+        assert f.n_frames == 4 and f.velocities is None
+        np.testing.assert_allclose(f.time_ps, 0.1 * np.arange(4), atol=1e-6)
+        np.testing.assert_allclose(f.read(slice(None), "forces"), forces, rtol=1e-5, atol=1e-5)
+        assert f.metadata["velocities_missing_frames"] == 2
+    assert sorted(p.name for p in tmp_path.glob("m.h5*")) == ["m.h5"]
+
+
+def test_topology_without_coordinates_needs_a_trajectory(tmp_path, capsys):
+    out = tmp_path / "adk.h5"
+    with pytest.raises(DataError, match=r"adk.psf: this topology holds no coordinates and no "
+                                        r"trajectory was given; give the trajectory files"):
+        ingest(datafiles.PSF, out)
+    assert main(["ingest", datafiles.PSF, "-o", str(out)]) != 0
+    assert "adk.psf" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ase_traj_velocities_converted(tmp_path):
