@@ -17,6 +17,7 @@ edge list; no model replicates the graph per time point.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -36,7 +37,13 @@ MODELS: dict[str, type[TrajectoryModel]] = {
 
 
 def config_from_dict(name: str, values: dict[str, Any] | None = None) -> ModelConfig:
-    """The typed config of model ``name`` from plain values; unknown keys are an error."""
+    """The typed config of model ``name`` from plain values.
+
+    Unknown keys, wrong types (``true`` is not a number), sizes and scales that are not finite
+    and > 0, and combinations a model cannot build (its config's ``__post_init__``) are a
+    :class:`ConfigError` naming ``model.<option>``. Numbers written as strings that parse as
+    floats (``1e-3``, which YAML 1.1 reads as a string) are accepted for float options.
+    """
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     cls = MODELS[name].config_class
@@ -49,14 +56,33 @@ def config_from_dict(name: str, values: dict[str, Any] | None = None) -> ModelCo
     for key, value in values.items():
         want = known[key].type if isinstance(known[key].type, type) else None
         want = want or type(known[key].default)
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            values[key] = float(value)
-        elif want in (int, float, bool, str) and not isinstance(values[key], want):
-            raise ConfigError(f"model {name!r} option {key!r} must be {want.__name__}, got "
-                              f"{value!r}")
-        if want in (int, float) and not values[key] > 0:  # every size and scale is positive
-            raise ConfigError(f"model {name!r} option {key!r} must be > 0, got {value!r}")
+        values[key] = _option_value(name, key, value, want, known[key].default)
+    time_dim = values.get("time_dim", getattr(cls, "time_dim", 2))
+    if time_dim % 2:
+        raise ConfigError(f"model.time_dim = {time_dim}: model {name!r} needs an even size (sin "
+                          f"and cos pairs); set model.time_dim to e.g. {time_dim + 1}")
     return cls(**values)
+
+
+def _option_value(name: str, key: str, value: Any, want: type, default: Any) -> Any:
+    """``value`` checked (and for floats converted) to the option's type ``want``."""
+    where = f"model {name!r} option {key!r} (model.{key})"
+    if want is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    # bool is a subclass of int in Python: model.hidden = true must not become a size of 1
+    if want in (int, float, bool, str) and (not isinstance(value, want) or (
+            want is not bool and isinstance(value, bool))):
+        raise ConfigError(f"{where} must be {want.__name__}, got {value!r}; e.g. "
+                          f"model.{key}: {default!r}")
+    if want in (int, float) and not 0 < value < math.inf:  # every size and scale is positive
+        raise ConfigError(f"{where} must be > 0 and finite, got {value!r}; e.g. "
+                          f"model.{key}: {default!r}")
+    return value
 
 
 def build_model(name: str, config: ModelConfig | dict[str, Any] | None = None) -> TrajectoryModel:

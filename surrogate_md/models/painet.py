@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from surrogate_md.data import keys as K
+from surrogate_md.errors import ConfigError
 from surrogate_md.models.base import ModelConfig, TrajectoryModel, n_graphs, scale
 from surrogate_md.models.layers import (
     EGNNLayer,
@@ -57,6 +58,16 @@ class PAINETConfig(ModelConfig):
     time_dim: int = 32  # sinusoidal embedding size of t / time_scale
     length_scale_A: float = 2.0  # Å, divides relative vectors before the Gram invariants
 
+    def __post_init__(self) -> None:
+        if self.n_heads > 0 and self.hidden % self.n_heads:
+            nearest = max(self.n_heads, round(self.hidden / self.n_heads) * self.n_heads)
+            raise ConfigError(f"model.hidden = {self.hidden} must be a multiple of model.n_heads "
+                              f"= {self.n_heads} (painet splits the embedding over its heads); "
+                              f"set model.hidden to e.g. {nearest} or change model.n_heads")
+        if not 0.0 < self.eta < 1.0:  # NaN fails too
+            raise ConfigError(f"model.eta = {self.eta!r}: painet's energy-descent step must lie "
+                              "strictly between 0 and 1; set model.eta to e.g. 0.5")
+
 
 def particle_type_table(n_node_types: int, n_particle_types: int) -> torch.Tensor:
     """Fixed map NODE_TYPE -> particle type, (n_node_types,) long.
@@ -69,8 +80,8 @@ def particle_type_table(n_node_types: int, n_particle_types: int) -> torch.Tenso
     for slot, z in enumerate(_ELEMENTS[: n_particle_types - 1]):
         if z < n_node_types:
             table[z] = slot
-    codes = torch.arange(100, n_node_types)
-    table[100:] = (codes - 100) % n_particle_types
+    if n_node_types > 100:  # an embedding for atoms only (< 100 types) has no residue codes
+        table[100:] = torch.arange(n_node_types - 100) % n_particle_types
     return table
 
 
@@ -146,11 +157,6 @@ class PAINETModel(TrajectoryModel):
     def __init__(self, config: PAINETConfig) -> None:
         super().__init__(config)
         c, hid = config.n_channels, config.hidden
-        if hid % config.n_heads:
-            raise ValueError(f"painet: hidden={hid} must be a multiple of n_heads="
-                             f"{config.n_heads}")
-        if not 0.0 < config.eta < 1.0:
-            raise ValueError(f"painet: eta must lie in (0, 1), got {config.eta}")
         a = config.n_particle_types
         self.register_buffer("ptype_table", particle_type_table(config.n_node_types, a),
                              persistent=False)

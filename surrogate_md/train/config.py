@@ -21,6 +21,7 @@ and converted to frames with the dataset's interval when the data is opened.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import types
@@ -77,7 +78,7 @@ class DataConfig:
         _choice("data.protocol", self.protocol, ("s2t", "history"))
         _choice("data.selection", self.selection, SELECTIONS)
         _choice("data.split", self.split, ("blocked", "paper"))
-        if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or sum(
+        if len(self.fractions) != 3 or not all(0 <= f < math.inf for f in self.fractions) or sum(
                 self.fractions) <= 0:
             raise ConfigError(f"data.fractions must be three shares >= 0 (train, val, test), got "
                               f"{list(self.fractions)}")
@@ -380,9 +381,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+        return _finite_float(value, key)
     if hint is str:
         if isinstance(value, str):
             return value
@@ -395,14 +394,35 @@ def _choice(key: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{key} = {value!r} is not one of {list(choices)}")
 
 
+def _finite_float(value: Any, key: str) -> float:
+    """``value`` as a finite float. YAML 1.1 (PyYAML) reads ``1e-3`` as a string, since its
+    float syntax wants a dot in the mantissa, so strings that parse as a number are accepted."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None:
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return number
+
+
 def _positive(key: str, value: Any) -> None:
-    if not value > 0:
-        raise ConfigError(f"{key} must be > 0, got {value!r}")
+    # written so that NaN fails too (every comparison with NaN is False)
+    if not 0 < value < math.inf:
+        finite = " and finite" if isinstance(value, float) else ""
+        raise ConfigError(f"{key} must be > 0{finite}, got {value!r}")
 
 
 def _non_negative(key: str, value: Any) -> None:
-    if value < 0:
-        raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    if not 0 <= value < math.inf:
+        finite = " and finite" if isinstance(value, float) else ""
+        raise ConfigError(f"{key} must be >= 0{finite}, got {value!r}")
 
 
 def _plain(value: Any) -> Any:
@@ -417,5 +437,6 @@ def _deepcopy(value: Any) -> Any:
     return yaml.safe_load(yaml.safe_dump(_plain(value)))
 
 
-__all__ = ["DataConfig", "ModelSection", "RunConfig", "RuntimeConfig",
-           "TrainConfig", "apply_override", "config_from_dict", "data_config_from_dict", "load_config", "save_config"]
+__all__ = ["DataConfig", "ModelSection", "RunConfig", "RuntimeConfig", "TrainConfig",
+           "apply_override", "config_from_dict", "data_config_from_dict", "load_config",
+           "save_config"]

@@ -4,7 +4,8 @@ Run directory::
 
     config.yaml    resolved config (absolute data paths, model options filled in)
     train.log      log of the run
-    metrics.jsonl  one JSON record per epoch (+ a final ``split: test`` record)
+    metrics.jsonl  one JSON record per epoch (+ a final ``split: test`` record); strict JSON,
+                   metrics of an empty split are ``null``
     loss.png       loss curves
     last.pt        resumable: inference payload + ``training`` (optimiser, scheduler, RNG, epoch,
                    metric history)
@@ -44,7 +45,7 @@ from surrogate_md.data import keys as K
 from surrogate_md.data.windows import WindowDataset, batch_to
 from surrogate_md.errors import CheckpointError, ConfigError, DeviceError
 from surrogate_md.metrics import ErrorSums, batch_amse
-from surrogate_md.models import MODELS, build_model, compile_model
+from surrogate_md.models import MODELS, build_model, compile_model, config_from_dict
 from surrogate_md.surrogate import resolve_device
 from surrogate_md.train.config import RunConfig, atomic_write_text, load_config, save_config
 from surrogate_md.train.data import (
@@ -211,9 +212,16 @@ def evaluate_dataset(model: torch.nn.Module, dataset: WindowDataset, *, batch_si
                 pred = model(batch)
             sums.add(pred.float(), batch[K.TARGET])
     model.train(was_training)
-    if sums.atoms == 0:
+    if sums.atoms == 0:  # the shape all ranks reduce; mse_per_time of no atoms is not zero
         sums.per_time = np.zeros(dataset.protocol.n_out)
     return _all_reduce_sums(sums, dist)
+
+
+def _per_time(sums: ErrorSums) -> list[float]:
+    """MSE per output time (Å² per atom), NaN for an empty split (as its F-MSE and A-MSE)."""
+    if sums.atoms == 0:
+        return [math.nan] * len(sums.per_time)
+    return sums.mse_per_time.tolist()
 
 
 # -- RNG state -----------------------------------------------------------------------------------
@@ -256,18 +264,46 @@ def lr_factor(epoch: int, epochs: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / span))
 
 
+def _restart_schedule(optimiser: torch.optim.Optimizer,
+                      scheduler: torch.optim.lr_scheduler.LambdaLR, tc: Any, epoch: int,
+                      old_train: dict[str, Any]) -> None:
+    """Put the learning rate of a resumed run on the schedule of the current config.
+
+    A restored LambdaLR carries the old run's base lr and its last lr (0 at the end of a finished
+    cosine schedule): extending ``train.epochs`` would train on at lr 0. The lr of ``epoch``
+    (0-based, the first one to run) is recomputed as ``train.lr x lr_factor(epoch, ...)`` of the
+    current settings, and the scheduler's base lrs set to ``train.lr`` so that its next steps
+    follow the same schedule. For an unchanged config this is the lr the run had.
+    """
+    lr = tc.lr * lr_factor(epoch, tc.epochs, tc.warmup_epochs, tc.schedule)
+    for group in optimiser.param_groups:
+        group["initial_lr"] = tc.lr
+        group["lr"] = lr
+    scheduler.base_lrs = [tc.lr] * len(optimiser.param_groups)
+    scheduler.last_epoch = epoch
+    scheduler._last_lr = [lr] * len(optimiser.param_groups)  # what get_last_lr() reports
+    new = dataclasses.asdict(tc)
+    changed = [f"train.{k}: {old_train[k]!r} -> {new[k]!r}" for k in sorted(new)
+               if k in old_train and old_train[k] != new[k]]
+    if changed:
+        log.info("resume: train settings changed (%s); they apply from epoch %d, which runs at "
+                 "lr %.4g", "; ".join(changed), epoch + 1, lr)
+
+
 # -- run directory -------------------------------------------------------------------------------
-def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Check and create the run directory; True if this call created it."""
     if resume:
         if not out.is_dir():
             raise ConfigError(f"{out}: run directory to resume does not exist; start a new run "
                               "with --out instead of --resume")
-        return
+        return False
     existing = [n for n in RUN_FILES if (out / n).exists()]
     if existing and not overwrite:
         raise ConfigError(f"{out}: run directory already holds a run ({', '.join(existing)}); "
                           "pass --resume to continue it, --overwrite to replace it, or choose "
                           "another --out")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -275,10 +311,47 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
                           "another --out") from exc
     for n in existing:
         (out / n).unlink()
+    return created
+
+
+def _run_files(out: Path) -> dict[str, int]:
+    """Modification time (ns) of each run file present in ``out``."""
+    return {n: (out / n).stat().st_mtime_ns for n in RUN_FILES if (out / n).exists()}
+
+
+def _undo_failed_start(out: Path, before: dict[str, int], created_dir: bool) -> None:
+    """Remove what a run that failed before its first checkpoint wrote, so that the corrected
+    command can be rerun as it was (no --overwrite or --resume for a run that never trained).
+
+    Only run files this attempt created go; files that were there before (a resumed run, a user's
+    own directory) stay. A run that wrote a checkpoint keeps everything: it can be resumed.
+    """
+    now = _run_files(out)
+    if any(now.get(n) != before.get(n) for n in ("last.pt", "best.pt") if n in now):
+        return
+    for name in now:
+        if name not in before:
+            (out / name).unlink(missing_ok=True)
+    if created_dir:
+        with contextlib.suppress(OSError):  # not empty: something else was put there
+            out.rmdir()
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats -> None: strict JSON has no NaN (an empty split's errors are NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    """metrics.jsonl: one strict-JSON record per line; undefined metrics are ``null``."""
+    atomic_write_text(out / "metrics.jsonl", "".join(
+        json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in history))
 
 
 def _plot_losses(out: Path, history: list[dict]) -> None:
@@ -299,7 +372,7 @@ def _plot_losses(out: Path, history: list[dict]) -> None:
             ax.plot(x, y, marker="o", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("Å² per atom (squared distance summed over xyz)")
-    if all(r.get("val_amse", 0) > 0 for r in epochs):
+    if all((r.get("val_amse") or 0) > 0 for r in epochs):
         ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
@@ -385,14 +458,21 @@ def train(config: RunConfig | dict | str | os.PathLike, out_dir: str | os.PathLi
 
     dist = _init_distributed(cfg.runtime.device)
     try:
+        created_dir, before = False, {}
         if dist.main:
-            _prepare_run_dir(out, resume, overwrite)
+            created_dir = _prepare_run_dir(out, resume, overwrite)
+            before = _run_files(out)
         if dist.active:
             import torch.distributed as tdist
 
             tdist.barrier()
-        with _LogToFile(out / "train.log" if dist.main else None):
-            return _run(cfg, out, resume, dist)
+        try:
+            with _LogToFile(out / "train.log" if dist.main else None):
+                return _run(cfg, out, resume, dist)
+        except Exception:
+            if dist.main:
+                _undo_failed_start(out, before, created_dir)
+            raise
     finally:
         if dist.owns_group:
             import torch.distributed as tdist
@@ -425,19 +505,113 @@ def _run(cfg: RunConfig, out: Path, resume: bool, dist: Dist) -> Path:
                     "runtime.precision: fp32 unless you want bf16 numerics")
     if device.type == "cpu":
         keep_freed_memory()
-    tc = cfg.train
-    if dist.main:
+    if dist.main and not resume:  # first, so that a run killed at any point can be resumed
         save_config(cfg, out / "config.yaml")
     log.info("run %s: model %s on %s (world size %d)", out, cfg.model.name, device, dist.world)
-
-    prepared = prepare_data(cfg.data, seed=tc.data_seed)
+    # A resumed run's config.yaml is rewritten only once the checks below have passed, so that a
+    # refused resume leaves the run as it was. (A new run that fails to start is undone by
+    # train().)
+    last = out / "last.pt"
+    ckpt = None
+    if resume and last.is_file():
+        ckpt = load_checkpoint(last)
+        check_resume(ckpt, cfg, last)
+    elif resume:
+        log.info("%s has no last.pt yet: starting the run from the beginning", out)
+    prepared = prepare_data(cfg.data, seed=cfg.train.data_seed)
     try:
-        return _fit(cfg, prepared, out, resume, dist, device, t_start)
+        check_node_types(cfg, prepared)
+        if dist.main and resume:  # the resumed run's settings, now that they passed the checks
+            save_config(cfg, out / "config.yaml")
+        return _fit(cfg, prepared, out, ckpt, dist, device, t_start)
     finally:
         prepared.close()
 
 
-def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, resume: bool, dist: Dist,
+def _flat(values: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        return {prefix: values}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        out.update(_flat(value, f"{prefix}.{key}"))
+    return out
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every flattened key whose value differs."""
+    unset = "(unset)"
+    return [f"{k}: {old.get(k, unset)!r} -> {new.get(k, unset)!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k, unset) != new.get(k, unset)]
+
+
+# train.* keys that decide the splits or the initial weights: changing them on resume would mix
+# two protocols in one run (windows of the old test split in the new training split)
+_FIXED_ON_RESUME = ("data_seed", "model_seed")
+
+
+def _model_settings(model: Any) -> Any:
+    """A config's model section with every option filled in (an option left out and the same
+    value given explicitly are the same model)."""
+    if not isinstance(model, dict):
+        return model
+    options = {k: v for k, v in model.items() if k != "name"}
+    try:
+        typed = config_from_dict(model.get("name"), options)
+    except ConfigError:  # recorded by another version: compare as written
+        return model
+    return {"name": model.get("name"), **dataclasses.asdict(typed)}
+
+
+def check_resume(ckpt: dict[str, Any], cfg: RunConfig, last: Path) -> None:
+    """Refuse to resume ``last`` (a ``last.pt``) under a config that changes the model, the
+    data protocol or the seeds of the splits and initial weights.
+
+    Raises:
+        CheckpointError: naming every differing key (old -> new) and the fix.
+    """
+    state = ckpt.get("training")
+    if not state:
+        raise CheckpointError(f"{last}: has no training state; it cannot be resumed; start a "
+                              "new run directory with --out")
+    old = state.get("config") or {}
+    new = cfg.to_dict()
+    fix = (f"resume with the settings the run was started with (drop these --set overrides "
+           f"or restore them in {last.parent / 'config.yaml'}), or start a new run directory "
+           "with --out")
+    changed = _differences(_flat(_model_settings(old.get("model")), "model"),
+                           _flat(_model_settings(new["model"]), "model"))
+    if changed:
+        raise CheckpointError(f"{last}: was trained with another model config "
+                              f"({'; '.join(changed)}); {fix}")
+    old_data = {**_flat(old.get("data"), "data"),
+                **{f"train.{k}": old.get("train", {}).get(k) for k in _FIXED_ON_RESUME}}
+    new_data = {**_flat(new["data"], "data"),
+                **{f"train.{k}": new["train"][k] for k in _FIXED_ON_RESUME}}
+    changed = _differences(old_data, new_data)
+    if changed:
+        raise CheckpointError(f"{last}: cannot resume with changed data settings "
+                              f"({'; '.join(changed)}): the resumed epochs would train and "
+                              f"select on other windows than the finished ones (windows can "
+                              f"move between the train, val and test splits); {fix}")
+
+
+def check_node_types(cfg: RunConfig, prepared: PreparedData) -> None:
+    """The model's node-type embedding must cover every node type of the data (an index past
+    it fails deep inside the first forward pass otherwise)."""
+    if not MODELS[cfg.model.name].has_parameters:  # the floors embed nothing
+        return
+    n_types = int(cfg.model.typed().n_node_types)
+    node_type = np.asarray(prepared.selection.node_type)
+    largest = int(node_type.max()) if node_type.size else -1
+    if largest >= n_types:
+        kind = "atomic number" if largest < 100 else "residue node type (100 + residue code)"
+        raise ConfigError(f"model.n_node_types = {n_types} is too small for "
+                          f"{prepared.files[0].path}: its {cfg.data.selection!r} nodes include "
+                          f"{kind} {largest}; set model.n_node_types to at least {largest + 1} "
+                          "(or leave it at its default)")
+
+
+def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, ckpt: dict | None, dist: Dist,
          device: torch.device, t_start: float) -> Path:
     tc, rc = cfg.train, cfg.runtime
     train_ds, val_ds = prepared.datasets["train"], prepared.datasets["val"]
@@ -493,16 +667,14 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, resume: bool, dist: 
 
     start_epoch, step, best, best_epoch, bad_epochs = 0, 0, math.inf, -1, 0
     last = out / "last.pt"
-    if resume and last.is_file():
-        ckpt = load_checkpoint(last)
-        state = ckpt.get("training")
-        if not state:
-            raise CheckpointError(f"{last}: has no training state; it cannot be resumed")
-        if state.get("config", {}).get("model") != cfg.to_dict()["model"]:
-            raise CheckpointError(f"{last}: was trained with another model config than "
-                                  f"{out / 'config.yaml'}; start a new run instead of resuming")
+    if ckpt is not None:  # checked by check_resume
+        state = ckpt["training"]
         model.load_state_dict(ckpt["state_dict"])
+        # the saved state brings the old run's hyper-parameters; the current config's win
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimiser.param_groups]
         optimiser.load_state_dict(state["optimiser"])
+        for group, settings in zip(optimiser.param_groups, fresh):
+            group.update(settings)
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -511,12 +683,12 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, resume: bool, dist: 
         best, best_epoch = float(state["best_metric"]), int(state["best_epoch"])
         bad_epochs = int(state["bad_epochs"])
         history = [dict(r) for r in state["history"]]
+        _restart_schedule(optimiser, scheduler, tc, start_epoch,
+                          (state.get("config") or {}).get("train") or {})
         if dist.main:
             _write_metrics(out, history)
         log.info("resumed %s at epoch %d (step %d, best val A-MSE %.4g)", last, start_epoch,
                  step, best)
-    elif resume:
-        log.info("%s has no last.pt yet: starting the run from the beginning", out)
 
     net: torch.nn.Module = model
     if dist.active:
@@ -642,7 +814,7 @@ def _finish(cfg: RunConfig, model: torch.nn.Module, prepared: PreparedData, out:
     best = load_checkpoint(out / "best.pt") if dist.main else {}
     best_epoch = int(best.get("metrics", {}).get("best_epoch", 0)) if dist.main else 0
     final = {"split": "test", "best_epoch": best_epoch, "test_fmse": test.fmse,
-             "test_amse": test.amse, "test_mse_per_time": test.mse_per_time.tolist(),
+             "test_amse": test.amse, "test_mse_per_time": _per_time(test),
              "times_ps": prepared.protocol_meta()["times_ps"],
              "wall_time_s": time.perf_counter() - t_start}
     log.info("test (best epoch %d): F-MSE %.5g, A-MSE %.5g Å² per atom (squared distance summed "
