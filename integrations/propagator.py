@@ -88,13 +88,7 @@ class SurrogatePropagator:
     def history_from_jumps(self) -> bool:
         """Whether jumps alone keep a history model's input (its history stride is a multiple
         of the output spacing); otherwise every jump needs real MD to rebuild its history."""
-        if not self.needs_history:
-            return True
-        spacing = float(np.min(np.diff(np.concatenate([[0.0], self.offsets_ps]))))
-        ratio = self.surrogate.history_stride_ps / spacing
-        grid = np.concatenate([[0.0], self.offsets_ps]) / spacing
-        return (abs(ratio - round(ratio)) < 1e-6 and round(ratio) >= 1
-                and np.allclose(grid, np.round(grid), atol=1e-6))
+        return self.surrogate.history_fits_grid(self.offsets_ps)
 
     def _store(self, time_ps: float, model_positions_A: np.ndarray) -> None:
         key = round(time_ps * _TIME_KEY_PER_PS)

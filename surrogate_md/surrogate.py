@@ -136,8 +136,14 @@ class Surrogate:
     def _to_model_atoms(self, arr: np.ndarray, what: str) -> np.ndarray:
         """(..., n_atoms or n_model_atoms, 3) -> (..., n_model_atoms, 3) float64, checked."""
         arr = np.asarray(arr, dtype=np.float64)
-        if arr.ndim < 2 or arr.shape[-1] != 3:
-            raise DataError(f"{what} must have shape (..., atoms, 3), got {arr.shape}")
+        # (atoms, 3) or (B, atoms, 3); history (T, atoms, 3) or (B, T, atoms, 3)
+        dims = (3, 4) if what == "history" else (2, 3)
+        if arr.ndim not in dims or arr.shape[-1] != 3:
+            shapes = ("(T, atoms, 3) or (B, T, atoms, 3)" if what == "history"
+                      else "(atoms, 3) or (B, atoms, 3)")
+            raise DataError(f"{what} must have shape {shapes}, got {arr.shape}")
+        if arr.size == 0:
+            raise DataError(f"{what} are empty (shape {arr.shape}); give at least one state")
         if not np.all(np.isfinite(arr)):
             raise DataError(f"{what} contain NaN or inf; the input state is broken")
         n = arr.shape[-2]
@@ -229,6 +235,19 @@ class Surrogate:
         out = out.reshape(len(times), len(pos), nodes * c, 3).transpose(1, 0, 2, 3)
         return out if batched else out[0]
 
+    def history_fits_grid(self, times_ps: np.ndarray | None = None) -> bool:
+        """Whether chained jumps can supply a history model's next input themselves: its history
+        stride is a whole multiple of the output spacing and the output times (``times_ps``,
+        default the trained grid) lie on that spacing. True for models without history."""
+        if not self.needs_history:
+            return True
+        times = np.asarray(self.times_ps if times_ps is None else times_ps, dtype=np.float64)
+        grid = np.concatenate([[0.0], times])
+        spacing = float(np.min(np.diff(grid)))
+        ratio = self.history_stride_ps / spacing
+        return bool(abs(ratio - round(ratio)) < 1e-6 and round(ratio) >= 1
+                    and np.allclose(grid / spacing, np.round(grid / spacing), atol=1e-6))
+
     def rollout(self, positions: np.ndarray, velocities: np.ndarray | None = None,
                 history: np.ndarray | None = None, n_jumps: int = 10,
                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -250,12 +269,20 @@ class Surrogate:
 
         if int(n_jumps) < 1:
             raise DataError(f"n_jumps must be >= 1, got {n_jumps}")
+        if not self.history_fits_grid():
+            raise DataError(
+                f"this {self.name} surrogate takes history frames {self.history_stride_ps:g} ps "
+                f"apart but predicts frames at {self.times_ps.tolist()} ps, so a rollout cannot "
+                f"build the next jump's history from its own predictions; train it with a "
+                f"history stride (data.history_stride_ps) that is a multiple of jump_ps / n_out "
+                f"= {self.times_ps[0]:g} ps, or run it inside an MD engine "
+                f"(integrations), which rebuilds the history with MD")
         pos = self._to_model_atoms(positions, "positions")
         vel = None if velocities is None else self._to_model_atoms(velocities, "velocities")
         hist = None if history is None else self._to_model_atoms(history, "history")
         # known frames by time (in output spacings) for the history lookup; frames keep any
         # leading batch axis, the time axis of ``out``/``hist`` is axis -3
-        spacing = self.times_ps[0]
+        spacing = float(np.min(np.diff(np.concatenate([[0.0], self.times_ps]))))
         known: dict[int, np.ndarray] = {}
         if hist is not None:
             n_hist = hist.shape[-3]

@@ -10,6 +10,7 @@ from _train_fixtures import cached, make_alanine_dipeptide, tiny_config
 
 from surrogate_md import metrics as M
 from surrogate_md.data import open_trajectory
+from surrogate_md.errors import ConfigError
 from surrogate_md.evaluate import evaluate
 from surrogate_md.evaluate.__main__ import main
 from surrogate_md.testing import random_orthogonal
@@ -151,3 +152,18 @@ def test_chain_breaks_and_error_sums():
     sums.add(pred, target)
     assert sums.mse_per_time.tolist() == [3.0, 12.0]  # summed over xyz, mean over atoms
     assert sums.fmse == 12.0 and sums.amse == 7.5
+
+
+def test_evaluate_skips_rollouts_a_history_model_cannot_feed(ala, tmp_path):
+    """ESTAG with history frames 0.02 ps apart and outputs 0.1 ps apart: its one-jump errors are
+    scored, its rollout is skipped with the reason (the next history is not predicted)."""
+    cfg = tiny_config(ala, "estag", data={"protocol": "history", "history": 3,
+                                          "history_stride_ps": 0.02},
+                      train={"epochs": 1, "max_steps_per_epoch": 1})
+    ckpt = train(cfg, tmp_path / "run")
+    res = evaluate(ckpt, ala, tmp_path / "report", rollout_jumps=2, n_rollouts=1, plots=False)
+    assert "history stride (0.02 ps)" in res["rollout"]["skipped"]
+    assert np.isfinite(res["errors"]["models"]["estag"]["fmse"])
+    assert "Rollout skipped" in (tmp_path / "report" / "report.md").read_text()
+    with pytest.raises(ConfigError, match="max-windows"):
+        evaluate(ckpt, ala, tmp_path / "again", max_windows=0)

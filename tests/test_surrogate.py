@@ -108,3 +108,34 @@ def test_clear_errors(checkpoint, state, tmp_path):
         Surrogate.load(broken)
     with pytest.raises(CheckpointError, match="no such"):
         Surrogate.load(tmp_path / "missing.pt")
+
+
+def test_bad_shapes_are_data_errors(checkpoint, state):
+    sur = Surrogate.load(checkpoint)
+    x, v = state[0], state[1]
+    with pytest.raises(DataError, match=r"\(atoms, 3\) or \(B, atoms, 3\)"):
+        sur.predict(x[None], v[None])  # (1, B, atoms, 3)
+    with pytest.raises(DataError, match="empty"):
+        sur.predict(x[:0], v[:0])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_history_rollouts_need_a_stride_on_the_output_grid(stride, tmp_path):
+    """An ESTAG predicting frames 2 saved frames apart takes history frames ``stride`` saved
+    frames apart: with stride 2 a rollout feeds its predictions back as history; with stride 1
+    (half the output spacing) the next history is not among the predictions and the rollout
+    refuses, naming the fix, instead of building it from the wrong frames."""
+    from _integration_fixtures import cached_md, make_checkpoint
+
+    md = cached_md()
+    ckpt = make_checkpoint(md, tmp_path / "estag.pt", model="estag", jump_frames=4, n_out=2,
+                           history=3, history_stride=stride)
+    sur = Surrogate.load(ckpt)
+    hist = md["frames"][40:40 + 2 * stride + 1:stride]
+    assert sur.history_fits_grid() == (stride == 2)
+    if stride == 2:
+        frames, times = sur.rollout(hist[-1], history=hist, n_jumps=3)
+        assert frames.shape == (6, 22, 3) and np.all(np.isfinite(frames))
+        return
+    with pytest.raises(DataError, match="history_stride_ps"):
+        sur.rollout(hist[-1], history=hist, n_jumps=3)

@@ -68,6 +68,9 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         raise ConfigError(f"protocol {protocol!r} is not one of {list(PROTOCOLS)}")
     if rollout_jumps < 0 or n_rollouts < 1 or batch_size < 1:
         raise ConfigError("rollout_jumps must be >= 0, n_rollouts and batch_size >= 1")
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"max_windows (--max-windows) must be >= 1, got {max_windows}; leave "
+                          "it out to score every window of the split")
     out = Path(out_dir)
     if (out / "report.md").exists() and not overwrite:
         raise ConfigError(f"{out}: already holds a report; pass --overwrite or choose another "
@@ -159,6 +162,13 @@ def _window_errors(sur: Surrogate, ds: WindowDataset, protocol: str, batch_size:
 
 def _rollouts(sur: Surrogate, ds: WindowDataset, prepared, rollout_jumps: int,
               n_rollouts: int) -> dict[str, Any]:
+    if not sur.history_fits_grid():
+        log.warning("rollouts skipped: %s cannot build its history from its own predictions "
+                    "(history stride %g ps, output spacing %g ps)", sur.name,
+                    sur.history_stride_ps, sur.times_ps[0])
+        return {"skipped": f"the history stride ({sur.history_stride_ps:g} ps) is not a multiple "
+                           f"of the output spacing ({sur.times_ps[0]:g} ps), so the model "
+                           "cannot be rolled out on its own predictions"}
     p = prepared.protocol
     spacing = int(p.out_frames[0])
     room = np.array([(prepared.files[fi].n_frames - 1 - int(t0)) // p.jump_frames
