@@ -311,6 +311,10 @@ def _prepare_system(system, *, solvent, forcefield, constraints, hmr,
     if name in BUILTIN_SYSTEMS:
         spec = BUILTIN_SYSTEMS[name]
         paths = spec.paths()
+        _refuse_unused(name, coordinates=(coordinates, "a built-in system brings its own "
+                                                       "coordinates"),
+                       forcefield=(forcefield if spec.kind != "pdb" else None,
+                                   "its GAFF2 parameters are part of the shipped prmtop"))
         if spec.kind == "pdb":
             ff = tuple(forcefield) if forcefield else spec.forcefield
             top, sys_, pos = _from_pdb(paths[0], ff, solvent, cons, h_mass)
@@ -330,10 +334,13 @@ def _prepare_system(system, *, solvent, forcefield, constraints, hmr,
     if coords is not None and not coords.is_file():
         raise DataError(f"{coords}: no such coordinates file; check the path")
     if suffix in (".pdb", ".cif", ".pdbx"):
+        _refuse_unused(path, coordinates=(coordinates, "the structure file holds the "
+                                                       "coordinates"))
         ff = tuple(forcefield) if forcefield else PROTEIN_FORCEFIELD
         top, sys_, pos = _from_pdb(path, ff, solvent, cons, h_mass)
         return PreparedSystem(top, sys_, pos, path.stem, "+".join(ff), solvent, [str(path)])
     if suffix in (".prmtop", ".parm7"):
+        _refuse_unused(path, forcefield=(forcefield, "a prmtop carries its own force field"))
         if coords is None:
             for ext in (".inpcrd", ".rst7", ".crd"):
                 if path.with_suffix(ext).is_file():
@@ -347,11 +354,23 @@ def _prepare_system(system, *, solvent, forcefield, constraints, hmr,
                               [str(path), str(coords)])
     if suffix == ".xml":
         _refuse_xml_settings(path, hmr=hmr)
+        _refuse_unused(path, forcefield=(forcefield, "a serialized System is already "
+                                                     "parametrised"))
         top, sys_, pos = _from_xml(path, coords)
         return PreparedSystem(top, sys_, pos, path.stem, "serialized System", _solvent_of(sys_),
                               [str(path), str(coords)])
     raise DataError(f"{path}: unknown system file type {suffix!r}; give a PDB/PDBx, an Amber "
                     "prmtop (+ inpcrd) or a serialized System XML (+ PDB)")
+
+
+def _refuse_unused(source: str | os.PathLike, **options: tuple[Any, str]) -> None:
+    """Refuse options that a kind of system input would silently ignore: ``name=(value, why)``
+    for each; a value of None or empty is not given."""
+    given = [(name, why) for name, (value, why) in options.items() if value]
+    if given:
+        names = ", ".join(f"--{n} ({why})" for n, why in given)
+        raise ConfigError(f"{source}: {names} would be ignored for this input; drop "
+                          f"{'it' if len(given) == 1 else 'them'}")
 
 
 def topology_from_openmm(topology, system) -> Topology:

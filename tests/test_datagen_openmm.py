@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,6 +265,29 @@ def test_system_xml_refuses_settings_it_cannot_apply(tmp_path, setting):
     with pytest.raises(ConfigError, match=r"vacuum\.xml: a serialized System already fixes"):
         run_openmm(xml, tmp_path / "x.h5", coordinates=pdb, frames=2, equilibrate_ps=0.0,
                    **setting)
+    assert not list(tmp_path.glob("x.h5*"))
+
+
+@pytest.mark.parametrize("case", ["xml forcefield", "pdb coordinates", "builtin coordinates",
+                                  "md17 forcefield", "prmtop forcefield"])
+def test_options_an_input_would_ignore_are_refused(tmp_path, case):
+    """--forcefield and --coordinates where the input already fixes them: a clear error naming
+    the input and the option, not a run that silently did something else."""
+    import datagen
+
+    xml, pdb, _ = _serialized(tmp_path)
+    shipped = Path(datagen.__path__[0]) / "systems"
+    prmtop = shipped / "md17" / "ethanol.prmtop"
+    system, options, option = {
+        "xml forcefield": (xml, {"coordinates": pdb, "forcefield": "amber14-all.xml"},
+                           "--forcefield"),
+        "pdb coordinates": (pdb, {"coordinates": pdb}, "--coordinates"),
+        "builtin coordinates": ("alanine-dipeptide", {"coordinates": pdb}, "--coordinates"),
+        "md17 forcefield": ("ethanol", {"forcefield": "amber14-all.xml"}, "--forcefield"),
+        "prmtop forcefield": (prmtop, {"forcefield": "amber14-all.xml"}, "--forcefield"),
+    }[case]
+    with pytest.raises(ConfigError, match=f"{option} .*would be ignored"):
+        run_openmm(system, tmp_path / "x.h5", frames=2, equilibrate_ps=0.0, **options)
     assert not list(tmp_path.glob("x.h5*"))
 
 
