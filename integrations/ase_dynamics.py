@@ -104,6 +104,12 @@ class SurrogateDynamics(MolecularDynamics):
                             "its output spacing, so every step runs MD instead of a jump",
                             self.surrogate.name, self.surrogate.history_stride_ps)
         self.n_history_md = 0
+        if write_intermediate and trajectory is not None and loginterval != 1:
+            raise EngineError(f"write_intermediate=True writes every jump's intermediate frames, "
+                              f"but loginterval={loginterval} writes only every "
+                              f"{loginterval}th end state: the trajectory would have uneven "
+                              "time steps; use loginterval=1 with write_intermediate=True, or "
+                              "write_intermediate=False")
         self.write_intermediate = write_intermediate
         self.last_jump: np.ndarray | None = None
         self.last_jump_times_ps: np.ndarray | None = None

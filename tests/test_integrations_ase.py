@@ -87,6 +87,10 @@ def test_intermediate_frames_and_calculator_energies(tmp_path, surrogate):
     lines = log.read_text().splitlines()
     assert len(lines) == 22  # header + 21 rows
     assert float(lines[-1].split()[0]) == pytest.approx(20 * surrogate.jump_ps, abs=1e-3)
+    # every jump's intermediate frames but only every 5th end state: uneven times, refused
+    with pytest.raises(EngineError, match="loginterval=5"):
+        SurrogateDynamics(atoms, surrogate, trajectory=str(tmp_path / "c.traj"), loginterval=5,
+                          write_intermediate=True, guards="warn")
 
 
 def test_wrong_timestep_and_missing_calculator_are_errors(surrogate):
