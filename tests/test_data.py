@@ -162,6 +162,18 @@ def test_paper_split_counts_and_margin():
     assert all(np.array_equal(s[k], again[k]) for k in s)
 
 
+def test_blocked_split_takes_the_fractions_as_given():
+    """Shares of the usable frames as written: (0.5, 0.1, 0.1) trains on 5/7 of what
+    (0.7, 0.1, 0.2) trains on (not on 0.5 / 0.7 = 71 % of the range) and leaves the end of the
+    trajectory unused; its val block is as long as the other's."""
+    p = Protocol("s2t", 4, 2)
+    part = split_starts(1000, p, fractions=(0.5, 0.1, 0.1))
+    whole = split_starts(1000, p, fractions=(0.7, 0.1, 0.2))
+    assert len(part["train"]) / len(whole["train"]) == pytest.approx(5 / 7, abs=0.005)
+    assert len(part["val"]) == len(whole["val"]) and len(part["test"]) == len(part["val"])
+    assert whole["test"].max() - part["test"].max() > 0.25 * 1000
+
+
 @settings(max_examples=40, deadline=None)
 @given(n_frames=st.integers(60, 3000), jump=st.integers(1, 20), p=st.integers(1, 4),
        history=st.integers(1, 5), stride=st.integers(1, 4), fd=st.booleans(),

@@ -121,7 +121,8 @@ def split_starts(n_frames: int, protocol: Protocol, *, split: str = "blocked",
     Args:
         n_frames: frames in the trajectory.
         split: ``blocked`` or ``paper``.
-        fractions: blocked split: shares of the valid range for train/val/test.
+        fractions: blocked split: shares of the valid range for train/val/test, summing to at
+            most 1 (what is left over at the end of the range is not used).
         counts: number of windows per split (paper: required, e.g. (500, 2000, 2000); blocked:
             optional cap, drawn at random inside each block).
         stride: blocked split: frames between consecutive start frames.
@@ -161,7 +162,9 @@ def split_starts(n_frames: int, protocol: Protocol, *, split: str = "blocked",
     if usable < 3:
         raise DataError(f"{where}{n_frames} frames are too few for a blocked split with windows "
                         f"of {gap} frames; generate more frames or shorten the jump")
-    sizes = np.floor(np.asarray(fractions) / sum(fractions) * usable).astype(int)
+    # shares of the usable frames as given (a sum below 1 leaves the end unused); the epsilon
+    # keeps 0.7 + 0.1 + 0.2 = 0.9999999999999999 from losing a frame to rounding
+    sizes = np.floor(np.asarray(fractions) * usable + 1e-9).astype(int)
     out, start = {}, lo
     for name, size, count in zip(SPLIT_NAMES, sizes, counts or (None, None, None)):
         block = np.arange(start, start + size, max(stride, 1))
