@@ -213,9 +213,9 @@ class Surrogate:
         times = self.times_ps if times_ps is None else np.atleast_1d(
             np.asarray(times_ps, dtype=np.float64))
         if times.ndim != 1 or len(times) == 0 or not np.all(np.isfinite(times)) or np.any(
-                times <= 0):
-            raise DataError(f"times_ps must be a non-empty 1-D array of offsets > 0 ps, got "
-                            f"{times_ps!r}")
+                times <= 0) or np.any(np.diff(times) <= 0):
+            raise DataError(f"times_ps must be a non-empty 1-D array of increasing offsets > 0 "
+                            f"ps, got {times_ps!r}")
         nodes, c = self.selection.n_nodes, self.selection.n_channels
         items = []
         for b in range(len(pos)):
@@ -267,8 +267,8 @@ class Surrogate:
         """
         from tqdm.auto import tqdm
 
-        if int(n_jumps) < 1:
-            raise DataError(f"n_jumps must be >= 1, got {n_jumps}")
+        if isinstance(n_jumps, bool) or int(n_jumps) != n_jumps or n_jumps < 1:
+            raise DataError(f"n_jumps must be a whole number >= 1, got {n_jumps!r}")
         if not self.history_fits_grid():
             raise DataError(
                 f"this {self.name} surrogate takes history frames {self.history_stride_ps:g} ps "

@@ -100,6 +100,10 @@ def test_clear_errors(checkpoint, state, tmp_path):
         sur.predict(x, v, times_ps=[])
     with pytest.raises(DataError, match="n_jumps"):
         sur.rollout(x, v, n_jumps=0)
+    with pytest.raises(DataError, match="whole number"):
+        sur.rollout(x, v, n_jumps=2.7)
+    with pytest.raises(DataError, match="increasing"):
+        sur.predict(x, v, times_ps=[0.2, 0.1])
     with pytest.raises(DataError, match="differ"):
         sur.check_atomic_numbers(np.ones(22, dtype=int))
     broken = tmp_path / "broken.pt"

@@ -242,7 +242,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     random.setstate(_to_tuples(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved, here = state["cuda"], torch.cuda.device_count()
+        if len(saved) != here:
+            log.warning("resuming on %d CUDA device(s) with the random state of %d: only the "
+                        "first %d are restored", here, len(saved), min(here, len(saved)))
+        for index, rng in enumerate(saved[:here]):
+            torch.cuda.set_rng_state(rng, index)
 
 
 def _to_lists(x: Any) -> Any:
