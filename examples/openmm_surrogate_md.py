@@ -60,15 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     sim.step(args.jumps)
     sim.guards.log_summary()
 
+    # the reference: ordinary MD steps (sim.md_step_ps; a jump step is sim.step_ps), reported
+    # once per jump's worth of them
+    per_jump = sim.md_steps_per_jump
     integ = openmm.LangevinMiddleIntegrator(args.temperature_K * unit.kelvin, 1 / unit.picosecond,
-                                            sim.step_ps * unit.picosecond)
+                                            sim.md_step_ps * unit.picosecond)
     ref = app.Simulation(pdb.topology, system(), integ, platform)
     ref.context.setState(start)
-    ref.reporters.append(app.XTCReporter(str(out / "reference.xtc"), sim.steps_per_jump))
-    ref.reporters.append(app.StateDataReporter(str(out / "reference.csv"), sim.steps_per_jump,
+    ref.reporters.append(app.XTCReporter(str(out / "reference.xtc"), per_jump))
+    ref.reporters.append(app.StateDataReporter(str(out / "reference.csv"), per_jump,
                                                time=True, potentialEnergy=True,
                                                temperature=True))
-    ref.step(args.jumps * sim.steps_per_jump)
+    ref.step(args.jumps * per_jump)
 
     for name in ("surrogate", "reference"):
         traj = mdtraj.load(str(out / f"{name}.xtc"), top=args.pdb)
