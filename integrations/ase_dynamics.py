@@ -179,8 +179,8 @@ class SurrogateDynamics(MolecularDynamics):
             self.last_jump = self.last_jump_times_ps = None
             return
         e0 = self._energy_kJ_per_mol()
-        if e0 is not None:
-            self.guards.record_energy(e0)
+        if e0 is not None:  # a state of real MD (hybrid mode) may move the guard's anchor
+            (self.guards.record_md_energy if self.md_steps else self.guards.record_energy)(e0)
         result = self.propagator.jump(pos, vel, t0)
         final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
         end = t0 + self.surrogate.jump_ps

@@ -11,14 +11,22 @@ A jump fails a guard when its end state has
   ``chain_break_A`` (4.5 Å);
 - ``energy``: (when the engine gives energies) a potential energy more than
   ``energy_jump_kJ_per_mol`` above the reference energy: the median of the recent energies,
-  capped at the median of the first ``energy_window`` energies recorded (the start of the run)
-  plus ``energy_drift_kJ_per_mol`` (default 0). The default threshold is eight standard
-  deviations of the canonical potential-energy fluctuation of a harmonic system,
-  ``8 · kT · sqrt(n_dof / 2)``. The cap matters on long runs: each jump accepted a little above
-  the recent median lifts that median, and without it a guarded 1000-jump AdK run ratcheted its
-  potential energy up by 11 MJ/mol (70 standard deviations) while no single jump failed; at
-  equilibrium the potential energy is stationary, so the start is the right ceiling. Give
-  ``energy_drift_kJ_per_mol=None`` where the energy is meant to change (heating, a reaction).
+  capped at the median of the anchor energies plus ``energy_drift_kJ_per_mol`` (default 0). The
+  anchor is the median of the recent energies of states real MD produced
+  (:meth:`Guards.record_md_energy`: hybrid MD segments, fallback MD, history warm-up), and
+  before any such energy, of the first ``energy_window`` energies recorded (the start of the
+  run). The default threshold is eight standard deviations of the canonical potential-energy
+  fluctuation of a harmonic system, ``8 · kT · sqrt(n_dof / 2)``. The cap matters on long runs:
+  each jump accepted a little above the recent median lifts that median, and without it a
+  guarded 1000-jump AdK run ratcheted its potential energy up by 11 MJ/mol (70 standard
+  deviations) while no single jump failed; at equilibrium the potential energy is stationary,
+  so the start is the right ceiling, and states of real MD are samples of the right ensemble
+  that may move it (up or down): the states a surrogate produced never lift it. A start far
+  below the thermal mean (``minimizeEnergy()`` then ``setVelocitiesToTemperature``: the thermal
+  rise of ``~n_dof/2 kT`` exceeds the threshold beyond a few hundred degrees of freedom) would
+  otherwise hold the ceiling at the cold structure's energy for the whole run, and with
+  ``fallback`` turn it into pure MD. Give ``energy_drift_kJ_per_mol=None`` where the energy is
+  meant to change (heating, a reaction).
 
 What happens on failure is the engine's ``action``: ``raise`` (:class:`GuardError`), ``warn``
 (log and keep the jump), ``fallback`` (discard the jump and run real MD of the same length),
@@ -60,10 +68,12 @@ class GuardConfig:
         chain_break_A: largest allowed CA(i)-CA(i+1) distance.
         energy_jump_kJ_per_mol: largest allowed rise over the reference energy
             (None = ``8 kT sqrt(n_dof/2)``).
-        energy_window: how many recent energies form the reference (and how many first ones
-            the anchor that caps it).
-        energy_drift_kJ_per_mol: how far the reference may rise above the anchor, the median of
-            the first ``energy_window`` energies recorded since the start (or the last
+        energy_window: how many recent energies form the reference (and how many first ones,
+            or recent ones of real MD, the anchor that caps it).
+        energy_drift_kJ_per_mol: how far the reference may rise above the anchor: the median
+            of the last ``energy_window`` energies of real-MD states
+            (:meth:`Guards.record_md_energy`), or where none has been recorded, of the first
+            ``energy_window`` energies recorded since the start (or the last
             :meth:`Guards.reset_energies`); None: no cap, the reference follows the recent
             energies wherever they go.
         temperature_K: temperature for the default energy threshold.
@@ -148,6 +158,8 @@ class Guards:
                                                                      self.config.temperature_K))
         self._energies: deque[float] = deque(maxlen=self.config.energy_window)
         self._anchor: list[float] = []  # the first energy_window energies since a reset
+        # the last energy_window energies of states real MD produced (they replace the anchor)
+        self._md_energies: deque[float] = deque(maxlen=self.config.energy_window)
         self.counts: Counter[str] = Counter()
         self.actions: Counter[str] = Counter()
         self.events: list[GuardEvent] = []
@@ -161,7 +173,9 @@ class Guards:
         return self.config.action
 
     def record_energy(self, energy_kJ_per_mol: float) -> None:
-        """Add an accepted state's potential energy to the reference window.
+        """Add an accepted state's potential energy to the reference window (a state the
+        surrogate produced, or of unknown origin: it never moves the anchor once the first
+        ``energy_window`` energies are in; see :meth:`record_md_energy` for states of real MD).
 
         The state a relaxation just produced is left out (recognised by its energy, recorded by
         :meth:`record_relaxation`; any MD since changes it): relaxations aim at the window's
@@ -171,6 +185,21 @@ class Guards:
         relaxed, self._relaxed_energy = self._relaxed_energy, None
         if relaxed is not None and abs(e - relaxed) <= 1e-9 * max(1.0, abs(e)):
             return
+        self._append(e)
+
+    def record_md_energy(self, energy_kJ_per_mol: float) -> None:
+        """Add the potential energy of a state real MD produced (a hybrid MD segment, fallback
+        MD, a history warm-up) to the reference window and to the real-MD energies, whose median
+        is the anchor that caps the reference (see the module doc): unlike a surrogate's states,
+        these are samples of the ensemble the guard measures against, so they may move the cap,
+        e.g. lift it from the energy of a minimised start to the thermal level."""
+        e = float(energy_kJ_per_mol)
+        self._relaxed_energy = None  # MD since the relaxation: not the relaxed state
+        if np.isfinite(e):
+            self._md_energies.append(e)
+        self._append(e)
+
+    def _append(self, e: float) -> None:
         if np.isfinite(e):
             self._energies.append(e)
             if len(self._anchor) < self.config.energy_window:
@@ -180,6 +209,14 @@ class Guards:
         """Forget the recorded energies, the anchor included (the state was changed by hand)."""
         self._energies.clear()
         self._anchor.clear()
+        self._md_energies.clear()
+
+    @property
+    def energy_anchor_kJ_per_mol(self) -> float:
+        """The median of the recent real-MD energies, or before any, of the first
+        ``energy_window`` energies recorded (NaN before any energy is recorded)."""
+        anchor = self._md_energies or self._anchor
+        return float(np.median(anchor)) if anchor else float("nan")
 
     @property
     def energy_reference_kJ_per_mol(self) -> float:
@@ -189,7 +226,7 @@ class Guards:
             return float("nan")
         ref = float(np.median(self._energies))
         if self.config.energy_drift_kJ_per_mol is not None:
-            ref = min(ref, float(np.median(self._anchor)) + self.config.energy_drift_kJ_per_mol)
+            ref = min(ref, self.energy_anchor_kJ_per_mol + self.config.energy_drift_kJ_per_mol)
         return ref
 
     def energy_rise(self, energy_kJ_per_mol: float) -> float:
@@ -291,8 +328,10 @@ class Guards:
         return {"jumps_checked": self.n_checked, "failures": dict(self.counts),
                 "actions": dict(self.actions), "relaxations": self.n_relaxations,
                 "relax_iterations_used": self.relax_iterations_used,
-                "energy_anchor_kJ_per_mol": (float(np.median(self._anchor)) if self._anchor
+                "energy_anchor_kJ_per_mol": (self.energy_anchor_kJ_per_mol if self._anchor
                                              else None),
+                "energy_anchor_from": ("md" if self._md_energies else "start") if self._anchor
+                                      else None,
                 "energy_reference_kJ_per_mol": (self.energy_reference_kJ_per_mol
                                                 if self._energies else None),
                 "thresholds": {"bond_tolerance_A": float(self.bond_tolerance_A),

@@ -46,7 +46,19 @@ predicted frames inside accepted jumps, the end states kept, and in jump-step mo
 fallback MD at the surrogate's output times. Only where these do not cover the history (at the
 start, or every jump when the history stride is not a multiple of the output spacing, which is
 logged as a warning) does real MD run first to build it (logged; in jump-step mode that MD
-advances the time but not the step count).
+advances the time but not the step count, so XTC files, which store each frame's time, stay
+true, while DCD files, whose times are step numbers x ``jump_ps``, lag by the warm-up's MD time:
+a warning says so).
+
+In jump-step mode the step count counts jumps exactly: MD that is not a counted step (fallback
+MD, which counts as the one step of the jump it replaces, and history warm-up MD) restores the
+step count it started from, so reporters are asked for their next report from the jump's start
+step and fire at the same steps with or without fallbacks.
+
+Energy guard: the energies of states real MD produced (the end of a hybrid MD segment, of
+fallback MD, of a history warm-up) are recorded with :meth:`Guards.record_md_energy` and may move
+the guard's anchor (e.g. up from a minimised start to the thermal level); those of surrogate
+states cannot lift it (see :mod:`integrations.guards`).
 
 :class:`SurrogateJumpReporter` is the zero-intrusion variant for an unchanged ``Simulation``.
 """
@@ -574,6 +586,8 @@ class SurrogateSimulation:
         self._platform_properties = platformProperties
         self._relax: Relaxation | None = None
         self._known_energy: tuple[np.ndarray, float | None] | None = None
+        self._md_end: np.ndarray | None = None  # positions after the last fallback MD
+        self._dcd_warned = False
         self.md_step_ps = integrator.getStepSize().value_in_unit(PS)
         md_frame_steps = frame_steps(self.surrogate.times_ps, self.md_step_ps)
         self.jump_steps = self.md_steps == 0
@@ -761,8 +775,13 @@ class SurrogateSimulation:
                                            self.relax_restraint_kJ_per_mol_nm2)
 
     def _md_segment(self, n: int) -> None:
-        """``n`` MD steps without reports (jump-step mode: not counted as steps)."""
+        """``n`` MD steps without reports, advancing the time but not the step count: in
+        jump-step mode the step count counts jumps only, so MD that is not a counted step
+        (fallback MD, history warm-up) leaves it where it was (hybrid mode counts MD steps and
+        runs its MD through :meth:`run_md`)."""
+        step = self.context.getStepCount()
         self.integrator.step(n)
+        self.context.setStepCount(step)
 
     def _md_jump(self, t0: float) -> None:
         """One jump's length of MD without reports (the jump-step mode fallback), stopping at
@@ -782,6 +801,13 @@ class SurrogateSimulation:
         stride = frame_steps(np.array([s.history_stride_ps]), self.md_step_ps)[0]
         log.info("history model: running %d x %d MD steps to build its input history",
                  s.history_length - 1, stride)
+        if self.jump_steps and not self._dcd_warned and any(
+                isinstance(r, app.DCDReporter) for r in self.reporters):
+            self._dcd_warned = True
+            log.warning("history warm-up: %g ps of MD outside the step count; DCD files stamp "
+                        "their frames with step x jump_ps and lag the true time by it (XTC "
+                        "files store each frame's time)",
+                        (s.history_length - 1) * stride * self.md_step_ps)
         pos, _, t, _ = read_state(self.context)
         self.propagator.observe(t, pos)
         for _ in range(s.history_length - 1):
@@ -803,12 +829,22 @@ class SurrogateSimulation:
 
     def _jump(self) -> None:
         pos, vel, t0, _ = read_state(self.context)
+        # real MD produced the state jumped from: a hybrid segment ran just now, or it is the end
+        # of the last fallback MD (unless the user has moved the atoms since)
+        from_md = bool(self.md_steps) or (self._md_end is not None
+                                          and np.array_equal(pos, self._md_end))
+        self._md_end = None
         self.propagator.observe(t0, pos)  # the state now is the last frame of any history
         if not self.propagator.has_history(t0):
             self._warm_up_history()
             pos, vel, t0, _ = read_state(self.context)
+            from_md = True
         s0 = self.currentStep
-        self.guards.record_energy(self._energy_of(pos))
+        energy = self._energy_of(pos)
+        if from_md:  # a sample of the right ensemble: it may move the guard's anchor
+            self.guards.record_md_energy(energy)
+        else:
+            self.guards.record_energy(energy)
         self._check_file_reporters(s0)
         # jump-step mode reports jump ends only: the frames between are never rebuilt
         result = self.propagator.jump(pos, vel, t0, last_only=bool(self.jump_steps))
@@ -825,6 +861,7 @@ class SurrogateSimulation:
             end_pos, end_vel, _, _ = read_state(self.context)
             result = JumpResult(end_pos[None], end_vel[None], result.offsets_ps[-1:])
             self._emit_frames(result, end_pos, t0, s0)
+            self._md_end = end_pos
             return
         self.propagator.remember(t0, result)  # a history model's next input
         self._emit_frames(result, final_pos, t0, s0)
@@ -1019,7 +1056,8 @@ class SurrogateJumpReporter:
                             self.surrogate.history_stride_ps, self.interval)
             return
         self._waiting = 0
-        self.guards.record_energy(potential_energy(context))
+        # the Simulation's own MD produced this state: it may move the guard's anchor
+        self.guards.record_md_energy(potential_energy(context))
         result = self.propagator.jump(pos, vel, t0, last_only=True)
         end = t0 + self.surrogate.jump_ps
         final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]

@@ -2,13 +2,17 @@
 
 :class:`TrajectoryObserver` is attached to any ASE dynamics (``dyn.attach(obs, interval=k)``)
 and writes one frame per call: positions in Å, time ``dyn.get_time()`` converted to ps with
-``ase.units``. XTC stores each frame's time; DCD stores a start and a fixed interval in its
-header, taken from ``dyn.dt x interval``. The file is written under a temporary name and appears
-under its final name on :meth:`close` (a crashed run leaves no partial file behind).
+``ase.units``. XTC stores each frame's time; DCD stores a first step, the step size and the steps
+between frames in its header: the file is opened at the first call (an observer attached
+part-way through a run writes its first frame then), with first step ``dyn.get_time() /
+dyn.dt`` at that call, step size ``dyn.dt`` and ``interval`` steps between frames. The file is
+written under a temporary name and appears under its final name on :meth:`close` (a crashed run
+leaves no partial file behind).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +20,8 @@ import numpy as np
 from ase import units
 
 from surrogate_md.errors import DataError
+
+log = logging.getLogger(__name__)
 
 PS_IN_ASE_TIME = 1000.0 * units.fs  # one picosecond in ASE time units
 
@@ -26,7 +32,8 @@ class TrajectoryObserver:
     Args:
         dyn: the dynamics (its ``atoms``, ``dt`` and ``get_time()`` are read).
         path: output file, ``.xtc`` or ``.dcd``.
-        interval: the ``interval`` the observer is attached with (DCD header only).
+        interval: the ``interval`` the observer is attached with (DCD header only: the steps
+            between frames).
         overwrite: replace an existing file.
     """
 
@@ -45,19 +52,40 @@ class TrajectoryObserver:
         if self.path.exists() and not overwrite:
             raise DataError(f"{self.path}: file exists; pass overwrite=True or choose another "
                             "name")
+        if int(interval) != interval or interval < 1:
+            raise DataError(f"{self.path}: interval must be a whole number of steps >= 1, got "
+                            f"{interval}")
+        self.interval = int(interval)
+        self._fmt = fmt
         self._tmp = self.path.with_name(f".{self.path.name}.partial.{fmt}")
-        n = len(self.atoms)
-        self._universe = mda.Universe.empty(n, trajectory=True)
-        kwargs = {}
-        if fmt == "dcd":
-            frame_ps = dyn.dt * interval / PS_IN_ASE_TIME
-            kwargs = {"dt": frame_ps, "nsavc": 1,
-                      "istart": int(round(dyn.get_time() / (dyn.dt * interval)))}
-        self._writer = mda.Writer(str(self._tmp), n_atoms=n, format=fmt.upper(), **kwargs)
+        self._universe = mda.Universe.empty(len(self.atoms), trajectory=True)
+        self._writer = None  # opened at the first frame (the DCD header needs its step)
         self.n_frames = 0
         self.closed = False
 
+    def _open(self) -> None:
+        """Open the writer; a DCD header gets the current step as its first step."""
+        import MDAnalysis as mda
+
+        kwargs = {}
+        if self._fmt == "dcd":
+            steps = self.dyn.get_time() / self.dyn.dt
+            first = int(round(steps))
+            if abs(steps - first) > 1e-6 * max(1.0, abs(steps)):
+                log.warning("%s: the first frame's time (%g ps) is not a whole number of steps "
+                            "of %g ps; the DCD header stamps it at step %d", self.path,
+                            self.dyn.get_time() / PS_IN_ASE_TIME,
+                            self.dyn.dt / PS_IN_ASE_TIME, first)
+            kwargs = {"dt": self.dyn.dt * self.interval / PS_IN_ASE_TIME,
+                      "nsavc": self.interval, "istart": first}
+        self._writer = mda.Writer(str(self._tmp), n_atoms=len(self.atoms),
+                                  format=self._fmt.upper(), **kwargs)
+
     def __call__(self) -> None:
+        if self.closed:
+            raise DataError(f"{self.path}: the observer is closed")
+        if self._writer is None:
+            self._open()
         ts = self._universe.trajectory.ts
         ts.positions = np.asarray(self.atoms.get_positions(), dtype=np.float32)
         cell = self.atoms.cell
@@ -72,6 +100,8 @@ class TrajectoryObserver:
     def close(self) -> Path:
         """Finish the file and move it to its final name."""
         if not self.closed:
+            if self._writer is None:  # no frame: an empty file starting now
+                self._open()
             self._writer.close()
             os.replace(self._tmp, self.path)
             self.closed = True
@@ -80,7 +110,8 @@ class TrajectoryObserver:
     def abort(self) -> None:
         """Drop the partial file."""
         if not self.closed:
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
             self._tmp.unlink(missing_ok=True)
             self.closed = True
 

@@ -9,7 +9,7 @@ import mdtraj
 import numpy as np
 import pytest
 from _integration_fixtures import PDB, cached_md, make_checkpoint
-from ase import units
+from ase import Atoms, units
 from ase.calculators.emt import EMT
 from ase.io import Trajectory, read
 from ase.md.velocitydistribution import thermalize_momenta
@@ -112,6 +112,8 @@ def test_hybrid_mode_time_bookkeeping(surrogate):
     cycle_ps = surrogate.jump_ps + 4 * 0.5e-3
     np.testing.assert_allclose(times, np.arange(6) * cycle_ps, atol=1e-12)
     assert md.nsteps == 20 and dyn.n_jumps == 5
+    # the states the MD segments produced anchor the energy guard
+    assert dyn.guards.summary()["energy_anchor_from"] == "md"
 
 
 def test_guard_actions(surrogate):
@@ -188,3 +190,25 @@ def test_history_model_builds_its_history_by_md_then_jumps(tmp_path):
     hist = dyn.propagator.history(0.16)  # (3, heavy atoms, 3): frames at 0.12, 0.14, 0.16 ps
     np.testing.assert_allclose(hist[-1], atoms.get_positions()[sur.model_atoms], atol=1e-12)
     np.testing.assert_allclose(hist[1], dyn.last_jump[0][sur.model_atoms], atol=1e-12)
+
+
+@pytest.mark.parametrize("fmt", ["dcd", "xtc"])
+def test_observer_attached_mid_run_stamps_its_frames_with_their_times(tmp_path, fmt):
+    # attached after 5 steps with interval 2: first called at step 6 (0.006 ps), then 8, 10
+    atoms = Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[10, 10, 10], pbc=True)
+    atoms.calc = EMT()
+    dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+    dyn.run(5)
+    path = tmp_path / f"late.{fmt}"
+    obs = TrajectoryObserver(dyn, path, interval=2)
+    seen = []
+    dyn.attach(lambda: seen.append((dyn.get_time() / PS_IN_ASE_TIME, atoms.get_positions())),
+               interval=2)
+    dyn.attach(obs, interval=2)
+    dyn.run(6)
+    obs.close()
+    u = mda.Universe(mda.Universe.empty(2).atoms.universe._topology, str(path))
+    np.testing.assert_allclose([t for t, _ in seen], [0.006, 0.008, 0.010], atol=1e-12)
+    np.testing.assert_allclose([ts.time for ts in u.trajectory], [t for t, _ in seen], atol=1e-6)
+    for ts, (_, x) in zip(u.trajectory, seen):
+        np.testing.assert_allclose(ts.positions, x, atol=1e-3)

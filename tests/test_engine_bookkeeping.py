@@ -1,0 +1,180 @@
+"""Step bookkeeping of SurrogateSimulation with MD that is not a counted step (fallback MD, history
+warm-up), and the energy guard's anchor fed by real MD."""
+
+from __future__ import annotations
+
+import MDAnalysis as mda
+import numpy as np
+import openmm
+import pytest
+from _integration_fixtures import (
+    PDB,
+    alanine_system,
+    cached_md,
+    cold_start,
+    make_checkpoint,
+    reference_platform,
+    small_egnn_config,
+)
+from openmm import app, unit
+
+from integrations.guards import GuardConfig, Guards, default_energy_threshold
+from integrations.openmm_simulation import (
+    SurrogateSimulation,
+    degrees_of_freedom,
+    potential_energy,
+)
+from surrogate_md import Surrogate
+
+A = unit.angstrom
+PS = unit.picosecond
+
+
+class StepRecorder:
+    """A user reporter recording the step of every report."""
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.steps = []
+
+    def describeNextReport(self, simulation):
+        return {"steps": self.interval - simulation.currentStep % self.interval,
+                "periodic": False, "include": []}
+
+    def report(self, simulation, state):
+        self.steps.append(simulation.currentStep)
+
+
+def jump_sim(tmp_path, broken: bool, **kwargs) -> SurrogateSimulation:
+    """Jump-step SurrogateSimulation of alanine dipeptide: a NaN-weight egnn whose every jump
+    falls back to MD (``broken``), else the analytic linear model whose jumps are all kept."""
+    md = cached_md()
+    if broken:
+        ck = make_checkpoint(md, tmp_path / "nan.pt", model="egnn",
+                             model_config=small_egnn_config(), break_weights=True)
+    else:
+        ck = make_checkpoint(md, tmp_path / "linear.pt", selection="heavy")
+    top, system, positions = alanine_system()
+    sim = SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform(),
+                              **kwargs)
+    cold_start(sim.context, positions)
+    return sim
+
+
+def test_fallback_md_keeps_reporters_on_their_steps(tmp_path):
+    runs = {}
+    for broken in (False, True):
+        sim = jump_sim(tmp_path, broken, guards="fallback" if broken else "warn")
+        recorders = [StepRecorder(k) for k in (1, 2, 3, 4, 5)]
+        xtc = tmp_path / f"run-{broken}.xtc"
+        sim.reporters += recorders + [app.XTCReporter(str(xtc), 3)]
+        after = []  # (step, time ps, positions Å) after every jump
+        for _ in range(12):
+            sim.step(1)
+            st = sim.context.getState(positions=True)
+            after.append((sim.currentStep, st.getTime().value_in_unit(PS),
+                          st.getPositions(asNumpy=True).value_in_unit(A)))
+        assert (sim.n_fallbacks, sim.n_jumps) == ((12, 0) if broken else (0, 12))
+        assert sim.currentStep == 12
+        runs[broken] = [r.steps for r in recorders]
+        jump = sim.surrogate.jump_ps
+        del sim  # closes the XTC file
+        # every XTC frame holds the state at its stamped time (every 3rd jump end)
+        u = mda.Universe(str(PDB), str(xtc))
+        assert len(u.trajectory) == 4
+        for ts, (step, time_ps, positions) in zip(u.trajectory, after[2::3]):
+            assert step == ts.frame * 3 + 3
+            assert ts.time == pytest.approx(time_ps, abs=1e-4)
+            assert ts.time == pytest.approx(step * jump, abs=1e-4)
+            np.testing.assert_allclose(ts.positions, positions, atol=0.01)
+    assert runs[True] == runs[False] == [list(range(k, 13, k)) for k in (1, 2, 3, 4, 5)]
+
+
+@pytest.mark.parametrize(("stride", "guards"), [(2, "warn"), (2, "fallback"), (1, "warn")])
+def test_history_warm_up_md_is_outside_the_step_count(tmp_path, stride, guards):
+    # ESTAG: 4-frame jumps (0.04 ps), output frames 2 frames apart, 3 input frames ``stride``
+    # frames apart; stride 1 rebuilds the history by MD before every jump
+    ck = make_checkpoint(cached_md(), tmp_path / "estag.pt", model="estag", selection="heavy",
+                         jump_frames=4, n_out=2, history=3, history_stride=stride,
+                         break_weights=guards == "fallback")
+    top, system, positions = alanine_system()
+    sim = SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform(),
+                              guards=guards)
+    cold_start(sim.context, positions)
+    rec = StepRecorder(1)
+    sim.reporters.append(rec)
+    sim.step(3)
+    assert rec.steps == [1, 2, 3]
+    assert sim.currentStep == 3 == sim.n_jumps + sim.n_fallbacks
+    warm_ups = 1 if stride == 2 else 3
+    time_ps = sim.context.getState().getTime().value_in_unit(PS)
+    assert time_ps == pytest.approx(warm_ups * 2 * stride * 0.01 + 3 * 0.04, abs=1e-9)
+    # the warm-up's end state (and a fallback's) is real MD: its energy may move the anchor
+    assert len(sim.guards._md_energies) == (warm_ups if guards == "warn" else 3)
+
+
+@pytest.mark.parametrize("mode", ["jumps", "fallback", "hybrid"])
+def test_engine_records_real_md_energies_for_the_guard_anchor(tmp_path, mode):
+    if mode == "jumps":  # no real MD at all: the guard's anchor is the start's, as ever
+        sim = jump_sim(tmp_path, broken=False, guards="warn")
+    elif mode == "fallback":
+        sim = jump_sim(tmp_path, broken=True, guards="fallback")
+    else:
+        sim = jump_sim(tmp_path, broken=False, guards="warn", md_steps=5)
+    sim.step(4)
+    md_energies = list(sim.guards._md_energies)
+    summary = sim.guards.summary()
+    if mode == "jumps":
+        assert md_energies == [] and summary["energy_anchor_from"] == "start"
+        assert len(sim.guards._energies) == 4
+        return
+    # hybrid: every jump starts from the end of an MD segment; fallback: from the end of the
+    # previous jump's fallback MD (the first jump starts from the user's state)
+    assert len(md_energies) == (4 if mode == "hybrid" else 3)
+    assert summary["energy_anchor_from"] == "md"
+    assert summary["energy_anchor_kJ_per_mol"] == pytest.approx(float(np.median(md_energies)))
+    # moving atoms by hand after fallback MD: the state is no longer real MD's
+    if mode == "fallback":
+        x = sim.context.getState(positions=True).getPositions(asNumpy=True)
+        x[0] += 0.001 * unit.nanometer
+        sim.context.setPositions(x)
+        sim.step(1)
+        assert len(sim.guards._md_energies) == 3 and len(sim.guards._energies) == 5
+
+
+def test_real_md_energies_lift_the_anchor_from_a_minimised_start(tmp_path):
+    """A perfect surrogate (here: real MD itself) after a cold minimised start, fed to the guard
+    as hybrid mode does (the energy of the state after each MD segment, then the check of the
+    state one 'jump' later). Energies recorded as a surrogate's leave the anchor at the cold
+    start and reject most thermal states; recorded as real MD they lift it, and every state is
+    accepted. Alanine dipeptide's thermal rise (~n_dof/2 kT, five standard deviations) is below
+    the default 8-sigma threshold, so a 3-sigma one stands in for a large system (beyond ~256
+    degrees of freedom the rise exceeds 8 sigma)."""
+    surrogate = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "a.pt"))
+    top, system, positions = alanine_system()
+    n_dof = degrees_of_freedom(system)
+    config = GuardConfig(action="fallback",
+                         energy_jump_kJ_per_mol=3 / 8 * default_energy_threshold(n_dof, 300.0))
+    as_surrogate, as_md = Guards(surrogate, config, n_dof), Guards(surrogate, config, n_dof)
+    integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / PS, 0.002 * PS)
+    integrator.setRandomNumberSeed(3)
+    context = openmm.Context(system, integrator, reference_platform())
+    context.setPositions(positions)
+    openmm.LocalEnergyMinimizer.minimize(context, 10.0, 0)  # minimizeEnergy()
+    context.setVelocitiesToTemperature(1 * unit.kelvin, 3)  # then heated by the thermostat
+    for guards in (as_surrogate, as_md):
+        guards.record_energy(potential_energy(context))  # the user's start state
+    x = cached_md()["frames"][0]  # the geometric checks are not under test
+    accepted = {id(as_surrogate): [], id(as_md): []}
+    for _ in range(150):  # md_steps=20, then a 'jump' of 10 MD steps: 9 ps in all
+        integrator.step(20)
+        energy = potential_energy(context)
+        as_surrogate.record_energy(energy)
+        as_md.record_md_energy(energy)
+        integrator.step(10)
+        energy = potential_energy(context)
+        for guards in (as_surrogate, as_md):
+            accepted[id(guards)].append(not guards.check(x, energy_kJ_per_mol=energy))
+    assert all(accepted[id(as_md)])
+    assert sum(accepted[id(as_surrogate)][-50:]) < 40  # frozen at the cold start
+    assert as_md.energy_anchor_kJ_per_mol > as_surrogate.energy_anchor_kJ_per_mol + 20.0
