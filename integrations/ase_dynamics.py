@@ -55,7 +55,9 @@ class SurrogateDynamics(MolecularDynamics):
         write_intermediate: also write the jump's intermediate frames to ``trajectory``.
         md_dynamics, md_steps: hybrid mode: ``md_steps`` steps of this ASE MD before each jump.
         fallback_dynamics: ASE MD used by the ``fallback`` action (default ``md_dynamics``).
-        temperature_K: for the energy-guard threshold.
+        temperature_K: for the energy-guard threshold (and the thermal end velocities).
+        end_velocities, velocity_seed: the end state's velocities, ``"difference"`` or
+            ``"thermal"``, as in :class:`~integrations.openmm_simulation.SurrogateSimulation`.
     """
 
     def __init__(self, atoms, surrogate: Any, timestep: float | None = None,
@@ -63,6 +65,7 @@ class SurrogateDynamics(MolecularDynamics):
                  guards: Guards | GuardConfig | str | None = "raise",
                  write_intermediate: bool = False, md_dynamics=None, md_steps: int = 0,
                  fallback_dynamics=None, temperature_K: float = 300.0,
+                 end_velocities: str = "difference", velocity_seed: int | None = None,
                  append_trajectory: bool = False, **kwargs) -> None:
         self.surrogate = load_surrogate(surrogate)
         self.surrogate.check_atomic_numbers(atoms.get_atomic_numbers())
@@ -88,7 +91,9 @@ class SurrogateDynamics(MolecularDynamics):
             config = guards if isinstance(guards, GuardConfig) else GuardConfig(
                 action=guards or "raise", temperature_K=temperature_K)
             self.guards = Guards(self.surrogate, config)
-        self.propagator = SurrogatePropagator(self.surrogate)
+        self.propagator = SurrogatePropagator(
+            self.surrogate, end_velocities=end_velocities, temperature_K=temperature_K,
+            masses_amu=atoms.get_masses(), seed=velocity_seed)
         if self.propagator.needs_history:
             if self.md_steps:
                 raise EngineError("hybrid mode (md_steps > 0) does not take a history model "

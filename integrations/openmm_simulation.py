@@ -540,6 +540,10 @@ class SurrogateSimulation:
             restrained atom settles about ``F / k`` from its prediction, ``F`` the force the
             force field puts on it (1000 kJ/mol/nm -> 0.1 Å at the default 1e5); raise it to
             hold the prediction tighter, 0 for an unrestrained minimisation.
+        end_velocities: velocities of each kept jump's end state (and so the next jump's
+            input): ``"difference"`` (backward difference over the last output spacing) or
+            ``"thermal"`` (Maxwell-Boltzmann at ``temperature_K``, seeded by
+            ``velocity_seed``; see :mod:`integrations.propagator`).
 
     Attributes:
         context, topology, system, integrator, reporters, currentStep: as in ``Simulation``.
@@ -560,7 +564,8 @@ class SurrogateSimulation:
                  guards: Guards | GuardConfig | str | None = "raise", md_steps: int = 0,
                  temperature_K: float = 300.0, progress: bool = False,
                  relax_iterations: int = 0,
-                 relax_restraint_kJ_per_mol_nm2: float = DEFAULT_RELAX_RESTRAINT_KJ_PER_MOL_NM2
+                 relax_restraint_kJ_per_mol_nm2: float = DEFAULT_RELAX_RESTRAINT_KJ_PER_MOL_NM2,
+                 end_velocities: str = "difference", velocity_seed: int | None = None
                  ) -> None:
         self.surrogate = load_surrogate(surrogate)
         check_system(system, topology, self.surrogate)
@@ -618,7 +623,11 @@ class SurrogateSimulation:
         self._usesPBC = uses_pbc(system, topology)
         self._constrained = system.getNumConstraints() > 0
         self.guards = make_guards(guards, self.surrogate, system, temperature_K)
-        self.propagator = SurrogatePropagator(self.surrogate)
+        self.propagator = SurrogatePropagator(
+            self.surrogate, end_velocities=end_velocities, temperature_K=temperature_K,
+            masses_amu=np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
+                                 for i in range(system.getNumParticles())]),
+            seed=velocity_seed)
         if not self.propagator.history_from_jumps:
             log.warning("history model %s: its history stride (%g ps) is not a multiple of its "
                         "output spacing (frames at %s ps), so jumps cannot supply its input "

@@ -7,6 +7,14 @@ the same convention :meth:`surrogate_md.Surrogate.rollout` uses to feed a jump i
 (For one output frame per jump this is the mean velocity over the jump, which is lower than the
 instantaneous thermal velocity; the engine's kinetic energy reports it as such.)
 
+With ``end_velocities="thermal"`` the end state of a jump gets velocities drawn from the
+Maxwell-Boltzmann distribution at ``temperature_K`` instead: in the canonical ensemble velocities
+are independent of positions, so this samples them exactly, and a model trained on instantaneous
+MD velocities (``velocity_source: file``) gets inputs like its training data at the next jump,
+where differences over the output spacing are far slower (300 K alanine dipeptide: 275 K
+heavy-atom kinetic temperature from MD velocities, 14 K from 0.5 ps differences). Intermediate
+frames keep their differences.
+
 History models (ESTAG) need the positions of the last ``history_length`` states at
 ``history_stride_ps``; the propagator remembers every state the engine shows it
 (:meth:`observe`) and says when history is missing so the engine can run real MD to fill it.
@@ -20,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from integrations.reconstruct import Reconstructor
+from surrogate_md.errors import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +59,33 @@ class SurrogatePropagator:
 
     Args:
         surrogate: a loaded :class:`~surrogate_md.Surrogate`.
+        end_velocities: ``"difference"`` (backward difference, the default) or ``"thermal"``
+            (Maxwell-Boltzmann draws for the jump's end state; see the module doc).
+        masses_amu: (n_atoms,) masses for ``"thermal"`` (massless particles get zero velocity).
+        temperature_K: temperature of the ``"thermal"`` draws.
+        seed: random seed of those draws.
     """
 
-    def __init__(self, surrogate) -> None:
+    def __init__(self, surrogate, *, end_velocities: str = "difference",
+                 masses_amu: np.ndarray | None = None, temperature_K: float = 300.0,
+                 seed: int | None = None) -> None:
+        if end_velocities not in ("difference", "thermal"):
+            raise EngineError(f"end_velocities must be 'difference' or 'thermal', got "
+                              f"{end_velocities!r}")
+        self.end_velocities = end_velocities
+        self._sigma = None
+        if end_velocities == "thermal":
+            from scipy.constants import R  # J/(mol K)
+
+            m = np.asarray(masses_amu, dtype=np.float64) if masses_amu is not None else None
+            if (m is None or m.shape != (surrogate.n_atoms,) or not np.all(np.isfinite(m))
+                    or not temperature_K > 0):
+                raise EngineError(f"end_velocities='thermal' needs the {surrogate.n_atoms} "
+                                  f"atoms' masses (amu) and a temperature > 0 K")
+            kt = R * 1e-3 * float(temperature_K)  # kJ/mol
+            # sqrt(kJ/mol / (g/mol)) = nm/ps; x 10 for Å/ps
+            self._sigma = np.where(m > 0, 10.0 * np.sqrt(kt / np.where(m > 0, m, 1.0)), 0.0)
+            self._rng = np.random.default_rng(seed)
         self.surrogate = surrogate
         self.reconstruct = Reconstructor.for_surrogate(surrogate)
         self.offsets_ps = np.asarray(surrogate.times_ps, dtype=np.float64)
@@ -137,11 +170,20 @@ class SurrogatePropagator:
             frames[:, self.surrogate.model_atoms] = pred
         if last_only and len(frames) == 2:
             vel = (frames[1:] - frames[:1]) / (offsets[1] - offsets[0])
-            return JumpResult(frames[1:], vel, offsets[1:].copy(), predicted)
+            return JumpResult(frames[1:], self._end_velocities(vel), offsets[1:].copy(),
+                              predicted)
         prev = np.concatenate([pos[None], frames[:-1]])
         dt = np.diff(np.concatenate([[0.0], offsets]))
         vel = (frames - prev) / dt[:, None, None]
-        return JumpResult(frames, vel, offsets.copy(), predicted)
+        return JumpResult(frames, self._end_velocities(vel), offsets.copy(), predicted)
+
+    def _end_velocities(self, vel: np.ndarray) -> np.ndarray:
+        """(P, n, 3) Å/ps with the last frame's replaced by thermal draws if so configured."""
+        if self._sigma is None:
+            return vel
+        vel = vel.copy()
+        vel[-1] = self._rng.standard_normal(vel[-1].shape) * self._sigma[:, None]
+        return vel
 
 
 __all__ = ["JumpResult", "SurrogatePropagator"]

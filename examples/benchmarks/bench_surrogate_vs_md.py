@@ -153,10 +153,40 @@ def md_timing(prepared, platform, md_ps: float, step_ps: float = MD_STEP_PS
             "ns_per_s": simulated * 1e-3 / wall, "ns_per_day": ns_per_day(simulated, wall)}, state
 
 
+class KineticTemperature:
+    """A reporter recording the kinetic temperature (K) of every reported state, from the
+    System's degrees of freedom (3N minus constraints, minus 3 with a CMMotionRemover)."""
+
+    def __init__(self, system) -> None:
+        import openmm
+        from openmm import unit
+        from scipy.constants import R
+
+        n = sum(system.getParticleMass(i).value_in_unit(unit.dalton) > 0
+                for i in range(system.getNumParticles()))
+        dof = 3 * n - system.getNumConstraints()
+        if any(isinstance(system.getForce(i), openmm.CMMotionRemover)
+               for i in range(system.getNumForces())):
+            dof -= 3
+        self._per_kj = 2.0 / (dof * R * 1e-3)  # K per kJ/mol of kinetic energy
+        self.temperatures_K: list[float] = []
+
+    def describeNextReport(self, simulation) -> dict:
+        return {"steps": 1, "periodic": False, "include": ["energy"]}
+
+    def report(self, simulation, state) -> None:
+        from openmm import unit
+
+        ke = state.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole)
+        self.temperatures_K.append(ke * self._per_kj)
+
+
 def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards: str,
-                     step_ps: float = MD_STEP_PS, relax_iterations: int = 20) -> dict[str, Any]:
-    """Time ``n_jumps`` jumps of ``SurrogateSimulation`` from ``state``; count guard results.
-    Fallback MD runs the MD baseline's integrator settings (``step_ps``)."""
+                     step_ps: float = MD_STEP_PS, relax_iterations: int = 20,
+                     end_velocities: str = "difference") -> dict[str, Any]:
+    """Time ``n_jumps`` jumps of ``SurrogateSimulation`` from ``state``; count guard results
+    and the mean kinetic temperature of the kept end states. Fallback MD runs the MD
+    baseline's integrator settings (``step_ps``)."""
     import openmm
     from openmm import unit
 
@@ -170,16 +200,20 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
                               integrator=integrator,
                               guards=GuardConfig(action=guards,
                                                  relax_iterations=relax_iterations),
-                              temperature_K=TEMPERATURE_K)
+                              temperature_K=TEMPERATURE_K, end_velocities=end_velocities,
+                              velocity_seed=0)
     sim.context.setPositions(state.getPositions())
     sim.context.setVelocities(state.getVelocities())
     sim.step(1)  # warm-up (first graph, first energy)
     t0 = sim.context.getState().getTime().value_in_unit(unit.picosecond)
     jumps0, fallbacks0 = sim.n_jumps, sim.n_fallbacks
     before = sim.guard_summary()  # the warm-up jump's guard results are not timed
+    kinetic = KineticTemperature(prepared.system)
+    sim.reporters.append(kinetic)
     start = time.perf_counter()
     sim.step(n_jumps)
     wall = time.perf_counter() - start
+    sim.reporters.remove(kinetic)
     simulated = sim.context.getState().getTime().value_in_unit(unit.picosecond) - t0
     accepted, fallbacks = sim.n_jumps - jumps0, sim.n_fallbacks - fallbacks0
     # model-only cost of one jump (no engine, no guards), on the final state
@@ -198,6 +232,8 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
     failures = {k: v - before["failures"].get(k, 0) for k, v in summary["failures"].items()}
     return {"jumps": n_jumps, "accepted": accepted, "fallbacks": fallbacks,
             "pass_fraction": accepted / max(n_jumps, 1), "guard_action": guards,
+            "end_velocities": end_velocities,
+            "mean_kinetic_temperature_K": float(np.mean(kinetic.temperatures_K)),
             "guard_failures": {k: v for k, v in failures.items() if v},
             "relaxations": summary["relaxations"] - before["relaxations"],
             "relax_iterations_used": (summary["relax_iterations_used"]
@@ -312,7 +348,7 @@ def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
     log.info("%s: timing %d jumps of %s (%g ps each)", name, n_jumps, surrogate.name,
              surrogate.jump_ps)
     row["surrogate"] = surrogate_timing(prepared, platform, surrogate, state, n_jumps, guards,
-                                        step_ps, args.relax_iterations)
+                                        step_ps, args.relax_iterations, args.end_velocities)
     row["speedup"] = row["surrogate"]["ns_per_s"] / row["md"]["ns_per_s"]
     return row
 
@@ -340,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="most minimiser iterations of one --guards relax (it stops at the "
                              "first state that passes the guards back at the median energy; "
                              "each costs about one MD step's forces, more with line searches)")
+    parser.add_argument("--end-velocities", default="difference",
+                        choices=["difference", "thermal"],
+                        help="velocities of each kept jump's end state (the next jump's input): "
+                             "backward differences or Maxwell-Boltzmann draws")
     parser.add_argument("--adk-checkpoint", default=None)
     parser.add_argument("--adk-model", default="egno", choices=TRAINABLE)
     parser.add_argument("--adk-jumps", type=int, default=5)

@@ -324,7 +324,8 @@ class _KeptStates:
 
 
 def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_iterations: int,
-                   platform: str = "auto", progress: bool = True) -> dict[str, Any]:
+                   platform: str = "auto", progress: bool = True,
+                   end_velocities: str = "difference") -> dict[str, Any]:
     """``n_jumps`` jumps of ``SurrogateSimulation`` from MD frame ``frame``, guards acting.
 
     The System is the dataset's (a ``datagen`` OpenMM run of a built-in system, rebuilt from its
@@ -358,7 +359,8 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
     sim = SurrogateSimulation(prepared.topology, prepared.system, sur, integrator=integrator,
                               platform=choose_platform(platform, traj.n_atoms, solvent),
                               guards=GuardConfig(action=action, relax_iterations=relax_iterations),
-                              temperature_K=temperature, progress=progress)
+                              temperature_K=temperature, progress=progress,
+                              end_velocities=end_velocities, velocity_seed=1)
     frame_idx = np.array([frame])
     sim.context.setPositions(traj.read(frame_idx)[0] * 0.1)  # Å -> nm
     if traj.velocities is not None:
@@ -479,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
                              "instead of the free-running model")
     parser.add_argument("--guard-action", default="relax", choices=["relax", "fallback", "warn"],
                         help="with --engine: what the guards do with a rejected jump")
+    parser.add_argument("--end-velocities", default="difference",
+                        choices=["difference", "thermal"],
+                        help="--engine: velocities of each kept jump's end state (the next "
+                             "jump's input): backward differences or Maxwell-Boltzmann draws")
     parser.add_argument("--relax-iterations", type=int, default=200,
                         help="with --engine and relax: minimiser iterations per relaxation")
     parser.add_argument("--jumps", type=int, default=1000)
@@ -535,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                 engine_run = engine_rollout(sur, traj, frame, args.jumps,
                                             action=args.guard_action,
                                             relax_iterations=args.relax_iterations,
-                                            platform=args.platform, progress=args.progress)
+                                            platform=args.platform, progress=args.progress,
+                                            end_velocities=args.end_velocities)
                 frames, times = engine_run["frames"], engine_run["times"]
             else:
                 with np.errstate(all="ignore"):
