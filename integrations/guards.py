@@ -349,10 +349,11 @@ class Guards:
 def default_energy_threshold(n_dof: int, temperature_K: float) -> float:
     """The default energy guard, kJ/mol: ``8 kT sqrt(n_dof / 2)``, eight standard deviations of
     the canonical potential-energy fluctuation of ``n_dof`` harmonic degrees of freedom."""
-    return 8.0 * _kt_kJ_per_mol(temperature_K) * float(np.sqrt(max(n_dof, 1) / 2.0))
+    return 8.0 * kt_kJ_per_mol(temperature_K) * float(np.sqrt(max(n_dof, 1) / 2.0))
 
 
-def _kt_kJ_per_mol(temperature_K: float) -> float:
+def kt_kJ_per_mol(temperature_K: float) -> float:
+    """kT in kJ/mol (the molar gas constant from OpenMM's unit module)."""
     from openmm import unit
 
     r = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
@@ -400,4 +401,5 @@ def guard_error_message(events: list[GuardEvent], source: str) -> str:
 
 
 __all__ = ["ACTIONS", "GuardConfig", "GuardEvent", "Guards", "default_energy_threshold",
+           "kt_kJ_per_mol",
            "guard_error_message"]

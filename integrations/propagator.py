@@ -75,14 +75,14 @@ class SurrogatePropagator:
         self.end_velocities = end_velocities
         self._sigma = None
         if end_velocities == "thermal":
-            from scipy.constants import R  # J/(mol K)
+            from integrations.guards import kt_kJ_per_mol
 
             m = np.asarray(masses_amu, dtype=np.float64) if masses_amu is not None else None
             if (m is None or m.shape != (surrogate.n_atoms,) or not np.all(np.isfinite(m))
                     or not temperature_K > 0):
                 raise EngineError(f"end_velocities='thermal' needs the {surrogate.n_atoms} "
                                   f"atoms' masses (amu) and a temperature > 0 K")
-            kt = R * 1e-3 * float(temperature_K)  # kJ/mol
+            kt = kt_kJ_per_mol(float(temperature_K))
             # sqrt(kJ/mol / (g/mol)) = nm/ps; x 10 for Å/ps
             self._sigma = np.where(m > 0, 10.0 * np.sqrt(kt / np.where(m > 0, m, 1.0)), 0.0)
             self._rng = np.random.default_rng(seed)

@@ -160,7 +160,8 @@ class KineticTemperature:
     def __init__(self, system) -> None:
         import openmm
         from openmm import unit
-        from scipy.constants import R
+
+        from integrations.guards import kt_kJ_per_mol
 
         n = sum(system.getParticleMass(i).value_in_unit(unit.dalton) > 0
                 for i in range(system.getNumParticles()))
@@ -168,7 +169,7 @@ class KineticTemperature:
         if any(isinstance(system.getForce(i), openmm.CMMotionRemover)
                for i in range(system.getNumForces())):
             dof -= 3
-        self._per_kj = 2.0 / (dof * R * 1e-3)  # K per kJ/mol of kinetic energy
+        self._per_kj = 2.0 / (dof * kt_kJ_per_mol(1.0))  # K per kJ/mol of kinetic energy
         self.temperatures_K: list[float] = []
 
     def describeNextReport(self, simulation) -> dict:
