@@ -84,6 +84,29 @@ def test_evaluate_s2s_and_wrong_system(ala, checkpoint, tmp_path):
         evaluate(checkpoint, bad, tmp_path / "bad", rollout_jumps=0)
 
 
+def test_s2s_scores_the_end_of_the_trained_grid(ala, tmp_path):
+    # EGNO's temporal convolution mixes the output times: asked for the end time alone it
+    # computes something else than its trained grid's last frame, which s2s must score
+    ckpt = train(tiny_config(ala, "egno", train={"epochs": 1, "max_steps_per_epoch": 2}),
+                 tmp_path / "egno")
+    s2t = evaluate(ckpt, ala, tmp_path / "s2t", rollout_jumps=0, plots=False)["errors"]
+    s2s = evaluate(ckpt, ala, tmp_path / "s2s", protocol="s2s", rollout_jumps=0,
+                   plots=False)["errors"]
+    assert s2s["times_ps"] == pytest.approx(s2t["times_ps"][-1:])
+    for name in ("egno", "constant", "linear"):
+        assert s2s["models"][name]["fmse"] == pytest.approx(
+            s2t["models"][name]["mse_per_time"][-1], rel=1e-5), name
+    # the end time alone is not the same computation (so the check above can fail)
+    from surrogate_md import Surrogate
+
+    sur = Surrogate.load(ckpt)
+    f = open_trajectory(ala)
+    pos, vel = f.read(slice(0, 1)), f.read(slice(0, 1), "velocities")
+    grid = sur.predict(pos, vel)[:, -1]
+    alone = sur.predict(pos, vel, times_ps=sur.times_ps[-1:])[:, -1]
+    assert not np.allclose(grid, alone, atol=1e-5)
+
+
 def test_transfer_to_permuted_atoms_scores_the_same(ala, checkpoint, tmp_path):
     # the same MD with the atoms in another order is "another system" atom by atom; transfer
     # selects the nodes afresh and, the models being permutation-equivariant, scores the same
