@@ -131,7 +131,7 @@ def check_system(system: openmm.System, topology: app.Topology | None, surrogate
                         "solvent count as particles)")
     if topology is not None:
         z = [a.element.atomic_number if a.element is not None else 0 for a in topology.atoms()]
-        surrogate.check_atomic_numbers(np.asarray(z))
+        surrogate.check_atomic_numbers(np.asarray(z), [a.name for a in topology.atoms()])
 
 
 def default_step_ps(times_ps: np.ndarray, max_step_ps: float = DEFAULT_MAX_STEP_PS) -> float:

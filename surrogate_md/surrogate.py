@@ -155,13 +155,40 @@ class Surrogate:
                         f"{self.n_atoms} atoms ({self.n_model_atoms} predicted, selection "
                         f"{self.selection.name!r}); give positions of that system")
 
-    def check_atomic_numbers(self, atomic_numbers: np.ndarray) -> None:
-        """Raise if ``atomic_numbers`` (full system) differ from the training system."""
+    def check_atomic_numbers(self, atomic_numbers: np.ndarray,
+                             atom_names: np.ndarray | list[str] | None = None) -> None:
+        """Raise if the system's atoms differ from the training system's, atom by atom.
+
+        Args:
+            atomic_numbers: (n_atoms,) of the full system.
+            atom_names: (n_atoms,) names (``"CA"``), where the caller has them. The training
+                system's names in another order mean reordered atoms of one element (swapped
+                methyl hydrogens, CA and CB), which elements alone cannot see: an error. Names
+                that differ otherwise are taken for another naming convention: a warning.
+        """
         z = np.asarray(atomic_numbers, dtype=np.int64)
         if len(z) != self.n_atoms or not np.array_equal(z, self.atomic_numbers):
             raise DataError(f"the system's atoms ({len(z)} atoms) differ from the {self.n_atoms} "
                             f"atoms the surrogate {self.source or self.name} was trained on; "
                             "use a checkpoint trained on this system")
+        trained = self.topology.get("atom_names")
+        if atom_names is None or trained is None or len(trained) != len(z):
+            return
+        names = np.char.upper(np.char.strip(np.asarray(atom_names, dtype=str)))
+        ref = np.char.upper(np.char.strip(np.asarray(trained, dtype=str)))
+        differ = np.nonzero(names != ref)[0]
+        if len(differ) == 0:
+            return
+        shown = ", ".join(f"atom {i}: {names[i]} (trained: {ref[i]})" for i in differ[:4])
+        if np.array_equal(np.sort(names), np.sort(ref)):
+            raise DataError(f"the system has the training system's atoms in another order "
+                            f"({len(differ)} atoms moved; {shown}); the surrogate "
+                            f"{self.source or self.name} would predict each atom from another "
+                            "one's place. Write the atoms in the training order (the topology "
+                            "the data were made with)")
+        log.warning("%d atom names differ from the training system's (%s); fine if only the "
+                    "naming convention differs, wrong if atoms of one element were reordered",
+                    len(differ), shown)
 
     # -- prediction -------------------------------------------------------------------------------
     def _default_velocities(self, pos: np.ndarray, history: np.ndarray | None) -> np.ndarray:

@@ -268,6 +268,30 @@ def test_unsupported_physics_is_refused(tmp_path, caplog):
         SurrogateSimulation(top, system, surrogate, platform=reference_platform())
 
 
+def test_reordered_atoms_of_one_element_are_refused(tmp_path, caplog):
+    # elements alone cannot see two hydrogens (or CA and CB) written in another order; the
+    # training system's names in another order can
+    surrogate = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "a.pt"))
+    top, system, _ = alanine_system()
+    atoms = list(top.atoms())
+    methyl = [a for a in atoms if a.element.symbol == "H" and a.residue.index == 0][:2]
+    assert methyl[0].name != methyl[1].name
+    methyl[0].name, methyl[1].name = methyl[1].name, methyl[0].name
+    with pytest.raises(DataError, match="another order"):
+        SurrogateSimulation(top, system, surrogate, platform=reference_platform())
+    # another naming convention for the same atoms is a warning, not an error
+    top, system, _ = alanine_system()
+    next(a for a in top.atoms() if a.name == "H").name = "HN"
+    with caplog.at_level(logging.WARNING):
+        SurrogateSimulation(top, system, surrogate, platform=reference_platform())
+    assert "1 atom names differ" in caplog.text and "HN (trained: H)" in caplog.text
+    caplog.clear()
+    top, system, _ = alanine_system()
+    with caplog.at_level(logging.WARNING):
+        SurrogateSimulation(top, system, surrogate, platform=reference_platform())
+    assert "names differ" not in caplog.text
+
+
 def test_misaligned_file_reporter_is_an_error_before_anything_moves(tmp_path):
     sim = make_sim(tmp_path, md_steps=10, model="constant")
     sim.md_steps = 0  # MD steps as the step unit, jumps only

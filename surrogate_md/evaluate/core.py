@@ -90,7 +90,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
                 log.warning("%s: velocities here are %s, the model was trained on %s velocities",
                             paths[0], prepared.velocity_source, trained_v)
         else:
-            sur.check_atomic_numbers(prepared.topology.atomic_numbers)
+            sur.check_atomic_numbers(prepared.topology.atomic_numbers,
+                                     prepared.topology.atom_names)
             selection, graph = sur.selection, sur.graph
         if abs(prepared.protocol.jump_frames * prepared.interval_ps - sur.jump_ps) > 1e-6:
             raise DataError(f"{paths[0]}: the jump cut from this file differs from the "
