@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to do when a jump fails a guard")
     p.add_argument("--temperature-K", type=float, default=300.0,
                    help="initial velocities and hybrid/fallback MD temperature")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial velocities")
+    p.add_argument("--end-velocities", default="difference", choices=("difference", "thermal"),
+                   help="velocities of each kept jump's end state (the next jump's input): the "
+                        "backward difference over the last output spacing, or Maxwell-Boltzmann "
+                        "draws at --temperature-K (reporters then show a thermal kinetic energy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial velocities (and of "
+                                                       "thermal end velocities)")
     p.add_argument("--minimize", action="store_true", help="minimise the energy first")
     p.add_argument("--device", default="cpu", help="torch device of the surrogate (cpu, cuda, "
                                                    "auto)")
@@ -189,6 +194,7 @@ def run(args: argparse.Namespace) -> dict:
                               f"choose one of {names}") from exc
     sim = SurrogateSimulation(topology, system, surrogate, platform=platform, guards=args.guard,
                               md_steps=args.md_steps, temperature_K=args.temperature_K,
+                              end_velocities=args.end_velocities, velocity_seed=args.seed,
                               progress=True)
     if box is not None and system.usesPeriodicBoundaryConditions():
         sim.context.setPeriodicBoxVectors(*box)

@@ -45,6 +45,25 @@ def test_predict_writes_a_readable_xtc_with_provenance(tmp_path):
     assert not bad.exists() and not list(tmp_path.glob(".*partial*"))
 
 
+@pytest.mark.parametrize("end_velocities", ["difference", "thermal"])
+def test_predict_end_velocities(tmp_path, end_velocities):
+    # the constant model never moves an atom: difference velocities are zero, thermal ones are
+    # drawn at --temperature-K, which the state-data CSV shows
+    ck = make_checkpoint(cached_md(), tmp_path / "c.pt", selection="heavy", model="constant")
+    out = tmp_path / "v.dcd"
+    assert main([str(ck), "--topology", str(PDB), "-n", "30", "-o", str(out), "--platform",
+                 "Reference", "--end-velocities", end_velocities, "--seed", "4"]) == 0
+    rows = (tmp_path / "v.csv").read_text().splitlines()[1:]
+    temperature = np.array([float(r.split(",")[-1]) for r in rows])
+    assert len(temperature) == 30
+    if end_velocities == "difference":
+        assert np.all(temperature == 0.0)
+    else:
+        assert 200.0 < temperature.mean() < 400.0 and temperature.std() > 1.0
+    assert json.loads((tmp_path / "v.json").read_text())["argv"]["end_velocities"] == \
+        end_velocities
+
+
 def test_predict_rejects_bad_inputs(tmp_path, capsys):
     ck = make_checkpoint(cached_md(), tmp_path / "a.pt")
     assert main([str(ck), "--topology", str(tmp_path / "missing.pdb"), "-n", "1", "-o",
