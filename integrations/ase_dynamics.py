@@ -15,6 +15,14 @@ for the jump's length); ``relax`` (FIRE with the attached calculator, stopping a
 that passes every guard with its energy back at the guards' reference energy, then fallback if the
 guard still fails).
 
+MD for hybrid segments and fallbacks is any constant-volume ASE MD bound to the same atoms
+(variable-cell integrators and MD on another Atoms object are refused); integrators that keep
+their own copy of the state (NoseHooverChainNVT's positions and momenta, LangevinBAOAB's
+accelerations) are brought up to date with the atoms before each segment. Energies of states real
+MD made (hybrid segments, fallbacks, history warm-up) may move the energy guard's anchor. With
+``write_intermediate`` a fallback writes its MD states at the surrogate's output times, so the
+trajectory stays on an even time grid.
+
 History models (ESTAG) take their input frames from the states the dynamics has seen: the
 predicted frames inside accepted jumps and the end states kept; until those cover the history
 (at the start, after a fallback that did not), a step runs ``fallback_dynamics`` for one jump's
@@ -75,6 +83,8 @@ class SurrogateDynamics(MolecularDynamics):
         self.md_dynamics = md_dynamics
         self.md_steps = int(md_steps)
         self.fallback_dynamics = fallback_dynamics or md_dynamics
+        for role, dyn in (("md_dynamics", md_dynamics), ("fallback_dynamics", fallback_dynamics)):
+            _check_md_dynamics(dyn, atoms, role)
         self.jump_ase = self.surrogate.jump_ps * PS_IN_ASE_TIME
         dt = self.jump_ase + (self.md_steps * md_dynamics.dt if self.md_steps else 0.0)
         if timestep is not None and not math.isclose(timestep, dt, rel_tol=1e-9):
@@ -91,6 +101,10 @@ class SurrogateDynamics(MolecularDynamics):
             config = guards if isinstance(guards, GuardConfig) else GuardConfig(
                 action=guards or "raise", temperature_K=temperature_K)
             self.guards = Guards(self.surrogate, config)
+        if self.guards.action == "fallback" and self.fallback_dynamics is None:
+            raise EngineError("guard action 'fallback' replaces a failed jump by real MD: pass "
+                              "fallback_dynamics (an ASE MD bound to the same atoms, with a "
+                              "calculator), or choose another action")
         self.propagator = SurrogatePropagator(
             self.surrogate, end_velocities=end_velocities, temperature_K=temperature_K,
             masses_amu=atoms.get_masses(), seed=velocity_seed)
@@ -108,6 +122,17 @@ class SurrogateDynamics(MolecularDynamics):
                 log.warning("history model %s: its history stride (%g ps) is not a multiple of "
                             "its output spacing, so every step runs MD instead of a jump",
                             self.surrogate.name, self.surrogate.history_stride_ps)
+        if self.fallback_dynamics is not None and (self.guards.action != "raise"
+                                                   or self.propagator.needs_history):
+            # fallback MD stands in for whole jumps (and, writing intermediate frames, for
+            # the jump's output times)
+            grid = [*self.surrogate.times_ps] if write_intermediate else [self.surrogate.jump_ps]
+            off = [t for t in grid if not _whole(t * PS_IN_ASE_TIME / self.fallback_dynamics.dt)]
+            if off:
+                raise EngineError(
+                    f"the fallback MD step {self.fallback_dynamics.dt / units.fs:g} fs does not "
+                    f"divide {'the output times ' if write_intermediate else 'the jump '}{off} "
+                    "ps, so fallback MD cannot stand in for a jump; choose a step that does")
         self.n_history_md = 0
         if write_intermediate and trajectory is not None and loginterval != 1:
             raise EngineError(f"write_intermediate=True writes every jump's intermediate frames, "
@@ -120,6 +145,7 @@ class SurrogateDynamics(MolecularDynamics):
         self.last_jump_times_ps: np.ndarray | None = None
         self.n_jumps = 0
         self.n_fallbacks = 0
+        self._from_md = False  # the current state was made by real MD (fallback, history MD)
         super().__init__(atoms, dt, trajectory=trajectory, logfile=logfile,
                          loginterval=loginterval, append_trajectory=append_trajectory, **kwargs)
 
@@ -168,6 +194,7 @@ class SurrogateDynamics(MolecularDynamics):
     def step(self) -> None:
         """MD segment (hybrid mode), then one learned jump."""
         if self.md_steps:
+            _sync_md_dynamics(self.md_dynamics)
             self.md_dynamics.run(self.md_steps)
         atoms = self.atoms
         pos = atoms.get_positions()
@@ -184,8 +211,10 @@ class SurrogateDynamics(MolecularDynamics):
             self.last_jump = self.last_jump_times_ps = None
             return
         e0 = self._energy_kJ_per_mol()
-        if e0 is not None:  # a state of real MD (hybrid mode) may move the guard's anchor
-            (self.guards.record_md_energy if self.md_steps else self.guards.record_energy)(e0)
+        if e0 is not None:  # a state of real MD (hybrid, fallback, history) may move the anchor
+            from_md = self.md_steps or self._from_md
+            (self.guards.record_md_energy if from_md else self.guards.record_energy)(e0)
+        self._from_md = False
         result = self.propagator.jump(pos, vel, t0)
         final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
         end = t0 + self.surrogate.jump_ps
@@ -193,6 +222,10 @@ class SurrogateDynamics(MolecularDynamics):
         energy = None
         if finite:
             self._set(final, fvel)
+            if atoms.constraints:  # the guards judge the state the constraints made of it
+                final = atoms.get_positions()
+                fvel = atoms.get_velocities() * PS_IN_ASE_TIME
+                result.positions_A[-1], result.velocities_A_per_ps[-1] = final, fvel
             energy = self._energy_kJ_per_mol()
         events = self.guards.check(final, fvel, energy_kJ_per_mol=energy,
                                    jump=self.n_jumps + self.n_fallbacks, time_ps=end)
@@ -209,6 +242,10 @@ class SurrogateDynamics(MolecularDynamics):
                 self._set(pos, vel)
                 if action == "raise":
                     raise GuardError(guard_error_message(events, "SurrogateDynamics"))
+                if self.fallback_dynamics is None:
+                    raise GuardError(guard_error_message(events, "SurrogateDynamics") + (
+                        f"; the jump could not be kept under action {action!r} and there is no "
+                        "fallback_dynamics (an ASE MD on the same atoms) to replace it"))
                 self._fallback(t0)
                 return
         self.propagator.remember(t0, result)  # a history model's next input
@@ -216,7 +253,8 @@ class SurrogateDynamics(MolecularDynamics):
         self.last_jump = result.positions_A
         self.last_jump_times_ps = t0 + result.offsets_ps
         if self.write_intermediate and self.trajectory is not None:
-            self._write_intermediate(result.positions_A[:-1], final)
+            self._write_intermediate(result.positions_A[:-1], result.velocities_A_per_ps[:-1],
+                                     final, fvel)
         self.n_jumps += 1
 
     def _relax(self, jump: int, time_ps: float) -> list:
@@ -237,21 +275,26 @@ class SurrogateDynamics(MolecularDynamics):
         g.record_relaxation(opt.nsteps, None if events or energy is None else energy)
         return events
 
-    def _write_intermediate(self, frames: np.ndarray, final: np.ndarray) -> None:
+    def _write_intermediate(self, frames: np.ndarray, velocities: np.ndarray,
+                            final: np.ndarray, final_velocities: np.ndarray) -> None:
+        """Write ``frames`` (K, atoms, 3) Å with their ``velocities`` (K, atoms, 3) Å/ps to the
+        trajectory, then put the atoms back in the end state."""
         from ase.io.trajectory import Trajectory
 
         def write_all(traj) -> None:
-            for frame in frames:
-                self.atoms.set_positions(frame)
+            for frame, vel in zip(frames, velocities):
+                self._set(frame, vel)
                 self._refresh_properties()  # real energies of intermediate frames too
                 traj.write(self.atoms)
 
+        if len(frames) == 0:
+            return
         if hasattr(self.trajectory, "write"):
             write_all(self.trajectory)
         else:
             with Trajectory(str(self.trajectory), mode="a") as traj:
                 write_all(traj)
-        self.atoms.set_positions(final)
+        self._set(final, final_velocities)
 
     def _fallback(self, t0: float) -> None:
         self._md_jump(t0)
@@ -261,19 +304,15 @@ class SurrogateDynamics(MolecularDynamics):
 
     def _md_jump(self, t0: float) -> None:
         """One jump's length of ``fallback_dynamics`` from ``t0`` (ps); a history model observes
-        the states at the surrogate's output times."""
+        the states at the surrogate's output times, and with ``write_intermediate`` they go to
+        the trajectory as a jump's intermediate frames would (the end state is written by the
+        observers after the step)."""
         fb = self.fallback_dynamics
-        if fb is None:
-            raise EngineError("guard action 'fallback' needs fallback_dynamics (an ASE MD on the "
-                              "same atoms with a calculator attached)")
-        n = int(round(self.jump_ase / fb.dt))
-        if n < 1 or not math.isclose(n * fb.dt, self.jump_ase, rel_tol=1e-6):
-            raise EngineError(f"the fallback MD step {fb.dt / units.fs} fs does not divide the "
-                              f"jump {self.surrogate.jump_ps} ps; choose a step that does")
-        if not self.propagator.needs_history:
-            fb.run(n)
-            return
+        n = int(round(self.jump_ase / fb.dt))  # a whole number: checked at construction
+        _sync_md_dynamics(fb)
+        write = self.write_intermediate and self.trajectory is not None
         done = 0
+        frames, velocities = [], []
         for offset in self.surrogate.times_ps:
             steps = int(round(offset * PS_IN_ASE_TIME / fb.dt))
             if steps > done and math.isclose(steps * fb.dt, offset * PS_IN_ASE_TIME,
@@ -281,8 +320,52 @@ class SurrogateDynamics(MolecularDynamics):
                 fb.run(steps - done)
                 done = steps
                 self.propagator.observe(t0 + float(offset), self.atoms.get_positions())
+                if write and steps < n:
+                    frames.append(self.atoms.get_positions())
+                    velocities.append(self.atoms.get_velocities() * PS_IN_ASE_TIME)
         if done < n:
             fb.run(n - done)
+        if frames:
+            self._write_intermediate(np.array(frames), np.array(velocities),
+                                     self.atoms.get_positions(),
+                                     self.atoms.get_velocities() * PS_IN_ASE_TIME)
+        self._from_md = True
+
+
+def _whole(x: float) -> bool:
+    return round(x) >= 1 and math.isclose(round(x), x, rel_tol=1e-6)
+
+
+# ASE integrators for a variable cell: the surrogate keeps the cell as it is
+_VARIABLE_CELL = ("NPT", "MelchionnaNPT", "NPTBerendsen", "Inhomogeneous_NPTBerendsen",
+                  "IsotropicMTKNPT", "MTKNPT", "MaskedMTKNPT")
+
+
+def _check_md_dynamics(dyn, atoms, role: str) -> None:
+    """Refuse an MD for hybrid/fallback use that cannot hand over to and from the surrogate."""
+    if dyn is None:
+        return
+    if getattr(dyn, "atoms", None) is not atoms:
+        raise EngineError(f"{role} ({type(dyn).__name__}) is bound to another Atoms object: "
+                          "build it on the atoms given to SurrogateDynamics, or its MD moves "
+                          "atoms the surrogate never sees")
+    name = type(dyn).__name__
+    if name in _VARIABLE_CELL or getattr(dyn, "externalstress", None) is not None:
+        raise EngineError(f"{role} ({name}) changes the cell, which the surrogate keeps fixed "
+                          "(it was trained at constant volume); use a constant-volume MD "
+                          "(VelocityVerlet, Langevin, Bussi, NoseHooverChainNVT)")
+
+
+def _sync_md_dynamics(dyn) -> None:
+    """Bring an ASE integrator's own copy of the state up to date with its atoms before it runs
+    from a state the surrogate made: NoseHooverChainNVT keeps positions and momenta (``_q``,
+    ``_p``) from its construction or last step and would write them back (discarding every jump
+    since), LangevinBAOAB the accelerations of its last step (``accel``)."""
+    if hasattr(dyn, "_q") and hasattr(dyn, "_p"):
+        dyn._q = dyn.atoms.get_positions()
+        dyn._p = dyn.atoms.get_momenta()
+    if hasattr(dyn, "_update_accel"):
+        dyn._update_accel()
 
 
 __all__ = ["SurrogateDynamics"]

@@ -134,10 +134,9 @@ def test_guard_actions(surrogate):
     dyn.run(2)
     assert dyn.n_fallbacks >= 1 and fallback.nsteps == 40 * dyn.n_fallbacks
     assert np.isfinite(fb_atoms.get_positions()).all()
-    no_md = SurrogateDynamics(cold_atoms(temperature_K=20000, seed=1), surrogate,
-                              guards="fallback")
+    # 'fallback' without an MD to fall back on is refused before anything moves
     with pytest.raises(EngineError, match="fallback_dynamics"):
-        no_md.run(1)
+        SurrogateDynamics(cold_atoms(temperature_K=20000, seed=1), surrogate, guards="fallback")
 
 
 def test_relax_action_stops_at_its_energy_target(surrogate):
@@ -212,3 +211,138 @@ def test_observer_attached_mid_run_stamps_its_frames_with_their_times(tmp_path, 
     np.testing.assert_allclose([ts.time for ts in u.trajectory], [t for t, _ in seen], atol=1e-6)
     for ts, (_, x) in zip(u.trajectory, seen):
         np.testing.assert_allclose(ts.positions, x, atol=1e-3)
+
+
+def _segment_starts(dyn_factory, surrogate):
+    """Hybrid run of 2 steps (1 MD step + jump each): the end state of jump 1 and the first MD
+    state of segment 2, plus a fresh integrator's first step from that end state."""
+    atoms = cold_atoms(temperature_K=50, seed=3)
+    atoms.calc = EMT()
+    md = dyn_factory(atoms)
+    dyn = SurrogateDynamics(atoms, surrogate, md_dynamics=md, md_steps=1, guards="warn")
+    ends, md_states = {}, {}
+    dyn.attach(lambda: ends.__setitem__(dyn.nsteps, (atoms.get_positions(),
+                                                     atoms.get_momenta())))
+    md.attach(lambda: md_states.__setitem__(md.nsteps, atoms.get_positions()))
+    dyn.run(2)
+    fresh = atoms.copy()
+    fresh.calc = EMT()
+    fresh.set_positions(ends[1][0])
+    fresh.set_momenta(ends[1][1])
+    dyn_factory(fresh).run(1)
+    return ends, md_states[2], fresh.get_positions()
+
+
+@pytest.mark.parametrize("integrator", ["NoseHooverChainNVT", "LangevinBAOAB"])
+def test_md_segments_start_from_the_jump_with_stateful_integrators(surrogate, integrator):
+    # NoseHooverChainNVT keeps its own positions/momenta and LangevinBAOAB its accelerations:
+    # unsynchronised, segment 2 resumed from the MD state before jump 1 (NHC: every jump lost)
+    if integrator == "NoseHooverChainNVT":
+        from ase.md.nose_hoover_chain import NoseHooverChainNVT
+
+        def factory(a):
+            # a long thermostat time: its variables barely move, so a fresh one steps alike
+            return NoseHooverChainNVT(a, timestep=0.5 * units.fs, temperature_K=300,
+                                      tdamp=1e9 * units.fs)
+    else:
+        from ase.md.langevinbaoab import LangevinBAOAB
+
+        def factory(a):  # no friction, no noise: deterministic
+            return LangevinBAOAB(a, timestep=0.5 * units.fs, temperature_K=0.0,
+                                 T_tau=1e12 * units.fs, rng=np.random.default_rng(0))
+    ends, first_md, fresh = _segment_starts(factory, surrogate)
+    assert np.abs(ends[1][0] - ends[0][0]).max() > 0.05  # the jump moved atoms
+    np.testing.assert_allclose(first_md, fresh, atol=1e-8)
+
+
+def test_md_dynamics_must_share_the_atoms_and_keep_the_cell(surrogate):
+    atoms = cold_atoms()
+    other = VelocityVerlet(cold_atoms(), timestep=0.5 * units.fs)
+    with pytest.raises(EngineError, match="another Atoms object"):
+        SurrogateDynamics(atoms, surrogate, guards="fallback", fallback_dynamics=other)
+    from ase.md.nptberendsen import NPTBerendsen
+
+    atoms.set_cell([30.0, 30.0, 30.0])
+    atoms.pbc = True
+    npt = NPTBerendsen(atoms, timestep=0.5 * units.fs, temperature_K=300, pressure_au=1e-6,
+                       compressibility_au=4.57e-5 / units.bar)
+    with pytest.raises(EngineError, match="changes the cell"):
+        SurrogateDynamics(atoms, surrogate, md_dynamics=npt, md_steps=2)
+    atoms = cold_atoms()
+    with pytest.raises(EngineError, match="does not divide"):
+        SurrogateDynamics(atoms, surrogate, guards="fallback",
+                          fallback_dynamics=VelocityVerlet(atoms, timestep=0.3 * units.fs))
+
+
+def test_fallback_md_moves_the_anchor_and_writes_even_frames(tmp_path, surrogate):
+    # a hot start: every jump fails and is replaced by MD, whose states are samples of real MD
+    # (the energy anchor follows them) and whose output times go to the trajectory like a
+    # jump's intermediate frames
+    atoms = cold_atoms(temperature_K=20000, seed=1)
+    atoms.calc = EMT()
+    fb = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    path = tmp_path / "fb.traj"
+    dyn = SurrogateDynamics(atoms, surrogate, trajectory=str(path), write_intermediate=True,
+                            guards="fallback", fallback_dynamics=fb)
+    dyn.run(4)
+    assert dyn.n_fallbacks == 4
+    summary = dyn.guards.summary()
+    assert summary["energy_anchor_from"] == "md"
+    p = len(surrogate.times_ps)
+    with Trajectory(str(path)) as traj:
+        frames = list(traj)
+    assert len(frames) == 1 + 4 * p
+    # every frame is an MD state on the output grid: consecutive frames one grid step apart
+    # along their own velocities, and each frame carries its own momenta
+    step_ase = surrogate.times_ps[0] * PS_IN_ASE_TIME
+    for a, b in zip(frames[1:-1], frames[2:]):
+        assert not np.allclose(a.get_momenta(), b.get_momenta())
+        moved = np.abs(b.positions - a.positions).max()
+        assert moved < 3 * np.abs(a.get_velocities() * step_ase).max() + 0.05
+
+
+def test_intermediate_frames_carry_their_own_velocities(tmp_path, surrogate):
+    atoms = cold_atoms(temperature_K=50)
+    path = tmp_path / "i.traj"
+    dyn = SurrogateDynamics(atoms, surrogate, trajectory=str(path), write_intermediate=True,
+                            guards="warn")
+    dyn.run(1)
+    with Trajectory(str(path)) as traj:
+        frames = list(traj)
+    assert len(frames) == 1 + len(surrogate.times_ps)
+    result = dyn.propagator.jump(frames[0].positions,
+                                 frames[0].get_velocities() * PS_IN_ASE_TIME, 0.0)
+    for frame, v in zip(frames[1:], result.velocities_A_per_ps):
+        np.testing.assert_allclose(frame.get_velocities() * PS_IN_ASE_TIME, v, atol=1e-6)
+    np.testing.assert_allclose(atoms.get_velocities() * PS_IN_ASE_TIME,
+                               result.velocities_A_per_ps[-1], atol=1e-6)
+
+
+def test_guards_judge_the_constrained_state(surrogate):
+    # a rigid drift is a valid jump; FixAtoms holding one predicted atom stretches its bonds,
+    # which the guards must see in the state the atoms hold
+    from ase.constraints import FixAtoms
+
+    def drifting(constrained):
+        atoms = cold_atoms()
+        atoms.set_velocities(np.tile([0.2, 0.0, 0.0], (len(atoms), 1)))
+        if constrained:
+            atoms.set_constraint(FixAtoms(indices=[int(surrogate.model_atoms[3])]))
+        return atoms
+
+    free = SurrogateDynamics(drifting(False), surrogate)
+    free.run(1)
+    assert free.n_jumps == 1
+    with pytest.raises(GuardError, match="bond"):
+        SurrogateDynamics(drifting(True), surrogate).run(1)
+
+
+def test_a_jump_that_cannot_be_kept_without_fallback_md_names_the_action(tmp_path):
+    from _integration_fixtures import small_egnn_config
+
+    broken = Surrogate.load(make_checkpoint(
+        cached_md(), tmp_path / "nan.pt", selection="heavy", model="egnn",
+        model_config=small_egnn_config(), break_weights=True))
+    dyn = SurrogateDynamics(cold_atoms(), broken, guards="warn")
+    with pytest.raises(GuardError, match="under action 'warn'.*fallback_dynamics"):
+        dyn.run(1)
