@@ -3,9 +3,10 @@
 :class:`TrajectoryObserver` is attached to any ASE dynamics (``dyn.attach(obs, interval=k)``)
 and writes one frame per call: positions in Å, time ``dyn.get_time()`` converted to ps with
 ``ase.units``. XTC stores each frame's time; DCD stores a first step, the step size and the steps
-between frames in its header: the file is opened at the first call (an observer attached
-part-way through a run writes its first frame then), with first step ``dyn.get_time() /
-dyn.dt`` at that call, step size ``dyn.dt`` and ``interval`` steps between frames. The file is
+between frames in its header: the file is opened at the second call (an observer attached
+part-way through a run starts then), with first step ``dyn.get_time() / dyn.dt`` at the first
+call, step size ``dyn.dt`` and the steps between the first two calls between frames (``interval``
+only for a file of one frame); calls at uneven times, which a DCD cannot stamp, are an error. The file is
 written under a temporary name and appears under its final name on :meth:`close` (a crashed run
 leaves no partial file behind).
 """
@@ -32,8 +33,8 @@ class TrajectoryObserver:
     Args:
         dyn: the dynamics (its ``atoms``, ``dt`` and ``get_time()`` are read).
         path: output file, ``.xtc`` or ``.dcd``.
-        interval: the ``interval`` the observer is attached with (DCD header only: the steps
-            between frames).
+        interval: the ``interval`` the observer is attached with (DCD only; the file takes the
+            steps between its first two frames and warns if they differ from this).
         overwrite: replace an existing file.
     """
 
@@ -59,22 +60,27 @@ class TrajectoryObserver:
         self._fmt = fmt
         self._tmp = self.path.with_name(f".{self.path.name}.partial.{fmt}")
         self._universe = mda.Universe.empty(len(self.atoms), trajectory=True)
-        self._writer = None  # opened at the first frame (the DCD header needs its step)
+        self._writer = None  # XTC: opened at the first frame; DCD: at the second
+        self._pending: tuple | None = None  # DCD: the first frame until the spacing is known
+        self._first_time: float | None = None  # DCD: ASE times of the first and last frames
+        self._last_time: float | None = None
+        self._written = 0
         self.n_frames = 0
         self.closed = False
 
     def _open(self) -> None:
-        """Open the writer; a DCD header gets the current step as its first step."""
+        """Open the writer; a DCD header gets the first frame's step as its first step."""
         import MDAnalysis as mda
 
         kwargs = {}
         if self._fmt == "dcd":
-            steps = self.dyn.get_time() / self.dyn.dt
+            start = self.dyn.get_time() if self._first_time is None else self._first_time
+            steps = start / self.dyn.dt
             first = int(round(steps))
             if abs(steps - first) > 1e-6 * max(1.0, abs(steps)):
                 log.warning("%s: the first frame's time (%g ps) is not a whole number of steps "
                             "of %g ps; the DCD header stamps it at step %d", self.path,
-                            self.dyn.get_time() / PS_IN_ASE_TIME,
+                            start / PS_IN_ASE_TIME,
                             self.dyn.dt / PS_IN_ASE_TIME, first)
             kwargs = {"dt": self.dyn.dt * self.interval / PS_IN_ASE_TIME,
                       "nsavc": self.interval, "istart": first}
@@ -84,22 +90,68 @@ class TrajectoryObserver:
     def __call__(self) -> None:
         if self.closed:
             raise DataError(f"{self.path}: the observer is closed")
+        now = self.dyn.get_time()
+        if self._fmt == "dcd":
+            self._check_dcd_spacing(now)
+        cell = self.atoms.cell
+        frame = (np.asarray(self.atoms.get_positions(), dtype=np.float32),
+                 np.concatenate([cell.lengths(), cell.angles()]) if cell.rank == 3 else None,
+                 now, int(getattr(self.dyn, "nsteps", self.n_frames)))
+        if self._fmt == "dcd" and self.n_frames == 0:
+            self._pending = frame  # written once the second frame fixes the spacing
+        else:
+            self._write(frame)
+        self.n_frames += 1
+
+    def _write(self, frame: tuple) -> None:
+        """Write ``frame`` (positions Å, dimensions, ASE time, step), the pending first one
+        before it."""
         if self._writer is None:
             self._open()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._write(pending)
+        positions, dimensions, now, step = frame
         ts = self._universe.trajectory.ts
-        ts.positions = np.asarray(self.atoms.get_positions(), dtype=np.float32)
-        cell = self.atoms.cell
-        ts.dimensions = (np.concatenate([cell.lengths(), cell.angles()]) if cell.rank == 3
-                         else None)
-        ts.time = self.dyn.get_time() / PS_IN_ASE_TIME
-        ts.frame = self.n_frames
-        ts.data["step"] = int(getattr(self.dyn, "nsteps", self.n_frames))
+        ts.positions = positions
+        ts.dimensions = dimensions
+        ts.time = now / PS_IN_ASE_TIME
+        ts.frame = self._written
+        ts.data["step"] = step
         self._writer.write(self._universe.atoms)
-        self.n_frames += 1
+        self._written += 1
+
+    def _check_dcd_spacing(self, now: float) -> None:
+        """A DCD stamps frame k at first + k * interval steps: take the interval from the first
+        two frames and refuse frames off that grid."""
+        if self.n_frames == 0:
+            self._first_time = self._last_time = now
+            return
+        steps = (now - self._last_time) / self.dyn.dt
+        k = int(round(steps))
+        if self.n_frames == 1:
+            if k < 1 or abs(steps - k) > 1e-6 * max(1.0, steps):
+                raise DataError(f"{self.path}: the second frame comes {steps:g} steps after the "
+                                "first; a DCD needs frames a whole number of steps apart (write "
+                                "XTC, which stores each frame's time)")
+            if k != self.interval:
+                log.warning("%s: frames come every %d steps, not every %d (the interval given "
+                            "to TrajectoryObserver); the DCD is stamped with %d", self.path, k,
+                            self.interval, k)
+                self.interval = k
+        elif abs(steps - self.interval) > 1e-6 * max(1.0, steps):
+            raise DataError(f"{self.path}: frame {self.n_frames} comes {steps:g} steps after the "
+                            f"previous one, the file's other frames every {self.interval}; a "
+                            "DCD cannot stamp uneven frames (write XTC, which stores each "
+                            "frame's time, or attach the observer at one interval)")
+        self._last_time = now
 
     def close(self) -> Path:
         """Finish the file and move it to its final name."""
         if not self.closed:
+            if self._pending is not None:  # a DCD of one frame
+                pending, self._pending = self._pending, None
+                self._write(pending)
             if self._writer is None:  # no frame: an empty file starting now
                 self._open()
             self._writer.close()

@@ -346,3 +346,35 @@ def test_a_jump_that_cannot_be_kept_without_fallback_md_names_the_action(tmp_pat
     dyn = SurrogateDynamics(cold_atoms(), broken, guards="warn")
     with pytest.raises(GuardError, match="under action 'warn'.*fallback_dynamics"):
         dyn.run(1)
+
+
+def test_dcd_takes_its_frame_spacing_from_the_frames(tmp_path, surrogate, caplog):
+    import logging
+
+    from surrogate_md.errors import DataError
+
+    dyn = SurrogateDynamics(cold_atoms(), surrogate)
+    obs = TrajectoryObserver(dyn, tmp_path / "five.dcd")  # interval left at 1
+    dyn.attach(obs, interval=5)
+    with caplog.at_level(logging.WARNING):
+        dyn.run(15)
+    obs.close()
+    assert "every 5 steps, not every 1" in caplog.text
+    times = [ts.time for ts in mda.Universe(str(PDB), str(tmp_path / "five.dcd")).trajectory]
+    np.testing.assert_allclose(times, np.arange(0, 16, 5) * surrogate.jump_ps, atol=1e-4)
+    # a file of one frame, and frames at uneven times (a DCD cannot stamp them)
+    one = TrajectoryObserver(dyn, tmp_path / "one.dcd")
+    one()
+    one.close()
+    u = mda.Universe(str(PDB), str(tmp_path / "one.dcd"))
+    assert len(u.trajectory) == 1
+    assert u.trajectory[0].time == pytest.approx(15 * surrogate.jump_ps, abs=1e-4)
+    uneven = TrajectoryObserver(dyn, tmp_path / "uneven.dcd")
+    uneven()
+    dyn.run(1)
+    uneven()
+    dyn.run(2)
+    with pytest.raises(DataError, match="uneven"):
+        uneven()
+    uneven.abort()
+    assert not (tmp_path / "uneven.dcd").exists() and not list(tmp_path.glob(".*partial*"))
