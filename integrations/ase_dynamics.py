@@ -146,6 +146,7 @@ class SurrogateDynamics(MolecularDynamics):
         self.n_jumps = 0
         self.n_fallbacks = 0
         self._from_md = False  # the current state was made by real MD (fallback, history MD)
+        self._molecules = _BondTree(len(atoms), self.surrogate.topology.get("bonds", []))
         super().__init__(atoms, dt, trajectory=trajectory, logfile=logfile,
                          loginterval=loginterval, append_trajectory=append_trajectory, **kwargs)
 
@@ -198,6 +199,8 @@ class SurrogateDynamics(MolecularDynamics):
             self.md_dynamics.run(self.md_steps)
         atoms = self.atoms
         pos = atoms.get_positions()
+        if atoms.pbc.any():  # molecules split by wrapping are made whole for the model and guards
+            pos = self._molecules.apply(pos, atoms.cell, atoms.pbc)
         vel = atoms.get_velocities() * PS_IN_ASE_TIME  # Å/ps
         t0 = (self.nsteps * self.dt + self.md_steps * (self.md_dynamics.dt if self.md_steps
                                                          else 0.0)) / PS_IN_ASE_TIME
@@ -330,6 +333,41 @@ class SurrogateDynamics(MolecularDynamics):
                                      self.atoms.get_positions(),
                                      self.atoms.get_velocities() * PS_IN_ASE_TIME)
         self._from_md = True
+
+
+class _BondTree:
+    """Make bonded molecules whole under periodic boundaries: every atom is put at the minimum
+    image of its bond to its parent in a breadth-first tree of each molecule, level by level
+    (positions wrapped atom by atom, as ``atoms.wrap()`` does, split molecules across the cell's
+    faces; the surrogate and the guards need them whole)."""
+
+    def __init__(self, n_atoms: int, bonds) -> None:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import breadth_first_order, connected_components
+
+        bonds = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
+        graph = coo_matrix((np.ones(len(bonds)), (bonds[:, 0], bonds[:, 1])),
+                           shape=(n_atoms, n_atoms)).tocsr()
+        _, labels = connected_components(graph, directed=False)
+        parent = np.full(n_atoms, -1)
+        depth = np.zeros(n_atoms, dtype=np.int64)
+        for root in np.unique(labels, return_index=True)[1]:
+            order, pred = breadth_first_order(graph, int(root), directed=False)
+            for atom in order[1:]:  # breadth-first: a parent comes before its children
+                parent[atom] = pred[atom]
+                depth[atom] = depth[pred[atom]] + 1
+        self.levels = [np.nonzero(depth == d)[0] for d in range(1, int(depth.max(initial=0)) + 1)]
+        self.parent = parent
+
+    def apply(self, positions: np.ndarray, cell, pbc) -> np.ndarray:
+        """(atoms, 3) Å -> the same atoms with every molecule whole."""
+        from ase.geometry import find_mic
+
+        out = np.array(positions, dtype=np.float64)
+        for level in self.levels:
+            parent = self.parent[level]
+            out[level] = out[parent] + find_mic(out[level] - out[parent], cell, pbc)[0]
+        return out
 
 
 def _whole(x: float) -> bool:
