@@ -141,6 +141,50 @@ def test_residue_nodes():
     assert select_nodes(top, "ca").atom_index.tolist() == [1, 6, 10]
 
 
+def test_force_field_residue_names_are_protein():
+    # GROMACS (HISE, CYS2, LYSH) and Amber terminal (NMET, CLYS) names are amino acids: their
+    # backbone is selected and their residue nodes typed; the caps ACE/NME are not residues
+    res = ["ACE", "NMET", "HISE", "CYS2", "LYSH", "CLYS", "NME"]
+    names, resid, resn, z = [], [], [], []
+    for i, r in enumerate(res):
+        atoms = ["C", "O", "CH3"] if r == "ACE" else ["N", "CH3"] if r == "NME" else \
+            ["N", "CA", "C", "O"]
+        names += atoms
+        resid += [i + 1] * len(atoms)
+        resn += [r] * len(atoms)
+        z += [{"N": 7, "O": 8}.get(a, 6) for a in atoms]
+    top = Topology(z, [12.0] * len(z), names, resid, resn)
+    assert len(select_nodes(top, "backbone").atom_index) == 20
+    assert select_nodes(top, "ca").n_nodes == 5
+    codes = [t - 100 for t in select_nodes(top, "residues").node_type]
+    from surrogate_md.data.selection import AMINO_ACIDS
+
+    assert [AMINO_ACIDS[c - 1] for c in codes] == ["MET", "HIS", "CYS", "LYS", "LYS"]
+
+
+def test_residue_node_graphs_place_nodes_at_ca_by_default():
+    # (nodes, C=4, 3): N atoms 3 Å apart along x, CA atoms 6 Å apart along y
+    n = 5
+    nodes = np.zeros((n, 4, 3))
+    nodes[:, 0, 0] = 3.0 * np.arange(n)
+    nodes[:, 1, 1] = 6.0 * np.arange(n)
+    nodes[:, 1, 0] = 1.0
+    radius = GraphBuilder(GraphSpec(kind="radius", cutoff_A=4.0))
+    assert radius(nodes)[0].shape[1] == 0  # CA: no pair within 4 Å (on N all 8 neighbours)
+    assert GraphBuilder(GraphSpec(kind="radius", cutoff_A=4.0, radius_channel=0))(
+        nodes)[0].shape[1] == 2 * (n - 1)
+    atoms = nodes[:, 1:2]  # one channel: the atom itself
+    assert radius(atoms)[0].shape[1] == 0
+    # inferred residue bonds (4.2 Å rule) on CA too
+    close = nodes.copy()
+    close[:, 1, 1] = 3.8 * np.arange(n)
+    close[:, 0, 0] = 10.0 * np.arange(n)
+    sel = select_nodes(Topology([7, 6, 6, 8] * n, [1.0] * 4 * n, ["N", "CA", "C", "O"] * n,
+                                np.repeat(np.arange(n), 4), ["ALA"] * 4 * n), "residues")
+    bonds = GraphBuilder.for_selection(GraphSpec(kind="bonds", two_hop=False), sel, [], close)
+    assert sorted(map(tuple, bonds.bonds.tolist())) == [(i, i + 1) for i in range(n - 1)]
+
+
 def test_protocol_conversion_from_ps():
     p = Protocol.from_ps("s2t", 1.5, 8, 0.0005)
     assert p.jump_frames == 3000 and p.out_frames[-1] == 3000 and p.out_frames[0] == 375

@@ -4,9 +4,14 @@ A :class:`NodeSelection` maps model nodes to atoms of the full system: ``index``
 with C = 1 for atom nodes and C = 4 for residue nodes (N, CA, C, O). Names:
 
 - ``all``: every atom; ``heavy``: every atom except hydrogens;
-- ``backbone``: protein backbone atoms N, CA, C, O (as MDAnalysis' ``backbone``);
+- ``backbone``: protein backbone atoms N, CA, C, O (as MDAnalysis' ``backbone``, without the
+  caps ACE and NME);
 - ``ca``: alpha carbons;
 - ``residues``: one 4-channel node per residue having all of N, CA, C, O.
+
+Protein residues are the 20 amino acids under the names force fields give them: protonation
+states (Amber HID/HIE/HIP, CHARMM HSD/HSE/HSP, GROMACS HISD/HISE/HISH, CYS2, LYSH, ASPH, GLUH...)
+and Amber's terminal residues (NALA, CALA, ...) count as their parent amino acid.
 """
 
 from __future__ import annotations
@@ -22,15 +27,34 @@ SELECTIONS = ("all", "heavy", "backbone", "ca", "residues")
 BACKBONE_NAMES = ("N", "CA", "C", "O")
 AMINO_ACIDS = ("ALA ARG ASN ASP CYS GLN GLU GLY HIS ILE LEU LYS MET PHE PRO SER THR TRP TYR VAL"
                ).split()
-# Protonation/terminal variants used by common force fields map to their parent residue.
-_ALIASES = {"HID": "HIS", "HIE": "HIS", "HIP": "HIS", "HSD": "HIS", "HSE": "HIS", "HSP": "HIS",
-            "CYX": "CYS", "CYM": "CYS", "ASH": "ASP", "GLH": "GLU", "LYN": "LYS"}
+# Protonation variants used by common force fields (Amber, CHARMM, GROMACS/GROMOS/OPLS; the
+# names of MDAnalysis' protein list) map to their parent residue.
+_ALIASES = {**dict.fromkeys(("HID", "HIE", "HIP", "HSD", "HSE", "HSP", "HISD", "HISE", "HISH",
+                             "HISA", "HISB", "HIS1", "HIS2"), "HIS"),
+            **dict.fromkeys(("CYX", "CYM", "CYS1", "CYS2", "CYSH"), "CYS"),
+            **dict.fromkeys(("ASH", "ASPH"), "ASP"), **dict.fromkeys(("GLH", "GLUH"), "GLU"),
+            **dict.fromkeys(("LYN", "LYSH"), "LYS"), "ARGN": "ARG", "ASN1": "ASN",
+            "ALAD": "ALA", "MSE": "MET"}
 RESIDUE_TYPE_OFFSET = 100  # node types of residue nodes: 100 + 1..20 (0 = unknown residue)
 
 
+def parent_residue(name: str) -> str:
+    """The amino acid a residue name stands for (``"HISD"`` and ``"NHIE"`` -> ``"HIS"``), or the
+    name itself (upper case) when it is none."""
+    name = name.strip().upper()
+    parent = _ALIASES.get(name, name)
+    if parent not in AMINO_ACIDS and len(name) == 4 and name[0] in "NC":
+        # Amber's N- and C-terminal residues: NALA, CALA, NHIE, CCYX ...
+        inner = _ALIASES.get(name[1:], name[1:])
+        if inner in AMINO_ACIDS:
+            return inner
+    return parent
+
+
 def residue_code(name: str) -> int:
-    """1..20 for the standard amino acids (and their protonation variants), 0 otherwise."""
-    name = _ALIASES.get(name.upper(), name.upper())
+    """1..20 for the standard amino acids (under any of their force-field names, see the module
+    doc), 0 otherwise."""
+    name = parent_residue(name)
     return AMINO_ACIDS.index(name) + 1 if name in AMINO_ACIDS else 0
 
 

@@ -187,7 +187,9 @@ class GraphSpec:
         bond_cutoff_A: bonds: infer bonds as node pairs closer than this in the first frame
             (MD17 protocol: 1.6 Å on heavy atoms) instead of using the topology.
         max_neighbours: radius graphs: keep the nearest k sources per node.
-        radius_channel: which channel positions the radius graph uses (1 = CA for residues).
+        radius_channel: which channel's positions the radius graph (and the inferred bonds of
+            residue nodes) use; None (default): CA (1) for residue nodes (N, CA, C, O), the atom
+            itself for atom nodes.
     """
 
     kind: str = "bonds"
@@ -195,7 +197,7 @@ class GraphSpec:
     two_hop: bool = True
     bond_cutoff_A: float | None = None
     max_neighbours: int | None = None
-    radius_channel: int = 0
+    radius_channel: int | None = None
 
     def __post_init__(self) -> None:
         # Field names as they appear in a training config (``data.graph.*``).
@@ -206,9 +208,16 @@ class GraphSpec:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"data.graph.{name} must be > 0, got {value!r}")
-        if self.radius_channel < 0:
+        if self.radius_channel is not None and self.radius_channel < 0:
             raise ConfigError(f"data.graph.radius_channel must be >= 0, got "
                               f"{self.radius_channel!r}")
+
+    def channel(self, n_channels: int) -> int:
+        """The channel whose positions place a node: ``radius_channel``, or CA (1) for residue
+        nodes and 0 for atoms."""
+        if self.radius_channel is not None:
+            return self.radius_channel
+        return 1 if n_channels > 1 else 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -238,8 +247,7 @@ class GraphBuilder:
         if spec.kind == "bonds":
             if spec.bond_cutoff_A is not None or selection.n_channels > 1:
                 cutoff = spec.bond_cutoff_A or 4.2  # residues: consecutive CA-CA are ~3.8 Å
-                bonds = infer_bonds(first_frame_nodes[:, spec.radius_channel if
-                                                      selection.n_channels > 1 else 0],
+                bonds = infer_bonds(first_frame_nodes[:, spec.channel(selection.n_channels)],
                                     cutoff_A=cutoff)
             else:
                 remap = np.full(selection.n_atoms_total, -1)
@@ -256,7 +264,7 @@ class GraphBuilder:
         if self.spec.kind == "full":
             e = full_edges(x.shape[0])
         else:
-            e = radius_edges(x[:, self.spec.radius_channel], self.spec.cutoff_A,
+            e = radius_edges(x[:, self.spec.channel(x.shape[1])], self.spec.cutoff_A,
                              max_neighbours=self.spec.max_neighbours)
         return e, torch.zeros(e.shape[1], dtype=torch.long)
 

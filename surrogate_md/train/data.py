@@ -103,7 +103,7 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
                                 history_stride_ps=cfg.history_stride_ps)
     selection = select_nodes(first.topology, cfg.selection, source=str(first.path))
     spec = g = cfg.graph
-    if g.radius_channel >= selection.n_channels:
+    if g.radius_channel is not None and g.radius_channel >= selection.n_channels:
         raise ConfigError(f"data.graph.radius_channel = {g.radius_channel} but selection "
                           f"{cfg.selection!r} has {selection.n_channels} channel(s); use 0"
                           + (" or 1 (CA)" if selection.n_channels > 1 else ""))
