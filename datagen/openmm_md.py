@@ -664,9 +664,9 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
         _initialise(context, prepared, temperature_K, seed, minimize, gas_phase,
                     int(round(equilibrate_ps / (step_fs / 1000.0))), integ)
 
+    periodic = prepared.topology.getPeriodicBoxVectors() is not None
     writer = TrajectoryWriter(out, topology, metadata, velocities=True, forces=True,
-                              energies=True, box=prepared.topology.getPeriodicBoxVectors()
-                              is not None, overwrite=overwrite, resume=resuming,
+                              energies=True, box=periodic, overwrite=overwrite, resume=resuming,
                               keep_partial=True)
     if resuming:
         writer.truncate(start_frame)
@@ -697,7 +697,8 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
             if len(buf["x"]) == block or frame == frames - 1:
                 writer.append(np.asarray(buf["x"]), np.asarray(buf["t"]), step=np.asarray(buf["s"]),
                               velocities=np.asarray(buf["v"]), forces=np.asarray(buf["f"]),
-                              potential_energy=np.asarray(buf["e"]), box=np.asarray(buf["box"]))
+                              potential_energy=np.asarray(buf["e"]),
+                              box=np.asarray(buf["box"]) if periodic else None)
                 buf = {k: [] for k in buf}
                 if since_checkpoint >= checkpoint_frames and frame < frames - 1:
                     writer.flush()

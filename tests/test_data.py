@@ -119,6 +119,56 @@ def test_bad_files_give_clear_errors(tmp_path):
                          np.arange(3.0), {"interval_ps": 1.0})
 
 
+def test_time_axis_must_match_the_interval(tmp_path):
+    # an uneven axis, or metadata that contradicts it, would put every window's times wrong
+    top, pos = small_topology(), random_walk(20)
+    uneven = np.concatenate([np.arange(10) * 0.1, 1.9 + np.arange(10) * 0.1])
+    for name, times, meta in (("uneven", uneven, {}),
+                              ("contradicts", np.arange(20) * 0.2, {"interval_ps": 0.1}),
+                              ("backward", np.arange(20)[::-1] * 0.1, {})):
+        path = write_trajectory(tmp_path / f"{name}.h5", top, pos, times, meta)
+        with pytest.raises(DataError, match=f"{name}.h5: frames are not"):
+            open_trajectory(path)
+    even = write_trajectory(tmp_path / "even.h5", top, pos, 5.0 + np.arange(20) * 0.2, {})
+    with open_trajectory(even) as f:
+        assert f.interval_ps == pytest.approx(0.2)
+
+
+def test_writer_refuses_fields_it_was_not_opened_with(tmp_path):
+    top, pos = small_topology(), random_walk(3)
+    with pytest.raises(DataError, match="velocities, box given to a writer opened without"):
+        with TrajectoryWriter(tmp_path / "w.h5", top, {"interval_ps": 0.1}) as w:
+            w.append(pos, np.arange(3) * 0.1, velocities=pos, box=np.tile(np.eye(3), (3, 1, 1)))
+    assert not (tmp_path / "w.h5").exists()
+
+
+def test_windows_load_only_what_they_read(dataset, tmp_path):
+    pos = random_walk(50)
+    path = write_trajectory(tmp_path / "f.h5", small_topology(), pos, np.arange(50) * 0.1,
+                            {"interval_ps": 0.1}, velocities=pos, forces=pos)
+    f = open_trajectory(path)
+    assert f.nbytes == 2 * pos.size * 4  # positions and velocities, as stored (float32)
+    sel = select_nodes(f.topology, "all")
+    graph = GraphBuilder.for_selection(GraphSpec(kind="bonds"), sel, f.topology.bonds,
+                                       sel.gather(f.read(np.array([0])))[0])
+    WindowDataset([f], np.array([[0, 0]]), Protocol("s2t", 4, 2), sel, graph, in_memory=True)
+    assert isinstance(f.positions, np.ndarray) and isinstance(f.velocities, np.ndarray)
+    assert not isinstance(f.forces, np.ndarray)  # left on disk
+    f.close()
+
+
+def test_paper_counts_over_several_files_are_exact(tmp_path):
+    files = [open_trajectory(write_trajectory(tmp_path / f"{i}.h5", small_topology(),
+                                              random_walk(n), np.arange(n) * 0.1,
+                                              {"interval_ps": 0.1}))
+             for i, n in enumerate((3000, 3000, 3000))]
+    w = make_windows(files, Protocol("s2t", 10, 2), split="paper", counts=(50, 200, 200),
+                     margin_frames=0, seed=0)
+    assert [len(w[k]) for k in ("train", "val", "test")] == [50, 200, 200]
+    for f in files:
+        f.close()
+
+
 def test_selections():
     top = small_topology()
     assert select_nodes(top, "heavy").atom_index.tolist() == [0, 3]

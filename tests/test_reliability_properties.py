@@ -60,7 +60,7 @@ def test_dataset_round_trip(data, n_atoms, n_frames, chunk, velocities, forces, 
     f = rng.normal(scale=100.0, size=x.shape) if forces else None
     e = rng.normal(scale=1e4, size=n_frames) if energies else None
     b = (np.eye(3) * rng.uniform(20, 40, size=(n_frames, 1, 1))) if box else None
-    t = np.cumsum(rng.uniform(0.001, 1.0, n_frames))
+    t = rng.uniform(0.0, 100.0) + 0.5 * np.arange(n_frames)  # even, at the interval_ps below
     steps = np.cumsum(rng.integers(1, 100, n_frames))
     topo = _topology(n_atoms)
     with tempfile.TemporaryDirectory() as tmp:

@@ -341,6 +341,14 @@ class TrajectoryWriter:
         start = self.n_frames
         step = np.arange(start, start + k) if step is None else np.atleast_1d(step)
         values = {"position": positions, "velocity": velocities, "force": forces}
+        given = {"velocities": velocities is not None and not self._fields["velocity"],
+                 "forces": forces is not None and not self._fields["force"],
+                 "box": box is not None and not self._box,
+                 "potential_energy": potential_energy is not None and not self._energies}
+        if any(given.values()):
+            raise DataError(f"{self.path}: {', '.join(k for k, v in given.items() if v)} given "
+                            "to a writer opened without them (they would be dropped); open it "
+                            "with them, or leave them out")
         for name, arr in values.items():
             if name != "position" and not self._fields[name]:
                 continue
@@ -469,6 +477,9 @@ class TrajectoryFile:
                             "or of another format: regenerate it with `python -m datagen`") from exc
         try:
             self._open()
+        except DataError:
+            self._file.close()
+            raise
         except (KeyError, ValueError, json.JSONDecodeError) as exc:
             self._file.close()
             raise DataError(f"{self.path}: not a surrogate-md dataset file ({exc}); create one "
@@ -505,6 +516,18 @@ class TrajectoryFile:
         if self.positions.shape[1] != self.topology.n_atoms:
             raise DataError(f"{self.path}: positions have {self.positions.shape[1]} atoms but the "
                             f"topology has {self.topology.n_atoms}")
+        if self.n_frames >= 2:
+            steps = np.diff(self.time_ps)
+            interval = self.interval_ps
+            bad = np.nonzero(~np.isclose(steps, interval, rtol=1e-3, atol=1e-9))[0]
+            if not interval > 0 or len(bad):
+                i = int(bad[0]) if len(bad) else 0
+                raise DataError(
+                    f"{self.path}: frames are not {interval:g} ps apart (the file's interval_ps) "
+                    f"everywhere: frame {i} is at {self.time_ps[i]:g} ps, frame {i + 1} at "
+                    f"{self.time_ps[i + 1]:g} ps; every time offset cut from it would be wrong. "
+                    "Write frames evenly spaced with a matching interval_ps (python -m datagen "
+                    "ingest checks and fixes this for files from other programs)")
 
     @property
     def n_frames(self) -> int:
@@ -539,9 +562,11 @@ class TrajectoryFile:
         uniq, inverse = np.unique(frames, return_inverse=True)
         return np.asarray(ds[uniq], dtype=np.float64)[inverse.reshape(frames.shape)]
 
-    def load(self) -> TrajectoryFile:
-        """Replace the lazy datasets by in-memory arrays (for files that fit in RAM)."""
-        for name in ("positions", "velocities", "forces", "box", "potential_energy"):
+    def load(self, fields: tuple[str, ...] = ("positions", "velocities", "forces", "box",
+                                              "potential_energy")) -> TrajectoryFile:
+        """Replace the lazy datasets of ``fields`` by in-memory arrays (for files that fit in
+        RAM); the others stay on disk."""
+        for name in fields:
             ds = getattr(self, name)
             if ds is not None and not isinstance(ds, np.ndarray):
                 setattr(self, name, ds[()])
@@ -549,7 +574,9 @@ class TrajectoryFile:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.positions.shape)) * 4 * (1 + (self.velocities is not None))
+        """Bytes of the positions and velocities in memory (what ``WindowDataset`` loads)."""
+        return sum(int(ds.size) * ds.dtype.itemsize for ds in (self.positions, self.velocities)
+                   if ds is not None)
 
     def close(self) -> None:
         if self._file.id.valid:

@@ -304,7 +304,7 @@ class WindowDataset(torch.utils.data.Dataset):
             in_memory = sum(f.nbytes for f in files) < 2 * 1024**3
         if in_memory:
             for f in files:
-                f.load()
+                f.load(("positions", "velocities"))  # what windows read (nbytes counts them)
         intervals = {round(f.interval_ps, 9) for f in files}
         if len(intervals) != 1:
             raise DataError(f"dataset files have different saved-frame intervals {intervals}; "
@@ -403,17 +403,27 @@ def make_windows(files: list[TrajectoryFile], protocol: Protocol, **split_kwargs
     fd = any(f.velocities is None for f in files)
     out = {name: [] for name in SPLIT_NAMES}
     counts = split_kwargs.pop("counts", None)
-    total = sum(f.n_frames for f in files)
+    shares = None
+    if counts is not None and len(files) > 1:
+        shares = np.stack([_share_out(n, [f.n_frames for f in files]) for n in counts], axis=1)
     for fi, f in enumerate(files):
-        c = counts
-        if counts is not None and len(files) > 1:
-            c = tuple(int(round(n * f.n_frames / total)) for n in counts)
+        c = counts if shares is None else tuple(int(n) for n in shares[fi])
         starts = split_starts(f.n_frames, protocol, counts=c, finite_difference=fd,
                               source=str(f.path), **{**split_kwargs,
                                                      "seed": split_kwargs.get("seed", 0) + fi})
         for name in SPLIT_NAMES:
             out[name].append(np.stack([np.full(len(starts[name]), fi), starts[name]], axis=1))
     return {k: np.concatenate(v).astype(np.int64) for k, v in out.items()}
+
+
+def _share_out(count: int, sizes: list[int]) -> np.ndarray:
+    """``count`` split over files in proportion to ``sizes``, summing to ``count`` exactly
+    (largest remainders get the leftover units)."""
+    exact = count * np.asarray(sizes, dtype=np.float64) / sum(sizes)
+    share = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - share), kind="stable")
+    share[order[:count - int(share.sum())]] += 1
+    return share
 
 
 __all__ = ["GraphBuilder", "GraphSpec", "Protocol", "WindowDataset", "batch_to", "collate",
