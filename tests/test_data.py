@@ -406,3 +406,34 @@ def test_surrogate_md_core_does_not_import_engines():
             "bad = [m for m in ('openmm', 'ase', 'MDAnalysis', 'mdtraj', 'datagen', "
             "'integrations') if m in sys.modules]\nprint(bad)\nassert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_radius_graphs_over_periodic_solvent_warn(tmp_path, caplog):
+    # water in a periodic box: radius graphs see no periodic images, which the user is told
+    import logging
+
+    from surrogate_md.train.config import config_from_dict
+    from surrogate_md.train.data import prepare_data
+
+    n_water = 8
+    z = np.tile([8, 1, 1], n_water)
+    top = Topology(z, np.tile([16.0, 1.0, 1.0], n_water), np.tile(["O", "H1", "H2"], n_water),
+                   np.repeat(np.arange(n_water), 3), ["HOH"] * 3 * n_water,
+                   bonds=[[3 * i, 3 * i + k] for i in range(n_water) for k in (1, 2)])
+    rng = np.random.default_rng(0)
+    pos = (rng.uniform(0, 12, (1, 3 * n_water, 3))
+           + np.cumsum(rng.normal(scale=0.05, size=(60, 3 * n_water, 3)), axis=0))
+    for periodic in (True, False):
+        box = np.tile(np.eye(3) * 12.0, (60, 1, 1)) if periodic else None
+        path = write_trajectory(tmp_path / f"w{periodic}.h5", top, pos, np.arange(60) * 0.1,
+                                {"interval_ps": 0.1}, velocities=pos, box=box)
+        for kind in ("radius", "bonds"):
+            caplog.clear()
+            cfg = config_from_dict({"data": {"path": str(path), "selection": "all",
+                                             "jump_ps": 0.2, "n_out": 2,
+                                             "graph": {"kind": kind}},
+                                    "model": {"name": "constant"}})
+            with caplog.at_level(logging.WARNING):
+                prepare_data(cfg.data).close()
+            warned = "without periodic images" in caplog.text
+            assert warned == (periodic and kind == "radius"), (periodic, kind)

@@ -107,6 +107,7 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
         raise ConfigError(f"data.graph.radius_channel = {g.radius_channel} but selection "
                           f"{cfg.selection!r} has {selection.n_channels} channel(s); use 0"
                           + (" or 1 (CA)" if selection.n_channels > 1 else ""))
+    _warn_periodic_solvent(first, selection, spec)
     first_nodes = selection.gather(first.read(np.array([0])))[0]
     graph = GraphBuilder.for_selection(spec, selection, first.topology.bonds, first_nodes)
     if spec.kind == "bonds" and (graph.bonds is None or len(graph.bonds) == 0):
@@ -130,6 +131,27 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
              protocol.jump_frames * interval, protocol.jump_frames, protocol.n_out,
              *(len(windows[k]) for k in ("train", "val", "test")))
     return prepared
+
+
+# residue names of water and ions in common force fields (Amber, CHARMM, GROMACS)
+SOLVENT_RESIDUES = frozenset("HOH WAT SOL TIP3 TIP3P TIP4 TIP4P TIP5 TIP5P SPC SPCE T3P T4P "
+                             "NA NA+ CL CL- K K+ SOD CLA POT MG CAL CS LI RB ZN".split())
+
+
+def _warn_periodic_solvent(f, selection, spec) -> None:
+    """Radius graphs see unwrapped coordinates and no periodic images: in a periodic box the
+    solvent's neighbours across the box faces are missing, and diffusing molecules drift apart
+    in those coordinates. Warn when such a graph takes solvent or ions as nodes."""
+    if f.box is None or spec.kind == "bonds":
+        return
+    names = np.char.upper(np.char.strip(f.topology.residue_names.astype(str)))
+    solvent = np.isin(names[selection.atom_index], list(SOLVENT_RESIDUES))
+    if solvent.any():
+        log.warning("%s: the %r selection takes %d water/ion atoms of a periodic box, and %s "
+                    "graphs are built without periodic images: their neighbours across the box "
+                    "faces are missing; select the solute (strip the solvent with `python -m "
+                    "datagen ingest --select protein`) unless this is meant", f.path,
+                    selection.name, int(solvent.sum()), spec.kind)
 
 
 def normalisation_stats(dataset: WindowDataset, max_windows: int, seed: int = 0
