@@ -172,6 +172,8 @@ def test_paper_counts_over_several_files_are_exact(tmp_path):
 def test_selections():
     top = small_topology()
     assert select_nodes(top, "heavy").atom_index.tolist() == [0, 3]
+    tip4p = Topology.from_elements([8, 1, 1, 0], [16.0, 1.0, 1.0, 0.0])  # M: a virtual site
+    assert select_nodes(tip4p, "heavy").atom_index.tolist() == [0]
     assert select_nodes(top, "all").n_nodes == 5
     with pytest.raises(DataError, match="matches no atoms"):
         select_nodes(top, "backbone")

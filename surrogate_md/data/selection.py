@@ -3,7 +3,8 @@
 A :class:`NodeSelection` maps model nodes to atoms of the full system: ``index`` is (nodes, C)
 with C = 1 for atom nodes and C = 4 for residue nodes (N, CA, C, O). Names:
 
-- ``all``: every atom; ``heavy``: every atom except hydrogens;
+- ``all``: every atom; ``heavy``: every atom except hydrogens (and virtual sites, atomic
+  number 0);
 - ``backbone``: protein backbone atoms N, CA, C, O (as MDAnalysis' ``backbone``, without the
   caps ACE and NME);
 - ``ca``: alpha carbons;
@@ -113,7 +114,7 @@ def select_nodes(topology: Topology, name: str = "all", *, source: str = "") -> 
     if name == "all":
         idx = np.arange(topology.n_atoms)
     elif name == "heavy":
-        idx = np.nonzero(z != 1)[0]
+        idx = np.nonzero(z > 1)[0]  # no hydrogens, no virtual sites (0: TIP4P's M, ...)
     elif name == "backbone":
         idx = np.nonzero(np.isin(names, BACKBONE_NAMES) & _is_protein(topology))[0]
     elif name == "ca":
