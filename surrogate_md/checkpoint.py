@@ -29,7 +29,7 @@ import torch
 from surrogate_md.errors import CheckpointError
 
 FORMAT = "surrogate-md-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -60,7 +60,29 @@ def migrate(data: dict[str, Any], path: Path) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this "
                               f"surrogate-md reads ({FORMAT_VERSION}); upgrade surrogate-md")
-    # version 1 is the first format: nothing to upgrade yet.
+    if version < 2:
+        data = _complex_vector_convolution(data)
+    data["format_version"] = FORMAT_VERSION
+    return data
+
+
+def _complex_vector_convolution(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 -> 2: EGNO's temporal convolution on vectors gained an imaginary part of its
+    weights (``conv_x.<i>.weight_im``), as the reference has; a zero imaginary part computes
+    exactly what the format-1 model did. The optimiser state of a format-1 ``last.pt`` has no
+    moments for the new weights, so such a run cannot be resumed (``training.resumable``)."""
+    state = data.get("state_dict", {})
+    added = False
+    for key in list(state):
+        if key.startswith("conv_x.") and key.endswith(".weight"):
+            im = key[:-len("weight")] + "weight_im"
+            if im not in state:
+                state[im] = torch.zeros_like(state[key])
+                added = True
+    if added and isinstance(data.get("training"), dict):
+        data["training"]["resumable"] = (
+            "it was written before EGNO's vector convolution had complex weights (checkpoint "
+            "format 1); start a new run")
     return data
 
 

@@ -215,6 +215,32 @@ def test_fourier_conv_equals_truncated_fft_on_uniform_grid():
     assert torch.allclose(conv(f, tau), expected, atol=1e-12)
 
 
+def test_vector_fourier_conv_is_the_complex_truncated_fft_per_component():
+    # the reference mixes the vector channels with complex weights (a filter with a phase: it
+    # can shift a signal in time); each x/y/z component sees the same complex mixing
+    torch.manual_seed(2)
+    p, modes, v = 8, 2, 4
+    conv = TemporalFourierConv(v, modes, vector=True).double()
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.weight_im.normal_()
+    f = torch.randn(p, 5, v, 3, dtype=torch.float64)
+    tau = torch.arange(1, p + 1, dtype=torch.float64) / p
+    spec = torch.fft.rfft(f, dim=0)[:modes]
+    w = torch.complex(conv.weight, conv.weight_im).to(torch.complex128)
+    mixed = torch.zeros(p // 2 + 1, 5, v, 3, dtype=torch.complex128)
+    mixed[:modes] = torch.einsum("kab,knbx->knax", w, spec)
+    assert torch.allclose(conv(f, tau), torch.fft.irfft(mixed, n=p, dim=0), atol=1e-12)
+    # a pure imaginary weight on mode 1 turns cos(2 pi tau) into a sine: a quarter-period shift
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight_im.zero_()
+        conv.weight_im[1] = torch.eye(v)
+    cos = torch.cos(2 * torch.pi * tau).view(-1, 1, 1, 1).expand(p, 1, v, 3)
+    expected = -torch.sin(2 * torch.pi * tau).view(-1, 1, 1, 1).expand(p, 1, v, 3)
+    assert torch.allclose(conv(cos, tau), expected, atol=1e-12)
+
+
 def test_fourier_conv_zero_shot_resolution_is_exact_for_band_limited_signals():
     torch.manual_seed(1)
     modes = 2

@@ -143,3 +143,51 @@ def test_history_rollouts_need_a_stride_on_the_output_grid(stride, tmp_path):
         return
     with pytest.raises(DataError, match="history_stride_ps"):
         sur.rollout(hist[-1], history=hist, n_jumps=3)
+
+
+def test_format_1_egno_checkpoints_load_with_real_vector_weights(checkpoint, state, tmp_path):
+    # format 1 had real weights in EGNO's vector convolution; migrated with a zero imaginary
+    # part it predicts exactly as a current model with that part set to zero
+    from surrogate_md.train import train as run_training
+
+    raw = torch.load(checkpoint, weights_only=True)
+    im_keys = [k for k in raw["state_dict"] if k.startswith("conv_x.") and k.endswith("weight_im")]
+    assert im_keys
+    for k in im_keys:
+        raw["state_dict"][k] = torch.zeros_like(raw["state_dict"][k])
+    torch.save(raw, tmp_path / "zero_im.pt")
+    for k in im_keys:
+        del raw["state_dict"][k]
+    raw["format_version"] = 1
+    torch.save(raw, tmp_path / "v1.pt")
+    x, v = state
+    expected = Surrogate.load(tmp_path / "zero_im.pt", dtype=torch.float64).predict(x, v)
+    np.testing.assert_allclose(
+        Surrogate.load(tmp_path / "v1.pt", dtype=torch.float64).predict(x, v), expected,
+        atol=1e-12)
+    # a format-1 last.pt has no optimiser moments for the new weights: resuming is refused
+    run = checkpoint.parent
+    last = torch.load(run / "last.pt", weights_only=True)
+    for k in im_keys:
+        del last["state_dict"][k]
+    last["format_version"] = 1
+    torch.save(last, run / "last.pt")
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    with pytest.raises(CheckpointError, match="format 1"):
+        run_training(cfg, run, resume=True)
+
+
+def test_painet_answers_on_its_trained_grid_only(ala, state, tmp_path):
+    ckpt = train(tiny_config(ala, "painet", train={"epochs": 1, "max_steps_per_epoch": 1}),
+                 tmp_path / "painet")
+    sur = Surrogate.load(ckpt, dtype=torch.float64)
+    x, v = state
+    full = sur.predict(x, v)
+    # the first entries of the grid are the same recurrent steps: the same answers
+    np.testing.assert_allclose(sur.predict(x, v, times_ps=sur.times_ps[:1]), full[:, :1],
+                               atol=1e-12)
+    for times in ([sur.times_ps[-1]], [0.05, 0.1], [0.1, 0.15, 0.2]):
+        with pytest.raises(DataError, match="trained grid"):
+            sur.predict(x, v, times_ps=times)

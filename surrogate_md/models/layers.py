@@ -631,14 +631,19 @@ class TemporalFourierConv(nn.Module):
     The forward transform is the quadrature F_k = mean_p f(tau_p) exp(-2 pi i k tau_p) over the
     requested times, evaluated with a continuous basis of period one trained jump instead of
     ``torch.fft`` over the sample index; the inverse evaluates sum_k c_k Re(G_k exp(2 pi i k tau))
-    at the same times (c_0 = 1, c_k = 2). On a uniform grid tau_p = p / P this is exactly the
-    truncated rFFT -> mix -> irFFT of the reference; on a finer uniform grid (2P points) of the same
-    jump the coefficients of a band-limited signal are unchanged, so the same weights act on it
-    (zero-shot resolution change); on a non-uniform grid the mean is a simple quadrature.
+    at the same times (c_0 = 1, c_k = 2). On a uniform grid tau_p = p / P whose Nyquist frequency
+    lies above every kept mode (2 (modes - 1) < P: P >= 3 for the default 2 modes) this is exactly
+    the truncated rFFT -> mix -> irFFT of the reference; on a finer uniform grid (2P points) of the
+    same jump the coefficients of a band-limited signal are unchanged, so the same weights act on
+    it (zero-shot resolution change); on a non-uniform grid the mean is a simple quadrature. On
+    coarser grids (P = 1 or 2 with 2 modes) the modes at and above the Nyquist frequency fold onto
+    lower ones: still a linear mixing along time (a reparametrisation of the reference's), but its
+    weights do not carry over to other grids.
 
     Mode ``"scalar"``: f is (P, N, H), complex weights (modes, H, H) mix the channels.
-    Mode ``"vector"``: f is (P, N, V, 3), real weights (modes, V, V) mix the vector channels and
-    never the x/y/z components, so rotations and reflections commute with the layer.
+    Mode ``"vector"``: f is (P, N, V, 3), complex weights (modes, V, V) mix the vector channels
+    and never the x/y/z components (a complex number per channel pair acts on each Cartesian
+    component alike), so rotations and reflections commute with the layer.
     """
 
     def __init__(self, channels: int, modes: int, vector: bool) -> None:
@@ -650,7 +655,10 @@ class TemporalFourierConv(nn.Module):
             # Near zero: the layer is used as a residual update of positions, so an identity-like
             # start would move every atom by a multiple of its distance from the centroid and an
             # untrained model would be far worse than copying the input.
+            # (real part ``weight``, imaginary part ``weight_im``: checkpoints of format 1 had
+            # real weights only and are migrated with a zero imaginary part)
             self.weight = nn.Parameter(1e-2 * scale * torch.randn(modes, channels, channels))
+            self.weight_im = nn.Parameter(1e-2 * scale * torch.randn(modes, channels, channels))
         else:
             self.weight_re = nn.Parameter(scale * torch.randn(modes, channels, channels))
             self.weight_im = nn.Parameter(scale * torch.randn(modes, channels, channels))
@@ -664,9 +672,11 @@ class TemporalFourierConv(nn.Module):
         coef = torch.ones(self.modes, dtype=f.dtype, device=f.device)
         coef[1:] = 2.0
         if self.vector:
-            w = self.weight.to(f.dtype)
-            g_re = torch.einsum("kab,knbx->knax", w, f_re)
-            g_im = torch.einsum("kab,knbx->knax", w, f_im)
+            w_re, w_im = self.weight.to(f.dtype), self.weight_im.to(f.dtype)
+            g_re = (torch.einsum("kab,knbx->knax", w_re, f_re)
+                    - torch.einsum("kab,knbx->knax", w_im, f_im))
+            g_im = (torch.einsum("kab,knbx->knax", w_re, f_im)
+                    + torch.einsum("kab,knbx->knax", w_im, f_re))
             out = "k,kp,knax->pnax"
         else:
             w_re, w_im = self.weight_re.to(f.dtype), self.weight_im.to(f.dtype)

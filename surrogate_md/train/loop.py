@@ -520,6 +520,9 @@ def _run(cfg: RunConfig, out: Path, resume: bool, dist: Dist) -> Path:
     ckpt = None
     if resume and last.is_file():
         ckpt = load_checkpoint(last)
+        why = ckpt.get("training", {}).get("resumable", True)
+        if why is not True:
+            raise CheckpointError(f"{last}: cannot resume this run: {why}")
         check_resume(ckpt, cfg, last)
     elif resume:
         log.info("%s has no last.pt yet: starting the run from the beginning", out)
