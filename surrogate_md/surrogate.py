@@ -243,6 +243,12 @@ class Surrogate:
                 times <= 0) or np.any(np.diff(times) <= 0):
             raise DataError(f"times_ps must be a non-empty 1-D array of increasing offsets > 0 "
                             f"ps, got {times_ps!r}")
+        if (times_ps is not None and getattr(self.model, "trained_grid_only", False)
+                and not (len(times) <= len(self.times_ps)
+                         and np.allclose(times, self.times_ps[:len(times)], atol=1e-9))):
+            raise DataError(f"{self.name} takes one step per output time of its trained grid "
+                            f"{self.times_ps.tolist()} ps and answers only there (or at its "
+                            f"first entries); got times_ps {times.tolist()}")
         nodes, c = self.selection.n_nodes, self.selection.n_channels
         items = []
         for b in range(len(pos)):

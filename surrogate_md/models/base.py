@@ -36,12 +36,16 @@ class TrajectoryModel(nn.Module):
         config_class: the frozen dataclass holding this model's hyper-parameters.
         needs_history: True if the model reads ``batch[HIST]`` (history protocol).
         has_parameters: False for analytic baselines (nothing to train).
+        trained_grid_only: True if the output at an offset depends on its place in ``TIMES``
+            (PAINET: one recurrent step per entry), so only the trained grid, or its first
+            entries, can be asked for.
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     needs_history: ClassVar[bool] = False
     has_parameters: ClassVar[bool] = True
+    trained_grid_only: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -19,9 +19,11 @@ use a per-system padded layout (B, n_max, ...), which costs nothing extra when t
 batch have equal sizes (the usual case) and B * n_max slots otherwise.
 
 Particle types: a fixed map of ``NODE_TYPE``, documented in :func:`particle_type_table`.
-Attention weights are shared across steps (so any number P of output times can be asked for);
-the decoder also sees an embedding of each offset t / time_scale, so non-uniform grids are
-meaningful.
+Attention weights are shared across steps. As in the paper, the steps are the output times of
+a fixed grid: the p-th requested time is decoded from the state after p steps, whatever its value,
+so the model answers only on its trained grid (or its first entries; ``trained_grid_only``;
+:meth:`~surrogate_md.Surrogate.predict` refuses other offsets). The decoder also sees an
+embedding of each offset t / time_scale.
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ class PAINETModel(TrajectoryModel):
     """State to trajectory with all-pair attention: (x0, v0) -> (P, N, C, 3) Å at ``TIMES``."""
 
     name = "painet"
+    trained_grid_only = True
     config_class = PAINETConfig
 
     def __init__(self, config: PAINETConfig) -> None:
