@@ -8,8 +8,9 @@ across nodes with an EGNN layer applied to all P times at once.
 
 Time grids: the Fourier convolution uses a continuous basis of period one trained jump,
 exp(2 pi i k t / time_scale) for the lowest ``modes`` k, evaluated at the requested offsets (see
-:class:`~surrogate_md.models.layers.TemporalFourierConv`). On the training grid this equals the
-reference's truncated rFFT; the same weights apply unchanged to a finer grid of the same jump (2P
+:class:`~surrogate_md.models.layers.TemporalFourierConv`), with complex weights on the invariant
+features and on the vectors. On a training grid finer than twice the highest kept mode (P >= 3
+for the default 2 modes) this equals the reference's truncated rFFT; the same weights apply unchanged to a finer grid of the same jump (2P
 points: zero-shot resolution change) or to arbitrary offsets, where the forward transform is the
 mean over the given times. Offsets beyond one jump see a periodic basis; query them by rollout.
 """
