@@ -237,7 +237,7 @@ class SurrogateDynamics(MolecularDynamics):
             self.guards.handle(events, action)
             keep = action == "warn" and finite
             if action == "relax" and finite and atoms.calc is not None:
-                again = self._relax(self.n_jumps, end)
+                again = self._relax(self.n_jumps + self.n_fallbacks, end)
                 keep = not again
                 if again:
                     self.guards.handle(again, "fallback")
