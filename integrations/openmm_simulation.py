@@ -38,7 +38,9 @@ the jump's last frame is relaxed (intermediate output frames are reported as reb
 
 Hybrid mode (``md_steps=k``): every jump is preceded by ``k`` real integrator steps in the same
 Context (reporters run through them as in ``Simulation``), so one ``step()`` advances
-``k + steps_per_jump`` steps and ``k dt + jump_ps`` ps. A fallback (guard) replaces a jump by MD
+``k + steps_per_jump`` steps and ``k dt + jump_ps`` ps. With a history model ``k`` must be a
+multiple of the output spacing in MD steps: the segment's states on that grid join the predicted
+frames the history is taken from. A fallback (guard) replaces a jump by MD
 of the same length; in jump-step mode it counts as one step, like the jump it replaces.
 
 History models (ESTAG) take their input frames from the states the simulation has seen: the
@@ -46,9 +48,10 @@ predicted frames inside accepted jumps, the end states kept, and in jump-step mo
 fallback MD at the surrogate's output times. Only where these do not cover the history (at the
 start, or every jump when the history stride is not a multiple of the output spacing, which is
 logged as a warning) does real MD run first to build it (logged; in jump-step mode that MD
-advances the time but not the step count, so XTC files, which store each frame's time, stay
-true, while DCD files, whose times are step numbers x ``jump_ps``, lag by the warm-up's MD time:
-a warning says so).
+advances the time but not the step count, so the stock DCD and XTC reporters, which stamp frame k
+with k x interval x ``jump_ps``, lag the State's time by the warm-up's MD time: a warning says so;
+:meth:`SurrogateSimulation.prepare_history` runs the warm-up before reporters are attached and
+can restart the clock after it).
 
 In jump-step mode the step count counts jumps exactly: MD that is not a counted step (fallback
 MD, which counts as the one step of the jump it replaces, and history warm-up MD) restores the
@@ -177,10 +180,12 @@ def write_state(context: openmm.Context, positions_A: np.ndarray,
     if velocities_A_per_ps is not None:
         context.setVelocities(unit.Quantity(np.asarray(velocities_A_per_ps, dtype=np.float64),
                                             A_PER_PS))
-    if constrained:
+    if constrained:  # (also places virtual sites)
         context.applyConstraints(tolerance)
         if velocities_A_per_ps is not None:
             context.applyVelocityConstraints(tolerance)
+    else:  # setPositions leaves virtual sites (TIP4P's M) where they were
+        context.computeVirtualSites()
 
 
 def potential_energy(context: openmm.Context) -> float:
@@ -498,9 +503,33 @@ def make_guards(guards: Guards | GuardConfig | str | None, surrogate, system: op
     return Guards(surrogate, config, n_dof=degrees_of_freedom(system))
 
 
+def _deserialize(path: str | os.PathLike, what: str):
+    """An OpenMM object from its serialized XML file (as ``Simulation`` accepts)."""
+    kind = openmm.System if what == "system" else openmm.Integrator
+    try:
+        with open(path) as f:
+            obj = openmm.XmlSerializer.deserialize(f.read())
+    except OSError as exc:
+        raise EngineError(f"{path}: cannot read the {what} XML file ({exc})") from exc
+    except Exception as exc:  # OpenMM raises a bare Exception for malformed XML
+        raise EngineError(f"{path}: not a serialized OpenMM {what} ({exc})") from exc
+    if not isinstance(obj, kind):
+        raise EngineError(f"{path}: not a serialized OpenMM {what} (it holds a "
+                          f"{type(obj).__name__}); give the {what}'s XML file")
+    return obj
+
+
 def degrees_of_freedom(system: openmm.System) -> int:
-    """3 N minus constraints, minus 3 with a CMMotionRemover (OpenMM's own count)."""
-    n_dof = 3 * system.getNumParticles() - system.getNumConstraints()
+    """OpenMM's own count (as ``StateDataReporter``): 3 per particle with mass (virtual sites
+    and fixed particles have none), minus constraints between such particles, minus 3 with a
+    CMMotionRemover."""
+    massive = [system.getParticleMass(i).value_in_unit(unit.dalton) > 0
+               for i in range(system.getNumParticles())]
+    n_dof = 3 * sum(massive)
+    for i in range(system.getNumConstraints()):
+        a, b, _ = system.getConstraintParameters(i)
+        if massive[a] and massive[b]:
+            n_dof -= 1
     n_dof -= 3 if any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()) else 0
     return n_dof
 
@@ -568,6 +597,11 @@ class SurrogateSimulation:
                  end_velocities: str = "difference", velocity_seed: int | None = None
                  ) -> None:
         self.surrogate = load_surrogate(surrogate)
+        # as Simulation: the System and Integrator may be given as serialized XML files
+        if isinstance(system, (str, os.PathLike)):
+            system = _deserialize(system, "system")
+        if isinstance(integrator, (str, os.PathLike)):
+            integrator = _deserialize(integrator, "integrator")
         check_system(system, topology, self.surrogate)
         self.topology = topology
         self.system = system
@@ -628,6 +662,14 @@ class SurrogateSimulation:
             masses_amu=np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
                                  for i in range(system.getNumParticles())]),
             seed=velocity_seed)
+        spacing = int(self._md_frame_steps[0])  # the output spacing in MD steps
+        if self.propagator.needs_history and self.md_steps % spacing:
+            raise EngineError(
+                f"hybrid mode with a history model: md_steps ({self.md_steps}) must be a "
+                f"multiple of the output spacing, {spacing} MD steps "
+                f"({self.surrogate.times_ps[0]:g} ps), so that the MD segments' states fall on "
+                "the grid of the predicted frames the model's history is taken from (otherwise "
+                "every jump would first run MD to rebuild it)")
         if not self.propagator.history_from_jumps:
             log.warning("history model %s: its history stride (%g ps) is not a multiple of its "
                         "output spacing (frames at %s ps), so jumps cannot supply its input "
@@ -709,9 +751,66 @@ class SurrogateSimulation:
 
         for _ in tqdm(range(int(steps)), disable=not self.progress, desc="surrogate",
                       unit="jump"):
-            if self.md_steps:
+            if self.md_steps and self.propagator.needs_history:
+                # the segment's states on the output grid become history frames
+                spacing = int(self._md_frame_steps[0])
+                pos, _, t, _ = read_state(self.context)
+                self.propagator.observe(t, pos)
+                for _ in range(self.md_steps // spacing):
+                    self.run_md(spacing)
+                    pos, _, t, _ = read_state(self.context)
+                    self.propagator.observe(t, pos)
+            elif self.md_steps:
                 self.run_md(self.md_steps)
             self._jump()
+
+    def prepare_history(self, reset_clock: bool = False) -> float:
+        """Run real MD now, without reports, until a history model has its input frames (a
+        no-op for other models, or when they are there), instead of at the first jump.
+
+        Call it before attaching reporters: the stock DCD/XTC reporters stamp frames by count,
+        and MD inside the first jump would shift their times (jump-step mode) or their phase
+        against the jumps (hybrid mode). ``reset_clock``: afterwards set the time and the step
+        count to 0, so the warm-up is equilibration before the run. Returns the MD time run
+        (ps)."""
+        if not self.propagator.needs_history:
+            return 0.0
+        pos, _, t0, _ = read_state(self.context)
+        self.propagator.observe(t0, pos)
+        if not self.propagator.has_history(t0):
+            reporters, self.reporters = self.reporters, []
+            try:
+                self._warm_up_history()
+            finally:
+                self.reporters = reporters
+        _, _, t1, _ = read_state(self.context)
+        if reset_clock:
+            self.propagator.shift_times(-t1)
+            self.context.setTime(0.0)
+            self.context.setStepCount(0)
+        return t1 - t0
+
+    def runForClockTime(self, time, checkpointFile=None, stateFile=None,
+                        checkpointInterval=None) -> None:
+        """Take learned jumps until ``time`` of wall-clock time has passed, as
+        ``Simulation.runForClockTime``: ``time`` and ``checkpointInterval`` are quantities or
+        hours; ``checkpointFile``/``stateFile`` are written at the end (and at every interval),
+        by :meth:`saveCheckpoint`/:meth:`saveState`."""
+        import time as clock
+
+        def hours(value) -> float:
+            return value.value_in_unit(unit.hours) if unit.is_quantity(value) else float(value)
+
+        end = clock.monotonic() + 3600.0 * hours(time)
+        while clock.monotonic() < end:
+            stop = end if checkpointInterval is None else min(
+                end, clock.monotonic() + 3600.0 * hours(checkpointInterval))
+            while clock.monotonic() < stop:
+                self.step(1)
+            if checkpointFile is not None:
+                self.saveCheckpoint(checkpointFile)
+            if stateFile is not None:
+                self.saveState(stateFile)
 
     def run_md(self, steps: int) -> None:
         """``steps`` real integrator steps with reporters, exactly as ``Simulation.step``."""
@@ -811,11 +910,11 @@ class SurrogateSimulation:
         log.info("history model: running %d x %d MD steps to build its input history",
                  s.history_length - 1, stride)
         if self.jump_steps and not self._dcd_warned and any(
-                isinstance(r, app.DCDReporter) for r in self.reporters):
+                isinstance(r, (app.DCDReporter, app.XTCReporter)) for r in self.reporters):
             self._dcd_warned = True
-            log.warning("history warm-up: %g ps of MD outside the step count; DCD files stamp "
-                        "their frames with step x jump_ps and lag the true time by it (XTC "
-                        "files store each frame's time)",
+            log.warning("history warm-up: %g ps of MD outside the step count; DCD and XTC "
+                        "reporters stamp their frames by count (step x jump_ps) and lag the "
+                        "State's time by it; call prepare_history() before attaching them",
                         (s.history_length - 1) * stride * self.md_step_ps)
         pos, _, t, _ = read_state(self.context)
         self.propagator.observe(t, pos)

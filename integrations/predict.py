@@ -180,6 +180,10 @@ def run(args: argparse.Namespace) -> dict:
             raise DataError(f"{path}: file exists; pass --overwrite or choose another -o")
     if args.jumps < 1 or args.report_interval < 1:
         raise DataError("-n/--jumps and --report-interval must be >= 1")
+    if args.report_interval > args.jumps:
+        raise DataError(f"--report-interval {args.report_interval} is more than the "
+                        f"{args.jumps} jumps (-n): no frame would be written; use a "
+                        "--report-interval of at most -n")
     surrogate = Surrogate.load(args.checkpoint, device=args.device)
     topology, system, positions, box = load_system(args.topology, args.coordinates,
                                                    args.forcefield)
@@ -202,6 +206,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.minimize:
         sim.minimizeEnergy()
     sim.context.setVelocitiesToTemperature(args.temperature_K * unit.kelvin, args.seed)
+    warm = sim.prepare_history(reset_clock=True)  # before the reporters: frames stay on time
+    if warm:
+        log.info("history model: %g ps of MD built its input history; the run's clock starts "
+                 "after it", warm)
     interval = args.report_interval * (sim.steps_per_jump + args.md_steps)
     tmp_traj = out.with_name(f".{out.name}.partial{out.suffix}")
     tmp_csv = csv_path.with_name(f".{csv_path.name}.partial")

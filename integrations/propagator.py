@@ -131,6 +131,11 @@ class SurrogatePropagator:
         for k in [k for k in self._known if k < oldest]:
             del self._known[k]
 
+    def shift_times(self, by_ps: float) -> None:
+        """Move every remembered state by ``by_ps`` in time (the engine's clock was reset)."""
+        by = round(by_ps * _TIME_KEY_PER_PS)
+        self._known = {k + by: v for k, v in self._known.items()}
+
     def forget(self) -> None:
         """Drop remembered states (after a state was loaded from a file)."""
         self._known.clear()

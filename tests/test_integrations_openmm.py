@@ -453,3 +453,103 @@ def test_jump_reporter_feeds_a_history_model_or_says_why_it_cannot(tmp_path, cap
         runs[interval] = (jumper.n_skipped, jumper.n_jumps, len(warned))
     assert runs[10] == (2, 8, 0)
     assert runs[3] == (10, 0, 1)
+
+
+def test_history_warm_up_before_reporters_keeps_file_times_true(tmp_path):
+    # the stock XTC reporter stamps frame k with k x interval x step size: MD inside the first
+    # jump would make it lag the State's time; prepare_history runs it first and restarts the
+    # clock, so the file's times are the State's
+    sim = history_sim(tmp_path, stride=2)
+    warm = sim.prepare_history(reset_clock=True)
+    assert warm == pytest.approx(2 * 0.02)
+    assert sim.currentStep == 0 and sim_time_ps(sim) == pytest.approx(0.0)
+    assert sim.propagator.has_history(0.0)
+    xtc = tmp_path / "h.xtc"
+    recorder = FrameRecorder(1)
+    sim.reporters += [app.XTCReporter(str(xtc), 1), recorder]
+    sim.step(3)
+    del sim.reporters[:]
+    times = [ts.time for ts in mda.Universe(str(PDB), str(xtc)).trajectory]
+    np.testing.assert_allclose(times, recorder.times, atol=1e-4)
+    np.testing.assert_allclose(times, [0.04, 0.08, 0.12], atol=1e-4)
+    assert history_sim(tmp_path, stride=2).prepare_history() > 0
+    # S2T models have nothing to prepare
+    assert make_sim(tmp_path).prepare_history(reset_clock=True) == 0.0
+
+
+def test_hybrid_history_model_takes_its_history_from_the_md_segments(tmp_path, caplog):
+    ck = make_checkpoint(cached_md(), tmp_path / "estag.pt", model="estag", selection="heavy",
+                         jump_frames=4, n_out=2, history=3, history_stride=2)
+    top, system, positions = alanine_system()
+    with pytest.raises(EngineError, match="multiple of the output spacing"):
+        SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform(),
+                            md_steps=5)
+    sim = SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform(),
+                              md_steps=20, guards="warn")
+    cold_start(sim.context, positions)
+    steps = []
+    with caplog.at_level(logging.INFO, logger="integrations.openmm_simulation"):
+        for _ in range(3):
+            before = sim.currentStep
+            sim.step(1)
+            steps.append(sim.currentStep - before)
+    # 20 MD steps cover the history (2 x 0.02 ps): no warm-up, every step 20 + 20 steps
+    assert steps == [40, 40, 40]
+    assert not [r for r in caplog.records if "to build its input history" in r.getMessage()]
+
+
+def test_virtual_sites_follow_their_atoms_after_a_jump(tmp_path):
+    # a massless site at the midpoint of two atoms, in a System without constraints: OpenMM
+    # places virtual sites only when asked (applyConstraints or computeVirtualSites)
+    from integrations.openmm_simulation import degrees_of_freedom
+    from surrogate_md.data import Topology
+
+    md = dict(cached_md())
+    top, system, positions = alanine_system(constraints=None)
+    a, b = 4, 8
+    site = system.addParticle(0.0)
+    system.setVirtualSite(site, openmm.TwoParticleAverageSite(a, b, 0.5, 0.5))
+    for force in system.getForces():
+        if isinstance(force, openmm.NonbondedForce):
+            force.addParticle(0.0, 0.1, 0.0)  # uncharged, no LJ
+    residue = list(top.residues())[-1]
+    top.addAtom("M", None, residue)
+    t = md["topology"]
+    md["topology"] = Topology(np.append(t.atomic_numbers, 0), np.append(t.masses, 0.0),
+                              np.append(t.atom_names, "M"), np.append(t.residue_ids,
+                                                                      t.residue_ids[-1]),
+                              np.append(t.residue_names, t.residue_names[-1]), t.bonds)
+    mid = 0.5 * (md["frames"][:, a] + md["frames"][:, b])
+    md["frames"] = np.concatenate([md["frames"], mid[:, None]], axis=1)
+    md["velocities"] = np.concatenate([md["velocities"], md["velocities"][:, :1] * 0], axis=1)
+    ck = make_checkpoint(md, tmp_path / "vsite.pt", selection="heavy")
+    sim = SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform(),
+                              guards="warn")
+    pos = np.concatenate([np.asarray(positions.value_in_unit(unit.nanometer)),
+                          np.zeros((1, 3))]) * unit.nanometer
+    cold_start(sim.context, pos)
+    sim.step(2)
+    x = positions_A(sim)
+    np.testing.assert_allclose(x[site], 0.5 * (x[a] + x[b]), atol=1e-6)
+    # the energy guard's degrees of freedom are OpenMM's: the massless site has none
+    n_cm = 3 if any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()) else 0
+    assert degrees_of_freedom(system) == 3 * 22 - n_cm
+
+
+def test_simulation_surface_xml_files_and_clock_time(tmp_path):
+    ck = make_checkpoint(cached_md(), tmp_path / "c.pt", selection="heavy", model="constant")
+    top, system, positions = alanine_system()
+    integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond,
+                                                 MD_STEP_PS * unit.picosecond)
+    for name, obj in (("system.xml", system), ("integrator.xml", integrator)):
+        (tmp_path / name).write_text(openmm.XmlSerializer.serialize(obj))
+    sim = SurrogateSimulation(top, str(tmp_path / "system.xml"), Surrogate.load(ck),
+                              integrator=str(tmp_path / "integrator.xml"),
+                              platform=reference_platform())
+    assert sim.system.getNumParticles() == 22 and sim.md_step_ps == pytest.approx(MD_STEP_PS)
+    cold_start(sim.context, positions)
+    state = tmp_path / "end.xml"
+    sim.runForClockTime(0.3 / 3600.0, stateFile=str(state))  # hours, as Simulation
+    assert sim.currentStep > 0 and state.is_file()
+    with pytest.raises(EngineError, match="not a serialized OpenMM system"):
+        SurrogateSimulation(top, str(state), Surrogate.load(ck), platform=reference_platform())

@@ -71,6 +71,11 @@ def test_predict_rejects_bad_inputs(tmp_path, capsys):
     assert "no such topology file" in capsys.readouterr().err
     assert main([str(ck), "--topology", str(PDB), "-n", "1", "-o", str(tmp_path / "x.nc")]) == 1
     assert ".xtc or .dcd" in capsys.readouterr().err
+    # more jumps between frames than jumps: no frame would be written (an unreadable empty file)
+    assert main([str(ck), "--topology", str(PDB), "-n", "2", "--report-interval", "3", "-o",
+                 str(tmp_path / "x.xtc")]) == 1
+    assert "no frame would be written" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x.*"))
 
 
 @pytest.mark.parametrize("module", ["integrations.predict"])
@@ -195,3 +200,17 @@ def test_bad_topologies_are_data_errors_naming_the_file(tmp_path, case, capsys):
     assert f"error: {named}:" in err
     if case == "no coordinates":
         assert "--coordinates FILE.gro" in err
+
+
+def test_predict_with_a_history_model_writes_true_times(tmp_path):
+    # the history warm-up runs before the reporters and the clock restarts after it, so the
+    # XTC's frame times (stamped by count) are the States' times
+    ck = make_checkpoint(cached_md(), tmp_path / "estag.pt", model="estag", selection="heavy",
+                         jump_frames=4, n_out=2, history=3, history_stride=2)
+    out = tmp_path / "h.xtc"
+    assert main([str(ck), "--topology", str(PDB), "-n", "3", "-o", str(out), "--platform",
+                 "Reference", "--guard", "warn", "--temperature-K", "1"]) == 0
+    times = [ts.time for ts in mda.Universe(str(PDB), str(out)).trajectory]
+    rows = (tmp_path / "h.csv").read_text().splitlines()[1:]
+    np.testing.assert_allclose(times, [float(r.split(",")[1]) for r in rows], atol=1e-4)
+    np.testing.assert_allclose(times, [0.04, 0.08, 0.12], atol=1e-4)
