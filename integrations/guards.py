@@ -164,6 +164,7 @@ class Guards:
         self.actions: Counter[str] = Counter()
         self.events: list[GuardEvent] = []
         self.n_checked = 0
+        self.n_failed = 0  # checked jumps that failed at least one check
         self.n_relaxations = 0
         self.relax_iterations_used = 0
         self._relaxed_energy: float | None = None
@@ -289,6 +290,7 @@ class Guards:
                                              or np.isfinite(velocities_A_per_ps).all())
         if not finite:
             fail("non_finite", np.nan, 0.0)
+            self.n_failed += int(count)
             return events
         model = pos[self._model_atoms]
         if self._validity is not None and len(self._validity.bonds):
@@ -310,6 +312,7 @@ class Guards:
                 rise = self.energy_rise(energy_kJ_per_mol)
                 if rise > self.energy_jump_kJ_per_mol:
                     fail("energy", rise, self.energy_jump_kJ_per_mol)
+        self.n_failed += int(count and bool(events))
         return events
 
     def handle(self, events: list[GuardEvent], action: str | None = None) -> None:
@@ -325,7 +328,8 @@ class Guards:
 
     def summary(self) -> dict:
         """JSON-safe totals: jumps checked, failures per check, actions taken, thresholds."""
-        return {"jumps_checked": self.n_checked, "failures": dict(self.counts),
+        return {"jumps_checked": self.n_checked, "jumps_failed": self.n_failed,
+                "failures": dict(self.counts),
                 "actions": dict(self.actions), "relaxations": self.n_relaxations,
                 "relax_iterations_used": self.relax_iterations_used,
                 "energy_anchor_kJ_per_mol": (self.energy_anchor_kJ_per_mol if self._anchor

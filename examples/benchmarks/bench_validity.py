@@ -303,13 +303,16 @@ def guard_events(sur, frames: np.ndarray, times_ps: np.ndarray, start_full: np.n
 
 class _KeptStates:
     """OpenMM reporter: model-atom positions (Å), time (ps) and potential energy (kJ/mol) of the
-    state after every step of a ``SurrogateSimulation`` (one step = one jump)."""
+    state after every step of a ``SurrogateSimulation`` (one step = one jump), and whether fallback
+    MD made it (``from_md``: such states are MD's, not the model's)."""
 
     def __init__(self, atoms: np.ndarray) -> None:
         self.atoms = np.asarray(atoms)
         self.frames: list[np.ndarray] = []
         self.times: list[float] = []
         self.energies: list[float] = []
+        self.from_md: list[bool] = []
+        self._fallbacks = 0
 
     def describeNextReport(self, simulation) -> dict:
         return {"steps": 1, "periodic": None, "include": ["positions", "energy"]}
@@ -321,6 +324,8 @@ class _KeptStates:
         self.frames.append(np.asarray(pos)[self.atoms])
         self.times.append(state.getTime().value_in_unit(unit.picosecond))
         self.energies.append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+        self.from_md.append(simulation.n_fallbacks > self._fallbacks)
+        self._fallbacks = simulation.n_fallbacks
 
 
 def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_iterations: int,
@@ -377,9 +382,13 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
     t0 = time.perf_counter()
     sim.step(n_jumps)
     wall = time.perf_counter() - t0
-    return {"frames": np.stack(kept.frames), "times": np.asarray(kept.times) - start_ps,
-            "energies": np.asarray(kept.energies), "guards": sim.guard_summary(),
-            "jumps": sim.n_jumps, "fallbacks": sim.n_fallbacks, "wall_s": wall}
+    model = ~np.asarray(kept.from_md, dtype=bool)  # fallback MD's states are not scored
+    n_atoms = len(sur.model_atoms)
+    return {"frames": np.asarray(kept.frames).reshape(-1, n_atoms, 3)[model],
+            "times": (np.asarray(kept.times) - start_ps)[model],
+            "energies": np.asarray(kept.energies)[model], "guards": sim.guard_summary(),
+            "jumps": sim.n_jumps, "fallbacks": sim.n_fallbacks, "wall_s": wall,
+            "simulated_ps": float(kept.times[-1] - start_ps) if kept.times else 0.0}
 
 
 def engine_guard_events(run: dict[str, Any], md_energies: np.ndarray | None) -> dict[str, Any]:
@@ -387,7 +396,7 @@ def engine_guard_events(run: dict[str, Any], md_energies: np.ndarray | None) -> 
     :func:`guard_events` (``rejected``: jumps the guards rejected and acted on) plus what the
     actions did and how far the kept states' energies sit above the MD's."""
     g = run["guards"]
-    rejected = int(sum(g["actions"].values()))
+    rejected = int(g["jumps_failed"])  # jumps, not actions (a failed relaxation adds fallback)
     out: dict[str, Any] = {"jumps_checked": g["jumps_checked"], "rejected": rejected,
                            "failures": g["failures"], "actions": g["actions"],
                            "pass_fraction": 1 - rejected / max(g["jumps_checked"], 1),
@@ -544,16 +553,22 @@ def main(argv: list[str] | None = None) -> int:
                                             platform=args.platform, progress=args.progress,
                                             end_velocities=args.end_velocities)
                 frames, times = engine_run["frames"], engine_run["times"]
+                rollout_s = engine_run["wall_s"]  # the engine's stepping, as its ns/day
+                if len(frames) == 0:
+                    raise SystemExit(f"{sur.name}: every jump fell back to MD; there are no "
+                                     "model states to score (guards "
+                                     f"{engine_run['guards']['failures']})")
             else:
                 with np.errstate(all="ignore"):
                     frames, times = sur.rollout(pos, vel, hist, n_jumps=args.jumps,
                                                 progress=args.progress)
-            rollout_s = time.perf_counter() - t0
+                rollout_s = time.perf_counter() - t0
             step = max(1, traj.n_frames // MAX_SCORED_FRAMES)
             ref = traj.read(slice(0, traj.n_frames, step))[:, sur.model_atoms]
             with np.errstate(all="ignore"):
                 row = {"model": sur.name, "checkpoint": relative_path(ckpt), "jump_ps": sur.jump_ps,
-                       "rollout_ps": float(times[-1]), "rollout_s": rollout_s,
+                       "rollout_ps": (engine_run["simulated_ps"] if engine_run
+                                      else float(times[-1])), "rollout_s": rollout_s,
                        "start_frame": frame, "reference_frames": int(len(ref)),
                        **score(sur, frames, ref, traj.topology),
                        "guards": (engine_guard_events(engine_run, md_energies) if engine_run
@@ -563,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["engine"] = {"guard_action": args.guard_action,
                                      "relax_iterations": args.relax_iterations,
                                      "wall_s": engine_run["wall_s"],
-                                     "ns_per_day": engine_run["times"][-1] * 1e-3 * 86400.0
+                                     "ns_per_day": engine_run["simulated_ps"] * 1e-3 * 86400.0
                                      / engine_run["wall_s"]}
                 if energy is not None:
                     row["guards"]["md_energy_median_kJ_per_mol"] = float(np.median(md_energies))
