@@ -56,6 +56,13 @@ def _constrained_energy(context, positions_A: np.ndarray) -> float:
         unit.kilojoule_per_mole)
 
 
+def _timed(work) -> float:
+    """Seconds one call of ``work()`` takes."""
+    t0 = time.perf_counter()
+    work()
+    return time.perf_counter() - t0
+
+
 def relax_costs(energy, relaxation, rebuilt: np.ndarray, target: float, iterations: int,
                 threshold: float) -> dict[str, dict[str, float]]:
     """Iterations, seconds and final energy (kJ/mol) of relaxing ``rebuilt`` to ``target`` with
@@ -68,6 +75,9 @@ def relax_costs(energy, relaxation, rebuilt: np.ndarray, target: float, iteratio
         StopBelowEnergy,
     )
 
+    # Every method is timed over the work it adds to a guarded jump: the energy of the rebuilt
+    # state (the guard check that flagged the jump) and of the relaxed state (the check after
+    # relaxing) are the same for all three and stay out of the timings.
     out = {}
     ctx = energy.context
     reporter = StopBelowEnergy(target)
@@ -82,22 +92,27 @@ def relax_costs(energy, relaxation, rebuilt: np.ndarray, target: float, iteratio
     box = ctx.getState().getPeriodicBoxVectors()
     t0 = time.perf_counter()
     relaxed = relaxation.minimise(rebuilt, box, iterations, 0.0, reporter)
-    e = _constrained_energy(ctx, relaxed)
-    out["flexible"] = {"iterations": reporter.iterations, "seconds": time.perf_counter() - t0,
-                       "energy": e}
+    seconds = time.perf_counter() - t0
+    out["flexible"] = {"iterations": reporter.iterations, "seconds": seconds,
+                       "energy": _constrained_energy(ctx, relaxed)}
     if relaxation.solvent_free is not None:  # the relax action's two stages
+        excess = _constrained_energy(ctx, rebuilt) - target  # known from the guard check
         t0 = time.perf_counter()
-        excess = _constrained_energy(ctx, rebuilt) - target
         stage_a = StopBelowEnergy(relaxation.solvent_free_energy(rebuilt, box) - excess
                                   - SOLVENT_FREE_MARGIN * threshold)
         relaxed = relaxation.minimise(rebuilt, box, iterations, reporter=stage_a,
                                       solvent_free=True)
-        e, n = _constrained_energy(ctx, relaxed), stage_a.iterations
+        seconds = time.perf_counter() - t0
+        e, n = _constrained_energy(ctx, relaxed), stage_a.iterations  # the check after it
         if e > target and n < iterations:
+            t0 = time.perf_counter()
             stage_b = StopBelowEnergy(target)
             relaxed = relaxation.minimise(relaxed, box, iterations - n, 0.0, stage_b)
+            seconds += time.perf_counter() - t0
+            # the check between the stages is work the two stages add (the last one is common)
+            seconds += _timed(lambda: _constrained_energy(ctx, relaxed))
             e, n = _constrained_energy(ctx, relaxed), n + stage_b.iterations
-        out["two_stage"] = {"iterations": n, "seconds": time.perf_counter() - t0, "energy": e}
+        out["two_stage"] = {"iterations": n, "seconds": seconds, "energy": e}
     return out
 
 
