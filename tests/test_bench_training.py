@@ -63,7 +63,7 @@ def test_quick_training_benchmark_table_and_json(tmp_path, capsys):
     header, body = rows[0], rows[2:]
     expected = [c.name for c in bench.reference_configs(quick=True, adk_batches=[1, 2])]
     assert [row[0] for row in body] == expected
-    for name in ("samples/s", "ref samples/s", "speed vs ref", "ref GiB"):
+    for name in ("samples/s", "ref samples/s", "speed vs ref", "ref GB"):
         assert name in header
     speed = header.index("samples/s")
     assert all(float(row[speed]) > 0 for row in body)
