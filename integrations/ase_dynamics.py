@@ -204,11 +204,11 @@ class SurrogateDynamics(MolecularDynamics):
         vel = atoms.get_velocities() * PS_IN_ASE_TIME  # Å/ps
         t0 = (self.nsteps * self.dt + self.md_steps * (self.md_dynamics.dt if self.md_steps
                                                          else 0.0)) / PS_IN_ASE_TIME
+        self.propagator.observe(t0, pos)  # the state now is the last frame of any history
         if not self.propagator.has_history(t0):
             # a history model without its input frames: this step is real MD, observed at the
             # surrogate's output times (the states a jump would have supplied)
             log.info("history model: step at t = %.4f ps runs MD to build its input history", t0)
-            self.propagator.observe(t0, pos)
             self._md_jump(t0)
             self.n_history_md += 1
             self.last_jump = self.last_jump_times_ps = None

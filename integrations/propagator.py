@@ -33,6 +33,7 @@ from surrogate_md.errors import EngineError
 log = logging.getLogger(__name__)
 
 _TIME_KEY_PER_PS = 1_000_000  # states are matched by time to 1e-6 ps
+_SAME_STATE_A = 1e-3  # a remembered state and a new one at the same time closer than this agree
 
 
 @dataclass
@@ -103,10 +104,18 @@ class SurrogatePropagator:
                 for k in range(s.history_length - 1, -1, -1)]
 
     def observe(self, time_ps: float, positions_A: np.ndarray) -> None:
-        """Remember a full-system state (only kept for history models)."""
+        """Remember a full-system state (only kept for history models). A state that differs
+        from the one remembered for the same time (the atoms were set by hand, a state loaded)
+        means the remembered frames are another trajectory's: they are dropped."""
         if not self.needs_history:
             return
-        self._store(time_ps, np.asarray(positions_A, dtype=np.float64)[self.surrogate.model_atoms])
+        model = np.asarray(positions_A, dtype=np.float64)[self.surrogate.model_atoms]
+        known = self._known.get(round(time_ps * _TIME_KEY_PER_PS))
+        if known is not None and np.abs(known - model).max() > _SAME_STATE_A:
+            log.info("history model: the state at t = %.4f ps is not the one remembered (set "
+                     "by hand?); its input history is rebuilt", time_ps)
+            self._known.clear()
+        self._store(time_ps, model)
 
     def remember(self, time_ps: float, result: JumpResult) -> None:
         """Remember the predicted frames inside an accepted jump that started at ``time_ps``

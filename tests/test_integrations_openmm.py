@@ -553,3 +553,17 @@ def test_simulation_surface_xml_files_and_clock_time(tmp_path):
     assert sim.currentStep > 0 and state.is_file()
     with pytest.raises(EngineError, match="not a serialized OpenMM system"):
         SurrogateSimulation(top, str(state), Surrogate.load(ck), platform=reference_platform())
+
+
+def test_history_is_rebuilt_after_the_atoms_are_set_by_hand(tmp_path, caplog):
+    # remembered frames belong to the trajectory that made them: positions set by hand between
+    # steps start another one, whose history real MD has to build
+    sim = history_sim(tmp_path, stride=2)
+    with caplog.at_level(logging.INFO):
+        sim.step(2)
+        x = positions_A(sim)
+        sim.context.setPositions((x + 0.05) * A)
+        sim.step(2)
+    warm_ups = [r for r in caplog.records if "to build its input history" in r.getMessage()]
+    assert len(warm_ups) == 2
+    assert any("not the one remembered" in r.getMessage() for r in caplog.records)
