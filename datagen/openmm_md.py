@@ -99,8 +99,20 @@ def _add_native_obc2(system, topology) -> None:
     system.addForce(gb)
 
 
+WATER_RESIDUES = frozenset("HOH WAT SOL TIP3 TIP3P TIP4 TIP4P TIP5 TIP5P SPC SPCE T3P T4P".split())
+
+
+def _require_water(topology, source: Path) -> None:
+    """Explicit solvent needs water in the structure (a box alone is a periodic vacuum)."""
+    if not any(r.name.upper() in WATER_RESIDUES for r in topology.residues()):
+        raise ConfigError(f"{source}: solvent='explicit' but the structure holds no water; "
+                          "solvate it first (openmm.app.Modeller.addSolvent) or use "
+                          "solvent='implicit'")
+
+
 def _from_pdb(pdb_path: Path, forcefield: tuple[str, ...], solvent: str, constraints,
-              hydrogen_mass) -> tuple[Any, Any, Any]:
+              hydrogen_mass) -> tuple[Any, Any, Any, list[str]]:
+    """(topology, System, positions, force-field files used) of a PDB/PDBx structure."""
     from openmm import app, unit
 
     try:
@@ -123,6 +135,7 @@ def _from_pdb(pdb_path: Path, forcefield: tuple[str, ...], solvent: str, constra
         if pdb.topology.getPeriodicBoxVectors() is None:
             raise ConfigError(f"{pdb_path}: solvent='explicit' needs a periodic box (CRYST1); "
                               "solvate the system first or use solvent='implicit'")
+        _require_water(pdb.topology, pdb_path)
         kwargs.update(nonbondedMethod=app.PME,
                       nonbondedCutoff=EXPLICIT_CUTOFF_NM * unit.nanometer)
     else:
@@ -133,9 +146,14 @@ def _from_pdb(pdb_path: Path, forcefield: tuple[str, ...], solvent: str, constra
         raise EngineError(f"{pdb_path}: the force field {files} cannot parametrise it ({exc}); "
                           "add missing hydrogens/caps (PDBFixer, Modeller.addHydrogens) or choose "
                           "a force field that covers every residue") from exc
-    if solvent == "implicit":
+    given = _solvent_of(system)  # force-field files may bring their own GB (implicit/*.xml)
+    if solvent == "implicit" and given == "vacuum":
         _add_native_obc2(system, pdb.topology)
-    return pdb.topology, system, pdb.positions
+    elif solvent == "vacuum" and given == "implicit":
+        raise ConfigError(f"force field {files} includes implicit solvent, but solvent='vacuum'; "
+                          "use solvent='implicit' (which then adds no second GB model) or drop "
+                          "the implicit/*.xml file")
+    return pdb.topology, system, pdb.positions, files
 
 
 def _from_amber(prmtop: Path, inpcrd: Path, solvent: str, constraints,
@@ -152,6 +170,7 @@ def _from_amber(prmtop: Path, inpcrd: Path, solvent: str, constraints,
     if solvent == "explicit":
         if crd.boxVectors is None:
             raise ConfigError(f"{inpcrd}: solvent='explicit' needs a periodic box")
+        _require_water(top.topology, prmtop)
         kwargs.update(nonbondedMethod=app.PME,
                       nonbondedCutoff=EXPLICIT_CUTOFF_NM * unit.nanometer)
     else:
@@ -293,6 +312,10 @@ def prepare_system(system: str | os.PathLike, *, solvent: str = "vacuum",
     if cutoff_nm is not None:
         apply_cutoff(prepared.system, cutoff_nm)
         prepared.extra["cutoff_nm"] = float(cutoff_nm)
+    if not prepared.system.usesPeriodicBoundaryConditions():
+        # a CRYST1 line (or an inpcrd box) of a structure simulated without periodic boundaries
+        # is no box of the run: the dataset records none, and gas-phase runs stay gas-phase
+        prepared.topology.setPeriodicBoxVectors(None)
     return prepared
 
 
@@ -317,7 +340,7 @@ def _prepare_system(system, *, solvent, forcefield, constraints, hmr,
                                    "its GAFF2 parameters are part of the shipped prmtop"))
         if spec.kind == "pdb":
             ff = tuple(forcefield) if forcefield else spec.forcefield
-            top, sys_, pos = _from_pdb(paths[0], ff, solvent, cons, h_mass)
+            top, sys_, pos, ff = _from_pdb(paths[0], ff, solvent, cons, h_mass)
             ff_label = "+".join(ff)
         else:
             top, sys_, pos = _from_amber(paths[0], paths[1], solvent, cons, h_mass)
@@ -337,7 +360,7 @@ def _prepare_system(system, *, solvent, forcefield, constraints, hmr,
         _refuse_unused(path, coordinates=(coordinates, "the structure file holds the "
                                                        "coordinates"))
         ff = tuple(forcefield) if forcefield else PROTEIN_FORCEFIELD
-        top, sys_, pos = _from_pdb(path, ff, solvent, cons, h_mass)
+        top, sys_, pos, ff = _from_pdb(path, ff, solvent, cons, h_mass)
         return PreparedSystem(top, sys_, pos, path.stem, "+".join(ff), solvent, [str(path)])
     if suffix in (".prmtop", ".parm7"):
         _refuse_unused(path, forcefield=(forcefield, "a prmtop carries its own force field"))
@@ -611,7 +634,9 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
             "nose-hoover" if gas_phase and small else "langevin")
     if integrator not in INTEGRATORS:
         raise ConfigError(f"integrator={integrator!r} is not one of {INTEGRATORS}")
-    dof = _kinetic_dof(prepared.system, gas_phase)
+    # a gas-phase molecule keeps zero angular momentum under Nose-Hoover only (Langevin's random
+    # forces give it back its 3 rotational degrees of freedom)
+    dof = _kinetic_dof(prepared.system, gas_phase and integrator == "nose-hoover")
     default_dof = _kinetic_dof(prepared.system, False)
     # NoseHooverIntegrator counts 3N - constraints - 3 degrees of freedom; a gas-phase molecule
     # with zero angular momentum has 3 fewer, so aim its thermostat so the true temperature is T.

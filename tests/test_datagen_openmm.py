@@ -110,8 +110,8 @@ def test_cutoff_for_implicit_solvent(tmp_path):
     rms = np.sqrt(((f_exact - f_cut) ** 2).sum(-1).mean())
     assert 0.01 < rms < 3.0
     # custom GB forces carry their cutoff in their energy expression: refused, with the fix named
-    custom = prepare_system("alanine-dipeptide", forcefield=["amber14-all.xml",
-                                                             "implicit/obc2.xml"])
+    custom = prepare_system("alanine-dipeptide", solvent="implicit",
+                            forcefield=["amber14-all.xml", "implicit/obc2.xml"])
     assert any(isinstance(f, mm.CustomGBForce) for f in custom.system.getForces())
     from datagen.openmm_md import apply_cutoff
 
@@ -146,6 +146,69 @@ def test_adk_builtin_runs_a_few_steps(tmp_path):
     with open_trajectory(out) as f:
         assert f.n_atoms == 3341 and f.metadata["solvent"] == "implicit"
         assert np.isfinite(f.read(slice(None))).all()
+        assert f.box is None  # adk.pdb's CRYST1 is no box of a non-periodic run
+    with pytest.raises(ConfigError, match="holds no water"):  # a box alone is a periodic vacuum
+        prepare_system("adk", solvent="explicit")
+
+
+def test_a_crystal_cell_does_not_make_a_gas_phase_run_periodic(tmp_path):
+    src = (BUILTIN_SYSTEMS["alanine-dipeptide"].paths()[0]).read_text()
+    pdb = tmp_path / "cryst.pdb"
+    pdb.write_text("CRYST1   30.000   30.000   30.000  90.00  90.00  90.00 P 1           1\n"
+                   + src)
+    out = {}
+    for name, path in (("plain", BUILTIN_SYSTEMS["alanine-dipeptide"].paths()[0]),
+                       ("cryst", pdb)):
+        out[name] = run_openmm(str(path), tmp_path / f"{name}.h5", solvent="vacuum", frames=3,
+                               interval_ps=0.01, equilibrate_ps=0.01, platform="Reference",
+                               progress=False)
+    with open_trajectory(out["plain"]) as a, open_trajectory(out["cryst"]) as b:
+        for f in (a, b):
+            assert f.box is None and f.metadata["integrator"] == "nose-hoover"
+        assert a.metadata["kinetic_dof"] == b.metadata["kinetic_dof"]
+
+
+def test_gas_phase_langevin_counts_rotation(tmp_path):
+    # Nose-Hoover keeps a gas-phase molecule's zeroed angular momentum at zero; Langevin's
+    # random forces do not, so its kinetic temperature counts the 3 rotational dof
+    dof = {}
+    for integrator in ("nose-hoover", "langevin"):
+        out = run_openmm("alanine-dipeptide", tmp_path / f"{integrator}.h5", frames=2,
+                         interval_ps=0.01, equilibrate_ps=0.0, integrator=integrator,
+                         platform="Reference", progress=False)
+        with open_trajectory(out) as f:
+            dof[integrator] = f.metadata["kinetic_dof"]
+    assert dof["langevin"] == dof["nose-hoover"] + 3
+
+
+def test_force_field_files_with_their_own_solvent():
+    import openmm as mm
+
+    gb = (mm.GBSAOBCForce, mm.CustomGBForce)
+    # implicit/obc2.xml already brings GB: implicit solvent adds no second one
+    p = prepare_system("alanine-dipeptide", solvent="implicit",
+                       forcefield=("amber14-all.xml", "implicit/obc2.xml"))
+    assert sum(isinstance(f, gb) for f in p.system.getForces()) == 1
+    assert p.force_field == "amber14-all.xml+implicit/obc2.xml"
+    with pytest.raises(ConfigError, match="includes implicit solvent"):
+        prepare_system("alanine-dipeptide", solvent="vacuum",
+                       forcefield=("amber14-all.xml", "implicit/obc2.xml"))
+
+
+def test_explicit_solvent_records_the_water_model(tmp_path):
+    from openmm import app, unit
+
+    src = BUILTIN_SYSTEMS["alanine-dipeptide"].paths()[0]
+    pdb = app.PDBFile(str(src))
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    modeller.addSolvent(app.ForceField("amber14-all.xml", "amber14/tip3p.xml"),
+                        boxSize=openmm.Vec3(2.0, 2.0, 2.0) * unit.nanometer)
+    path = tmp_path / "solvated.pdb"
+    with open(path, "w") as fh:
+        app.PDBFile.writeFile(modeller.topology, modeller.positions, fh)
+    p = prepare_system(str(path), solvent="explicit")
+    assert p.force_field == "amber14-all.xml+amber14/tip3p.xml"
+    assert p.topology.getPeriodicBoxVectors() is not None
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):
