@@ -183,7 +183,7 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
     }
     out = Path(out)
     state, partial, chk_path = plan_run(out, metadata, RESUME_KEYS, resume=resume,
-                                        overwrite=overwrite)
+                                        overwrite=overwrite, frames=frames)
     if state == "done":
         return out
     resuming = state == "resume"
@@ -191,6 +191,10 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
     start_frame = 0
     if resuming:
         start_frame, dyn_state = _load_state(chk_path, atoms, steps_per_frame)
+        if frames < start_frame:
+            raise ConfigError(f"{partial}: the unfinished run already holds {start_frame} frames, "
+                              f"more than the {frames} asked for; ask for at least {start_frame} "
+                              "or delete the .partial and checkpoint files to start over")
         dyn = _make_dynamics(atoms, integrator, step_fs, temperature_K, friction_per_ps, rng,
                              dof)
         _restore_dynamics(chk_path, dyn, dyn_state)

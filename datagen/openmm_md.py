@@ -664,7 +664,7 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
         **prepared.extra,
     }
     state, partial, chk_path = plan_run(out, metadata, RESUME_KEYS, resume=resume,
-                                        overwrite=overwrite)
+                                        overwrite=overwrite, frames=frames)
     if state == "done":
         return out
     resuming = state == "resume"
@@ -679,6 +679,10 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
     start_frame = 0
     if resuming:
         state_bytes, start_frame = _load_checkpoint(chk_path)
+        if frames < start_frame:
+            raise ConfigError(f"{partial}: the unfinished run already holds {start_frame} frames, "
+                              f"more than the {frames} asked for; ask for at least {start_frame} "
+                              "or delete the .partial and checkpoint files to start over")
         try:
             context.loadCheckpoint(state_bytes)
         except Exception as exc:

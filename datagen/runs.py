@@ -53,17 +53,29 @@ def read_partial_metadata(partial: Path) -> dict[str, Any]:
 
 
 def plan_run(out: Path, metadata: dict[str, Any], resume_keys: tuple[str, ...], *,
-             resume: bool, overwrite: bool) -> tuple[str, Path, Path]:
+             resume: bool, overwrite: bool, frames: int | None = None) -> tuple[str, Path, Path]:
     """Decide how a producer run starts: ``("done" | "resume" | "fresh", partial, checkpoint)``.
 
-    ``done``: ``out`` is complete and ``resume`` was asked (nothing to do). ``resume``: a partial
-    dataset and a checkpoint exist and their settings (``resume_keys`` of the metadata) match.
+    ``done``: ``out`` is complete, with the same settings and ``frames`` frames, and ``resume``
+    was asked (nothing to do). ``resume``: a partial dataset and a checkpoint exist and their
+    settings (``resume_keys`` of the metadata) match.
     ``fresh``: leftovers of an older run are removed. An existing ``out`` without ``overwrite``
     and a resume with other settings are errors.
     """
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
     chk_path = out.with_name(out.name + CHECKPOINT_SUFFIX)
     if out.exists() and resume and not overwrite:
+        from surrogate_md.data.h5md import open_trajectory
+
+        with open_trajectory(out) as done:
+            old, n_done = done.metadata, done.n_frames
+        diff = {k: (old.get(k), metadata.get(k)) for k in resume_keys
+                if old.get(k) != metadata.get(k)}
+        if frames is not None and n_done != frames:
+            diff["frames"] = (n_done, frames)
+        if diff:
+            raise ConfigError(f"{out}: is complete with other settings {diff}; resuming cannot "
+                              "change them: pass --overwrite to make it anew, or another -o")
         log.info("%s is complete; nothing to resume", out)
         return "done", partial, chk_path
     if out.exists() and not overwrite:

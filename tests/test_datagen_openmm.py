@@ -247,6 +247,18 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="different settings"):
         run_openmm("alanine-dipeptide", tmp_path / "r.h5", resume=True, temperature_K=350,
                    **kwargs)
+    # fewer frames than the unfinished run holds cannot be resumed to
+    with pytest.raises(ConfigError, match="already holds 30 frames"):
+        run_openmm("alanine-dipeptide", tmp_path / "r.h5", resume=True,
+                   **{**kwargs, "frames": 20})
+    out = run_openmm("alanine-dipeptide", tmp_path / "r.h5", resume=True, **kwargs)
+    # a complete file: resuming with its own settings is a no-op, with others an error
+    assert run_openmm("alanine-dipeptide", out, resume=True, **kwargs) == out
+    for change in ({"temperature_K": 350}, {"frames": 60}):
+        with pytest.raises(ConfigError, match="complete with other settings"):
+            run_openmm("alanine-dipeptide", out, resume=True, **{**kwargs, **change})
+    with open_trajectory(out) as f:
+        assert f.n_frames == 50
 
 
 def test_bad_settings(tmp_path):
