@@ -99,8 +99,9 @@ class SurrogateDynamics(MolecularDynamics):
             self.guards = guards
         else:
             config = guards if isinstance(guards, GuardConfig) else GuardConfig(
-                action=guards or "raise", temperature_K=temperature_K)
-            self.guards = Guards(self.surrogate, config)
+                action=guards or "raise")
+            self.guards = Guards(self.surrogate, config, n_dof=_degrees_of_freedom(atoms),
+                                 temperature_K=temperature_K)
         if self.guards.action == "fallback" and self.fallback_dynamics is None:
             raise EngineError("guard action 'fallback' replaces a failed jump by real MD: pass "
                               "fallback_dynamics (an ASE MD bound to the same atoms, with a "
@@ -368,6 +369,11 @@ class _BondTree:
             parent = self.parent[level]
             out[level] = out[parent] + find_mic(out[level] - out[parent], cell, pbc)[0]
         return out
+
+
+def _degrees_of_freedom(atoms) -> int:
+    """3 per atom with mass, minus what the atoms' constraints remove (ASE's own count)."""
+    return int(atoms.get_number_of_degrees_of_freedom())
 
 
 def _whole(x: float) -> bool:

@@ -76,7 +76,8 @@ class GuardConfig:
             ``energy_window`` energies recorded since the start (or the last
             :meth:`Guards.reset_energies`); None: no cap, the reference follows the recent
             energies wherever they go.
-        temperature_K: temperature for the default energy threshold.
+        temperature_K: temperature for the default energy threshold (None: the engine's, or
+            300 K).
         relax_iterations: most minimiser iterations of one ``relax`` action (it stops earlier,
             at the first iteration whose state passes every check with an energy at most
             ``relax_energy_target_kJ_per_mol`` above the reference energy).
@@ -91,7 +92,7 @@ class GuardConfig:
     energy_jump_kJ_per_mol: float | None = None
     energy_window: int = 10
     energy_drift_kJ_per_mol: float | None = 0.0
-    temperature_K: float = 300.0
+    temperature_K: float | None = None
     relax_iterations: int = 200
     relax_energy_target_kJ_per_mol: float = 0.0
 
@@ -103,6 +104,21 @@ class GuardConfig:
             raise ConfigError("energy_drift_kJ_per_mol must be a finite number >= 0 of kJ/mol "
                               "(0 = never above the start's energies) or None (no cap), got "
                               f"{self.energy_drift_kJ_per_mol}")
+        if int(self.energy_window) != self.energy_window or self.energy_window < 1:
+            raise ConfigError(f"energy_window must be a whole number >= 1 of recent energies, got "
+                              f"{self.energy_window}")
+        for name in ("energy_jump_kJ_per_mol", "temperature_K", "bond_tolerance_A",
+                     "min_distance_A"):
+            value = getattr(self, name)
+            if value is not None and not (np.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a finite number > 0 or None (the default), "
+                                  f"got {value}")
+        if not (np.isfinite(self.chain_break_A) and self.chain_break_A > 0):
+            raise ConfigError(f"chain_break_A must be a finite distance > 0 Å, got "
+                              f"{self.chain_break_A}")
+        if int(self.relax_iterations) != self.relax_iterations or self.relax_iterations < 0:
+            raise ConfigError(f"relax_iterations must be a whole number >= 0, got "
+                              f"{self.relax_iterations}")
         if not np.isfinite(self.relax_energy_target_kJ_per_mol):
             raise ConfigError("relax_energy_target_kJ_per_mol must be a finite number of kJ/mol "
                               f"(0 = back to the reference energy), got "
@@ -133,11 +149,14 @@ class Guards:
         surrogate: the :class:`~surrogate_md.Surrogate` (tolerances, model atoms, topology).
         config: :class:`GuardConfig` (or an action name).
         n_dof: degrees of freedom for the default energy threshold (3 N when not given).
+        temperature_K: the engine's temperature, for the default energy threshold where the
+            config names none.
     """
 
     surrogate: object
     config: GuardConfig = field(default_factory=GuardConfig)
     n_dof: int | None = None
+    temperature_K: float = 300.0
 
     def __post_init__(self) -> None:
         if isinstance(self.config, str):
@@ -154,8 +173,7 @@ class Guards:
         n_dof = self.n_dof if self.n_dof is not None else 3 * s.n_atoms
         self.energy_jump_kJ_per_mol = (self.config.energy_jump_kJ_per_mol
                                        if self.config.energy_jump_kJ_per_mol is not None
-                                       else default_energy_threshold(n_dof,
-                                                                     self.config.temperature_K))
+                                       else default_energy_threshold(n_dof, self.temperature))
         self._energies: deque[float] = deque(maxlen=self.config.energy_window)
         self._anchor: list[float] = []  # the first energy_window energies since a reset
         # the last energy_window energies of states real MD produced (they replace the anchor)
@@ -206,8 +224,15 @@ class Guards:
             if len(self._anchor) < self.config.energy_window:
                 self._anchor.append(e)
 
+    @property
+    def temperature(self) -> float:
+        """K: the config's temperature, else the engine's."""
+        t = self.config.temperature_K
+        return float(self.temperature_K if t is None else t)
+
     def reset_energies(self) -> None:
         """Forget the recorded energies, the anchor included (the state was changed by hand)."""
+        self._relaxed_energy = None
         self._energies.clear()
         self._anchor.clear()
         self._md_energies.clear()

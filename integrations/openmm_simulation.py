@@ -498,9 +498,8 @@ def make_guards(guards: Guards | GuardConfig | str | None, surrogate, system: op
                 temperature_K: float) -> Guards:
     if isinstance(guards, Guards):
         return guards
-    config = guards if isinstance(guards, GuardConfig) else GuardConfig(
-        action=guards or "raise", temperature_K=temperature_K)
-    return Guards(surrogate, config, n_dof=degrees_of_freedom(system))
+    config = guards if isinstance(guards, GuardConfig) else GuardConfig(action=guards or "raise")
+    return Guards(surrogate, config, n_dof=degrees_of_freedom(system), temperature_K=temperature_K)
 
 
 def _deserialize(path: str | os.PathLike, what: str):

@@ -464,3 +464,44 @@ def test_relaxation_backs_off_to_an_earlier_iterate_at_the_target(tmp_path):
     x, e = oms.back_off(sim.context, guards, path[-1:], relax.solvent_free_energy(x_high),
                         e_high, x_low, e_low, True, jump=1, time_ps=1.0)
     assert e == e_low and np.array_equal(x, x_low)
+
+
+class _BareSurrogate:  # what Guards reads of a surrogate, for a 3-atom system
+    model_atoms = np.arange(3)
+    n_atoms = 3
+    validity = None
+    topology = {"atom_names": ["C", "C", "C"], "residue_ids": [1, 1, 1],
+                "residue_names": ["MOL"] * 3, "atomic_numbers": [6, 6, 6], "bonds": []}
+
+
+@pytest.mark.parametrize("bad", [{"energy_window": 0}, {"energy_jump_kJ_per_mol": float("nan")},
+                                 {"energy_jump_kJ_per_mol": -1.0}, {"relax_iterations": -5},
+                                 {"temperature_K": 0.0}, {"chain_break_A": float("inf")}])
+def test_guard_config_refuses_numbers_that_would_switch_checks_off(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        GuardConfig(**bad)
+
+
+def test_reset_forgets_a_pending_relaxed_energy():
+    # a relaxed state accepted, then the same state loaded by hand: its energy is a new start
+    g = Guards(_BareSurrogate(), GuardConfig(action="relax", energy_jump_kJ_per_mol=100.0))
+    g.record_energy(-1000.0)
+    g.record_relaxation(12, accepted_energy_kJ_per_mol=-1000.0)
+    g.reset_energies()
+    g.record_energy(-1000.0)
+    x = np.eye(3) * 1.5
+    assert [e.check for e in g.check(x, energy_kJ_per_mol=1e6)] == ["energy"]
+
+
+def test_a_guard_config_without_temperature_takes_the_engines():
+    from integrations.guards import default_energy_threshold
+
+    at = {t: Guards(_BareSurrogate(), GuardConfig(action="relax"), n_dof=100, temperature_K=t)
+          for t in (300.0, 600.0)}
+    assert at[600.0].energy_jump_kJ_per_mol == pytest.approx(
+        default_energy_threshold(100, 600.0))
+    assert at[600.0].energy_jump_kJ_per_mol == pytest.approx(
+        2 * at[300.0].energy_jump_kJ_per_mol)
+    fixed = Guards(_BareSurrogate(), GuardConfig(temperature_K=300.0), n_dof=100,
+                   temperature_K=600.0)
+    assert fixed.energy_jump_kJ_per_mol == pytest.approx(default_energy_threshold(100, 300.0))
