@@ -128,7 +128,7 @@ def measure(traj, selection: str, lag_frames: int, starts: np.ndarray, energy, r
     topo = traj.topology
     sel = select_nodes(topo, selection, source=str(traj.path))
     rebuild = Reconstructor(traj.n_atoms, sel.atom_index, topo.bonds, topo.atomic_numbers,
-                            topo.residue_ids)
+                            topo.residue_ids, topo.segment_ids, topo.atom_names)
     rises: dict[str, list[float]] = {"true": [], "rebuilt": [], "rebuilt_constrained": []}
     relax: dict[str, list[dict]] = {"constrained": [], "flexible": [], "two_stage": []}
     for t in tqdm(starts, desc=f"{selection} +{lag_frames}", disable=not progress, leave=False):
