@@ -89,9 +89,10 @@ def load_atoms(atoms_or_name):
             raise DataError(f"{path}: unreadable by ase.io ({exc}); give an xyz/extxyz/traj/pdb "
                             "file") from exc
     from ase.build import molecule
+    from ase.build.molecule import extra
     from ase.collections import g2
 
-    if text in g2.names:
+    if text in g2.names or text in extra:
         return molecule(text)
     raise DataError(f"{text}: neither a file nor an ase.build.molecule name (e.g. H2O, CH3CH2OH, "
                     "C6H6); check the path or name")

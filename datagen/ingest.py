@@ -232,9 +232,23 @@ def _mda_topology(atoms, source: Path) -> Topology:
     if hasattr(atoms, "bonds"):
         bonds = np.asarray(atoms.bonds.indices, dtype=np.int64).reshape(-1, 2)
     segids = atoms.segids if hasattr(atoms, "segids") else None
-    return Topology(atomic_numbers=z, masses=masses, atom_names=atoms.names,
-                    residue_ids=atoms.resids, residue_names=atoms.resnames, bonds=bonds,
-                    segment_ids=segids)
+    # formats without names (LAMMPS data, TXYZ residues): element symbols / types, one residue
+    if hasattr(atoms, "names"):
+        names = atoms.names
+    elif hasattr(atoms, "types"):
+        names = np.asarray(atoms.types, dtype=str)
+    else:
+        names = np.array([_symbol(int(k)) for k in z])
+    resids = atoms.resids if hasattr(atoms, "resids") else np.ones(n, dtype=np.int64)
+    resnames = atoms.resnames if hasattr(atoms, "resnames") else np.full(n, "UNK")
+    return Topology(atomic_numbers=z, masses=masses, atom_names=names, residue_ids=resids,
+                    residue_names=resnames, bonds=bonds, segment_ids=segids)
+
+
+def _symbol(z: int) -> str:
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[z] if 0 < z < len(chemical_symbols) else "X"
 
 
 class _FieldMissing(Exception):
@@ -494,14 +508,24 @@ def _open_ase(paths: list[Path], select: str | None, dt_ps: float | None) -> Sou
     import ase.io
 
     frames = []
+    dropped: list[int] = []
     for p in paths:
         try:
-            frames.extend(ase.io.read(str(p), index=":"))
+            part = ase.io.read(str(p), index=":")
         except Exception as exc:  # ASE raises many types for unreadable files
             raise DataError(f"{p}: unreadable by ase.io ({exc}); give an ASE .traj or extxyz "
                             "file") from exc
+        if (frames and part and len(part[0]) == len(frames[-1])
+                and np.array_equal(part[0].positions, frames[-1].positions)):
+            # a continued run writes its start frame again: one frame, not two at two times
+            dropped.append(len(frames))
+            part = part[1:]
+        frames.extend(part)
     if not frames:
         raise DataError(f"{paths[0]}: the trajectory holds no frame")
+    if dropped:
+        log.info("%s: dropped %d repeated boundary frame(s) between files", paths[0],
+                 len(dropped))
     first = frames[0]
     for k, a in enumerate(frames):
         if len(a) != len(first) or not np.array_equal(a.numbers, first.numbers):
@@ -515,20 +539,26 @@ def _open_ase(paths: list[Path], select: str | None, dt_ps: float | None) -> Sou
                                       infer_bonds(z, first.positions))
     index = select_indices(topology, select, paths[0])
     topology = topology.subset(index)
-    has_v = first.has("momenta")
-    calc_ok = first.calc is not None
-    has_f = has_e = False
-    if calc_ok:
-        try:
-            first.get_forces()
-            has_f = True
-        except Exception:  # a SinglePointCalculator without forces
-            has_f = False
-        try:
-            first.get_potential_energy()
-            has_e = True
-        except Exception:
-            has_e = False
+    has_v = all(a.has("momenta") for a in frames)
+
+    def every_frame_has(getter) -> bool:
+        """Whether every frame carries a calculator result (a SinglePointCalculator may lack
+        forces or energies, and frames written without a calculator have none)."""
+        for a in frames:
+            try:
+                if a.calc is None:
+                    return False
+                getter(a)
+            except Exception:
+                return False
+        return True
+
+    has_f = every_frame_has(lambda a: a.get_forces())
+    has_e = every_frame_has(lambda a: a.get_potential_energy())
+    if first.calc is not None and not (has_f and has_e):
+        log.warning("%s: not every frame carries calculator %s; they are left out of the "
+                    "dataset", paths[0], " and ".join(
+                        k for k, ok in (("forces", has_f), ("energies", has_e)) if not ok))
     periodic = bool(first.pbc.any())
     v_fac, e_fac = ase_velocity_to_A_per_ps(), ev_to_kj_per_mol()
     n = len(frames)
@@ -551,6 +581,8 @@ def _open_ase(paths: list[Path], select: str | None, dt_ps: float | None) -> Sou
 
     meta = {"engine": "ase.io", "engine_version": ase.__version__, "interval_ps": float(dt_ps),
             "interval_source": "user"}
+    if dropped:
+        meta["dropped_duplicate_frames"] = len(dropped)
     fields = {"velocities": has_v, "forces": has_f, "energies": has_e, "box": periodic}
     return Source(topology, n, float(dt_ps), blocks(), fields, meta)
 

@@ -261,3 +261,59 @@ def test_python_m_datagen_help():
     assert proc.returncode == 0
     for word in ("ingest", "openmm", "ase"):
         assert word in proc.stdout
+
+
+def test_chained_ase_runs_and_frames_without_calculator_results(tmp_path, caplog):
+    # a continued ASE run writes its start frame again: ingest keeps one of the two, so the
+    # time axis stays true; frames that lack forces leave forces out instead of crashing
+    import logging
+
+    from ase import units
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+    from ase.io import Trajectory, write
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+
+    a = molecule("CH3CH2OH")
+    a.calc = EMT()
+    MaxwellBoltzmannDistribution(a, temperature_K=300, rng=np.random.default_rng(0))
+    paths = []
+    for k in range(2):
+        path = tmp_path / f"md{k}.traj"
+        with Trajectory(str(path), "w", a) as traj:
+            dyn = VelocityVerlet(a, timestep=0.5 * units.fs)
+            dyn.attach(traj.write, interval=4)
+            dyn.run(40)
+        paths.append(path)
+    out = ingest(paths, tmp_path / "chain.h5", dt_ps=0.002, progress=False)
+    with open_trajectory(out) as f:
+        x = f.read(slice(None))
+        assert f.n_frames == 21 and f.metadata["dropped_duplicate_frames"] == 1
+        assert np.abs(np.diff(x, axis=0)).reshape(20, -1).max(1).min() > 0
+        assert f.forces is not None
+    frames = [Trajectory(str(paths[0]))[i] for i in range(3)]
+    frames[1].calc = None  # one frame written without calculator results
+    write(str(tmp_path / "mixed.extxyz"), frames)
+    with caplog.at_level(logging.WARNING):
+        out = ingest([tmp_path / "mixed.extxyz"], tmp_path / "mixed.h5", dt_ps=0.002,
+                     progress=False)
+    assert "not every frame carries calculator forces" in caplog.text
+    with open_trajectory(out) as f:
+        assert f.n_frames == 3 and f.forces is None
+
+
+def test_topologies_without_names_or_residues(tmp_path):
+    # LAMMPS data files carry types, not names, and no residue names
+    from MDAnalysisTests.datafiles import LAMMPSdata2, LAMMPSdcd2
+
+    out = ingest([LAMMPSdata2, LAMMPSdcd2], tmp_path / "lammps.h5", progress=False)
+    with open_trajectory(out) as f:
+        assert f.n_frames == 5 and all(len(n) > 0 for n in f.topology.atom_names)
+        assert set(f.topology.residue_names) == {"UNK"}
+
+
+def test_ase_molecule_names_beyond_g2():
+    from datagen.ase_md import load_atoms
+
+    assert len(load_atoms("biphenyl")) == 22
