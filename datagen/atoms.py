@@ -48,6 +48,21 @@ def atomic_numbers_from_masses(masses: np.ndarray, tolerance_amu: float = 0.6) -
     return z.astype(np.int64)
 
 
+def atomic_numbers_from_names(names) -> np.ndarray:
+    """(N,) atomic numbers guessed from atom names by MDAnalysis' default guesser ("CA" -> C,
+    "HB1" -> H, "SOD" -> Na); 0 where it finds no element."""
+    from MDAnalysis.guesser.default_guesser import DefaultGuesser
+
+    guesser = DefaultGuesser(None)
+    symbols = []
+    for name in names:
+        try:
+            symbols.append(guesser.guess_atom_element(str(name)))
+        except Exception:  # an unguessable name
+            symbols.append("")
+    return atomic_numbers_from_symbols(symbols)
+
+
 def standard_masses(atomic_numbers: np.ndarray) -> np.ndarray:
     """(N,) standard atomic masses in amu (ASE's table)."""
     from ase.data import atomic_masses

@@ -30,6 +30,7 @@ import numpy as np
 
 from datagen.atoms import (
     atomic_numbers_from_masses,
+    atomic_numbers_from_names,
     atomic_numbers_from_symbols,
     infer_bonds,
     select_indices,
@@ -224,8 +225,21 @@ def _mda_topology(atoms, source: Path) -> Topology:
     if hasattr(atoms, "elements"):
         z = atomic_numbers_from_symbols(atoms.elements)
     if (z == 0).any() and hasattr(atoms, "masses"):
-        from_mass = atomic_numbers_from_masses(atoms.masses)
-        z = np.where(z == 0, from_mass, z)
+        masses = np.asarray(atoms.masses, dtype=np.float64)
+        from_mass = atomic_numbers_from_masses(masses)
+        from_name = (atomic_numbers_from_names(atoms.names) if hasattr(atoms, "names")
+                     else np.zeros(n, dtype=np.int64))
+        heavy_h = (from_name == 1) & (masses > 1.5)
+        if heavy_h.any():
+            # hydrogen mass repartitioning: masses no longer tell elements apart (3 amu
+            # hydrogens, heavy atoms 1-3 amu lighter), atom names still do
+            log.info("%s: %d hydrogens weigh up to %.2f amu (mass repartitioning): elements "
+                     "are taken from atom names", source, int(heavy_h.sum()),
+                     float(masses[heavy_h].max()))
+            guess = np.where(from_name > 0, from_name, from_mass)
+        else:
+            guess = np.where(from_mass > 0, from_mass, from_name)
+        z = np.where(z == 0, guess, z)
     masses = np.asarray(atoms.masses, dtype=np.float64) if hasattr(atoms, "masses") else \
         standard_masses(z)
     bonds = np.zeros((0, 2), dtype=np.int64)

@@ -317,3 +317,34 @@ def test_ase_molecule_names_beyond_g2():
     from datagen.ase_md import load_atoms
 
     assert len(load_atoms("biphenyl")) == 22
+
+
+def test_mass_repartitioned_topology_keeps_its_elements(tmp_path):
+    # with hydrogen mass repartitioning (H 3 amu, heavy atoms lighter) masses no longer tell
+    # elements apart; a PSF carries no element column, so names decide
+    import MDAnalysis as mda
+    from MDAnalysisTests.datafiles import DCD, PSF
+
+    u = mda.Universe(PSF)
+    masses = u.atoms.masses.copy()
+    is_h = np.char.startswith(u.atoms.names.astype(str), "H")
+    for a, b in u.bonds.indices:
+        for h, x in ((a, b), (b, a)):
+            if is_h[h] and not is_h[x]:
+                masses[h] += 2.016
+                masses[x] -= 2.016
+    lines = open(PSF).read().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if "!NATOM" in line) + 1
+    for k, m in enumerate(masses):  # the mass column of each atom line, same width
+        line = lines[start + k]
+        old = line.split()[7]
+        at = line.index(old, 50)
+        lines[start + k] = line[:at] + f"{m:.4f}".rjust(len(old)) + line[at + len(old):]
+    psf = tmp_path / "hmr.psf"
+    psf.write_text("".join(lines))
+    out = ingest([psf, DCD], tmp_path / "hmr.h5", progress=False)
+    first = {"H": 1, "C": 6, "N": 7, "O": 8, "S": 16}
+    expected = np.array([first[n[0]] for n in u.atoms.names.astype(str)])
+    with open_trajectory(out) as f:
+        np.testing.assert_array_equal(f.topology.atomic_numbers, expected)
+        np.testing.assert_allclose(f.topology.masses, masses, rtol=1e-4)
