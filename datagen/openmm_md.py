@@ -99,11 +99,10 @@ def _add_native_obc2(system, topology) -> None:
     system.addForce(gb)
 
 
-WATER_RESIDUES = frozenset("HOH WAT SOL TIP3 TIP3P TIP4 TIP4P TIP5 TIP5P SPC SPCE T3P T4P".split())
-
-
 def _require_water(topology, source: Path) -> None:
     """Explicit solvent needs water in the structure (a box alone is a periodic vacuum)."""
+    from surrogate_md.data.selection import WATER_RESIDUES
+
     if not any(r.name.upper() in WATER_RESIDUES for r in topology.residues()):
         raise ConfigError(f"{source}: solvent='explicit' but the structure holds no water; "
                           "solvate it first (openmm.app.Modeller.addSolvent) or use "

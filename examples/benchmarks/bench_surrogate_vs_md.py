@@ -155,20 +155,15 @@ def md_timing(prepared, platform, md_ps: float, step_ps: float = MD_STEP_PS
 
 class KineticTemperature:
     """A reporter recording the kinetic temperature (K) of every reported state, from the
-    System's degrees of freedom (3N minus constraints, minus 3 with a CMMotionRemover)."""
+    System's degrees of freedom (OpenMM's count: massive particles, constraints, CMMotionRemover)."""
 
     def __init__(self, system) -> None:
-        import openmm
         from openmm import unit
 
         from integrations.guards import kt_kJ_per_mol
+        from integrations.openmm_simulation import degrees_of_freedom
 
-        n = sum(system.getParticleMass(i).value_in_unit(unit.dalton) > 0
-                for i in range(system.getNumParticles()))
-        dof = 3 * n - system.getNumConstraints()
-        if any(isinstance(system.getForce(i), openmm.CMMotionRemover)
-               for i in range(system.getNumForces())):
-            dof -= 3
+        dof = degrees_of_freedom(system)  # as OpenMM's StateDataReporter counts
         self._per_kj = 2.0 / (dof * kt_kJ_per_mol(1.0))  # K per kJ/mol of kinetic energy
         self._masses = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
                                  for i in range(system.getNumParticles())])

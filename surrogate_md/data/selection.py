@@ -36,6 +36,9 @@ _ALIASES = {**dict.fromkeys(("HID", "HIE", "HIP", "HSD", "HSE", "HSP", "HISD", "
             **dict.fromkeys(("ASH", "ASPH"), "ASP"), **dict.fromkeys(("GLH", "GLUH"), "GLU"),
             **dict.fromkeys(("LYN", "LYSH"), "LYS"), "ARGN": "ARG", "ASN1": "ASN",
             "ALAD": "ALA", "MSE": "MET"}
+# residue names of water and of monatomic ions in common force fields (Amber, CHARMM, GROMACS)
+WATER_RESIDUES = frozenset("HOH WAT SOL TIP3 TIP3P TIP4 TIP4P TIP5 TIP5P SPC SPCE T3P T4P".split())
+ION_RESIDUES = frozenset("NA NA+ CL CL- K K+ SOD CLA POT MG CAL CS LI RB ZN".split())
 RESIDUE_TYPE_OFFSET = 100  # node types of residue nodes: 100 + 1..20 (0 = unknown residue)
 
 

@@ -133,11 +133,6 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
     return prepared
 
 
-# residue names of water and ions in common force fields (Amber, CHARMM, GROMACS)
-SOLVENT_RESIDUES = frozenset("HOH WAT SOL TIP3 TIP3P TIP4 TIP4P TIP5 TIP5P SPC SPCE T3P T4P "
-                             "NA NA+ CL CL- K K+ SOD CLA POT MG CAL CS LI RB ZN".split())
-
-
 def _warn_periodic_solvent(f, selection, spec) -> None:
     """Radius graphs see unwrapped coordinates and no periodic images: in a periodic box the
     solvent's neighbours across the box faces are missing, and diffusing molecules drift apart
@@ -145,7 +140,9 @@ def _warn_periodic_solvent(f, selection, spec) -> None:
     if f.box is None or spec.kind == "bonds":
         return
     names = np.char.upper(np.char.strip(f.topology.residue_names.astype(str)))
-    solvent = np.isin(names[selection.atom_index], list(SOLVENT_RESIDUES))
+    from surrogate_md.data.selection import ION_RESIDUES, WATER_RESIDUES
+
+    solvent = np.isin(names[selection.atom_index], list(WATER_RESIDUES | ION_RESIDUES))
     if solvent.any():
         log.warning("%s: the %r selection takes %d water/ion atoms of a periodic box, and %s "
                     "graphs are built without periodic images: their neighbours across the box "
