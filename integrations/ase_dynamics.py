@@ -19,7 +19,8 @@ MD for hybrid segments and fallbacks is any constant-volume ASE MD bound to the 
 (variable-cell integrators and MD on another Atoms object are refused); integrators that keep
 their own copy of the state (NoseHooverChainNVT's positions and momenta, LangevinBAOAB's
 accelerations) are brought up to date with the atoms before each segment. Energies of states real
-MD made (hybrid segments, fallbacks, history warm-up) may move the energy guard's anchor. With
+MD made (hybrid segments, fallbacks, history warm-up) may move the energy guard's anchor once that
+MD has run for ``GuardConfig.anchor_md_ps`` since the last state the surrogate made. With
 ``write_intermediate`` a fallback writes its MD states at the surrogate's output times, so the
 trajectory stays on an even time grid.
 
@@ -146,7 +147,9 @@ class SurrogateDynamics(MolecularDynamics):
         self.last_jump_times_ps: np.ndarray | None = None
         self.n_jumps = 0
         self.n_fallbacks = 0
-        self._from_md = False  # the current state was made by real MD (fallback, history MD)
+        # real MD (ps) since the last state the surrogate made (hybrid segments, fallback and
+        # history MD): it decides whether a state's energy may move the guard's anchor
+        self._md_ps = 0.0
         self._molecules = _BondTree(len(atoms), self.surrogate.topology.get("bonds", []))
         super().__init__(atoms, dt, trajectory=trajectory, logfile=logfile,
                          loginterval=loginterval, append_trajectory=append_trajectory, **kwargs)
@@ -198,6 +201,7 @@ class SurrogateDynamics(MolecularDynamics):
         if self.md_steps:
             _sync_md_dynamics(self.md_dynamics)
             self.md_dynamics.run(self.md_steps)
+            self._md_ps += self.md_steps * self.md_dynamics.dt / PS_IN_ASE_TIME
         atoms = self.atoms
         pos = atoms.get_positions()
         if atoms.pbc.any():  # molecules split by wrapping are made whole for the model and guards
@@ -215,10 +219,12 @@ class SurrogateDynamics(MolecularDynamics):
             self.last_jump = self.last_jump_times_ps = None
             return
         e0 = self._energy_kJ_per_mol()
-        if e0 is not None:  # a state of real MD (hybrid, fallback, history) may move the anchor
-            from_md = self.md_steps or self._from_md
-            (self.guards.record_md_energy if from_md else self.guards.record_energy)(e0)
-        self._from_md = False
+        if e0 is not None and self._md_ps > 0:
+            # a state of real MD (hybrid, fallback, history): after long enough MD it may move
+            # the anchor
+            self.guards.record_md_energy(e0, self._md_ps)
+        elif e0 is not None:
+            self.guards.record_energy(e0)
         result = self.propagator.jump(pos, vel, t0)
         final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
         end = t0 + self.surrogate.jump_ps
@@ -260,6 +266,7 @@ class SurrogateDynamics(MolecularDynamics):
             self._write_intermediate(result.positions_A[:-1], result.velocities_A_per_ps[:-1],
                                      final, fvel)
         self.n_jumps += 1
+        self._md_ps = 0.0  # the surrogate's state: MD after it starts counting again
 
     def _relax(self, jump: int, time_ps: float) -> list:
         """The ``relax`` action: FIRE with the attached calculator for at most
@@ -333,7 +340,7 @@ class SurrogateDynamics(MolecularDynamics):
             self._write_intermediate(np.array(frames), np.array(velocities),
                                      self.atoms.get_positions(),
                                      self.atoms.get_velocities() * PS_IN_ASE_TIME)
-        self._from_md = True
+        self._md_ps += self.surrogate.jump_ps
 
 
 class _BondTree:

@@ -13,9 +13,13 @@ A jump fails a guard when its end state has
   ``energy_jump_kJ_per_mol`` above the reference energy: the median of the recent energies,
   capped at the median of the anchor energies plus ``energy_drift_kJ_per_mol`` (default 0). The
   anchor is the median of the recent energies of states real MD produced
-  (:meth:`Guards.record_md_energy`: hybrid MD segments, fallback MD, history warm-up), and
+  (:meth:`Guards.record_md_energy`: hybrid MD segments, fallback MD, history warm-up) that ran
+  for at least ``anchor_md_ps`` (default 1 ps) since the last state a surrogate produced, and
   before any such energy, of the first ``energy_window`` energies recorded (the start of the
-  run). The default threshold is eight standard deviations of the canonical potential-energy
+  run). Shorter MD does not count: a state a few MD steps after a jump still carries the jump's
+  excess energy (a thermostat sheds it over about 1/friction), and hybrid mode with short
+  segments would otherwise let a surrogate that heats a little per jump lift its own ceiling
+  without bound. The default threshold is eight standard deviations of the canonical potential-energy
   fluctuation of a harmonic system, ``8 · kT · sqrt(n_dof / 2)``. The cap matters on long runs:
   each jump accepted a little above the recent median lifts that median, and without it a
   guarded 1000-jump AdK run ratcheted its potential energy up by 11 MJ/mol (70 standard
@@ -83,6 +87,12 @@ class GuardConfig:
             ``relax_energy_target_kJ_per_mol`` above the reference energy).
         relax_energy_target_kJ_per_mol: where a relaxation may stop, relative to the reference
             energy (must not exceed the energy threshold).
+        anchor_md_ps: the least real MD (ps) since the last state a surrogate produced for a
+            state to count as a sample of the ensemble, whose energy may move the anchor
+            (:meth:`Guards.record_md_energy`); states after shorter MD (hybrid mode with a few
+            MD steps per jump, fallback MD of a short jump) count as the surrogate's. The
+            default, 1 ps, is the relaxation time of a Langevin thermostat with a friction of
+            1/ps; use about 1/friction of yours (0: every MD state counts).
     """
 
     action: str = "raise"
@@ -95,6 +105,7 @@ class GuardConfig:
     temperature_K: float | None = None
     relax_iterations: int = 200
     relax_energy_target_kJ_per_mol: float = 0.0
+    anchor_md_ps: float = 1.0
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -119,6 +130,9 @@ class GuardConfig:
         if int(self.relax_iterations) != self.relax_iterations or self.relax_iterations < 0:
             raise ConfigError(f"relax_iterations must be a whole number >= 0, got "
                               f"{self.relax_iterations}")
+        if not (np.isfinite(self.anchor_md_ps) and self.anchor_md_ps >= 0):
+            raise ConfigError(f"anchor_md_ps must be a finite time >= 0 ps (0: every state of "
+                              f"real MD may move the energy anchor), got {self.anchor_md_ps}")
         if not np.isfinite(self.relax_energy_target_kJ_per_mol):
             raise ConfigError("relax_energy_target_kJ_per_mol must be a finite number of kJ/mol "
                               f"(0 = back to the reference energy), got "
@@ -206,14 +220,22 @@ class Guards:
             return
         self._append(e)
 
-    def record_md_energy(self, energy_kJ_per_mol: float) -> None:
+    def record_md_energy(self, energy_kJ_per_mol: float, md_ps: float = float("inf")) -> None:
         """Add the potential energy of a state real MD produced (a hybrid MD segment, fallback
         MD, a history warm-up) to the reference window and to the real-MD energies, whose median
         is the anchor that caps the reference (see the module doc): unlike a surrogate's states,
         these are samples of the ensemble the guard measures against, so they may move the cap,
-        e.g. lift it from the energy of a minimised start to the thermal level."""
+        e.g. lift it from the energy of a minimised start to the thermal level.
+
+        ``md_ps``: how long real MD ran since the last state a surrogate produced (or since
+        the state was set by hand). Below ``config.anchor_md_ps`` the state still carries that
+        state's excess energy and is recorded as one of the surrogate's (:meth:`record_energy`:
+        it never moves the anchor)."""
         e = float(energy_kJ_per_mol)
         self._relaxed_energy = None  # MD since the relaxation: not the relaxed state
+        if not md_ps >= self.config.anchor_md_ps * (1.0 - 1e-9):  # steps x dt: rounding
+            self._append(e)
+            return
         if np.isfinite(e):
             self._md_energies.append(e)
         self._append(e)

@@ -59,8 +59,9 @@ step count it started from, so reporters are asked for their next report from th
 step and fire at the same steps with or without fallbacks.
 
 Energy guard: the energies of states real MD produced (the end of a hybrid MD segment, of
-fallback MD, of a history warm-up) are recorded with :meth:`Guards.record_md_energy` and may move
-the guard's anchor (e.g. up from a minimised start to the thermal level); those of surrogate
+fallback MD, of a history warm-up) are recorded with :meth:`Guards.record_md_energy`, with the MD
+time since the surrogate's last state, and once that reaches ``GuardConfig.anchor_md_ps`` they may
+move the guard's anchor (e.g. up from a minimised start to the thermal level); those of surrogate
 states cannot lift it (see :mod:`integrations.guards`).
 
 :class:`SurrogateJumpReporter` is the zero-intrusion variant for an unchanged ``Simulation``.
@@ -624,7 +625,10 @@ class SurrogateSimulation:
         self._platform_properties = platformProperties
         self._relax: Relaxation | None = None
         self._known_energy: tuple[np.ndarray, float | None] | None = None
-        self._md_end: np.ndarray | None = None  # positions after the last fallback MD
+        self._md_end: np.ndarray | None = None  # positions after the last real MD
+        # real MD (ps) since the last state a surrogate produced: it decides whether a state's
+        # energy may move the energy guard's anchor (GuardConfig.anchor_md_ps)
+        self._md_ps = 0.0
         self._dcd_warned = False
         self.md_step_ps = integrator.getStepSize().value_in_unit(PS)
         md_frame_steps = frame_steps(self.surrogate.times_ps, self.md_step_ps)
@@ -739,6 +743,7 @@ class SurrogateSimulation:
     def _after_load(self) -> None:
         self.propagator.forget()
         self.guards.reset_energies()
+        self._md_ps, self._md_end = 0.0, None
 
     # -- stepping ---------------------------------------------------------------------------------
     def step(self, steps: int) -> None:
@@ -830,6 +835,14 @@ class SurrogateSimulation:
             now = [(rep, r) for rep, r in due if r["steps"] == n]
             if now:
                 self._generate_reports(now)
+        self._after_md(int(steps))
+
+    def _after_md(self, steps: int) -> None:
+        """Count ``steps`` of real MD towards the state's MD time since a surrogate's state,
+        and remember where it ended (a jump from other positions, moved by hand since, starts
+        from no MD: :meth:`_jump`)."""
+        self._md_ps += steps * self.md_step_ps
+        self._md_end = read_state(self.context)[0]
 
     def _generate_reports(self, reports: list[tuple[Any, dict]]) -> None:
         """Group reports by periodic wrapping and hand each group one State (as Simulation)."""
@@ -889,6 +902,7 @@ class SurrogateSimulation:
         step = self.context.getStepCount()
         self.integrator.step(n)
         self.context.setStepCount(step)
+        self._after_md(n)
 
     def _md_jump(self, t0: float) -> None:
         """One jump's length of MD without reports (the jump-step mode fallback), stopping at
@@ -936,20 +950,18 @@ class SurrogateSimulation:
 
     def _jump(self) -> None:
         pos, vel, t0, _ = read_state(self.context)
-        # real MD produced the state jumped from: a hybrid segment ran just now, or it is the end
-        # of the last fallback MD (unless the user has moved the atoms since)
-        from_md = bool(self.md_steps) or (self._md_end is not None
-                                          and np.array_equal(pos, self._md_end))
-        self._md_end = None
+        # real MD produced the state jumped from if it ends where the last MD (a hybrid segment,
+        # fallback MD, a history warm-up) left it: the user has not moved the atoms since
+        if self._md_end is None or not np.array_equal(pos, self._md_end):
+            self._md_ps, self._md_end = 0.0, None
         self.propagator.observe(t0, pos)  # the state now is the last frame of any history
         if not self.propagator.has_history(t0):
             self._warm_up_history()
             pos, vel, t0, _ = read_state(self.context)
-            from_md = True
         s0 = self.currentStep
         energy = self._energy_of(pos)
-        if from_md:  # a sample of the right ensemble: it may move the guard's anchor
-            self.guards.record_md_energy(energy)
+        if self._md_ps > 0:  # real MD's state: after long enough MD it may move the anchor
+            self.guards.record_md_energy(energy, self._md_ps)
         else:
             self.guards.record_energy(energy)
         self._check_file_reporters(s0)
@@ -968,11 +980,11 @@ class SurrogateSimulation:
             end_pos, end_vel, _, _ = read_state(self.context)
             result = JumpResult(end_pos[None], end_vel[None], result.offsets_ps[-1:])
             self._emit_frames(result, end_pos, t0, s0)
-            self._md_end = end_pos
             return
         self.propagator.remember(t0, result)  # a history model's next input
         self._emit_frames(result, final_pos, t0, s0)
         self.n_jumps += 1
+        self._md_ps = 0.0  # the surrogate's state: MD after it starts counting again
 
     def _accept_final(self, result: JumpResult, start: tuple, jump_index: int, end_time: float
                       ) -> np.ndarray | None:
@@ -1132,6 +1144,7 @@ class SurrogateJumpReporter:
         self._checked: int | None = None
         self._relax: Relaxation | None = None
         self._relax_for: int | None = None
+        self._jump_step = 0  # the simulation's step count at the last kept jump
 
     def describeNextReport(self, simulation) -> dict:
         steps = self.interval - simulation.currentStep % self.interval
@@ -1143,6 +1156,7 @@ class SurrogateJumpReporter:
             self.guards = make_guards(self._guards_spec, self.surrogate, simulation.system,
                                       self._temperature_K)
             self._checked = id(simulation)
+            self._jump_step = 0
         context = simulation.context
         constrained = simulation.system.getNumConstraints() > 0
         pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(ANGSTROM))
@@ -1163,8 +1177,11 @@ class SurrogateJumpReporter:
                             self.surrogate.history_stride_ps, self.interval)
             return
         self._waiting = 0
-        # the Simulation's own MD produced this state: it may move the guard's anchor
-        self.guards.record_md_energy(potential_energy(context))
+        # the Simulation's own MD produced this state: it may move the guard's anchor once it
+        # has run long enough since the last kept jump (GuardConfig.anchor_md_ps)
+        md_ps = ((simulation.currentStep - self._jump_step)
+                 * simulation.integrator.getStepSize().value_in_unit(PS))
+        self.guards.record_md_energy(potential_energy(context), md_ps)
         result = self.propagator.jump(pos, vel, t0, last_only=True)
         end = t0 + self.surrogate.jump_ps
         final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
@@ -1200,6 +1217,7 @@ class SurrogateJumpReporter:
         self.propagator.remember(t0, result)
         self.propagator.observe(end, final)
         self.n_jumps += 1
+        self._jump_step = simulation.currentStep
 
 
 __all__ = ["Relaxation", "StopBelowEnergy", "SurrogateJumpReporter", "SurrogateSimulation",

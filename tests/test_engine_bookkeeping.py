@@ -98,8 +98,9 @@ def test_history_warm_up_md_is_outside_the_step_count(tmp_path, stride, guards):
                          jump_frames=4, n_out=2, history=3, history_stride=stride,
                          break_weights=guards == "fallback")
     top, system, positions = alanine_system()
+    # every state of real MD counts for the anchor here, however short the MD (0.04 ps)
     sim = SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform(),
-                              guards=guards)
+                              guards=GuardConfig(action=guards, anchor_md_ps=0.0))
     cold_start(sim.context, positions)
     rec = StepRecorder(1)
     sim.reporters.append(rec)
@@ -115,12 +116,15 @@ def test_history_warm_up_md_is_outside_the_step_count(tmp_path, stride, guards):
 
 @pytest.mark.parametrize("mode", ["jumps", "fallback", "hybrid"])
 def test_engine_records_real_md_energies_for_the_guard_anchor(tmp_path, mode):
+    # every state of real MD counts here, however short the MD (0.01-0.02 ps)
+    warn = GuardConfig(action="warn", anchor_md_ps=0.0)
     if mode == "jumps":  # no real MD at all: the guard's anchor is the start's, as ever
-        sim = jump_sim(tmp_path, broken=False, guards="warn")
+        sim = jump_sim(tmp_path, broken=False, guards=warn)
     elif mode == "fallback":
-        sim = jump_sim(tmp_path, broken=True, guards="fallback")
+        sim = jump_sim(tmp_path, broken=True,
+                       guards=GuardConfig(action="fallback", anchor_md_ps=0.0))
     else:
-        sim = jump_sim(tmp_path, broken=False, guards="warn", md_steps=5)
+        sim = jump_sim(tmp_path, broken=False, guards=warn, md_steps=5)
     sim.step(4)
     md_energies = list(sim.guards._md_energies)
     summary = sim.guards.summary()
@@ -140,6 +144,62 @@ def test_engine_records_real_md_energies_for_the_guard_anchor(tmp_path, mode):
         sim.context.setPositions(x)
         sim.step(1)
         assert len(sim.guards._md_energies) == 3 and len(sim.guards._energies) == 5
+
+
+def test_only_long_enough_md_moves_the_anchor(tmp_path):
+    """A state a few MD steps after a jump still carries the jump's energy: it counts for the
+    anchor only after ``anchor_md_ps`` of MD since the surrogate's last state. Hybrid segments
+    of 5 steps (0.01 ps) count only where that is enough; fallback MD adds up over consecutive
+    fallbacks (0.02 ps each: the third jump starts from 0.04 ps of MD)."""
+    step_ps = 0.002
+    for anchor_ps, counted in ((5 * step_ps, 4), (6 * step_ps, 0), (1.0, 0)):
+        sim = jump_sim(tmp_path, broken=False, md_steps=5,
+                       guards=GuardConfig(action="warn", anchor_md_ps=anchor_ps))
+        assert sim.md_step_ps == pytest.approx(step_ps)
+        sim.step(4)
+        assert len(sim.guards._md_energies) == counted, anchor_ps
+        assert len(sim.guards._energies) == 4
+        assert sim.guards.summary()["energy_anchor_from"] == ("md" if counted else "start")
+    sim = jump_sim(tmp_path, broken=True,
+                   guards=GuardConfig(action="fallback", anchor_md_ps=0.035))
+    jump_ps = sim.surrogate.jump_ps
+    assert 0.035 / 2 < jump_ps < 0.035  # the second fallback's end is the first to count
+    sim.step(5)
+    assert sim.n_fallbacks == 5
+    assert len(sim.guards._md_energies) == 3  # jumps 3, 4, 5 start from >= 2 fallbacks of MD
+
+
+def test_short_hybrid_md_cannot_ratchet_the_anchor_up():
+    """A surrogate that heats the system a little per jump (the rise over the recent median
+    stays under the threshold), with a
+    short MD segment before each jump that keeps the excess (hybrid mode with few md_steps):
+    counted as real MD, its states would lift the anchor with them and every jump would pass
+    for ever; counted as the surrogate's (the default anchor_md_ps), the start caps the
+    reference and the guard fails the jumps once they are a threshold above it."""
+    class Stub:  # what Guards reads from a Surrogate
+        validity = None
+        model_atoms = np.arange(3)
+        topology = {}
+        n_atoms = 3
+
+    x = np.array([[0.0, 0, 0], [3.0, 0, 0], [0, 3.0, 0]])
+    runs = {}
+    for anchor_ps in (0.0, 1.0):
+        g = Guards(Stub(), GuardConfig(action="warn", energy_jump_kJ_per_mol=10.0,
+                                       anchor_md_ps=anchor_ps))
+        for e in (0.0, 1.0, -1.0):
+            g.record_energy(e)  # the start
+        energy, failed = 0.0, []
+        for jump in range(200):
+            g.record_md_energy(energy, md_ps=0.05)  # 0.05 ps of MD after the last jump
+            energy += 1.5  # the jump heats by 1.5 kJ/mol: 8.25 over the median of the last 10
+            failed.append(bool(g.check(x, energy_kJ_per_mol=energy, jump=jump)))
+        runs[anchor_ps] = (failed, g.energy_anchor_kJ_per_mol)
+    failed, anchor = runs[0.0]
+    assert not any(failed) and anchor > 250.0  # the ratchet: 300 kJ/mol up, nothing failed
+    failed, anchor = runs[1.0]
+    # the anchor is the run's first 10 energies (three of the start, seven of the climb)
+    assert anchor < 5.0 and not any(failed[:5]) and all(failed[12:])
 
 
 def test_real_md_energies_lift_the_anchor_from_a_minimised_start(tmp_path):
@@ -178,3 +238,24 @@ def test_real_md_energies_lift_the_anchor_from_a_minimised_start(tmp_path):
     assert all(accepted[id(as_md)])
     assert sum(accepted[id(as_surrogate)][-50:]) < 40  # frozen at the cold start
     assert as_md.energy_anchor_kJ_per_mol > as_surrogate.energy_anchor_kJ_per_mol + 20.0
+
+
+def test_jump_reporter_counts_the_simulations_md_since_the_last_jump(tmp_path):
+    """SurrogateJumpReporter: the Simulation's own MD between jumps moves the anchor only when
+    ``interval`` steps are at least ``anchor_md_ps`` (here 4 steps of 0.5 fs = 2 fs)."""
+    from integrations.openmm_simulation import SurrogateJumpReporter
+
+    ck = make_checkpoint(cached_md(), tmp_path / "lin.pt", selection="heavy")
+    top, system, positions = alanine_system()
+    counted = {}
+    for anchor_ps in (0.002, 0.0021):
+        sim = app.Simulation(top, system, openmm.VerletIntegrator(0.0005 * PS),
+                             reference_platform())
+        cold_start(sim.context, positions)
+        jumper = SurrogateJumpReporter(ck, interval=4, guards=GuardConfig(
+            action="warn", anchor_md_ps=anchor_ps))
+        sim.reporters.append(jumper)
+        sim.step(12)
+        assert jumper.n_jumps == 3
+        counted[anchor_ps] = (len(jumper.guards._md_energies), len(jumper.guards._energies))
+    assert counted == {0.002: (3, 3), 0.0021: (0, 3)}

@@ -16,6 +16,7 @@ from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
 from integrations.ase_dynamics import SurrogateDynamics
+from integrations.guards import GuardConfig
 from integrations.writers import PS_IN_ASE_TIME, TrajectoryObserver
 from surrogate_md import Surrogate
 from surrogate_md.errors import EngineError, GuardError
@@ -105,7 +106,9 @@ def test_hybrid_mode_time_bookkeeping(surrogate):
     atoms = cold_atoms()
     atoms.calc = EMT()
     md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
-    dyn = SurrogateDynamics(atoms, surrogate, md_dynamics=md, md_steps=4, guards="warn")
+    # every state of real MD may anchor the energy guard, however short the MD
+    dyn = SurrogateDynamics(atoms, surrogate, md_dynamics=md, md_steps=4,
+                            guards=GuardConfig(action="warn", anchor_md_ps=0.0))
     times = []
     dyn.attach(lambda: times.append(dyn.get_time() / PS_IN_ASE_TIME))
     dyn.run(5)
@@ -114,6 +117,16 @@ def test_hybrid_mode_time_bookkeeping(surrogate):
     assert md.nsteps == 20 and dyn.n_jumps == 5
     # the states the MD segments produced anchor the energy guard
     assert dyn.guards.summary()["energy_anchor_from"] == "md"
+    assert len(dyn.guards._md_energies) == 5
+    # 2 fs of MD after each jump are less than the default anchor_md_ps (1 ps): those states
+    # still carry the jump's energy and leave the anchor at the start
+    atoms = cold_atoms()
+    atoms.calc = EMT()
+    md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    dyn = SurrogateDynamics(atoms, surrogate, md_dynamics=md, md_steps=4, guards="warn")
+    dyn.run(5)
+    assert dyn.guards.summary()["energy_anchor_from"] == "start"
+    assert len(dyn.guards._md_energies) == 0 and len(dyn.guards._energies) == 5
 
 
 def test_guard_actions(surrogate):
@@ -143,8 +156,6 @@ def test_relax_action_stops_at_its_energy_target(surrogate):
     """relax in ASE: FIRE with the attached calculator (a harmonic force field around an MD
     frame) stops at the first state that passes every guard within the energy target."""
     from ase.calculators.harmonic import HarmonicCalculator, HarmonicForceField
-
-    from integrations.guards import GuardConfig
 
     results = {}
     for target in (0.0, 50.0):
@@ -282,12 +293,17 @@ def test_fallback_md_moves_the_anchor_and_writes_even_frames(tmp_path, surrogate
     atoms.calc = EMT()
     fb = VelocityVerlet(atoms, timestep=0.5 * units.fs)
     path = tmp_path / "fb.traj"
+    # the MD counts for the anchor from two fallbacks on (anchor_md_ps between one and two
+    # jumps' length)
     dyn = SurrogateDynamics(atoms, surrogate, trajectory=str(path), write_intermediate=True,
-                            guards="fallback", fallback_dynamics=fb)
+                            guards=GuardConfig(action="fallback",
+                                               anchor_md_ps=1.5 * surrogate.jump_ps),
+                            fallback_dynamics=fb)
     dyn.run(4)
     assert dyn.n_fallbacks == 4
     summary = dyn.guards.summary()
     assert summary["energy_anchor_from"] == "md"
+    assert len(dyn.guards._md_energies) == 2  # jumps 3 and 4 start after two and three
     p = len(surrogate.times_ps)
     with Trajectory(str(path)) as traj:
         frames = list(traj)
