@@ -519,84 +519,110 @@ def ev_to_kj_per_mol() -> float:
 
 
 def _open_ase(paths: list[Path], select: str | None, dt_ps: float | None) -> Source:
+    """An ASE trajectory (.traj, extxyz) read twice with ``ase.io.iread``: a first pass checks
+    the frames and which fields every frame has, the second yields blocks of
+    :data:`BLOCK_FRAMES` frames, so only one block is ever in memory."""
     import ase.io
 
-    frames = []
-    dropped: list[int] = []
-    for p in paths:
-        try:
-            part = ase.io.read(str(p), index=":")
-        except Exception as exc:  # ASE raises many types for unreadable files
-            raise DataError(f"{p}: unreadable by ase.io ({exc}); give an ASE .traj or extxyz "
-                            "file") from exc
-        if (frames and part and len(part[0]) == len(frames[-1])
-                and np.array_equal(part[0].positions, frames[-1].positions)):
-            # a continued run writes its start frame again: one frame, not two at two times
-            dropped.append(len(frames))
-            part = part[1:]
-        frames.extend(part)
-    if not frames:
-        raise DataError(f"{paths[0]}: the trajectory holds no frame")
-    if dropped:
-        log.info("%s: dropped %d repeated boundary frame(s) between files", paths[0],
-                 len(dropped))
-    first = frames[0]
-    for k, a in enumerate(frames):
-        if len(a) != len(first) or not np.array_equal(a.numbers, first.numbers):
-            raise DataError(f"{paths[0]}: frame {k} has a different atom set than frame 0; "
-                            "every frame must hold the same atoms in the same order")
     if dt_ps is None:
         raise DataError(f"{paths[0]}: ASE trajectories carry no frame interval; pass it with "
                         "--dt-ps (dt_ps=...), in ps")
+
+    def frames_of(p: Path) -> Iterator:
+        try:
+            yield from ase.io.iread(str(p), index=":")
+        except Exception as exc:  # ASE raises many types for unreadable files
+            raise DataError(f"{p}: unreadable by ase.io ({exc}); give an ASE .traj or extxyz "
+                            "file") from exc
+
+    def has_result(a, getter) -> bool:
+        """Whether a frame carries a calculator result (a SinglePointCalculator may lack forces
+        or energies, and frames written without a calculator have none)."""
+        try:
+            if a.calc is None:
+                return False
+            getter(a)
+        except Exception:
+            return False
+        return True
+
+    # first pass: the atom set, repeated boundary frames, the fields every frame has
+    first = last = None
+    n = 0
+    skip_first: list[bool] = []  # per file: its first frame repeats the previous file's last
+    has_v = has_f = has_e = True
+    for p in paths:
+        skip = False
+        for k, a in enumerate(frames_of(p)):
+            if (k == 0 and last is not None and len(a) == len(last)
+                    and np.array_equal(a.positions, last)):
+                # a continued run writes its start frame again: one frame, not two at two times
+                skip = True
+                continue
+            if first is None:
+                first = a
+            elif len(a) != len(first) or not np.array_equal(a.numbers, first.numbers):
+                raise DataError(f"{p}: frame {k} has a different atom set than frame 0 of "
+                                f"{paths[0]}; every frame must hold the same atoms in the same "
+                                "order")
+            has_v = has_v and a.has("momenta")
+            has_f = has_f and has_result(a, lambda b: b.get_forces())
+            has_e = has_e and has_result(a, lambda b: b.get_potential_energy())
+            last = a.positions
+            n += 1
+        skip_first.append(skip)
+    if first is None:
+        raise DataError(f"{paths[0]}: the trajectory holds no frame")
+    dropped = sum(skip_first)
+    if dropped:
+        log.info("%s: dropped %d repeated boundary frame(s) between files", paths[0], dropped)
     z = np.asarray(first.numbers, dtype=np.int64)
     topology = Topology.from_elements(z, np.asarray(first.get_masses(), dtype=np.float64),
                                       infer_bonds(z, first.positions))
     index = select_indices(topology, select, paths[0])
     topology = topology.subset(index)
-    has_v = all(a.has("momenta") for a in frames)
-
-    def every_frame_has(getter) -> bool:
-        """Whether every frame carries a calculator result (a SinglePointCalculator may lack
-        forces or energies, and frames written without a calculator have none)."""
-        for a in frames:
-            try:
-                if a.calc is None:
-                    return False
-                getter(a)
-            except Exception:
-                return False
-        return True
-
-    has_f = every_frame_has(lambda a: a.get_forces())
-    has_e = every_frame_has(lambda a: a.get_potential_energy())
     if first.calc is not None and not (has_f and has_e):
         log.warning("%s: not every frame carries calculator %s; they are left out of the "
                     "dataset", paths[0], " and ".join(
                         k for k, ok in (("forces", has_f), ("energies", has_e)) if not ok))
     periodic = bool(first.pbc.any())
     v_fac, e_fac = ase_velocity_to_A_per_ps(), ev_to_kj_per_mol()
-    n = len(frames)
+
+    def block(chunk: list, s: int) -> Block:
+        x = np.stack([a.positions[index] for a in chunk])
+        _check_finite("positions", x, paths[0], s)
+        return Block(
+            x, (s + np.arange(len(chunk))) * float(dt_ps),
+            velocities=np.stack([a.get_velocities()[index] for a in chunk]) * v_fac
+            if has_v else None,
+            forces=np.stack([a.get_forces()[index] for a in chunk]) * e_fac if has_f else None,
+            potential_energy=np.array([a.get_potential_energy() for a in chunk]) * e_fac
+            if has_e else None,
+            box=np.stack([np.asarray(a.cell[:]) for a in chunk]) if periodic else None)
 
     def blocks() -> Iterator[Block]:
-        for s in range(0, n, BLOCK_FRAMES):
-            chunk = frames[s:s + BLOCK_FRAMES]
-            x = np.stack([a.positions[index] for a in chunk])
-            _check_finite("positions", x, paths[0], s)
-            yield Block(
-                x, (s + np.arange(len(chunk))) * float(dt_ps),
-                velocities=np.stack([a.get_velocities()[index] for a in chunk]) * v_fac
-                if has_v else None,
-                forces=np.stack([a.get_forces()[index] for a in chunk]) * e_fac if has_f else None,
-                potential_energy=np.array([a.get_potential_energy() for a in chunk]) * e_fac
-                if has_e else None,
-                box=np.stack([np.asarray(a.cell[:]) for a in chunk]) if periodic else None)
+        chunk: list = []
+        s = 0
+        for p, skip in zip(paths, skip_first):
+            for k, a in enumerate(frames_of(p)):
+                if k == 0 and skip:
+                    continue
+                chunk.append(a)
+                if len(chunk) == BLOCK_FRAMES:
+                    yield block(chunk, s)
+                    s, chunk = s + len(chunk), []
+        if chunk:
+            yield block(chunk, s)
+        if s + len(chunk) != n:
+            raise DataError(f"{paths[0]}: the trajectory changed while it was read ({n} frames, "
+                            f"then {s + len(chunk)}); ingest a finished trajectory")
 
     import ase
 
     meta = {"engine": "ase.io", "engine_version": ase.__version__, "interval_ps": float(dt_ps),
             "interval_source": "user"}
     if dropped:
-        meta["dropped_duplicate_frames"] = len(dropped)
+        meta["dropped_duplicate_frames"] = dropped
     fields = {"velocities": has_v, "forces": has_f, "energies": has_e, "box": periodic}
     return Source(topology, n, float(dt_ps), blocks(), fields, meta)
 

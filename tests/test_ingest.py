@@ -303,6 +303,48 @@ def test_chained_ase_runs_and_frames_without_calculator_results(tmp_path, caplog
         assert f.n_frames == 3 and f.forces is None
 
 
+def test_ase_ingest_streams_its_frames(tmp_path, monkeypatch):
+    """ASE trajectories are read a block of frames at a time (two passes of ase.io.iread), not
+    all at once: with 16-frame blocks the ingest of 1000 frames of 200 atoms (14.4 MB of
+    positions, momenta and forces) allocates about 4 MB at most; reading every frame into a
+    list, as before, held all of them (and their calculators' copies) at once: 32 MB."""
+    import tracemalloc
+
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import Trajectory
+
+    import datagen.ingest as ingest_module
+
+    rng = np.random.default_rng(0)
+    n_atoms, n_frames = 200, 1000
+    grid = np.stack(np.meshgrid(*[np.arange(6.0)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    base = 3.0 * grid[:n_atoms]  # argon 3 A apart: no bonds to infer
+    path = tmp_path / "argon.traj"
+    with Trajectory(str(path), "w") as traj:
+        for i in range(n_frames):
+            a = Atoms(f"Ar{n_atoms}", positions=base + 0.01 * rng.standard_normal((n_atoms, 3)))
+            a.set_momenta(rng.standard_normal((n_atoms, 3)))
+            a.calc = SinglePointCalculator(a, energy=float(i),
+                                           forces=rng.standard_normal((n_atoms, 3)))
+            traj.write(a)
+    ingest([path], tmp_path / "warm.h5", dt_ps=0.001, progress=False)  # imports, caches
+    monkeypatch.setattr(ingest_module, "BLOCK_FRAMES", 16)
+    tracemalloc.start()
+    try:
+        out = ingest([path], tmp_path / "argon.h5", dt_ps=0.001, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    data_bytes = 3 * n_frames * n_atoms * 3 * 8
+    assert peak < 0.5 * data_bytes, (peak, data_bytes)
+    with open_trajectory(out) as f:
+        assert f.n_frames == n_frames and f.forces is not None
+        with Trajectory(str(path)) as traj:
+            np.testing.assert_allclose(f.read(slice(n_frames - 1, None))[0],
+                                       traj[n_frames - 1].positions, atol=1e-4)
+
+
 def test_topologies_without_names_or_residues(tmp_path):
     # LAMMPS data files carry types, not names, and no residue names
     from MDAnalysisTests.datafiles import LAMMPSdata2, LAMMPSdcd2
