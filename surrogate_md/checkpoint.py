@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from surrogate_md.errors import CheckpointError
+from surrogate_md.fileio import atomic_path
 
 FORMAT = "surrogate-md-checkpoint"
 FORMAT_VERSION = 2
@@ -38,16 +38,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     if not path.parent.is_dir():
         raise CheckpointError(f"{path}: directory {path.parent} does not exist; create it first")
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(data, tmp)
     return path
 
 

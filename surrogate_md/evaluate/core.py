@@ -20,9 +20,10 @@ from surrogate_md import metrics as M
 from surrogate_md.data import keys as K
 from surrogate_md.data.windows import WindowDataset, batch_to
 from surrogate_md.errors import ConfigError, DataError
+from surrogate_md.fileio import atomic_write_text
 from surrogate_md.models import build_model
 from surrogate_md.surrogate import Surrogate
-from surrogate_md.train.config import atomic_write_text, data_config_from_dict
+from surrogate_md.train.config import data_config_from_dict
 from surrogate_md.train.data import prepare_data
 from surrogate_md.validity import excluded_pairs, min_nonbonded_distance
 

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from surrogate_md.fileio import atomic_write_text, save_figure
 from surrogate_md.metrics import METRIC_DEFINITION
-from surrogate_md.train.config import atomic_write_text
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.tight_layout()
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def write_plots(result: dict[str, Any], out: Path) -> list[str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import yaml
 
 from surrogate_md.data.windows import GraphSpec
 from surrogate_md.errors import ConfigError
+from surrogate_md.fileio import atomic_write_text
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMISERS = ("adam", "adamw")
@@ -311,18 +311,6 @@ def save_config(config: RunConfig, path: str | os.PathLike) -> Path:
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     atomic_write_text(path, text)
     return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- typed construction ---------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import math
 import os
 import random
 import resource
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,10 +43,11 @@ from surrogate_md.checkpoint import build_payload, load_checkpoint, save_checkpo
 from surrogate_md.data import keys as K
 from surrogate_md.data.windows import WindowDataset, batch_to
 from surrogate_md.errors import CheckpointError, ConfigError, DeviceError
+from surrogate_md.fileio import atomic_write_text, save_figure
 from surrogate_md.metrics import ErrorSums, batch_amse
 from surrogate_md.models import MODELS, build_model, compile_model, config_from_dict
 from surrogate_md.surrogate import resolve_device
-from surrogate_md.train.config import RunConfig, atomic_write_text, load_config, save_config
+from surrogate_md.train.config import RunConfig, load_config, save_config
 from surrogate_md.train.data import (
     PreparedData,
     normalisation_stats,
@@ -381,14 +381,7 @@ def _plot_losses(out: Path, history: list[dict]) -> None:
         ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".loss.png.", suffix=".tmp", dir=out)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out / "loss.png")
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    save_figure(fig, out / "loss.png")
 
 
 def _peak_memory_mib(device: torch.device) -> float:
