@@ -203,9 +203,7 @@ class SurrogateDynamics(MolecularDynamics):
             self.md_dynamics.run(self.md_steps)
             self._md_ps += self.md_steps * self.md_dynamics.dt / PS_IN_ASE_TIME
         atoms = self.atoms
-        pos = atoms.get_positions()
-        if atoms.pbc.any():  # molecules split by wrapping are made whole for the model and guards
-            pos = self._molecules.apply(pos, atoms.cell, atoms.pbc)
+        pos = self._whole_positions()
         vel = atoms.get_velocities() * PS_IN_ASE_TIME  # Å/ps
         t0 = (self.nsteps * self.dt + self.md_steps * (self.md_dynamics.dt if self.md_steps
                                                          else 0.0)) / PS_IN_ASE_TIME
@@ -259,7 +257,7 @@ class SurrogateDynamics(MolecularDynamics):
                 self._fallback(t0)
                 return
         self.propagator.remember(t0, result)  # a history model's next input
-        self.propagator.observe(end, self.atoms.get_positions())
+        self.propagator.observe(end, self._whole_positions())
         self.last_jump = result.positions_A
         self.last_jump_times_ps = t0 + result.offsets_ps
         if self.write_intermediate and self.trajectory is not None:
@@ -307,6 +305,16 @@ class SurrogateDynamics(MolecularDynamics):
                 write_all(traj)
         self._set(final, final_velocities)
 
+    def _whole_positions(self) -> np.ndarray:
+        """(atoms, 3) Å with molecules split by wrapping made whole: what the model, the guards
+        and a history model's remembered frames see (one convention for all three, or the
+        history would see another state at the same time and be rebuilt at every jump)."""
+        atoms = self.atoms
+        pos = atoms.get_positions()
+        if atoms.pbc.any():
+            pos = self._molecules.apply(pos, atoms.cell, atoms.pbc)
+        return pos
+
     def _fallback(self, t0: float) -> None:
         self._md_jump(t0)
         self.n_fallbacks += 1
@@ -330,7 +338,7 @@ class SurrogateDynamics(MolecularDynamics):
                                              rel_tol=1e-6):
                 fb.run(steps - done)
                 done = steps
-                self.propagator.observe(t0 + float(offset), self.atoms.get_positions())
+                self.propagator.observe(t0 + float(offset), self._whole_positions())
                 if write and steps < n:
                     frames.append(self.atoms.get_positions())
                     velocities.append(self.atoms.get_velocities() * PS_IN_ASE_TIME)

@@ -157,7 +157,16 @@ class SurrogatePropagator:
         """(T, n_model_atoms, 3) Å ending at ``time_ps``, or None for S2T models."""
         if not self.needs_history:
             return None
-        return np.stack([self._known[k] for k in self._history_keys(time_ps)])
+        keys = self._history_keys(time_ps)
+        missing = [k / _TIME_KEY_PER_PS for k in keys if k not in self._known]
+        if missing:
+            raise EngineError(
+                f"history model {self.surrogate.name}: no state observed at t = "
+                f"{', '.join(f'{t:.4f}' for t in missing)} ps for the jump at t = {time_ps:.4f} "
+                f"ps; observe() the states {self.surrogate.history_stride_ps:g} ps apart before "
+                "it (has_history() tells), or let SurrogateSimulation / SurrogateDynamics build "
+                "the history with MD")
+        return np.stack([self._known[k] for k in keys])
 
     # -- the jump ---------------------------------------------------------------------------------
     def jump(self, positions_A: np.ndarray, velocities_A_per_ps: np.ndarray, time_ps: float,

@@ -25,9 +25,12 @@ from surrogate_md.data.selection import NodeSelection
 from surrogate_md.data.windows import GraphBuilder, collate
 from surrogate_md.errors import CheckpointError, ConfigError, DataError, DeviceError
 from surrogate_md.models import MODELS, build_model
-from surrogate_md.validity import ValidityReference
+from surrogate_md.validity import ValidityReference, bond_lengths
 
 log = logging.getLogger(__name__)
+
+#: Å: a history whose last frame is further than this from the positions given does not end at t0
+_SAME_STATE_A = 1e-3
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -64,7 +67,7 @@ class Surrogate:
         self.source = source
         self.device = resolve_device(device)
         self.dtype = dtype
-        self.model.to(self.device).eval()
+        self.model.to(device=self.device, dtype=self.dtype).eval()
         proto = meta["protocol"]
         self.name: str = meta["model"]["name"]
         self.jump_ps = float(proto["jump_ps"])
@@ -190,14 +193,32 @@ class Surrogate:
                     "naming convention differs, wrong if atoms of one element were reordered",
                     len(differ), shown)
 
+    def _check_length_unit(self, pos: np.ndarray, what: str) -> None:
+        """Refuse model-atom positions (B, n, 3) whose bonds are ~10x shorter or longer than
+        the trained ones: positions in nm (OpenMM's unit) or pm instead of Å. The median ratio
+        over all bonds is used, which a poor prediction (a few stretched bonds) never moves
+        far from 1."""
+        val = self.validity
+        if val is None or len(val.bonds) == 0:
+            return
+        ratio = float(np.median(bond_lengths(pos[0], val.bonds)
+                                / np.maximum(val.bond_length_mean_A, 1e-6)))
+        if 1 / 3 <= ratio <= 3:
+            return
+        hint = (" (they look like nm: multiply by 10, or read OpenMM positions with "
+                "value_in_unit(angstrom))" if 0.05 <= ratio <= 0.2 else "")
+        raise DataError(f"{what}: bonds are {ratio:.3g} times the lengths the surrogate was "
+                        f"trained on; positions must be in Å{hint}")
+
     # -- prediction -------------------------------------------------------------------------------
     def _default_velocities(self, pos: np.ndarray, history: np.ndarray | None) -> np.ndarray:
         if history is not None and history.shape[-3] >= 2:
             return (history[..., -1, :, :] - history[..., -2, :, :]) / self.history_stride_ps
         if self.name == "constant":
             return np.zeros_like(pos)
-        raise DataError("velocities are required (Å/ps) for this surrogate; pass velocities= "
-                        "or a history of at least two frames")
+        raise DataError(f"velocities are required (Å/ps) for this surrogate; pass velocities= "
+                        f"or a history of at least two frames {self.history_stride_ps:g} ps "
+                        "apart (the last two give the velocity)")
 
     @torch.inference_mode()
     def predict(self, positions: np.ndarray, velocities: np.ndarray | None = None,
@@ -208,8 +229,9 @@ class Surrogate:
         Args:
             positions: (atoms, 3) or (B, atoms, 3) Å at t0 (full system or model atoms).
             velocities: same shape, Å/ps.
-            history: (T, atoms, 3) or (B, T, atoms, 3) Å, oldest first, last frame = t0;
-                required when ``needs_history``.
+            history: (T, atoms, 3) or (B, T, atoms, 3) Å, ``history_stride_ps`` apart, oldest
+                first, the last frame the state at t0 (= ``positions``); required when
+                ``needs_history``. Without ``velocities``, the last two frames give them.
             times_ps: output offsets (ps) instead of the trained grid (models that support it).
         Returns:
             (P, n_model_atoms, 3) Å, or (B, P, n_model_atoms, 3) for batched input.
@@ -218,14 +240,23 @@ class Surrogate:
         batched = pos.ndim == 3
         if not batched:
             pos = pos[None]
+        self._check_length_unit(pos, "positions")
         hist = None
         if history is not None:
             hist = self._to_model_atoms(history, "history")
             if not batched:
                 hist = hist[None]
+            if hist.shape[0] != pos.shape[0]:
+                raise DataError(f"history holds {hist.shape[0]} states but positions "
+                                f"{pos.shape[0]}; give one history per state")
             if hist.shape[1] != self.history_length and self.needs_history:
                 raise DataError(f"history has {hist.shape[1]} frames; the surrogate takes "
                                 f"{self.history_length} frames {self.history_stride_ps} ps apart")
+            off = float(np.abs(hist[:, -1] - pos).max())
+            if off > _SAME_STATE_A:
+                raise DataError(f"the last history frame is {off:.3g} Å from positions; history "
+                                "runs oldest first and ends with the state at t0 (the "
+                                "positions given)")
         elif self.needs_history:
             raise DataError(f"this surrogate ({self.name}) needs history: {self.history_length} "
                             f"frames {self.history_stride_ps} ps apart, the last at t0")
@@ -300,7 +331,8 @@ class Surrogate:
         """
         from tqdm.auto import tqdm
 
-        if isinstance(n_jumps, bool) or int(n_jumps) != n_jumps or n_jumps < 1:
+        if (isinstance(n_jumps, bool) or not isinstance(n_jumps, (int, np.integer, float))
+                or int(n_jumps) != n_jumps or n_jumps < 1):
             raise DataError(f"n_jumps must be a whole number >= 1, got {n_jumps!r}")
         if not self.history_fits_grid():
             raise DataError(

@@ -259,3 +259,20 @@ def test_jump_reporter_counts_the_simulations_md_since_the_last_jump(tmp_path):
         assert jumper.n_jumps == 3
         counted[anchor_ps] = (len(jumper.guards._md_energies), len(jumper.guards._energies))
     assert counted == {0.002: (3, 3), 0.0021: (0, 3)}
+
+
+def test_propagator_without_history_says_what_is_missing(tmp_path):
+    from integrations.propagator import SurrogatePropagator
+    from surrogate_md.errors import EngineError
+
+    md = cached_md()
+    sur = Surrogate.load(make_checkpoint(md, tmp_path / "estag.pt", model="estag",
+                                         selection="heavy", jump_frames=4, n_out=2, history=3,
+                                         history_stride=2))
+    prop = SurrogatePropagator(sur)
+    x = md["frames"][40]
+    with pytest.raises(EngineError, match=r"no state observed at t = -0\.0400, -0\.0200 ps"):
+        prop.jump(x, np.zeros_like(x), 0.0)
+    for k, t in enumerate((-0.04, -0.02)):
+        prop.observe(t, md["frames"][36 + 2 * k])
+    assert np.isfinite(prop.jump(x, np.zeros_like(x), 0.0).positions_A).all()

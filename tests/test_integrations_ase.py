@@ -202,6 +202,28 @@ def test_history_model_builds_its_history_by_md_then_jumps(tmp_path):
     np.testing.assert_allclose(hist[1], dyn.last_jump[0][sur.model_atoms], atol=1e-12)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_history_model_on_a_molecule_split_by_the_cell_face(tmp_path, split):
+    """Periodic cell, the molecule wrapped atom by atom across a face (atoms.wrap()): the model,
+    the guards and the history's remembered frames all see it whole, so the history built by
+    the first step's MD feeds the jumps after it (remembered frames in the split form made
+    every later state look like another one: history MD at every step, no jump ever)."""
+    sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "estag.pt", model="estag",
+                                         selection="heavy", jump_frames=4, n_out=2, history=3,
+                                         history_stride=2))
+    atoms = cold_atoms()
+    atoms.cell, atoms.pbc = [25.0, 25.0, 25.0], True
+    x = atoms.positions
+    atoms.positions = x + ((25.0 if split else 12.5), 12.5, 12.5) - x.mean(axis=0)
+    atoms.wrap()
+    assert (np.ptp(atoms.positions[:, 0]) > 12.0) == split
+    atoms.calc = EMT()
+    md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    dyn = SurrogateDynamics(atoms, sur, guards="warn", fallback_dynamics=md)
+    dyn.run(4)
+    assert (dyn.n_history_md, dyn.n_jumps) == (1, 3)
+
+
 @pytest.mark.parametrize("fmt", ["dcd", "xtc"])
 def test_observer_attached_mid_run_stamps_its_frames_with_their_times(tmp_path, fmt):
     # attached after 5 steps with interval 2: first called at step 6 (0.006 ps), then 8, 10

@@ -102,6 +102,8 @@ def test_clear_errors(checkpoint, state, tmp_path):
         sur.rollout(x, v, n_jumps=0)
     with pytest.raises(DataError, match="whole number"):
         sur.rollout(x, v, n_jumps=2.7)
+    with pytest.raises(DataError, match="whole number"):
+        sur.rollout(x, v, n_jumps=None)
     with pytest.raises(DataError, match="increasing"):
         sur.predict(x, v, times_ps=[0.2, 0.1])
     with pytest.raises(DataError, match="differ"):
@@ -112,6 +114,47 @@ def test_clear_errors(checkpoint, state, tmp_path):
         Surrogate.load(broken)
     with pytest.raises(CheckpointError, match="no such"):
         Surrogate.load(tmp_path / "missing.pt")
+
+
+def test_positions_in_nm_are_refused(checkpoint, state):
+    """OpenMM's positions in nm (bonds a tenth of the trained lengths) are an error that says
+    so, in predict and rollout; a state whose bonds are off by a little is a prediction."""
+    sur = Surrogate.load(checkpoint)
+    x, v = state[0][0], state[1][0]
+    for call in (lambda: sur.predict(x / 10, v / 10), lambda: sur.rollout(x / 10, v / 10, n_jumps=2)):
+        with pytest.raises(DataError, match="look like nm"):
+            call()
+    with pytest.raises(DataError, match="in Å"):
+        sur.predict(x * 100, v)
+    rng = np.random.default_rng(0)
+    assert np.isfinite(sur.predict(x + 0.3 * rng.standard_normal(x.shape), v)).all()
+
+
+def test_history_must_end_at_the_positions(tmp_path):
+    """ESTAG reads its history: a history given newest first, or not ending at the positions,
+    is refused instead of predicting from the oldest frame."""
+    from _integration_fixtures import cached_md, make_checkpoint
+
+    md = cached_md()
+    sur = Surrogate.load(make_checkpoint(md, tmp_path / "estag.pt", model="estag",
+                                         jump_frames=4, n_out=2, history=3, history_stride=2))
+    hist = md["frames"][40:45:2]
+    assert np.isfinite(sur.predict(hist[-1], history=hist)).all()
+    with pytest.raises(DataError, match="oldest first"):
+        sur.predict(hist[-1], history=hist[::-1])
+    with pytest.raises(DataError, match="oldest first"):
+        sur.predict(md["frames"][100], history=hist)
+    with pytest.raises(DataError, match="one history per state"):
+        sur.predict(np.stack([hist[-1]] * 2), history=hist[None])
+
+
+def test_a_surrogate_built_in_float64_predicts(checkpoint, state):
+    x, v = state[0][0], state[1][0]
+    expected = Surrogate.load(checkpoint).predict(x, v)
+    base = Surrogate.load(checkpoint)  # its model is converted in place
+    sur = Surrogate(base.model, base.meta, dtype=torch.float64)
+    assert next(sur.model.parameters()).dtype == torch.float64
+    np.testing.assert_allclose(sur.predict(x, v), expected, atol=1e-4)
 
 
 def test_bad_shapes_are_data_errors(checkpoint, state):
