@@ -8,8 +8,11 @@ the same convention :meth:`surrogate_md.Surrogate.rollout` uses to feed a jump i
 instantaneous thermal velocity; the engine's kinetic energy reports it as such.)
 
 With ``end_velocities="thermal"`` the end state of a jump gets velocities drawn from the
-Maxwell-Boltzmann distribution at ``temperature_K`` instead: in the canonical ensemble velocities
-are independent of positions, so this samples them exactly, and a model trained on instantaneous
+Maxwell-Boltzmann distribution at ``temperature_K`` instead, with the centre-of-mass velocity
+taken out (zero net momentum, as OpenMM's default ``CMMotionRemover`` and ASE's ``Langevin(fixcm=
+True)`` keep it: for Gaussian draws that is the exact distribution with zero momentum; otherwise
+every jump would start the molecule drifting at ~sqrt(kT/M), 1.3 Å/ps for alanine dipeptide): in
+the canonical ensemble velocities are independent of positions, so this samples them exactly, and a model trained on instantaneous
 MD velocities (``velocity_source: file``) gets inputs like its training data at the next jump,
 where differences over the output spacing are far slower (300 K alanine dipeptide: 275 K
 heavy-atom kinetic temperature from MD velocities, 14 K from 0.5 ps differences). Intermediate
@@ -86,6 +89,7 @@ class SurrogatePropagator:
             kt = kt_kJ_per_mol(float(temperature_K))
             # sqrt(kJ/mol / (g/mol)) = nm/ps; x 10 for Å/ps
             self._sigma = np.where(m > 0, 10.0 * np.sqrt(kt / np.where(m > 0, m, 1.0)), 0.0)
+            self._masses = m
             self._rng = np.random.default_rng(seed)
         self.surrogate = surrogate
         self.reconstruct = Reconstructor.for_surrogate(surrogate)
@@ -205,7 +209,11 @@ class SurrogatePropagator:
         if self._sigma is None:
             return vel
         vel = vel.copy()
-        vel[-1] = self._rng.standard_normal(vel[-1].shape) * self._sigma[:, None]
+        draw = self._rng.standard_normal(vel[-1].shape) * self._sigma[:, None]
+        m = self._masses
+        massive = m > 0
+        draw[massive] -= (m[:, None] * draw).sum(axis=0) / m.sum()  # zero net momentum
+        vel[-1] = draw
         return vel
 
 

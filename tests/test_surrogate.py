@@ -124,10 +124,10 @@ def test_positions_in_nm_are_refused(checkpoint, state):
     for call in (lambda: sur.predict(x / 10, v / 10), lambda: sur.rollout(x / 10, v / 10, n_jumps=2)):
         with pytest.raises(DataError, match="look like nm"):
             call()
-    with pytest.raises(DataError, match="in Å"):
-        sur.predict(x * 100, v)
+    # a poor state, or one blown apart (bonds 3x), is the guards' business, not a unit error
     rng = np.random.default_rng(0)
     assert np.isfinite(sur.predict(x + 0.3 * rng.standard_normal(x.shape), v)).all()
+    assert np.isfinite(sur.predict(3 * x, v)).all()
 
 
 def test_history_must_end_at_the_positions(tmp_path):
