@@ -147,16 +147,19 @@ class TrajectoryObserver:
         self._last_time = now
 
     def close(self) -> Path:
-        """Finish the file and move it to its final name."""
+        """Finish the file and move it to its final name. Without a frame no file is written
+        (a DCD or XTC of no frames is unreadable by MDAnalysis and MDTraj): a warning says so and
+        ``path`` is left as it was."""
         if not self.closed:
             if self._pending is not None:  # a DCD of one frame
                 pending, self._pending = self._pending, None
                 self._write(pending)
-            if self._writer is None:  # no frame: an empty file starting now
-                self._open()
+            self.closed = True
+            if self._writer is None:
+                log.warning("%s: the observer saw no frame; no file written", self.path)
+                return self.path
             self._writer.close()
             os.replace(self._tmp, self.path)
-            self.closed = True
         return self.path
 
     def abort(self) -> None:

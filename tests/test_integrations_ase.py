@@ -225,6 +225,22 @@ def test_history_model_on_a_molecule_split_by_the_cell_face(tmp_path, split):
 
 
 @pytest.mark.parametrize("fmt", ["dcd", "xtc"])
+def test_observer_without_frames_writes_no_file(tmp_path, fmt, caplog):
+    """Closed before any frame: no unreadable empty DCD/XTC, a warning instead, and a file of
+    that name from before is left alone."""
+    import logging
+
+    atoms = Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[10, 10, 10], pbc=True)
+    atoms.calc = EMT()
+    dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+    path = tmp_path / f"none.{fmt}"
+    with caplog.at_level(logging.WARNING):
+        TrajectoryObserver(dyn, path).close()
+    assert not path.exists() and "no frame" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["dcd", "xtc"])
 def test_observer_attached_mid_run_stamps_its_frames_with_their_times(tmp_path, fmt):
     # attached after 5 steps with interval 2: first called at step 6 (0.006 ps), then 8, 10
     atoms = Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[10, 10, 10], pbc=True)
