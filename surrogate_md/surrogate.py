@@ -86,6 +86,7 @@ class Surrogate:
         self.validity = (ValidityReference.from_dict(meta["validity"])
                          if meta.get("validity") else None)
         self.checkpoint_hash = meta.get("checkpoint_hash", "")
+        self._warned = False  # times_ps beyond the trained jump (warned once)
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
@@ -278,6 +279,12 @@ class Surrogate:
             raise DataError(f"{self.name} takes one step per output time of its trained grid "
                             f"{self.times_ps.tolist()} ps and answers only there (or at its "
                             f"first entries); got times_ps {times.tolist()}")
+        if times_ps is not None and times[-1] > self.jump_ps * (1 + 1e-9) and not self._warned:
+            self._warned = True
+            log.warning("%s: times_ps up to %g ps, beyond the trained jump of %g ps: the model "
+                        "was never trained there and extrapolates (chain jumps, as rollout() "
+                        "and the engines do, to go further)", self.source or self.name,
+                        times[-1], self.jump_ps)
         nodes, c = self.selection.n_nodes, self.selection.n_channels
         items = []
         for b in range(len(pos)):

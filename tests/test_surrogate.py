@@ -148,6 +148,18 @@ def test_history_must_end_at_the_positions(tmp_path):
         sur.predict(np.stack([hist[-1]] * 2), history=hist[None])
 
 
+def test_times_beyond_the_trained_jump_warn(checkpoint, state, caplog):
+    import logging
+
+    sur = Surrogate.load(checkpoint)
+    x, v = state[0][0], state[1][0]
+    with caplog.at_level(logging.WARNING):
+        sur.predict(x, v, times_ps=sur.times_ps)
+        assert "extrapolates" not in caplog.text
+        sur.predict(x, v, times_ps=[10 * sur.jump_ps])
+    assert "extrapolates" in caplog.text
+
+
 def test_a_surrogate_built_in_float64_predicts(checkpoint, state):
     x, v = state[0][0], state[1][0]
     expected = Surrogate.load(checkpoint).predict(x, v)
