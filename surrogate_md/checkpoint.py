@@ -10,7 +10,8 @@ A checkpoint is a dict of tensors and plain Python values (no pickled classes)::
     topology: {atomic_numbers, atom_names, residue_ids, residue_names, segment_ids, bonds,
     masses} (full system)
     validity: {bonds, bond_length_mean_A, bond_tolerance_A, min_distance_A}
-    provenance: {data files and their metadata}, versions: {surrogate_md, torch}
+    provenance (the trainer's: data_files, data_metadata, data_identity (what a resume checks
+    the files against), data_config, n_windows, run_config), versions: {surrogate_md, torch}
     training (last.pt only): optimiser, scheduler, RNG states, epoch, step, best metric
 
 Writes are atomic (temporary file + rename). :func:`migrate` upgrades older format versions.

@@ -82,6 +82,10 @@ class DataConfig:
                 self.fractions) <= 0:
             raise ConfigError(f"data.fractions must be three shares >= 0 (train, val, test), got "
                               f"{list(self.fractions)}")
+        if self.split == "blocked" and sum(self.fractions) > 1 + 1e-9:  # as split_starts
+            raise ConfigError(f"data.fractions = {list(self.fractions)} sum to "
+                              f"{sum(self.fractions):g}; the train, val and test shares of the "
+                              "frames must sum to at most 1, e.g. [0.8, 0.1, 0.1]")
         if self.counts is not None and (len(self.counts) != 3 or any(c < 0 for c in self.counts)):
             raise ConfigError(f"data.counts must be three window counts >= 0, got "
                               f"{list(self.counts)}")
@@ -230,11 +234,17 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     if "data" not in raw:
         raise ConfigError(f"{source}: the data section is missing; give at least data.path")
     try:
-        sections = {name: _build(cls, raw.get(name) or {}, name)
+        # an empty section (`train:`) is all defaults; any other non-mapping is refused by
+        # _build, not read as defaults (`train: 0`)
+        sections = {name: _build(cls, {} if raw.get(name) is None else raw[name], name)
                     for name, cls in SECTIONS.items() if name in raw or name != "data"}
-        model_raw = dict(raw.get("model") or {})
+        model_raw = {} if raw.get("model") is None else raw["model"]
         if not isinstance(model_raw, dict):
-            raise ConfigError("model must be a mapping with a name and the model's options")
+            example = model_raw if isinstance(model_raw, str) and model_raw else "egno"
+            raise ConfigError(f"model must be a mapping of the model's name and options, got "
+                              f"{model_raw!r}; write e.g. `model: {{name: {example}}}` (options "
+                              f"beside the name: `model: {{name: {example}, hidden: 64}}`)")
+        model_raw = dict(model_raw)
         name = model_raw.pop("name", "egno")
         if not isinstance(name, str):
             raise ConfigError(f"model.name must be a string, got {name!r}")
@@ -316,7 +326,9 @@ def save_config(config: RunConfig, path: str | os.PathLike) -> Path:
 # -- typed construction ---------------------------------------------------------------------------
 def _build(cls: type, values: Any, where: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping, got {values!r}")
+        keys = sorted(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(f"{where} must be a mapping of its keys ({', '.join(keys)}), got "
+                          f"{values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
@@ -333,6 +345,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
+        if value is None:
+            raise ConfigError(f"{key} is empty; give it a value")
         errors = []
         for arg in args:
             if arg is type(None):
@@ -343,7 +357,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[-1] if errors else f"{key}: bad value {value!r}")
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value or {}, key)
+        return _build(hint, {} if value is None else value, key)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")

@@ -5,6 +5,8 @@ Shared by the trainer and the evaluator so both cut windows the same way.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from surrogate_md.data.windows import (
     GraphBuilder,
     Protocol,
     WindowDataset,
+    frames_from_ps,
     make_windows,
 )
 from surrogate_md.errors import ConfigError, DataError
@@ -35,7 +38,8 @@ class PreparedData:
     Attributes:
         files: open dataset files; topology: full-system topology (of the first file);
         protocol: in frames; interval_ps: saved-frame interval (ps); selection, graph;
-        windows: {split: (n, 2) (file, t0)}; datasets: {split: WindowDataset}.
+        windows: {split: (n, 2) (file, t0)}; datasets: {split: WindowDataset};
+        identity: :func:`data_identity` of each file.
     """
 
     config: DataConfig
@@ -47,6 +51,7 @@ class PreparedData:
     graph: GraphBuilder
     windows: dict[str, np.ndarray]
     datasets: dict[str, WindowDataset] = field(default_factory=dict)
+    identity: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def velocity_source(self) -> str:
@@ -64,6 +69,7 @@ class PreparedData:
     def provenance(self) -> dict[str, Any]:
         return {"data_files": [str(f.path) for f in self.files],
                 "data_metadata": [f.metadata for f in self.files],
+                "data_identity": [dict(i) for i in self.identity],
                 "data_config": _plain(self.config),
                 "n_windows": {k: int(len(v)) for k, v in self.windows.items()}}
 
@@ -98,9 +104,7 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
         raise DataError(f"{', '.join(str(f.path) for f in files)}: saved-frame intervals differ "
                         f"({sorted(intervals)} ps); train on files saved at one interval")
     interval = first.interval_ps
-    protocol = Protocol.from_ps(cfg.protocol, cfg.jump_ps, cfg.n_out, interval,
-                                history=cfg.history,
-                                history_stride_ps=cfg.history_stride_ps)
+    protocol = protocol_for(cfg, interval, str(first.path))
     selection = select_nodes(first.topology, cfg.selection, source=str(first.path))
     spec = g = cfg.graph
     if g.radius_channel is not None and g.radius_channel >= selection.n_channels:
@@ -121,7 +125,7 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
         raise DataError(f"{first.path}: the split leaves no training windows; generate more "
                         "frames, shorten the jump or change data.fractions/counts")
     prepared = PreparedData(cfg, files, first.topology, protocol, interval, selection, graph,
-                            windows)
+                            windows, identity=[data_identity(f) for f in files])
     for name, w in windows.items():
         prepared.datasets[name] = WindowDataset(files, w, protocol, selection, graph,
                                                 in_memory=in_memory)
@@ -131,6 +135,64 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
              protocol.jump_frames * interval, protocol.jump_frames, protocol.n_out,
              *(len(windows[k]) for k in ("train", "val", "test")))
     return prepared
+
+
+def protocol_for(cfg: DataConfig, interval_ps: float, source: str) -> Protocol:
+    """The protocol of ``cfg`` in saved frames of ``source`` (frames ``interval_ps`` apart).
+
+    Raises:
+        ConfigError: naming ``source`` and the data.* keys whose times are no whole number of
+            frames, or whose jump does not split into data.n_out equal steps.
+    """
+    try:
+        jump = frames_from_ps(cfg.jump_ps, interval_ps, "data.jump_ps")
+        stride = 1 if cfg.history_stride_ps is None else frames_from_ps(
+            cfg.history_stride_ps, interval_ps, "data.history_stride_ps")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    if jump % cfg.n_out:
+        fits = [k for k in range(1, jump + 1) if jump % k == 0]
+        raise ConfigError(
+            f"{source}: data.n_out = {cfg.n_out} does not divide the jump: data.jump_ps = "
+            f"{cfg.jump_ps:g} ps is {jump} saved frames of {interval_ps:g} ps, and the "
+            f"{cfg.n_out} outputs must be a whole number of frames apart; set data.n_out to one "
+            f"of {fits} or data.jump_ps to a multiple of {cfg.n_out} x {interval_ps:g} ps")
+    try:
+        return Protocol(cfg.protocol, jump, cfg.n_out, cfg.history, stride)
+    except ConfigError as exc:  # checked above; this keeps any other refusal tied to data.*
+        raise ConfigError(f"{source}: data: {exc}") from None
+
+
+IDENTITY_FRAMES = 8  # frames sampled by data_identity
+
+
+def data_identity(f: TrajectoryFile) -> dict[str, Any]:
+    """What a resumed run checks to tell that ``f`` still holds the frames it was trained on.
+
+    ``{path, n_frames, fields, sha256}``: the frame count, the fields present (velocities decide
+    how inputs are built), and a sha256 of the metadata (engine, seed, force field, interval...),
+    the atomic numbers, the whole time axis (8 bytes a frame, read when the file opens) and the
+    positions of :data:`IDENTITY_FRAMES` frames spread evenly over the file, first and last
+    included. It is a hash of the content, not of the file's bytes: hashing a multi-GB
+    trajectory whole would add minutes to every resume, and size + mtime would refuse an
+    unchanged file copied to another disk (the mtime changes) while missing a file regenerated
+    at the same length (the same size). Regenerated MD differs in its metadata and frames,
+    extended or cut data in its frame count and time axis; an edit of frames between the
+    sampled ones goes unnoticed.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(f.metadata, sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(f.topology.atomic_numbers, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(f.time_ps, dtype=np.float64).tobytes())
+    n = f.n_frames
+    if n:
+        frames = np.unique(np.linspace(0, n - 1, min(n, IDENTITY_FRAMES)).round()
+                           .astype(np.int64))
+        h.update(np.ascontiguousarray(f.read(frames)).tobytes())
+    fields = [name for name in ("positions", "velocities", "forces", "box")
+              if getattr(f, name) is not None]
+    return {"path": str(f.path), "n_frames": int(n), "fields": fields,
+            "sha256": h.hexdigest()[:32]}
 
 
 def _warn_periodic_solvent(f, selection, spec) -> None:

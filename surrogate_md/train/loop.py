@@ -19,7 +19,14 @@ uninterrupted run (CPU, fixed seeds).
 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
 DistributedDataParallel (NCCL on GPU, gloo on CPU), each rank trains on its shard of every epoch,
-validation sums are all-reduced, and only rank 0 logs and writes files.
+training and validation sums are all-reduced (on the rank's GPU under NCCL), and only rank 0 logs
+and writes files. The repeats that pad the last shards to equal length train but are not counted
+in the training metrics.
+
+Resume checks that the run's config (model, data settings, seeds) and its dataset files
+(:func:`~surrogate_md.train.data.data_identity`) are the ones it started with. ``--overwrite``
+keeps the replaced run until the new one has passed its start checks, and puts it back if it
+fails before them.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import math
 import os
 import random
 import resource
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -63,10 +72,17 @@ RUN_FILES = ("config.yaml", "train.log", "metrics.jsonl", "loss.png", "last.pt",
 # -- distributed helpers -------------------------------------------------------------------------
 @dataclasses.dataclass
 class Dist:
+    """This process's place in a ``torchrun`` job.
+
+    ``device`` is where its collectives run: the rank's GPU under NCCL (whose process groups have
+    no backend for CPU tensors), the CPU under gloo.
+    """
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     owns_group: bool = False
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:
@@ -85,23 +101,48 @@ def _init_distributed(device_request: str) -> Dist:
 
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_request != "cpu"
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        # Before the group and its first barrier: NCCL puts a barrier on the current device,
+        # GPU 0 on every rank unless set here (all ranks then share one GPU, or hang).
+        torch.cuda.set_device(device)
     owns = False
     if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device_request != "cpu"
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        if use_cuda:  # device_id binds the group to this rank's GPU (torch >= 2.3)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
         owns = True
-    return Dist(rank, world, local, owns)
+    return Dist(rank, world, local, owns, device)
+
+
+def _all_reduce(values: Any, dist: Dist) -> np.ndarray:
+    """Element-wise sum of ``values`` (float64) over all ranks, computed on ``dist.device`` and
+    returned on the CPU; ``values`` itself for a single process."""
+    values = np.asarray(values, dtype=np.float64)
+    if not dist.active:
+        return values
+    import torch.distributed as tdist
+
+    vec = torch.as_tensor(values, dtype=torch.float64).to(dist.device)
+    tdist.all_reduce(vec)
+    return vec.cpu().numpy().copy()
 
 
 def _all_reduce_sums(sums: ErrorSums, dist: Dist) -> ErrorSums:
     if not dist.active:
         return sums
-    import torch.distributed as tdist
+    vec = _all_reduce(np.concatenate([sums.per_time, [sums.atoms]]), dist)
+    return ErrorSums(vec[:-1], int(round(float(vec[-1]))))
 
-    vec = torch.tensor(np.concatenate([sums.per_time, [sums.atoms]]), dtype=torch.float64)
-    tdist.all_reduce(vec)
-    out = ErrorSums(vec[:-1].numpy().copy(), int(round(float(vec[-1]))))
-    return out
+
+def _real_samples(n: int, dist: Dist) -> int:
+    """Windows of this rank's shard that are not padding: DistributedSampler (drop_last=False)
+    makes every shard ``ceil(n / world)`` long by repeating the first indices of the epoch's
+    order after the last, and deals position p of that list to rank p mod world; positions
+    n and beyond, at the end of a shard, are the repeats."""
+    return len(range(dist.rank, n, dist.world))
 
 
 # -- model and data ----------------------------------------------------------------------------
@@ -125,6 +166,12 @@ def resolve_model_options(config: RunConfig) -> RunConfig:
     if cls.needs_history and (config.data.protocol != "history" or config.data.history < 2):
         raise ConfigError(f"model {name!r} needs past frames: set data.protocol: history and "
                           "data.history >= 2 (e.g. 10) with data.history_stride_ps")
+    if not cls.needs_history and config.data.protocol == "history":
+        readers = [n for n, c in MODELS.items() if c.needs_history]
+        raise ConfigError(f"data.protocol = history cuts past frames, but model.name = {name!r} "
+                          "reads only the frame at t0 and would ignore them; set data.protocol: "
+                          f"s2t for {name!r}, or model.name to a model that reads history "
+                          f"({', '.join(readers)})")
     model = dataclasses.replace(config.model, options=opts)
     return config.replace(model=model)
 
@@ -296,13 +343,20 @@ def _restart_schedule(optimiser: torch.optim.Optimizer,
 
 
 # -- run directory -------------------------------------------------------------------------------
-def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
-    """Check and create the run directory; True if this call created it."""
+def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> tuple[bool, Path | None]:
+    """Check and create the run directory.
+
+    Returns:
+        Whether this call created the directory, and where the files of the run it replaces
+        (``overwrite``) were moved: a hidden folder in ``out``, which :func:`_discard_replaced`
+        deletes once the new run has passed its start checks and :func:`_restore_replaced`
+        moves back if it fails before them (a typo in data.path must not cost the old run).
+    """
     if resume:
         if not out.is_dir():
             raise ConfigError(f"{out}: run directory to resume does not exist; start a new run "
                               "with --out instead of --resume")
-        return False
+        return False, None
     existing = [n for n in RUN_FILES if (out / n).exists()]
     if existing and not overwrite:
         raise ConfigError(f"{out}: run directory already holds a run ({', '.join(existing)}); "
@@ -314,9 +368,32 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     except OSError as exc:
         raise ConfigError(f"{out}: cannot create the run directory ({exc.strerror}); choose "
                           "another --out") from exc
-    for n in existing:
-        (out / n).unlink()
-    return created
+    replaced = None
+    if existing:
+        replaced = Path(tempfile.mkdtemp(prefix=".replaced-run-", dir=out))
+        for n in existing:
+            os.replace(out / n, replaced / n)
+        log.info("%s: the files of the run it held are kept in %s until the new run has passed "
+                 "its start checks", out, replaced.name)
+    return created, replaced
+
+
+def _discard_replaced(replaced: Path | None) -> None:
+    if replaced is not None and replaced.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _restore_replaced(out: Path, replaced: Path | None) -> None:
+    """Move the files of the replaced run back into ``out`` (after a failed start)."""
+    if replaced is None or not replaced.exists():
+        return
+    for path in replaced.iterdir():
+        if not (out / path.name).exists():
+            os.replace(path, out / path.name)
+    with contextlib.suppress(OSError):  # not empty: a new run file was in the way
+        replaced.rmdir()
+    if replaced.exists():
+        log.warning("%s: some files of the replaced run are left in %s", out, replaced)
 
 
 def _run_files(out: Path) -> dict[str, int]:
@@ -456,9 +533,9 @@ def train(config: RunConfig | dict | str | os.PathLike, out_dir: str | os.PathLi
 
     dist = _init_distributed(cfg.runtime.device)
     try:
-        created_dir, before = False, {}
+        created_dir, before, replaced = False, {}, None
         if dist.main:
-            created_dir = _prepare_run_dir(out, resume, overwrite)
+            created_dir, replaced = _prepare_run_dir(out, resume, overwrite)
             before = _run_files(out)
         if dist.active:
             import torch.distributed as tdist
@@ -466,10 +543,14 @@ def train(config: RunConfig | dict | str | os.PathLike, out_dir: str | os.PathLi
             tdist.barrier()
         try:
             with _LogToFile(out / "train.log" if dist.main else None):
-                return _run(cfg, out, resume, dist)
-        except Exception:
-            if dist.main:
+                return _run(cfg, out, resume, dist, replaced)
+        except BaseException as exc:
+            # an interrupt (Ctrl-C) too puts back a replaced run that the new one has not
+            # started to replace yet
+            pending = replaced is not None and replaced.exists()
+            if dist.main and (isinstance(exc, Exception) or pending):
                 _undo_failed_start(out, before, created_dir)
+                _restore_replaced(out, replaced)
             raise
     finally:
         if dist.owns_group:
@@ -488,7 +569,8 @@ def _as_config(config: Any, overrides: list[str] | None) -> RunConfig:
     return load_config(config, overrides)
 
 
-def _run(cfg: RunConfig, out: Path, resume: bool, dist: Dist) -> Path:
+def _run(cfg: RunConfig, out: Path, resume: bool, dist: Dist, replaced: Path | None = None
+         ) -> Path:
     t_start = time.perf_counter()
     device = resolve_device(cfg.runtime.device)
     if device.type == "cuda" and dist.active:
@@ -521,7 +603,11 @@ def _run(cfg: RunConfig, out: Path, resume: bool, dist: Dist) -> Path:
         log.info("%s has no last.pt yet: starting the run from the beginning", out)
     prepared = prepare_data(cfg.data, seed=cfg.train.data_seed)
     try:
+        if ckpt is not None:
+            check_data_identity(ckpt, prepared, last)
         check_node_types(cfg, prepared)
+        # the start checks have passed: the run this one replaces (--overwrite) can go
+        _discard_replaced(replaced)
         if dist.main and resume:  # the resumed run's settings, now that they passed the checks
             save_config(cfg, out / "config.yaml")
         return _fit(cfg, prepared, out, ckpt, dist, device, t_start)
@@ -594,6 +680,40 @@ def check_resume(ckpt: dict[str, Any], cfg: RunConfig, last: Path) -> None:
                               f"({'; '.join(changed)}): the resumed epochs would train and "
                               f"select on other windows than the finished ones (windows can "
                               f"move between the train, val and test splits); {fix}")
+
+
+def check_data_identity(ckpt: dict[str, Any], prepared: PreparedData, last: Path) -> None:
+    """Refuse to resume ``last`` on dataset files whose content changed since the run started
+    (regenerated, extended or truncated at the same path): the resumed epochs would train and
+    select on other frames than the finished ones. The identity is
+    :func:`~surrogate_md.train.data.data_identity`, recorded in the checkpoint's provenance.
+    A ``last.pt`` from before that record resumes unchecked, with a warning.
+
+    Raises:
+        CheckpointError: naming the file, what changed and the fix.
+    """
+    recorded = (ckpt.get("provenance") or {}).get("data_identity")
+    if recorded is None:
+        log.warning("%s: records no identity of its dataset files (written by an older "
+                    "surrogate-md); cannot check that %s still hold the frames the run was "
+                    "trained on", last, ", ".join(str(f.path) for f in prepared.files))
+        return
+    for old, new in zip(recorded, prepared.identity):
+        old_same = {k: v for k, v in old.items() if k != "path"}
+        new_same = {k: v for k, v in new.items() if k != "path"}
+        if old_same == new_same:
+            continue
+        if old.get("n_frames") != new["n_frames"]:
+            what = f"it had {old.get('n_frames')} frames, it has {new['n_frames']}"
+        elif old.get("fields") != new["fields"]:
+            what = f"it had the fields {old.get('fields')}, it has {new['fields']}"
+        else:
+            what = "same number of frames, other frames, times or metadata"
+        raise CheckpointError(
+            f"{last}: the dataset file {new['path']} changed since the run was trained on it "
+            f"({what}); the resumed epochs would train on other frames than the finished ones. "
+            f"Put back the file the run was started with, or train on the new data in a new run "
+            "directory (--out) or over this one (--overwrite)")
 
 
 def check_node_types(cfg: RunConfig, prepared: PreparedData) -> None:
@@ -705,6 +825,7 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, ckpt: dict | None, d
     loader = _loader(train_ds, tc.batch_size, sampler=sampler, workers=rc.workers)
     show = dist.main and (rc.progress if rc.progress is not None else
                           bool(os.isatty(2)))
+    real_on_rank = _real_samples(len(train_ds), dist)
     stopped = False
     for epoch in range(start_epoch, tc.epochs):
         if tc.patience and bad_epochs >= tc.patience:
@@ -713,7 +834,7 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, ckpt: dict | None, d
         sampler.set_epoch(epoch)
         model.train()
         train_sums = ErrorSums()
-        loss_sum, n_batches, n_samples = 0.0, 0, 0
+        loss_sum, n_batches, n_samples, n_seen = 0.0, 0, 0, 0
         t0 = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -740,12 +861,21 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, ckpt: dict | None, d
             scaler.step(optimiser)
             scaler.update()
             step += 1
-            train_sums.add(pred, batch[K.TARGET])
+            # the padding of the sampler's shard trains (every rank must take the same number
+            # of steps) but is not counted: its windows are counted on the rank that owns them
+            size = int(batch[K.N_GRAPHS])
+            real = min(size, max(real_on_rank - n_seen, 0))
+            n_seen += size
+            if real == size:
+                train_sums.add(pred, batch[K.TARGET])
+            elif real:
+                keep = batch[K.GRAPH] < real  # systems are numbered in batch order
+                train_sums.add(pred[:, keep], batch[K.TARGET][:, keep])
             loss_value = float(loss.detach())
             loss_sum += loss_value
             n_batches += 1
-            n_samples += int(batch[K.N_GRAPHS])
-            rate = n_samples * dist.world / max(time.perf_counter() - t0, 1e-9)
+            n_samples += real
+            rate = n_samples * dist.world / max(time.perf_counter() - t0, 1e-9)  # estimate
             bar.set_postfix(loss=f"{loss_value:.4g}", samples_s=f"{rate:.0f}")
             bar.update(1)
             if step % rc.log_every == 0:
@@ -753,17 +883,22 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, ckpt: dict | None, d
                          loss_value, rate)
         bar.close()
         elapsed = time.perf_counter() - t0
+        if train_sums.atoms == 0:  # the shape all ranks reduce (a shard of padding only)
+            train_sums.per_time = np.zeros(train_ds.protocol.n_out)
         train_sums = _all_reduce_sums(train_sums, dist)
+        # train_loss: mean over the optimiser steps of all ranks of the loss they minimised
+        loss_sum, n_batches, n_samples = _all_reduce([loss_sum, n_batches, n_samples], dist)
+        n_samples = int(round(n_samples))
         lr = optimiser.param_groups[0]["lr"]
         scheduler.step()
         val = evaluate_dataset(model, val_ds, batch_size=eval_bs, device=device, dist=dist,
                                workers=rc.workers)
         record = {"split": "epoch", "epoch": epoch + 1, "step": step, "lr": lr,
-                  "train_loss": loss_sum / max(n_batches, 1),
+                  "train_loss": float(loss_sum / max(n_batches, 1)),
                   "train_fmse": train_sums.fmse, "train_amse": train_sums.amse,
                   "val_fmse": val.fmse, "val_amse": val.amse, "val_loss": val.amse,
-                  "samples": n_samples * dist.world,
-                  "samples_per_s": n_samples * dist.world / max(elapsed, 1e-9),
+                  "samples": n_samples,
+                  "samples_per_s": n_samples / max(elapsed, 1e-9),
                   "epoch_time_s": elapsed, "peak_memory_MiB": _peak_memory_mib(device)}
         history.append(record)
         metric = val.amse if len(val_ds) else record["train_amse"]
