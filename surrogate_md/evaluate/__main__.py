@@ -23,9 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a training run")
     p.add_argument("--data", type=Path, nargs="+", required=True,
                    help="dataset file(s) of the system the model was trained on")
-    p.add_argument("--out", type=Path, required=True, help="output directory for the report")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory for report.md, metrics.json and the plots")
     p.add_argument("--split", choices=SPLITS, default="test",
-                   help="windows to score, cut as in training (default: test)")
+                   help="windows to score: test, val or train are cut as in training and need "
+                        "the training files in the training order; all: the windows of all three "
+                        "splits, from any files (default: test)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="s2t",
                    help="s2t: the trained output grid; s2s: only the end of the jump")
     p.add_argument("--rollout-jumps", type=int, default=10,

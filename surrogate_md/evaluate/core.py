@@ -1,8 +1,10 @@
 """Evaluate a checkpoint on a dataset: errors, rollouts and physical validity, with baselines.
 
 Windows are cut exactly as in training (the checkpoint records its data config and seed), so
-``split="test"`` on the training file is the held-out test split. The ``constant`` and
-``linear`` floors are always evaluated on the same windows.
+``split="test"`` on the training files, given in the training order, is the held-out test split;
+other files, a subset or another order would re-cut the split with training windows in it, and
+are refused (``split="all"`` scores the windows of all three splits, from any files). The
+``constant`` and ``linear`` floors are always evaluated on the same windows.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 
 from surrogate_md import metrics as M
 from surrogate_md.data import keys as K
-from surrogate_md.data.windows import WindowDataset, batch_to
+from surrogate_md.data.h5md import open_trajectory
+from surrogate_md.data.windows import Protocol, WindowDataset, batch_to
 from surrogate_md.errors import ConfigError, DataError
 from surrogate_md.fileio import atomic_write_text
 from surrogate_md.models import build_model
@@ -48,10 +51,14 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         checkpoint: ``best.pt``/``last.pt``.
         data: dataset file(s) of the system the model was trained on.
         out_dir: output directory (created; existing reports are refused unless ``overwrite``).
-        split: windows to score: ``test`` | ``val`` | ``train`` (cut as in training) or ``all``.
+        split: windows to score: ``test`` | ``val`` | ``train`` (cut as in training, which needs
+            the training run's files in the training order: anything else is refused) or
+            ``all`` (the windows of all three splits, from any files).
         protocol: ``s2t`` (the trained output grid, F-MSE and A-MSE) or ``s2s`` (only the end of
             the jump, taken from the prediction on the trained grid).
         rollout_jumps: jumps per rollout (0 = no rollout); limited by the trajectory length.
+            A rollout that diverges (non-finite positions, or a state the model refuses as
+            input) is cut at that jump and recorded; the rest of the evaluation goes on.
         n_rollouts: rollouts started from windows spread over the split.
         max_windows: score at most this many windows (evenly spaced) of the split.
         transfer: ``data`` holds another system, or the same molecule in another force field or
@@ -73,30 +80,38 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         raise ConfigError(f"max_windows (--max-windows) must be >= 1, got {max_windows}; leave "
                           "it out to score every window of the split")
     out = Path(out_dir)
-    if (out / "report.md").exists() and not overwrite:
-        raise ConfigError(f"{out}: already holds a report; pass --overwrite or choose another "
-                          "--out")
+    _check_out_dir(out, overwrite)
     sur = Surrogate.load(checkpoint, device=device)
-    prov = sur.meta.get("provenance", {})
+    prov = sur.meta.get("provenance") or {}
     paths = [str(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
+    given = [_file_info(p, identity=bool(prov.get("data_identity"))) for p in paths]
+    if not transfer:  # another system is the first thing to tell, before any split question
+        sur.check_atomic_numbers(given[0]["atomic_numbers"], given[0]["atom_names"])
     dc = dict(prov.get("data_config") or _data_config_from_protocol(sur))
     dc["path"] = paths
+    if dc.get("protocol") == "history" and dc.get("history_stride_ps") is None:
+        # recorded as "one saved frame": in data saved at another interval that is another
+        # stride; the model's stride in ps is what its input must have
+        dc["history_stride_ps"] = sur.history_stride_ps
     seed = int(prov.get("run_config", {}).get("train", {}).get("data_seed", 0))
-    prepared = prepare_data(data_config_from_dict(dc, str(checkpoint)), seed=seed)
+    data_cfg = data_config_from_dict(dc, str(checkpoint))
+    try:  # the time grid first: data that cannot give it is the problem, not the split
+        Protocol.from_ps(data_cfg.protocol, data_cfg.jump_ps, data_cfg.n_out,
+                         given[0]["interval_ps"], history=data_cfg.history,
+                         history_stride_ps=data_cfg.history_stride_ps)
+    except ConfigError as exc:
+        raise _grid_error(sur, checkpoint, given[0], exc) from None
+    warnings = _check_files_against_training(checkpoint, prov, given, split)
+    try:
+        prepared = prepare_data(data_cfg, seed=seed)
+    except ConfigError as exc:  # the time grid fits (above): something else in the recipe
+        raise _grid_error(sur, checkpoint, given[0], exc, interval_is_the_cause=False) from None
     try:
         if transfer:
             selection, graph, rollout_jumps = prepared.selection, prepared.graph, 0
-            trained_v = sur.meta["protocol"].get("velocity_source")
-            if trained_v and trained_v != prepared.velocity_source:
-                log.warning("%s: velocities here are %s, the model was trained on %s velocities",
-                            paths[0], prepared.velocity_source, trained_v)
         else:
-            sur.check_atomic_numbers(prepared.topology.atomic_numbers,
-                                     prepared.topology.atom_names)
             selection, graph = sur.selection, sur.graph
-        if abs(prepared.protocol.jump_frames * prepared.interval_ps - sur.jump_ps) > 1e-6:
-            raise DataError(f"{paths[0]}: the jump cut from this file differs from the "
-                            f"checkpoint's {sur.jump_ps} ps")
+        warnings += _velocity_warnings(sur, prepared, paths)
         windows = (np.concatenate([prepared.windows[k] for k in ("train", "val", "test")])
                    if split == "all" else prepared.windows[split])
         if max_windows is not None and len(windows) > max_windows:
@@ -105,29 +120,254 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
             raise DataError(f"{paths[0]}: the {split} split has no windows; use --split all or "
                             "a longer trajectory")
         ds = WindowDataset(prepared.files, windows, prepared.protocol, selection, graph)
+        _check_time_grid(sur, ds, prepared, paths[0], checkpoint)
         result: dict[str, Any] = {
             "checkpoint": str(checkpoint), "checkpoint_hash": sur.checkpoint_hash,
             "model": sur.name, "data": paths, "split": split, "protocol": protocol,
             "transfer": transfer, "n_nodes": int(selection.n_nodes),
             "velocity_source": prepared.velocity_source,
+            "model_velocity_source": sur.meta["protocol"].get("velocity_source"),
+            "interval_ps": float(prepared.interval_ps),
+            "model_interval_ps": sur.meta["protocol"].get("interval_ps"),
             "n_windows": int(len(windows)), "jump_ps": sur.jump_ps,
+            "history_stride_ps": (float(prepared.protocol.history_stride * prepared.interval_ps)
+                                  if sur.needs_history else None),
             "metric_definition": M.METRIC_DEFINITION,
             "training_metrics": sur.meta.get("metrics", {}),
         }
         result["errors"] = _window_errors(sur, ds, protocol, batch_size)
         if rollout_jumps:
             result["rollout"] = _rollouts(sur, ds, prepared, rollout_jumps, n_rollouts)
+            warnings += [f"rollout {r['rollout']} ({Path(r['data']).name}, start frame "
+                         f"{r['start_frame']}): {r['divergence']}"
+                         for r in result["rollout"].get("rollouts", []) if r["divergence"]]
     finally:
         prepared.close()
-    from surrogate_md.evaluate.report import write_plots, write_report
+    result["warnings"] = warnings
+    from surrogate_md.evaluate.report import PLOT_NAMES, write_plots, write_report
 
     out.mkdir(parents=True, exist_ok=True)  # only now: a failed evaluation leaves no directory
     if plots:
         result["plots"] = write_plots(result, out)
+    for name in set(PLOT_NAMES) - set(result.get("plots", [])):
+        (out / name).unlink(missing_ok=True)  # an earlier run's plot would pass for this one's
     atomic_write_text(out / "metrics.json", json.dumps(_jsonable(result), indent=2) + "\n")
     write_report(result, out / "report.md")
     log.info("evaluation written to %s", out)
     return result
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output location the report cannot go to, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a directory; --out names the directory "
+                          "for report.md, metrics.json and the plots: choose another --out")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{out}: {parent} is a file, not a directory; choose another "
+                                  "--out")
+            break
+    if (out / "report.md").exists() and not overwrite:
+        raise ConfigError(f"{out}: already holds a report; pass --overwrite or choose another "
+                          "--out")
+
+
+def _file_info(path: str, identity: bool = False) -> dict[str, Any]:
+    """What the checks before the data preparation need of one dataset file (with
+    ``identity``: its content identity, as the training run recorded it)."""
+    with open_trajectory(path) as f:
+        info = {"path": path, "metadata": f.metadata, "interval_ps": f.interval_ps,
+                "atomic_numbers": f.topology.atomic_numbers,
+                "atom_names": f.topology.atom_names}
+        if identity:  # recorded only by versions that have it
+            from surrogate_md.train.data import data_identity
+
+            info["identity"] = data_identity(f)
+        return info
+
+
+def _resolved(path: str | os.PathLike) -> str:
+    return os.path.realpath(os.path.expanduser(str(path)))
+
+
+def _content_difference(trained: dict[str, Any], given: dict[str, Any]) -> str | None:
+    """None if ``given`` (a :func:`_file_info`) holds the content recorded in ``trained``
+    ({"metadata": ..., "identity": ...}, either may be None), else what differs. The content
+    identity decides where it was recorded (it covers the metadata too); the metadata say best
+    what changed."""
+    ident, meta, now = trained.get("identity"), trained.get("metadata"), given["metadata"]
+    said = ""
+    if ident is not None and given.get("identity") is not None:
+        keys = [k for k in ("n_frames", "fields", "sha256")
+                if ident.get(k) != given["identity"].get(k)]
+        if not keys:
+            return None
+        said = "; ".join(f"{k}: {ident.get(k)!r} at training, {given['identity'].get(k)!r} now"
+                         for k in keys[:2])
+    elif meta is None or meta == now:
+        return None
+    if meta is not None and meta != now:
+        keys = sorted(k for k in set(meta) | set(now) if meta.get(k) != now.get(k))
+        said = "; ".join(f"metadata {k}: {meta.get(k)!r} at training, {now.get(k)!r} now"
+                         for k in keys[:3])
+    return said
+
+
+def _check_files_against_training(checkpoint, prov: dict[str, Any],
+                                  given: list[dict[str, Any]], split: str) -> list[str]:
+    """Refuse a re-cut split on other files than the training run's, in another order or a
+    subset of them (the cut depends on the files and their order: training windows would land
+    in the test split); return warnings for scores that include training windows.
+
+    A given file is a training file if it is the same path (or the same file name, moved) and
+    holds the recorded content: its content identity (``data_identity``: frame count, fields
+    and a hash of metadata, time axis and sampled frames) where the checkpoint recorded it,
+    else its metadata (engine, seed, source, interval...). A file rewritten at the same path is
+    another file.
+    """
+    data_config = prov.get("data_config")
+    trained = prov.get("data_files") or (data_config or {}).get("path") or []
+    trained = [str(t) for t in ([trained] if isinstance(trained, str) else trained)]
+
+    def recorded(key: str) -> list:
+        values = prov.get(key)
+        ok = isinstance(values, list) and len(values) == len(trained)
+        return values if ok else [None] * len(trained)
+
+    content = [{"metadata": m, "identity": i}
+               for m, i in zip(recorded("data_metadata"), recorded("data_identity"))]
+    if split != "all" and not data_config:
+        raise ConfigError(
+            f"{checkpoint}: its provenance records no data_config (the data files, split and "
+            f"seed of its training run), so its {split} split cannot be re-cut: any split made "
+            "up here could hold the windows it was trained on. Evaluate with --split all (the "
+            "windows of all three splits; held out only if the model never saw those files)")
+
+    def match(info: dict[str, Any]) -> tuple[int | None, str]:
+        """(index of the training file it is, or None; why not)."""
+        why = "not one of the training files"
+        for j, path in enumerate(trained):
+            differ = _content_difference(content[j], info)
+            if _resolved(path) == _resolved(info["path"]):
+                if differ is None:
+                    return j, ""
+                why = (f"the training file's path, but not its content ({differ}): rewritten "
+                       "since")
+            elif (Path(path).name == Path(info["path"]).name and differ is None
+                  and any(content[j].values())):
+                return j, ""
+        return None, why
+
+    matches = [match(info) for info in given]
+    names = [Path(info["path"]).name for info in given]
+    if split != "all" and [j for j, _ in matches] != list(range(len(trained))):
+        notes = [f"{info['path']}: {why}" for info, (j, why) in zip(given, matches)
+                 if j is None]
+        notes += [f"{info['path']}: training file {j + 1}, given as file {i + 1}"
+                  for i, (info, (j, _)) in enumerate(zip(given, matches))
+                  if j is not None and j != i]
+        found = {j for j, _ in matches}
+        given_paths = {_resolved(info["path"]) for info in given}
+        notes += [f"{t}: not given" for k, t in enumerate(trained)
+                  if k not in found and _resolved(t) not in given_paths]
+        raise ConfigError(
+            f"{checkpoint}: --split {split} re-cuts the training run's windows, which depend on "
+            f"its data files and their order; it was trained on [{', '.join(trained)}] in this "
+            f"order, and was given [{', '.join(info['path'] for info in given)}] "
+            f"({'; '.join(notes)}). Windows cut from other files, a subset or another order "
+            "put training windows into the test split. Give --data "
+            f"{' '.join(trained)} (the same files in the same order), or score the windows of "
+            "all three splits with --split all (training windows included)")
+    seen = [n for n, (j, _) in zip(names, matches) if j is not None]
+    warnings = []
+    if split == "all" and seen:
+        warnings.append(f"--split all scores the training and validation windows of "
+                        f"{', '.join(seen)} too, which the model was trained on: these are not "
+                        "held-out errors (--split test is)")
+    elif split == "all" and not trained:
+        warnings.append(f"{checkpoint} records no training data files: whether these windows "
+                        "were trained on cannot be told")
+    elif split == "train":
+        warnings.append("--split train scores the windows the model was trained on: these are "
+                        "not held-out errors (--split test is)")
+    for w in warnings:
+        log.warning("%s", w)
+    return warnings
+
+
+def _velocity_warnings(sur: Surrogate, prepared, paths: list[str]) -> list[str]:
+    """The input velocities must be of the kind the model was trained on: velocities stored in
+    the file, or finite differences over one saved frame (which depend on that interval)."""
+    trained = sur.meta["protocol"].get("velocity_source")
+    trained_iv = sur.meta["protocol"].get("interval_ps")
+    here, iv = prepared.velocity_source, prepared.interval_ps
+    warnings = []
+    if trained and trained != here:
+        how = {"file": "velocities stored in the file", "finite_difference":
+               "finite differences of positions one saved frame apart"}
+        warnings.append(f"{', '.join(paths)}: the velocities here are {how.get(here, here)} "
+                        f"(frames every {iv:g} ps), the model was trained on "
+                        f"{how.get(trained, trained)}: its inputs differ from training")
+    elif (here == "finite_difference" and trained_iv is not None
+          and abs(float(trained_iv) - iv) > 1e-9 * max(abs(iv), 1.0)):
+        warnings.append(f"{', '.join(paths)}: velocities are finite differences over this data's "
+                        f"saved-frame interval {iv:g} ps, the model's were over "
+                        f"{float(trained_iv):g} ps: they are not the velocities it was trained on")
+    for w in warnings:
+        log.warning("%s", w)
+    return warnings
+
+
+def _check_time_grid(sur: Surrogate, ds: WindowDataset, prepared, path: str, checkpoint
+                     ) -> None:
+    """The windows must carry the time offsets the model was trained on: its output grid and
+    (history models) its history stride, as recorded in the checkpoint's protocol. The windows
+    are cut by the recorded data config; a checkpoint whose data config and protocol disagree
+    (edited, or from another version) would otherwise be scored at the wrong times."""
+    where = (f"{path}: windows cut from frames every {prepared.interval_ps:g} ps (training data: "
+             f"every {_trained_interval(sur)} ps) with {checkpoint}'s recorded data config")
+    fix = ("; the model answers only at its trained times: if the data's interval differs "
+           "from training, use data saved at the training interval, otherwise the checkpoint's "
+           "data_config and protocol disagree: use the best.pt/last.pt its training run wrote")
+    if len(ds.times_ps) != len(sur.times_ps) or not np.allclose(ds.times_ps, sur.times_ps,
+                                                                 rtol=1e-6, atol=1e-9):
+        raise DataError(f"{where} have outputs at {_ps_list(ds.times_ps)} ps, the model's "
+                        f"trained grid is {_ps_list(sur.times_ps)} ps{fix}")
+    stride = prepared.protocol.history_stride * prepared.interval_ps
+    if sur.needs_history and abs(stride - sur.history_stride_ps) > 1e-6:
+        raise DataError(f"{where} have history frames {stride:g} ps apart, the model's are "
+                        f"{sur.history_stride_ps:g} ps apart{fix}")
+
+
+def _grid_error(sur: Surrogate, checkpoint, info: dict[str, Any], exc: Exception,
+                interval_is_the_cause: bool = True) -> ConfigError:
+    """The data cannot be cut into the windows the checkpoint was trained on: say which file,
+    its interval, and the checkpoint's time grid (the underlying messages speak of training
+    configs)."""
+    msg = (f"{info['path']}: frames saved every {info['interval_ps']:g} ps cannot be cut into "
+           f"the windows of {checkpoint}, which jumps {sur.jump_ps:g} ps with outputs at "
+           f"{_ps_list(sur.times_ps)} ps{_history_note(sur)} ({exc})")
+    if interval_is_the_cause:
+        msg += ("; every one of these times must be a whole number of saved frames and the "
+                f"jump a whole number of output steps: evaluate on data saved every "
+                f"{_trained_interval(sur)} ps (the training data's interval) or a divisor of it")
+    return ConfigError(msg)
+
+
+def _ps_list(times) -> str:
+    return "[" + ", ".join(f"{float(t):g}" for t in times) + "]"
+
+
+def _history_note(sur: Surrogate) -> str:
+    if not sur.needs_history:
+        return ""
+    return f" and history frames {sur.history_stride_ps:g} ps apart"
+
+
+def _trained_interval(sur: Surrogate) -> str:
+    iv = sur.meta["protocol"].get("interval_ps")
+    return "?" if iv is None else f"{float(iv):g}"
 
 
 def _data_config_from_protocol(sur: Surrogate) -> dict[str, Any]:
@@ -184,7 +424,7 @@ def _rollouts(sur: Surrogate, ds: WindowDataset, prepared, rollout_jumps: int,
     pick = fits[np.unique(np.linspace(0, len(fits) - 1, min(n_rollouts, len(fits))).astype(int))]
     n_frames = n_jumps * p.n_out
     atoms = sur.model_atoms
-    pos, vel, hist, ref = [], [], [], []
+    pos, vel, hist, ref, starts = [], [], [], [], []
     for i in pick:
         item = ds[int(i)]
         fi, t0 = ds.windows[i]
@@ -194,24 +434,120 @@ def _rollouts(sur: Surrogate, ds: WindowDataset, prepared, rollout_jumps: int,
             hist.append(item[K.HIST].reshape(len(item[K.HIST]), -1, 3))
         offsets = int(t0) + spacing * np.arange(1, n_frames + 1)
         ref.append(prepared.files[fi].read(offsets)[:, atoms])
+        starts.append((str(prepared.files[fi].path), int(t0)))
     pos, vel, ref = np.stack(pos), np.stack(vel), np.stack(ref)  # (R, ...), ref (R, F, A, 3)
-    frames, times = sur.rollout(pos, vel, np.stack(hist) if hist else None, n_jumps=n_jumps)
+    frames, diverged = _guarded_rollout(sur, pos, vel, np.stack(hist) if hist else None,
+                                        n_jumps)
+    times = np.concatenate([k * sur.jump_ps + sur.times_ps for k in range(n_jumps)])
     t = times.reshape(1, -1, 1, 1)
+    # a diverged rollout's frames are NaN from its bad jump on, and so is the mean there: its
+    # error is unbounded, and a mean over the rollouts that survived would hide that
     curves = {sur.name: M.per_frame_sq_error(frames, ref).mean(0),
               "constant": M.per_frame_sq_error(np.broadcast_to(pos[:, None], ref.shape),
                                                ref).mean(0),
               "linear": M.per_frame_sq_error(pos[:, None] + vel[:, None] * t, ref).mean(0)}
+    rollouts = []
+    for r, ((path, t0), (jump, reason)) in enumerate(zip(starts, diverged)):
+        at = None if jump is None else float(jump * sur.jump_ps)
+        rollouts.append({"rollout": r + 1, "data": path, "start_frame": t0,
+                         "diverged_at_jump": jump, "diverged_at_ps": at,
+                         "divergence": None if jump is None else
+                         f"diverged at jump {jump} ({at:g} ps): {reason}"})
+    for r in rollouts:
+        if r["divergence"]:
+            log.warning("rollout %d (%s, start frame %d): %s", r["rollout"], r["data"],
+                        r["start_frame"], r["divergence"])
     result = {"n_rollouts": int(len(pick)), "n_jumps": int(n_jumps),
               "times_ps": times.tolist(),
-              "mse_vs_time": {k: v.tolist() for k, v in curves.items()}}
-    result["validity"] = _validity(sur, prepared, frames.reshape(-1, len(atoms), 3),
-                                   ref.reshape(-1, len(atoms), 3))
+              "mse_vs_time": {k: v.tolist() for k, v in curves.items()},
+              "n_diverged": sum(j is not None for j, _ in diverged), "rollouts": rollouts}
+    pred = frames.reshape(-1, len(atoms), 3)
+    finite = np.isfinite(pred).all(axis=(1, 2))
+    if finite.any():
+        result["validity"] = _validity(sur, prepared, pred[finite], ref.reshape(-1, len(atoms), 3))
+    else:
+        result["validity"] = {"skipped": "every rollout diverged in its first jump"}
     return result
+
+
+def _guarded_rollout(sur: Surrogate, pos: np.ndarray, vel: np.ndarray, hist: np.ndarray | None,
+                     n_jumps: int) -> tuple[np.ndarray, list[tuple[int | None, str]]]:
+    """Roll out R states (R, A, 3), cutting each rollout at the first jump whose end state is
+    non-finite or refused by the model as its next input (DataError).
+
+    Returns:
+        frames (R, n_jumps * P, A, 3) Å, NaN from a diverged rollout's bad jump on; and per
+        rollout (the bad jump, 1-based, or None; why).
+    Raises:
+        DataError: the model refuses a rollout's first input (the reference frame): that is a
+        problem of the data, not a divergence.
+    """
+    n_out = len(sur.times_ps)
+    try:
+        frames, _ = sur.rollout(pos, vel, hist, n_jumps=n_jumps)
+        ran = [(f, n_jumps, "") for f in frames]
+    except DataError:  # which rollout and which jump? one at a time, bisecting the jumps
+        ran = [_longest_rollout(sur, pos[r:r + 1], vel[r:r + 1],
+                                None if hist is None else hist[r:r + 1], n_jumps)
+               for r in range(len(pos))]
+    out = np.full((len(pos), n_jumps * n_out) + pos.shape[1:], np.nan)
+    diverged: list[tuple[int | None, str]] = []
+    for r, (f, done, refused) in enumerate(ran):
+        finite = np.isfinite(f.reshape(done, -1)).all(axis=1)  # per jump
+        if not finite.all():
+            bad, why = int(np.argmin(finite)) + 1, "non-finite positions"
+        elif done < n_jumps:  # jump done + 1 refused its input, the end state of jump done
+            bad, why = done, f"the model refused its end state as the next input ({refused})"
+        else:
+            bad, why = None, ""
+        keep = n_jumps if bad is None else bad - 1
+        out[r, :keep * n_out] = f[:keep * n_out]
+        diverged.append((bad, why))
+    return out, diverged
+
+
+def _longest_rollout(sur: Surrogate, pos: np.ndarray, vel: np.ndarray, hist: np.ndarray | None,
+                     n_jumps: int) -> tuple[np.ndarray, int, str]:
+    """(frames (k * P, A, 3), k, the refusal) of the longest rollout of one state (1, A, 3) the
+    model accepts every input of, k <= n_jumps. Jumps are deterministic, so a rollout of k
+    jumps is the first k jumps of a longer one and the longest one is found by bisection."""
+
+    def attempt(k: int) -> np.ndarray | DataError:
+        try:
+            return sur.rollout(pos, vel, hist, n_jumps=k)[0][0]
+        except DataError as exc:
+            return exc
+
+    first = attempt(1)
+    if isinstance(first, DataError):
+        raise first  # the first input is the reference frame, not a prediction
+    best, good, bad = first, 1, n_jumps + 1
+    refused = ""
+    while bad - good > 1:
+        k = (good + bad) // 2 if bad <= n_jumps else n_jumps
+        got = attempt(k)
+        if isinstance(got, DataError):
+            bad, refused = k, str(got)
+        else:
+            best, good = got, k
+    return best, good, refused
+
+
+def _spread(values: np.ndarray, limit: int = 20000) -> list[float]:
+    """At most ``limit`` of ``values`` (frames, n) for the plots: whole frames evenly spaced over
+    all of them (rollout-major frames: every rollout, early and late)."""
+    values = np.asarray(values).reshape(len(values), -1)
+    per_frame = max(values.shape[1], 1)
+    if values.size > limit:
+        keep = np.unique(np.linspace(0, len(values) - 1, max(1, limit // per_frame)).astype(int))
+        values = values[keep]
+    return values.ravel().tolist()
 
 
 def _validity(sur: Surrogate, prepared, pred: np.ndarray, ref: np.ndarray,
               max_frames: int = 40) -> dict[str, Any]:
-    """Physical validity of predicted frames vs reference frames (both (F, atoms, 3) Å)."""
+    """Physical validity of predicted frames vs reference frames ((F, atoms, 3) Å each; the
+    counts may differ: frames of diverged rollouts are left out of ``pred``)."""
     v = sur.validity
     out: dict[str, Any] = {}
     sub = prepared.topology.subset(sur.model_atoms)
@@ -227,14 +563,12 @@ def _validity(sur: Surrogate, prepared, pred: np.ndarray, ref: np.ndarray,
             "reference_mean": float(dev_ref.mean()), "reference_max": float(dev_ref.max()),
             "collapsed_fraction": float((dev_pred.max(1) > COLLAPSE_A).mean()),
             "tolerance_A": None if v is None else v.bond_tolerance_A,
-            "model_values": dev_pred.ravel()[:20000].tolist(),
-            "reference_values": dev_ref.ravel()[:20000].tolist()}
-    step = max(1, len(pred) // max_frames)
+            "model_values": _spread(dev_pred), "reference_values": _spread(dev_ref)}
+    pred_s = pred[::max(1, len(pred) // max_frames)]
+    ref_s = ref[::max(1, len(ref) // max_frames)]
     excluded = excluded_pairs(bonds, pred.shape[-2])
-    dmin_pred = np.array([min_nonbonded_distance(f, bonds, excluded=excluded)
-                          for f in pred[::step]])
-    dmin_ref = np.array([min_nonbonded_distance(f, bonds, excluded=excluded)
-                         for f in ref[::step]])
+    dmin_pred = np.array([min_nonbonded_distance(f, bonds, excluded=excluded) for f in pred_s])
+    dmin_ref = np.array([min_nonbonded_distance(f, bonds, excluded=excluded) for f in ref_s])
     threshold = v.min_distance_A if v is not None else 0.0
     out["min_nonbonded_distance_A"] = {
         "model_min": float(dmin_pred.min()), "reference_min": float(dmin_ref.min()),
@@ -248,34 +582,49 @@ def _validity(sur: Surrogate, prepared, pred: np.ndarray, ref: np.ndarray,
             "model_frames_with_break": float((M.chain_breaks(pred, ca, CHAIN_BREAK_A) > 0).mean()),
             "reference_frames_with_break": float(
                 (M.chain_breaks(ref, ca, CHAIN_BREAK_A) > 0).mean())}
-    bins = np.linspace(0.0, 20.0, 201)
-    h_pred = M.distance_histogram(pred[::step], bins)
-    h_ref = M.distance_histogram(ref[::step], bins)
-    out["distance_histogram"] = {"mae": float(np.abs(h_pred - h_ref).mean()),
-                                 "bin_width_A": 0.1, "max_A": 20.0}
+    max_A = 20.0
+    bins = np.linspace(0.0, max_A, 201)
+    beyond_pred = M.fraction_pairs_beyond(pred_s, max_A)
+    beyond_ref = M.fraction_pairs_beyond(ref_s, max_A)
+    out["distance_histogram"] = {
+        "mae": float(np.abs(M.distance_histogram(pred_s, bins)
+                            - M.distance_histogram(ref_s, bins)).mean()),
+        "bin_width_A": 0.1, "max_A": max_A,
+        # the MAE compares h(r) inside max_A only (see M.distance_histogram): the pairs it
+        # drops tell a structure that blew apart
+        "model_fraction_beyond_max": beyond_pred, "reference_fraction_beyond_max": beyond_ref,
+        "fraction_beyond_max_difference": beyond_pred - beyond_ref}
     quads = M.backbone_torsion_atoms(prepared.topology, sur.model_atoms)
     if len(quads["phi"]) and len(quads["psi"]):
-        res_phi = {tuple(q[1:3]) for q in quads["phi"].tolist()}
         pairs = [(a, b) for a, qa in enumerate(quads["phi"].tolist())
                  for b, qb in enumerate(quads["psi"].tolist()) if tuple(qa[1:3]) == tuple(qb[:2])]
-        if pairs and res_phi:
+        if pairs:
             ia, ib = np.array(pairs).T
             phi_p, psi_p = (M.torsions(pred, quads["phi"])[:, ia],
                             M.torsions(pred, quads["psi"])[:, ib])
             phi_r, psi_r = M.torsions(ref, quads["phi"])[:, ia], M.torsions(ref, quads["psi"])[:, ib]
+            half = len(ref) // 2
             out["torsions"] = {
-                "n_residues": int(len(pairs)),
-                "js_phi_psi": M.js_divergence(M.torsion_histogram(phi_p, psi_p),
-                                              M.torsion_histogram(phi_r, psi_r)),
-                "js_phi": M.js_divergence(np.histogram(phi_p, 36, (-180, 180))[0],
-                                          np.histogram(phi_r, 36, (-180, 180))[0]),
-                "js_psi": M.js_divergence(np.histogram(psi_p, 36, (-180, 180))[0],
-                                          np.histogram(psi_r, 36, (-180, 180))[0]),
-                "model_phi": phi_p.ravel()[:20000].tolist(),
-                "model_psi": psi_p.ravel()[:20000].tolist(),
-                "reference_phi": phi_r.ravel()[:20000].tolist(),
-                "reference_psi": psi_r.ravel()[:20000].tolist()}
+                "n_residues": int(len(pairs)), **_torsion_js(phi_p, psi_p, phi_r, psi_r),
+                # a floor for the above: two samples of the same MD differ by this much when
+                # the sample is short (first vs second half of the reference frames)
+                "reference_split_half": _torsion_js(phi_r[:half], psi_r[:half],
+                                                    phi_r[half:], psi_r[half:]),
+                "model_phi": _spread(phi_p), "model_psi": _spread(psi_p),
+                "reference_phi": _spread(phi_r), "reference_psi": _spread(psi_r)}
     return out
+
+
+def _torsion_js(phi_a: np.ndarray, psi_a: np.ndarray, phi_b: np.ndarray, psi_b: np.ndarray
+                ) -> dict[str, float]:
+    """Jensen-Shannon divergences (nats) of two (phi, psi) samples, degrees (frames, residues)."""
+    def hist1(x: np.ndarray) -> np.ndarray:
+        return np.histogram(x, 36, (-180, 180))[0]
+
+    return {"js_phi_psi": M.js_divergence(M.torsion_histogram(phi_a, psi_a),
+                                          M.torsion_histogram(phi_b, psi_b)),
+            "js_phi": M.js_divergence(hist1(phi_a), hist1(phi_b)),
+            "js_psi": M.js_divergence(hist1(psi_a), hist1(psi_b))}
 
 
 def _jsonable(value: Any) -> Any:

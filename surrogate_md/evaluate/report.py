@@ -10,6 +10,10 @@ import numpy as np
 from surrogate_md.fileio import atomic_write_text, save_figure
 from surrogate_md.metrics import METRIC_DEFINITION
 
+# every plot an evaluation can write: a rerun into the same directory removes those it did not
+# write this time, so an old plot never sits beside a new report
+PLOT_NAMES = ("error_per_offset.png", "rollout_error.png", "bond_deviation.png", "torsions.png")
+
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
@@ -79,11 +83,18 @@ def write_plots(result: dict[str, Any], out: Path) -> list[str]:
     return written
 
 
+def _velocities(source: str | None, interval_ps: float | None) -> str:
+    kind = {"file": "stored in the file",
+            "finite_difference": "finite differences of positions one frame apart"}.get(
+        source or "", "unknown")
+    return kind + ("" if interval_ps is None else f" (frames every {interval_ps:g} ps)")
+
+
 def _fmt(x: Any) -> str:
     if x is None:
         return "n/a"
     if isinstance(x, float):
-        return f"{x:.4g}"
+        return f"{x:.4g}" if np.isfinite(x) else "n/a"
     return str(x)
 
 
@@ -93,10 +104,17 @@ def write_report(result: dict[str, Any], path: Path) -> Path:
              f"- checkpoint hash: `{result['checkpoint_hash']}`",
              f"- data: {', '.join(Path(p).name for p in result['data'])}; split "
              f"`{result['split']}`, {result['n_windows']} windows; protocol "
-             f"`{result['protocol']}`; jump {result['jump_ps']:g} ps", ""]
+             f"`{result['protocol']}`; jump {result['jump_ps']:g} ps",
+             f"- input velocities: "
+             f"{_velocities(result.get('velocity_source'), result.get('interval_ps'))}; "
+             f"the model's training velocities: "
+             f"{_velocities(result.get('model_velocity_source'), result.get('model_interval_ps'))}",
+             ""]
     if result.get("transfer"):
         lines[-1:-1] = [f"- transfer: {result['n_nodes']} nodes selected afresh in this data by "
-                        f"the training recipe (velocities: {result['velocity_source']})"]
+                        "the training recipe"]
+    if result.get("warnings"):
+        lines += ["## Warnings", ""] + [f"- {w}" for w in result["warnings"]] + [""]
     err = result["errors"]
     lines += ["## One-jump errors", "",
               f"Metric: {METRIC_DEFINITION}. (ESTAG's tables average over the three coordinates "
@@ -121,9 +139,16 @@ def write_report(result: dict[str, Any], path: Path) -> Path:
                   "|---|" + "---|" * len(marks)]
         for name, curve in roll["mse_vs_time"].items():
             lines.append(f"| {name} | " + " | ".join(_fmt(curve[i]) for i in marks) + " |")
+        gone = [r for r in roll.get("rollouts", []) if r["divergence"]]
+        if gone:
+            lines += ["", f"{len(gone)} of {roll['n_rollouts']} rollouts diverged; their frames "
+                      "from the bad jump on are left out (the mean error there is n/a):", ""]
+            lines += [f"- rollout {r['rollout']} ({Path(r['data']).name}, start frame "
+                      f"{r['start_frame']}): {r['divergence']}" for r in gone]
         val = roll.get("validity", {})
-        lines += ["", "## Physical validity of the rollout frames", "",
-                  "| measure | model | reference MD |", "|---|---|---|"]
+        lines += ["", "## Physical validity of the rollout frames", ""]
+        lines += ([f"Not measured: {val['skipped']}."] if "skipped" in val else
+                  ["| measure | model | reference MD |", "|---|---|---|"])
         b = val.get("bond_deviation_A")
         if b:
             lines += [f"| mean bond-length deviation from training mean (Å) | "
@@ -146,14 +171,27 @@ def write_report(result: dict[str, Any], path: Path) -> Path:
                          f"{_fmt(c['reference_frames_with_break'])} |")
         h = val.get("distance_histogram")
         if h:
-            lines.append(f"| pairwise-distance histogram h(r) MAE vs reference (0.1 Å bins) | "
-                         f"{_fmt(h['mae'])} | 0 |")
+            lines.append(f"| pairwise-distance histogram h(r) MAE vs reference (0.1 Å bins, "
+                         f"pairs within {h['max_A']:g} Å only) | {_fmt(h['mae'])} | 0 |")
+            if "model_fraction_beyond_max" in h:
+                lines.append(f"| fraction of atom pairs beyond {h['max_A']:g} Å (not in h(r); "
+                             f"model - reference: "
+                             f"{_fmt(h['fraction_beyond_max_difference'])}) | "
+                             f"{_fmt(h['model_fraction_beyond_max'])} | "
+                             f"{_fmt(h['reference_fraction_beyond_max'])} |")
         t = val.get("torsions")
         if t:
+            floor = t.get("reference_split_half") or {}
             lines += [f"| backbone (phi, psi) Jensen-Shannon divergence (nats, 36x36 bins) | "
-                      f"{_fmt(t['js_phi_psi'])} | 0 |",
+                      f"{_fmt(t['js_phi_psi'])} | {_fmt(floor.get('js_phi_psi', 0.0))} * |",
                       f"| phi / psi JS divergence (nats, 36 bins) | {_fmt(t['js_phi'])} / "
-                      f"{_fmt(t['js_psi'])} | 0 |"]
+                      f"{_fmt(t['js_psi'])} | {_fmt(floor.get('js_phi', 0.0))} / "
+                      f"{_fmt(floor.get('js_psi', 0.0))} * |",
+                      "", "\\* The reference-MD column for the JS divergences is the sampling "
+                      "floor: the first half of the reference frames against the second half "
+                      "(half the sample each). Two samples of the same MD this short differ "
+                      "by about this much; a model value near it is as close as the sample can "
+                      "tell."]
     elif roll:
         lines += ["", f"Rollout skipped: {roll.get('skipped')}."]
     tm = result.get("training_metrics") or {}
