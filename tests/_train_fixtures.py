@@ -11,6 +11,9 @@ Files are generated once per test session under pytest's base temporary director
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +129,16 @@ def tiny_config(data_path: Path, model: str = "egno", **sections) -> dict:
     for key, value in sections.items():
         cfg[key].update(value)
     return cfg
+
+
+def torchrun_train(config: dict, run: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Train ``config`` into ``run`` with two CPU processes (torchrun, gloo), one thread each."""
+    import yaml
+
+    cfg_file = run.parent / f"{run.name}.yaml"
+    cfg_file.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "-m", "surrogate_md.train", "--config",
+                           str(cfg_file), "--out", str(run), "--device", "cpu", *extra],
+                          capture_output=True, text=True, timeout=400, env=env)

@@ -8,15 +8,11 @@ recorded instead of run, and its collectives with a tensor device the spy can se
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from _train_fixtures import cached, make_alanine_dipeptide, tiny_config
+from _train_fixtures import cached, make_alanine_dipeptide, tiny_config, torchrun_train
 
 import surrogate_md.train.loop as loop
 from surrogate_md.metrics import ErrorSums
@@ -132,14 +128,8 @@ def test_ddp_train_metrics_count_every_window_once(ala, tmp_path):
 
     cfg = tiny_config(ala, "egnn", data={"counts": [47, 8, 8]},
                       train={"epochs": 1, "batch_size": 4, "lr": 1e-12})
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", "-m", "surrogate_md.train", "--config",
-                          str(cfg_file), "--out", str(run), "--device", "cpu", "-q"],
-                         capture_output=True, text=True, timeout=400, env=env)
+    res = torchrun_train(cfg, run, "-q")
     assert res.returncode == 0, res.stderr[-3000:]
     epoch = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert epoch["samples"] == 47 and epoch["step"] == 6  # 24 windows a rank, 6 steps of 4

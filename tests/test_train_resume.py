@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _train_fixtures import cached, make_alanine_dipeptide, tiny_config
+from _train_fixtures import cached, make_alanine_dipeptide, tiny_config, torchrun_train
 
 from surrogate_md.checkpoint import load_checkpoint
 from surrogate_md.train import train
@@ -107,14 +107,8 @@ def test_resume_after_sigkill_matches_uninterrupted(ala, reference, tmp_path, ep
 @pytest.mark.slow
 def test_ddp_two_processes_gloo(ala, tmp_path):
     cfg = tiny_config(ala, "egnn", train={"epochs": 2, "batch_size": 4})
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", "-m", "surrogate_md.train", "--config",
-                          str(cfg_file), "--out", str(run), "--device", "cpu"],
-                         capture_output=True, text=True, timeout=400, env=env)
+    res = torchrun_train(cfg, run)
     assert res.returncode == 0, res.stderr[-3000:]
     recs = [json.loads(line) for line in _lines(run)]
     epochs = [r for r in recs if r["split"] == "epoch"]
