@@ -900,8 +900,10 @@ class SurrogateSimulation:
         (fallback MD, history warm-up) leaves it where it was (hybrid mode counts MD steps and
         runs its MD through :meth:`run_md`)."""
         step = self.context.getStepCount()
-        self.integrator.step(n)
-        self.context.setStepCount(step)
+        try:
+            self.integrator.step(n)
+        finally:
+            self.context.setStepCount(step)
         self._after_md(n)
 
     def _md_jump(self, t0: float) -> None:
@@ -965,11 +967,18 @@ class SurrogateSimulation:
         else:
             self.guards.record_energy(energy)
         self._check_file_reporters(s0)
-        # jump-step mode reports jump ends only: the frames between are never rebuilt
-        result = self.propagator.jump(pos, vel, t0, last_only=bool(self.jump_steps))
-        jump_index = self.n_jumps + self.n_fallbacks
-        end_time = t0 + float(result.offsets_ps[-1])
-        final_pos = self._accept_final(result, (pos, vel, t0, s0), jump_index, end_time)
+        try:
+            # jump-step mode reports jump ends only: the frames between are never rebuilt
+            result = self.propagator.jump(pos, vel, t0, last_only=bool(self.jump_steps))
+            jump_index = self.n_jumps + self.n_fallbacks
+            end_time = t0 + float(result.offsets_ps[-1])
+            final_pos = self._accept_final(result, (pos, vel, t0, s0), jump_index, end_time)
+        except BaseException:
+            # Ctrl-C (or an error) between writing the predicted state and deciding on it:
+            # the Context goes back to the jump's start, as an interrupted Simulation.step
+            # leaves a state MD made, never an unchecked one
+            self._restore(pos, vel, t0, s0)
+            raise
         if final_pos is None:
             self._restore(pos, vel, t0, s0)
             self.n_fallbacks += 1
@@ -1164,6 +1173,11 @@ class SurrogateJumpReporter:
                                       self._temperature_K)
             self._checked = id(simulation)
             self._jump_step = 0
+            dt = simulation.integrator.getStepSize().value_in_unit(PS)
+            if abs(state.getTime().value_in_unit(PS) - simulation.currentStep * dt) > 1e-6:
+                # the time is ahead of the steps: jumps were taken before (a restart from a
+                # checkpoint of a run with jumps); the last one was at most one interval ago
+                self._jump_step = max(simulation.currentStep - self.interval, 0)
         context = simulation.context
         constrained = simulation.system.getNumConstraints() > 0
         pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(ANGSTROM))

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from surrogate_md.errors import DataError, EngineError, SurrogateMDError
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ def load_system(topology: str, coordinates: str | None, forcefields: list[str]):
             if coord_path is None:
                 raise DataError(f"{top_path}: {kind} has no coordinates; pass --coordinates "
                                 f"{'FILE.inpcrd' if amber else 'FILE.gro'}")
-            positions, box = _coordinates(coord_path)
+            positions, box, names = _coordinates(coord_path)
             if amber:
                 top_file = app.AmberPrmtopFile(str(top_path))
             else:  # #include files resolve beside the .top, then in $GMXDATA/top (or the
@@ -107,8 +109,9 @@ def load_system(topology: str, coordinates: str | None, forcefields: list[str]):
             structure = (app.PDBxFile if suffix in (".cif", ".pdbx") else app.PDBFile)(
                 str(top_path))
             positions, box = structure.positions, structure.topology.getPeriodicBoxVectors()
+            names = None
             if coord_path is not None:
-                positions, coord_box = _coordinates(coord_path)
+                positions, coord_box, names = _coordinates(coord_path)
                 box = coord_box if coord_box is not None else box
             top = structure.topology
             if box is not None:
@@ -127,7 +130,25 @@ def load_system(topology: str, coordinates: str | None, forcefields: list[str]):
         raise DataError(f"{coord_path or top_path}: {len(positions)} atoms but the System of "
                         f"{top_path} has {system.getNumParticles()}; give coordinates of the same "
                         "system")
+    _check_atom_order(coord_path, names, [a.name for a in top.atoms()], top_path)
     return top, system, positions, box
+
+
+def _check_atom_order(coord_path: Path | None, names: list[str] | None, top_names: list[str],
+                      top_path: Path) -> None:
+    """Coordinates whose atom names are the topology's in another order hold the atoms in
+    another order: every position would go to another atom."""
+    if coord_path is None or names is None or len(names) != len(top_names):
+        return
+    a = [n.strip().upper() for n in names]
+    b = [n.strip().upper() for n in top_names]
+    differ = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    if differ and sorted(a) == sorted(b):
+        i = differ[0]
+        raise DataError(f"{coord_path}: atoms in another order than in {top_path} ({len(differ)} "
+                        f"differ; atom {i + 1} is {names[i].strip()}, the topology's "
+                        f"{top_names[i].strip()}); write the coordinates in the topology's atom "
+                        "order")
 
 
 def _is_amber_prmtop(path: Path) -> bool:
@@ -137,20 +158,33 @@ def _is_amber_prmtop(path: Path) -> bool:
 
 
 def _coordinates(path: Path):
-    """(positions, box or None) from PDB/PDBx, GROMACS .gro or Amber inpcrd/rst7."""
-    from openmm import app
+    """(positions, box or None, atom names or None) from PDB/PDBx, GROMACS .gro or Amber
+    inpcrd/rst7. A box with an edge under 2 Å (the 0 0 0 of a vacuum .gro, the 1 Å CRYST1
+    placeholder of some writers) is no box."""
+    from openmm import app, unit
+
+    def real(box):
+        if box is None:
+            return None
+        edges = [np.linalg.norm(v.value_in_unit(unit.nanometer)) for v in box]
+        if min(edges) < 0.2:
+            log.info("%s: box edges %s nm taken for no box (a placeholder)", path,
+                     [round(float(e), 3) for e in edges])
+            return None
+        return box
 
     suffix = path.suffix.lower()
     try:
         if suffix in (".inpcrd", ".rst7", ".crd", ".rst"):
             crd = app.AmberInpcrdFile(str(path))
-            return crd.positions, crd.boxVectors
+            return crd.positions, real(crd.boxVectors), None
         if suffix == ".gro":
             gro = app.GromacsGroFile(str(path))
-            return gro.positions, gro.getPeriodicBoxVectors()
+            return gro.positions, real(gro.getPeriodicBoxVectors()), list(gro.atomNames)
         if suffix in (".cif", ".pdbx", ".pdb"):
             f = (app.PDBFile if suffix == ".pdb" else app.PDBxFile)(str(path))
-            return f.positions, f.topology.getPeriodicBoxVectors()
+            return (f.positions, real(f.topology.getPeriodicBoxVectors()),
+                    [a.name for a in f.topology.atoms()])
     except Exception as exc:  # OpenMM's readers raise bare Exceptions
         raise DataError(f"{path}: unreadable coordinates ({type(exc).__name__}: {exc}); give a "
                         "valid PDB, PDBx, GROMACS .gro or Amber inpcrd/rst7 file") from exc

@@ -276,3 +276,44 @@ def test_propagator_without_history_says_what_is_missing(tmp_path):
     for k, t in enumerate((-0.04, -0.02)):
         prop.observe(t, md["frames"][36 + 2 * k])
     assert np.isfinite(prop.jump(x, np.zeros_like(x), 0.0).positions_A).all()
+
+
+def test_interrupted_jump_leaves_the_state_it_started_from(tmp_path, monkeypatch):
+    """Ctrl-C while a jump's end state is being checked: the Context goes back to the jump's
+    start (step, time, positions), never keeps an unchecked prediction."""
+    sim = jump_sim(tmp_path, broken=False, guards="warn")
+    sim.step(2)
+    before = sim.context.getState(positions=True, velocities=True)
+    x0 = before.getPositions(asNumpy=True).value_in_unit(unit.angstrom)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sim.guards, "check", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sim.step(1)
+    after = sim.context.getState(positions=True)
+    assert sim.currentStep == 2
+    assert after.getTime() == before.getTime()
+    np.testing.assert_allclose(after.getPositions(asNumpy=True).value_in_unit(unit.angstrom),
+                               x0, atol=1e-6)
+
+
+def test_jump_reporter_after_a_restart_counts_one_interval_of_md(tmp_path):
+    """A fresh SurrogateJumpReporter on a Simulation whose time is ahead of its steps (jumps
+    were taken before, e.g. a checkpoint restart): the MD since the last jump is one interval,
+    not every step since step 0."""
+    from integrations.openmm_simulation import SurrogateJumpReporter
+
+    ck = make_checkpoint(cached_md(), tmp_path / "lin.pt", selection="heavy")
+    top, system, positions = alanine_system()
+    sim = app.Simulation(top, system, openmm.VerletIntegrator(0.0005 * PS), reference_platform())
+    cold_start(sim.context, positions)
+    config = GuardConfig(action="warn", anchor_md_ps=0.0021)  # above 4 steps of 0.5 fs
+    sim.reporters.append(SurrogateJumpReporter(ck, interval=4, guards=config))
+    sim.step(12)
+    sim.reporters.clear()
+    restarted = SurrogateJumpReporter(ck, interval=4, guards=config)
+    sim.reporters.append(restarted)
+    sim.step(4)
+    assert restarted.n_jumps == 1 and len(restarted.guards._md_energies) == 0

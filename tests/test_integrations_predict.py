@@ -214,3 +214,25 @@ def test_predict_with_a_history_model_writes_true_times(tmp_path):
     rows = (tmp_path / "h.csv").read_text().splitlines()[1:]
     np.testing.assert_allclose(times, [float(r.split(",")[1]) for r in rows], atol=1e-4)
     np.testing.assert_allclose(times, [0.04, 0.08, 0.12], atol=1e-4)
+
+
+def test_coordinates_in_another_atom_order_or_with_a_placeholder_box(tmp_path):
+    """A .gro with two atoms swapped is refused, naming the atom; a vacuum .gro's 0 0 0 box is
+    no box (the System stays non-periodic)."""
+    import MDAnalysis as mda
+
+    from integrations.predict import load_system
+    from surrogate_md.errors import DataError
+
+    u = mda.Universe(str(PDB))
+    gro = tmp_path / "vacuum.gro"
+    u.atoms.write(str(gro))  # MDAnalysis writes a 0 0 0 box for a structure without one
+    _, system, _, box = load_system(str(PDB), str(gro), ["amber14-all.xml"])
+    assert box is None and not system.usesPeriodicBoundaryConditions()
+    order = np.arange(len(u.atoms))
+    order[[1, 4]] = order[[4, 1]]  # two atoms of other names swapped
+    assert u.atoms[1].name != u.atoms[4].name
+    swapped = tmp_path / "swapped.gro"
+    u.atoms[order].write(str(swapped))
+    with pytest.raises(DataError, match=r"swapped.gro: atoms in another order.*atom 2 is"):
+        load_system(str(PDB), str(swapped), ["amber14-all.xml"])
