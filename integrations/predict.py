@@ -10,6 +10,8 @@ as ``--topology``, with ``--coordinates``, whose box is used), runs
 beside ``OUT``: ``OUT`` itself (all outputs appear under their final names only when the run
 succeeds), ``<OUT stem>.csv`` (StateDataReporter: step, time, energies, temperature) and
 ``<OUT stem>.json`` (provenance: surrogate, checkpoint hash, inputs, guard summary, timings).
+A run stopped with Ctrl-C keeps the frames written so far under those names (``"interrupted":
+true`` in the provenance, exit code 130); a run that fails leaves none.
 """
 
 from __future__ import annotations
@@ -254,8 +256,15 @@ def run(args: argparse.Namespace) -> dict:
             csv_file, interval, step=True, time=True, potentialEnergy=True, kineticEnergy=True,
             temperature=True)]
         start = time.perf_counter()
+        interrupted = False
         try:
             sim.step(args.jumps)
+        except KeyboardInterrupt:
+            # as a Ctrl-C'd Simulation leaves what its reporters wrote: the frames so far are
+            # kept (under the names asked for) and the provenance says the run was cut short
+            interrupted = True
+            log.warning("interrupted after %d of %d jumps: keeping the frames written so far",
+                        sim.n_jumps + sim.n_fallbacks, args.jumps)
         except BaseException:
             sim.reporters.clear()
             csv_file.close()
@@ -268,7 +277,7 @@ def run(args: argparse.Namespace) -> dict:
     sim.guards.log_summary()
     provenance = {"command": "python -m integrations.predict", "argv": vars(args),
                   "output": out.name, "state_data": csv_path.name, "wall_s": wall,
-                  "openmm": openmm.__version__, **sim.summary()}
+                  "openmm": openmm.__version__, "interrupted": interrupted, **sim.summary()}
     tmp_json = json_path.with_name(f".{json_path.name}.partial")
     tmp_json.write_text(json.dumps(provenance, indent=2, default=str))
     os.replace(tmp_traj, out)
@@ -284,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        run(args)
+        if run(args).get("interrupted"):
+            return 130  # the shell's code for a run ended by Ctrl-C
     except SurrogateMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -236,3 +236,30 @@ def test_coordinates_in_another_atom_order_or_with_a_placeholder_box(tmp_path):
     u.atoms[order].write(str(swapped))
     with pytest.raises(DataError, match=r"swapped.gro: atoms in another order.*atom 2 is"):
         load_system(str(PDB), str(swapped), ["amber14-all.xml"])
+
+
+def test_ctrl_c_keeps_the_frames_written_so_far(tmp_path, monkeypatch):
+    """Interrupted after 3 of 20 jumps: the trajectory, state data and provenance hold those
+    3 jumps under the names asked for (as a Ctrl-C'd Simulation leaves its reporters' files),
+    the provenance says so, and the exit code is 130."""
+    from integrations.openmm_simulation import SurrogateSimulation
+
+    jump = SurrogateSimulation._jump
+    calls = []
+
+    def counted(self):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        jump(self)
+
+    monkeypatch.setattr(SurrogateSimulation, "_jump", counted)
+    ck = make_checkpoint(cached_md(), tmp_path / "c.pt", selection="heavy", model="constant")
+    out = tmp_path / "cut.xtc"
+    assert main([str(ck), "--topology", str(PDB), "-n", "20", "-o", str(out), "--platform",
+                 "Reference"]) == 130
+    prov = json.loads((tmp_path / "cut.json").read_text())
+    assert prov["interrupted"] is True and prov["jumps"] == 3
+    assert len(mda.Universe(str(PDB), str(out)).trajectory) == 3
+    assert len((tmp_path / "cut.csv").read_text().splitlines()) == 4
+    assert not list(tmp_path.glob(".*partial*"))
