@@ -221,6 +221,14 @@ def run(args: argparse.Namespace) -> dict:
                         f"{args.jumps} jumps (-n): no frame would be written; use a "
                         "--report-interval of at most -n")
     surrogate = Surrogate.load(args.checkpoint, device=args.device)
+    if surrogate.needs_history and not args.md_steps and not surrogate.history_fits_grid():
+        raise DataError(
+            f"{args.checkpoint}: this {surrogate.name} takes history frames "
+            f"{surrogate.history_stride_ps:g} ps apart but predicts frames at "
+            f"{surrogate.times_ps.tolist()} ps, so every jump would first run MD to rebuild its "
+            "history, time that the XTC/DCD reporters (which stamp frames by count) cannot "
+            "show: the files' times would be wrong. Use a model trained with a history stride "
+            "that is a multiple of the output spacing, or run SurrogateSimulation from Python")
     topology, system, positions, box = load_system(args.topology, args.coordinates,
                                                    args.forcefield)
     platform = None

@@ -214,6 +214,14 @@ def test_predict_with_a_history_model_writes_true_times(tmp_path):
     rows = (tmp_path / "h.csv").read_text().splitlines()[1:]
     np.testing.assert_allclose(times, [float(r.split(",")[1]) for r in rows], atol=1e-4)
     np.testing.assert_allclose(times, [0.04, 0.08, 0.12], atol=1e-4)
+    # history frames half an output step apart: every jump would rebuild its history by MD
+    # the count-stamped XTC cannot show; refused before anything is written
+    ck = make_checkpoint(cached_md(), tmp_path / "estag1.pt", model="estag", selection="heavy",
+                         jump_frames=4, n_out=2, history=3, history_stride=1)
+    out = tmp_path / "h1.xtc"
+    assert main([str(ck), "--topology", str(PDB), "-n", "3", "-o", str(out), "--platform",
+                 "Reference", "--guard", "warn"]) == 1
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
 
 def test_coordinates_in_another_atom_order_or_with_a_placeholder_box(tmp_path):
