@@ -259,6 +259,19 @@ class Guards:
         self._anchor.clear()
         self._md_energies.clear()
 
+    def energy_state(self) -> dict:
+        """The recorded energies (reference window, start anchor, real-MD energies), JSON-safe:
+        what a restart needs to judge the next jumps as the run would have."""
+        return {"energies": list(self._energies), "anchor": list(self._anchor),
+                "md_energies": list(self._md_energies)}
+
+    def restore_energy_state(self, state: dict) -> None:
+        """Take back an :meth:`energy_state` (after :meth:`reset_energies`)."""
+        self.reset_energies()
+        self._energies.extend(float(e) for e in state.get("energies", []))
+        self._anchor.extend(float(e) for e in state.get("anchor", []))
+        self._md_energies.extend(float(e) for e in state.get("md_energies", []))
+
     @property
     def energy_anchor_kJ_per_mol(self) -> float:
         """The median of the recent real-MD energies, or before any, of the first

@@ -702,11 +702,13 @@ class SurrogateSimulation:
         openmm.LocalEnergyMinimizer.minimize(self.context, tolerance, maxIterations, reporter)
 
     def saveCheckpoint(self, file) -> None:
-        """Binary checkpoint of the Context (positions, velocities, time, step count, RNG)."""
+        """Binary checkpoint of the Context (positions, velocities, time, step count, RNG).
+        Given a path, the surrogate's own state goes beside it (:meth:`_save_memory`)."""
         if isinstance(file, (str, os.PathLike)):
             from openmm.app.internal import safesave
 
             safesave.save(self.context.createCheckpoint(), os.fspath(file))
+            self._save_memory(file)
         else:
             file.write(self.context.createCheckpoint())
 
@@ -716,7 +718,29 @@ class SurrogateSimulation:
                 self.context.loadCheckpoint(fh.read())
         else:
             self.context.loadCheckpoint(file.read())
-        self._after_load()
+        self._after_load(file)
+
+    @staticmethod
+    def _memory_path(file) -> str | None:
+        return (os.fspath(file) + ".surrogate.npz" if isinstance(file, (str, os.PathLike))
+                else None)
+
+    def _save_memory(self, file) -> None:
+        """``<file>.surrogate.npz``: what the Context does not hold and a restart needs to go
+        on as the run would have: a history model's remembered frames, the thermal velocity
+        draws' generator, the guards' recorded energies (the anchor among them), the jump
+        counts and the MD time behind the state; stamped with the Context's time."""
+        import json
+
+        from surrogate_md.fileio import atomic_path
+
+        mem = self.propagator.memory()
+        extra = {"time_ps": read_state(self.context)[2], "rng": mem["rng"],
+                 "guards": self.guards.energy_state(), "n_jumps": self.n_jumps,
+                 "n_fallbacks": self.n_fallbacks, "md_ps": self._md_ps}
+        with atomic_path(self._memory_path(file)) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, keys=mem["keys"], frames=mem["frames"],
+                     extra=np.array(json.dumps(extra)))
 
     def saveState(self, file) -> None:
         """Portable XML state (positions, velocities, time, parameters)."""
@@ -727,6 +751,7 @@ class SurrogateSimulation:
             from openmm.app.internal import safesave
 
             safesave.save(xml, os.fspath(file))
+            self._save_memory(file)
         else:
             file.write(xml)
 
@@ -738,12 +763,32 @@ class SurrogateSimulation:
             xml = file.read()
         self.context.setState(openmm.XmlSerializer.deserialize(xml))
         if hasattr(self, "propagator"):
-            self._after_load()
+            self._after_load(file)
 
-    def _after_load(self) -> None:
+    def _after_load(self, file=None) -> None:
+        """A loaded state: the surrogate's own state comes back from ``<file>.surrogate.npz``
+        when that was saved at the loaded time; otherwise (another state, or none saved) the
+        remembered history and the recorded energies are dropped."""
+        import json
+
         self.propagator.forget()
         self.guards.reset_energies()
         self._md_ps, self._md_end = 0.0, None
+        path = self._memory_path(file)
+        if path is None or not os.path.exists(path):
+            return
+        with np.load(path) as data:
+            keys, frames, extra = data["keys"], data["frames"], json.loads(str(data["extra"]))
+        now = read_state(self.context)[2]
+        if abs(extra["time_ps"] - now) > 1e-6:
+            log.info("%s was saved at t = %g ps, the state loaded is at %g ps: not used", path,
+                     extra["time_ps"], now)
+            return
+        self.propagator.restore_memory({"keys": keys, "frames": frames, "rng": extra["rng"]})
+        self.guards.restore_energy_state(extra["guards"])
+        self.n_jumps, self.n_fallbacks = int(extra["n_jumps"]), int(extra["n_fallbacks"])
+        if extra["md_ps"] > 0:  # the state came from real MD: it still did
+            self._md_ps, self._md_end = float(extra["md_ps"]), read_state(self.context)[0]
 
     # -- stepping ---------------------------------------------------------------------------------
     def step(self, steps: int) -> None:

@@ -149,6 +149,22 @@ class SurrogatePropagator:
         by = round(by_ps * _TIME_KEY_PER_PS)
         self._known = {k + by: v for k, v in self._known.items()}
 
+    def memory(self) -> dict:
+        """What a restart needs: the remembered states by time key (history models) and the
+        state of the thermal velocity draws' random generator."""
+        keys = sorted(self._known)
+        return {"keys": np.asarray(keys, dtype=np.int64),
+                "frames": (np.stack([self._known[k] for k in keys]) if keys
+                           else np.zeros((0, self.surrogate.n_model_atoms, 3))),
+                "rng": self._rng.bit_generator.state if self._sigma is not None else None}
+
+    def restore_memory(self, memory: dict) -> None:
+        """Take back a :meth:`memory`."""
+        self._known = {int(k): np.array(f, dtype=np.float64)
+                       for k, f in zip(memory["keys"], memory["frames"])}
+        if memory.get("rng") is not None and self._sigma is not None:
+            self._rng.bit_generator.state = memory["rng"]
+
     def forget(self) -> None:
         """Drop remembered states (after a state was loaded from a file)."""
         self._known.clear()

@@ -317,3 +317,55 @@ def test_jump_reporter_after_a_restart_counts_one_interval_of_md(tmp_path):
     sim.reporters.append(restarted)
     sim.step(4)
     assert restarted.n_jumps == 1 and len(restarted.guards._md_energies) == 0
+
+
+@pytest.mark.parametrize("save", ["checkpoint", "state"])
+def test_restart_from_a_checkpoint_goes_on_as_the_run_would_have(tmp_path, save):
+    """A history model (ESTAG) with thermal end velocities: saved after 4 of 8 jumps and
+    loaded into a new SurrogateSimulation, the run takes the same 4 jumps as without the
+    restart (the remembered history, the velocity draws' generator, the guards' energies and
+    the jump count come back from <file>.surrogate.npz; before, the history was rebuilt by MD
+    and the draws started over)."""
+    sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "estag.pt", model="estag",
+                                         selection="heavy", jump_frames=4, n_out=2, history=3,
+                                         history_stride=2))
+    top, system, positions = alanine_system()
+
+    def new():
+        return SurrogateSimulation(top, system, sur, platform=reference_platform(),
+                                   guards="warn", end_velocities="thermal", velocity_seed=5,
+                                   integrator=openmm.VerletIntegrator(0.002 * PS))
+
+    a = new()
+    cold_start(a.context, positions)
+    a.prepare_history(reset_clock=True)
+    a.step(8)
+    b = new()
+    cold_start(b.context, positions)
+    b.prepare_history(reset_clock=True)
+    b.step(4)
+    path = tmp_path / f"run.{save}"
+    (b.saveCheckpoint if save == "checkpoint" else b.saveState)(str(path))
+    c = new()
+    (c.loadCheckpoint if save == "checkpoint" else c.loadState)(str(path))
+    assert c.n_jumps == 4 and c.propagator.has_history(4 * sur.jump_ps)
+    assert c.guards.energy_state() == b.guards.energy_state()
+    c.step(4)
+    assert c.n_jumps == 8 and c.currentStep == a.currentStep == 8
+    sa = a.context.getState(positions=True, velocities=True)
+    sc = c.context.getState(positions=True, velocities=True)
+    assert sc.getTime() == sa.getTime()
+    np.testing.assert_allclose(sc.getPositions(asNumpy=True)._value,
+                               sa.getPositions(asNumpy=True)._value, atol=1e-6)
+    np.testing.assert_allclose(sc.getVelocities(asNumpy=True)._value,
+                               sa.getVelocities(asNumpy=True)._value, atol=1e-6)
+    # a memory file saved at another time than the state loaded is not used
+    b.step(1)
+    b.saveCheckpoint(str(tmp_path / "later.chk"))
+    (tmp_path / "run.other.surrogate.npz").write_bytes(
+        (tmp_path / "later.chk.surrogate.npz").read_bytes())
+    (tmp_path / "run.other").write_bytes(path.read_bytes())
+    if save == "checkpoint":
+        d = new()
+        d.loadCheckpoint(str(tmp_path / "run.other"))
+        assert d.n_jumps == 0 and not d.propagator.has_history(4 * sur.jump_ps)
