@@ -52,9 +52,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from surrogate_md.data.h5md import chain_index_of, residue_index_of
-from surrogate_md.data.selection import residue_code
 from surrogate_md.errors import ConfigError
+from surrogate_md.metrics import ca_pairs_of
 
 log = logging.getLogger(__name__)
 
@@ -425,35 +424,11 @@ def kt_kJ_per_mol(temperature_K: float) -> float:
 
 
 def _consecutive_ca_pairs(topology: dict) -> np.ndarray:
-    """(K, 2) atom pairs CA(i), CA(i+1) of consecutive amino-acid residues of one chain.
-
-    Residues and chains are those of :func:`~surrogate_md.data.h5md.residue_index_of` and
-    :func:`~surrogate_md.data.h5md.chain_index_of`. Two residues of a chain are consecutive when
-    the topology bonds C(i) to N(i+1), or, for a topology without peptide bonds (none listed, or
-    a coarse-grained one), when they are numbered n and n + 1. The bond test keeps chains apart
-    even where their segment ids are missing (a checkpoint's topology has none) and the
-    numbering runs on from one chain into the next.
-    """
-    names = np.char.upper(np.asarray(topology.get("atom_names", []), dtype=str))
-    if len(names) == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    res_ids = np.asarray(topology["residue_ids"], dtype=np.int64)
-    segments = topology.get("segment_ids")
-    residue = residue_index_of(res_ids, segments)
-    chain = chain_index_of(res_ids, segments)
-    res_names = np.asarray(topology["residue_names"], dtype=str)
-    bonds = np.asarray(topology.get("bonds", []), dtype=np.int64).reshape(-1, 2)
-    peptide = set()
-    for a, b in bonds:
-        if names[a] == "N" and names[b] == "C":
-            a, b = b, a
-        if names[a] == "C" and names[b] == "N":
-            peptide.add((int(residue[a]), int(residue[b])))
-    ca = [i for i in np.nonzero(names == "CA")[0] if residue_code(res_names[i])]
-    pairs = [(a, b) for a, b in zip(ca[:-1], ca[1:]) if chain[a] == chain[b] and (
-        (int(residue[a]), int(residue[b])) in peptide if peptide
-        else res_ids[b] - res_ids[a] == 1)]
-    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    """(K, 2) atom pairs CA(i), CA(i+1) of a checkpoint's topology dict (see
+    :func:`~surrogate_md.metrics.ca_pairs_of`)."""
+    return ca_pairs_of(topology.get("atom_names", []), topology.get("residue_ids", []),
+                       topology.get("residue_names", []), topology.get("segment_ids"),
+                       topology.get("bonds"))
 
 
 def guard_error_message(events: list[GuardEvent], source: str) -> str:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from surrogate_md.data.h5md import Topology
+from surrogate_md.data.h5md import Topology, chain_index_of, residue_index_of
+from surrogate_md.data.selection import residue_code
 
 METRIC_DEFINITION = ("Å² per atom: squared distance summed over x, y, z, averaged over atoms "
                      "(F-MSE: last output frame; A-MSE: mean over the P output frames)")
@@ -199,21 +200,57 @@ def chain_breaks(frames: np.ndarray, ca_pairs: np.ndarray, max_A: float = 4.5) -
     return (d > max_A).sum(axis=1)
 
 
-def consecutive_ca_pairs(topology: Topology, atoms: np.ndarray | None = None) -> np.ndarray:
-    """(n, 2) positions (in ``atoms``) of CA atoms of consecutive residues of one chain
-    (:meth:`Topology.chain_index`)."""
-    names = np.char.upper(topology.atom_names.astype(str))
-    allowed = np.arange(topology.n_atoms) if atoms is None else np.asarray(atoms)
-    chain = topology.chain_index()
-    ca = {}
-    for k, a in enumerate(allowed):
-        if names[a] == "CA":
-            ca.setdefault((int(chain[a]), int(topology.residue_ids[a])), k)
-    pairs = [[k, ca[(seg, res + 1)]] for (seg, res), k in ca.items() if (seg, res + 1) in ca]
+def ca_pairs_of(atom_names, residue_ids, residue_names, segment_ids=None,
+                bonds=None) -> np.ndarray:
+    """(K, 2) atom pairs CA(i), CA(i+1) of consecutive amino-acid residues of one chain.
+
+    Residues and chains are those of :func:`~surrogate_md.data.h5md.residue_index_of` and
+    :func:`~surrogate_md.data.h5md.chain_index_of`. Two residues of a chain are consecutive when
+    the bonds join C(i) to N(i+1), or, for a topology without peptide bonds (none listed, or a
+    coarse-grained one), when they are numbered n and n + 1. The bond test keeps chains apart
+    even where their segment ids are missing and the numbering runs on from one chain into the
+    next; only amino acids count, so a calcium ion (atom and residue ``CA``) is never a CA.
+
+    Args: per-atom arrays (N,) of names, residue numbers, residue names and segment ids (or
+    None), and bonds (B, 2) atom index pairs (or None).
+    """
+    names = np.char.upper(np.asarray(atom_names, dtype=str))
+    if len(names) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    res_ids = np.asarray(residue_ids, dtype=np.int64)
+    residue = residue_index_of(res_ids, segment_ids)
+    chain = chain_index_of(res_ids, segment_ids)
+    res_names = np.asarray(residue_names, dtype=str)
+    bonds = np.asarray([] if bonds is None else bonds, dtype=np.int64).reshape(-1, 2)
+    peptide = set()
+    for a, b in bonds:
+        if names[a] == "N" and names[b] == "C":
+            a, b = b, a
+        if names[a] == "C" and names[b] == "N":
+            peptide.add((int(residue[a]), int(residue[b])))
+    ca = [int(i) for i in np.nonzero(names == "CA")[0] if residue_code(res_names[i])]
+    pairs = [(a, b) for a, b in zip(ca[:-1], ca[1:]) if chain[a] == chain[b] and (
+        (int(residue[a]), int(residue[b])) in peptide if peptide
+        else res_ids[b] - res_ids[a] == 1)]
     return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
 
+def consecutive_ca_pairs(topology: Topology, atoms: np.ndarray | None = None) -> np.ndarray:
+    """(n, 2) positions (in ``atoms``) of CA atoms of consecutive residues of one chain, found
+    on the whole topology by :func:`ca_pairs_of` (so peptide bonds to atoms outside ``atoms``
+    still count); pairs with an atom outside ``atoms`` are left out."""
+    pairs = ca_pairs_of(topology.atom_names, topology.residue_ids, topology.residue_names,
+                        topology.segment_ids, topology.bonds)
+    if atoms is None:
+        return pairs
+    atoms = np.asarray(atoms, dtype=np.int64)
+    where = np.full(topology.n_atoms, -1, dtype=np.int64)
+    where[atoms[::-1]] = np.arange(len(atoms))[::-1]  # the first place an atom appears
+    mapped = where[pairs]
+    return mapped[(mapped >= 0).all(axis=1)].reshape(-1, 2)
+
+
 __all__ = ["METRIC_DEFINITION", "ErrorSums", "backbone_torsion_atoms", "batch_amse",
-           "chain_breaks", "consecutive_ca_pairs", "dihedral", "distance_histogram",
+           "ca_pairs_of", "chain_breaks", "consecutive_ca_pairs", "dihedral", "distance_histogram",
            "fraction_pairs_beyond", "js_divergence", "per_frame_sq_error", "torsion_histogram",
            "torsions"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +197,39 @@ def test_checkpoints_keep_segment_ids(tmp_path):
                             selection=selection, graph=graph, topology=topo)
     loaded = load_checkpoint(save_checkpoint(tmp_path / "two-chains.pt", payload))["topology"]
     assert loaded["segment_ids"] == ["0"] * 22 + ["1"] * 22
+
+
+def test_ca_pairs_of_two_adk_chains_numbered_on_with_a_calcium_ion():
+    """The validity metrics and the guards share one CA-pair rule: on two copies of AdK (PSF with
+    its bonds) numbered 1-214 and 215-428 with blank segment ids, then a calcium ion (atom and
+    residue ``CA``) numbered 429, the pairs are the 2 x 213 peptide-bonded ones; neither the
+    gap between the copies nor the ion is a pair (residue numbers alone would make both)."""
+    mda = pytest.importorskip("MDAnalysis")
+    datafiles = pytest.importorskip("MDAnalysisTests.datafiles")
+    from datagen.ingest import _mda_topology
+    from surrogate_md.metrics import ca_pairs_of, consecutive_ca_pairs
+
+    u = mda.Universe(datafiles.PSF, datafiles.DCD)
+    one = _mda_topology(u.atoms, Path(datafiles.PSF))
+    n = one.n_atoms
+    assert len(np.unique(one.residue_ids)) == 214 and len(one.bonds) > n  # bonds read from PSF
+    names = [*one.atom_names, *one.atom_names, "CA"]
+    res_ids = [*one.residue_ids, *(one.residue_ids + 214), 429]
+    res_names = [*one.residue_names, *one.residue_names, "CA"]
+    topo = Topology(np.r_[one.atomic_numbers, one.atomic_numbers, 20],
+                    np.r_[one.masses, one.masses, 40.08], np.asarray(names),
+                    np.asarray(res_ids), np.asarray(res_names),
+                    np.concatenate([one.bonds, one.bonds + n]), np.full(2 * n + 1, ""))
+    pairs = consecutive_ca_pairs(topo)
+    ca = np.nonzero(np.asarray(names) == "CA")[0]
+    assert len(ca) == 2 * 214 + 1
+    expected = [(ca[k], ca[k + 1]) for k in range(427) if k != 213]
+    np.testing.assert_array_equal(pairs, expected)
+    guard_topology = {"atom_names": names, "residue_ids": res_ids, "residue_names": res_names,
+                      "bonds": topo.bonds.tolist()}
+    np.testing.assert_array_equal(_consecutive_ca_pairs(guard_topology), expected)
+    # a CA-only model subset keeps the pairs the full topology's peptide bonds give
+    sub = consecutive_ca_pairs(topo, ca)
+    np.testing.assert_array_equal(sub, [(k, k + 1) for k in range(427) if k != 213])
+    # without bonds (a coarse-grained topology) consecutive numbers decide; the ion still is none
+    assert len(ca_pairs_of(names, res_ids, res_names)) == 427
