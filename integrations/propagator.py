@@ -32,6 +32,7 @@ import numpy as np
 
 from integrations.reconstruct import Reconstructor
 from surrogate_md.errors import EngineError
+from surrogate_md.surrogate import thermal_velocities
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +78,15 @@ class SurrogatePropagator:
             raise EngineError(f"end_velocities must be 'difference' or 'thermal', got "
                               f"{end_velocities!r}")
         self.end_velocities = end_velocities
-        self._sigma = None
+        self._masses = None
         if end_velocities == "thermal":
-            from integrations.guards import kt_kJ_per_mol
-
             m = np.asarray(masses_amu, dtype=np.float64) if masses_amu is not None else None
             if (m is None or m.shape != (surrogate.n_atoms,) or not np.all(np.isfinite(m))
                     or not temperature_K > 0):
                 raise EngineError(f"end_velocities='thermal' needs the {surrogate.n_atoms} "
                                   f"atoms' masses (amu) and a temperature > 0 K")
-            kt = kt_kJ_per_mol(float(temperature_K))
-            # sqrt(kJ/mol / (g/mol)) = nm/ps; x 10 for Å/ps
-            self._sigma = np.where(m > 0, 10.0 * np.sqrt(kt / np.where(m > 0, m, 1.0)), 0.0)
             self._masses = m
+            self._temperature_K = float(temperature_K)
             self._rng = np.random.default_rng(seed)
         self.surrogate = surrogate
         self.reconstruct = Reconstructor.for_surrogate(surrogate)
@@ -156,13 +153,13 @@ class SurrogatePropagator:
         return {"keys": np.asarray(keys, dtype=np.int64),
                 "frames": (np.stack([self._known[k] for k in keys]) if keys
                            else np.zeros((0, self.surrogate.n_model_atoms, 3))),
-                "rng": self._rng.bit_generator.state if self._sigma is not None else None}
+                "rng": self._rng.bit_generator.state if self._masses is not None else None}
 
     def restore_memory(self, memory: dict) -> None:
         """Take back a :meth:`memory`."""
         self._known = {int(k): np.array(f, dtype=np.float64)
                        for k, f in zip(memory["keys"], memory["frames"])}
-        if memory.get("rng") is not None and self._sigma is not None:
+        if memory.get("rng") is not None and self._masses is not None:
             self._rng.bit_generator.state = memory["rng"]
 
     def forget(self) -> None:
@@ -222,14 +219,10 @@ class SurrogatePropagator:
 
     def _end_velocities(self, vel: np.ndarray) -> np.ndarray:
         """(P, n, 3) Å/ps with the last frame's replaced by thermal draws if so configured."""
-        if self._sigma is None:
+        if self._masses is None:
             return vel
         vel = vel.copy()
-        draw = self._rng.standard_normal(vel[-1].shape) * self._sigma[:, None]
-        m = self._masses
-        massive = m > 0
-        draw[massive] -= (m[:, None] * draw).sum(axis=0) / m.sum()  # zero net momentum
-        vel[-1] = draw
+        vel[-1] = thermal_velocities(self._masses, self._temperature_K, self._rng)
         return vel
 
 

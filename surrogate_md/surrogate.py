@@ -44,6 +44,30 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def thermal_velocities(masses_amu: np.ndarray, temperature_K: float, rng: np.random.Generator,
+                       batch: tuple[int, ...] = ()) -> np.ndarray:
+    """Maxwell-Boltzmann velocities (*batch, n, 3) Å/ps at ``temperature_K`` for atoms of
+    ``masses_amu`` (n,), with the centre-of-mass velocity taken out (zero net momentum, as
+    OpenMM's ``CMMotionRemover`` keeps it; for Gaussian draws that is the exact distribution at
+    zero momentum). Massless particles (virtual sites) get zero velocity."""
+    from openmm import unit
+
+    m = np.asarray(masses_amu, dtype=np.float64)
+    if not (np.isfinite(temperature_K) and temperature_K > 0) or not np.all(np.isfinite(m)):
+        raise ConfigError(f"thermal velocities need finite masses and a temperature > 0 K, got "
+                          f"{temperature_K!r} K")
+    kt = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
+    kt *= float(temperature_K)
+    massive = m > 0
+    # sqrt(kJ/mol / (g/mol)) = nm/ps; x 10 for Å/ps
+    sigma = np.where(massive, 10.0 * np.sqrt(kt / np.where(massive, m, 1.0)), 0.0)
+    draw = rng.standard_normal((*batch, len(m), 3)) * sigma[:, None]
+    if massive.any():
+        p = (m[:, None] * draw).sum(axis=-2, keepdims=True) / m.sum()
+        draw = np.where(massive[:, None], draw - p, 0.0)
+    return draw
+
+
 class Surrogate:
     """A trained trajectory operator ready for inference.
 
@@ -319,17 +343,26 @@ class Surrogate:
 
     def rollout(self, positions: np.ndarray, velocities: np.ndarray | None = None,
                 history: np.ndarray | None = None, n_jumps: int = 10,
-                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                progress: bool = False, *, end_velocities: str = "difference",
+                temperature_K: float | None = None,
+                seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Chain ``n_jumps`` jumps, feeding each jump's end state into the next.
 
-        The velocity for the next jump is the backward difference of the last two frames of
-        the jump (the last output frame and the one before it, or the input when P = 1).
+        The velocity for the next jump is, with ``end_velocities="difference"``, the backward
+        difference of the last two frames of the jump (the last output frame and the one before
+        it, or the input when P = 1): deterministic, but far slower than instantaneous MD
+        velocities when the output spacing is long. With ``"thermal"`` it is a Maxwell-Boltzmann
+        draw at ``temperature_K`` with zero net momentum (:func:`thermal_velocities` over the
+        model atoms, generator seeded by ``seed``), the inputs a model trained on MD velocities
+        (``velocity_source == "file"``) saw in training; the integrations' ``end_velocities``
+        option does the same inside an engine.
         History models take their next history from the input and predicted frames at the
         history stride (which must be a multiple of the output spacing).
 
         Args:
             positions: (atoms, 3) or (B, atoms, 3) Å; velocities, history as in :meth:`predict`.
             n_jumps: number of jumps (>= 1).
+            end_velocities: ``"difference"`` or ``"thermal"`` (needs ``temperature_K`` in K).
         Returns:
             frames (n_jumps * P, n_model_atoms, 3) Å, or (B, n_jumps * P, n_model_atoms, 3) for
             batched input, and their times (n_jumps * P,) ps after t0.
@@ -339,6 +372,17 @@ class Surrogate:
         if (isinstance(n_jumps, bool) or not isinstance(n_jumps, (int, np.integer, float))
                 or int(n_jumps) != n_jumps or n_jumps < 1):
             raise DataError(f"n_jumps must be a whole number >= 1, got {n_jumps!r}")
+        if end_velocities not in ("difference", "thermal"):
+            raise ConfigError(f"end_velocities must be 'difference' or 'thermal', got "
+                              f"{end_velocities!r}")
+        rng = masses = None
+        if end_velocities == "thermal":
+            if temperature_K is None:
+                raise ConfigError("end_velocities='thermal' needs temperature_K (K), the "
+                                  "temperature of the MD the model was trained on")
+            masses = np.asarray(self.topology["masses"], dtype=np.float64)[self.model_atoms]
+            thermal_velocities(masses, temperature_K, np.random.default_rng(0))  # checks T
+            rng = np.random.default_rng(seed)
         if not self.history_fits_grid():
             raise DataError(
                 f"this {self.name} surrogate takes history frames {self.history_stride_ps:g} ps "
@@ -372,6 +416,8 @@ class Surrogate:
             times.append(t + self.times_ps)
             t += self.jump_ps
             vel = (out[..., -1, :, :] - prev) / dt
+            if rng is not None:
+                vel = thermal_velocities(masses, temperature_K, rng, batch=vel.shape[:-2])
             pos = out[..., -1, :, :]
             if hist is not None:
                 want = [round((t - k * self.history_stride_ps) / spacing)

@@ -9,7 +9,7 @@ from _train_fixtures import cached, make_alanine_dipeptide, tiny_config
 
 from surrogate_md import Surrogate
 from surrogate_md.data import open_trajectory
-from surrogate_md.errors import CheckpointError, DataError
+from surrogate_md.errors import CheckpointError, ConfigError, DataError
 from surrogate_md.testing import random_orthogonal
 from surrogate_md.train import train
 
@@ -70,6 +70,34 @@ def test_rollout_shapes_and_continuity(checkpoint, state):
     batched, _ = sur.rollout(x, v, n_jumps=3)
     assert batched.shape == (2, 6, 22, 3)
     np.testing.assert_allclose(batched[0], frames, atol=1e-10)
+
+
+def test_thermal_rollout_feeds_maxwell_boltzmann_draws(checkpoint, state):
+    """``end_velocities="thermal"``: each next jump starts from the jump's end positions with
+    the seeded draw of :func:`thermal_velocities`; the draws have zero net momentum and, over
+    many draws, the kinetic temperature asked for (by hand: KE = m v^2 / 2 with amu Å^2/ps^2 =
+    0.01 kJ/mol, T = 2 KE / (R dof), R = 8.314462618e-3 kJ/mol/K, dof = 3n - 3)."""
+    from surrogate_md.surrogate import thermal_velocities
+
+    sur = Surrogate.load(checkpoint, dtype=torch.float64)
+    x, v = state
+    frames, _ = sur.rollout(x[0], v[0], n_jumps=2, end_velocities="thermal", temperature_K=300.0,
+                            seed=7)
+    masses = np.asarray(sur.topology["masses"])
+    v1 = thermal_velocities(masses, 300.0, np.random.default_rng(7))
+    np.testing.assert_allclose(frames[2:4], sur.predict(frames[1], v1), atol=1e-10)
+    difference, _ = sur.rollout(x[0], v[0], n_jumps=2)
+    assert np.abs(difference[2:] - frames[2:]).max() > 1e-3  # the draw is what the jump saw
+    np.testing.assert_allclose(frames[:2], difference[:2], atol=1e-10)
+    draws = thermal_velocities(masses, 300.0, np.random.default_rng(1), batch=(4000,))
+    np.testing.assert_allclose((masses[:, None] * draws).sum(axis=1), 0.0, atol=1e-9)
+    ke = 0.5 * 0.01 * (masses[:, None] * draws ** 2).sum(axis=(1, 2))
+    temperature = 2.0 * ke.mean() / (8.314462618e-3 * (3 * len(masses) - 3))
+    assert temperature == pytest.approx(300.0, rel=0.02)
+    with pytest.raises(ConfigError, match="temperature_K"):
+        sur.rollout(x[0], v[0], n_jumps=1, end_velocities="thermal")
+    with pytest.raises(ConfigError, match="'difference' or 'thermal'"):
+        sur.rollout(x[0], v[0], n_jumps=1, end_velocities="maxwell")
 
 
 @pytest.mark.parametrize("reflect", [False, True])
