@@ -76,3 +76,31 @@ def test_overwrite_that_starts_replaces_the_run(ala, previous_run):
     assert sorted(p.name for p in previous_run.iterdir()) == sorted(loop.RUN_FILES)
     lines = (previous_run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x).get("epoch") for x in lines] == [1, 2, None]
+
+
+def test_overwrite_killed_during_its_start_checks_leaves_the_run_resumable(ala, previous_run):
+    """A SIGKILL between moving the old run aside and the start checks' end leaves its files in
+    a hidden folder beside the killed start's config.yaml and train.log (made here by the same
+    steps: the run directory prepared for --overwrite, the new config written). The next
+    command finds the previous run in place: --resume continues it from its last.pt."""
+    before = snapshot(previous_run)
+    _, replaced = loop._prepare_run_dir(previous_run, resume=False, overwrite=True)
+    assert replaced is not None and sorted(p.name for p in replaced.iterdir()) == sorted(before)
+    (previous_run / "config.yaml").write_text("killed start's config\n")
+    (previous_run / "train.log").write_text("killed start's log\n")
+    train({}, previous_run, resume=True,
+          overrides=["train.epochs=2", "train.max_steps_per_epoch=1"])
+    assert not replaced.exists()
+    assert sorted(p.name for p in previous_run.iterdir()) == sorted(loop.RUN_FILES)
+    lines = (previous_run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x).get("epoch") for x in lines] == [1, 2, None]  # the old run's epoch 1
+    assert (previous_run / "train.log").read_bytes().startswith(before["train.log"])
+
+
+def test_a_folder_left_by_an_overwrite_that_had_started_is_removed(ala, previous_run):
+    leftover = previous_run / ".replaced-run-abc"
+    leftover.mkdir()
+    (leftover / "last.pt").write_bytes(b"old")
+    train(tiny_config(ala, train={"epochs": 2, "max_steps_per_epoch": 1}), previous_run,
+          resume=True)
+    assert not leftover.exists()

@@ -396,6 +396,33 @@ def _restore_replaced(out: Path, replaced: Path | None) -> None:
         log.warning("%s: some files of the replaced run are left in %s", out, replaced)
 
 
+def _recover_replaced(out: Path) -> None:
+    """Clean up after an ``--overwrite`` start that was killed (SIGKILL, power loss) while the
+    previous run's files sat in its hidden ``.replaced-run-*`` folder.
+
+    Without a checkpoint in ``out`` the new run never got past its start checks (its first
+    checkpoint comes after them): the previous run is the real one and its files go back,
+    replacing the killed start's ``config.yaml``/``train.log``. With one, the new run had
+    started and only the folder's deletion was cut short: the folder goes.
+    """
+    if not out.is_dir():
+        return
+    for folder in sorted(out.glob(".replaced-run-*")):
+        if not folder.is_dir():
+            continue
+        if any((out / n).exists() for n in ("last.pt", "best.pt")):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("%s: removed %s, left by an --overwrite whose new run had started",
+                     out, folder.name)
+            continue
+        for path in folder.iterdir():
+            os.replace(path, out / path.name)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        log.warning("%s: an earlier --overwrite was killed during its start checks; the run it "
+                    "was replacing is back in place (from %s)", out, folder.name)
+
+
 def _run_files(out: Path) -> dict[str, int]:
     """Modification time (ns) of each run file present in ``out``."""
     return {n: (out / n).stat().st_mtime_ns for n in RUN_FILES if (out / n).exists()}
@@ -517,6 +544,8 @@ def train(config: RunConfig | dict | str | os.PathLike, out_dir: str | os.PathLi
         ConfigError, DataError, CheckpointError, DeviceError with a message naming the problem.
     """
     out = Path(out_dir).absolute()
+    if int(os.environ.get("RANK", "0")) == 0:
+        _recover_replaced(out)
     if resume and (config is None or config == {}):
         config = out / "config.yaml"
     cfg = _as_config(config, overrides)
