@@ -28,12 +28,25 @@ History models (ESTAG) take their input frames from the states the dynamics has 
 predicted frames inside accepted jumps and the end states kept; until those cover the history
 (at the start, after a fallback that did not), a step runs ``fallback_dynamics`` for one jump's
 length instead (counted in ``n_history_md``).
+
+Restarts: the atoms (from the last frame of a ``.traj``) hold positions and momenta, but not what
+the dynamics itself keeps: a history model's remembered frames, the thermal velocity draws'
+generator, the guards' recorded energies (the anchor that caps them) and counts, the jump
+counts, the MD time since the last jump and the step count (the clock).
+:meth:`SurrogateDynamics.save_state` writes them to an ``.npz`` (the kind ``SurrogateSimulation``
+writes beside its checkpoints, plus the atoms' state they belong to) and
+:meth:`SurrogateDynamics.load_state` takes them back, only onto the atoms they were saved with
+(same atoms, positions and cell). ``restart=PATH`` works as for ASE's optimizers: an existing
+file is loaded at construction, and the file is rewritten with every trajectory frame (every
+``loginterval`` steps).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -45,10 +58,17 @@ from integrations.openmm_simulation import load_surrogate
 from integrations.propagator import SurrogatePropagator
 from integrations.writers import PS_IN_ASE_TIME
 from surrogate_md.errors import EngineError, GuardError
+from surrogate_md.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
 KJ_PER_MOL_IN_EV = units.kJ / units.mol
+
+RESTART_FORMAT = "surrogate-md SurrogateDynamics state"
+RESTART_VERSION = 1
+# a restart file applies to atoms this close to the ones it was saved with: the tolerance at
+# which the propagator takes a state for the one it remembered (a PDB's 1e-3 Å rounding passes)
+RESTART_TOLERANCE_A = 1e-3
 
 
 class SurrogateDynamics(MolecularDynamics):
@@ -67,6 +87,11 @@ class SurrogateDynamics(MolecularDynamics):
         temperature_K: for the energy-guard threshold (and the thermal end velocities).
         end_velocities, velocity_seed: the end state's velocities, ``"difference"`` or
             ``"thermal"``, as in :class:`~integrations.openmm_simulation.SurrogateSimulation`.
+        restart: path of a state file (:meth:`save_state`), as for ASE's optimizers: when it
+            exists it is loaded (:meth:`load_state`; an error when it does not belong to
+            ``atoms``), and it is rewritten with every trajectory frame (every ``loginterval``
+            steps, the start included), so the last frame of the trajectory and the file go
+            together.
     """
 
     def __init__(self, atoms, surrogate: Any, timestep: float | None = None,
@@ -75,7 +100,8 @@ class SurrogateDynamics(MolecularDynamics):
                  write_intermediate: bool = False, md_dynamics=None, md_steps: int = 0,
                  fallback_dynamics=None, temperature_K: float = 300.0,
                  end_velocities: str = "difference", velocity_seed: int | None = None,
-                 append_trajectory: bool = False, **kwargs) -> None:
+                 append_trajectory: bool = False, restart: str | os.PathLike | None = None,
+                 **kwargs) -> None:
         self.surrogate = load_surrogate(surrogate)
         self.surrogate.check_atomic_numbers(atoms.get_atomic_numbers())
         if md_steps and md_dynamics is None:
@@ -151,15 +177,166 @@ class SurrogateDynamics(MolecularDynamics):
         # history MD): it decides whether a state's energy may move the guard's anchor
         self._md_ps = 0.0
         self._molecules = _BondTree(len(atoms), self.surrogate.topology.get("bonds", []))
+        self.restart = None if restart is None else os.fspath(restart)
+        state = None
+        if self.restart is not None and os.path.exists(self.restart):
+            # read and checked before ASE opens (and without append_trajectory empties) the
+            # trajectory: a refused restart leaves the run's trajectory as it was
+            state = self._read_state(self.restart, atoms, dt)
+            if (state[1]["nsteps"] and trajectory is not None and not append_trajectory
+                    and not hasattr(trajectory, "write")):
+                log.warning("restarting at step %d with append_trajectory=False: %s is "
+                            "overwritten and starts after that step; pass "
+                            "append_trajectory=True to continue it", state[1]["nsteps"],
+                            trajectory)
         super().__init__(atoms, dt, trajectory=trajectory, logfile=logfile,
                          loginterval=loginterval, append_trajectory=append_trajectory, **kwargs)
+        if state is not None:
+            self._apply_state(self.restart, *state)
+        if self.restart is not None:
+            # attached after the trajectory writer: the file follows the frame just written
+            self.attach(self._write_restart, interval=loginterval)
 
     def todict(self) -> dict:
         d = super().todict()
         d.update({"surrogate": self.surrogate.name, "jump_ps": self.surrogate.jump_ps,
                   "checkpoint_hash": self.surrogate.checkpoint_hash, "md_steps": self.md_steps,
-                  "guard_action": self.guards.action})
+                  "guard_action": self.guards.action, "restart": self.restart})
         return d
+
+    # -- restarts ---------------------------------------------------------------------------------
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Write what a restart needs beyond the atoms to ``path`` (``.npz``, atomically).
+
+        Arrays: ``keys`` (K,) int64, the remembered states' times in units of 1e-6 ps, and
+        ``frames`` (K, n_model_atoms, 3) Å (a history model's remembered frames, as
+        ``SurrogateSimulation`` writes them); ``positions`` (n_atoms, 3) Å, ``velocities``
+        (n_atoms, 3) Å/ps and ``numbers`` (n_atoms,) of the atoms now, which the file belongs
+        to; ``extra``, a JSON string: format, version, ``nsteps``, ``time_ps``, ``dt_ase``,
+        ``cell`` (3, 3) Å, ``pbc``, the surrogate's name and checkpoint hash, ``rng`` (the
+        thermal draws' generator state or null), ``guards`` (``Guards.energy_state()``: energies
+        and tallies), ``n_jumps``, ``n_fallbacks``, ``n_history_md`` and ``md_ps``.
+        """
+        atoms = self.atoms
+        mem = self.propagator.memory()
+        extra = {"format": RESTART_FORMAT, "version": RESTART_VERSION,
+                 "nsteps": int(self.nsteps), "time_ps": self.get_time() / PS_IN_ASE_TIME,
+                 "dt_ase": float(self.dt), "cell": atoms.cell.array.tolist(),
+                 "pbc": [bool(p) for p in atoms.pbc], "surrogate": self.surrogate.name,
+                 "checkpoint_hash": self.surrogate.checkpoint_hash, "rng": mem["rng"],
+                 "guards": self.guards.energy_state(),
+                 "n_jumps": self.n_jumps,
+                 "n_fallbacks": self.n_fallbacks, "n_history_md": self.n_history_md,
+                 "md_ps": self._md_ps}
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, keys=mem["keys"], frames=mem["frames"],
+                     positions=atoms.get_positions(),
+                     velocities=atoms.get_velocities() * PS_IN_ASE_TIME,
+                     numbers=atoms.get_atomic_numbers(), extra=np.array(json.dumps(extra)))
+
+    def load_state(self, path: str | os.PathLike, *,
+                   tolerance_A: float = RESTART_TOLERANCE_A) -> None:
+        """Take back a :meth:`save_state` file: the run then goes on as it would have from
+        the state saved (step count and time included).
+
+        Applied only to the atoms it was saved with: the same atomic numbers, cell and
+        periodicity, positions within ``tolerance_A`` (minimum image), and a dynamics of the
+        same time step; otherwise :class:`EngineError` says why, and nothing is changed. The
+        velocities are the atoms' own (a warning when they differ from the saved ones).
+        """
+        path = os.fspath(path)
+        self._apply_state(path, *self._read_state(path, self.atoms, self.dt, tolerance_A))
+
+    def _read_state(self, path: str, atoms, dt: float,
+                    tolerance_A: float = RESTART_TOLERANCE_A) -> tuple[dict, dict]:
+        """The arrays and the ``extra`` dict of a state file, checked against ``atoms`` and the
+        time step ``dt`` (ASE units); :class:`EngineError` when it does not apply."""
+        try:
+            with np.load(path) as data:
+                arrays = {k: data[k] for k in ("keys", "frames", "positions", "velocities",
+                                               "numbers")}
+                extra = json.loads(str(data["extra"]))
+        except (OSError, ValueError, KeyError) as exc:
+            raise EngineError(f"{path} is not a SurrogateDynamics state file (save_state / "
+                              f"restart=): {exc}") from exc
+        if extra.get("format") != RESTART_FORMAT:
+            raise EngineError(f"{path} is not a SurrogateDynamics state file (format "
+                              f"{extra.get('format')!r}; a SurrogateSimulation's "
+                              "<file>.surrogate.npz goes with its OpenMM checkpoint)")
+        if extra.get("version", 0) > RESTART_VERSION:
+            raise EngineError(f"{path} has state file version {extra['version']}, newer than "
+                              f"this surrogate-md reads ({RESTART_VERSION}): upgrade")
+        why = self._state_mismatch(atoms, dt, arrays, extra, tolerance_A)
+        if why:
+            raise EngineError(f"{path} (saved at step {extra['nsteps']}, t = "
+                              f"{extra['time_ps']:.6g} ps) does not fit these atoms and this "
+                              f"dynamics, so it is not applied: {why}. Restart from the frame "
+                              "it was saved with (the trajectory's frame at that step), or "
+                              "leave it out to start afresh (a history model then rebuilds its "
+                              "history by MD)")
+        return arrays, extra
+
+    def _apply_state(self, path: str, arrays: dict, extra: dict) -> None:
+        """Take back a state :meth:`_read_state` accepted."""
+        if extra["checkpoint_hash"] != self.surrogate.checkpoint_hash:
+            log.warning("%s was saved with another surrogate checkpoint (%s, hash %s); its "
+                        "remembered frames and energies are used with this one (%s)", path,
+                        extra["surrogate"], extra["checkpoint_hash"], self.surrogate.name)
+        if (extra["rng"] is None) != (self.propagator.end_velocities != "thermal"):
+            log.warning("%s was saved with end_velocities=%r, this dynamics uses %r: the "
+                        "thermal draws do not go on as they would have", path,
+                        "difference" if extra["rng"] is None else "thermal",
+                        self.propagator.end_velocities)
+        vel = self.atoms.get_velocities() * PS_IN_ASE_TIME
+        if not np.allclose(vel, arrays["velocities"], rtol=1e-6, atol=1e-6):
+            log.warning("%s: the atoms' velocities differ from the saved ones (up to %.3g "
+                        "Å/ps); the run goes on from the atoms' velocities", path,
+                        float(np.abs(vel - arrays["velocities"]).max()))
+        self.propagator.restore_memory({"keys": arrays["keys"], "frames": arrays["frames"],
+                                        "rng": extra["rng"]})
+        self.guards.restore_energy_state(extra["guards"])
+        self.n_jumps, self.n_fallbacks = int(extra["n_jumps"]), int(extra["n_fallbacks"])
+        self.n_history_md = int(extra["n_history_md"])
+        self._md_ps = float(extra["md_ps"])
+        self.nsteps = int(extra["nsteps"])
+        self.last_jump = self.last_jump_times_ps = None
+
+    def _state_mismatch(self, atoms, dt: float, arrays: dict, extra: dict,
+                        tolerance_A: float) -> str:
+        """Why a state file does not apply to ``atoms`` and a time step ``dt`` ('' when it
+        does)."""
+        numbers = atoms.get_atomic_numbers()
+        if len(arrays["numbers"]) != len(numbers):
+            return f"it has {len(arrays['numbers'])} atoms, these are {len(numbers)}"
+        if not np.array_equal(arrays["numbers"], numbers):
+            first = int(np.nonzero(arrays["numbers"] != numbers)[0][0])
+            return (f"atom {first} is element {int(arrays['numbers'][first])} there, "
+                    f"{int(numbers[first])} here")
+        if [bool(p) for p in atoms.pbc] != extra["pbc"] or not np.allclose(
+                atoms.cell.array, extra["cell"], atol=tolerance_A):
+            return f"the cell differs ({extra['cell']}, pbc {extra['pbc']} there)"
+        if not math.isclose(extra["dt_ase"], dt, rel_tol=1e-9):
+            return (f"its dynamics stepped by {extra['dt_ase']:.6g} ASE time units, this one by "
+                    f"{dt:.6g} (another jump or MD segment): its clock and remembered "
+                    "times do not fit")
+        frames = arrays["frames"]
+        if len(frames) and frames.shape[1:] != (self.surrogate.n_model_atoms, 3):
+            return (f"its remembered frames have {frames.shape[1]} model atoms, the surrogate "
+                    f"{self.surrogate.name} models {self.surrogate.n_model_atoms}")
+        diff = atoms.get_positions() - arrays["positions"]
+        if atoms.pbc.any():
+            from ase.geometry import find_mic
+
+            diff = find_mic(diff, atoms.cell, atoms.pbc)[0]
+        dist = np.linalg.norm(diff, axis=1)
+        if not dist.max() <= tolerance_A:
+            return (f"the positions differ from the saved ones by up to {dist.max():.3g} Å "
+                    f"(atom {int(dist.argmax())}; tolerance {tolerance_A:g} Å)")
+        return ""
+
+    def _write_restart(self) -> None:
+        if getattr(self, "comm", None) is None or self.comm.rank == 0:
+            self.save_state(self.restart)
 
     # -- the loop (no force call without a calculator) --------------------------------------------
     def _refresh_properties(self) -> None:

@@ -259,17 +259,31 @@ class Guards:
         self._md_energies.clear()
 
     def energy_state(self) -> dict:
-        """The recorded energies (reference window, start anchor, real-MD energies), JSON-safe:
-        what a restart needs to judge the next jumps as the run would have."""
+        """What a restart needs to judge the next jumps and count the run as it would have,
+        JSON-safe: the recorded energies (reference window, start anchor, real-MD energies), the
+        energy of a just-accepted relaxation (:meth:`record_energy` leaves that state out of the
+        window) and the tallies :meth:`summary` reports (events themselves are not kept)."""
         return {"energies": list(self._energies), "anchor": list(self._anchor),
-                "md_energies": list(self._md_energies)}
+                "md_energies": list(self._md_energies), "relaxed_energy": self._relaxed_energy,
+                "n_checked": self.n_checked, "n_failed": self.n_failed,
+                "counts": dict(self.counts), "actions": dict(self.actions),
+                "n_relaxations": self.n_relaxations,
+                "relax_iterations_used": self.relax_iterations_used}
 
     def restore_energy_state(self, state: dict) -> None:
-        """Take back an :meth:`energy_state` (after :meth:`reset_energies`)."""
+        """Take back an :meth:`energy_state` (a state of an older release without the
+        tallies restores the energies only)."""
         self.reset_energies()
         self._energies.extend(float(e) for e in state.get("energies", []))
         self._anchor.extend(float(e) for e in state.get("anchor", []))
         self._md_energies.extend(float(e) for e in state.get("md_energies", []))
+        relaxed = state.get("relaxed_energy")
+        self._relaxed_energy = None if relaxed is None else float(relaxed)
+        if "n_checked" in state:
+            self.n_checked, self.n_failed = int(state["n_checked"]), int(state["n_failed"])
+            self.counts, self.actions = Counter(state["counts"]), Counter(state["actions"])
+            self.n_relaxations = int(state["n_relaxations"])
+            self.relax_iterations_used = int(state["relax_iterations_used"])
 
     @property
     def energy_anchor_kJ_per_mol(self) -> float:

@@ -505,3 +505,29 @@ def test_a_guard_config_without_temperature_takes_the_engines():
     fixed = Guards(_BareSurrogate(), GuardConfig(temperature_K=300.0), n_dof=100,
                    temperature_K=600.0)
     assert fixed.energy_jump_kJ_per_mol == pytest.approx(default_energy_threshold(100, 300.0))
+
+
+def test_energy_state_carries_the_tallies_and_a_pending_relaxed_energy():
+    """A restart (OpenMM's .surrogate.npz, ASE's restart file) takes back the whole summary and
+    keeps a just-relaxed state out of the window; an older state without tallies restores the
+    energies only."""
+    import json
+
+    g = Guards(_BareSurrogate(), GuardConfig(action="relax", energy_jump_kJ_per_mol=100.0))
+    for e in (-1000.0, -1001.0, -999.0):
+        g.record_energy(e)
+    x = np.eye(3) * 1.5
+    assert [e.check for e in g.check(x, energy_kJ_per_mol=1e6)] == ["energy"]  # counted
+    g.record_relaxation(12, accepted_energy_kJ_per_mol=-1100.0)
+    state = json.loads(json.dumps(g.energy_state()))  # it travels as JSON
+    fresh = Guards(_BareSurrogate(), GuardConfig(action="relax", energy_jump_kJ_per_mol=100.0))
+    fresh.restore_energy_state(state)
+    assert fresh.summary() == g.summary()
+    assert fresh.summary()["jumps_failed"] == 1 and fresh.summary()["relax_iterations_used"] == 12
+    fresh.record_energy(-1100.0)  # the relaxed state: left out of the window, as in g
+    g.record_energy(-1100.0)
+    assert fresh.energy_state() == g.energy_state() and len(g.energy_state()["energies"]) == 3
+    old = Guards(_BareSurrogate(), GuardConfig(action="relax", energy_jump_kJ_per_mol=100.0))
+    old.restore_energy_state({k: state[k] for k in ("energies", "anchor", "md_energies")})
+    assert old.summary()["jumps_checked"] == 0
+    assert old.energy_reference_kJ_per_mol == g.energy_reference_kJ_per_mol

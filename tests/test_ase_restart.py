@@ -1,0 +1,203 @@
+"""SurrogateDynamics restarts: ``save_state`` / ``load_state`` / ``restart=`` bring back what the
+atoms do not hold (a history model's remembered frames, the thermal draws' generator, the guards'
+energies and counts, the jump counts, the MD time since the last jump, the step count), so a run
+restarted from the last frame of its ``.traj`` goes on as the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from _integration_fixtures import PDB, cached_md, make_checkpoint
+from ase import units
+from ase.calculators.emt import EMT
+from ase.io import read
+from ase.md.velocitydistribution import thermalize_momenta
+from ase.md.verlet import VelocityVerlet
+
+from integrations.ase_dynamics import SurrogateDynamics
+from surrogate_md import Surrogate
+from surrogate_md.errors import EngineError
+
+N_STEPS = 6  # the first builds the history by MD, the others are jumps
+
+
+def cold_atoms():
+    atoms = read(str(PDB))
+    atoms.set_positions(cached_md()["frames"][0])
+    thermalize_momenta(atoms, temperature_K=0.05, rng=np.random.default_rng(0))
+    return atoms
+
+
+def saved_step(path) -> int:
+    with np.load(path) as data:
+        return json.loads(str(data["extra"]))["nsteps"]
+
+
+@pytest.fixture(scope="module")
+def estag(tmp_path_factory):
+    # ESTAG, 3 input frames 0.02 ps apart, 0.04 ps jumps with frames at 0.02 and 0.04 ps
+    path = tmp_path_factory.mktemp("estag") / "estag.pt"
+    return Surrogate.load(make_checkpoint(cached_md(), path, model="estag", selection="heavy",
+                                          jump_frames=4, n_out=2, history=3, history_stride=2))
+
+
+def dynamics(atoms, sur, **kwargs):
+    """A history model with thermal end velocities (the draws' generator matters), EMT energies
+    (the guards record them) and VelocityVerlet to build the history."""
+    atoms.calc = EMT()
+    md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    return SurrogateDynamics(atoms, sur, guards="warn", fallback_dynamics=md,
+                             end_velocities="thermal", velocity_seed=5, **kwargs)
+
+
+def counters(dyn):
+    s = dyn.guards.summary()
+    return (dyn.nsteps, dyn.n_jumps, dyn.n_history_md, dyn.n_fallbacks, s["jumps_checked"],
+            s["jumps_failed"], s["failures"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(estag):
+    dyn = dynamics(cold_atoms(), estag)
+    dyn.run(N_STEPS)
+    assert (dyn.n_history_md, dyn.n_jumps) == (1, N_STEPS - 1)
+    return dyn
+
+
+@pytest.mark.parametrize("save_after", [1, 3])
+def test_restart_from_the_trajectory_goes_on_as_the_uninterrupted_run(tmp_path, estag,
+                                                                      uninterrupted, save_after):
+    """Run ``save_after`` steps with a trajectory and ``restart=``, then build a new dynamics on
+    the trajectory's last frame with the same ``restart=``: the rest of the run takes the same
+    jumps (no history MD again, the same velocity draws, energies and counts) and the trajectory
+    gets no duplicate frame. Saved after 1 step the state is one of MD (``_md_ps`` > 0), after 3
+    one of a jump. Without the state file the restart rebuilt the history by MD, restarted the
+    draws, the guards' anchor and the counters (the last part of this test)."""
+    traj, state = tmp_path / "run.traj", tmp_path / "run.state.npz"
+    first = dynamics(cold_atoms(), estag, trajectory=str(traj), restart=str(state))
+    first.run(save_after)
+    md_ps = first._md_ps
+    assert (md_ps > 0) == (save_after == 1)
+    energies = first.guards.energy_state()
+    del first
+
+    atoms = read(str(traj), -1)
+    again = dynamics(atoms, estag, trajectory=str(traj), restart=str(state),
+                     append_trajectory=True)
+    assert again.nsteps == save_after and again._md_ps == md_ps
+    assert again.guards.energy_state() == energies
+    assert again.propagator.has_history(save_after * estag.jump_ps)
+    again.run(N_STEPS - save_after)
+
+    a = uninterrupted
+    assert counters(again) == counters(a)
+    assert again.get_time() == pytest.approx(a.get_time(), abs=1e-12)
+    np.testing.assert_allclose(atoms.get_positions(), a.atoms.get_positions(), atol=1e-6)
+    np.testing.assert_allclose(atoms.get_velocities(), a.atoms.get_velocities(), atol=1e-6)
+    np.testing.assert_allclose(again.guards.energy_state()["energies"],
+                               a.guards.energy_state()["energies"], rtol=1e-9)
+    assert again.guards.energy_anchor_kJ_per_mol == pytest.approx(
+        a.guards.energy_anchor_kJ_per_mol, rel=1e-9)
+    frames = read(str(traj), ":")
+    assert len(frames) == N_STEPS + 1  # the restart wrote no second copy of its first frame
+    np.testing.assert_allclose(frames[-1].positions, a.atoms.positions, atol=1e-6)
+    # the file follows the trajectory: saved at the last step
+    assert saved_step(state) == N_STEPS
+
+    # the same frame without the state: the old behaviour, another run
+    fresh = dynamics(read(str(traj), save_after), estag)
+    fresh.run(N_STEPS - save_after)
+    assert fresh.nsteps == N_STEPS - save_after and fresh.n_history_md == 1
+    assert np.abs(fresh.atoms.get_positions() - a.atoms.get_positions()).max() > 1e-3
+
+
+def test_explicit_save_and_load_state(tmp_path, estag, uninterrupted):
+    """``save_state`` mid-run, ``load_state`` on a new dynamics on the same atoms."""
+    first = dynamics(cold_atoms(), estag)
+    first.run(3)
+    first.save_state(tmp_path / "mid.npz")
+    atoms = first.atoms.copy()
+    again = dynamics(atoms, estag)
+    again.load_state(tmp_path / "mid.npz")
+    again.run(N_STEPS - 3)
+    assert counters(again) == counters(uninterrupted)
+    np.testing.assert_allclose(atoms.get_positions(), uninterrupted.atoms.get_positions(),
+                               atol=1e-6)
+    np.testing.assert_allclose(atoms.get_velocities(), uninterrupted.atoms.get_velocities(),
+                               atol=1e-6)
+
+
+def test_a_state_of_other_atoms_is_refused_and_changes_nothing(tmp_path, estag, caplog):
+    traj = tmp_path / "run.traj"
+    first = dynamics(cold_atoms(), estag, trajectory=str(traj))
+    first.run(2)
+    path = tmp_path / "state.npz"
+    first.save_state(path)
+    saved = first.atoms.copy()
+
+    moved = saved.copy()
+    moved.positions[3] += (0.05, 0.0, 0.0)
+    for build in (lambda: dynamics(moved.copy(), estag, restart=path),
+                  lambda: dynamics(moved.copy(), estag).load_state(path)):
+        with pytest.raises(EngineError, match=r"not applied: the positions differ from the "
+                                              r"saved ones by up to 0.05 Å \(atom 3"):
+            build()
+    # refused before ASE opens the trajectory: not emptied (append_trajectory=False)
+    with pytest.raises(EngineError, match="not applied"):
+        dynamics(moved.copy(), estag, trajectory=str(traj), restart=path)
+    assert len(read(str(traj), ":")) == 3
+    dyn = dynamics(moved.copy(), estag)
+    with pytest.raises(EngineError, match="saved at step 2"):
+        dyn.load_state(path)
+    assert (dyn.nsteps, dyn.n_jumps, dyn.n_history_md) == (0, 0, 0)
+    assert not dyn.propagator.has_history(0.0) and dyn.guards.energy_state()["energies"] == []
+
+    boxed = saved.copy()
+    boxed.cell, boxed.pbc = [30.0, 30.0, 30.0], True
+    with pytest.raises(EngineError, match="the cell differs"):
+        dynamics(boxed, estag).load_state(path)
+
+    other_jump = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "lin.pt",
+                                                selection="heavy", jump_frames=2))
+    with pytest.raises(EngineError, match="stepped by .*another jump"):
+        SurrogateDynamics(saved.copy(), other_jump, guards="warn", restart=path)
+
+    openmm_side = tmp_path / "run.chk.surrogate.npz"
+    with open(openmm_side, "wb") as fh:
+        np.savez(fh, keys=np.zeros(0, np.int64), frames=np.zeros((0, 10, 3)),
+                 extra=np.array(json.dumps({"time_ps": 0.0})))
+    with pytest.raises(EngineError, match="not a SurrogateDynamics state file"):
+        dynamics(saved.copy(), estag).load_state(openmm_side)
+    (tmp_path / "junk.npz").write_text("not a state")
+    with pytest.raises(EngineError, match="not a SurrogateDynamics state file"):
+        dynamics(saved.copy(), estag, restart=tmp_path / "junk.npz")
+
+    # the same positions with other velocities: applied, with a warning
+    kicked = saved.copy()
+    kicked.set_velocities(kicked.get_velocities() + 1e-3)
+    dyn = dynamics(kicked, estag)
+    with caplog.at_level("WARNING", logger="integrations.ase_dynamics"):
+        dyn.load_state(path)
+    assert "velocities differ" in caplog.text and dyn.nsteps == 2
+
+
+def test_without_a_state_file_the_run_is_unchanged(tmp_path, estag, uninterrupted):
+    """No ``restart=``: nothing written, the run as before. ``restart=`` naming a file that does
+    not exist yet: the same run, and the file written at the start and with every frame."""
+    plain = dynamics(cold_atoms(), estag)
+    plain.run(N_STEPS)
+    assert list(tmp_path.iterdir()) == []
+    state = tmp_path / "new.npz"
+    fresh = dynamics(cold_atoms(), estag, restart=state, loginterval=2)
+    seen = []
+    fresh.attach(lambda: seen.append(saved_step(state)))
+    fresh.run(N_STEPS)
+    for dyn in (plain, fresh):
+        assert counters(dyn) == counters(uninterrupted)
+        np.testing.assert_array_equal(dyn.atoms.get_positions(),
+                                      uninterrupted.atoms.get_positions())
+    assert seen == [0, 0, 2, 2, 4, 4, 6]
+    assert plain.todict()["restart"] is None and fresh.todict()["restart"] == str(state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.npz"]  # no temporary left
