@@ -10,8 +10,10 @@ as ``--topology``, with ``--coordinates``, whose box is used), runs
 beside ``OUT``: ``OUT`` itself (all outputs appear under their final names only when the run
 succeeds), ``<OUT stem>.csv`` (StateDataReporter: step, time, energies, temperature) and
 ``<OUT stem>.json`` (provenance: surrogate, checkpoint hash, inputs, guard summary, timings).
-A run stopped with Ctrl-C keeps the frames written so far under those names (``"interrupted":
-true`` in the provenance, exit code 130); a run that fails leaves none.
+A run stopped with Ctrl-C or SIGTERM (``kill``, a batch scheduler's stop at the end of a job's
+time) keeps the frames written so far under those names (``"interrupted": true`` and the signal
+in the provenance, exit code 130 or 143 = 128 + the signal number); a run that fails leaves
+none.
 """
 
 from __future__ import annotations
@@ -20,18 +22,58 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from surrogate_md.errors import DataError, EngineError, SurrogateMDError
+from surrogate_md.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 FORMATS = (".xtc", ".dcd")
 DEFAULT_FORCEFIELDS = ("amber14-all.xml", "amber14/tip3pfb.xml")
+#: exit codes of an interrupted run, as a shell reports a process ended by the signal
+EXIT_CODES = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a run: raised where the run is, as SIGINT raises KeyboardInterrupt, so
+    everything that cleans up after Ctrl-C (the Context put back to the jump's start, the
+    frames written so far kept) does so after a SIGTERM too."""
+
+
+class StopOnSigterm:
+    """While the block runs, SIGTERM raises :class:`Terminated`; after :meth:`hold` it is only
+    logged (the outputs are being finished and must not be cut short). The previous
+    handler comes back at the end. Outside the main thread, where Python cannot install signal
+    handlers, nothing changes."""
+
+    def __init__(self) -> None:
+        self._raise = True
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self._raise:
+            self._raise = False  # one Terminated: a second SIGTERM must not cut the clean-up
+            raise Terminated(f"signal {signal.Signals(signum).name}")
+        log.warning("SIGTERM: finishing the outputs first")
+
+    def hold(self) -> None:
+        self._raise = False
+
+    def __enter__(self) -> StopOnSigterm:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a frame every this many jumps")
     p.add_argument("--forcefield", nargs="+", default=list(DEFAULT_FORCEFIELDS),
                    help="OpenMM force-field XML files for PDB topologies")
+    p.add_argument("--cutoff-nm", type=float,
+                   help="nonbonded cutoff, nm: of PME in a box (default: OpenMM's, 1 nm; every "
+                        "box edge must be at least twice it), or without a box a reaction-field "
+                        "cutoff instead of exact electrostatics (default: none)")
     p.add_argument("--guard", default="raise", choices=("raise", "warn", "fallback", "relax"),
                    help="what to do when a jump fails a guard")
     p.add_argument("--temperature-K", type=float, default=300.0,
@@ -73,15 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_system(topology: str, coordinates: str | None, forcefields: list[str]):
+def load_system(topology: str, coordinates: str | None, forcefields: list[str],
+                cutoff_nm: float | None = None):
     """(openmm.app.Topology, System, positions, box) from a PDB/PDBx, an Amber prmtop or a
     GROMACS .top (+ coordinates).
 
     ``box`` is the periodic box of the coordinates (``--coordinates`` when given, else the
     topology file's own), or ``None``; the caller sets it on a periodic System's context, so
-    coordinates equilibrated at constant pressure run in their own box.
+    coordinates equilibrated at constant pressure run in their own box. ``cutoff_nm``: the
+    nonbonded cutoff (PME in a box, default OpenMM's; without a box, CutoffNonPeriodic instead
+    of NoCutoff).
+
+    Raises:
+        DataError: unreadable files, atoms that do not match, or a box narrower than twice the
+            nonbonded cutoff (OpenMM would refuse it with a bare exception).
     """
-    from openmm import app
+    from openmm import app, unit
 
     top_path = Path(topology)
     if not top_path.is_file():
@@ -90,8 +143,12 @@ def load_system(topology: str, coordinates: str | None, forcefields: list[str]):
     coord_path = Path(coordinates) if coordinates else None
     if coord_path is not None and not coord_path.is_file():
         raise DataError(f"{coord_path}: no such coordinate file")
+    if cutoff_nm is not None and not (np.isfinite(cutoff_nm) and cutoff_nm > 0):
+        raise DataError(f"--cutoff-nm must be a positive length in nm, got {cutoff_nm}")
+    cutoff = {} if cutoff_nm is None else {"nonbondedCutoff": cutoff_nm * unit.nanometer}
     suffix = top_path.suffix.lower()
     amber = suffix in (".prmtop", ".parm7") or (suffix == ".top" and _is_amber_prmtop(top_path))
+    box_path = coord_path
     try:
         if amber or suffix == ".top":
             kind = "an Amber prmtop" if amber else "a GROMACS topology"
@@ -104,8 +161,8 @@ def load_system(topology: str, coordinates: str | None, forcefields: list[str]):
             else:  # #include files resolve beside the .top, then in $GMXDATA/top (or the
                 # share/gromacs/top of the gmx on PATH)
                 top_file = app.GromacsTopFile(str(top_path), periodicBoxVectors=box)
-            method = app.PME if box is not None else app.NoCutoff
-            system = top_file.createSystem(nonbondedMethod=method, constraints=app.HBonds)
+            system = top_file.createSystem(nonbondedMethod=_method(box, cutoff_nm),
+                                           constraints=app.HBonds, **cutoff)
             top = top_file.topology
         else:
             structure = (app.PDBxFile if suffix in (".cif", ".pdbx") else app.PDBFile)(
@@ -115,12 +172,15 @@ def load_system(topology: str, coordinates: str | None, forcefields: list[str]):
             if coord_path is not None:
                 positions, coord_box, names = _coordinates(coord_path)
                 box = coord_box if coord_box is not None else box
+                box_path = coord_path if coord_box is not None else top_path
+            else:
+                box_path = top_path
             top = structure.topology
             if box is not None:
                 top.setPeriodicBoxVectors(box)
             ff = app.ForceField(*forcefields)
-            method = app.PME if box is not None else app.NoCutoff
-            system = ff.createSystem(top, nonbondedMethod=method, constraints=app.HBonds)
+            system = ff.createSystem(top, nonbondedMethod=_method(box, cutoff_nm),
+                                     constraints=app.HBonds, **cutoff)
     except SurrogateMDError:
         raise
     except Exception as exc:  # OpenMM's readers raise bare Exceptions, IndexError on junk
@@ -133,7 +193,49 @@ def load_system(topology: str, coordinates: str | None, forcefields: list[str]):
                         f"{top_path} has {system.getNumParticles()}; give coordinates of the same "
                         "system")
     _check_atom_order(coord_path, names, [a.name for a in top.atoms()], top_path)
+    _check_box(system, box, box_path)
     return top, system, positions, box
+
+
+def _method(box, cutoff_nm: float | None):
+    """Nonbonded method: PME in a box; without one, exact (no cutoff) unless ``--cutoff-nm``
+    asks for a cutoff (as ``python -m datagen openmm --cutoff-nm`` does for vacuum systems)."""
+    from openmm import app
+
+    if box is not None:
+        return app.PME
+    return app.NoCutoff if cutoff_nm is None else app.CutoffNonPeriodic
+
+
+def _check_box(system, box, box_path: Path | None) -> None:
+    """A periodic System's box must be at least twice its nonbonded cutoff wide along every
+    axis (OpenMM's own test: the diagonal of the reduced box vectors), or OpenMM refuses it
+    with a bare exception when the Context is made or the box set."""
+    from openmm import unit
+
+    if box is None:
+        return
+    cutoffs = []
+    for force in system.getForces():
+        try:
+            if force.usesPeriodicBoundaryConditions() and hasattr(force, "getCutoffDistance"):
+                cutoffs.append(force.getCutoffDistance().value_in_unit(unit.nanometer))
+        except Exception:  # OpenMM raises a bare Exception where a force does not implement it
+            continue
+    if not cutoffs:
+        return
+    cutoff = max(cutoffs)
+    widths = [box[i][i].value_in_unit(unit.nanometer) for i in range(3)]
+    axis = int(np.argmin(widths))
+    if widths[axis] < 2 * cutoff:
+        raise DataError(
+            f"{box_path}: the periodic box is {widths[axis]:.4g} nm wide along "
+            f"{'xyz'[axis]}, less than twice the nonbonded cutoff of {cutoff:.4g} nm "
+            f"({2 * cutoff:.4g} nm), which OpenMM cannot run; solvate the system in a box at "
+            f"least {2 * cutoff:.4g} nm wide, or pass a smaller --cutoff-nm (at most "
+            f"{widths[axis] / 2:.4g} nm), or, for a solute in vacuum, give coordinates without "
+            "a box (no CRYST1 record in a PDB, a 0 0 0 box line in a .gro) to run without "
+            "periodic boundaries")
 
 
 def _check_atom_order(coord_path: Path | None, names: list[str] | None, top_names: list[str],
@@ -230,7 +332,7 @@ def run(args: argparse.Namespace) -> dict:
             "show: the files' times would be wrong. Use a model trained with a history stride "
             "that is a multiple of the output spacing, or run SurrogateSimulation from Python")
     topology, system, positions, box = load_system(args.topology, args.coordinates,
-                                                   args.forcefield)
+                                                   args.forcefield, args.cutoff_nm)
     platform = None
     if args.platform:
         try:
@@ -258,39 +360,45 @@ def run(args: argparse.Namespace) -> dict:
     tmp_traj = out.with_name(f".{out.name}.partial{out.suffix}")
     tmp_csv = csv_path.with_name(f".{csv_path.name}.partial")
     reporter_cls = app.XTCReporter if out.suffix.lower() == ".xtc" else app.DCDReporter
-    traj = reporter_cls(str(tmp_traj), interval)
-    with open(tmp_csv, "w") as csv_file:
-        sim.reporters += [traj, app.StateDataReporter(
-            csv_file, interval, step=True, time=True, potentialEnergy=True, kineticEnergy=True,
-            temperature=True)]
-        start = time.perf_counter()
-        interrupted = False
+    with StopOnSigterm() as stop:  # from the first partial file on, SIGTERM acts as Ctrl-C
+        traj = None
+        interrupted = None  # the signal that stopped the run, if one did
         try:
-            sim.step(args.jumps)
-        except KeyboardInterrupt:
-            # as a Ctrl-C'd Simulation leaves what its reporters wrote: the frames so far are
-            # kept (under the names asked for) and the provenance says the run was cut short
-            interrupted = True
-            log.warning("interrupted after %d of %d jumps: keeping the frames written so far",
-                        sim.n_jumps + sim.n_fallbacks, args.jumps)
+            traj = reporter_cls(str(tmp_traj), interval)
+            with open(tmp_csv, "w") as csv_file:
+                sim.reporters += [traj, app.StateDataReporter(
+                    csv_file, interval, step=True, time=True, potentialEnergy=True,
+                    kineticEnergy=True, temperature=True)]
+                start = time.perf_counter()
+                try:
+                    sim.step(args.jumps)
+                except KeyboardInterrupt as exc:
+                    # as a Ctrl-C'd Simulation leaves what its reporters wrote: the frames so
+                    # far are kept (under the names asked for) and the provenance says the run
+                    # was cut short
+                    interrupted = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+                    log.warning("interrupted (%s) after %d of %d jumps: keeping the frames "
+                                "written so far", interrupted, sim.n_jumps + sim.n_fallbacks,
+                                args.jumps)
+                finally:
+                    stop.hold()
+                wall = time.perf_counter() - start
         except BaseException:
+            stop.hold()
             sim.reporters.clear()
-            csv_file.close()
             for tmp in (tmp_traj, tmp_csv):
                 tmp.unlink(missing_ok=True)
             raise
-        wall = time.perf_counter() - start
-    if isinstance(traj, app.DCDReporter):
-        traj._out.close()
-    sim.guards.log_summary()
-    provenance = {"command": "python -m integrations.predict", "argv": vars(args),
-                  "output": out.name, "state_data": csv_path.name, "wall_s": wall,
-                  "openmm": openmm.__version__, "interrupted": interrupted, **sim.summary()}
-    tmp_json = json_path.with_name(f".{json_path.name}.partial")
-    tmp_json.write_text(json.dumps(provenance, indent=2, default=str))
-    os.replace(tmp_traj, out)
-    os.replace(tmp_csv, csv_path)
-    os.replace(tmp_json, json_path)
+        if isinstance(traj, app.DCDReporter):
+            traj._out.close()
+        sim.guards.log_summary()
+        provenance = {"command": "python -m integrations.predict", "argv": vars(args),
+                      "output": out.name, "state_data": csv_path.name, "wall_s": wall,
+                      "openmm": openmm.__version__, "interrupted": interrupted is not None,
+                      "signal": interrupted, **sim.summary()}
+        os.replace(tmp_traj, out)
+        os.replace(tmp_csv, csv_path)
+        atomic_write_text(json_path, json.dumps(provenance, indent=2, default=str))
     log.info("wrote %s (%d jumps, %.4g ps) in %.1f s", out, sim.n_jumps + sim.n_fallbacks,
              provenance["time_ps"], wall)
     return provenance
@@ -301,8 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        if run(args).get("interrupted"):
-            return 130  # the shell's code for a run ended by Ctrl-C
+        stopped_by = run(args).get("signal")
+        if stopped_by:
+            return EXIT_CODES[stopped_by]  # the shell's code for a process ended by it
+    except Terminated:  # before the first jump: nothing was written
+        return EXIT_CODES["SIGTERM"]
     except SurrogateMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
