@@ -53,6 +53,13 @@ with k x interval x ``jump_ps``, lag the State's time by the warm-up's MD time: 
 :meth:`SurrogateSimulation.prepare_history` runs the warm-up before reporters are attached and
 can restart the clock after it).
 
+Restarts (:meth:`SurrogateSimulation.saveCheckpoint`/``saveState``, and so a
+``CheckpointReporter``, also write ``<file>.surrogate.npz``): a checkpoint written inside a
+hybrid cycle records where in the cycle it is, the MD steps of the segment already run or, on an
+intermediate output frame, the rest of the jump (its later frames and end state); the first
+``step()`` after loading it finishes that cycle, so the run keeps the jump schedule and the
+trajectory it would have had (tested against an uninterrupted run).
+
 In jump-step mode the step count counts jumps exactly: MD that is not a counted step (fallback
 MD, which counts as the one step of the jump it replaces, and history warm-up MD) restores the
 step count it started from, so reporters are asked for their next report from the jump's start
@@ -70,6 +77,7 @@ states cannot lift it (see :mod:`integrations.guards`).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -546,6 +554,25 @@ def _report_dict(report) -> dict:
     return report
 
 
+@dataclasses.dataclass(frozen=True)
+class _EmittedJump:
+    """The output frames of a jump as :meth:`SurrogateSimulation._emit_frames` reports them.
+
+    positions_A, velocities_A_per_ps: (m, n_atoms, 3) Å, Å/ps, the end state last (relaxed,
+    if it was); offsets_ps: (m,) after ``t0_ps``; frame_steps: (m,) steps after ``s0``; kind:
+    ``"jump"`` (counted as a jump once reported) or ``"fallback"`` (MD that replaced one);
+    frame: the frame whose reports are running (-1: none yet)."""
+
+    positions_A: np.ndarray
+    velocities_A_per_ps: np.ndarray
+    offsets_ps: np.ndarray
+    frame_steps: np.ndarray
+    t0_ps: float
+    s0: int
+    kind: str
+    frame: int = -1
+
+
 class SurrogateSimulation:
     """A ``Simulation`` whose ``step`` takes learned jumps.
 
@@ -684,6 +711,12 @@ class SurrogateSimulation:
         self.n_jumps = 0
         self.n_fallbacks = 0
         self._snap_warned: set[int] = set()
+        # where in a cycle (MD segment, then jump) the state is, for a checkpoint written inside
+        # one: the step the running MD segment started at, and the jump whose frames are being
+        # reported (_EmittedJump); a loaded checkpoint's place goes to _resume for step()
+        self._segment_start: int | None = None
+        self._in_jump: _EmittedJump | None = None
+        self._resume: dict | None = None
         log.info("surrogate %s: one jump = %.6g ps = %d steps of %.6g ps", self.surrogate.name,
                  self.surrogate.jump_ps, self.steps_per_jump, self.step_ps)
 
@@ -729,18 +762,40 @@ class SurrogateSimulation:
         """``<file>.surrogate.npz``: what the Context does not hold and a restart needs to go
         on as the run would have: a history model's remembered frames, the thermal velocity
         draws' generator, the guards' recorded energies (the anchor among them), the jump
-        counts and the MD time behind the state; stamped with the Context's time."""
+        counts, the MD time behind the state and, inside a hybrid cycle, where in it the state
+        is (``cycle``; with the rest of the jump when on an intermediate output frame); stamped
+        with the Context's time."""
         import json
 
         from surrogate_md.fileio import atomic_path
 
         mem = self.propagator.memory()
+        n_jumps, md_ps, place, rest = self.n_jumps, self._md_ps, None, {}
+        jump = self._in_jump
+        if jump is not None and jump.frame == len(jump.offsets_ps) - 1:
+            # the jump's end: saved as the state after it, with the bookkeeping that follows
+            # its reports done (a restart from it starts a new cycle)
+            if jump.kind == "jump":
+                n_jumps, md_ps = n_jumps + 1, 0.0
+        elif jump is not None:  # an intermediate output frame: the rest of the jump goes along
+            k = jump.frame + 1
+            place = {"in": "jump", "t0_ps": jump.t0_ps, "s0": jump.s0, "kind": jump.kind,
+                     "offsets_ps": [float(t) for t in jump.offsets_ps[k:]],
+                     "frame_steps": [int(n) for n in jump.frame_steps[k:]]}
+            rest = {"rest_positions": jump.positions_A[k:],
+                    "rest_velocities": jump.velocities_A_per_ps[k:]}
+        elif self._segment_start is not None:  # inside the MD segment before a jump
+            place = {"in": "md", "md_steps": self.md_steps,
+                     "md_done": min(self.currentStep - self._segment_start, self.md_steps)}
+        elif self._resume is not None:  # loaded inside a cycle and not stepped since
+            place = {k: v for k, v in self._resume.items() if not k.startswith("rest_")}
+            rest = {k: v for k, v in self._resume.items() if k.startswith("rest_")}
         extra = {"time_ps": read_state(self.context)[2], "rng": mem["rng"],
-                 "guards": self.guards.energy_state(), "n_jumps": self.n_jumps,
-                 "n_fallbacks": self.n_fallbacks, "md_ps": self._md_ps}
+                 "guards": self.guards.energy_state(), "n_jumps": n_jumps,
+                 "n_fallbacks": self.n_fallbacks, "md_ps": md_ps, "cycle": place}
         with atomic_path(self._memory_path(file)) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, keys=mem["keys"], frames=mem["frames"],
-                     extra=np.array(json.dumps(extra)))
+                     extra=np.array(json.dumps(extra)), **rest)
 
     def saveState(self, file) -> None:
         """Portable XML state (positions, velocities, time, parameters)."""
@@ -774,11 +829,14 @@ class SurrogateSimulation:
         self.propagator.forget()
         self.guards.reset_energies()
         self._md_ps, self._md_end = 0.0, None
+        self._resume = self._in_jump = self._segment_start = None
         path = self._memory_path(file)
         if path is None or not os.path.exists(path):
             return
         with np.load(path) as data:
             keys, frames, extra = data["keys"], data["frames"], json.loads(str(data["extra"]))
+            rest = {k: np.array(data[k]) for k in ("rest_positions", "rest_velocities")
+                    if k in data}
         now = read_state(self.context)[2]
         if abs(extra["time_ps"] - now) > 1e-6:
             log.info("%s was saved at t = %g ps, the state loaded is at %g ps: not used", path,
@@ -789,6 +847,19 @@ class SurrogateSimulation:
         self.n_jumps, self.n_fallbacks = int(extra["n_jumps"]), int(extra["n_fallbacks"])
         if extra["md_ps"] > 0:  # the state came from real MD: it still did
             self._md_ps, self._md_end = float(extra["md_ps"]), read_state(self.context)[0]
+        self._resume = self._resume_place(extra.get("cycle"), rest, path)
+
+    def _resume_place(self, place: dict | None, rest: dict, path: str) -> dict | None:
+        """Where in a hybrid cycle a loaded state is (``_save_memory``'s ``cycle``), checked
+        against this simulation; None: at a cycle's start."""
+        if place is None:
+            return None
+        if place["in"] == "md" and place["md_steps"] != self.md_steps:
+            log.warning("%s was saved %d MD steps into a segment of %d; this simulation runs "
+                        "segments of %d steps: its next step() starts a new segment", path,
+                        place["md_done"], place["md_steps"], self.md_steps)
+            return None
+        return {**place, **rest}
 
     # -- stepping ---------------------------------------------------------------------------------
     def step(self, steps: int) -> None:
@@ -800,18 +871,48 @@ class SurrogateSimulation:
 
         for _ in tqdm(range(int(steps)), disable=not self.progress, desc="surrogate",
                       unit="jump"):
-            if self.md_steps and self.propagator.needs_history:
-                # the segment's states on the output grid become history frames
-                spacing = int(self._md_frame_steps[0])
-                pos, _, t, _ = read_state(self.context)
-                self.propagator.observe(t, pos)
-                for _ in range(self.md_steps // spacing):
-                    self.run_md(spacing)
-                    pos, _, t, _ = read_state(self.context)
-                    self.propagator.observe(t, pos)
-            elif self.md_steps:
-                self.run_md(self.md_steps)
-            self._jump()
+            # a loaded checkpoint written inside a cycle: this step finishes that cycle
+            resume, self._resume = self._resume, None
+            try:
+                if resume is not None and resume["in"] == "jump":
+                    self._finish_jump(resume)
+                    continue
+                self._md_segment_before_jump(resume["md_done"] if resume is not None else 0)
+                self._jump()
+            finally:
+                self._segment_start = self._in_jump = None
+
+    def _md_segment_before_jump(self, done: int = 0) -> None:
+        """Hybrid mode: the ``md_steps`` MD steps before a jump, the first ``done`` of them
+        already run (a restart inside the segment), with reporters."""
+        if not self.md_steps:
+            return
+        self._segment_start = self.currentStep - done
+        if not self.propagator.needs_history:
+            self.run_md(self.md_steps - done)
+            return
+        # the segment's states on the output grid become history frames
+        spacing = int(self._md_frame_steps[0])
+        if done % spacing == 0:
+            pos, _, t, _ = read_state(self.context)
+            self.propagator.observe(t, pos)
+        while done < self.md_steps:
+            n = spacing - done % spacing
+            self.run_md(n)
+            done += n
+            pos, _, t, _ = read_state(self.context)
+            self.propagator.observe(t, pos)
+
+    def _finish_jump(self, rest: dict) -> None:
+        """The rest of a jump a checkpoint was written inside (its later output frames and
+        end state, reported as the uninterrupted run reported them), then its bookkeeping."""
+        frames = _EmittedJump(rest["rest_positions"], rest["rest_velocities"],
+                              np.asarray(rest["offsets_ps"]), np.asarray(rest["frame_steps"]),
+                              float(rest["t0_ps"]), int(rest["s0"]), rest["kind"])
+        self._emit_frames(frames, holds_end=False)
+        if frames.kind == "jump":
+            self.n_jumps += 1
+            self._md_ps = 0.0
 
     def prepare_history(self, reset_clock: bool = False) -> float:
         """Run real MD now, without reports, until a history model has its input frames (a
@@ -1032,11 +1133,13 @@ class SurrogateSimulation:
                 return
             self._md_jump(t0)
             end_pos, end_vel, _, _ = read_state(self.context)
-            result = JumpResult(end_pos[None], end_vel[None], result.offsets_ps[-1:])
-            self._emit_frames(result, end_pos, t0, s0)
+            self._emit_frames(_EmittedJump(end_pos[None], end_vel[None], result.offsets_ps[-1:],
+                                           self.steps_per_frame[-1:], t0, s0, "fallback"))
             return
         self.propagator.remember(t0, result)  # a history model's next input
-        self._emit_frames(result, final_pos, t0, s0)
+        positions = np.concatenate([result.positions_A[:-1], final_pos[None]])
+        self._emit_frames(_EmittedJump(positions, result.velocities_A_per_ps, result.offsets_ps,
+                                       self.steps_per_frame, t0, s0, "jump"))
         self.n_jumps += 1
         self._md_ps = 0.0  # the surrogate's state: MD after it starts counting again
 
@@ -1107,26 +1210,29 @@ class SurrogateSimulation:
                     f"steps); its file would carry wrong times: use a reportInterval that is a "
                     f"multiple of {self.steps_per_frame[0]} (e.g. simulation.steps_per_jump)")
 
-    def _emit_frames(self, result: JumpResult, final_pos: np.ndarray, t0: float, s0: int) -> None:
-        """Advance time/step to each output frame and run the reporters due there. The Context
-        holds the end state (``final_pos``) on entry; it is written again only if an earlier
-        frame was reported (a write round-trips positions through nm and the constraints, and
-        the guards' known energy of the end state would no longer match it)."""
+    def _emit_frames(self, jump: _EmittedJump, holds_end: bool = True) -> None:
+        """Advance time/step to each output frame of ``jump`` and run the reporters due
+        there. With ``holds_end`` the Context holds the end state on entry; it is written again
+        only if an earlier frame was reported (a write round-trips positions through nm and the
+        constraints, and the guards' known energy of the end state would no longer match it).
+        While a frame's reports run, ``_in_jump`` says which frame it is (a checkpoint written
+        there saves the rest of the jump)."""
         due = {}
-        holds_end = True
+        base = self.currentStep  # the jump's start, or the frame a restart resumes at
+        t0, s0 = jump.t0_ps, jump.s0
         for i, reporter in enumerate(self.reporters):
             report = _report_dict(reporter.describeNextReport(self))
             if report["steps"] > 0:
-                due[i] = (s0 + report["steps"], report)
-        last = len(result.offsets_ps) - 1
-        for k, offset in enumerate(result.offsets_ps):
-            step_k = s0 + int(self.steps_per_frame[k])
+                due[i] = (base + report["steps"], report)
+        last = len(jump.offsets_ps) - 1
+        for k, offset in enumerate(jump.offsets_ps):
+            step_k = s0 + int(jump.frame_steps[k])
             now = [i for i, (d, _) in due.items() if d <= step_k]
             if not now and k < last:
                 continue
-            positions = final_pos if k == last else result.positions_A[k]
+            positions = jump.positions_A[k]
             if k < last or not holds_end:
-                write_state(self.context, positions, result.velocities_A_per_ps[k],
+                write_state(self.context, positions, jump.velocities_A_per_ps[k],
                             self._constrained)
                 holds_end = False
             self.context.setTime((t0 + float(offset)) * PS)
@@ -1139,7 +1245,9 @@ class SurrogateSimulation:
                                 "frame (every %d steps)", type(self.reporters[i]).__name__,
                                 self.steps_per_frame[0])
             if now:
+                self._in_jump = dataclasses.replace(jump, frame=k)
                 self._generate_reports([(self.reporters[i], due[i][1]) for i in now])
+                self._in_jump = None
                 for i in now:
                     report = _report_dict(self.reporters[i].describeNextReport(self))
                     if report["steps"] > 0:
@@ -1171,11 +1279,20 @@ class SurrogateJumpReporter:
     state, writes the jump's end state (positions and backward-difference velocities, constraints
     applied) into ``simulation.context`` and moves the Context's **time forward by** ``jump_ps``;
     the **step count is unchanged** (it keeps counting integrator steps). So after ``n`` MD steps
-    with ``interval`` ``k`` the time is ``n dt + (n // k) jump_ps``. Reporters due at the same step
-    see the state before the jump (OpenMM hands them one State); reporters appended after this
-    one see it after their next interval. Time stamps of DCD/XTC files written by stock reporters
-    count steps only and therefore omit the jumps; use :class:`SurrogateSimulation` when the file
-    times must include them.
+    with ``interval`` ``k`` the time is ``n dt + (n // k) jump_ps``. Time stamps of DCD/XTC files
+    written by stock reporters count steps only and therefore omit the jumps; use
+    :class:`SurrogateSimulation` when the file times must include them.
+
+    Reporters due at a jump step: ``Simulation`` reports in two groups, those wanting wrapped
+    positions, then those wanting them unwrapped (reporters that want no positions join the
+    larger group, after its members), and hands each group one State taken before its first
+    report. This reporter asks for the System's default wrapping (``periodic`` None), as the
+    stock DCD, XTC and PDB reporters do: they share its State and show the state before the
+    jump. A ``CheckpointReporter`` (no positions; it saves the Context) comes after it and
+    saves the state after the jump, the one the run goes on from, as does every reporter of
+    the later group (unless, in a non-periodic System, more reporters ask explicitly for
+    wrapped positions than for the default). The jump starts from the positions the Context
+    holds, read without wrapping, so molecules are whole and no molecule moves by a box vector.
 
     Guard actions: ``raise``; ``warn`` (keep the jump); ``fallback`` (skip the jump: the
     simulation simply continues with real MD); ``relax`` (minimise, skip if still failing).
@@ -1209,7 +1326,9 @@ class SurrogateJumpReporter:
 
     def describeNextReport(self, simulation) -> dict:
         steps = self.interval - simulation.currentStep % self.interval
-        return {"steps": steps, "periodic": False, "include": ["positions", "velocities"]}
+        # periodic None: the group of the stock reporters, first in a periodic System (see the
+        # class doc); "positions" keeps it out of the no-positions group, which goes last
+        return {"steps": steps, "periodic": None, "include": ["positions"]}
 
     def report(self, simulation, state) -> None:
         if self._checked != id(simulation):
@@ -1225,9 +1344,9 @@ class SurrogateJumpReporter:
                 self._jump_step = max(simulation.currentStep - self.interval, 0)
         context = simulation.context
         constrained = simulation.system.getNumConstraints() > 0
-        pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(ANGSTROM))
-        vel = np.asarray(state.getVelocities(asNumpy=True).value_in_unit(A_PER_PS))
-        t0 = state.getTime().value_in_unit(PS)
+        # the Context's own positions, not the State's: in a periodic System that State is
+        # wrapped, and a jump from it would move molecules by box vectors
+        pos, vel, t0, _ = read_state(context)
         self.propagator.observe(t0, pos)  # the state now is the last frame of any history
         if not self.propagator.has_history(t0):
             self.n_skipped += 1
