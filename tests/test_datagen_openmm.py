@@ -45,7 +45,7 @@ def test_alanine_dipeptide_2000_frames(tmp_path):
         names = list(f.topology.atom_names)
         d = np.linalg.norm(x[names.index("CA")] - x[names.index("HA")])
         assert d == pytest.approx(1.09, abs=0.02)
-        # forces in kJ/mol/Å: OpenMM's own value at frame 0, in its units, converted
+        # forces stored (their kJ/mol/Å values against OpenMM's own: test_reference_values)
         assert np.isfinite(f.read([0], "forces")).all()
         assert f.topology.bonds.shape == (21, 2)
 
