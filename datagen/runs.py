@@ -59,8 +59,9 @@ def plan_run(out: Path, metadata: dict[str, Any], resume_keys: tuple[str, ...], 
     ``done``: ``out`` is complete, with the same settings and ``frames`` frames, and ``resume``
     was asked (nothing to do). ``resume``: a partial dataset and a checkpoint exist and their
     settings (``resume_keys`` of the metadata) match.
-    ``fresh``: leftovers of an older run are removed. An existing ``out`` without ``overwrite``
-    and a resume with other settings are errors.
+    ``fresh``: leftovers of an older run are removed. An existing ``out`` or an unfinished run's
+    partial dataset and checkpoint without ``overwrite`` (and, for the latter, ``resume``), and a
+    resume with other settings are errors.
     """
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
     chk_path = out.with_name(out.name + CHECKPOINT_SUFFIX)
@@ -91,6 +92,13 @@ def plan_run(out: Path, metadata: dict[str, Any], resume_keys: tuple[str, ...], 
         return "resume", partial, chk_path
     if resume:
         log.info("%s: no checkpoint to resume from; starting a fresh run", out)
+    elif partial.exists() and chk_path.exists():  # a killed run's frames: never lost unasked
+        if not overwrite:
+            raise DataError(f"{partial}: an unfinished run (killed or stopped) left its frames "
+                            f"and checkpoint {chk_path.name} here; pass --resume (resume=True) to "
+                            "continue it, or --overwrite (overwrite=True) to start over")
+        log.warning("%s: discarding the unfinished run's frames and checkpoint (--overwrite)",
+                    partial)
     partial.unlink(missing_ok=True)
     chk_path.unlink(missing_ok=True)
     return "fresh", partial, chk_path

@@ -247,6 +247,12 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="different settings"):
         run_openmm("alanine-dipeptide", tmp_path / "r.h5", resume=True, temperature_K=350,
                    **kwargs)
+    # the same command again without --resume must not throw the 30 frames away unasked
+    partial = tmp_path / "r.h5.partial"
+    before = partial.read_bytes()
+    with pytest.raises(DataError, match="unfinished run.*--resume.*--overwrite"):
+        run_openmm("alanine-dipeptide", tmp_path / "r.h5", **kwargs)
+    assert partial.read_bytes() == before and (tmp_path / "r.h5.chk.npz").exists()
     # fewer frames than the unfinished run holds cannot be resumed to
     with pytest.raises(ConfigError, match="already holds 30 frames"):
         run_openmm("alanine-dipeptide", tmp_path / "r.h5", resume=True,
@@ -259,6 +265,22 @@ def test_resume_with_other_settings_is_refused(tmp_path):
             run_openmm("alanine-dipeptide", out, resume=True, **{**kwargs, **change})
     with open_trajectory(out) as f:
         assert f.n_frames == 50
+
+
+def test_overwrite_discards_an_unfinished_run(tmp_path):
+    def stop(frame):
+        if frame == 5:
+            raise KeyboardInterrupt
+
+    kwargs = dict(frames=10, equilibrate_ps=0.0, checkpoint_frames=2, progress=False, seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_openmm("alanine-dipeptide", tmp_path / "r.h5", frame_callback=stop, **kwargs)
+    assert (tmp_path / "r.h5.partial").exists()
+    out = run_openmm("alanine-dipeptide", tmp_path / "r.h5", overwrite=True, **kwargs)
+    ref = run_openmm("alanine-dipeptide", tmp_path / "ref.h5", **kwargs)
+    with open_trajectory(out) as a, open_trajectory(ref) as b:  # started over from frame 0
+        np.testing.assert_array_equal(a.read(slice(None)), b.read(slice(None)))
+    assert not (tmp_path / "r.h5.partial").exists()
 
 
 def test_bad_settings(tmp_path):
@@ -422,3 +444,17 @@ def test_chains_with_blank_or_repeated_ids_get_distinct_segment_ids():
     for cid in (" ", "A", " "):
         top2.addChain(cid)
     assert chain_segment_ids(top2) == ["0", "A", "2"]
+
+
+def test_openmm_help_states_each_systems_defaults(capsys):
+    """``python -m datagen openmm --help`` lists the conditions a run gets without options,
+    from the registry run_openmm reads them from."""
+    with pytest.raises(SystemExit):
+        main(["openmm", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("alanine-dipeptide: 0.1 ps, 2 fs, 300 K, vacuum, nose-hoover, HBonds, 10 ps"
+            in text)
+    assert "adk: 1 ps, 2 fs, 300 K, implicit, langevin, HBonds, 10 ps" in text
+    md17 = ", ".join(MD17_MOLECULES)
+    assert f"{md17}: 0.0005 ps, 0.5 fs, 500 K, vacuum, nose-hoover, no constraints, 1 ps" in text
+    assert "saved frames (default 1000)" in text
