@@ -143,6 +143,14 @@ def test_velocity_source_mismatch_is_warned_and_reported(ala, checkpoint, tmp_pa
     fd = _edited(checkpoint, tmp_path / "fd.pt", fd_model)
     res = evaluate(fd, no_v, tmp_path / "interval", split="all", **QUIET)
     assert any("0.02 ps, the model's were over 0.01 ps" in w for w in res["warnings"])
+    # an interval that differs in the 8th digit (a DCD's single-precision time stamps against
+    # a --dt-ps ingest of the same frames) is the same interval
+    def stamped(data):
+        data["protocol"].update(velocity_source="finite_difference", interval_ps=0.019999998)
+
+    res = evaluate(_edited(checkpoint, tmp_path / "stamped.pt", stamped), no_v,
+                   tmp_path / "stamped", split="all", **QUIET)
+    assert not any("velocit" in w for w in res["warnings"])
     # same kind and interval: nothing to say about velocities
     res = evaluate(checkpoint, ala, tmp_path / "same", **QUIET)
     assert not any("velocit" in w for w in res["warnings"])
