@@ -129,6 +129,10 @@ class SurrogateDynamics(MolecularDynamics):
                 action=guards or "raise")
             self.guards = Guards(self.surrogate, config, n_dof=_degrees_of_freedom(atoms),
                                  temperature_K=temperature_K)
+        if self.guards.action == "relax" and atoms.calc is None:
+            raise EngineError("guard action 'relax' minimises a failed jump with the atoms' "
+                              "calculator, and these atoms have none: attach one (atoms.calc = "
+                              "...) before building the dynamics, or choose 'warn' or 'raise'")
         if self.guards.action == "fallback" and self.fallback_dynamics is None:
             raise EngineError("guard action 'fallback' replaces a failed jump by real MD: pass "
                               "fallback_dynamics (an ASE MD bound to the same atoms, with a "

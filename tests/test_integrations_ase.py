@@ -100,6 +100,9 @@ def test_wrong_timestep_and_missing_calculator_are_errors(surrogate):
         SurrogateDynamics(atoms, surrogate, timestep=1.0 * units.fs)
     with pytest.raises(EngineError, match="calculator"):
         SurrogateDynamics(atoms, surrogate, logfile="-")
+    # relax minimises with the calculator: refused up front, not at the first failed jump
+    with pytest.raises(EngineError, match="'relax'.*calculator"):
+        SurrogateDynamics(atoms, surrogate, guards="relax")
 
 
 def test_hybrid_mode_time_bookkeeping(surrogate):
