@@ -345,7 +345,7 @@ class Surrogate:
                 history: np.ndarray | None = None, n_jumps: int = 10,
                 progress: bool = False, *, end_velocities: str = "difference",
                 temperature_K: float | None = None,
-                seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                velocity_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Chain ``n_jumps`` jumps, feeding each jump's end state into the next.
 
         The velocity for the next jump is, with ``end_velocities="difference"``, the backward
@@ -353,9 +353,9 @@ class Surrogate:
         it, or the input when P = 1): deterministic, but far slower than instantaneous MD
         velocities when the output spacing is long. With ``"thermal"`` it is a Maxwell-Boltzmann
         draw at ``temperature_K`` with zero net momentum (:func:`thermal_velocities` over the
-        model atoms, generator seeded by ``seed``), the inputs a model trained on MD velocities
-        (``velocity_source == "file"``) saw in training; the integrations' ``end_velocities``
-        option does the same inside an engine.
+        model atoms, generator seeded by ``velocity_seed``), the inputs a model trained on MD
+        velocities (``velocity_source == "file"``) saw in training; the engines'
+        ``end_velocities`` and ``velocity_seed`` do the same inside OpenMM and ASE.
         History models take their next history from the input and predicted frames at the
         history stride (which must be a multiple of the output spacing).
 
@@ -382,7 +382,7 @@ class Surrogate:
                                   "temperature of the MD the model was trained on")
             masses = np.asarray(self.topology["masses"], dtype=np.float64)[self.model_atoms]
             thermal_velocities(masses, temperature_K, np.random.default_rng(0))  # checks T
-            rng = np.random.default_rng(seed)
+            rng = np.random.default_rng(velocity_seed)
         if not self.history_fits_grid():
             raise DataError(
                 f"this {self.name} surrogate takes history frames {self.history_stride_ps:g} ps "

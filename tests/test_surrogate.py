@@ -82,7 +82,7 @@ def test_thermal_rollout_feeds_maxwell_boltzmann_draws(checkpoint, state):
     sur = Surrogate.load(checkpoint, dtype=torch.float64)
     x, v = state
     frames, _ = sur.rollout(x[0], v[0], n_jumps=2, end_velocities="thermal", temperature_K=300.0,
-                            seed=7)
+                            velocity_seed=7)
     masses = np.asarray(sur.topology["masses"])
     v1 = thermal_velocities(masses, 300.0, np.random.default_rng(7))
     np.testing.assert_allclose(frames[2:4], sur.predict(frames[1], v1), atol=1e-10)
