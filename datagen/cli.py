@@ -10,6 +10,7 @@ import argparse
 import logging
 import shlex
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,13 +28,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frames", type=_positive_int, default=1000, help="saved frames")
-    p.add_argument("--interval-ps", type=float, default=None, help="saved-frame interval (ps)")
-    p.add_argument("--step-fs", type=float, default=None, help="integrator step (fs)")
-    p.add_argument("--temperature-K", type=float, default=None, help="thermostat target (K)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--friction-per-ps", type=float, default=1.0, help="Langevin friction (1/ps)")
+def _add_run_options(p: argparse.ArgumentParser, interval: str, step: str,
+                     temperature: str) -> None:
+    """Options both MD runners take; the other arguments say their defaults."""
+    p.add_argument("--frames", type=_positive_int, default=1000,
+                   help="saved frames (default 1000)")
+    p.add_argument("--interval-ps", type=float, default=None,
+                   help=f"saved-frame interval, ps (default: {interval})")
+    p.add_argument("--step-fs", type=float, default=None,
+                   help=f"integrator step, fs (default: {step})")
+    p.add_argument("--temperature-K", type=float, default=None,
+                   help=f"thermostat target, K (default: {temperature})")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--friction-per-ps", type=float, default=1.0,
+                   help="Langevin friction, 1/ps (default 1)")
     p.add_argument("--replicas", type=_positive_int, default=1,
                    help="run R seeds (seed, seed+1, ...) in parallel: OUT_r000.h5 ... + manifest")
     p.add_argument("--workers", type=_positive_int, default=None,
@@ -41,6 +49,26 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", required=True, type=Path, help="output dataset (.h5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _system_defaults(systems) -> str:
+    """The conditions each built-in system runs at unless told otherwise, as a help epilog
+    (systems with the same conditions share a line)."""
+    rows: dict[tuple, list[str]] = {}
+    for spec in systems.values():
+        key = (f"{spec.interval_ps:g} ps", f"{spec.step_fs:g} fs", f"{spec.temperature_K:g} K",
+               spec.solvent, spec.integrator, spec.constraints or "no constraints",
+               f"{spec.equilibrate_ps:g} ps")
+        rows.setdefault(key, []).append(spec.name)
+    lines = ["defaults (saved interval, step, temperature, solvent, integrator, constraints, "
+             "equilibration):"]
+    rows[("1 ps", "2 fs (4 fs with --hmr)", "300 K", "vacuum",
+          "nose-hoover for small vacuum molecules else langevin", "HBonds", "10 ps")] = [
+        "your own files"]
+    for key, names in rows.items():
+        lines += textwrap.wrap(f"{', '.join(names)}: {', '.join(key)}", 88,
+                               initial_indent="  ", subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("openmm", help="run OpenMM MD of a built-in or user system",
                        description=f"Built-in systems: {names}. Or a PDB, an Amber prmtop "
                                    "(+ --coordinates inpcrd) or a System XML (+ --coordinates "
-                                   "PDB).")
+                                   "PDB).",
+                       epilog=_system_defaults(BUILTIN_SYSTEMS),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", required=True, help="built-in name or file")
     p.add_argument("--coordinates", default=None, help="inpcrd for a prmtop; PDB for a XML")
     p.add_argument("--solvent", choices=("vacuum", "implicit", "explicit"), default=None)
@@ -79,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--integrator", choices=("langevin", "nose-hoover"), default=None,
                    help="default: nose-hoover for small vacuum molecules, else langevin")
     p.add_argument("--platform", choices=("auto", "Reference", "CPU", "CUDA", "OpenCL"),
-                   default="auto")
+                   default="auto", help="OpenMM platform (default auto: CUDA when present, else "
+                        "Reference for small non-periodic systems, else CPU)")
     p.add_argument("--hmr", action="store_true", help="hydrogen mass repartitioning, 4 fs")
     p.add_argument("--cutoff-nm", type=float, default=None,
                    help="nonbonded/GB cutoff for vacuum or implicit solvent (default: none, "
@@ -88,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none, HBonds, AllBonds, HAngles (default: the system's)")
     p.add_argument("--equilibrate-ps", type=float, default=None,
                    help="MD before the first saved frame (default per system)")
-    p.add_argument("--checkpoint-frames", type=_positive_int, default=1000)
+    p.add_argument("--checkpoint-frames", type=_positive_int, default=1000,
+                   help="flush the dataset and save a checkpoint every N frames (default 1000)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    _add_run_options(p)
+    _add_run_options(p, "the system's, see below", "the system's; 4 with --hmr",
+                     "the system's")
 
     p = sub.add_parser("ase", help="run ASE MD (EMT, Lennard-Jones, GFN2-xTB via tblite)")
     p.add_argument("--molecule", required=True,
@@ -100,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-frames", type=_positive_int, default=1000,
                    help="flush the dataset and save the dynamics state every N frames")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    _add_run_options(p)
+    _add_run_options(p, "every step", "0.5", "300")
     return parser
 
 
