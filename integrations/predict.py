@@ -13,7 +13,17 @@ succeeds), ``<OUT stem>.csv`` (StateDataReporter: step, time, energies, temperat
 A run stopped with Ctrl-C or SIGTERM (``kill``, a batch scheduler's stop at the end of a job's
 time) keeps the frames written so far under those names (``"interrupted": true`` and the signal
 in the provenance, exit code 130 or 143 = 128 + the signal number); a run that fails leaves
-none.
+none. A signal that arrives while a frame is being written is acted on once the frame (and its
+state-data line) is whole.
+
+Resuming: with every frame (or every ``--checkpoint-every`` jumps) the run writes a checkpoint
+beside ``OUT`` (:class:`RunCheckpoints`: ``.<OUT stem>.chk.json`` and two alternating OpenMM
+checkpoints ``.<OUT stem>.0.chk``/``.1.chk`` with their ``.surrogate.npz``, the surrogate's own
+state). The same command with ``--resume`` continues a run stopped by a signal (outputs under
+their final names) or killed (outputs still under the hidden ``.partial`` names) from it: the
+trajectory and state data are cut back to the checkpoint's frame and appended to, and the run
+ends with the files an uninterrupted run writes, its provenance listing the parts. The
+checkpoint files are removed when the run completes.
 """
 
 from __future__ import annotations
@@ -22,58 +32,37 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from surrogate_md.errors import DataError, EngineError, SurrogateMDError
+from integrations.run_control import (
+    EXIT_CODES,
+    RESUME_FORMAT,
+    FrameWriter,
+    Outputs,
+    RunCheckpoints,
+    StopSignals,
+    Terminated,
+    plan_resume,
+    provenance_of,
+    reopen_outputs,
+    resume_simulation,
+    run_identity,
+)
+from surrogate_md.errors import (
+    DataError,
+    EngineError,
+    SurrogateMDError,
+)
 from surrogate_md.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 FORMATS = (".xtc", ".dcd")
 DEFAULT_FORCEFIELDS = ("amber14-all.xml", "amber14/tip3pfb.xml")
-#: exit codes of an interrupted run, as a shell reports a process ended by the signal
-EXIT_CODES = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM during a run: raised where the run is, as SIGINT raises KeyboardInterrupt, so
-    everything that cleans up after Ctrl-C (the Context put back to the jump's start, the
-    frames written so far kept) does so after a SIGTERM too."""
-
-
-class StopOnSigterm:
-    """While the block runs, SIGTERM raises :class:`Terminated`; after :meth:`hold` it is only
-    logged (the outputs are being finished and must not be cut short). The previous
-    handler comes back at the end. Outside the main thread, where Python cannot install signal
-    handlers, nothing changes."""
-
-    def __init__(self) -> None:
-        self._raise = True
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        if self._raise:
-            self._raise = False  # one Terminated: a second SIGTERM must not cut the clean-up
-            raise Terminated(f"signal {signal.Signals(signum).name}")
-        log.warning("SIGTERM: finishing the outputs first")
-
-    def hold(self) -> None:
-        self._raise = False
-
-    def __enter__(self) -> StopOnSigterm:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,29 +81,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", help="OpenMM platform (Reference, CPU, CUDA, OpenCL); "
                                       "default: OpenMM's fastest")
     p.add_argument("--md-steps", type=int, default=0,
-                   help="hybrid mode: real MD steps before every jump")
+                   help="hybrid mode: real MD steps before every jump (default 0: jumps only)")
     p.add_argument("--report-interval", type=int, default=1,
-                   help="write a frame every this many jumps")
+                   help="write a frame every this many jumps (default 1)")
     p.add_argument("--forcefield", nargs="+", default=list(DEFAULT_FORCEFIELDS),
-                   help="OpenMM force-field XML files for PDB topologies")
+                   help="OpenMM force-field XML files for PDB topologies (default: "
+                        f"{' '.join(DEFAULT_FORCEFIELDS)})")
     p.add_argument("--cutoff-nm", type=float,
                    help="nonbonded cutoff, nm: of PME in a box (default: OpenMM's, 1 nm; every "
                         "box edge must be at least twice it), or without a box a reaction-field "
                         "cutoff instead of exact electrostatics (default: none)")
     p.add_argument("--guard", default="raise", choices=("raise", "warn", "fallback", "relax"),
-                   help="what to do when a jump fails a guard")
+                   help="what to do when a jump fails a guard (default raise: stop)")
     p.add_argument("--temperature-K", type=float, default=300.0,
-                   help="initial velocities and hybrid/fallback MD temperature")
+                   help="initial velocities and hybrid/fallback MD temperature (default 300)")
     p.add_argument("--end-velocities", default="difference", choices=("difference", "thermal"),
                    help="velocities of each kept jump's end state (the next jump's input): the "
                         "backward difference over the last output spacing, or Maxwell-Boltzmann "
-                        "draws at --temperature-K (reporters then show a thermal kinetic energy)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial velocities (and of "
-                                                       "thermal end velocities)")
+                        "draws at --temperature-K (reporters then show a thermal kinetic energy); "
+                        "default difference")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial velocities, of "
+                                                       "thermal end velocities and of the MD "
+                                                       "integrator's random forces (default 0)")
     p.add_argument("--minimize", action="store_true", help="minimise the energy first")
-    p.add_argument("--device", default="cpu", help="torch device of the surrogate (cpu, cuda, "
-                                                   "auto)")
+    p.add_argument("--device", default="auto",
+                   help="torch device of the surrogate: cpu, cuda or auto (default: CUDA when "
+                        "present, as for training and evaluation)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--resume", action="store_true",
+                   help="continue this command's run stopped by SIGTERM, Ctrl-C or a kill from "
+                        "its last checkpoint, appending to its trajectory and state data (give "
+                        "the same options and files); a finished run has nothing to do")
+    p.add_argument("--checkpoint-every", type=int, metavar="JUMPS",
+                   help="write the resume checkpoint every this many jumps, a multiple of "
+                        "--report-interval (default: with every frame); a resume recomputes "
+                        "the frames written after the last one")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -296,15 +297,34 @@ def _coordinates(path: Path):
                     ".gro or Amber inpcrd/rst7")
 
 
+def start_simulation(sim, args: argparse.Namespace, positions, box) -> None:
+    """A new run's starting state: the coordinates (in their box), minimised if asked,
+    velocities at ``--temperature-K``, and a history model's input history, built by MD before
+    the reporters are attached, after which the clock starts."""
+    from openmm import unit
+
+    if box is not None and sim.system.usesPeriodicBoundaryConditions():
+        sim.context.setPeriodicBoxVectors(*box)
+    sim.context.setPositions(positions)
+    if args.minimize:
+        sim.minimizeEnergy()
+    sim.context.setVelocitiesToTemperature(args.temperature_K * unit.kelvin, args.seed)
+    warm = sim.prepare_history(reset_clock=True)  # before the reporters: frames on time
+    if warm:
+        log.info("history model: %g ps of MD built its input history; the run's clock starts "
+                 "after it", warm)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the prediction described by parsed ``args``; returns the provenance dict."""
     import openmm
     from openmm import app, unit
 
-    from integrations.openmm_simulation import SurrogateSimulation
+    from integrations.openmm_simulation import SurrogateSimulation, default_step_ps
     from surrogate_md.surrogate import Surrogate
 
-    out = Path(args.output)
+    outputs = Outputs(Path(args.output))
+    out = outputs.out
     if out.suffix.lower() not in FORMATS:
         raise DataError(f"{out}: output must end in .xtc or .dcd")
     if not out.parent.is_dir():
@@ -312,16 +332,31 @@ def run(args: argparse.Namespace) -> dict:
     if not os.access(out.parent, os.W_OK):
         raise DataError(f"{out}: directory {out.parent} is not writable; check its permissions "
                         "or choose another -o")
-    csv_path, json_path = out.with_suffix(".csv"), out.with_suffix(".json")
-    for path in (out, csv_path, json_path):
-        if path.exists() and not args.overwrite:
-            raise DataError(f"{path}: file exists; pass --overwrite or choose another -o")
+    if args.resume and args.overwrite:
+        raise DataError(f"{out}: --resume continues the run written there and --overwrite "
+                        "replaces it; pass one of them")
+    checkpoints = RunCheckpoints(out, outputs.tmp_traj, outputs.tmp_csv)
+    if not args.resume:
+        for path in (out, outputs.csv, outputs.json):
+            if path.exists() and not args.overwrite:
+                raise DataError(f"{path}: file exists; pass --overwrite or choose another -o "
+                                "(or --resume to continue an interrupted run)")
+        if (checkpoints.record_path.exists() and outputs.tmp_traj.exists()
+                and not args.overwrite):  # a killed run's frames: never lost unasked
+            raise DataError(f"{outputs.tmp_traj}: an unfinished run (killed) left its frames "
+                            f"and checkpoint {checkpoints.record_path.name} here; pass --resume "
+                            "to continue it, or --overwrite to start over")
     if args.jumps < 1 or args.report_interval < 1:
         raise DataError("-n/--jumps and --report-interval must be >= 1")
     if args.report_interval > args.jumps:
         raise DataError(f"--report-interval {args.report_interval} is more than the "
                         f"{args.jumps} jumps (-n): no frame would be written; use a "
                         "--report-interval of at most -n")
+    every = args.checkpoint_every or args.report_interval
+    if every < 1 or every % args.report_interval:
+        raise DataError(f"--checkpoint-every {every} is not a positive multiple of "
+                        f"--report-interval {args.report_interval}: checkpoints are written "
+                        "with trajectory frames; use a multiple of it")
     surrogate = Surrogate.load(args.checkpoint, device=args.device)
     if surrogate.needs_history and not args.md_steps and not surrogate.history_fits_grid():
         raise DataError(
@@ -333,6 +368,10 @@ def run(args: argparse.Namespace) -> dict:
             "that is a multiple of the output spacing, or run SurrogateSimulation from Python")
     topology, system, positions, box = load_system(args.topology, args.coordinates,
                                                    args.forcefield, args.cutoff_nm)
+    identity = run_identity(args, surrogate)
+    record = plan_resume(outputs, checkpoints, identity) if args.resume else None
+    if args.resume and record is None:
+        return {**provenance_of(outputs.json), "signal": None}  # finished: nothing to do
     platform = None
     if args.platform:
         try:
@@ -342,63 +381,94 @@ def run(args: argparse.Namespace) -> dict:
                      for i in range(openmm.Platform.getNumPlatforms())]
             raise EngineError(f"OpenMM platform {args.platform!r} is not available here; "
                               f"choose one of {names}") from exc
-    sim = SurrogateSimulation(topology, system, surrogate, platform=platform, guards=args.guard,
-                              md_steps=args.md_steps, temperature_K=args.temperature_K,
+    # SurrogateSimulation's default integrator, seeded: the same --seed gives the same run, MD
+    # included (a history model's warm-up, hybrid segments, fallbacks). OpenMM reads the seed
+    # when the Context is made, and takes 0 for "pick one"
+    integrator = openmm.LangevinMiddleIntegrator(
+        args.temperature_K * unit.kelvin, 1.0 / unit.picosecond,
+        default_step_ps(surrogate.times_ps) * unit.picosecond)
+    integrator.setRandomNumberSeed(args.seed + 1)
+    sim = SurrogateSimulation(topology, system, surrogate, integrator, platform=platform,
+                              guards=args.guard, md_steps=args.md_steps,
+                              temperature_K=args.temperature_K,
                               end_velocities=args.end_velocities, velocity_seed=args.seed,
                               progress=True)
-    if box is not None and system.usesPeriodicBoundaryConditions():
-        sim.context.setPeriodicBoxVectors(*box)
-    sim.context.setPositions(positions)
-    if args.minimize:
-        sim.minimizeEnergy()
-    sim.context.setVelocitiesToTemperature(args.temperature_K * unit.kelvin, args.seed)
-    warm = sim.prepare_history(reset_clock=True)  # before the reporters: frames stay on time
-    if warm:
-        log.info("history model: %g ps of MD built its input history; the run's clock starts "
-                 "after it", warm)
+    if record is not None:
+        resume_simulation(sim, record, checkpoints)
+    else:
+        start_simulation(sim, args, positions, box)
     interval = args.report_interval * (sim.steps_per_jump + args.md_steps)
-    tmp_traj = out.with_name(f".{out.name}.partial{out.suffix}")
-    tmp_csv = csv_path.with_name(f".{csv_path.name}.partial")
+    checkpoints.base = {"format_version": RESUME_FORMAT, "identity": identity,
+                        "platform": sim.context.getPlatform().getName(),
+                        "report_interval": args.report_interval}
+    done = record["jumps_done"] if record else 0
     reporter_cls = app.XTCReporter if out.suffix.lower() == ".xtc" else app.DCDReporter
-    with StopOnSigterm() as stop:  # from the first partial file on, SIGTERM acts as Ctrl-C
+    with StopSignals() as stop:  # from the first partial file on, SIGTERM acts as Ctrl-C
         traj = None
         interrupted = None  # the signal that stopped the run, if one did
         try:
-            traj = reporter_cls(str(tmp_traj), interval)
-            with open(tmp_csv, "w") as csv_file:
-                sim.reporters += [traj, app.StateDataReporter(
+            if record is None:
+                if checkpoints.record_path.exists():
+                    log.warning("%s: discarding the checkpoint of an unfinished run",
+                                checkpoints.record_path)
+                checkpoints.remove()
+            else:
+                reopen_outputs(record, outputs, checkpoints, sim, interval)
+            resumed = record is not None
+            traj = reporter_cls(str(outputs.tmp_traj), interval, append=resumed)
+            with open(outputs.tmp_csv, "a" if resumed else "w") as csv_file:
+                writer = FrameWriter([traj, app.StateDataReporter(
                     csv_file, interval, step=True, time=True, potentialEnergy=True,
-                    kineticEnergy=True, temperature=True)]
+                    kineticEnergy=True, temperature=True, append=resumed)], interval, stop,
+                    checkpoints, every // args.report_interval,
+                    frames=record["frames"] if record else 0)
+                sim.reporters.append(writer)
                 start = time.perf_counter()
+                checkpoints.clock = start
                 try:
-                    sim.step(args.jumps)
+                    sim.step(args.jumps - done)
                 except KeyboardInterrupt as exc:
                     # as a Ctrl-C'd Simulation leaves what its reporters wrote: the frames so
                     # far are kept (under the names asked for) and the provenance says the run
-                    # was cut short
+                    # was cut short; the checkpoint stays for --resume
                     interrupted = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
                     log.warning("interrupted (%s) after %d of %d jumps: keeping the frames "
-                                "written so far", interrupted, sim.n_jumps + sim.n_fallbacks,
-                                args.jumps)
+                                "written so far; the same command with --resume continues it",
+                                interrupted, sim.n_jumps + sim.n_fallbacks, args.jumps)
                 finally:
                     stop.hold()
                 wall = time.perf_counter() - start
         except BaseException:
             stop.hold()
             sim.reporters.clear()
-            for tmp in (tmp_traj, tmp_csv):
-                tmp.unlink(missing_ok=True)
+            if record is None:  # a fresh run that fails leaves nothing
+                for tmp in (outputs.tmp_traj, outputs.tmp_csv):
+                    tmp.unlink(missing_ok=True)
+                checkpoints.remove()
+            else:  # the earlier parts' frames are not this run's to delete
+                log.error("the resumed run failed; its frames so far stay in %s and %s with "
+                          "the checkpoint, for another --resume once the cause is fixed",
+                          outputs.tmp_traj, outputs.tmp_csv)
             raise
         if isinstance(traj, app.DCDReporter):
             traj._out.close()
         sim.guards.log_summary()
+        if interrupted:  # the part goes as far as a resume keeps
+            end = checkpoints.record["jumps_done"] if checkpoints.record else done
+        else:
+            end = args.jumps
+        parts = [*checkpoints.parts, checkpoints.part(end, interrupted)]
         provenance = {"command": "python -m integrations.predict", "argv": vars(args),
-                      "output": out.name, "state_data": csv_path.name, "wall_s": wall,
+                      "output": out.name, "state_data": outputs.csv.name,
+                      "wall_s": sum(p["wall_s"] for p in parts),
                       "openmm": openmm.__version__, "interrupted": interrupted is not None,
-                      "signal": interrupted, **sim.summary()}
-        os.replace(tmp_traj, out)
-        os.replace(tmp_csv, csv_path)
-        atomic_write_text(json_path, json.dumps(provenance, indent=2, default=str))
+                      "signal": interrupted, "frames": writer.frames, "parts": parts,
+                      "resume_identity": identity, **sim.summary()}
+        os.replace(outputs.tmp_traj, out)
+        os.replace(outputs.tmp_csv, outputs.csv)
+        atomic_write_text(outputs.json, json.dumps(provenance, indent=2, default=str))
+        if not interrupted:
+            checkpoints.remove()
     log.info("wrote %s (%d jumps, %.4g ps) in %.1f s", out, sim.n_jumps + sim.n_fallbacks,
              provenance["time_ps"], wall)
     return provenance
@@ -412,8 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         stopped_by = run(args).get("signal")
         if stopped_by:
             return EXIT_CODES[stopped_by]  # the shell's code for a process ended by it
-    except Terminated:  # before the first jump: nothing was written
+    except Terminated:  # before the first jump, or while a resume prepared its files
         return EXIT_CODES["SIGTERM"]
+    except KeyboardInterrupt:
+        return EXIT_CODES["SIGINT"]
     except SurrogateMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

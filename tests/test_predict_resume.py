@@ -1,0 +1,420 @@
+"""``python -m integrations.predict``: signals never tear a frame, and ``--resume`` continues a
+stopped or killed run to the files of the uninterrupted one.
+
+- a SIGINT or SIGTERM sent while a DCD frame is being written stops the run once that frame and
+  its state-data line are whole (before: the file ended in a torn frame); one sent between
+  frames stops it at once;
+- a run stopped by SIGTERM (a real subprocess) and a killed run (its leftovers built in-process
+  deterministically: hidden ``.partial`` files with a frame after the last checkpoint and a torn
+  tail) continue with ``--resume`` to the uninterrupted run's frames, times, state data and
+  guard counts (thermal velocity draws and a history model's frames included);
+- ``--resume`` refuses another command's run, a run with nothing to resume, and says a finished
+  run has nothing to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import MDAnalysis as mda
+import numpy as np
+import pytest
+from _integration_fixtures import PDB, cached_md, make_checkpoint, train_tiny_surrogate
+from openmm import app
+
+from integrations.openmm_simulation import SurrogateSimulation
+from integrations.predict import main
+
+XTC_PRECISION_A = 0.01  # XTC stores positions to 0.001 nm
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_tiny_surrogate(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trained_history(tmp_path_factory):
+    """An ESTAG trained for a few steps (an untrained one copies its last input frame, so the
+    history it is given would not show): 3 input frames 0.1 ps apart, frames at 0.1 and
+    0.2 ps."""
+    from _train_fixtures import cached, make_alanine_dipeptide, tiny_config
+
+    from surrogate_md.train import train
+
+    data = cached(tmp_path_factory, "ala", make_alanine_dipeptide)
+    cfg = tiny_config(data, "estag", train={"epochs": 1, "max_steps_per_epoch": 3},
+                      data={"protocol": "history", "history": 3, "history_stride_ps": 0.1,
+                            "selection": "heavy"})
+    return train(cfg, tmp_path_factory.mktemp("trained-estag") / "run", overwrite=True)
+
+
+def predict_argv(ck, out, n, *extra):
+    return [str(ck), "--topology", str(PDB), "-n", str(n), "-o", str(out), "--platform",
+            "Reference", "--guard", "warn", *map(str, extra)]
+
+
+def frames(path):
+    """(times ps, positions Å) of every frame MDAnalysis reads."""
+    u = mda.Universe(str(PDB), str(path))
+    return (np.array([ts.time for ts in u.trajectory]),
+            np.stack([ts.positions.copy() for ts in u.trajectory]))
+
+
+def state_data(path):
+    """(header, rows as float arrays) of a state-data CSV."""
+    lines = path.read_text().splitlines()
+    return lines[0], np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
+
+
+def hidden_files(directory):
+    """Hidden files but MDAnalysis' offset caches of the XTC files it read."""
+    return sorted(p.name for p in directory.glob(".*") if "_offsets." not in p.name)
+
+
+def assert_same_run(resumed, reference):
+    """Files of a resumed run equal to those of the uninterrupted run (``.xtc``/``.dcd`` paths),
+    positions within the format's precision, times, steps and state data exact."""
+    t, x = frames(resumed)
+    t0, x0 = frames(reference)
+    assert len(t) == len(t0)
+    np.testing.assert_array_equal(t, t0)
+    np.testing.assert_allclose(x, x0, atol=XTC_PRECISION_A)
+    head, rows = state_data(resumed.with_suffix(".csv"))
+    head0, rows0 = state_data(reference.with_suffix(".csv"))
+    assert head == head0
+    np.testing.assert_array_equal(rows[:, 0], np.arange(1, len(rows0) + 1) * rows0[0, 0])
+    np.testing.assert_array_equal(rows[:, :2], rows0[:, :2])  # steps, times
+    np.testing.assert_allclose(rows, rows0, rtol=1e-9, atol=1e-9)
+    prov, prov0 = (json.loads(p.with_suffix(".json").read_text()) for p in (resumed, reference))
+    for key in ("jumps", "fallbacks", "step", "time_ps", "guards", "frames"):
+        assert prov[key] == prov0[key], key
+    assert prov["interrupted"] is False and prov["signal"] is None
+    return prov
+
+
+# -- 1. signals never tear a frame -----------------------------------------------------------------
+class _SignalOnWrite:
+    """A file object that sends ``signum`` to this process right after its ``at``-th write."""
+
+    def __init__(self, real, signum: int, at: int) -> None:
+        self._real, self._signum, self._at, self._n = real, signum, at, 0
+
+    def write(self, data):
+        written = self._real.write(data)
+        self._n += 1
+        if self._n == self._at:
+            os.kill(os.getpid(), self._signum)
+        return written
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_inside_a_frame_write_waits_for_the_whole_frame(tmp_path, monkeypatch, signum):
+    """The signal arrives after the 3rd of the ~10 writes of DCD frame 4: the run stops once
+    frame 4, its state-data line and its checkpoint are written (frame 4 is not one of the
+    every-3-jumps checkpoints: the stop writes it), with MDAnalysis reading 4 whole frames
+    (before: the frame was cut mid-way and 3 read back, the CSV lacked its line)."""
+    write_model = app.DCDFile.writeModel
+    models = []
+
+    def write_and_signal(self, *args, **kwargs):
+        models.append(1)
+        if len(models) != 4:
+            return write_model(self, *args, **kwargs)
+        real = self._file
+        self._file = _SignalOnWrite(real, signum, at=3)
+        try:
+            return write_model(self, *args, **kwargs)
+        finally:
+            self._file = real
+
+    monkeypatch.setattr(app.DCDFile, "writeModel", write_and_signal)
+    ck = make_checkpoint(cached_md(), tmp_path / "c.pt", selection="heavy", model="constant")
+    out = tmp_path / "cut.dcd"
+    rc = main(predict_argv(ck, out, 20, "--checkpoint-every", 3))
+    assert rc == 128 + signum
+    prov = json.loads((tmp_path / "cut.json").read_text())
+    assert prov["interrupted"] is True and prov["signal"] == signal.Signals(signum).name
+    assert prov["frames"] == 4 and len(models) == 4
+    times, x = frames(out)
+    jump = prov["surrogate"]["jump_ps"]
+    np.testing.assert_allclose(times, np.arange(1, 5) * jump, rtol=1e-6)
+    assert np.isfinite(x).all()
+    assert mda.coordinates.DCD.DCDReader(str(out)).n_frames == 4
+    _, rows = state_data(tmp_path / "cut.csv")
+    assert rows[:, 0].tolist() == [1, 2, 3, 4]
+    record = json.loads((tmp_path / ".cut.chk.json").read_text())
+    assert record["frames"] == 4 and record["jumps_done"] == 4
+
+
+def test_a_signal_between_frames_stops_the_run_at_once(tmp_path, monkeypatch):
+    """Outside a frame's writing a signal is not deferred: raised inside the 4th jump, the
+    statement after the kill never runs, and three frames are kept."""
+    jump = SurrogateSimulation._jump
+    calls, after_kill = [], []
+
+    def signalled(self):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            after_kill.append(1)
+        jump(self)
+
+    monkeypatch.setattr(SurrogateSimulation, "_jump", signalled)
+    ck = make_checkpoint(cached_md(), tmp_path / "c.pt", selection="heavy", model="constant")
+    out = tmp_path / "cut.xtc"
+    assert main(predict_argv(ck, out, 20)) == 143
+    assert after_kill == [] and len(calls) == 4
+    assert len(frames(out)[0]) == 3
+    assert json.loads((tmp_path / "cut.json").read_text())["frames"] == 3
+
+
+#: ``python -m integrations.predict`` with 20 ms of sleep before every jump, so that the run
+#: cannot end before the test's SIGTERM on a busy machine (the sleep changes no result)
+SLOWED_PREDICT = """
+import sys, time
+from integrations.openmm_simulation import SurrogateSimulation
+from integrations.predict import main
+jump = SurrogateSimulation._jump
+def slowed(self):
+    time.sleep(0.02)
+    jump(self)
+SurrogateSimulation._jump = slowed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+# -- 2. --resume ----------------------------------------------------------------------------------
+def test_sigterm_then_resume_gives_the_uninterrupted_run(tmp_path, trained):
+    """A trained EGNN with thermal end velocities (every jump draws from the generator the
+    checkpoint carries) in a real process stopped by SIGTERM after a few frames, wherever the
+    signal lands (mostly between jumps, sometimes in one or in a frame's writing), then the
+    same command with --resume: the uninterrupted run's files."""
+    n = 120
+    extra = ["--end-velocities", "thermal", "--temperature-K", "300", "--seed", "3"]
+    reference = tmp_path / "ref" / "run.xtc"
+    reference.parent.mkdir()
+    assert main(predict_argv(trained, reference, n, *extra)) == 0
+
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "run.xtc"
+    partial_csv = work / ".run.csv.partial"
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", SLOWED_PREDICT,
+                                 *predict_argv(trained, out, n, *extra)],
+                                stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.monotonic() + 240
+            while proc.poll() is None and time.monotonic() < deadline:
+                if partial_csv.exists() and len(partial_csv.read_text().splitlines()) > 4:
+                    break
+                time.sleep(0.005)
+            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)
+    assert rc == 143, (tmp_path / "stderr.txt").read_text()[-2000:]
+    stopped = json.loads((work / "run.json").read_text())
+    assert stopped["interrupted"] is True and 4 <= stopped["frames"] < n
+    record = json.loads((work / ".run.chk.json").read_text())
+    assert record["frames"] == stopped["frames"]  # a checkpoint with every frame
+
+    assert main(predict_argv(trained, out, n, *extra, "--resume")) == 0
+    prov = assert_same_run(out, reference)
+    parts = prov["parts"]
+    assert [p["stopped_by"] for p in parts] == ["SIGTERM", None]
+    assert parts[0]["jumps"] == [0, record["jumps_done"]]
+    assert parts[1]["jumps"] == [record["jumps_done"], n]
+    assert hidden_files(work) == []  # no checkpoint, no partial file left
+
+
+def _killed_run(tmp_path, monkeypatch, argv, out, stop_at_jump):
+    """What a run killed while writing frame ``stop_at_jump`` leaves, built deterministically:
+    a run stopped by an exception inside that jump (``--checkpoint-every 2``: the last
+    checkpoint is 1 frame back), its outputs moved back under the hidden names (a kill never
+    renames them), no provenance, and torn tails (a half-written frame and state-data line)."""
+    jump = SurrogateSimulation._jump
+    calls = []
+
+    def stopped(self):
+        calls.append(1)
+        if len(calls) == stop_at_jump:
+            raise KeyboardInterrupt
+        jump(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(SurrogateSimulation, "_jump", stopped)
+        assert main(argv) == 130
+    csv, prov = out.with_suffix(".csv"), out.with_suffix(".json")
+    record = json.loads((out.parent / f".{out.stem}.chk.json").read_text())
+    assert record["frames"] == stop_at_jump - 2  # one frame after the last checkpoint
+    traj_partial = out.with_name(f".{out.name}.partial{out.suffix}")
+    csv_partial = csv.with_name(f".{csv.name}.partial")
+    os.replace(out, traj_partial)
+    os.replace(csv, csv_partial)
+    prov.unlink()
+    with open(traj_partial, "ab") as fh:
+        fh.write(traj_partial.read_bytes()[-37:])  # a frame cut short
+    with open(csv_partial, "a") as fh:
+        fh.write("99,1.98,-2")
+    return record
+
+
+@pytest.mark.parametrize("kind", ["xtc-thermal-egnn", "dcd-history-estag",
+                                  "xtc-hybrid-fallbacks"])
+def test_killed_run_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, capsys, trained,
+                                                     trained_history, kind):
+    """SIGKILL's leftovers (hidden ``.partial`` files, a frame after the last checkpoint, torn
+    tails): --resume cuts them back to the checkpoint's frame and ends with the uninterrupted
+    run's files. XTC with thermal velocity draws (the generator carried over), DCD with a
+    history model (ESTAG: its remembered frames carried over), and hybrid cycles whose jumps
+    fail the guards and fall back to Langevin MD (the integrator's random state carried over;
+    a checkpoint at the end of a fallback cycle used to resume inside its MD segment and take
+    one jump too many)."""
+    if kind == "xtc-thermal-egnn":
+        ck, suffix = trained, ".xtc"
+        extra = ["--end-velocities", "thermal", "--seed", "5"]
+    elif kind == "dcd-history-estag":
+        ck, suffix, extra = trained_history, ".dcd", ["--seed", "5"]
+    else:
+        ck = make_checkpoint(cached_md(), tmp_path / "linear.pt", selection="heavy")
+        suffix, extra = ".xtc", ["--md-steps", 10, "--guard", "fallback", "--minimize"]
+    n = 11
+    reference = tmp_path / "ref" / f"run{suffix}"
+    reference.parent.mkdir()
+    assert main(predict_argv(ck, reference, n, *extra)) == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / f"run{suffix}"
+    argv = predict_argv(ck, out, n, *extra, "--checkpoint-every", 2)
+    record = _killed_run(tmp_path, monkeypatch, argv, out, stop_at_jump=6)
+    assert not out.exists()
+    # the same command without --resume does not throw the killed run's frames away
+    left = _snapshot(work)
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "an unfinished run (killed) left its frames" in capsys.readouterr().err
+    assert _snapshot(work) == left
+    assert main([*argv, "--resume"]) == 0
+    prov = assert_same_run(out, reference)
+    if kind == "xtc-hybrid-fallbacks":
+        assert prov["fallbacks"] >= 5 and prov["md_steps"] == 10
+    assert [p["stopped_by"] for p in prov["parts"]] == ["killed", None]
+    assert prov["parts"][1]["jumps"] == [record["jumps_done"], n]
+    assert hidden_files(work) == []
+
+
+def test_killed_after_its_last_frame_resumes_to_the_renames(tmp_path, monkeypatch, trained):
+    """Killed after the last frame and its checkpoint but before the outputs were renamed:
+    --resume has no jump left to take and finishes the files."""
+    from integrations.guards import Guards
+
+    extra = ["--end-velocities", "thermal"]
+    reference = tmp_path / "ref" / "run.xtc"
+    reference.parent.mkdir()
+    assert main(predict_argv(trained, reference, 6, *extra)) == 0
+    out = tmp_path / "work" / "run.xtc"
+    out.parent.mkdir()
+
+    def killed(self):
+        raise SystemExit("killed")  # nothing below the jumps runs, as after a SIGKILL
+
+    with monkeypatch.context() as m:
+        m.setattr(Guards, "log_summary", killed)
+        with pytest.raises(SystemExit):
+            main(predict_argv(trained, out, 6, *extra))
+    assert not out.exists() and json.loads(
+        (out.parent / ".run.chk.json").read_text())["frames"] == 6
+    assert main(predict_argv(trained, out, 6, *extra, "--resume")) == 0
+    prov = assert_same_run(out, reference)
+    assert [p["jumps"] for p in prov["parts"]] == [[0, 6], [6, 6]]
+    assert hidden_files(out.parent) == []
+
+
+# -- 3. what --resume refuses ----------------------------------------------------------------------
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_resume_refuses_another_command_and_says_what_differs(tmp_path, monkeypatch, capsys):
+    ck = make_checkpoint(cached_md(), tmp_path / "c.pt", selection="heavy", model="constant")
+    other = make_checkpoint(cached_md(), tmp_path / "l.pt", selection="heavy")
+    out = tmp_path / "run" / "cut.xtc"
+    out.parent.mkdir()
+    argv = predict_argv(ck, out, 12)
+    jump, calls = SurrogateSimulation._jump, []
+
+    def stopped(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        jump(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(SurrogateSimulation, "_jump", stopped)
+        assert main(argv) == 130
+    before = _snapshot(out.parent)
+    assert ".cut.chk.json" in before
+    capsys.readouterr()
+    cases = {
+        "another model": ([str(other), *argv[1:], "--resume"], "the surrogate checkpoint"),
+        "another interval": ([*argv, "--report-interval", "2", "--resume"],
+                             "--report-interval was 1, now 2"),
+        "another -n": ([*predict_argv(ck, out, 13), "--resume"], "-n/--jumps was 12, now 13"),
+    }
+    for case, (bad, why) in cases.items():
+        assert main(bad) == 1, case
+        err = capsys.readouterr().err
+        assert f"error: {out}: the interrupted run was made by another command" in err, case
+        assert why in err and "--overwrite" in err and "Traceback" not in err, case
+        assert _snapshot(out.parent) == before, case
+    # another OpenMM platform cannot load the checkpoint: said before anything is touched
+    assert main([*argv[:-4], "--guard", "warn", "--platform", "CPU", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"\.cut\.[01]\.chk: written on the OpenMM platform Reference", err)
+    assert "resume with --platform Reference" in err
+    assert _snapshot(out.parent) == before
+    # --resume and --overwrite contradict each other
+    assert main([*argv, "--resume", "--overwrite"]) == 1
+    assert "pass one of them" in capsys.readouterr().err
+    # the right command goes on
+    assert main([*argv, "--resume"]) == 0
+    assert len(frames(out)[0]) == 12
+
+
+def test_resume_with_nothing_to_resume_or_a_finished_run(tmp_path, capsys, caplog):
+    ck = make_checkpoint(cached_md(), tmp_path / "c.pt", selection="heavy", model="constant")
+    out = tmp_path / "run" / "done.xtc"
+    out.parent.mkdir()
+    argv = predict_argv(ck, out, 4)
+    assert main([*argv, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {out}: nothing to resume: no checkpoint .done.chk.json beside it" in err
+    assert "without --resume" in err
+    assert list(out.parent.iterdir()) == []
+    assert main(argv) == 0
+    assert hidden_files(out.parent) == []  # the checkpoints went with the finished run
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.parent.iterdir()}
+    with caplog.at_level(logging.INFO, logger="integrations.run_control"):
+        assert main([*argv, "--resume"]) == 0
+    assert "the run is complete (4 jumps); nothing to do" in caplog.text
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in out.parent.iterdir()} == before
+    # a finished run of another command is not this one's to call done
+    assert main([*predict_argv(ck, out, 5), "--resume"]) == 1
+    assert "the finished run was made by another command" in capsys.readouterr().err
