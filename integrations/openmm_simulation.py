@@ -890,18 +890,21 @@ class SurrogateSimulation:
         self._segment_start = self.currentStep - done
         if not self.propagator.needs_history:
             self.run_md(self.md_steps - done)
-            return
-        # the segment's states on the output grid become history frames
-        spacing = int(self._md_frame_steps[0])
-        if done % spacing == 0:
-            pos, _, t, _ = read_state(self.context)
-            self.propagator.observe(t, pos)
-        while done < self.md_steps:
-            n = spacing - done % spacing
-            self.run_md(n)
-            done += n
-            pos, _, t, _ = read_state(self.context)
-            self.propagator.observe(t, pos)
+        else:
+            # the segment's states on the output grid become history frames
+            spacing = int(self._md_frame_steps[0])
+            if done % spacing == 0:
+                pos, _, t, _ = read_state(self.context)
+                self.propagator.observe(t, pos)
+            while done < self.md_steps:
+                n = spacing - done % spacing
+                self.run_md(n)
+                done += n
+                pos, _, t, _ = read_state(self.context)
+                self.propagator.observe(t, pos)
+        # the segment is over: a checkpoint from here on (reports of the jump's frames, or one
+        # saved after the cycle, e.g. by a caller between frames) is not inside it
+        self._segment_start = None
 
     def _finish_jump(self, rest: dict) -> None:
         """The rest of a jump a checkpoint was written inside (its later output frames and

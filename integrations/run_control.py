@@ -141,15 +141,7 @@ class FrameWriter:
     def checkpoint(self, simulation) -> None:
         if self.checkpointed == self.frames:
             return
-        # the frames fall on cycle ends; after a hybrid cycle's fallback MD, SurrogateSimulation
-        # still holds the start of the cycle's MD segment there, and its checkpoint would
-        # place the state inside that segment (a restart would take one jump too many): saved
-        # as the cycle end it is
-        segment, simulation._segment_start = simulation._segment_start, None
-        try:
-            self.checkpoints.save(simulation, self.frames)
-        finally:
-            simulation._segment_start = segment
+        self.checkpoints.save(simulation, self.frames)
         self.checkpointed = self.frames
 
 
