@@ -104,3 +104,21 @@ def test_a_folder_left_by_an_overwrite_that_had_started_is_removed(ala, previous
     train(tiny_config(ala, train={"epochs": 2, "max_steps_per_epoch": 1}), previous_run,
           resume=True)
     assert not leftover.exists()
+
+
+def test_a_deletion_of_the_replaced_run_cut_short_is_finished_not_restored(ala, previous_run,
+                                                                           monkeypatch):
+    """The replaced run's folder is renamed before it is deleted: what a kill during the
+    deletion leaves is removed by the next command, not moved back over the new run's files."""
+    before = snapshot(previous_run)
+    _, replaced = loop._prepare_run_dir(previous_run, resume=False, overwrite=True)
+    (previous_run / "config.yaml").write_text("the new run's config\n")
+    with monkeypatch.context() as m:  # the kill: the folder renamed, only best.pt deleted
+        m.setattr(loop.shutil, "rmtree", lambda path, **kw: (path / "best.pt").unlink())
+        loop._discard_replaced(replaced)
+    left = list(previous_run.glob(".discarded-run-*"))
+    assert len(left) == 1 and not replaced.exists()
+    loop._recover_replaced(previous_run)
+    assert not left[0].exists()
+    assert (previous_run / "config.yaml").read_text() == "the new run's config\n"
+    assert set(before) - {p.name for p in previous_run.iterdir()} >= {"last.pt", "best.pt"}

@@ -379,8 +379,13 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> tuple[bool, Pa
 
 
 def _discard_replaced(replaced: Path | None) -> None:
+    """Delete the replaced run's folder, renamed first: a kill during the deletion leaves a
+    ``.discarded-run-*`` folder, which :func:`_recover_replaced` removes, never a part of the
+    old run that it would mistake for one to put back."""
     if replaced is not None and replaced.exists():
-        shutil.rmtree(replaced, ignore_errors=True)
+        doomed = replaced.with_name(replaced.name.replace(".replaced-run-", ".discarded-run-", 1))
+        os.replace(replaced, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _restore_replaced(out: Path, replaced: Path | None) -> None:
@@ -407,6 +412,8 @@ def _recover_replaced(out: Path) -> None:
     """
     if not out.is_dir():
         return
+    for folder in out.glob(".discarded-run-*"):  # a deletion cut short
+        shutil.rmtree(folder, ignore_errors=True)
     for folder in sorted(out.glob(".replaced-run-*")):
         if not folder.is_dir():
             continue
