@@ -353,3 +353,15 @@ def test_validity_guards_rebuild_partial_models(bench, tmp_path):
     assert bad["rejected"] == 10
     assert bad["failures"].get("bond") == 10 and bad["failures"].get("energy") == 10
     assert bad["energy_rise_kJ_per_mol"]["median"] > good["energy_rise_kJ_per_mol"]["max"]
+
+
+def test_threads_quick(bench, tmp_path, capsys):
+    mod = bench("bench_threads")
+    assert mod.main(["--quick", "--threads", "2", "--json", str(tmp_path / "t.json")]) == 0
+    tables = _tables(capsys.readouterr().out)
+    _machine_and_command(tables, "bench_threads.py")
+    body = _check(tables[1])
+    assert [(row[0], row[1]) for row in body] == [("2", "1"), ("2", "2"), ("1", "1"), ("1", "2")]
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert [len(c["seconds"]) for c in data["cases"]] == [1, 2, 1, 2]
+    assert all(s > 0 for c in data["cases"] for s in c["seconds"])
