@@ -50,14 +50,13 @@ def thermal_velocities(masses_amu: np.ndarray, temperature_K: float, rng: np.ran
     ``masses_amu`` (n,), with the centre-of-mass velocity taken out (zero net momentum, as
     OpenMM's ``CMMotionRemover`` keeps it; for Gaussian draws that is the exact distribution at
     zero momentum). Massless particles (virtual sites) get zero velocity."""
-    from openmm import unit
+    from scipy.constants import R  # J/(mol K), CODATA (the core imports no MD engine)
 
     m = np.asarray(masses_amu, dtype=np.float64)
     if not (np.isfinite(temperature_K) and temperature_K > 0) or not np.all(np.isfinite(m)):
         raise ConfigError(f"thermal velocities need finite masses and a temperature > 0 K, got "
                           f"{temperature_K!r} K")
-    kt = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
-    kt *= float(temperature_K)
+    kt = R * 1e-3 * float(temperature_K)  # kJ/mol
     massive = m > 0
     # sqrt(kJ/mol / (g/mol)) = nm/ps; x 10 for Å/ps
     sigma = np.where(massive, 10.0 * np.sqrt(kt / np.where(massive, m, 1.0)), 0.0)
