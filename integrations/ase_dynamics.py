@@ -32,7 +32,8 @@ length instead (counted in ``n_history_md``).
 Restarts: the atoms (from the last frame of a ``.traj``) hold positions and momenta, but not what
 the dynamics itself keeps: a history model's remembered frames, the thermal velocity draws'
 generator, the guards' recorded energies (the anchor that caps them) and counts, the jump
-counts, the MD time since the last jump and the step count (the clock).
+counts, the MD time since the last jump, the step count (the clock) and the random generator of
+the MD it runs between and instead of jumps.
 :meth:`SurrogateDynamics.save_state` writes them to an ``.npz`` (the kind ``SurrogateSimulation``
 writes beside its checkpoints, plus the atoms' state they belong to) and
 :meth:`SurrogateDynamics.load_state` takes them back, only onto the atoms they were saved with
@@ -219,7 +220,9 @@ class SurrogateDynamics(MolecularDynamics):
         to; ``extra``, a JSON string: format, version, ``nsteps``, ``time_ps``, ``dt_ase``,
         ``cell`` (3, 3) Å, ``pbc``, the surrogate's name and checkpoint hash, ``rng`` (the
         thermal draws' generator state or null), ``guards`` (``Guards.energy_state()``: energies
-        and tallies), ``n_jumps``, ``n_fallbacks``, ``n_history_md`` and ``md_ps``.
+        and tallies), ``n_jumps``, ``n_fallbacks``, ``n_history_md``, ``md_ps`` and ``md_rng``
+        (the random generators' states of ``md_dynamics``/``fallback_dynamics``: Langevin, Bussi,
+        Andersen; thermostat variables such as a Nosé-Hoover chain's are not kept).
         """
         atoms = self.atoms
         mem = self.propagator.memory()
@@ -231,7 +234,7 @@ class SurrogateDynamics(MolecularDynamics):
                  "guards": self.guards.energy_state(),
                  "n_jumps": self.n_jumps,
                  "n_fallbacks": self.n_fallbacks, "n_history_md": self.n_history_md,
-                 "md_ps": self._md_ps}
+                 "md_ps": self._md_ps, "md_rng": self._md_rng_states()}
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, keys=mem["keys"], frames=mem["frames"],
                      positions=atoms.get_positions(),
@@ -302,8 +305,36 @@ class SurrogateDynamics(MolecularDynamics):
         self.n_jumps, self.n_fallbacks = int(extra["n_jumps"]), int(extra["n_fallbacks"])
         self.n_history_md = int(extra["n_history_md"])
         self._md_ps = float(extra["md_ps"])
+        self._restore_md_rng_states(extra.get("md_rng") or {}, path)
         self.nsteps = int(extra["nsteps"])
         self.last_jump = self.last_jump_times_ps = None
+
+    def _md_dynamics(self) -> dict:
+        """The ASE MD objects this dynamics runs, by role (one entry when they are the same)."""
+        found = {}
+        for role, dyn in (("md_dynamics", self.md_dynamics),
+                          ("fallback_dynamics", self.fallback_dynamics)):
+            if dyn is not None and all(dyn is not other for other in found.values()):
+                found[role] = dyn
+        return found
+
+    def _md_rng_states(self) -> dict:
+        """The random generators' states of the MD this dynamics runs (Langevin, Bussi,
+        Andersen: their ``rng``), so that a restart's MD draws the same random forces."""
+        return {role: _rng_state(dyn.rng) for role, dyn in self._md_dynamics().items()
+                if getattr(dyn, "rng", None) is not None}
+
+    def _restore_md_rng_states(self, states: dict, path: str) -> None:
+        for role, dyn in self._md_dynamics().items():
+            if role in states and getattr(dyn, "rng", None) is not None:
+                _set_rng_state(dyn.rng, states[role])
+            elif getattr(dyn, "rng", None) is not None:
+                log.warning("%s holds no random state of the %s (%s): its random forces "
+                            "restart from the generator as it is", path, role,
+                            type(dyn).__name__)
+            if type(dyn).__name__ in _OWN_STATE:
+                log.warning("%s: the %s (%s) keeps thermostat variables a restart does not "
+                            "carry; they start afresh", path, role, type(dyn).__name__)
 
     def _state_mismatch(self, atoms, dt: float, arrays: dict, extra: dict,
                         tolerance_A: float) -> str:
@@ -565,6 +596,35 @@ class _BondTree:
             parent = self.parent[level]
             out[level] = out[parent] + find_mic(out[level] - out[parent], cell, pbc)[0]
         return out
+
+
+# ASE integrators with thermostat variables of their own (beyond a random generator)
+_OWN_STATE = ("NoseHooverChainNVT", "IsotropicMTKNPT", "MTKNPT", "NPT", "Berendsen",
+              "NVTBerendsen")
+
+
+def _rng_state(rng) -> dict:
+    """JSON-safe state of a numpy ``Generator``, ``RandomState`` or the ``numpy.random``
+    module (whose global generator ASE thermostats use by default)."""
+    if isinstance(rng, np.random.Generator):
+        return {"kind": "generator", "state": rng.bit_generator.state}
+    state = rng.get_state(legacy=False)
+    return {"kind": "randomstate", "state": {**state, "state": {
+        "key": state["state"]["key"].tolist(), "pos": int(state["state"]["pos"])}}}
+
+
+def _set_rng_state(rng, saved: dict) -> None:
+    """Take back a :func:`_rng_state` into ``rng`` (of the same kind)."""
+    if saved["kind"] == "generator" and isinstance(rng, np.random.Generator):
+        rng.bit_generator.state = saved["state"]
+    elif saved["kind"] == "randomstate" and not isinstance(rng, np.random.Generator):
+        state = dict(saved["state"])
+        state["state"] = {"key": np.asarray(state["state"]["key"], dtype=np.uint32),
+                          "pos": int(state["state"]["pos"])}
+        rng.set_state(state)
+    else:
+        log.warning("a saved random state of kind %r does not fit the generator %s; not "
+                    "restored", saved["kind"], type(rng).__name__)
 
 
 def _degrees_of_freedom(atoms) -> int:
