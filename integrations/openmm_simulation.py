@@ -1386,7 +1386,11 @@ class SurrogateJumpReporter:
             keep = action == "warn" and energy is not None
             if action == "relax" and energy is not None:
                 if self._relax is None or self._relax_for != id(simulation):
-                    self._relax = Relaxation(simulation.system, context.getPlatform())
+                    platform = context.getPlatform()
+                    # the engine Context's own properties (CUDA: its DeviceIndex and Precision)
+                    self._relax = Relaxation(simulation.system, platform, {
+                        name: platform.getPropertyValue(context, name)
+                        for name in platform.getPropertyNames()})
                     self._relax_for = id(simulation)
                 relaxed, _, again = relax_until_accepted(self._relax, context, self.guards,
                                                          self.n_jumps, end, energy)

@@ -236,6 +236,30 @@ def test_jump_reporter_relaxes_failed_jumps(tmp_path):
     assert constraint_error_A(system, x) < 1e-3
 
 
+def test_jump_reporter_relaxes_with_the_engine_contexts_platform_properties(tmp_path):
+    """The relaxation Context of a SurrogateJumpReporter takes the Simulation Context's
+    platform properties (on CUDA its DeviceIndex and Precision; here the CPU platform's Threads),
+    not the platform's defaults."""
+    import openmm
+    from openmm import app
+
+    from integrations.openmm_simulation import SurrogateJumpReporter
+
+    ck = make_checkpoint(cached_md(), tmp_path / "warm.pt", model="linear", selection="heavy")
+    top, system, positions = alanine_system()
+    cpu = openmm.Platform.getPlatformByName("CPU")
+    sim = app.Simulation(top, system, openmm.VerletIntegrator(0.0005 * unit.picosecond), cpu,
+                         {"Threads": "1"})
+    cold_start(sim.context, positions)
+    sim.context.setVelocitiesToTemperature(3000 * unit.kelvin, 3)
+    jumper = SurrogateJumpReporter(ck, interval=2,
+                                   guards=GuardConfig(action="relax", relax_iterations=500))
+    sim.reporters.append(jumper)
+    sim.step(2)
+    assert jumper.guards.summary()["relaxations"] == 1
+    assert cpu.getPropertyValue(jumper._relax.context, "Threads") == "1"
+
+
 def test_guard_checks_on_synthetic_states(tmp_path):
     surrogate = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "a.pt"))
     guards = Guards(surrogate, GuardConfig(action="warn", energy_jump_kJ_per_mol=50.0))
