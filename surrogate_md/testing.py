@@ -100,7 +100,7 @@ def rotate_batch(batch: Batch, rot: torch.Tensor) -> Batch:
     out = dict(batch)
     for key in (K.POS, K.VEL, K.HIST, K.TARGET):
         if key in out:
-            out[key] = out[key] @ rot.T.to(out[key].dtype)
+            out[key] = out[key] @ rot.T.to(device=out[key].device, dtype=out[key].dtype)
     return out
 
 
@@ -109,7 +109,7 @@ def translate_batch(batch: Batch, shift: torch.Tensor) -> Batch:
     out = dict(batch)
     for key in (K.POS, K.HIST, K.TARGET):
         if key in out:
-            out[key] = out[key] + shift.to(out[key].dtype)
+            out[key] = out[key] + shift.to(device=out[key].device, dtype=out[key].dtype)
     return out
 
 
@@ -120,13 +120,14 @@ def permute_batch(batch: Batch, seed: int = 0) -> tuple[Batch, torch.Tensor]:
         the permuted batch and ``inverse`` (N,) such that ``out_permuted[:, inverse]`` is in the
         original node order.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # CPU draws, the same on every device
+    device = batch[K.POS].device
     n = batch[K.POS].shape[0]
-    perm = torch.randperm(n, generator=gen)  # new node k is old node perm[k]
+    perm = torch.randperm(n, generator=gen).to(device)  # new node k is old node perm[k]
     inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(n)
+    inverse[perm] = torch.arange(n, device=device)
     n_graphs = int(batch[K.N_GRAPHS])
-    relabel = torch.randperm(n_graphs, generator=gen)
+    relabel = torch.randperm(n_graphs, generator=gen).to(device)
     out = dict(batch)
     for key in (K.POS, K.VEL, K.NODE_TYPE, K.MASS, K.TARGET_MASK):
         if key in out:
@@ -135,7 +136,7 @@ def permute_batch(batch: Batch, seed: int = 0) -> tuple[Batch, torch.Tensor]:
     for key in (K.HIST, K.TARGET):
         if key in out:
             out[key] = out[key][:, perm]
-    edge_perm = torch.randperm(batch[K.EDGE_INDEX].shape[1], generator=gen)
+    edge_perm = torch.randperm(batch[K.EDGE_INDEX].shape[1], generator=gen).to(device)
     out[K.EDGE_INDEX] = inverse[batch[K.EDGE_INDEX][:, edge_perm]]
     if K.EDGE_TYPE in out:
         out[K.EDGE_TYPE] = batch[K.EDGE_TYPE][edge_perm]
@@ -146,12 +147,12 @@ def select_systems(batch: Batch, systems: Sequence[int]) -> Batch:
     """The sub-batch holding only ``systems`` (relabelled 0..len-1, node order kept)."""
     graph = batch[K.GRAPH]
     keep = torch.zeros_like(graph, dtype=torch.bool)
-    relabel = torch.full((int(batch[K.N_GRAPHS]),), -1, dtype=torch.long)
+    relabel = torch.full((int(batch[K.N_GRAPHS]),), -1, dtype=torch.long, device=graph.device)
     for new, old in enumerate(systems):
         keep |= graph == old
         relabel[old] = new
-    new_index = torch.full((graph.shape[0],), -1, dtype=torch.long)
-    new_index[keep] = torch.arange(int(keep.sum()))
+    new_index = torch.full((graph.shape[0],), -1, dtype=torch.long, device=graph.device)
+    new_index[keep] = torch.arange(int(keep.sum()), device=graph.device)
     edge_keep = keep[batch[K.EDGE_INDEX][0]] & keep[batch[K.EDGE_INDEX][1]]
     out = dict(batch)
     for key in (K.POS, K.VEL, K.NODE_TYPE, K.MASS, K.TARGET_MASK):
@@ -175,7 +176,7 @@ def perturb_parameters(model: torch.nn.Module, scale: float = 0.05, seed: int = 
     gen = torch.Generator().manual_seed(seed)
     for param in model.parameters():
         noise = torch.randn(param.shape, generator=gen, dtype=torch.float64)
-        param.add_(scale * noise.to(param.dtype))
+        param.add_(scale * noise.to(device=param.device, dtype=param.dtype))
 
 
 @dataclass
@@ -224,8 +225,10 @@ def check_equivariance(model: Callable[[Batch], torch.Tensor], batch: Batch,
     for label, reflect in (("rotation", False), ("reflection", True)):
         rot = random_orthogonal(seed, reflect=reflect, dtype=dtype)
         out = model(rotate_batch(batch, rot))
+        rot = rot.to(ref.device)
         devs[label] = _max_dev(out, ref @ rot.T, rtol, atol, label)
-    shift = torch.as_tensor(np.random.default_rng(seed).normal(scale=5.0, size=3), dtype=dtype)
+    shift = torch.as_tensor(np.random.default_rng(seed).normal(scale=5.0, size=3), dtype=dtype,
+                            device=ref.device)
     devs["translation"] = _max_dev(model(translate_batch(batch, shift)), ref + shift,
                                    rtol, atol, "translation")
     permuted, inverse = permute_batch(batch, seed)

@@ -365,3 +365,17 @@ def test_cuda_autocast_float16(name):
     assert out.shape == (4, 12, 1, 3) and torch.isfinite(out).all()
     if model.has_parameters:
         out.float().square().mean().backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cuda_equivariance_float64(name):
+    """The harness on CUDA tensors: rotations, reflections, translations and permutations move
+    to the batch's device (each model on the GPU as on the CPU)."""
+    model = _model(name, 4).cuda()
+    H.perturb_parameters(model, seed=1)
+    batch = {k: v.cuda() for k, v in _batch_for(model, seed=2).items()}
+    report = H.check_equivariance(model, batch, seed=3)
+    if model.has_parameters:
+        assert report.motion > 1e-3
+    H.check_batch_independence(model, batch)
