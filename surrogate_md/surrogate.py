@@ -41,6 +41,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {str(device)!r} requested but CUDA is not available on this "
                           "machine; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {str(device)!r} requested but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 

@@ -346,6 +346,12 @@ def test_chunk_policy_follows_graph_size():
         bf16_rows = L._edge_chunk_rows(31_721, 4, 128, cpu)
         assert bf16_rows is not None and rows < bf16_rows and 4 * bf16_rows * 128 <= 2**21
         assert L._edge_chunk_rows(4_600, 8, 64, cpu) is None
+    # CUDA: 32 M-value blocks, and a graph of more than one block is chunked (the device is
+    # only named here, never used)
+    cuda = torch.device("cuda")
+    assert L._edge_chunk_rows(31_721, 4, 128, cuda) is None  # 16 M values: one block
+    rows = L._edge_chunk_rows(8 * 31_721, 4, 128, cuda)  # batch 8: 130 M values
+    assert rows is not None and 4 * rows * 128 <= 2**25
 
 
 def test_quick_training_benchmark_bf16_rows(capsys):

@@ -277,3 +277,17 @@ def test_painet_answers_on_its_trained_grid_only(ala, state, tmp_path):
     for times in ([sur.times_ps[-1]], [0.05, 0.1], [0.1, 0.15, 0.2]):
         with pytest.raises(DataError, match="trained grid"):
             sur.predict(x, v, times_ps=times)
+
+
+def test_a_cuda_index_beyond_the_machines_devices_is_a_device_error(monkeypatch):
+    """On a one-GPU machine (what torch reports is stood in for here: there is no GPU) cuda:3 is
+    a DeviceError naming the devices there are, not a raw 'invalid device ordinal' later."""
+    from surrogate_md.errors import DeviceError
+    from surrogate_md.surrogate import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(DeviceError, match="1 CUDA device.*cuda:0 to cuda:0"):
+        resolve_device("cuda:3")

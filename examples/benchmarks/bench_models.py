@@ -141,9 +141,9 @@ def memory_baseline(device: torch.device) -> int:
     RSS high-water mark on Linux); where the RSS peak cannot be reset, the current peak, so that
     only growth above it counts."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
     if _reset_peak_rss():
         return _status_bytes("VmRSS")
     return max(_status_bytes("VmRSS"), _status_bytes("VmHWM"))
@@ -151,7 +151,7 @@ def memory_baseline(device: torch.device) -> int:
 
 def peak_above(device: torch.device, base: int) -> int:
     """Peak bytes reached since :func:`memory_baseline` returned ``base``."""
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else _status_bytes("VmHWM"))
     return max(int(peak - base), 0)
 
@@ -176,7 +176,7 @@ def run_case(case: dict) -> dict:
             out.square().mean().backward()
             model.zero_grad(set_to_none=True)
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     # baseline before the warm-up step: that first step is the one that grows the process
     # (later steps reuse the allocator's freed blocks)

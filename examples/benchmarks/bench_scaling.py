@@ -120,7 +120,7 @@ def run_case(case: dict) -> dict:
         with torch.inference_mode():
             model(batch)
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     base = memory_baseline(device)
     forward()  # warm-up: allocator growth happens here, kernels get picked

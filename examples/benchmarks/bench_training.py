@@ -157,7 +157,7 @@ def run_config(config: Config, device_name: str, threads: int) -> dict:
         loss.backward()
         optimiser.step()
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     base = bench.memory_baseline(device)
     warm = time.perf_counter()

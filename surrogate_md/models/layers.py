@@ -288,10 +288,13 @@ def _edge_chunk_rows(n_edges: int, n_times: int, hidden: int, device: torch.devi
     larger chunks cut the per-chunk overhead of the recomputation, and AdK backbone steps (855
     nodes, 8 Å graph, P = 4, hidden 128, batch 1 and 8) ran about 1.1x faster than in 0.5 M-value
     chunks at 1.2-1.5x the memory (the plain pass, 1.2x faster still, took 12x the memory).
+    On GPUs only a graph of one block takes the plain pass: at eight 32 M-value blocks each of
+    the (T, E, H) tensors it keeps for backward (about six per layer) would be 1 GiB in float32,
+    enough to exhaust a 16-24 GiB card on an AdK batch.
     """
     plain_chunks = 8
     if device.type == "cuda":
-        budget = 2**25
+        budget, plain_chunks = 2**25, 1
     elif (torch.is_autocast_enabled(device.type)
           and torch.get_autocast_dtype(device.type) == torch.bfloat16):
         budget, plain_chunks = 2**21, 2
