@@ -430,6 +430,18 @@ def chain_segment_ids(topology) -> list[str]:
 
 
 # -- running ---------------------------------------------------------------------------------------
+def _gpu_properties(platform) -> dict[str, str]:
+    """Context properties of a data-producing run: on CUDA and OpenCL, mixed precision (the
+    default single precision drifts in long runs) and deterministic force sums (otherwise the
+    order of atomic additions, and so the trajectory, changes from run to run); none on CPU and
+    Reference, which are deterministic and at least mixed-precise already."""
+    if platform.getName() not in ("CUDA", "OpenCL"):
+        return {}
+    names = set(platform.getPropertyNames())  # OpenCL lacks DeterministicForces in some builds
+    wanted = {"Precision": "mixed", "DeterministicForces": "true"}
+    return {k: v for k, v in wanted.items() if k in names}
+
+
 def choose_platform(name: str, n_atoms: int, solvent: str):
     """The OpenMM platform for ``name`` (``auto``: CUDA, else Reference for small non-periodic
     systems, else CPU)."""
@@ -562,7 +574,9 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
             MD17 molecules: every 0.5 fs step).
         step_fs: integrator step (default per system; 4 fs with ``hmr``).
         temperature_K: thermostat target.
-        seed: initial velocities and Langevin noise (same seed, same platform: same trajectory).
+        seed: initial velocities and Langevin noise (same seed, same platform: same trajectory;
+            on CUDA/OpenCL the run uses mixed precision and, where the platform has them,
+            deterministic force sums for that, recorded as ``platform_properties``).
         solvent: ``vacuum``, ``implicit`` (OBC2, native GBSAOBCForce) or ``explicit``.
         forcefield: OpenMM XML files for PDB inputs (default amber14-all.xml).
         friction_per_ps: Langevin friction.
@@ -657,7 +671,8 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
         "constraints": "as serialized" if serialized else constraints,
         "n_constraints": int(prepared.system.getNumConstraints()),
         "equilibrate_ps": float(equilibrate_ps),
-        "platform": plat.getName(), "source_files": prepared.source_files,
+        "platform": plat.getName(), "platform_properties": _gpu_properties(plat),
+        "source_files": prepared.source_files,
         "velocities": "half-step (leapfrog)" if integrator == "langevin" else "on-step",
         "command": command if command is not None else shlex.join(sys.argv),
         **prepared.extra,
@@ -671,7 +686,7 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
     integ = _make_integrator(integrator, temperature_K, step_fs, friction_per_ps, seed,
                              thermostat_K)
     try:
-        context = mm.Context(prepared.system, integ, plat)
+        context = mm.Context(prepared.system, integ, plat, _gpu_properties(plat))
     except Exception as exc:
         raise EngineError(f"{prepared.label}: OpenMM cannot create a context on "
                           f"{plat.getName()} ({exc}); try --platform Reference or CPU") from exc

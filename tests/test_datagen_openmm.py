@@ -458,3 +458,26 @@ def test_openmm_help_states_each_systems_defaults(capsys):
     md17 = ", ".join(MD17_MOLECULES)
     assert f"{md17}: 0.0005 ps, 0.5 fs, 500 K, vacuum, nose-hoover, no constraints, 1 ps" in text
     assert "saved frames (default 1000)" in text
+
+
+def test_gpu_runs_ask_for_mixed_precision_and_deterministic_forces():
+    """The properties a CUDA/OpenCL data run gets (stood-in platforms: no GPU here) and none on
+    CPU/Reference; only properties the platform lists are passed."""
+    from datagen.openmm_md import _gpu_properties
+
+    class Platform:
+        def __init__(self, name, names):
+            self.name, self.names = name, names
+
+        def getName(self):
+            return self.name
+
+        def getPropertyNames(self):
+            return self.names
+
+    cuda = Platform("CUDA", ("DeviceIndex", "Precision", "DeterministicForces"))
+    assert _gpu_properties(cuda) == {"Precision": "mixed", "DeterministicForces": "true"}
+    assert _gpu_properties(Platform("OpenCL", ("DeviceIndex", "Precision"))) == {
+        "Precision": "mixed"}
+    for name in ("CPU", "Reference"):
+        assert _gpu_properties(openmm.Platform.getPlatformByName(name)) == {}
