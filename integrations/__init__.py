@@ -6,7 +6,8 @@
 - :class:`integrations.ase_dynamics.SurrogateDynamics` - an ASE ``MolecularDynamics``.
 - :mod:`integrations.guards` - checks after every jump; :mod:`integrations.reconstruct` - atoms a
   partial model does not predict; :class:`integrations.writers.TrajectoryObserver` - XTC/DCD from
-  ASE runs; ``python -m integrations.predict`` - the command line.
+  ASE runs; ``python -m integrations.predict`` - the command line, whose signals and
+  ``--resume`` checkpoints :mod:`integrations.run_control` handles.
 
 Names are imported lazily so ``import integrations`` does not pull in OpenMM or ASE.
 """
