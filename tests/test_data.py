@@ -439,3 +439,18 @@ def test_radius_graphs_over_periodic_solvent_warn(tmp_path, caplog):
                 prepare_data(cfg.data).close()
             warned = "without periodic images" in caplog.text
             assert warned == (periodic and kind == "radius"), (periodic, kind)
+
+
+def test_batch_to_keeps_the_system_count_on_the_cpu():
+    """Every tensor goes to the device (``meta`` stands in for a GPU here) and floats take the
+    dtype, except the system count, which stays a CPU scalar that ``int()`` reads without a
+    device sync."""
+    from surrogate_md.data.windows import batch_to
+    from surrogate_md.testing import random_batch
+
+    batch = random_batch(seed=1)
+    moved = batch_to(batch, torch.device("meta"), torch.float32)
+    assert moved[K.N_GRAPHS].device.type == "cpu"
+    assert int(moved[K.N_GRAPHS]) == int(batch[K.N_GRAPHS])
+    assert all(v.device.type == "meta" for k, v in moved.items() if k != K.N_GRAPHS)
+    assert moved[K.POS].dtype == torch.float32 and moved[K.EDGE_INDEX].dtype == torch.long

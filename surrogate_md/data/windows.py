@@ -388,9 +388,12 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
 
 def batch_to(batch: dict[str, torch.Tensor], device: torch.device | str,
              dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Move a batch to ``device`` and cast its floating tensors to ``dtype``."""
-    return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
-            for k, v in batch.items()}
+    """Move a batch to ``device`` and cast its floating tensors to ``dtype``. The system count
+    (``N_GRAPHS``, read with ``int()``) stays on the CPU: on a GPU every read would wait for the
+    device."""
+    return {k: v if k == K.N_GRAPHS else (
+        v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+        for k, v in batch.items()}
 
 
 def make_windows(files: list[TrajectoryFile], protocol: Protocol, **split_kwargs
