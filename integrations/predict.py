@@ -12,9 +12,11 @@ succeeds), ``<OUT stem>.csv`` (StateDataReporter: step, time, energies, temperat
 ``<OUT stem>.json`` (provenance: surrogate, checkpoint hash, inputs, guard summary, timings).
 A run stopped with Ctrl-C or SIGTERM (``kill``, a batch scheduler's stop at the end of a job's
 time) keeps the frames written so far under those names (``"interrupted": true`` and the signal
-in the provenance, exit code 130 or 143 = 128 + the signal number); a run that fails leaves
-none. A signal that arrives while a frame is being written is acted on once the frame (and its
-state-data line) is whole.
+in the provenance, exit code 130 or 143 = 128 + the signal number; one stopped before its first
+frame leaves no file); a run that fails leaves none, but one that could not write (a full disk)
+after its first checkpoint keeps its frames for ``--resume``. A run holds ``.<OUT stem>.lock``
+beside ``OUT``: a second run on the same ``OUT`` is refused. A signal that arrives while a frame
+is being written is acted on once the frame (and its state-data line) is whole.
 
 Resuming: with every frame (or every ``--checkpoint-every`` jumps) the run writes a checkpoint
 beside ``OUT`` (:class:`RunCheckpoints`: ``.<OUT stem>.chk.json`` and two alternating OpenMM
@@ -29,6 +31,7 @@ checkpoint files are removed when the run completes.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -48,9 +51,11 @@ from integrations.run_control import (
     Terminated,
     plan_resume,
     provenance_of,
+    remove_leftovers,
     reopen_outputs,
     resume_simulation,
     run_identity,
+    run_lock,
 )
 from surrogate_md.errors import (
     DataError,
@@ -317,12 +322,6 @@ def start_simulation(sim, args: argparse.Namespace, positions, box) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the prediction described by parsed ``args``; returns the provenance dict."""
-    import openmm
-    from openmm import app, unit
-
-    from integrations.openmm_simulation import SurrogateSimulation, default_step_ps
-    from surrogate_md.surrogate import Surrogate
-
     outputs = Outputs(Path(args.output))
     out = outputs.out
     if out.suffix.lower() not in FORMATS:
@@ -335,6 +334,19 @@ def run(args: argparse.Namespace) -> dict:
     if args.resume and args.overwrite:
         raise DataError(f"{out}: --resume continues the run written there and --overwrite "
                         "replaces it; pass one of them")
+    with run_lock(out):  # one run at a time on OUT, from its checks to its last file
+        return _run(args, outputs)
+
+
+def _run(args: argparse.Namespace, outputs: Outputs) -> dict:
+    """:func:`run` under the lock of ``OUT``."""
+    import openmm
+    from openmm import app, unit
+
+    from integrations.openmm_simulation import SurrogateSimulation, default_step_ps
+    from surrogate_md.surrogate import Surrogate
+
+    out = outputs.out
     checkpoints = RunCheckpoints(out, outputs.tmp_traj, outputs.tmp_csv)
     if not args.resume:
         for path in (out, outputs.csv, outputs.json):
@@ -403,10 +415,13 @@ def run(args: argparse.Namespace) -> dict:
                         "report_interval": args.report_interval}
     done = record["jumps_done"] if record else 0
     reporter_cls = app.XTCReporter if out.suffix.lower() == ".xtc" else app.DCDReporter
+    frames_total = args.jumps // args.report_interval
     with StopSignals() as stop:  # from the first partial file on, SIGTERM acts as Ctrl-C
-        traj = None
+        traj = writer = None
         interrupted = None  # the signal that stopped the run, if one did
+        start = time.perf_counter()
         try:
+            remove_leftovers(outputs, checkpoints)
             if record is None:
                 if checkpoints.record_path.exists():
                     log.warning("%s: discarding the checkpoint of an unfinished run",
@@ -427,31 +442,70 @@ def run(args: argparse.Namespace) -> dict:
                 checkpoints.clock = start
                 try:
                     sim.step(args.jumps - done)
-                except KeyboardInterrupt as exc:
-                    # as a Ctrl-C'd Simulation leaves what its reporters wrote: the frames so
-                    # far are kept (under the names asked for) and the provenance says the run
-                    # was cut short; the checkpoint stays for --resume
-                    interrupted = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
-                    log.warning("interrupted (%s) after %d of %d jumps: keeping the frames "
-                                "written so far; the same command with --resume continues it",
-                                interrupted, sim.n_jumps + sim.n_fallbacks, args.jumps)
                 finally:
                     stop.hold()
-                wall = time.perf_counter() - start
-        except BaseException:
+        except KeyboardInterrupt as exc:
+            # a signal anywhere from the first partial file to the hold: as a Ctrl-C'd
+            # Simulation leaves what its reporters wrote, the frames so far are kept (under the
+            # names asked for) and the provenance says the run was cut short; the checkpoint
+            # stays for --resume. Only one signal raises: this clean-up is not cut
             stop.hold()
             sim.reporters.clear()
-            if record is None:  # a fresh run that fails leaves nothing
+            name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+            if writer is None or writer.frames == 0:  # no frame of this run's yet
+                _close(traj)
+                if record is None:  # nothing written: nothing left behind
+                    for tmp in (outputs.tmp_traj, outputs.tmp_csv):
+                        tmp.unlink(missing_ok=True)
+                    checkpoints.remove()
+                    log.warning("interrupted (%s) before the first frame: nothing was written; "
+                                "rerun the command to start over", name)
+                else:
+                    log.warning("interrupted (%s) while the resumed run prepared its files; "
+                                "the same command with --resume continues it", name)
+                raise
+            if sim.n_jumps + sim.n_fallbacks == args.jumps and writer.frames == frames_total:
+                log.warning("%s arrived as the run ended: finishing its outputs", name)
+            else:
+                interrupted = name
+                kept = checkpoints.record["frames"] if checkpoints.record else 0
+                if kept:
+                    how = ("the same command with --resume continues it from its checkpoint "
+                           f"at frame {kept}")
+                else:
+                    how = (f"it stopped before its first checkpoint (--checkpoint-every {every}),"
+                           " so --resume cannot continue it: rerun the command with "
+                           "--overwrite to start over")
+                log.warning("interrupted (%s) after %d of %d jumps: keeping the %d frames "
+                            "written so far; %s", name, sim.n_jumps + sim.n_fallbacks,
+                            args.jumps, writer.frames, how)
+        except BaseException as exc:
+            stop.hold()
+            sim.reporters.clear()
+            _close(traj)
+            remove_leftovers(outputs, checkpoints)  # a write that failed may leave its own
+            resumable = record is not None or checkpoints.record is not None
+            if not resumable:  # a fresh run that fails before its first checkpoint leaves nothing
                 for tmp in (outputs.tmp_traj, outputs.tmp_csv):
                     tmp.unlink(missing_ok=True)
                 checkpoints.remove()
-            else:  # the earlier parts' frames are not this run's to delete
-                log.error("the resumed run failed; its frames so far stay in %s and %s with "
-                          "the checkpoint, for another --resume once the cause is fixed",
-                          outputs.tmp_traj, outputs.tmp_csv)
+            elif record is not None or isinstance(exc, OSError):
+                # the earlier parts' frames are not this run's to delete; those of a run that
+                # could not write (disk full) go on once there is room
+                log.error("the %s failed; its frames so far stay in %s and %s with the "
+                          "checkpoint %s, for --resume once the cause is fixed",
+                          "resumed run" if record is not None else "run", outputs.tmp_traj,
+                          outputs.tmp_csv, checkpoints.record_path.name)
+            else:  # another failure of a fresh run would come back: nothing to resume
+                for tmp in (outputs.tmp_traj, outputs.tmp_csv):
+                    tmp.unlink(missing_ok=True)
+                checkpoints.remove()
+                resumable = False
+            if isinstance(exc, OSError):
+                raise _write_error(exc, outputs, resumable) from exc
             raise
-        if isinstance(traj, app.DCDReporter):
-            traj._out.close()
+        wall = time.perf_counter() - start
+        _close(traj)
         sim.guards.log_summary()
         if interrupted:  # the part goes as far as a resume keeps
             end = checkpoints.record["jumps_done"] if checkpoints.record else done
@@ -464,14 +518,39 @@ def run(args: argparse.Namespace) -> dict:
                       "openmm": openmm.__version__, "interrupted": interrupted is not None,
                       "signal": interrupted, "frames": writer.frames, "parts": parts,
                       "resume_identity": identity, **sim.summary()}
-        os.replace(outputs.tmp_traj, out)
-        os.replace(outputs.tmp_csv, outputs.csv)
-        atomic_write_text(outputs.json, json.dumps(provenance, indent=2, default=str))
+        try:
+            os.replace(outputs.tmp_traj, out)
+            os.replace(outputs.tmp_csv, outputs.csv)
+            atomic_write_text(outputs.json, json.dumps(provenance, indent=2, default=str))
+        except OSError as exc:
+            raise _write_error(exc, outputs, checkpoints.record is not None) from exc
         if not interrupted:
             checkpoints.remove()
+            remove_leftovers(outputs, checkpoints)
     log.info("wrote %s (%d jumps, %.4g ps) in %.1f s", out, sim.n_jumps + sim.n_fallbacks,
              provenance["time_ps"], wall)
     return provenance
+
+
+def _close(traj) -> None:
+    """Close the file a DCDReporter keeps open (an XTCReporter opens it for each frame)."""
+    out = getattr(traj, "_out", None)
+    if out is not None:
+        out.close()
+
+
+def _write_error(exc: OSError, outputs: Outputs, resumable: bool) -> DataError:
+    """The error of a run whose outputs could not be written (a full disk, a quota)."""
+    where = exc.filename or outputs.out
+    cause = ("free space" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+             else "fix the cause")
+    if resumable:
+        fix = (f"its frames up to the last checkpoint are kept: {cause} and rerun the command "
+               "with --resume")
+    else:
+        fix = (f"it wrote no checkpoint, so its partial files were removed: {cause} and rerun "
+               "the command")
+    return DataError(f"{where}: writing the run's outputs failed ({exc.strerror or exc}); {fix}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CODES["SIGINT"]
     except SurrogateMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # one the run did not name (reading an input, say)
+        print(f"error: {exc.filename or args.output}: {exc.strerror or exc}; check the path, "
+              "its permissions and the free space", file=sys.stderr)
         return 1
     return 0
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import struct
 import threading
 import time
 from pathlib import Path
@@ -209,6 +210,12 @@ class RunCheckpoints:
         found = [self.record_path]
         for slot in self.slots:
             found += [slot, slot.with_name(slot.name + ".surrogate.npz")]
+        return found + self.temporary_files()
+
+    def temporary_files(self) -> list[Path]:
+        """Temporary files of checkpoint and record writes that a killed process left."""
+        found = []
+        for slot in self.slots:
             found += slot.parent.glob(f"{glob.escape(slot.name)}*.tmp")
             found += slot.parent.glob(f".{glob.escape(slot.name)}*.tmp")
         found += self.record_path.parent.glob(f".{glob.escape(self.record_path.name)}*.tmp")
@@ -255,6 +262,61 @@ class Outputs:
     @property
     def tmp_csv(self) -> Path:
         return self.csv.with_name(f".{self.csv.name}.partial")
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold an exclusive lock on the run writing ``out`` for the whole block: ``fcntl.flock`` on
+    the hidden ``.<OUT stem>.lock`` beside it (the stem: the state data, provenance and
+    checkpoints of ``run.xtc`` and ``run.dcd`` share it). Two runs on the same ``OUT`` at once
+    (two ``--resume``, a resume and a fresh run) would mix their frames; the second is refused at
+    once. The file is removed when the block ends (while still held), so only a killed run
+    leaves it, and a lock nobody holds is taken over.
+
+    Raises:
+        DataError: another run holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no lock
+        yield None
+        return
+    path = out.with_name(f".{out.stem}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataError(f"{out}: another predict run is writing it (it holds the lock "
+                            f"{path.name}); wait for that run to end (or stop it), or choose "
+                            "another -o") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the file may have been removed by the run that held it, as it ended
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # still held: no other run has this file
+        os.close(fd)
+
+
+def remove_leftovers(outputs: Outputs, checkpoints: RunCheckpoints) -> None:
+    """Remove the temporary files of atomic writes of this ``OUT`` (the trajectory cut back by a
+    resume, the provenance, a checkpoint) that a process killed in them left; only under
+    :func:`run_lock`, when no other run can be writing them."""
+    found = checkpoints.temporary_files()
+    for target in (outputs.out, outputs.tmp_traj, outputs.csv, outputs.tmp_csv, outputs.json):
+        found += target.parent.glob(f".{glob.escape(target.name)}.*.tmp")
+    for path in found:
+        log.debug("%s: removing the temporary file of a killed write", path)
+        path.unlink(missing_ok=True)
 
 
 def run_identity(args: argparse.Namespace, surrogate) -> dict:
@@ -304,11 +366,15 @@ def plan_resume(outputs: Outputs, checkpoints: RunCheckpoints, identity: dict) -
         return None
     if record is None:
         stopped = (prov is not None and prov.get("interrupted")) or outputs.tmp_traj.exists()
-        why = ("the run stopped before its first checkpoint" if stopped
-               else "no interrupted run of it was found")
+        if stopped:
+            raise DataError(f"{outputs.out}: nothing to resume: no checkpoint "
+                            f"{checkpoints.record_path.name} beside it (the run stopped before "
+                            "its first checkpoint); rerun the command without --resume, with "
+                            "--overwrite, to start over")
         raise DataError(f"{outputs.out}: nothing to resume: no checkpoint "
-                        f"{checkpoints.record_path.name} beside it ({why}); run the command "
-                        "without --resume (with --overwrite to replace existing outputs)")
+                        f"{checkpoints.record_path.name} beside it (no interrupted run of it "
+                        "was found); run the command without --resume (with --overwrite to "
+                        "replace existing outputs)")
     check_identity(record["identity"], identity, outputs.out, "interrupted run")
     return record
 
@@ -378,10 +444,14 @@ def truncate_trajectory(path: Path, frames: int, size: int, sim, interval: int) 
     """Keep the first ``frames`` frames of the trajectory ``path`` (``size`` bytes then): a
     longer file (frames after the checkpoint, a frame torn by a kill) is rewritten by OpenMM's
     own writer, with the header and time stamps the run's reporter gives them, from the frames
-    MDTraj (XTC) or MDAnalysis (DCD) read back; a rewrite gives back the same bytes."""
+    MDTraj (XTC) or MDAnalysis (DCD) read back; a rewrite gives back the same bytes (but the
+    box of a DCD, stored in double precision and read back by MDAnalysis in single precision:
+    rounded to about 1e-7 relative). A DCD of the right size whose header counts another number
+    of frames (killed inside a frame's write, after OpenMM's DCDFile had counted the frame) is
+    rewritten too: OpenMM appends after the count the header gives."""
     from openmm import app, unit
 
-    if path.stat().st_size == size:
+    if path.stat().st_size == size and _dcd_frame_count(path, sim) in (None, frames):
         return
     log.info("%s: dropping what was written after the last checkpoint (frame %d)", path, frames)
     with atomic_path(path) as tmp:
@@ -399,6 +469,45 @@ def truncate_trajectory(path: Path, frames: int, size: int, sim, interval: int) 
             raise DataError(f"{path}: its first {frames} frames, written again, take "
                             f"{tmp.stat().st_size} bytes instead of the {size} they took: the "
                             "file was not written by this run; start over with --overwrite")
+        frame = _first_difference(path, tmp, frames)
+        if frame is not None:
+            raise DataError(f"{path}: frame {frame + 1}, written again, reads back other "
+                            "positions or another box than the file's: the rewrite would change "
+                            "the run; start over with --overwrite")
+
+
+def _first_difference(path: Path, copy: Path, frames: int) -> int | None:
+    """The first of ``frames`` frames whose positions (exactly, as read back) or box (within
+    1e-6 relative: a DCD's double-precision box comes back rounded to single precision) differ
+    between ``path`` and its rewritten ``copy``; None when they agree."""
+    from openmm import unit
+
+    def box(b):
+        return None if b is None else np.array([list(v) for v in b.value_in_unit(unit.nanometer)])
+
+    for i, ((x0, b0), (x1, b1)) in enumerate(zip(_read_frames(path, frames),
+                                                  _read_frames(copy, frames, path.suffix))):
+        if not np.array_equal(x0.value_in_unit(unit.nanometer), x1.value_in_unit(unit.nanometer)):
+            return i
+        if (b0 is None) != (b1 is None) or (
+                b0 is not None and not np.allclose(box(b0), box(b1), rtol=1e-6, atol=0)):
+            return i
+    return None
+
+
+def _dcd_frame_count(path: Path, sim) -> int | None:
+    """The frame count in a DCD file's header, as OpenMM's DCDFile reads it to append (None for
+    an XTC file, which has none)."""
+    from openmm import app
+
+    if path.suffix.lower() != ".dcd":
+        return None
+    with open(path, "rb") as fh:
+        try:
+            return app.DCDFile(fh, sim.topology, sim.step_ps, append=True)._modelCount
+        except (ValueError, struct.error) as exc:  # a header OpenMM cannot append to
+            log.debug("%s: unreadable DCD header (%s)", path, exc)
+            return -1
 
 
 def _copy_frames(path: Path, frames: int, writer) -> int:
@@ -414,9 +523,10 @@ def _copy_frames(path: Path, frames: int, writer) -> int:
     return n
 
 
-def _read_frames(path: Path, n: int):
-    """The first ``n`` frames of an XTC/DCD file as (positions, box vectors or None) OpenMM
-    quantities; a torn frame after them is never read."""
+def _read_frames(path: Path, n: int, suffix: str | None = None):
+    """The first ``n`` frames of an XTC/DCD file (``suffix``: its format, by default its own
+    suffix's) as (positions, box vectors or None) OpenMM quantities; a torn frame after them is
+    never read."""
     import openmm
     from openmm import unit
 
@@ -425,7 +535,7 @@ def _read_frames(path: Path, n: int):
             return None
         return [openmm.Vec3(*map(float, row)) for row in rows] * length
 
-    if path.suffix.lower() == ".xtc":
+    if (suffix or path.suffix).lower() == ".xtc":
         from mdtraj.formats import XTCTrajectoryFile
 
         with XTCTrajectoryFile(str(path)) as f:  # MDTraj leaves no offset cache beside it
@@ -441,7 +551,7 @@ def _read_frames(path: Path, n: int):
         from MDAnalysis.coordinates.DCD import DCDReader
         from MDAnalysis.lib.mdamath import triclinic_vectors
 
-        reader = DCDReader(str(path))
+        reader = DCDReader(str(path), format="DCD")
         try:
             for ts in reader[:n]:
                 box = None if ts.dimensions is None else triclinic_vectors(ts.dimensions)

@@ -158,7 +158,9 @@ def test_predict_stopped_by_sigterm_keeps_the_frames_written_so_far(tmp_path, tm
     prov = json.loads((tmp_path / "long.json").read_text())
     assert prov["interrupted"] is True and prov["signal"] == "SIGTERM"
     done = prov["jumps"] + prov["fallbacks"]
-    assert 3 <= done < 1000000
+    # 3 state-data rows were written when the signal was sent; the third one's jump may not
+    # have been counted yet (see below)
+    assert 2 <= done < 1000000
     rows = (tmp_path / "long.csv").read_text().splitlines()[1:]
     frames = len(mda.Universe(str(PDB), str(out)).trajectory)
     # a signal between a jump's frame and its count leaves one frame more than jumps counted

@@ -418,3 +418,249 @@ def test_resume_with_nothing_to_resume_or_a_finished_run(tmp_path, capsys, caplo
     # a finished run of another command is not this one's to call done
     assert main([*predict_argv(ck, out, 5), "--resume"]) == 1
     assert "the finished run was made by another command" in capsys.readouterr().err
+
+
+# -- 4. one run at a time, failures and signals that keep what can be resumed ----------------------
+def _constant(tmp_path):
+    return make_checkpoint(cached_md(), tmp_path / "c.pt", selection="heavy", model="constant")
+
+
+def _reference(ck, tmp_path, n, *extra):
+    reference = tmp_path / "ref" / "run.xtc"
+    reference.parent.mkdir()
+    assert main(predict_argv(ck, reference, n, *extra)) == 0
+    return reference
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_one_writes_it(tmp_path, capsys):
+    """A run holding ``.run.lock`` (as a concurrent predict does for its whole run) makes a
+    second run on the same OUT, fresh or --resume, refuse before touching anything (before:
+    both wrote the files, giving duplicated frames marked complete); a lock file a killed run
+    left, held by nobody, is taken over and removed."""
+    import fcntl
+
+    ck = _constant(tmp_path)
+    out = tmp_path / "w" / "run.xtc"
+    out.parent.mkdir()
+    argv = predict_argv(ck, out, 4)
+    lock = out.parent / ".run.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            capsys.readouterr()
+            assert main([*argv, *extra]) == 1, extra
+            err = capsys.readouterr().err
+            assert f"error: {out}: another predict run is writing it" in err, extra
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+            assert sorted(p.name for p in out.parent.iterdir()) == [".run.lock"]
+    finally:
+        os.close(fd)
+    assert main(argv) == 0  # the stale lock file is taken over
+    assert hidden_files(out.parent) == []
+
+
+def _failing_write(monkeypatch, at):
+    """The trajectory reporter's ``at``-th frame fails as on a full disk."""
+    import errno
+
+    report, calls = app.XTCReporter.report, []
+
+    def full(self, simulation, state):
+        calls.append(1)
+        if len(calls) == at:
+            raise OSError(errno.ENOSPC, "No space left on device", self._fileName)
+        return report(self, simulation, state)
+
+    monkeypatch.setattr(app.XTCReporter, "report", full)
+
+
+def test_a_full_disk_keeps_a_resumable_run_and_says_so(tmp_path, monkeypatch, capsys):
+    """An OSError (disk full) at frame 5 of a run checkpointed every 2 frames: one ``error:``
+    line telling to free space and rerun with --resume, the frames and checkpoint kept, and
+    --resume gives the uninterrupted run (before: a traceback, and every frame and the
+    checkpoint deleted). Before the first checkpoint nothing is resumable and nothing is
+    left."""
+    ck = _constant(tmp_path)
+    n = 10
+    reference = _reference(ck, tmp_path, n)
+    out = tmp_path / "w" / "run.xtc"
+    out.parent.mkdir()
+    argv = predict_argv(ck, out, n, "--checkpoint-every", 2)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _failing_write(m, at=5)
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert "No space left on device" in err
+    assert "free space and rerun the command with --resume" in err
+    assert {".run.chk.json", ".run.xtc.partial.xtc", ".run.csv.partial"} <= set(
+        hidden_files(out.parent))
+    assert main([*argv, "--resume"]) == 0
+    assert_same_run(out, reference)
+    assert hidden_files(out.parent) == []
+
+    fresh = tmp_path / "w2" / "run.xtc"
+    fresh.parent.mkdir()
+    with monkeypatch.context() as m:
+        _failing_write(m, at=1)
+        assert main(predict_argv(ck, fresh, n, "--checkpoint-every", 2)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "free space and rerun the command" in err
+    assert "--resume" not in err.splitlines()[-1]
+    assert list(fresh.parent.iterdir()) == []
+
+
+def test_a_signal_just_after_the_last_jump_keeps_the_finished_run(tmp_path, monkeypatch):
+    """SIGTERM handled at the entry of ``StopSignals.hold()``, after ``sim.step()`` returned
+    (before: the run went the failure path and deleted every frame of the finished run): the
+    run is finished and written whole."""
+    from integrations.run_control import StopSignals
+
+    hold, sent = StopSignals.hold, []
+
+    def signalled_hold(self):
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        hold(self)
+
+    monkeypatch.setattr(StopSignals, "hold", signalled_hold)
+    ck = _constant(tmp_path)
+    out = tmp_path / "run.xtc"
+    assert main(predict_argv(ck, out, 6)) == 0
+    assert sent == [1]
+    prov = json.loads(out.with_suffix(".json").read_text())
+    assert prov["interrupted"] is False and prov["frames"] == 6
+    assert len(frames(out)[0]) == 6
+    assert hidden_files(tmp_path) == []
+
+
+def _sigterm_at_jump(monkeypatch, k):
+    jump, calls = SurrogateSimulation._jump, []
+
+    def signalled(self):
+        calls.append(1)
+        if len(calls) == k:
+            os.kill(os.getpid(), signal.SIGTERM)
+        jump(self)
+
+    monkeypatch.setattr(SurrogateSimulation, "_jump", signalled)
+
+
+def test_sigterm_before_the_first_frame_or_checkpoint_says_what_works(tmp_path, monkeypatch,
+                                                                       capsys, caplog):
+    """Stopped in the first jump: no file is left (before: a 0-byte trajectory and provenance
+    that made the rerun refuse), so the command runs again as it is. Stopped after 3 frames
+    with --checkpoint-every 6 (no checkpoint yet): the log and --resume both say to rerun with
+    --overwrite (before: the log said --resume continues it, and --resume refused)."""
+    ck = _constant(tmp_path)
+    for suffix in (".xtc", ".dcd"):
+        out = tmp_path / suffix[1:] / f"run{suffix}"
+        out.parent.mkdir()
+        argv = predict_argv(ck, out, 4)
+        with monkeypatch.context() as m:
+            _sigterm_at_jump(m, 1)
+            assert main(argv) == 143
+        assert list(out.parent.iterdir()) == [], suffix
+        assert main(argv) == 0, suffix
+
+    out = tmp_path / "chain" / "run.xtc"
+    out.parent.mkdir()
+    argv = predict_argv(ck, out, 12, "--checkpoint-every", 6)
+    caplog.clear()
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
+        _sigterm_at_jump(m, 4)
+        assert main(argv) == 143
+    assert "rerun the command with --overwrite" in caplog.text
+    assert "--resume continues it" not in caplog.text
+    assert json.loads(out.with_suffix(".json").read_text())["frames"] == 3
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "stopped before its first checkpoint" in err and "with --overwrite" in err
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_temporary_files_of_killed_writes_are_removed(tmp_path, monkeypatch):
+    """Temporary files of a trajectory rewrite and of a provenance write that a kill left
+    (``..run.xtc.partial.xtc.*.tmp``, ``.run.json.*.tmp``) go with the next resume, and with
+    a fresh run (before: they stayed forever)."""
+    ck = _constant(tmp_path)
+    out = tmp_path / "w" / "run.xtc"
+    out.parent.mkdir()
+    argv = predict_argv(ck, out, 8, "--checkpoint-every", 2)
+    _killed_run(tmp_path, monkeypatch, argv, out, stop_at_jump=6)
+    junk = [out.parent / "..run.xtc.partial.xtc.k1ll3d.tmp", out.parent / ".run.json.k1ll3d.tmp"]
+    for path in junk:
+        path.write_bytes(b"half")
+    assert main([*argv, "--resume"]) == 0
+    assert hidden_files(out.parent) == []
+
+    fresh = tmp_path / "fresh" / "run.xtc"
+    fresh.parent.mkdir()
+    for path in junk:
+        (fresh.parent / path.name).write_bytes(b"half")
+    assert main(predict_argv(ck, fresh, 4)) == 0
+    assert hidden_files(fresh.parent) == []
+
+
+def _dcd_header_frames(path):
+    """The frame count of a DCD header, as OpenMM's DCDFile reads it to append."""
+    with open(path, "rb") as fh:
+        return app.DCDFile(fh, app.PDBFile(str(PDB)).topology, 0.001, append=True)._modelCount
+
+
+def test_a_dcd_header_counting_a_frame_never_written_is_rewritten(tmp_path, monkeypatch):
+    """Killed inside a frame's write after OpenMM counted it in the header: the file has the
+    checkpoint's size but its header one frame more. The resume rewrites it and ends with the
+    uninterrupted run's header count (before: one too many, as the appended frames were
+    counted from it)."""
+    ck = _constant(tmp_path)
+    n = 8
+    reference = tmp_path / "ref" / "run.dcd"
+    reference.parent.mkdir()
+    assert main(predict_argv(ck, reference, n)) == 0
+    out = tmp_path / "w" / "run.dcd"
+    out.parent.mkdir()
+    argv = predict_argv(ck, out, n, "--checkpoint-every", 2)
+    record = _killed_run(tmp_path, monkeypatch, argv, out, stop_at_jump=6)
+    partial = out.parent / ".run.dcd.partial.dcd"
+    os.truncate(partial, record["trajectory_bytes"])  # the 5th frame's data never written
+    assert _dcd_header_frames(partial) == record["frames"] + 1
+    assert main([*argv, "--resume"]) == 0
+    assert_same_run(out, reference)
+    assert _dcd_header_frames(out) == _dcd_header_frames(reference) == n
+
+
+def test_a_rewrite_that_changes_the_frames_is_refused(tmp_path, monkeypatch, capsys):
+    """The cut-back rewrite is checked frame by frame against the file, not only by size: a
+    writer that moves the atoms by 0.1 % (same size) is refused with the file named and the
+    killed run's files left as they were (before: accepted, as the sizes agreed)."""
+    import integrations.run_control as run_control
+
+    ck = _constant(tmp_path)
+    out = tmp_path / "w" / "run.dcd"
+    out.parent.mkdir()
+    argv = predict_argv(ck, out, 8, "--checkpoint-every", 2)
+    _killed_run(tmp_path, monkeypatch, argv, out, stop_at_jump=6)
+    copy = run_control._copy_frames
+
+    class Moved:
+        def __init__(self, writer):
+            self.writer = writer
+
+        def writeModel(self, positions, periodicBoxVectors=None):
+            self.writer.writeModel(positions * 1.001, periodicBoxVectors=periodicBoxVectors)
+
+    monkeypatch.setattr(run_control, "_copy_frames",
+                        lambda path, frames, writer: copy(path, frames, Moved(writer)))
+    left = _snapshot(out.parent)
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and ".run.dcd.partial.dcd: frame 1, written again" in err
+    assert "Traceback" not in err
+    assert {k: v for k, v in _snapshot(out.parent).items() if k != ".run.chk.json"} == {
+        k: v for k, v in left.items() if k != ".run.chk.json"}
