@@ -166,3 +166,31 @@ def thermal_start(frame: int = 0) -> tuple[np.ndarray, np.ndarray]:
     to start a trained surrogate from."""
     md = cached_md()
     return md["frames"][frame].copy(), md["velocities"][frame].copy()
+
+
+def sigterm_after_rows(argv: list[str], state_data: Path, rows: int, log: Path,
+                       cwd: Path | None = None) -> int:
+    """Run ``argv`` (a predict command) in a process with one torch thread, send it SIGTERM once
+    its state-data file ``state_data`` has more than ``rows`` lines, and return its exit code
+    (stderr goes to ``log``; the test fails if the run ended or stalled before)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    with open(log, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=cwd,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.monotonic() + 240
+            while proc.poll() is None and time.monotonic() < deadline:
+                if state_data.exists() and len(state_data.read_text().splitlines()) > rows:
+                    break
+                time.sleep(0.005)
+            assert proc.poll() is None, log.read_text()[-2000:]
+            proc.send_signal(signal.SIGTERM)
+            return proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)

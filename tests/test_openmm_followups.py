@@ -122,37 +122,18 @@ def test_predict_stopped_by_sigterm_keeps_the_frames_written_so_far(tmp_path, tm
     for, no hidden ``.partial`` file left, exit code 143 (before: the process died of the
     signal, -15, leaving only the hidden partial files)."""
     import json
-    import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     import MDAnalysis as mda
-    from _integration_fixtures import train_tiny_surrogate
+    from _integration_fixtures import sigterm_after_rows, train_tiny_surrogate
 
     ck = train_tiny_surrogate(tmp_path_factory)
     out = tmp_path / "long.xtc"
     partial_csv = tmp_path / ".long.csv.partial"
-    with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "integrations.predict", str(ck), "--topology", str(PDB),
-             "-n", "1000000", "-o", str(out), "--platform", "Reference", "--guard", "warn"],
-            stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path,
-            env={**os.environ, "OMP_NUM_THREADS": "1"})
-        try:
-            deadline = time.monotonic() + 240
-            while proc.poll() is None and time.monotonic() < deadline:
-                if partial_csv.exists() and len(partial_csv.read_text().splitlines()) > 3:
-                    break
-                time.sleep(0.01)
-            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=60)
+    rc = sigterm_after_rows(
+        [sys.executable, "-m", "integrations.predict", str(ck), "--topology", str(PDB),
+         "-n", "1000000", "-o", str(out), "--platform", "Reference", "--guard", "warn"],
+        partial_csv, 3, tmp_path / "stderr.txt", cwd=tmp_path)
     assert rc == 143, (tmp_path / "stderr.txt").read_text()[-2000:]
     assert not list(tmp_path.glob(".*partial*"))
     prov = json.loads((tmp_path / "long.json").read_text())

@@ -19,14 +19,18 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import sys
-import time
 
 import MDAnalysis as mda
 import numpy as np
 import pytest
-from _integration_fixtures import PDB, cached_md, make_checkpoint, train_tiny_surrogate
+from _integration_fixtures import (
+    PDB,
+    cached_md,
+    make_checkpoint,
+    sigterm_after_rows,
+    train_tiny_surrogate,
+)
 from openmm import app
 
 from integrations.openmm_simulation import SurrogateSimulation
@@ -210,24 +214,9 @@ def test_sigterm_then_resume_gives_the_uninterrupted_run(tmp_path, trained):
     work.mkdir()
     out = work / "run.xtc"
     partial_csv = work / ".run.csv.partial"
-    with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", SLOWED_PREDICT,
-                                 *predict_argv(trained, out, n, *extra)],
-                                stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        try:
-            deadline = time.monotonic() + 240
-            while proc.poll() is None and time.monotonic() < deadline:
-                if partial_csv.exists() and len(partial_csv.read_text().splitlines()) > 4:
-                    break
-                time.sleep(0.005)
-            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=60)
+    rc = sigterm_after_rows([sys.executable, "-c", SLOWED_PREDICT,
+                             *predict_argv(trained, out, n, *extra)], partial_csv, 4,
+                            tmp_path / "stderr.txt")
     assert rc == 143, (tmp_path / "stderr.txt").read_text()[-2000:]
     stopped = json.loads((work / "run.json").read_text())
     assert stopped["interrupted"] is True and 4 <= stopped["frames"] < n
