@@ -56,7 +56,7 @@ from ase.md.md import MolecularDynamics
 
 from integrations.guards import GuardConfig, Guards, guard_error_message
 from integrations.openmm_simulation import load_surrogate
-from integrations.propagator import SurrogatePropagator
+from integrations.propagator import SAME_STATE_A, SurrogatePropagator
 from integrations.writers import PS_IN_ASE_TIME
 from surrogate_md.errors import EngineError, GuardError
 from surrogate_md.fileio import atomic_path
@@ -69,7 +69,7 @@ RESTART_FORMAT = "surrogate-md SurrogateDynamics state"
 RESTART_VERSION = 1
 # a restart file applies to atoms this close to the ones it was saved with: the tolerance at
 # which the propagator takes a state for the one it remembered (a PDB's 1e-3 Å rounding passes)
-RESTART_TOLERANCE_A = 1e-3
+RESTART_TOLERANCE_A = SAME_STATE_A
 
 
 class SurrogateDynamics(MolecularDynamics):

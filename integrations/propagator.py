@@ -37,7 +37,7 @@ from surrogate_md.surrogate import thermal_velocities
 log = logging.getLogger(__name__)
 
 _TIME_KEY_PER_PS = 1_000_000  # states are matched by time to 1e-6 ps
-_SAME_STATE_A = 1e-3  # a remembered state and a new one at the same time closer than this agree
+SAME_STATE_A = 1e-3  # a remembered state and a new one at the same time closer than this agree
 
 
 @dataclass
@@ -112,7 +112,7 @@ class SurrogatePropagator:
             return
         model = np.asarray(positions_A, dtype=np.float64)[self.surrogate.model_atoms]
         known = self._known.get(round(time_ps * _TIME_KEY_PER_PS))
-        if known is not None and np.abs(known - model).max() > _SAME_STATE_A:
+        if known is not None and np.abs(known - model).max() > SAME_STATE_A:
             log.info("history model: the state at t = %.4f ps is not the one remembered (set "
                      "by hand?); its input history is rebuilt", time_ps)
             self._known.clear()
