@@ -168,6 +168,19 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(ala, tmp_path, caplog, monkeypa
         assert "runtime.precision: fp32" in warned[0]
 
 
+@pytest.mark.parametrize(("capability", "native"), [((7, 0), False), ((7, 5), False),
+                                                    ((8, 0), True), ((9, 0), True)])
+def test_gpu_native_bf16_starts_with_ampere(monkeypatch, capability, native):
+    """Volta/Turing (7.x) emulate bf16, Ampere (8.0) and newer run it natively (the device's
+    capability stood in for: no GPU here)."""
+    import torch
+
+    import surrogate_md.train.loop as loop
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert loop.gpu_has_native_bf16(torch.device("cuda", 0)) is native
+
+
 def test_existing_run_dir_is_refused(ala, tmp_path, capsys):
     out = tmp_path / "run"
     cfg = tiny_config(ala, train={"epochs": 1, "max_steps_per_epoch": 1})

@@ -190,6 +190,12 @@ def _dtype_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def gpu_has_native_bf16(device: torch.device) -> bool:
+    """Whether this GPU runs bf16 natively (compute capability 8.0, Ampere, or newer);
+    older ones emulate it, slower than fp32."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX, as oneDNN sees
     it). Without them torch emulates bf16: a training step of EGNO at MD17 size ran 6x slower
@@ -619,6 +625,11 @@ def _run(cfg: RunConfig, out: Path, resume: bool, dist: Dist, replaced: Path | N
         log.warning("runtime.precision = bf16 on a CPU without AVX512-BF16 or AMX: torch emulates "
                     "bf16 here and training runs several times slower than fp32; set "
                     "runtime.precision: fp32 unless you want bf16 numerics")
+    if device.type == "cuda" and cfg.runtime.precision == "bf16" and not gpu_has_native_bf16(
+            device):
+        log.warning("runtime.precision = bf16 on a GPU without native bf16 (compute capability "
+                    "below 8.0): it is emulated and slower than fp32; use runtime.precision: "
+                    "fp16 there")
     if device.type == "cpu":
         keep_freed_memory()
     if dist.main and not resume:  # first, so that a run killed at any point can be resumed
