@@ -55,8 +55,9 @@ can restart the clock after it).
 
 Restarts (:meth:`SurrogateSimulation.saveCheckpoint`/``saveState``, and so a
 ``CheckpointReporter``, also write ``<file>.surrogate.npz``): a checkpoint written inside a
-hybrid cycle records where in the cycle it is, the MD steps of the segment already run or, on an
-intermediate output frame, the rest of the jump (its later frames and end state); the first
+hybrid cycle records where in the cycle it is, the MD steps of the segment (or of the MD standing
+in for a failed jump) already run or, on an intermediate output frame, the rest of the jump (its
+later frames and end state); the first
 ``step()`` after loading it finishes that cycle, so the run keeps the jump schedule and the
 trajectory it would have had (tested against an uninterrupted run).
 
@@ -712,9 +713,11 @@ class SurrogateSimulation:
         self.n_fallbacks = 0
         self._snap_warned: set[int] = set()
         # where in a cycle (MD segment, then jump) the state is, for a checkpoint written inside
-        # one: the step the running MD segment started at, and the jump whose frames are being
-        # reported (_EmittedJump); a loaded checkpoint's place goes to _resume for step()
+        # one: the step the running MD segment started at, the step the MD standing in for a
+        # failed jump started at (hybrid fallback), and the jump whose frames are being reported
+        # (_EmittedJump); a loaded checkpoint's place goes to _resume for step()
         self._segment_start: int | None = None
+        self._fallback_start: int | None = None
         self._in_jump: _EmittedJump | None = None
         self._resume: dict | None = None
         log.info("surrogate %s: one jump = %.6g ps = %d steps of %.6g ps", self.surrogate.name,
@@ -787,6 +790,11 @@ class SurrogateSimulation:
         elif self._segment_start is not None:  # inside the MD segment before a jump
             place = {"in": "md", "md_steps": self.md_steps,
                      "md_done": min(self.currentStep - self._segment_start, self.md_steps)}
+        elif (self._fallback_start is not None
+              and self.currentStep - self._fallback_start < self.steps_per_jump):
+            # inside the MD that stands in for a failed jump (at its end: a cycle's end)
+            place = {"in": "fallback", "md_done": self.currentStep - self._fallback_start,
+                     "md_steps": self.steps_per_jump}
         elif self._resume is not None:  # loaded inside a cycle and not stepped since
             place = {k: v for k, v in self._resume.items() if not k.startswith("rest_")}
             rest = {k: v for k, v in self._resume.items() if k.startswith("rest_")}
@@ -829,7 +837,7 @@ class SurrogateSimulation:
         self.propagator.forget()
         self.guards.reset_energies()
         self._md_ps, self._md_end = 0.0, None
-        self._resume = self._in_jump = self._segment_start = None
+        self._resume = self._in_jump = self._segment_start = self._fallback_start = None
         path = self._memory_path(file)
         if path is None or not os.path.exists(path):
             return
@@ -859,6 +867,13 @@ class SurrogateSimulation:
                         "segments of %d steps: its next step() starts a new segment", path,
                         place["md_done"], place["md_steps"], self.md_steps)
             return None
+        if (place["in"] == "fallback" and (not self.md_steps
+                                           or place["md_steps"] != self.steps_per_jump)):
+            log.warning("%s was saved %d steps into fallback MD of %d steps standing in for a "
+                        "jump; this simulation's jumps take %d steps: its next step() starts a "
+                        "new cycle", path, place["md_done"], place["md_steps"],
+                        self.steps_per_jump)
+            return None
         return {**place, **rest}
 
     # -- stepping ---------------------------------------------------------------------------------
@@ -877,10 +892,20 @@ class SurrogateSimulation:
                 if resume is not None and resume["in"] == "jump":
                     self._finish_jump(resume)
                     continue
+                if resume is not None and resume["in"] == "fallback":
+                    self._fallback_md(resume["md_done"])  # counted as a fallback already
+                    continue
                 self._md_segment_before_jump(resume["md_done"] if resume is not None else 0)
                 self._jump()
             finally:
-                self._segment_start = self._in_jump = None
+                self._segment_start = self._in_jump = self._fallback_start = None
+
+    def _fallback_md(self, done: int = 0) -> None:
+        """Hybrid mode: the MD (with reports) that stands in for a failed jump, the first
+        ``done`` steps of it already run (a restart inside it)."""
+        self._fallback_start = self.currentStep - done
+        self.run_md(self.steps_per_jump - done)
+        self._fallback_start = None
 
     def _md_segment_before_jump(self, done: int = 0) -> None:
         """Hybrid mode: the ``md_steps`` MD steps before a jump, the first ``done`` of them
@@ -1132,7 +1157,7 @@ class SurrogateSimulation:
             self._restore(pos, vel, t0, s0)
             self.n_fallbacks += 1
             if not self.jump_steps:
-                self.run_md(self.steps_per_jump)
+                self._fallback_md()
                 return
             self._md_jump(t0)
             end_pos, end_vel, _, _ = read_state(self.context)

@@ -307,3 +307,44 @@ def test_predict_cutoff_without_a_box_is_a_nonperiodic_cutoff(tmp_path):
     force = nonbonded(cut)
     assert force.getNonbondedMethod() == openmm.NonbondedForce.CutoffNonPeriodic
     assert force.getCutoffDistance().value_in_unit(unit.nanometer) == pytest.approx(0.9)
+
+
+def test_hybrid_restart_inside_the_md_standing_in_for_a_failed_jump(tmp_path):
+    """Every jump fails the energy guard (a threshold of 1e-6 kJ/mol) and real MD stands in for
+    it (hybrid fallback, reported). A checkpoint written 5 steps into that MD (step 15) restarts
+    there: the rest of the fallback MD, then the next cycle, ending at step 40 as the
+    uninterrupted run does. Before, the restart began a new cycle (MD segment, jump) from step
+    15 and ended at step 55."""
+    from integrations.guards import GuardConfig
+
+    sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "lin.pt", selection="heavy"))
+    top, system, positions = alanine_system()
+    guards = GuardConfig(action="fallback", energy_jump_kJ_per_mol=1e-6)
+
+    def build(directory):
+        sim = SurrogateSimulation(top, system, sur, platform=reference_platform(), md_steps=10,
+                                  guards=guards)
+        sim.reporters.append(app.CheckpointReporter(str(directory / "every15.chk"), 15))
+        return sim
+
+    run = tmp_path / "run"
+    run.mkdir()
+    sim = build(run)
+    cold_start(sim.context, positions)
+    sim.integrator.setRandomNumberSeed(3)
+    sim.step(1)
+    assert sim.currentStep == 20 and sim.n_fallbacks == 1 and sim.n_jumps == 0
+    for suffix in ("", ".surrogate.npz"):
+        shutil.copy(run / f"every15.chk{suffix}", tmp_path / f"step15.chk{suffix}")
+    sim.step(1)
+    end = state_arrays(sim.context.getState(positions=True, velocities=True))
+    again_dir = tmp_path / "again"
+    again_dir.mkdir()
+    restart = build(again_dir)
+    restart.loadCheckpoint(str(tmp_path / "step15.chk"))
+    assert restart.currentStep == 15
+    restart.step(2)
+    assert restart.currentStep == 40 and restart.n_fallbacks == 2
+    again = state_arrays(restart.context.getState(positions=True, velocities=True))
+    np.testing.assert_allclose(again[1], end[1], atol=1e-6)
+    np.testing.assert_allclose(again[2], end[2], atol=1e-6)
