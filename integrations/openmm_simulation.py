@@ -55,9 +55,9 @@ can restart the clock after it).
 
 Restarts (:meth:`SurrogateSimulation.saveCheckpoint`/``saveState``, and so a
 ``CheckpointReporter``, also write ``<file>.surrogate.npz``): a checkpoint written inside a
-hybrid cycle records where in the cycle it is, the MD steps of the segment (or of the MD standing
-in for a failed jump) already run or, on an intermediate output frame, the rest of the jump (its
-later frames and end state); the first
+hybrid cycle records where in the cycle it is, the MD steps of the segment (or of a history
+model's warm-up, or of the MD standing in for a failed jump) already run or, on an intermediate
+output frame, the rest of the jump (its later frames and end state); the first
 ``step()`` after loading it finishes that cycle, so the run keeps the jump schedule and the
 trajectory it would have had (tested against an uninterrupted run).
 
@@ -718,6 +718,7 @@ class SurrogateSimulation:
         # (_EmittedJump); a loaded checkpoint's place goes to _resume for step()
         self._segment_start: int | None = None
         self._fallback_start: int | None = None
+        self._warmup_start: int | None = None  # a history warm-up with reports (hybrid mode)
         self._in_jump: _EmittedJump | None = None
         self._resume: dict | None = None
         log.info("surrogate %s: one jump = %.6g ps = %d steps of %.6g ps", self.surrogate.name,
@@ -790,6 +791,8 @@ class SurrogateSimulation:
         elif self._segment_start is not None:  # inside the MD segment before a jump
             place = {"in": "md", "md_steps": self.md_steps,
                      "md_done": min(self.currentStep - self._segment_start, self.md_steps)}
+        elif self._warmup_start is not None:  # building a history model's first input
+            place = {"in": "warmup", "md_done": self.currentStep - self._warmup_start}
         elif (self._fallback_start is not None
               and self.currentStep - self._fallback_start < self.steps_per_jump):
             # inside the MD that stands in for a failed jump (at its end: a cycle's end)
@@ -838,6 +841,7 @@ class SurrogateSimulation:
         self.guards.reset_energies()
         self._md_ps, self._md_end = 0.0, None
         self._resume = self._in_jump = self._segment_start = self._fallback_start = None
+        self._warmup_start = None
         path = self._memory_path(file)
         if path is None or not os.path.exists(path):
             return
@@ -895,10 +899,14 @@ class SurrogateSimulation:
                 if resume is not None and resume["in"] == "fallback":
                     self._fallback_md(resume["md_done"])  # counted as a fallback already
                     continue
+                if resume is not None and resume["in"] == "warmup":
+                    self._jump(warmup_done=resume["md_done"])  # the segment ran before it
+                    continue
                 self._md_segment_before_jump(resume["md_done"] if resume is not None else 0)
                 self._jump()
             finally:
                 self._segment_start = self._in_jump = self._fallback_start = None
+                self._warmup_start = None
 
     def _fallback_md(self, done: int = 0) -> None:
         """Hybrid mode: the MD (with reports) that stands in for a failed jump, the first
@@ -1092,8 +1100,9 @@ class SurrogateSimulation:
             done = int(steps)
             self.propagator.observe(t0 + float(offset), read_state(self.context)[0])
 
-    def _warm_up_history(self) -> None:
-        """Run real MD until the history model has its input frames."""
+    def _warm_up_history(self, done: int = 0) -> None:
+        """Run real MD until the history model has its input frames; ``done``: MD steps of it
+        already run (a restart inside a reported warm-up, whose frames so far were restored)."""
         s = self.surrogate
         stride = frame_steps(np.array([s.history_stride_ps]), self.md_step_ps)[0]
         log.info("history model: running %d x %d MD steps to build its input history",
@@ -1106,14 +1115,23 @@ class SurrogateSimulation:
                         "State's time by it; call prepare_history() before attaching them",
                         (s.history_length - 1) * stride * self.md_step_ps)
         pos, _, t, _ = read_state(self.context)
-        self.propagator.observe(t, pos)
-        for _ in range(s.history_length - 1):
-            if self.jump_steps:  # MD time outside the step count: logged, not reported
-                self._md_segment(stride)
-            else:
-                self.run_md(stride)
-            pos, _, t, _ = read_state(self.context)
+        if done % stride == 0:
             self.propagator.observe(t, pos)
+        if not self.jump_steps:  # reported: a checkpoint in it records how far it got
+            self._warmup_start = self.currentStep - done
+        total = (s.history_length - 1) * stride
+        try:
+            while done < total:
+                n = stride - done % stride
+                if self.jump_steps:  # MD time outside the step count: logged, not reported
+                    self._md_segment(n)
+                else:
+                    self.run_md(n)
+                done += n
+                pos, _, t, _ = read_state(self.context)
+                self.propagator.observe(t, pos)
+        finally:
+            self._warmup_start = None
 
     def _energy_of(self, positions_A: np.ndarray) -> float:
         """Potential energy (kJ/mol) of the Context's state, whose positions are
@@ -1124,15 +1142,17 @@ class SurrogateSimulation:
             return known[1]
         return potential_energy(self.context)
 
-    def _jump(self) -> None:
+    def _jump(self, warmup_done: int | None = None) -> None:
+        """One cycle's jump; ``warmup_done``: restarting inside the history warm-up that
+        precedes it, that many MD steps into it."""
         pos, vel, t0, _ = read_state(self.context)
         # real MD produced the state jumped from if it ends where the last MD (a hybrid segment,
         # fallback MD, a history warm-up) left it: the user has not moved the atoms since
         if self._md_end is None or not np.array_equal(pos, self._md_end):
             self._md_ps, self._md_end = 0.0, None
         self.propagator.observe(t0, pos)  # the state now is the last frame of any history
-        if not self.propagator.has_history(t0):
-            self._warm_up_history()
+        if warmup_done is not None or not self.propagator.has_history(t0):
+            self._warm_up_history(warmup_done or 0)
             pos, vel, t0, _ = read_state(self.context)
         s0 = self.currentStep
         energy = self._energy_of(pos)

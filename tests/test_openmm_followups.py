@@ -348,3 +348,53 @@ def test_hybrid_restart_inside_the_md_standing_in_for_a_failed_jump(tmp_path):
     again = state_arrays(restart.context.getState(positions=True, velocities=True))
     np.testing.assert_allclose(again[1], end[1], atol=1e-6)
     np.testing.assert_allclose(again[2], end[2], atol=1e-6)
+
+
+def test_hybrid_restart_inside_a_history_warm_up(tmp_path):
+    """ESTAG (3 input frames 10 steps apart) with 10-step MD segments, too short to hold its
+    history: the first jump is preceded by a reported 20-step warm-up (steps 10-30). Restarts
+    from checkpoints 5 and 15 steps into it finish the warm-up where it was and end with the
+    uninterrupted run at step 80 (before: they began a new cycle, an MD segment and a whole
+    warm-up more)."""
+    sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "estag.pt", model="estag",
+                                         selection="heavy", jump_frames=4, n_out=2, history=3,
+                                         history_stride=2))
+    top, system, positions = alanine_system()
+
+    class SaveAt:  # a checkpoint at one step only, as a reporter writes it
+        def __init__(self, step, path):
+            self.step, self.path = step, path
+
+        def describeNextReport(self, simulation):
+            left = self.step - simulation.currentStep
+            return {"steps": left if left > 0 else 10**9, "periodic": None, "include": []}
+
+        def report(self, simulation, state):
+            simulation.saveCheckpoint(str(self.path))
+
+    def build(directory, save=()):
+        sim = SurrogateSimulation(top, system, sur, platform=reference_platform(), md_steps=10,
+                                  guards="warn")
+        sim.reporters += [SaveAt(k, directory / f"step{k}.chk") for k in save]
+        return sim
+
+    sim = build(tmp_path, save=(15, 25))
+    cold_start(sim.context, positions)
+    sim.integrator.setRandomNumberSeed(5)
+    sim.step(1)
+    assert sim.currentStep == 50 and sim.n_jumps == 1  # 10 MD + 20 warm-up + 20 jump
+    saved = {k: tmp_path / f"step{k}.chk" for k in (15, 25)}
+    sim.step(1)
+    assert sim.currentStep == 80 and sim.n_jumps == 2
+    end = state_arrays(sim.context.getState(positions=True, velocities=True))
+    for k, path in saved.items():
+        directory = tmp_path / f"re{k}"
+        directory.mkdir()
+        restart = build(directory)
+        restart.loadCheckpoint(str(path))
+        assert restart.currentStep == k
+        restart.step(2)
+        assert (restart.currentStep, restart.n_jumps) == (80, 2), k
+        again = state_arrays(restart.context.getState(positions=True, velocities=True))
+        np.testing.assert_allclose(again[1], end[1], atol=1e-6, err_msg=str(k))
+        np.testing.assert_allclose(again[2], end[2], atol=1e-6, err_msg=str(k))
