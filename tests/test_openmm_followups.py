@@ -247,15 +247,21 @@ def test_hybrid_restart_from_a_checkpoint_inside_a_cycle_keeps_the_jump_schedule
         assert restart.guards.energy_state() == sim.guards.energy_state(), name
 
 
+def estag_surrogate(directory):
+    """ESTAG on heavy atoms: 3 input frames 0.02 ps (10 steps) apart, a 0.04 ps jump with
+    frames at 0.02 and 0.04 ps."""
+    return Surrogate.load(make_checkpoint(cached_md(), directory / "estag.pt", model="estag",
+                                          selection="heavy", jump_frames=4, n_out=2, history=3,
+                                          history_stride=2))
+
+
 def test_hybrid_restart_of_a_history_model_inside_a_cycle(tmp_path):
     """ESTAG (3 input frames 0.02 ps apart, frames at 0.02 and 0.04 ps: 10 and 20 steps),
     20 MD steps before every jump (a 40-step cycle): restarts from the checkpoints written at
     step 30 (the first jump's intermediate frame) and 55 (15 steps into the second segment, off
     the output grid the segment's history frames are taken on) end where the uninterrupted run
     does (before: at steps 110 and 95)."""
-    sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "estag.pt", model="estag",
-                                         selection="heavy", jump_frames=4, n_out=2, history=3,
-                                         history_stride=2))
+    sur = estag_surrogate(tmp_path)
     top, system, positions = alanine_system()
 
     def history_run(directory):
@@ -356,9 +362,7 @@ def test_hybrid_restart_inside_a_history_warm_up(tmp_path):
     from checkpoints 5 and 15 steps into it finish the warm-up where it was and end with the
     uninterrupted run at step 80 (before: they began a new cycle, an MD segment and a whole
     warm-up more)."""
-    sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "estag.pt", model="estag",
-                                         selection="heavy", jump_frames=4, n_out=2, history=3,
-                                         history_stride=2))
+    sur = estag_surrogate(tmp_path)
     top, system, positions = alanine_system()
 
     class SaveAt:  # a checkpoint at one step only, as a reporter writes it
