@@ -492,6 +492,7 @@ def _run(args: argparse.Namespace, outputs: Outputs) -> dict:
             elif record is not None or isinstance(exc, OSError):
                 # the earlier parts' frames are not this run's to delete; those of a run that
                 # could not write (disk full) go on once there is room
+                checkpoints.mark_stopped(_failure_name(exc))
                 log.error("the %s failed; its frames so far stay in %s and %s with the "
                           "checkpoint %s, for --resume once the cause is fixed",
                           "resumed run" if record is not None else "run", outputs.tmp_traj,
@@ -537,6 +538,13 @@ def _close(traj) -> None:
     out = getattr(traj, "_out", None)
     if out is not None:
         out.close()
+
+
+def _failure_name(exc: BaseException) -> str:
+    """What stopped a failed part, for the provenance's parts: ``error: <reason>``."""
+    if isinstance(exc, OSError):
+        return f"error: {exc.strerror or type(exc).__name__}"
+    return f"error: {type(exc).__name__}"
 
 
 def _write_error(exc: OSError, outputs: Outputs, resumable: bool) -> DataError:

@@ -204,6 +204,19 @@ class RunCheckpoints:
         atomic_write_text(self.record_path, json.dumps(record, indent=1, default=str))
         self.record = record
 
+    def mark_stopped(self, stopped_by: str) -> None:
+        """Record what stopped the part that ends at the last checkpoint (a failure), so that
+        ``--resume`` lists it so instead of as ``killed``. Best effort: on a full disk even this
+        small write may fail, and the record as it was still resumes."""
+        record = self.record
+        if record is None or record["parts"][-1]["stopped_by"] is not None:
+            return
+        parts = [*record["parts"][:-1], {**record["parts"][-1], "stopped_by": stopped_by}]
+        try:
+            self.write({**record, "parts": parts})
+        except OSError as exc:
+            log.debug("%s: could not record what stopped the run (%s)", self.record_path, exc)
+
     def files(self) -> list[Path]:
         """The record, the checkpoints, their surrogate states and any temporary file of a
         writer killed on the way."""

@@ -489,6 +489,10 @@ def test_a_full_disk_keeps_a_resumable_run_and_says_so(tmp_path, monkeypatch, ca
     assert main([*argv, "--resume"]) == 0
     assert_same_run(out, reference)
     assert hidden_files(out.parent) == []
+    parts = json.loads(out.with_suffix(".json").read_text())["parts"]
+    # the full disk is what stopped the first part (it read "killed")
+    assert [p["stopped_by"] for p in parts] == ["error: No space left on device", None]
+    assert parts[0]["jumps"] == [0, 4] and parts[1]["jumps"] == [4, n]
 
     fresh = tmp_path / "w2" / "run.xtc"
     fresh.parent.mkdir()
