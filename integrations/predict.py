@@ -513,12 +513,18 @@ def _run(args: argparse.Namespace, outputs: Outputs) -> dict:
         else:
             end = args.jumps
         parts = [*checkpoints.parts, checkpoints.part(end, interrupted)]
+        summary = sim.summary()
+        if interrupted:
+            # a signal that arrived while a jump's last frame was written stops the run before
+            # the jump is counted: the files hold it, so the provenance counts it
+            summary["jumps"] += max(0, writer.frames * args.report_interval
+                                    - sim.n_jumps - sim.n_fallbacks)
         provenance = {"command": "python -m integrations.predict", "argv": vars(args),
                       "output": out.name, "state_data": outputs.csv.name,
                       "wall_s": sum(p["wall_s"] for p in parts),
                       "openmm": openmm.__version__, "interrupted": interrupted is not None,
                       "signal": interrupted, "frames": writer.frames, "parts": parts,
-                      "resume_identity": identity, **sim.summary()}
+                      "resume_identity": identity, **summary}
         try:
             os.replace(outputs.tmp_traj, out)
             os.replace(outputs.tmp_csv, outputs.csv)

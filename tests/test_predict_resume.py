@@ -657,3 +657,33 @@ def test_a_rewrite_that_changes_the_frames_is_refused(tmp_path, monkeypatch, cap
     assert "Traceback" not in err
     assert {k: v for k, v in _snapshot(out.parent).items() if k != ".run.chk.json"} == {
         k: v for k, v in left.items() if k != ".run.chk.json"}
+
+
+def test_a_signal_while_a_frame_is_written_counts_that_jump(tmp_path, monkeypatch):
+    """SIGTERM arriving inside the 4th frame's writing is raised when the frame is whole, which
+    is before the simulation counts its jump: the provenance said 3 jumps for 4 frames. It
+    counts the jumps the files hold; the resume continues from that frame to the uninterrupted
+    run."""
+    report, calls = app.XTCReporter.report, []
+
+    def signalled(self, simulation, state):
+        calls.append(1)
+        if len(calls) == 4:  # inside the frame's deferred section: raised once it is whole
+            os.kill(os.getpid(), signal.SIGTERM)
+        report(self, simulation, state)
+
+    ck = _constant(tmp_path)
+    n = 8
+    reference = _reference(ck, tmp_path, n)
+    out = tmp_path / "w" / "run.xtc"
+    out.parent.mkdir()
+    argv = predict_argv(ck, out, n, "--checkpoint-every", 3)
+    with monkeypatch.context() as m:
+        m.setattr(app.XTCReporter, "report", signalled)
+        assert main(argv) == 143
+    prov = json.loads(out.with_suffix(".json").read_text())
+    assert prov["interrupted"] is True and prov["frames"] == 4
+    assert prov["jumps"] + prov["fallbacks"] == 4
+    assert prov["parts"][0]["jumps"] == [0, 4]
+    assert main([*argv, "--resume"]) == 0
+    assert_same_run(out, reference)
