@@ -24,8 +24,10 @@ checkpoints ``.<OUT stem>.0.chk``/``.1.chk`` with their ``.surrogate.npz``, the 
 state). The same command with ``--resume`` continues a run stopped by a signal (outputs under
 their final names) or killed (outputs still under the hidden ``.partial`` names) from it: the
 trajectory and state data are cut back to the checkpoint's frame and appended to, and the run
-ends with the files an uninterrupted run writes, its provenance listing the parts. The
-checkpoint files are removed when the run completes.
+ends with the files an uninterrupted run writes, its provenance listing the parts (each part's
+jumps, wall time and what stopped it: ``SIGINT``, ``SIGTERM``, ``killed``, or ``error: <reason>``
+for a failed write such as a full disk). The checkpoint files are removed when the run
+completes.
 """
 
 from __future__ import annotations
