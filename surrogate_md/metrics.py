@@ -91,8 +91,11 @@ def backbone_torsion_atoms(topology: Topology, atoms: np.ndarray | None = None
     """Atom quadruples for backbone phi and psi, from N/CA/C names of consecutive residues.
 
     phi(i) = C(i-1), N(i), CA(i), C(i); psi(i) = N(i), CA(i), C(i), N(i+1), for residues of one
-    chain (:meth:`Topology.chain_index`) whose numbers differ by one. ``atoms`` (optional) restricts to these atom indices and
-    returns quadruples as positions in ``atoms``.
+    chain (:meth:`Topology.chain_index`) whose numbers differ by one and, when the topology lists
+    peptide bonds (C to N of another residue), whose C(i-1)/C(i) and N(i)/N(i+1) are bonded: as
+    in :func:`ca_pairs_of`, that keeps chains apart where the numbering runs on from one chain
+    into the next under one segment id (an Amber prmtop of a dimer). ``atoms`` (optional)
+    restricts to these atom indices and returns quadruples as positions in ``atoms``.
 
     Returns:
         {"phi": (n, 4) int, "psi": (m, 4) int}
@@ -101,6 +104,17 @@ def backbone_torsion_atoms(topology: Topology, atoms: np.ndarray | None = None
     allowed = np.arange(topology.n_atoms) if atoms is None else np.asarray(atoms)
     where = {int(a): k for k, a in enumerate(allowed)}
     chain = topology.chain_index()
+    residue = topology.residue_index()
+    peptide = set()
+    for a, b in np.asarray(topology.bonds, dtype=np.int64).reshape(-1, 2).tolist():
+        if names[a] == "N" and names[b] == "C":
+            a, b = b, a
+        if names[a] == "C" and names[b] == "N" and residue[a] != residue[b]:
+            peptide.add((a, b))
+
+    def joined(c: int, n: int) -> bool:
+        return (c, n) in peptide if peptide else True
+
     table: dict[tuple[int, int], dict[str, int]] = {}
     for a in allowed:
         name = names[a]
@@ -113,9 +127,9 @@ def backbone_torsion_atoms(topology: Topology, atoms: np.ndarray | None = None
             continue
         prev = table.get((seg, res - 1), {})
         nxt = table.get((seg, res + 1), {})
-        if "C" in prev:
+        if "C" in prev and joined(prev["C"], here["N"]):
             phi.append([prev["C"], here["N"], here["CA"], here["C"]])
-        if "N" in nxt:
+        if "N" in nxt and joined(here["C"], nxt["N"]):
             psi.append([here["N"], here["CA"], here["C"], nxt["N"]])
 
     def local(q: list) -> np.ndarray:

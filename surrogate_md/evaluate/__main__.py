@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=SPLITS, default="test",
                    help="windows to score: test, val or train are cut as in training and need "
                         "the training files in the training order; all: the windows of all three "
-                        "splits, from any files (default: test)")
+                        "splits, from any files, or every window of files too short for the "
+                        "training split (default: test)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="s2t",
                    help="s2t: the trained output grid; s2s: only the end of the jump")
     p.add_argument("--rollout-jumps", type=int, default=10,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         out_dir: output directory (created; existing reports are refused unless ``overwrite``).
         split: windows to score: ``test`` | ``val`` | ``train`` (cut as in training, which needs
             the training run's files in the training order: anything else is refused) or
-            ``all`` (the windows of all three splits, from any files).
+            ``all`` (the windows of all three splits, from any files; files too short for
+            the training split: every window they hold, with a warning).
         protocol: ``s2t`` (the trained output grid, F-MSE and A-MSE) or ``s2s`` (only the end of
             the jump, taken from the prediction on the trained grid).
         rollout_jumps: jumps per rollout (0 = no rollout); limited by the trajectory length.
@@ -102,18 +104,36 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
     except ConfigError as exc:
         raise _grid_error(sur, checkpoint, given[0], exc) from None
     warnings = _check_files_against_training(checkpoint, prov, given, split)
+    every_window = False
     try:
-        prepared = prepare_data(data_cfg, seed=seed)
-    except ConfigError as exc:  # the time grid fits (above): something else in the recipe
-        raise _grid_error(sur, checkpoint, given[0], exc, interval_is_the_cause=False) from None
+        prepared = _prepare(data_cfg, seed, sur, checkpoint, given[0])
+    except DataError:
+        if split != "all":
+            raise
+        # files the training split cannot cut (shorter than its blocks, or than its paper
+        # counts and margins) still hold windows: --split all scores every one of them. Any
+        # other refusal of the data comes back from this second attempt.
+        every_window = True
+        prepared = _prepare(data_config_from_dict(
+            {**dc, "split": "paper", "margin_frames": 0, "counts": [1, 0, 0]},
+            str(checkpoint)), seed, sur, checkpoint, given[0])
     try:
         if transfer:
             selection, graph, rollout_jumps = prepared.selection, prepared.graph, 0
         else:
             selection, graph = sur.selection, sur.graph
         warnings += _velocity_warnings(sur, prepared, paths)
-        windows = (np.concatenate([prepared.windows[k] for k in ("train", "val", "test")])
-                   if split == "all" else prepared.windows[split])
+        if every_window:
+            windows = _every_window(prepared)
+            note = (f"the training run's {data_cfg.split} split cannot cut "
+                    f"{', '.join(Path(p).name for p in paths)} (too few frames): --split all "
+                    f"scores every window they hold ({len(windows)}) instead of the windows of "
+                    "its three splits")
+            log.warning("%s", note)
+            warnings.append(note)
+        else:
+            windows = (np.concatenate([prepared.windows[k] for k in ("train", "val", "test")])
+                       if split == "all" else prepared.windows[split])
         if max_windows is not None and len(windows) > max_windows:
             windows = windows[np.linspace(0, len(windows) - 1, max_windows).astype(int)]
         if len(windows) == 0:
@@ -147,6 +167,11 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
     from surrogate_md.evaluate.report import PLOT_NAMES, write_plots, write_report
 
     out.mkdir(parents=True, exist_ok=True)  # only now: a failed evaluation leaves no directory
+    # report.md, written last, marks a finished evaluation: an earlier run's report and metrics
+    # go before this run writes anything, so an interrupted rewrite leaves no report.md beside
+    # another run's metrics or plots (and the next run needs no --overwrite)
+    for name in ("report.md", "metrics.json"):
+        (out / name).unlink(missing_ok=True)
     if plots:
         result["plots"] = write_plots(result, out)
     for name in set(PLOT_NAMES) - set(result.get("plots", [])):
@@ -155,6 +180,26 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
     write_report(result, out / "report.md")
     log.info("evaluation written to %s", out)
     return result
+
+
+def _prepare(data_cfg, seed: int, sur: Surrogate, checkpoint, info: dict[str, Any]):
+    """:func:`prepare_data`, its configuration errors told in the checkpoint's terms (the time
+    grid fits, as checked before: something else in the recipe)."""
+    try:
+        return prepare_data(data_cfg, seed=seed)
+    except ConfigError as exc:
+        raise _grid_error(sur, checkpoint, info, exc, interval_is_the_cause=False) from None
+
+
+def _every_window(prepared) -> np.ndarray:
+    """(n, 2) (file, t0) of every window the protocol can cut from the prepared files, t0 one
+    saved frame apart."""
+    p = prepared.protocol
+    lo = p.before(prepared.velocity_source == "finite_difference")
+    rows = [np.stack([np.full(max(f.n_frames - p.after - lo, 0), fi),
+                      np.arange(lo, f.n_frames - p.after)], axis=1)
+            for fi, f in enumerate(prepared.files)]
+    return np.concatenate(rows).astype(np.int64).reshape(-1, 2)
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
@@ -171,6 +216,29 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     if (out / "report.md").exists() and not overwrite:
         raise ConfigError(f"{out}: already holds a report; pass --overwrite or choose another "
                           "--out")
+    # can files be made there (permissions, a read-only or special file system, a dangling
+    # symbolic link on the way)? Tried now by making the directory and a file in it, then
+    # undone: the report is written only after the whole evaluation
+    missing = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".report.", suffix=".tmp", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        link = next((d for d in missing if d.is_symlink()), None)
+        why = (f"{link} is a symbolic link to {os.readlink(link)}, which does not exist"
+               if link is not None else exc.strerror or str(exc))
+        raise ConfigError(f"{out}: cannot write the report there ({why}); choose another "
+                          "--out") from None
+    finally:
+        for d in missing:  # what this made, deepest first
+            try:
+                d.rmdir()
+            except FileNotFoundError:  # not made: the making stopped above it
+                continue
+            except OSError:
+                break
 
 
 def _file_info(path: str, identity: bool = False) -> dict[str, Any]:
@@ -546,10 +614,23 @@ def _spread(values: np.ndarray, limit: int = 20000) -> list[float]:
     return values.ravel().tolist()
 
 
+def _frame_sample(n: int, limit: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of at most ``limit`` of ``n`` frames: all of them, or a seeded random
+    subset. Rollout frames run jump by jump, P to a jump, and a fixed stride that is a multiple
+    of P would pick the same output time of every jump (never its end, the state fed back)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
 def _validity(sur: Surrogate, prepared, pred: np.ndarray, ref: np.ndarray,
-              max_frames: int = 40) -> dict[str, Any]:
+              max_frames: int = 40, clash_frames: int = 2000) -> dict[str, Any]:
     """Physical validity of predicted frames vs reference frames ((F, atoms, 3) Å each; the
-    counts may differ: frames of diverged rollouts are left out of ``pred``)."""
+    counts may differ: frames of diverged rollouts are left out of ``pred``).
+
+    Bond lengths, chain breaks and torsions are measured on every frame, clashes on up to
+    ``clash_frames`` frames and h(r) on up to ``max_frames`` (all of them, or a seeded random
+    subset of the frames, see :func:`_frame_sample`)."""
     v = sur.validity
     out: dict[str, Any] = {}
     sub = prepared.topology.subset(sur.model_atoms)
@@ -566,17 +647,21 @@ def _validity(sur: Surrogate, prepared, pred: np.ndarray, ref: np.ndarray,
             "collapsed_fraction": float((dev_pred.max(1) > COLLAPSE_A).mean()),
             "tolerance_A": None if v is None else v.bond_tolerance_A,
             "model_values": _spread(dev_pred), "reference_values": _spread(dev_ref)}
-    pred_s = pred[::max(1, len(pred) // max_frames)]
-    ref_s = ref[::max(1, len(ref) // max_frames)]
+    pred_s = pred[_frame_sample(len(pred), max_frames)]
+    ref_s = ref[_frame_sample(len(ref), max_frames)]
     excluded = excluded_pairs(bonds, pred.shape[-2])
-    dmin_pred = np.array([min_nonbonded_distance(f, bonds, excluded=excluded) for f in pred_s])
-    dmin_ref = np.array([min_nonbonded_distance(f, bonds, excluded=excluded) for f in ref_s])
+    dmin_pred = np.array([min_nonbonded_distance(f, bonds, excluded=excluded)
+                          for f in pred[_frame_sample(len(pred), clash_frames)]])
+    dmin_ref = np.array([min_nonbonded_distance(f, bonds, excluded=excluded)
+                         for f in ref[_frame_sample(len(ref), clash_frames)]])
     threshold = v.min_distance_A if v is not None else 0.0
     out["min_nonbonded_distance_A"] = {
         "model_min": float(dmin_pred.min()), "reference_min": float(dmin_ref.min()),
         "clash_threshold_A": threshold,
         "model_clash_fraction": float((dmin_pred < threshold).mean()),
-        "reference_clash_fraction": float((dmin_ref < threshold).mean())}
+        "reference_clash_fraction": float((dmin_ref < threshold).mean()),
+        "model_frames_checked": int(len(dmin_pred)),
+        "reference_frames_checked": int(len(dmin_ref))}
     ca = M.consecutive_ca_pairs(prepared.topology, sur.model_atoms)
     if len(ca) >= 2:
         out["chain_breaks"] = {
