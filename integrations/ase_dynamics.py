@@ -4,10 +4,12 @@ A :class:`ase.md.md.MolecularDynamics` whose time step is the learned jump
 (``surrogate.jump_ps`` in ASE time units; in hybrid mode the jump plus the MD segment before it).
 ``step()`` predicts one jump and sets positions and momenta; velocities are the backward
 difference of the jump's last two frames (see :mod:`integrations.propagator`). It needs no
-calculator; with one attached (EMT, LJ, xTB...) the standard ``MDLogger`` and
+calculator (the MD it may run between or instead of jumps does: without one it is refused at
+construction); with one attached (EMT, LJ, xTB...) the standard ``MDLogger`` and
 ``ase.io.Trajectory`` report real energies, and observers (``attach``) work as with any ASE
 dynamics. The frames of the last jump are in ``dyn.last_jump`` (times ``dyn.last_jump_times_ps``)
-for observers; ``write_intermediate=True`` also writes them to the trajectory.
+for observers; ``write_intermediate=True`` also writes them to the trajectory. The atoms'
+constraints (FixAtoms...) apply to every frame, in time order from the jump's start.
 
 Guard actions: ``raise``; ``warn`` (keep the jump unless it is NaN); ``fallback`` (discard the
 jump and run ``fallback_dynamics`` - any ASE MD bound to the same atoms, e.g. VelocityVerlet -
@@ -21,8 +23,9 @@ their own copy of the state (NoseHooverChainNVT's positions and momenta, Langevi
 accelerations) are brought up to date with the atoms before each segment. Energies of states real
 MD made (hybrid segments, fallbacks, history warm-up) may move the energy guard's anchor once that
 MD has run for ``GuardConfig.anchor_md_ps`` since the last state the surrogate made. With
-``write_intermediate`` a fallback writes its MD states at the surrogate's output times, so the
-trajectory stays on an even time grid.
+``write_intermediate`` a fallback writes its MD states at the surrogate's output times, and a
+hybrid segment its states at the output spacing (a segment that is not a whole number of
+spacings is refused), so the trajectory stays on an even time grid.
 
 History models (ESTAG) take their input frames from the states the dynamics has seen: the
 predicted frames inside accepted jumps and the end states kept; until those cover the history
@@ -32,14 +35,16 @@ length instead (counted in ``n_history_md``).
 Restarts: the atoms (from the last frame of a ``.traj``) hold positions and momenta, but not what
 the dynamics itself keeps: a history model's remembered frames, the thermal velocity draws'
 generator, the guards' recorded energies (the anchor that caps them) and counts, the jump
-counts, the MD time since the last jump, the step count (the clock) and the random generator of
-the MD it runs between and instead of jumps.
+counts, the MD time since the last jump, the step count (the clock), and what the MD it runs
+between and instead of jumps keeps of its own: its step count, its random generator (Langevin,
+Bussi, Andersen, LangevinBAOAB) and its thermostat variables (a Nosé-Hoover chain's positions and
+momenta, Bussi's tally of the energy it moved).
 :meth:`SurrogateDynamics.save_state` writes them to an ``.npz`` (the kind ``SurrogateSimulation``
 writes beside its checkpoints, plus the atoms' state they belong to) and
 :meth:`SurrogateDynamics.load_state` takes them back, only onto the atoms they were saved with
-(same atoms, positions and cell). ``restart=PATH`` works as for ASE's optimizers: an existing
-file is loaded at construction, and the file is rewritten with every trajectory frame (every
-``loginterval`` steps).
+(same atoms, positions and cell) and MD with the same Nosé-Hoover chain. ``restart=PATH`` works
+as for ASE's optimizers: an existing file is loaded at construction, and the file is rewritten
+with every trajectory frame (every ``loginterval`` steps).
 """
 
 from __future__ import annotations
@@ -82,7 +87,8 @@ class SurrogateDynamics(MolecularDynamics):
         trajectory, logfile, loginterval, append_trajectory: as for any ASE MD (``logfile``
             needs a calculator: the logger prints energies).
         guards: action name, :class:`GuardConfig` or :class:`Guards`.
-        write_intermediate: also write the jump's intermediate frames to ``trajectory``.
+        write_intermediate: also write the jump's intermediate frames to ``trajectory`` (and
+            in hybrid mode the MD segment's states at the same spacing).
         md_dynamics, md_steps: hybrid mode: ``md_steps`` steps of this ASE MD before each jump.
         fallback_dynamics: ASE MD used by the ``fallback`` action (default ``md_dynamics``).
         temperature_K: for the energy-guard threshold (and the thermal end velocities).
@@ -166,6 +172,21 @@ class SurrogateDynamics(MolecularDynamics):
                     f"the fallback MD step {self.fallback_dynamics.dt / units.fs:g} fs does not "
                     f"divide {'the output times ' if write_intermediate else 'the jump '}{off} "
                     "ps, so fallback MD cannot stand in for a jump; choose a step that does")
+        if atoms.calc is None:  # refused now rather than at the first MD, maybe hours later
+            fb = type(self.fallback_dynamics).__name__
+            runs_md = ""
+            if self.md_steps:
+                runs_md = (f"md_dynamics ({type(md_dynamics).__name__}) runs {self.md_steps} "
+                           "MD steps before every jump")
+            elif self.fallback_dynamics is not None and self.propagator.needs_history:
+                runs_md = f"fallback_dynamics ({fb}) runs MD to build the model's input history"
+            elif self.fallback_dynamics is not None and self.guards.action != "raise":
+                runs_md = (f"fallback_dynamics ({fb}) runs MD in place of the jumps that guard "
+                           f"action {self.guards.action!r} cannot keep")
+            if runs_md:
+                raise EngineError(f"{runs_md}, and MD needs forces, but these atoms have no "
+                                  "calculator: attach one (atoms.calc = ...) before building "
+                                  "the dynamics")
         self.n_history_md = 0
         if write_intermediate and trajectory is not None and loginterval != 1:
             raise EngineError(f"write_intermediate=True writes every jump's intermediate frames, "
@@ -173,6 +194,12 @@ class SurrogateDynamics(MolecularDynamics):
                               f"{loginterval}th end state: the trajectory would have uneven "
                               "time steps; use loginterval=1 with write_intermediate=True, or "
                               "write_intermediate=False")
+        # hybrid mode writing intermediate frames: the MD segment's states go to the trajectory
+        # every this many MD steps (the jump's output spacing), so its frames stay evenly spaced
+        self._md_write_every = 0
+        if write_intermediate and trajectory is not None and self.md_steps:
+            self._md_write_every = _segment_write_interval(self.surrogate.times_ps,
+                                                           md_dynamics.dt, self.md_steps)
         self.write_intermediate = write_intermediate
         self.last_jump: np.ndarray | None = None
         self.last_jump_times_ps: np.ndarray | None = None
@@ -182,6 +209,10 @@ class SurrogateDynamics(MolecularDynamics):
         # history MD): it decides whether a state's energy may move the guard's anchor
         self._md_ps = 0.0
         self._molecules = _BondTree(len(atoms), self.surrogate.topology.get("bonds", []))
+        # (atoms, 3) Å: the last whole positions handed out under periodic boundaries; the next
+        # ones keep each molecule at the same lattice image (see _whole_positions)
+        self._whole_ref: np.ndarray | None = None
+        self._resumed = False  # a state file was loaded (see irun)
         self.restart = None if restart is None else os.fspath(restart)
         state = None
         if self.restart is not None and os.path.exists(self.restart):
@@ -217,12 +248,16 @@ class SurrogateDynamics(MolecularDynamics):
         ``frames`` (K, n_model_atoms, 3) Å (a history model's remembered frames, as
         ``SurrogateSimulation`` writes them); ``positions`` (n_atoms, 3) Å, ``velocities``
         (n_atoms, 3) Å/ps and ``numbers`` (n_atoms,) of the atoms now, which the file belongs
-        to; ``extra``, a JSON string: format, version, ``nsteps``, ``time_ps``, ``dt_ase``,
-        ``cell`` (3, 3) Å, ``pbc``, the surrogate's name and checkpoint hash, ``rng`` (the
-        thermal draws' generator state or null), ``guards`` (``Guards.energy_state()``: energies
-        and tallies), ``n_jumps``, ``n_fallbacks``, ``n_history_md``, ``md_ps`` and ``md_rng``
-        (the random generators' states of ``md_dynamics``/``fallback_dynamics``: Langevin, Bussi,
-        Andersen; thermostat variables such as a Nosé-Hoover chain's are not kept).
+        to; ``whole`` (n_atoms, 3) Å, the same positions with every molecule whole at the
+        lattice image the remembered frames have (periodic cells; (0, 3) otherwise); ``extra``,
+        a JSON string: format, version, ``nsteps``, ``time_ps``, ``dt_ase``, ``cell`` (3, 3) Å,
+        ``pbc``, the surrogate's name and checkpoint hash, ``rng`` (the thermal draws' generator
+        state or null), ``guards`` (``Guards.energy_state()``: energies and tallies),
+        ``n_jumps``, ``n_fallbacks``, ``n_history_md``, ``md_ps``, ``md_rng`` (the random
+        generators' states of ``md_dynamics``/``fallback_dynamics``: Langevin, Bussi, Andersen,
+        LangevinBAOAB) and ``md_state`` (by the same roles, :func:`_md_state`: the MD's class,
+        step ``dt_ase`` and step count ``nsteps``, a Nosé-Hoover chain's variables, Bussi's
+        ``transferred_energy_eV``).
         """
         atoms = self.atoms
         mem = self.propagator.memory()
@@ -234,12 +269,16 @@ class SurrogateDynamics(MolecularDynamics):
                  "guards": self.guards.energy_state(),
                  "n_jumps": self.n_jumps,
                  "n_fallbacks": self.n_fallbacks, "n_history_md": self.n_history_md,
-                 "md_ps": self._md_ps, "md_rng": self._md_rng_states()}
+                 "md_ps": self._md_ps, "md_rng": self._md_rng_states(),
+                 "md_state": {role: _md_state(dyn)
+                              for role, dyn in self._md_dynamics().items()}}
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, keys=mem["keys"], frames=mem["frames"],
                      positions=atoms.get_positions(),
                      velocities=atoms.get_velocities() * PS_IN_ASE_TIME,
-                     numbers=atoms.get_atomic_numbers(), extra=np.array(json.dumps(extra)))
+                     numbers=atoms.get_atomic_numbers(),
+                     whole=np.zeros((0, 3)) if self._whole_ref is None else self._whole_ref,
+                     extra=np.array(json.dumps(extra)))
 
     def load_state(self, path: str | os.PathLike, *,
                    tolerance_A: float = RESTART_TOLERANCE_A) -> None:
@@ -247,9 +286,11 @@ class SurrogateDynamics(MolecularDynamics):
         the state saved (step count and time included).
 
         Applied only to the atoms it was saved with: the same atomic numbers, cell and
-        periodicity, positions within ``tolerance_A`` (minimum image), and a dynamics of the
-        same time step; otherwise :class:`EngineError` says why, and nothing is changed. The
-        velocities are the atoms' own (a warning when they differ from the saved ones).
+        periodicity, positions within ``tolerance_A`` (minimum image), a dynamics of the same
+        time step, and MD that takes the Nosé-Hoover chain saved (the same chain length,
+        temperature and thermostat time, in the same role); otherwise :class:`EngineError` says
+        why, and nothing is changed. The velocities are the atoms' own (a warning when they
+        differ from the saved ones).
         """
         path = os.fspath(path)
         self._apply_state(path, *self._read_state(path, self.atoms, self.dt, tolerance_A))
@@ -262,6 +303,8 @@ class SurrogateDynamics(MolecularDynamics):
             with np.load(path) as data:
                 arrays = {k: data[k] for k in ("keys", "frames", "positions", "velocities",
                                                "numbers")}
+                # written since periodic molecules keep their lattice image
+                arrays["whole"] = data["whole"] if "whole" in data.files else np.zeros((0, 3))
                 extra = json.loads(str(data["extra"]))
         except (OSError, ValueError, KeyError) as exc:
             raise EngineError(f"{path} is not a SurrogateDynamics state file (save_state / "
@@ -306,8 +349,12 @@ class SurrogateDynamics(MolecularDynamics):
         self.n_history_md = int(extra["n_history_md"])
         self._md_ps = float(extra["md_ps"])
         self._restore_md_rng_states(extra.get("md_rng") or {}, path)
+        self._restore_md_states(extra.get("md_state"), path)
         self.nsteps = int(extra["nsteps"])
+        self._resumed = True
         self.last_jump = self.last_jump_times_ps = None
+        whole = arrays["whole"]
+        self._whole_ref = whole.copy() if whole.shape == (len(self.atoms), 3) else None
 
     def _md_dynamics(self) -> dict:
         """The ASE MD objects this dynamics runs, by role (one entry when they are the same)."""
@@ -332,9 +379,74 @@ class SurrogateDynamics(MolecularDynamics):
                 log.warning("%s holds no random state of the %s (%s): its random forces "
                             "restart from the generator as it is", path, role,
                             type(dyn).__name__)
-            if type(dyn).__name__ in _OWN_STATE:
-                log.warning("%s: the %s (%s) keeps thermostat variables a restart does not "
-                            "carry; they start afresh", path, role, type(dyn).__name__)
+
+    def _restore_md_states(self, states: dict | None, path: str) -> None:
+        """Take back the MD's own state (:func:`_md_state`) by role; ``states`` is None in a
+        file written before it was kept. :meth:`_md_state_mismatch` has checked that every
+        saved Nosé-Hoover chain has its counterpart here."""
+        for role, dyn in self._md_dynamics().items():
+            name = type(dyn).__name__
+            saved = (states or {}).get(role)
+            if saved is None:
+                if states is None and _nose_hoover_chain(dyn) is not None:
+                    log.warning("%s was written without the MD's thermostat variables: the "
+                                "Nosé-Hoover chain of the %s (%s) starts from rest", path,
+                                role, name)
+                continue
+            dyn.nsteps = int(saved["nsteps"])
+            chain, kept = _nose_hoover_chain(dyn), saved.get("nose_hoover_chain")
+            if chain is not None and kept is not None:
+                chain._eta[:] = kept["eta"]
+                chain._p_eta[:] = kept["p_eta"]
+            if hasattr(dyn, "transferred_energy") and "transferred_energy_eV" in saved:
+                dyn.transferred_energy = float(saved["transferred_energy_eV"])
+            if name not in _RESTART_CARRIES_ALL:
+                log.warning("%s: the %s (%s) is not an integrator whose whole state a restart "
+                            "is known to carry (%s): its step count, random generator and any "
+                            "Nosé-Hoover chain are restored, anything else it keeps starts "
+                            "afresh", path, role, name, ", ".join(_RESTART_CARRIES_ALL))
+            elif not math.isclose(saved["dt_ase"], dyn.dt, rel_tol=1e-9):
+                log.warning("%s: the %s (%s) was saved with a %.6g fs step, this one steps by "
+                            "%.6g fs: the run goes on, but not as it would have", path, role,
+                            name, saved["dt_ase"] / units.fs, dyn.dt / units.fs)
+            elif chain is not None and kept is not None and kept["tloop"] != chain._tloop:
+                log.warning("%s: the %s (%s) was saved integrating its chain in %d sub-steps "
+                            "(tloop), this one in %d: the run goes on, but not as it would "
+                            "have", path, role, name, kept["tloop"], chain._tloop)
+
+    def _md_state_mismatch(self, states: dict | None) -> str:
+        """Why the MD's saved state (``extra["md_state"]``) does not fit the MD of this dynamics
+        ('' when it does): a saved Nosé-Hoover chain needs the same chain (length, temperature,
+        thermostat time) in the same role here, and an MD with a chain here needs one saved (a
+        file from before the chain was kept, ``states`` None, passes with a warning)."""
+        if states is None:
+            return ""
+        here = self._md_dynamics()
+        for role in [*states, *(r for r in here if r not in states)]:
+            saved, dyn = states.get(role), here.get(role)
+            kept = (saved or {}).get("nose_hoover_chain")
+            chain = None if dyn is None else _nose_hoover_chain(dyn)
+            if kept is None and chain is None:
+                continue
+            there = "none" if saved is None else saved["type"]
+            name = "none" if dyn is None else type(dyn).__name__
+            if kept is None:
+                return (f"its {role} ({there}) kept no Nosé-Hoover chain, this {role} ({name}) "
+                        f"has one, whose variables would start from rest: build the {role} as "
+                        f"saved ({there})")
+            if chain is None:
+                return (f"its {role} ({there}) kept a Nosé-Hoover chain, which this {role} "
+                        f"({name}) cannot take: build the same {there}")
+            mine = _chain_state(chain)
+            same = (kept["tchain"] == mine["tchain"]
+                    and math.isclose(kept["temperature_K"], mine["temperature_K"],
+                                     rel_tol=1e-9)
+                    and math.isclose(kept["tdamp_ase"], mine["tdamp_ase"], rel_tol=1e-9))
+            if not same:
+                return (f"its {role} ({there}) ran {_describe_chain(kept)}, this {role} "
+                        f"({name}) runs {_describe_chain(mine)}: build the {role} with the "
+                        "saved chain")
+        return ""
 
     def _state_mismatch(self, atoms, dt: float, arrays: dict, extra: dict,
                         tolerance_A: float) -> str:
@@ -367,7 +479,7 @@ class SurrogateDynamics(MolecularDynamics):
         if not dist.max() <= tolerance_A:
             return (f"the positions differ from the saved ones by up to {dist.max():.3g} Å "
                     f"(atom {int(dist.argmax())}; tolerance {tolerance_A:g} Å)")
-        return ""
+        return self._md_state_mismatch(extra.get("md_state"))
 
     def _write_restart(self) -> None:
         if getattr(self, "comm", None) is None or self.comm.rank == 0:
@@ -379,12 +491,16 @@ class SurrogateDynamics(MolecularDynamics):
             self.atoms.get_forces()
 
     def irun(self, steps: int = 50):
-        """As ``MolecularDynamics.irun``, but only asks for forces when a calculator exists."""
+        """As ``MolecularDynamics.irun``, but only asks for forces when a calculator exists, and
+        a run resumed from a state saved at step 0 into a trajectory that already holds frames
+        does not call the observers for step 0 again (as ASE's optimizers do on restart: the
+        frame is there, a second copy would shift every later frame's time)."""
         self.max_steps = self.nsteps + steps
         if self.nsteps == 0:
             self._refresh_properties()
             self.log()
-            self.call_observers()
+            if not (self._resumed and self._trajectory_has_frames()):
+                self.call_observers()
         yield self.nsteps == self.max_steps
         while self.nsteps < self.max_steps:
             self.step()
@@ -393,6 +509,16 @@ class SurrogateDynamics(MolecularDynamics):
             self.log()
             self.call_observers()
             yield self.nsteps == self.max_steps
+
+    def _trajectory_has_frames(self) -> bool:
+        """Whether ``trajectory`` (a path or an open ASE trajectory) already holds a frame."""
+        if self.trajectory is None:
+            return False
+        if hasattr(self, "_traj_is_empty"):
+            return not self._traj_is_empty()
+        path = os.fspath(self.trajectory) if not hasattr(self.trajectory, "write") else None
+        return len(self.trajectory) > 0 if path is None else (
+            os.path.exists(path) and os.path.getsize(path) > 0)
 
     def run(self, steps: int = 50) -> bool:
         results = list(self.irun(steps))
@@ -411,11 +537,14 @@ class SurrogateDynamics(MolecularDynamics):
     def step(self) -> None:
         """MD segment (hybrid mode), then one learned jump."""
         if self.md_steps:
-            _sync_md_dynamics(self.md_dynamics)
-            self.md_dynamics.run(self.md_steps)
-            self._md_ps += self.md_steps * self.md_dynamics.dt / PS_IN_ASE_TIME
+            self._md_segment()
         atoms = self.atoms
         pos = self._whole_positions()
+        if atoms.constraints and not np.array_equal(pos, atoms.positions):
+            # the same state with its molecules whole: constraints hold atoms where the atoms
+            # have them, and an atom fixed at another lattice image than the rest of its
+            # molecule would split the jump's end state
+            atoms.set_positions(pos, apply_constraint=False)
         vel = atoms.get_velocities() * PS_IN_ASE_TIME  # Å/ps
         t0 = (self.nsteps * self.dt + self.md_steps * (self.md_dynamics.dt if self.md_steps
                                                          else 0.0)) / PS_IN_ASE_TIME
@@ -441,11 +570,12 @@ class SurrogateDynamics(MolecularDynamics):
         finite = np.isfinite(final).all()
         energy = None
         if finite:
+            if atoms.constraints:
+                # the states the constraints make of every frame: the guards judge the last,
+                # observers (last_jump) and the trajectory get them all
+                self._constrain_frames(result)
+                final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
             self._set(final, fvel)
-            if atoms.constraints:  # the guards judge the state the constraints made of it
-                final = atoms.get_positions()
-                fvel = atoms.get_velocities() * PS_IN_ASE_TIME
-                result.positions_A[-1], result.velocities_A_per_ps[-1] = final, fvel
             energy = self._energy_kJ_per_mol()
         events = self.guards.check(final, fvel, energy_kJ_per_mol=energy,
                                    jump=self.n_jumps + self.n_fallbacks, time_ps=end)
@@ -477,6 +607,36 @@ class SurrogateDynamics(MolecularDynamics):
                                      final, fvel)
         self.n_jumps += 1
         self._md_ps = 0.0  # the surrogate's state: MD after it starts counting again
+
+    def _md_segment(self) -> None:
+        """Hybrid mode: ``md_steps`` steps of ``md_dynamics``; writing intermediate frames, its
+        states at the jump's output spacing go to the trajectory (the last one, the state the
+        jump starts from, included)."""
+        md = self.md_dynamics
+        _sync_md_dynamics(md)
+        every = self._md_write_every
+        if not every:
+            md.run(self.md_steps)
+        else:
+            frames, velocities = [], []
+            for _ in range(self.md_steps // every):
+                md.run(every)
+                frames.append(self.atoms.get_positions())
+                velocities.append(self.atoms.get_velocities() * PS_IN_ASE_TIME)
+            self._write_intermediate(np.array(frames), np.array(velocities), frames[-1],
+                                     velocities[-1])
+        self._md_ps += self.md_steps * md.dt / PS_IN_ASE_TIME
+
+    def _constrain_frames(self, result) -> None:
+        """Replace a jump's frames (``result.positions_A``, (P, atoms, 3) Å, and
+        ``result.velocities_A_per_ps``) by the states the atoms' constraints make of them, frame
+        after frame from the state now, as they would be set during MD; the atoms end in the
+        last."""
+        atoms = self.atoms
+        for k, (frame, vel) in enumerate(zip(result.positions_A, result.velocities_A_per_ps)):
+            self._set(frame, vel)
+            result.positions_A[k] = atoms.get_positions()
+            result.velocities_A_per_ps[k] = atoms.get_velocities() * PS_IN_ASE_TIME
 
     def _relax(self, jump: int, time_ps: float) -> list:
         """The ``relax`` action: FIRE with the attached calculator for at most
@@ -513,18 +673,26 @@ class SurrogateDynamics(MolecularDynamics):
         if hasattr(self.trajectory, "write"):
             write_all(self.trajectory)
         else:
-            with Trajectory(str(self.trajectory), mode="a") as traj:
+            # as ASE's own trajectory writer opens it: under MPI only the master rank writes
+            with Trajectory(str(self.trajectory), mode="a", comm=self.comm,
+                            master=getattr(self, "_master", None)) as traj:
                 write_all(traj)
         self._set(final, final_velocities)
 
     def _whole_positions(self) -> np.ndarray:
         """(atoms, 3) Å with molecules split by wrapping made whole: what the model, the guards
         and a history model's remembered frames see (one convention for all three, or the
-        history would see another state at the same time and be rebuilt at every jump)."""
+        history would see another state at the same time and be rebuilt at every jump). Each
+        molecule stays at the lattice image it had in the previous call, so that atoms wrapped
+        back into the cell between steps (an observer calling ``atoms.wrap()``) still match the
+        frames a history model remembered."""
         atoms = self.atoms
         pos = atoms.get_positions()
         if atoms.pbc.any():
             pos = self._molecules.apply(pos, atoms.cell, atoms.pbc)
+            if self._whole_ref is not None and self._whole_ref.shape == pos.shape:
+                pos = self._molecules.follow(pos, self._whole_ref, atoms.cell, atoms.pbc)
+            self._whole_ref = pos.copy()
         return pos
 
     def _fallback(self, t0: float) -> None:
@@ -586,6 +754,8 @@ class _BondTree:
                 depth[atom] = depth[pred[atom]] + 1
         self.levels = [np.nonzero(depth == d)[0] for d in range(1, int(depth.max(initial=0)) + 1)]
         self.parent = parent
+        self.labels = labels  # (atoms,) the molecule of each atom
+        self.roots = np.unique(labels, return_index=True)[1]  # (molecules,) each one's root
 
     def apply(self, positions: np.ndarray, cell, pbc) -> np.ndarray:
         """(atoms, 3) Å -> the same atoms with every molecule whole."""
@@ -597,10 +767,63 @@ class _BondTree:
             out[level] = out[parent] + find_mic(out[level] - out[parent], cell, pbc)[0]
         return out
 
+    def follow(self, positions: np.ndarray, reference: np.ndarray, cell, pbc) -> np.ndarray:
+        """(atoms, 3) Å with every molecule whole -> the same with every molecule moved by the
+        lattice vector that puts its root atom nearest to the root in ``reference`` (atoms, 3)
+        Å: a state wrapped since ``reference`` (``atoms.wrap()`` in an observer) gets back the
+        coordinates it had there."""
+        from ase.geometry import find_mic
 
-# ASE integrators with thermostat variables of their own (beyond a random generator)
-_OWN_STATE = ("NoseHooverChainNVT", "IsotropicMTKNPT", "MTKNPT", "NPT", "Berendsen",
-              "NVTBerendsen")
+        d = reference[self.roots] - positions[self.roots]
+        shift = d - find_mic(d, cell, pbc)[0]  # (molecules, 3) Å, lattice vectors
+        return positions + shift[self.labels]
+
+
+# constant-volume ASE integrators whose whole state beyond the atoms a restart carries (the
+# variable-cell ones are refused as md_dynamics/fallback_dynamics): VelocityVerlet and
+# NVTBerendsen keep none, Langevin and Andersen a random generator, Bussi one and the energy it
+# moved, LangevinBAOAB one and the accelerations (recomputed before each segment),
+# NoseHooverChainNVT the chain's positions and momenta (and its own copy of the atoms'
+# positions and momenta, brought up to date before each segment); each with its step count
+_RESTART_CARRIES_ALL = ("VelocityVerlet", "NVTBerendsen", "Langevin", "Andersen", "Bussi",
+                        "LangevinBAOAB", "NoseHooverChainNVT")
+
+
+def _nose_hoover_chain(dyn):
+    """The ``NoseHooverChainThermostat`` of an ASE MD (NoseHooverChainNVT), or None."""
+    try:
+        from ase.md.nose_hoover_chain import NoseHooverChainThermostat
+    except ImportError:  # an ASE without Nosé-Hoover chains
+        return None
+    chain = getattr(dyn, "_thermostat", None)
+    return chain if isinstance(chain, NoseHooverChainThermostat) else None
+
+
+def _chain_state(chain) -> dict:
+    """JSON-safe state of a ``NoseHooverChainThermostat``: what makes it this chain
+    (``tchain``, ``tloop``, ``temperature_K``, ``tdamp_ase`` in ASE time units) and its
+    variables, ``eta`` (tchain,) dimensionless and ``p_eta`` (tchain,) eV * ASE time."""
+    return {"tchain": int(chain._tchain), "tloop": int(chain._tloop),
+            "temperature_K": float(chain._kT / units.kB), "tdamp_ase": float(chain._tdamp),
+            "eta": chain._eta.tolist(), "p_eta": chain._p_eta.tolist()}
+
+
+def _describe_chain(state: dict) -> str:
+    return (f"a chain of {state['tchain']} thermostats at {state['temperature_K']:g} K with "
+            f"tdamp {state['tdamp_ase'] / units.fs:g} fs")
+
+
+def _md_state(dyn) -> dict:
+    """JSON-safe state an ASE MD keeps of its own beyond the atoms and its random generator:
+    ``type`` (class name), ``dt_ase`` (its step, ASE time units), ``nsteps``, and where it has
+    them ``nose_hoover_chain`` (:func:`_chain_state`) and ``transferred_energy_eV`` (Bussi)."""
+    state = {"type": type(dyn).__name__, "dt_ase": float(dyn.dt), "nsteps": int(dyn.nsteps)}
+    chain = _nose_hoover_chain(dyn)
+    if chain is not None:
+        state["nose_hoover_chain"] = _chain_state(chain)
+    if hasattr(dyn, "transferred_energy"):
+        state["transferred_energy_eV"] = float(dyn.transferred_energy)
+    return state
 
 
 def _rng_state(rng) -> dict:
@@ -625,6 +848,26 @@ def _set_rng_state(rng, saved: dict) -> None:
     else:
         log.warning("a saved random state of kind %r does not fit the generator %s; not "
                     "restored", saved["kind"], type(rng).__name__)
+
+
+def _segment_write_interval(times_ps, md_dt: float, md_steps: int) -> int:
+    """MD steps between the trajectory frames of a hybrid MD segment of ``md_steps`` steps of
+    ``md_dt`` (ASE time units) before a jump with output times ``times_ps`` (P,) ps, so that
+    the MD's frames and the jump's are one even grid; :class:`EngineError` when there is none
+    (an uneven output grid, or a segment that is not a whole number of output spacings)."""
+    times = np.asarray(times_ps, dtype=np.float64)
+    spacing = float(times[0])
+    per = spacing * PS_IN_ASE_TIME / md_dt
+    even = np.allclose(times, spacing * np.arange(1, len(times) + 1), rtol=1e-6, atol=0.0)
+    if not (even and _whole(per) and md_steps % round(per) == 0):
+        raise EngineError(
+            f"write_intermediate=True writes the jump's frames {spacing:g} ps apart, and the MD "
+            f"segment before each jump ({md_steps} steps of {md_dt / units.fs:g} fs) is not a "
+            "whole number of those spacings"
+            + ("" if even else f" (nor are the output times {times.tolist()} ps evenly spaced)")
+            + ": the trajectory would have uneven time steps; choose md_steps and the MD step "
+            f"so that the segment is a multiple of {spacing:g} ps, or write_intermediate=False")
+    return round(per)
 
 
 def _degrees_of_freedom(atoms) -> int:

@@ -237,3 +237,162 @@ def test_hybrid_langevin_restart_draws_the_same_random_forces(tmp_path, kind):
     fresh.atoms.set_velocities(first.atoms.get_velocities())
     fresh.run(2)
     assert np.abs(fresh.atoms.get_positions() - whole.atoms.get_positions()).max() > 1e-4
+
+
+def nose_hoover_dynamics(atoms, sur, tchain=3, temperature_K=300.0, **kwargs):
+    """Hybrid mode with a Nosé-Hoover chain between jumps: a 5 fs thermostat time, so that its
+    chain variables move a cold start visibly within a few 2 fs segments."""
+    from ase.md.nose_hoover_chain import NoseHooverChainNVT
+
+    atoms.calc = EMT()
+    md = NoseHooverChainNVT(atoms, timestep=0.5 * units.fs, temperature_K=temperature_K,
+                            tdamp=5 * units.fs, tchain=tchain)
+    return SurrogateDynamics(atoms, sur, md_dynamics=md, md_steps=4, guards="warn", **kwargs)
+
+
+def test_hybrid_nose_hoover_chain_restart_goes_on_as_the_uninterrupted_run(tmp_path):
+    """The state file carries the chain's positions and momenta (``eta``, ``p_eta``) and the
+    MD's step count: restarted into a fresh dynamics and a fresh thermostat, the run ends where
+    the uninterrupted one does, conserved energy included. Before, the thermostat restarted
+    from rest (a warning), and the atoms after the restart moved by far more than 1e-6 Å."""
+    sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "heavy.pt", selection="heavy"))
+    whole = nose_hoover_dynamics(cold_atoms(), sur)
+    whole.run(4)
+    first = nose_hoover_dynamics(cold_atoms(), sur, trajectory=str(tmp_path / "run.traj"),
+                                 restart=tmp_path / "s.npz")
+    first.run(2)
+    chain = first.md_dynamics._thermostat
+    assert np.abs(chain._p_eta).max() > 0  # the thermostat has moved
+    mid = tmp_path / "mid.npz"
+    mid.write_bytes((tmp_path / "s.npz").read_bytes())
+    del first
+
+    again = nose_hoover_dynamics(read(str(tmp_path / "run.traj"), -1), sur,
+                                 restart=tmp_path / "s.npz")
+    np.testing.assert_array_equal(again.md_dynamics._thermostat._eta, chain._eta)
+    np.testing.assert_array_equal(again.md_dynamics._thermostat._p_eta, chain._p_eta)
+    assert again.md_dynamics.nsteps == 8
+    again.run(2)
+    assert (again.nsteps, again.md_dynamics.nsteps) == (4, 16)
+    np.testing.assert_allclose(again.atoms.get_positions(), whole.atoms.get_positions(),
+                               rtol=0, atol=1e-10)
+    np.testing.assert_allclose(again.atoms.get_velocities(), whole.atoms.get_velocities(),
+                               rtol=0, atol=1e-10)
+    assert again.md_dynamics.get_conserved_energy() == pytest.approx(
+        whole.md_dynamics.get_conserved_energy(), rel=1e-12)
+
+    # the same frame with a thermostat started afresh: another run
+    fresh = nose_hoover_dynamics(read(str(tmp_path / "run.traj"), -1), sur)
+    fresh.load_state(mid)
+    fresh.md_dynamics._thermostat._eta[:] = 0.0
+    fresh.md_dynamics._thermostat._p_eta[:] = 0.0
+    fresh.run(2)
+    assert np.abs(fresh.atoms.get_positions() - whole.atoms.get_positions()).max() > 1e-6
+
+
+def test_a_state_of_another_thermostat_is_refused(tmp_path, caplog):
+    """A file with a Nosé-Hoover chain's variables applies only to a dynamics running the same
+    chain (length, temperature, thermostat time); another chain, another MD or none is refused
+    with the reason before anything changes (with ``restart=``, before the trajectory opens)."""
+    from ase.md.nose_hoover_chain import NoseHooverChainNVT
+
+    sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "heavy.pt", selection="heavy"))
+    first = nose_hoover_dynamics(cold_atoms(), sur)
+    first.run(2)
+    path = tmp_path / "s.npz"
+    first.save_state(path)
+
+    def at_saved_state():
+        atoms = cold_atoms()
+        atoms.set_positions(first.atoms.get_positions())
+        atoms.set_velocities(first.atoms.get_velocities())
+        return atoms
+
+    for build, why in (
+            (lambda: nose_hoover_dynamics(at_saved_state(), sur, tchain=2),
+             r"md_dynamics \(NoseHooverChainNVT\).*chain of 3 .* 2"),
+            (lambda: nose_hoover_dynamics(at_saved_state(), sur, temperature_K=200.0),
+             r"md_dynamics \(NoseHooverChainNVT\).*300 K.* 200 K"),
+            (lambda: nose_hoover_dynamics(at_saved_state(), sur), None)):
+        dyn = build()
+        if why is None:
+            dyn.load_state(path)
+            assert dyn.nsteps == 2
+            continue
+        with pytest.raises(EngineError, match=why):
+            dyn.load_state(path)
+        assert dyn.nsteps == 0 and not dyn.md_dynamics._thermostat._p_eta.any()
+
+    atoms = at_saved_state()
+    atoms.calc = EMT()
+    verlet = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    dyn = SurrogateDynamics(atoms, sur, md_dynamics=verlet, md_steps=4, guards="warn")
+    with pytest.raises(EngineError, match=r"NoseHooverChainNVT.*VelocityVerlet"):
+        dyn.load_state(path)
+    with pytest.raises(EngineError, match="NoseHooverChainNVT"):
+        SurrogateDynamics(atoms, sur, md_dynamics=verlet, md_steps=4, guards="warn",
+                          restart=path)
+    # and the other way round: a chain here, none in the file
+    dyn.save_state(tmp_path / "verlet.npz")
+    with pytest.raises(EngineError, match=r"md_dynamics \(VelocityVerlet\) kept no Nosé-Hoover"):
+        nose_hoover_dynamics(at_saved_state(), sur).load_state(tmp_path / "verlet.npz")
+    # the same chain integrated with a longer MD step (the same cycle length): applied, with
+    # a warning that the run does not go on exactly
+    atoms = at_saved_state()
+    atoms.calc = EMT()
+    long_md = NoseHooverChainNVT(atoms, timestep=1.0 * units.fs, temperature_K=300,
+                                 tdamp=5 * units.fs)
+    dyn = SurrogateDynamics(atoms, sur, md_dynamics=long_md, md_steps=2, guards="warn")
+    with caplog.at_level("WARNING", logger="integrations.ase_dynamics"):
+        dyn.load_state(path)
+    assert "saved with a 0.5 fs step, this one steps by 1 fs" in caplog.text
+    np.testing.assert_array_equal(long_md._thermostat._p_eta,
+                                  first.md_dynamics._thermostat._p_eta)
+    # a file written before the chain was kept: applied, the chain from rest, with a warning
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    extra = json.loads(str(arrays["extra"]))
+    del extra["md_state"]
+    arrays["extra"] = np.array(json.dumps(extra))
+    with open(tmp_path / "older.npz", "wb") as fh:
+        np.savez(fh, **arrays)
+    dyn = nose_hoover_dynamics(at_saved_state(), sur)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="integrations.ase_dynamics"):
+        dyn.load_state(tmp_path / "older.npz")
+    assert "Nosé-Hoover chain of the md_dynamics (NoseHooverChainNVT) starts from rest" in (
+        caplog.text)
+    assert dyn.nsteps == 2 and not dyn.md_dynamics._thermostat._p_eta.any()
+
+
+def test_fallback_nose_hoover_chain_restart_goes_on_as_the_uninterrupted_run(tmp_path):
+    """The same for a Nosé-Hoover chain standing in for failed jumps (a hot start: every jump
+    fails the bond guard and is replaced by a jump's length of MD)."""
+    from ase.md.nose_hoover_chain import NoseHooverChainNVT
+
+    sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "heavy.pt", selection="heavy"))
+
+    def build(atoms):
+        atoms.calc = EMT()
+        md = NoseHooverChainNVT(atoms, timestep=0.5 * units.fs, temperature_K=300,
+                                tdamp=5 * units.fs)
+        return SurrogateDynamics(atoms, sur, guards="fallback", fallback_dynamics=md)
+
+    def hot():
+        atoms = read(str(PDB))
+        atoms.set_positions(cached_md()["frames"][0])
+        thermalize_momenta(atoms, temperature_K=20000, rng=np.random.default_rng(1))
+        return atoms
+
+    whole = build(hot())
+    whole.run(4)
+    first = build(hot())
+    first.run(2)
+    first.save_state(tmp_path / "s.npz")
+    again = build(first.atoms.copy())
+    again.load_state(tmp_path / "s.npz")
+    again.run(2)
+    assert again.n_fallbacks == whole.n_fallbacks == 4
+    np.testing.assert_allclose(again.atoms.get_positions(), whole.atoms.get_positions(),
+                               rtol=0, atol=1e-10)
+    assert again.fallback_dynamics.nsteps == whole.fallback_dynamics.nsteps == 160
