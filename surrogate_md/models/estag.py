@@ -11,7 +11,12 @@ History protocol: the model reads ``HIST`` (T, N, C, 3), the T past frames endin
   list) using A_ij as edge features and c_i in the node update; for C > 1 channels the messages
   see the Gram matrix of the relative channel vectors and its Frobenius-normalised form.
 - ETM: causal attention over each node's frames, h(t) += sum_{s<=t} a_ts v(s) and
-  x(t) += sum_{s<=t} a_ts (x(t) - x(s)) phi_x(v(s)).
+  x(t) += sum_{s<=t} a_ts (x(t) - x(s)) phi_x(v(s)); the scores q.k are divided by sqrt(hidden)
+  (the paper's Eq. 10 does not scale them: a rescaling of the query weights, so the same
+  functions, only a gentler start of training).
+- Multi-channel nodes (C > 1, e.g. the four backbone atoms of a residue): the EDFT reads the
+  channel mean of each node where the paper's residue setting (its Appendix C.1) takes the CA
+  atom alone.
 - Equivariant temporal pooling: x*(t) = x_L(T-1) + sum_s w_s(t) (x_L(s) - x_L(T-1)).
 
 Output times: ESTAG's task is one frame after t0 (P = 1). For P > 1 requested offsets the pooling
