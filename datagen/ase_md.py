@@ -39,6 +39,8 @@ INTEGRATORS = ("langevin", "verlet", "bussi")
 CALCULATORS = ("emt", "lj", "xtb")
 #: Lennard-Jones parameters of argon (sigma Å, epsilon eV), for ``calculator="lj"``.
 LJ_ARGON = {"sigma": 3.405, "epsilon": 0.0103, "rc": 10.0}
+#: Atoms closer than this (Å, periodic images included) make a structure unusable.
+MIN_DISTANCE_A = 0.5
 #: Metadata entries that must agree between an interrupted run and its resumption.
 RESUME_KEYS = ("method", "formula", "source_files", "temperature_K", "step_fs", "interval_ps",
                "seed", "integrator", "friction_per_ps", "solvent")
@@ -98,6 +100,40 @@ def load_atoms(atoms_or_name):
                     "C6H6); check the path or name")
 
 
+def check_no_overlaps(atoms, source: Any) -> None:
+    """Refuse a structure with two atoms (or an atom and a periodic image) closer than
+    :data:`MIN_DISTANCE_A`: no chemistry puts nuclei that close, but a cell smaller than the
+    structure does (the placeholder ``CRYST1 1.000 1.000 1.000`` that MDAnalysis and other tools
+    write into PDB files without a box, which ``ase.io`` reads as a periodic 1 Å cell)."""
+    from ase.neighborlist import neighbor_list
+
+    if len(atoms) < 2 and not atoms.pbc.any():
+        return
+    i, j, d = neighbor_list("ijd", atoms, MIN_DISTANCE_A)
+    if not len(d):
+        return
+    k = int(np.argmin(d))
+    where = f"atoms {i[k]} and {j[k]}" if i[k] != j[k] else f"atom {i[k]} and its periodic image"
+    name = _structure_label(source)
+    if atoms.pbc.any():
+        lengths = ", ".join(f"{x:.4g}" for x in atoms.cell.lengths())
+        raise DataError(
+            f"{name}: {where} are {d[k]:.3g} Å apart under periodic boundaries: the cell "
+            f"(edges {lengths} Å) is smaller than the structure, e.g. a placeholder CRYST1 record "
+            "of a file without a box; for a molecule in vacuum remove the CRYST1 line (or set "
+            "atoms.pbc = False), else give the real cell")
+    raise DataError(f"{name}: {where} are {d[k]:.3g} Å apart; the structure has overlapping "
+                    "atoms: fix the coordinates")
+
+
+def _structure_label(source: Any) -> str:
+    """How errors name a structure: its file or molecule name, or the formula of an Atoms."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    formula = getattr(source, "get_chemical_formula", None)
+    return f"the {formula()} structure" if formula is not None else "the structure"
+
+
 def run_ase(atoms_or_name: Any, calculator: Any = "emt",
             out: str | os.PathLike = "ase.h5", *,
             frames: int = 1000,
@@ -116,7 +152,9 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
     """Run ASE MD and save every ``interval_ps`` to a canonical dataset file.
 
     Args:
-        atoms_or_name: ``ase.Atoms``, an ``ase.build.molecule`` name or a structure file.
+        atoms_or_name: ``ase.Atoms``, an ``ase.build.molecule`` name or a structure file
+            (refused when atoms overlap, periodic images included: a placeholder cell; a
+            periodic structure stored wrapped starts with its molecules made whole).
         calculator: ``"emt"``, ``"lj"``, ``"xtb"`` or an ASE Calculator instance.
         out: output ``.h5`` (written as ``out.partial``, renamed when complete).
         frames: saved frames (the first is the start, at t = 0).
@@ -158,19 +196,31 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
     steps_per_frame = frame_steps(interval_ps, step_fs)
     if integrator not in INTEGRATORS:
         raise ConfigError(f"integrator={integrator!r} is not one of {INTEGRATORS}")
-    if friction_per_ps <= 0:
-        raise ConfigError(f"friction_per_ps={friction_per_ps} must be positive")
+    if not (friction_per_ps > 0 and math.isfinite(friction_per_ps)):
+        raise ConfigError(f"friction_per_ps={friction_per_ps} must be a positive number of 1/ps; "
+                          "pass e.g. friction_per_ps=1 (CLI: --friction-per-ps 1)")
     atoms = load_atoms(atoms_or_name)
+    check_no_overlaps(atoms, atoms_or_name)
     calc_name = calculator if isinstance(calculator, str) else type(calculator).__name__
     atoms.calc = make_calculator(calculator) if isinstance(calculator, str) else calculator
     rng = np.random.default_rng(seed)
     periodic = bool(atoms.pbc.any())
     # from the starting structure, before a resumed run overwrites the positions
     dof = kinetic_dof(atoms, integrator)
-    from datagen.atoms import infer_bonds
+    from datagen.atoms import infer_bonds, infer_bonds_periodic, make_whole
 
     z = atoms.numbers.astype(np.int64)
-    topology = Topology.from_elements(z, atoms.get_masses(), infer_bonds(z, atoms.positions))
+    bonds = infer_bonds(z, atoms.positions)
+    if periodic and atoms.cell.rank == 3:
+        # a structure stored wrapped has molecules split across the cell: bond them under the
+        # minimum image and start from them whole (ASE's MD does not wrap, so they stay whole);
+        # bonds spanning the cell (crystals) keep the structure as it is
+        mic_bonds, vectors = infer_bonds_periodic(z, atoms.positions, atoms.cell[:], atoms.pbc)
+        whole = make_whole(atoms.positions, mic_bonds, vectors)
+        if whole is not None:
+            atoms.set_positions(whole, apply_constraint=False)
+            bonds = mic_bonds
+    topology = Topology.from_elements(z, atoms.get_masses(), bonds)
     metadata = {
         "engine": "ase", "engine_version": ase.__version__, "method": calc_name,
         "temperature_K": temperature_K, "step_fs": step_fs, "interval_ps": float(interval_ps),
@@ -239,7 +289,8 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
             buf["s"].append(frame * steps_per_frame)
             buf["box"].append(np.asarray(atoms.cell[:]))
             since_checkpoint += 1
-            if len(buf["x"]) == block or frame == frames - 1:
+            if len(buf["x"]) == block or frame == frames - 1 or \
+                    since_checkpoint >= checkpoint_frames:
                 writer.append(np.asarray(buf["x"]), np.asarray(buf["t"]),
                               step=np.asarray(buf["s"]), velocities=np.asarray(buf["v"]),
                               forces=np.asarray(buf["f"]), potential_energy=np.asarray(buf["e"]),

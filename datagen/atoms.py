@@ -101,6 +101,80 @@ def infer_bonds(atomic_numbers: np.ndarray, positions_A: np.ndarray,
     return bonds[np.lexsort((bonds[:, 1], bonds[:, 0]))] if len(bonds) else bonds
 
 
+def infer_bonds_periodic(atomic_numbers: np.ndarray, positions_A: np.ndarray, cell_A: np.ndarray,
+                         pbc, scale: float = BOND_SCALE) -> tuple[np.ndarray, np.ndarray]:
+    """Bonds by the covalent-radii rule under the minimum-image convention.
+
+    Args:
+        atomic_numbers: (N,) int.
+        positions_A: (N, 3) Å, possibly wrapped into the cell.
+        cell_A: (3, 3) Å, cell vectors as rows.
+        pbc: (3,) bool, the periodic directions.
+        scale: tolerance factor on the sum of covalent radii (ASE's table).
+
+    Returns:
+        ``bonds`` (B, 2) int64 pairs with i < j, sorted, and ``vectors`` (B, 3) Å, the shortest
+        image of ``x[j] - x[i]`` for each bond. An atom bonded to its own image, or two atoms
+        bonded through more than one image (a network that spans the cell), gives pairs whose
+        vectors do not add up around a cycle; :func:`make_whole` detects that.
+    """
+    from ase.data import covalent_radii
+    from ase.neighborlist import primitive_neighbor_list
+
+    z = np.asarray(atomic_numbers, dtype=np.int64)
+    radii = scale * np.asarray(covalent_radii)[np.where(z > 0, z, 1)]
+    radii[z == 0] = 0.0
+    i, j, vec = primitive_neighbor_list("ijD", np.asarray(pbc, dtype=bool),
+                                        np.asarray(cell_A, dtype=np.float64),
+                                        np.asarray(positions_A, dtype=np.float64), radii,
+                                        self_interaction=False)
+    keep = i < j
+    i, j, vec = i[keep], j[keep], vec[keep]
+    order = np.lexsort((j, i))
+    bonds = np.stack([i[order], j[order]], axis=1).astype(np.int64).reshape(-1, 2)
+    return bonds, vec[order].reshape(-1, 3)
+
+
+def make_whole(positions_A: np.ndarray, bonds: np.ndarray, vectors_A: np.ndarray
+               ) -> np.ndarray | None:
+    """Positions with every molecule whole: each bonded atom placed at its bond partner plus the
+    bond vector (a spanning tree of each molecule from its first atom).
+
+    Args:
+        positions_A: (N, 3) Å.
+        bonds: (B, 2) pairs; vectors_A: (B, 3) Å, ``x[j] - x[i]`` of each bond.
+
+    Returns:
+        (N, 3) Å, or ``None`` when the bonds do not close on themselves (a pair bonded through
+        two images, or a cycle around the cell: a crystal or polymer spanning the box, which has
+        no whole form).
+    """
+    x = np.asarray(positions_A, dtype=np.float64).copy()
+    n = len(x)
+    neighbours: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n)]
+    for (a, b), v in zip(np.asarray(bonds).tolist(), np.asarray(vectors_A)):
+        neighbours[a].append((b, v))
+        neighbours[b].append((a, -v))
+    placed = np.zeros(n, dtype=bool)
+    for root in range(n):
+        if placed[root]:
+            continue
+        placed[root] = True
+        stack = [root]
+        while stack:
+            a = stack.pop()
+            for b, v in neighbours[a]:
+                if not placed[b]:
+                    x[b] = x[a] + v
+                    placed[b] = True
+                    stack.append(b)
+    if len(bonds):
+        b = np.asarray(bonds)
+        if not np.allclose(x[b[:, 1]] - x[b[:, 0]], vectors_A, atol=1e-6):
+            return None
+    return x
+
+
 def select_indices(topology: Topology, select: str | None, source: str | os.PathLike) -> np.ndarray:
     """Indices of the atoms of ``topology`` matching the MDAnalysis selection ``select``.
 

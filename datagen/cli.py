@@ -19,6 +19,8 @@ from surrogate_md.errors import SurrogateMDError
 log = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
+#: 128 + SIGINT, as shells report a process stopped by Ctrl-C
+EXIT_INTERRUPTED = 130
 
 
 def _positive_int(text: str) -> int:
@@ -90,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", default=None,
                    help="MDAnalysis selection of atoms to keep, e.g. 'backbone', 'not name H*'")
     p.add_argument("--dt-ps", type=float, default=None,
-                   help="saved-frame interval in ps (default: the file's; MD17: 0.0005)")
+                   help="saved-frame interval in ps (default: the file's; MD17: 0.0005; "
+                        "required for ASE trajectories, formats without times and rMD17 files "
+                        "without old_indices)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -138,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 user error)."""
+    """Run the CLI; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -179,6 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SurrogateMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if args.command == "ingest":
+            hint = "nothing was written"
+        else:
+            hint = ("the frames up to the last checkpoint (every --checkpoint-frames frames) are "
+                    "kept: the same command with --resume continues from there")
+        print(f"interrupted: {hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_USER_ERROR  # pragma: no cover - argparse requires a command
 
 

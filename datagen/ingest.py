@@ -12,7 +12,9 @@ Three kinds of input, detected from the file names:
   Molecules are kept from jumping across periodic boundaries and made whole when the topology
   has bonds (a bond longer than half the box afterwards is an error); velocities, forces and
   the box are kept when present on every frame.
-- ASE trajectories (``.traj``, ``.extxyz``/``.xyz``) read with ``ase.io``.
+- ASE trajectories (``.traj``, ``.extxyz``/``.xyz``) read with ``ase.io``; periodic ones get
+  their bonds under the minimum image and their molecules made whole and kept from jumping
+  across the cell (unless bonds span the cell: crystals, polymers through the box).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import shlex
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,8 @@ from datagen.atoms import (
     atomic_numbers_from_names,
     atomic_numbers_from_symbols,
     infer_bonds,
+    infer_bonds_periodic,
+    make_whole,
     select_indices,
     selection_indices,
     standard_masses,
@@ -136,6 +140,33 @@ def _md17_frame_order(old_indices: np.ndarray, n_frames: int, path: Path
     return order, int(steps[0]) if len(steps) else 1
 
 
+def _npz_numbers(data, key: str, path: Path) -> np.ndarray:
+    """``data[key]`` as float64, or a :class:`DataError` naming the key when it is not numeric."""
+    try:
+        value = np.asarray(data[key])
+    except ValueError as exc:  # object arrays (pickles) are not loaded
+        raise DataError(f"{path}: '{key}' cannot be read ({exc}); give an MD17/rMD17 npz with "
+                        "numeric arrays") from exc
+    if not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
+        raise DataError(f"{path}: '{key}' holds {value.dtype} values, not numbers; give an "
+                        "MD17/rMD17 npz with numeric arrays")
+    return value.astype(np.float64)
+
+
+def _npz_atomic_numbers(data, key: str, path: Path) -> np.ndarray:
+    """(N,) atomic numbers from ``data[key]``; each must be a whole number of a known element."""
+    from ase.data import chemical_symbols
+
+    z = _npz_numbers(data, key, path).reshape(-1)
+    bad = ~np.isfinite(z) | (z != np.round(z)) | (z < 1) | (z >= len(chemical_symbols))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{path}: '{key}' must hold atomic numbers (1 to "
+                        f"{len(chemical_symbols) - 1}), but atom {i} has {z[i]:g}; give the "
+                        "nuclear charges of the atoms")
+    return z.astype(np.int64)
+
+
 def _open_npz(path: Path, select: str | None, dt_ps: float | None) -> Source:
     try:
         data = np.load(path, allow_pickle=False)
@@ -149,20 +180,31 @@ def _open_npz(path: Path, select: str | None, dt_ps: float | None) -> Source:
     else:
         raise DataError(f"{path}: npz without the expected keys (has {sorted(keys)}); MD17 files "
                         "need 'R' and 'z', rMD17 files 'coords' and 'nuclear_charges'")
-    positions = np.asarray(data[names["positions"]], dtype=np.float64)
-    z = np.asarray(data[names["numbers"]], dtype=np.int64).reshape(-1)
+    positions = _npz_numbers(data, names["positions"], path)
+    z = _npz_atomic_numbers(data, names["numbers"], path)
     if positions.ndim != 3 or positions.shape[1:] != (len(z), 3):
         raise DataError(f"{path}: positions of shape {positions.shape} do not match {len(z)} "
                         "atomic numbers; expected (frames, atoms, 3)")
+    if len(positions) == 0:
+        raise DataError(f"{path}: '{names['positions']}' holds no frame; give a file with at "
+                        "least one frame")
     _check_finite("positions", positions, path, 0)
+    if flavour == "rmd17" and "old_indices" not in keys and dt_ps is None:
+        raise DataError(
+            f"{path}: rMD17 keys ('coords', 'nuclear_charges') without 'old_indices': the time "
+            "order of the frames is unknown, and rMD17's frames are a random sample of an MD17 "
+            "trajectory, not a time series; ingest the original MD17 npz (keys R, z, E, F), or, "
+            "if this file is consecutive MD frames in rMD17's key layout, pass their interval "
+            "with --dt-ps (dt_ps=...), in ps")
     kj = _kcal_to_kj()
     energies = forces = None
     if names["energies"] in keys:
-        energies = np.asarray(data[names["energies"]], dtype=np.float64).reshape(-1) * kj
+        energies = _npz_numbers(data, names["energies"], path).reshape(-1) * kj
         if len(energies) != len(positions):
             raise DataError(f"{path}: {len(energies)} energies for {len(positions)} frames")
+        _check_finite("energies", energies, path, 0)
     if names["forces"] in keys:
-        forces = np.asarray(data[names["forces"]], dtype=np.float64) * kj
+        forces = _npz_numbers(data, names["forces"], path) * kj
         if forces.shape != positions.shape:
             raise DataError(f"{path}: forces of shape {forces.shape} but positions "
                             f"{positions.shape}")
@@ -577,37 +619,89 @@ def _open_ase(paths: list[Path], select: str | None, dt_ps: float | None) -> Sou
     if dropped:
         log.info("%s: dropped %d repeated boundary frame(s) between files", paths[0], dropped)
     z = np.asarray(first.numbers, dtype=np.int64)
-    topology = Topology.from_elements(z, np.asarray(first.get_masses(), dtype=np.float64),
-                                      infer_bonds(z, first.positions))
+    _check_finite("positions", first.positions[None], paths[0], 0)
+    periodic = bool(first.pbc.any())
+    made_whole = False
+    bonds = infer_bonds(z, first.positions)
+    if periodic and first.cell.rank == 3:
+        # bonds under the minimum image (a molecule stored wrapped is split across the cell);
+        # molecules are made whole in the first frame and kept from jumping in the next ones
+        mic_bonds, vectors = infer_bonds_periodic(z, first.positions, first.cell[:], first.pbc)
+        if make_whole(first.positions, mic_bonds, vectors) is not None:
+            bonds, made_whole = mic_bonds, True
+        else:
+            log.warning("%s: bonds span the periodic cell (a crystal or a polymer through the "
+                        "box): positions are left as stored", paths[0])
+    topology = Topology.from_elements(z, np.asarray(first.get_masses(), dtype=np.float64), bonds)
     index = select_indices(topology, select, paths[0])
+    kept_bonds = topology.subset(index).bonds
     topology = topology.subset(index)
     if first.calc is not None and not (has_f and has_e):
         log.warning("%s: not every frame carries calculator %s; they are left out of the "
                     "dataset", paths[0], " and ".join(
                         k for k, ok in (("forces", has_f), ("energies", has_e)) if not ok))
-    periodic = bool(first.pbc.any())
     v_fac, e_fac = ase_velocity_to_A_per_ps(), ev_to_kj_per_mol()
 
+    def unwrapper() -> Callable:
+        """Positions (N, 3) Å of frame ``a`` (file ``p``, index ``k``) with molecules whole and
+        no atom jumping across the cell since the frame before (in fractional coordinates,
+        which follow a changing cell)."""
+        prev: list = []
+
+        def positions(a, p: Path, k: int) -> np.ndarray:
+            if not made_whole:
+                return a.positions
+            pbc = np.asarray(a.pbc, dtype=bool)
+            if not prev:
+                x = make_whole(a.positions, bonds, vectors)
+                frac = a.cell.scaled_positions(x)
+            else:
+                frac = a.cell.scaled_positions(a.positions)
+                jump = np.round(frac - prev[0])
+                frac[:, pbc] -= jump[:, pbc]
+                x = a.cell.cartesian_positions(frac)
+            prev[:] = [frac]
+            if len(kept_bonds):
+                xs = x[index]
+                lengths = np.linalg.norm(xs[kept_bonds[:, 0]] - xs[kept_bonds[:, 1]], axis=-1)
+                j = int(np.argmax(lengths))
+                if lengths[j] > _box_half_height(np.asarray(a.cell[:])):
+                    i1, i2 = (int(index[m]) for m in kept_bonds[j])
+                    raise DataError(
+                        f"{p}: frame {k}: the bond between atoms {i1} and {i2} is "
+                        f"{lengths[j]:.1f} Å long after making molecules whole (more than half "
+                        "the cell): atoms moved more than half the cell between frames or the "
+                        "molecules changed; save frames more often or ingest the frames "
+                        "in pieces")
+            return x
+
+        return positions
+
     def block(chunk: list, s: int) -> Block:
-        x = np.stack([a.positions[index] for a in chunk])
+        x = np.stack([xa[index] for _, xa in chunk])
+        chunk = [a for a, _ in chunk]
         _check_finite("positions", x, paths[0], s)
+        energies = np.array([a.get_potential_energy() for a in chunk]) * e_fac if has_e \
+            else None
+        if energies is not None:
+            _check_finite("energies", energies, paths[0], s)
         return Block(
             x, (s + np.arange(len(chunk))) * float(dt_ps),
             velocities=np.stack([a.get_velocities()[index] for a in chunk]) * v_fac
             if has_v else None,
             forces=np.stack([a.get_forces()[index] for a in chunk]) * e_fac if has_f else None,
-            potential_energy=np.array([a.get_potential_energy() for a in chunk]) * e_fac
-            if has_e else None,
+            potential_energy=energies,
             box=np.stack([np.asarray(a.cell[:]) for a in chunk]) if periodic else None)
 
     def blocks() -> Iterator[Block]:
         chunk: list = []
         s = 0
+        positions = unwrapper()
         for p, skip in zip(paths, skip_first):
             for k, a in enumerate(frames_of(p)):
                 if k == 0 and skip:
                     continue
-                chunk.append(a)
+                chunk.append((a, positions(a, p, k)))
                 if len(chunk) == BLOCK_FRAMES:
                     yield block(chunk, s)
                     s, chunk = s + len(chunk), []
@@ -620,7 +714,7 @@ def _open_ase(paths: list[Path], select: str | None, dt_ps: float | None) -> Sou
     import ase
 
     meta = {"engine": "ase.io", "engine_version": ase.__version__, "interval_ps": float(dt_ps),
-            "interval_source": "user"}
+            "interval_source": "user", "made_whole": made_whole}
     if dropped:
         meta["dropped_duplicate_frames"] = dropped
     fields = {"velocities": has_v, "forces": has_f, "energies": has_e, "box": periodic}
@@ -676,10 +770,12 @@ def ingest(inputs: Sequence[str | os.PathLike] | str | os.PathLike, out: str | o
     (GROMACS nstvout != nstxout) are left out of the whole dataset, with a warning.
 
     Raises:
-        DataError: missing/unreadable input, atom-count mismatch, NaN/inf coordinates, empty
-            selection, npz without the expected keys, non-positive ``dt_ps``, no frame times and
-            no ``dt_ps``, frames unevenly spaced or out of order, a topology without
-            coordinates and no trajectory, molecules broken across the periodic box.
+        DataError: missing/unreadable input, atom-count mismatch, NaN/inf coordinates, forces
+            or energies, empty selection, npz without the expected keys or frames, atomic
+            numbers that are no element, rMD17 keys without ``old_indices`` and no ``dt_ps``,
+            non-positive ``dt_ps``, no frame times and no ``dt_ps``, frames unevenly spaced or
+            out of order, a topology without coordinates and no trajectory, molecules broken
+            across the periodic box.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -702,6 +798,9 @@ def _ingest_once(inputs: Sequence[str | os.PathLike], out: Path, select: str | N
                  progress: bool | None, command: str | None) -> Path:
     from tqdm.auto import tqdm
 
+    from datagen.runs import check_output_path
+
+    check_output_path(out)
     src = open_source(inputs, select=select, dt_ps=dt_ps, drop_fields=dropped)
     metadata = {
         **src.metadata,

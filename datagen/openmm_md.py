@@ -181,6 +181,10 @@ def _from_amber(prmtop: Path, inpcrd: Path, solvent: str, constraints,
     except Exception as exc:
         raise EngineError(f"{prmtop}: OpenMM cannot build the system ({exc})") from exc
     topology = top.topology
+    if len(crd.positions) != topology.getNumAtoms():
+        raise DataError(f"{inpcrd}: holds {len(crd.positions)} atoms but {prmtop} has "
+                        f"{topology.getNumAtoms()}; give the coordinates that belong to this "
+                        "prmtop (CLI: --coordinates)")
     if crd.boxVectors is not None:
         topology.setPeriodicBoxVectors(crd.boxVectors)
     return topology, system, crd.positions
@@ -633,8 +637,13 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
         raise ConfigError(f"{out}: {exc}") from None
     if equilibrate_ps is None:
         equilibrate_ps = spec.equilibrate_ps if spec else 10.0
-    if equilibrate_ps < 0:
-        raise ConfigError(f"equilibrate_ps={equilibrate_ps} must be >= 0")
+    if not (equilibrate_ps >= 0 and math.isfinite(equilibrate_ps)):
+        raise ConfigError(f"equilibrate_ps={equilibrate_ps} must be a number of ps >= 0; pass "
+                          "e.g. equilibrate_ps=10 (CLI: --equilibrate-ps 10)")
+    if not (friction_per_ps >= 0 and math.isfinite(friction_per_ps)):
+        # 0 is a Langevin integrator without a thermostat (constant energy), as OpenMM allows
+        raise ConfigError(f"friction_per_ps={friction_per_ps} must be a number of 1/ps >= 0; "
+                          "pass e.g. friction_per_ps=1 (CLI: --friction-per-ps 1)")
 
     prepared = prepare_system(system, solvent=solvent, forcefield=forcefield,
                               constraints=constraints, hmr=hmr, coordinates=coordinates,
@@ -706,6 +715,11 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
     else:
         _initialise(context, prepared, temperature_K, seed, minimize, gas_phase,
                     int(round(equilibrate_ps / (step_fs / 1000.0))), integ)
+        state = context.getState(getPositions=True, getEnergy=True)
+        if not (np.isfinite(state.getPositions(asNumpy=True)._value).all()
+                and math.isfinite(state.getPotentialEnergy()._value)):
+            raise _blown_up(prepared.label, "during the equilibration", step_fs, constraints,
+                            hmr)
 
     periodic = prepared.topology.getPeriodicBoxVectors() is not None
     writer = TrajectoryWriter(out, topology, metadata, velocities=True, forces=True,
@@ -732,12 +746,16 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
             buf["f"].append(state.getForces(asNumpy=True).value_in_unit(
                 unit.kilojoule_per_mole / unit.angstrom))
             buf["e"].append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+            if not (math.isfinite(buf["e"][-1]) and np.isfinite(buf["x"][-1]).all()):
+                raise _blown_up(prepared.label, f"at frame {frame} (t = "
+                                f"{frame * ps_per_frame:g} ps)", step_fs, constraints, hmr)
             buf["box"].append(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(
                 unit.angstrom))
             buf["t"].append(frame * ps_per_frame)
             buf["s"].append(frame * steps_per_frame)
             since_checkpoint += 1
-            if len(buf["x"]) == block or frame == frames - 1:
+            if len(buf["x"]) == block or frame == frames - 1 or \
+                    since_checkpoint >= checkpoint_frames:
                 writer.append(np.asarray(buf["x"]), np.asarray(buf["t"]), step=np.asarray(buf["s"]),
                               velocities=np.asarray(buf["v"]), forces=np.asarray(buf["f"]),
                               potential_energy=np.asarray(buf["e"]),
@@ -763,6 +781,20 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
     return out
 
 
+def _blown_up(label: str, when: str, step_fs: float, constraints: str | None,
+              hmr: bool) -> EngineError:
+    """The error for a simulation whose positions or energy stopped being finite, which an
+    integrator step too long for the fastest motions causes."""
+    fixes = ["a shorter --step-fs (step_fs=)"]
+    if constraints is None or str(constraints).lower() == "none":
+        fixes.append("constraints on bonds to hydrogen (--constraints HBonds)")
+    if hmr:
+        fixes.append("no --hmr")
+    return EngineError(f"{label}: the simulation blew up {when} (positions or energy are NaN or "
+                       f"inf): the {step_fs:g} fs time step is too long for this system; use "
+                       f"{' or '.join(fixes)}")
+
+
 def _initialise(context, prepared: PreparedSystem, temperature_K: float, seed: int,
                 minimize: bool, gas_phase: bool, equilibrate_steps: int, integ) -> None:
     import openmm as mm
@@ -778,6 +810,9 @@ def _initialise(context, prepared: PreparedSystem, temperature_K: float, seed: i
         _zero_context_momenta(context, prepared.system, temperature_K)
     if equilibrate_steps > 0:
         integ.step(equilibrate_steps)
+        state = context.getState(getPositions=True)
+        if not np.isfinite(state.getPositions(asNumpy=True)._value).all():
+            return  # blown up: the caller says why
         if gas_phase:  # a Langevin equilibration re-introduces momentum; remove it again
             _zero_context_momenta(context, prepared.system, None)
     context.setTime(0.0)

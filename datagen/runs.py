@@ -40,6 +40,14 @@ def frame_steps(interval_ps: float, step_fs: float) -> int:
     return int(n)
 
 
+def check_output_path(out: Path) -> None:
+    """Refuse an output path that names a directory (the finished file could not take its name,
+    and ``--overwrite`` cannot replace a directory)."""
+    if out.is_dir():
+        raise DataError(f"{out}: is a directory; give the dataset file's name, e.g. -o "
+                        f"{out / 'data.h5'}")
+
+
 def read_partial_metadata(partial: Path) -> dict[str, Any]:
     """Metadata of an unfinished ``.partial`` dataset (to check a resume uses the same settings)."""
     import h5py
@@ -63,6 +71,7 @@ def plan_run(out: Path, metadata: dict[str, Any], resume_keys: tuple[str, ...], 
     partial dataset and checkpoint without ``overwrite`` (and, for the latter, ``resume``), and a
     resume with other settings are errors.
     """
+    check_output_path(out)
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
     chk_path = out.with_name(out.name + CHECKPOINT_SUFFIX)
     if out.exists() and resume and not overwrite:

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 @pytest.mark.parametrize("flavour", ["md17", "rmd17"])
 def test_md17_npz_units_time_bonds(tmp_path, flavour):
-    src = md17_npz(tmp_path / f"{flavour}.npz", flavour=flavour)
+    # rMD17 frames carry their MD17 index: consecutive ones are a 0.5 fs time series
+    src = md17_npz(tmp_path / f"{flavour}.npz", flavour=flavour,
+                   old_indices=np.arange(40) if flavour == "rmd17" else None)
     out = ingest(src, tmp_path / "out.h5")
     with open_trajectory(src.with_suffix(".src.h5")) as ref, open_trajectory(out) as f:
         assert f.n_frames == 40 and f.n_atoms == 9
