@@ -324,7 +324,9 @@ def test_bf16_autocast_error_does_not_grow_away_from_the_origin(name, monkeypatc
         exact = run(shift, None, False)
         low = run(shift, None, True)
         chunked = run(shift, 5, True)
-        assert torch.allclose(chunked, low, rtol=0, atol=1e-3)
+        # bf16 sums in another order: up to 1.3e-3 Å on outputs of ~4 Å on a CPU with native
+        # bf16 (oneDNN's kernels differ between CPUs), a third of one bf16 step at 1 Å
+        assert torch.allclose(chunked, low, rtol=0, atol=3e-3)
         with monkeypatch.context() as dense:  # float32 message sums in the plain pass too
             dense.setattr(L, "_LOW_PRECISION_SUM_MAX_DEGREE", 0)
             assert torch.allclose(chunked, run(shift, None, True), rtol=0, atol=1e-5)
