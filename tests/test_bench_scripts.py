@@ -66,8 +66,16 @@ def test_common_helpers(bench, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
-def test_scaling_quick(bench, tmp_path, capsys):
+def _no_absolute_paths(path: Path, root: Path) -> None:
+    """The JSON a benchmark saved names the files of a run under ``root`` (the working
+    directory) relative to it."""
+    text = path.read_text()
+    assert str(root) not in text and str(root.resolve()) not in text
+
+
+def test_scaling_quick(bench, tmp_path, capsys, monkeypatch):
     scaling = bench("bench_scaling")
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "scaling.json"
     assert scaling.main(["--quick", "--in-process", "--threads", "1", "--models", "painet",
                          "egno", "--json", str(out), "--no-progress"]) == 0
@@ -82,6 +90,17 @@ def test_scaling_quick(bench, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert set(data["slopes_atoms"]) == {"painet", "egno"}
     assert all(isinstance(v, float) for v in data["slopes_atoms"].values())
+    # the large-system exponent: the fit over the two largest sizes, as its own column
+    header = tables[3][0]
+    assert header[2] == "slope vs atoms, two largest sizes"
+    for row in slopes:
+        pts = sorted((r["n_atoms"], r["seconds"]) for r in data["atoms"]
+                     if r["model"] == row[0] and "seconds" in r)[-2:]
+        top = math.log(pts[1][1] / pts[0][1]) / math.log(pts[1][0] / pts[0][0])
+        assert data["slopes_atoms_largest_two"][row[0]] == pytest.approx(top)
+        assert row[2] == f"{top:.2g}"
+    assert data["plot"] == "scaling.png"
+    _no_absolute_paths(out, tmp_path)
     assert (tmp_path / "scaling.png").stat().st_size > 1000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scaling.json", "scaling.png"]
 
@@ -100,8 +119,9 @@ def test_scaling_synthetic_density_and_skip(bench):
     assert scaling.predicted_seconds(done, 10_000, "n_atoms") == pytest.approx(100.0)
 
 
-def test_accuracy_quick_md17(bench, tmp_path, capsys):
+def test_accuracy_quick_md17(bench, tmp_path, capsys, monkeypatch):
     accuracy = bench("bench_accuracy")
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "acc.json"
     assert accuracy.main(["--quick", "--system", "ethanol", "--models", "constant", "linear",
                           "egno", "estag", "--seeds", "1", "--data-dir", str(tmp_path / "d"),
@@ -130,6 +150,8 @@ def test_accuracy_quick_md17(bench, tmp_path, capsys):
     assert all(len(c) == len(roll["times_ps"]) and min(c) > 0 for c in roll["rmsd_A"].values())
     assert (tmp_path / "roll.png").stat().st_size > 1000
     assert _check(tables[2])[0][0] in roll["rmsd_A"]
+    assert data["data"] == "d/ethanol-vacuum-1200f-seed0.h5"
+    _no_absolute_paths(out, tmp_path)
 
 
 def test_accuracy_quick_adk_residues_with_transfer(bench, tmp_path, capsys):
@@ -353,6 +375,53 @@ def test_validity_guards_rebuild_partial_models(bench, tmp_path):
     assert bad["rejected"] == 10
     assert bad["failures"].get("bond") == 10 and bad["failures"].get("energy") == 10
     assert bad["energy_rise_kJ_per_mol"]["median"] > good["energy_rise_kJ_per_mol"]["max"]
+
+
+def test_benchmarks_report_bad_inputs_in_one_line(bench, tmp_path, capsys):
+    """A missing data file, or a dataset passed where a checkpoint belongs: one ``error:`` line
+    naming the file and exit status 2, as the package's command lines, not a traceback."""
+    validity = bench("bench_validity")
+    recon = bench("bench_reconstruction")
+    accuracy = bench("bench_accuracy")
+    data = tmp_path / "ala.h5"
+    _alanine_md(data, 20)
+    missing = tmp_path / "missing.h5"
+    runs = [
+        (validity, ["--checkpoints", str(data), "--data", str(data)],
+         "not a readable surrogate-md checkpoint"),
+        (validity, ["--checkpoints", str(tmp_path / "best.pt"), "--data", str(missing)],
+         "no such dataset file"),
+        (recon, ["--data", str(missing)], "no such dataset file"),
+        (accuracy, ["--system", "ethanol", "--data", str(missing), "--models", "constant",
+                    "--seeds", "1", "--out-dir", str(tmp_path / "r")], "no such dataset file"),
+    ]
+    for module, argv, message in runs:
+        assert module.main([*argv, "--no-progress"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("error:")]
+        assert len(err) == 1 and message in err[0]
+        assert str(missing) in err[0] or str(data) in err[0]
+
+
+def test_quick_threads_run_leaves_the_measured_result_alone(bench, tmp_path, monkeypatch,
+                                                           capsys):
+    """``--quick`` (a second's worth) without ``--json`` writes no JSON: before, it replaced
+    results/threads.json, the measured result the README quotes."""
+    mod = bench("bench_threads")
+    monkeypatch.setattr(mod, "HERE", tmp_path)
+    assert mod.main(["--quick", "--threads", "1"]) == 0
+    assert "| 1 | 2 |" in capsys.readouterr().out
+    assert not (tmp_path / "results").exists()
+
+
+def test_command_line_writes_paths_below_the_working_directory_relative(bench, tmp_path,
+                                                                        monkeypatch):
+    common = bench("common")
+    monkeypatch.chdir(tmp_path)
+    line = common.command_line("bench_x.py", ["--json", str(tmp_path / "r" / "x.json"),
+                                              "--data", "/elsewhere/a b.h5", "--n", "3"])
+    assert line == ("python examples/benchmarks/bench_x.py --json r/x.json "
+                    "--data '/elsewhere/a b.h5' --n 3")
 
 
 def test_threads_quick(bench, tmp_path, capsys):

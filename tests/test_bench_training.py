@@ -127,6 +127,18 @@ def test_bad_batch_sizes_are_rejected():
         bench.main(["--quick", "--in-process", "--batch-sizes", "0"])
 
 
+def test_only_matching_nothing_is_an_error(tmp_path, capsys):
+    """A misspelt --only (names are case-sensitive) printed an empty table and wrote a JSON with
+    no configuration."""
+    bench = _load()
+    out = tmp_path / "none.json"
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--in-process", "--only", "adk", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert "--only adk matches no configuration" in err and "egno AdK x1" in err
+    assert not out.exists()
+
+
 def _model_and_batch(name: str, n_channels: int, dtype):
     """A small perturbed model and a batch of two systems (9 and 11 atoms, fully connected)."""
     options = {"n_channels": n_channels, "hidden": 16}

@@ -154,3 +154,71 @@ def test_backbone_torsions_stay_inside_each_chain_when_numbering_runs_on(tmp_pat
         assert (((two[kind] < n).all(1)) | ((two[kind] >= n).all(1))).all(), kind
     ca = M.consecutive_ca_pairs(dimer)
     assert len(ca) == 58 and ((ca < n).all(1) | (ca >= n).all(1)).all()
+
+
+def test_fewer_rollouts_than_asked_for_are_a_warning(ala, checkpoint, tmp_path, caplog):
+    """21 frames hold 11 windows of 0.2 ps; only the first has reference frames for two jumps, so
+    a default run (4 rollouts of 10 jumps) starts one rollout of two jumps: both shortfalls are
+    warnings, in the log and in the report, and the report counts in the singular."""
+    short = _first(ala, 21, tmp_path / "short.h5")
+    with caplog.at_level("WARNING", logger="surrogate_md.evaluate.core"):
+        res = evaluate(checkpoint, short, tmp_path / "out", split="all", plots=False)
+    roll = res["rollout"]
+    assert (roll["n_rollouts"], roll["n_jumps"]) == (1, 2)
+    assert (roll["n_rollouts_requested"], roll["n_jumps_requested"]) == (4, 10)
+    assert "warnings" not in roll
+    count = [w for w in res["warnings"] if "only 1 of the 4 rollouts asked for" in w]
+    jumps = [w for w in res["warnings"] if "limited to 2 of the 10 jumps" in w]
+    assert len(count) == len(jumps) == 1
+    assert count[0] in caplog.text and jumps[0] in caplog.text
+    report = (tmp_path / "out" / "report.md").read_text()
+    warned = report.split("## Warnings", 1)[1].split("##", 1)[0]
+    assert count[0] in warned and jumps[0] in warned
+    assert "1 rollout of 2 jumps (asked for: 4 of 10; see Warnings)" in report
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["warnings"] == \
+        res["warnings"]
+
+
+def test_report_states_the_collapse_threshold_the_count_used(ala, checkpoint, tmp_path,
+                                                             monkeypatch):
+    from surrogate_md.evaluate import core
+
+    monkeypatch.setattr(core, "COLLAPSE_A", 0.02)
+    res = evaluate(checkpoint, ala, tmp_path / "out", rollout_jumps=2, n_rollouts=1, plots=False)
+    bonds = res["rollout"]["validity"]["bond_deviation_A"]
+    assert bonds["collapse_threshold_A"] == 0.02
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "frames with a bond deviating > 0.02 Å (collapse)" in report
+    assert "> 0.5 Å" not in report
+
+
+def test_torsion_sampling_floor_needs_enough_reference_frames(validity_inputs, tmp_path):
+    """The floor compares the first half of the reference frames with the second: with a frame
+    or two in each half it is no floor at all, and the report says so instead of a number."""
+    from surrogate_md.evaluate.core import TORSION_FLOOR_MIN_FRAMES, _validity
+    from surrogate_md.evaluate.report import write_report
+
+    sur, prepared, frames = validity_inputs
+    for n in (1, 4, 2 * TORSION_FLOOR_MIN_FRAMES - 1):
+        tors = _validity(sur, prepared, frames[100:100 + n], frames[:n])["torsions"]
+        assert tors["reference_split_half"] is None and tors["reference_frames"] == n
+    enough = 2 * TORSION_FLOOR_MIN_FRAMES
+    floor = _validity(sur, prepared, frames[100:140], frames[:enough])["torsions"]
+    assert set(floor["reference_split_half"]) == {"js_phi_psi", "js_phi", "js_psi"}
+
+    def report(tors):
+        roll = {"n_rollouts": 1, "n_jumps": 1, "times_ps": [0.1], "mse_vs_time": {},
+                "validity": {"torsions": tors}}
+        result = {"checkpoint": "best.pt", "model": "egnn", "checkpoint_hash": "0", "data": [],
+                  "split": "test", "n_windows": 1, "protocol": "s2t", "jump_ps": 0.2,
+                  "errors": {"models": {}, "times_ps": []}, "rollout": roll}
+        return write_report(result, tmp_path / "report.md").read_text()
+
+    few = _validity(sur, prepared, frames[100:104], frames[:4])["torsions"]
+    text = report(few)
+    assert "| n/a * |" in text and "n/a / n/a * |" in text
+    assert "No sampling floor" in text and "the reference holds 4 frames" in text
+    assert f"needs at least {2 * TORSION_FLOOR_MIN_FRAMES})" in text
+    assert "is the sampling floor" not in text
+    text = report(floor)
+    assert "is the sampling floor" in text and "n/a" not in text

@@ -52,6 +52,7 @@ import yaml
 from common import (
     ADK_DEFAULTS,
     ADK_MD,
+    clean_errors,
     command_line,
     fmt,
     fmt_pm,
@@ -59,6 +60,7 @@ from common import (
     machine_table,
     markdown_table,
     mean_std,
+    relative_path,
     save_figure,
     save_json,
     setup_logging,
@@ -209,6 +211,7 @@ def run_one(args: argparse.Namespace, label: str, data: Path, seed: int) -> dict
                        for b in BASELINES if b in errors}}
 
 
+@clean_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for CI)")
@@ -330,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
             break
     results = {"machine": info, "command": command, "quick": args.quick, "system": args.system,
-               "data": str(data), "split": args.split, "epochs": args.epochs,
+               "data": relative_path(data), "split": args.split, "epochs": args.epochs,
                "max_steps_per_epoch": args.max_steps_per_epoch, "rows": rows, "runs": runs,
-               "transfer": args.transfer, "precision": args.precision,
+               "transfer": relative_path(args.transfer) if args.transfer else None,
+               "precision": args.precision,
                "metric": "Å² per atom: squared distance summed over xyz, averaged over atoms",
                "wall_seconds": time.perf_counter() - start}
     head = ["model", "protocol", "F-MSE (Å²)", "A-MSE (Å²)", "train time (s)", "seeds",

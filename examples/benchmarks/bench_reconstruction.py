@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 from common import (
+    clean_errors,
     command_line,
     fmt,
     machine,
@@ -175,6 +176,7 @@ def _relax_cell(r: dict | None) -> str:
             f"({r['reached']}/{r['relaxed']} at the median)")
 
 
+@clean_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",

@@ -10,7 +10,9 @@ median of ``--repeats`` passes after one warm-up pass.
 Sweeps:
 - atoms: ``--atoms`` (default 10^3, 10^4, 10^5, bounded by ``--max-atoms``) at P = ``--p-fixed``;
   a log-log fit gives each model's exponent (time ~ atoms^slope; PAINET's type-factorised all-pair
-  attention and the edge-wise decoder make it ~1 at fixed density);
+  attention and the edge-wise decoder make it ~1 at fixed density), over all sizes and over the
+  two largest (fixed costs weigh on the smallest systems, so the second is the large-system
+  exponent);
 - P: ``--p-values`` (default 1, 2, 4, 8, 16) at ``--p-atoms`` atoms.
 
 A configuration is skipped when the time predicted from the model's previous (smaller) sizes
@@ -51,6 +53,7 @@ from common import (
     machine,
     machine_table,
     markdown_table,
+    relative_path,
     save_figure,
     save_json,
     setup_logging,
@@ -304,7 +307,14 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         pts = [r for r in rows if r["model"] == name and "seconds" in r]
         return loglog_slope([r[key] for r in pts], [r["seconds"] for r in pts])
 
+    def top_slope(rows: list[dict], key: str, name: str) -> float:
+        pts = sorted((r for r in rows if r["model"] == name and "seconds" in r),
+                     key=lambda r: r[key])[-2:]
+        return loglog_slope([r[key] for r in pts], [r["seconds"] for r in pts])
+
     results["slopes_atoms"] = {m: slope(results["atoms"], "n_atoms", m) for m in args.models}
+    results["slopes_atoms_largest_two"] = {m: top_slope(results["atoms"], "n_atoms", m)
+                                           for m in args.models}
     results["slopes_p"] = {m: slope(results["p"], "n_times", m) for m in args.models}
 
     def table(rows: list[dict], key: str) -> str:
@@ -322,8 +332,9 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
                                memory_label], body)
 
     slopes = markdown_table(
-        ["model", "slope vs atoms", "slope vs P"],
-        [[m, fmt(results["slopes_atoms"][m], 2), fmt(results["slopes_p"][m], 2)]
+        ["model", "slope vs atoms", "slope vs atoms, two largest sizes", "slope vs P"],
+        [[m, fmt(results["slopes_atoms"][m], 2),
+          fmt(results["slopes_atoms_largest_two"][m], 2), fmt(results["slopes_p"][m], 2)]
          for m in args.models])
     print(f"# Inference scaling (synthetic {args.density} atoms/Å³, radius graph "
           f"{args.cutoff_A} Å, untrained weights)\n")
@@ -337,7 +348,10 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     plot_path = args.plot or (str(Path(args.json_path).with_suffix(".png"))
                               if args.json_path else None)
     if plot_path:
-        results["plot"] = str(plot(results, Path(plot_path)))
+        drawn = plot(results, Path(plot_path))
+        # beside the JSON: its name relative to the JSON's folder, never a machine's absolute path
+        results["plot"] = (os.path.relpath(drawn.resolve(), Path(args.json_path).resolve().parent)
+                           if args.json_path else relative_path(drawn))
     if args.json_path:
         save_json(args.json_path, results)
     return 0

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import yaml
 from common import (
+    clean_errors,
     command_line,
     fmt,
     machine,
@@ -376,6 +377,7 @@ def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
     return row
 
 
+@clean_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for CI)")

@@ -9,7 +9,8 @@ two processes on two cores run as fast as one alone.
     python examples/benchmarks/bench_threads.py            # the README table
     python examples/benchmarks/bench_threads.py --quick    # a second's worth, for the tests
 
-Prints a Markdown table and saves ``results/threads.json``.
+Prints a Markdown table and saves ``results/threads.json`` (``--json`` elsewhere; a ``--quick``
+run saves only where ``--json`` says, so that it never replaces the measured result).
 """
 
 from __future__ import annotations
@@ -61,10 +62,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="threads of the default case (default: the cores, as torch "
                              "takes them)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
-    parser.add_argument("--json", dest="json_path", default=str(HERE / "results" / "threads.json"))
+    parser.add_argument("--json", dest="json_path", default=None,
+                        help="write results here (default: results/threads.json beside this "
+                             "script; with --quick: nowhere)")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.repeats = 64, 200
+    elif args.json_path is None:
+        args.json_path = str(HERE / "results" / "threads.json")
     rows, cases = [], []
     alone = {}
     for threads in sorted({args.threads, 1}, reverse=True):
@@ -81,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown_table(["threads per process", "processes side by side", "s per process",
                           "slowdown vs alone", "products/s, all processes"], rows))
-    save_json(args.json_path, {"machine": info, "command": command_line(__file__, argv),
-                               "size": args.size, "repeats": args.repeats, "cases": cases})
+    if args.json_path:
+        save_json(args.json_path, {"machine": info, "command": command_line(__file__, argv),
+                                   "quick": args.quick, "size": args.size,
+                                   "repeats": args.repeats, "cases": cases})
     return 0
 
 

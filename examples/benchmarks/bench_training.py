@@ -281,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         configs = [variant for c in configs for variant in
                    (c, dataclasses.replace(c, name=f"{c.name} compiled", compiled=True))]
     if args.only:
+        names = [c.name for c in configs]
         configs = [c for c in configs if any(word in c.name for word in args.only)]
+        if not configs:
+            parser.error(f"--only {' '.join(args.only)} matches no configuration (names are "
+                         f"case-sensitive): {', '.join(names)}")
     if args.compare_src and args.in_process:
         parser.error("--compare-src needs fresh processes; drop --in-process")
     memory_label = ("CUDA allocated" if args.device != "cpu" else
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     key = "samples_per_cpu_s" if args.device == "cpu" and args.threads == 1 else "samples_per_s"
     if str(HERE) not in sys.path:  # loaded by path (the tests) rather than run as a script
         sys.path.insert(0, str(HERE))
-    from common import command_line, machine, machine_table
+    from common import command_line, machine, machine_table, relative_path
 
     info = machine(args.device)
     info["torch_threads"] = args.threads  # what every measured step ran with
@@ -312,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                 "quick": args.quick,
                 "ratios_from": key,
                 "torch": torch.__version__, "memory": memory_label,
-                "compare_src": args.compare_src, "configs": rows}
+                "compare_src": relative_path(args.compare_src) if args.compare_src else None,
+                "command": command_line(__file__, argv), "configs": rows}
         tmp = f"{args.json_path}.tmp{os.getpid()}"
         with open(tmp, "w") as handle:
             json.dump(data, handle, indent=2)

@@ -58,6 +58,7 @@ import yaml
 from common import (
     ADK_DEFAULTS,
     ADK_MD,
+    clean_errors,
     command_line,
     fmt,
     machine,
@@ -455,6 +456,7 @@ def plot_engine_energies(rows: list[dict[str, Any]], md_above: np.ndarray | None
     return save_figure(fig, path)
 
 
+@clean_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for CI)")
@@ -515,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         else args.device
     from surrogate_md import Surrogate
     from surrogate_md.data.h5md import open_trajectory
+    from surrogate_md.evaluate.core import COLLAPSE_A
 
     info = machine(args.device)
     command = command_line(__file__, argv)
@@ -614,8 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# Validity of {args.jumps}-jump rollouts ({where}) vs reference MD ({data.name})\n")
     print(machine_table(info, command) + "\n")
     print(table + "\n")
-    print("Collapsed: a bond > 0.5 Å off its mean (or non-finite); clash: closest pair beyond "
-          "two bonds nearer than the checkpoint's clash distance (fraction of scored frames); "
+    print(f"Collapsed: a bond > {COLLAPSE_A:g} Å off its mean (or non-finite); clash: closest "
+          "pair beyond two bonds nearer than the checkpoint's clash distance (fraction of scored "
+          "frames); "
           "h(r): pair-distance histogram, 0.1 Å bins; torsion JSD: (phi, psi) histograms, "
           "nats (0..0.69). Guards: on the full system, non-finite/bond/clash/chain-break"
           + (f" and energy (more than {fmt(rows[0]['guards']['energy_threshold_kJ_per_mol'])} "

@@ -6,6 +6,7 @@ folder first on ``sys.path``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -67,9 +68,28 @@ def machine(device: str = "cpu") -> dict[str, Any]:
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
-    """The command that reproduces this run, relative to the repository root."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    """The command that reproduces this run, relative to the repository root; absolute paths
+    below the working directory are written relative to it (results carry no machine-specific
+    absolute paths where the run allows)."""
+    args = [relative_path(a) if os.path.isabs(a) else a
+            for a in (sys.argv[1:] if argv is None else argv)]
     return shlex.join(["python", f"examples/benchmarks/{Path(script).name}", *args])
+
+
+def clean_errors(main):
+    """Wrap a benchmark's ``main(argv)``: a user error of the package (missing or unreadable data
+    file, a checkpoint that is not one or does not fit the data) ends with one ``error:`` line on
+    stderr and exit status 2, as the package's own command lines do, instead of a traceback."""
+    @functools.wraps(main)
+    def wrapped(argv: Sequence[str] | None = None) -> int:
+        from surrogate_md.errors import SurrogateMDError
+
+        try:
+            return main(argv)
+        except SurrogateMDError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return wrapped
 
 
 def relative_path(path: str | os.PathLike) -> str:

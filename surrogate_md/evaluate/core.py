@@ -37,6 +37,9 @@ BASELINES = ("constant", "linear")
 SPLITS = ("test", "val", "train", "all")
 PROTOCOLS = ("s2t", "s2s")
 COLLAPSE_A = 0.5  # bond-length deviation (Å) that counts as a collapsed/broken frame
+#: reference frames each half must hold for the torsion sampling floor (first half of the
+#: reference frames against the second): with fewer, the two histograms say nothing
+TORSION_FLOOR_MIN_FRAMES = 5
 CHAIN_BREAK_A = 4.5  # CA-CA(i, i+1) distance (Å) that counts as a chain break
 
 
@@ -158,6 +161,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         result["errors"] = _window_errors(sur, ds, protocol, batch_size)
         if rollout_jumps:
             result["rollout"] = _rollouts(sur, ds, prepared, rollout_jumps, n_rollouts)
+            warnings += result["rollout"].pop("warnings", [])
             warnings += [f"rollout {r['rollout']} ({Path(r['data']).name}, start frame "
                          f"{r['start_frame']}): {r['divergence']}"
                          for r in result["rollout"].get("rollouts", []) if r["divergence"]]
@@ -488,10 +492,18 @@ def _rollouts(sur: Surrogate, ds: WindowDataset, prepared, rollout_jumps: int,
     n_jumps = int(min(rollout_jumps, room.max()))
     if n_jumps < 1:
         return {"skipped": "the trajectory is too short after the rollout starts"}
+    notes = []
     if n_jumps < rollout_jumps:
-        log.warning("rollouts limited to %d jumps by the trajectory length", n_jumps)
+        notes.append(f"rollouts limited to {n_jumps} of the {rollout_jumps} jumps asked for by "
+                     "the trajectory length")
     fits = np.nonzero(room >= n_jumps)[0]  # windows with reference frames for every jump
     pick = fits[np.unique(np.linspace(0, len(fits) - 1, min(n_rollouts, len(fits))).astype(int))]
+    if len(pick) < n_rollouts:
+        notes.append(f"only {len(pick)} of the {n_rollouts} rollouts asked for: "
+                     f"{len(fits)} window(s) have reference frames for all {n_jumps} jumps; "
+                     "the rollout curves and validity measures average over fewer starts")
+    for note in notes:
+        log.warning("%s", note)
     n_frames = n_jumps * p.n_out
     atoms = sur.model_atoms
     pos, vel, hist, ref, starts = [], [], [], [], []
@@ -528,6 +540,8 @@ def _rollouts(sur: Surrogate, ds: WindowDataset, prepared, rollout_jumps: int,
             log.warning("rollout %d (%s, start frame %d): %s", r["rollout"], r["data"],
                         r["start_frame"], r["divergence"])
     result = {"n_rollouts": int(len(pick)), "n_jumps": int(n_jumps),
+              "n_rollouts_requested": int(n_rollouts), "n_jumps_requested": int(rollout_jumps),
+              "warnings": notes,
               "times_ps": times.tolist(),
               "mse_vs_time": {k: v.tolist() for k, v in curves.items()},
               "n_diverged": sum(j is not None for j, _ in diverged), "rollouts": rollouts}
@@ -645,6 +659,7 @@ def _validity(sur: Surrogate, prepared, pred: np.ndarray, ref: np.ndarray,
             "model_mean": float(dev_pred.mean()), "model_max": float(dev_pred.max()),
             "reference_mean": float(dev_ref.mean()), "reference_max": float(dev_ref.max()),
             "collapsed_fraction": float((dev_pred.max(1) > COLLAPSE_A).mean()),
+            "collapse_threshold_A": COLLAPSE_A,
             "tolerance_A": None if v is None else v.bond_tolerance_A,
             "model_values": _spread(dev_pred), "reference_values": _spread(dev_ref)}
     pred_s = pred[_frame_sample(len(pred), max_frames)]
@@ -691,12 +706,15 @@ def _validity(sur: Surrogate, prepared, pred: np.ndarray, ref: np.ndarray,
                             M.torsions(pred, quads["psi"])[:, ib])
             phi_r, psi_r = M.torsions(ref, quads["phi"])[:, ia], M.torsions(ref, quads["psi"])[:, ib]
             half = len(ref) // 2
+            # a floor for the above: two samples of the same MD differ by this much when the
+            # sample is short (first vs second half of the reference frames); None when the
+            # halves are too small to be samples at all
+            floor = (_torsion_js(phi_r[:half], psi_r[:half], phi_r[half:], psi_r[half:])
+                     if half >= TORSION_FLOOR_MIN_FRAMES else None)
             out["torsions"] = {
                 "n_residues": int(len(pairs)), **_torsion_js(phi_p, psi_p, phi_r, psi_r),
-                # a floor for the above: two samples of the same MD differ by this much when
-                # the sample is short (first vs second half of the reference frames)
-                "reference_split_half": _torsion_js(phi_r[:half], psi_r[:half],
-                                                    phi_r[half:], psi_r[half:]),
+                "reference_split_half": floor, "reference_frames": int(len(ref)),
+                "floor_min_frames": 2 * TORSION_FLOOR_MIN_FRAMES,
                 "model_phi": _spread(phi_p), "model_psi": _spread(psi_p),
                 "reference_phi": _spread(phi_r), "reference_psi": _spread(psi_r)}
     return out

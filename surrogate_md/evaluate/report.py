@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from surrogate_md.evaluate.core import COLLAPSE_A, TORSION_FLOOR_MIN_FRAMES
 from surrogate_md.fileio import atomic_write_text, save_figure
 from surrogate_md.metrics import METRIC_DEFINITION
 
@@ -48,7 +49,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[str]:
         ax.set_xlabel("simulated time (ps)")
         ax.set_ylabel(ylabel)
         ax.set_yscale("log")
-        ax.set_title(f"rollout error vs reference ({roll['n_rollouts']} starts)")
+        ax.set_title(f"rollout error vs reference ({_count(roll['n_rollouts'], 'start')})")
         ax.legend()
         _save(fig, out / "rollout_error.png")
         written.append("rollout_error.png")
@@ -98,6 +99,10 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def write_report(result: dict[str, Any], path: Path) -> Path:
     """``report.md``: tables labelled with their metric definition, plots linked."""
     lines = [f"# Evaluation of `{Path(result['checkpoint']).name}` ({result['model']})", "",
@@ -131,10 +136,14 @@ def write_report(result: dict[str, Any], path: Path) -> Path:
     if roll and "mse_vs_time" in roll:
         times = roll["times_ps"]
         marks = sorted({int(i) for i in np.linspace(0, len(times) - 1, min(6, len(times)))})
+        ran = f"{_count(roll['n_rollouts'], 'rollout')} of {_count(roll['n_jumps'], 'jump')}"
+        asked = (roll.get("n_rollouts_requested", roll["n_rollouts"]),
+                 roll.get("n_jumps_requested", roll["n_jumps"]))
+        if asked != (roll["n_rollouts"], roll["n_jumps"]):  # the data were too short
+            ran += f" (asked for: {asked[0]} of {asked[1]}; see Warnings)"
         lines += ["", "## Rollout", "",
-                  f"{roll['n_rollouts']} rollouts of {roll['n_jumps']} jumps, each jump fed back "
-                  "as the next input, compared with the reference MD at the same times. "
-                  f"Metric: {METRIC_DEFINITION.split(' (')[0]}.", "",
+                  f"{ran}, each jump fed back as the next input, compared with the reference MD "
+                  f"at the same times. Metric: {METRIC_DEFINITION.split(' (')[0]}.", "",
                   "| model | " + " | ".join(f"{times[i]:g} ps" for i in marks) + " |",
                   "|---|" + "---|" * len(marks)]
         for name, curve in roll["mse_vs_time"].items():
@@ -155,7 +164,8 @@ def write_report(result: dict[str, Any], path: Path) -> Path:
                       f"{_fmt(b['model_mean'])} | {_fmt(b['reference_mean'])} |",
                       f"| max bond-length deviation (Å) | {_fmt(b['model_max'])} | "
                       f"{_fmt(b['reference_max'])} |",
-                      f"| frames with a bond deviating > 0.5 Å (collapse) | "
+                      f"| frames with a bond deviating > "
+                      f"{b.get('collapse_threshold_A', COLLAPSE_A):g} Å (collapse) | "
                       f"{_fmt(b['collapsed_fraction'])} | - |"]
         d = val.get("min_nonbonded_distance_A")
         if d:
@@ -183,15 +193,24 @@ def write_report(result: dict[str, Any], path: Path) -> Path:
         if t:
             floor = t.get("reference_split_half") or {}
             lines += [f"| backbone (phi, psi) Jensen-Shannon divergence (nats, 36x36 bins) | "
-                      f"{_fmt(t['js_phi_psi'])} | {_fmt(floor.get('js_phi_psi', 0.0))} * |",
+                      f"{_fmt(t['js_phi_psi'])} | {_fmt(floor.get('js_phi_psi'))} * |",
                       f"| phi / psi JS divergence (nats, 36 bins) | {_fmt(t['js_phi'])} / "
-                      f"{_fmt(t['js_psi'])} | {_fmt(floor.get('js_phi', 0.0))} / "
-                      f"{_fmt(floor.get('js_psi', 0.0))} * |",
-                      "", "\\* The reference-MD column for the JS divergences is the sampling "
-                      "floor: the first half of the reference frames against the second half "
-                      "(half the sample each). Two samples of the same MD this short differ "
-                      "by about this much; a model value near it is as close as the sample can "
-                      "tell."]
+                      f"{_fmt(t['js_psi'])} | {_fmt(floor.get('js_phi'))} / "
+                      f"{_fmt(floor.get('js_psi'))} * |", ""]
+            if floor:
+                lines.append("\\* The reference-MD column for the JS divergences is the "
+                             "sampling floor: the first half of the reference frames against "
+                             "the second half (half the sample each). Two samples of the same "
+                             "MD this short differ by about this much; a model value near it "
+                             "is as close as the sample can tell.")
+            else:
+                held = (f"{_count(t['reference_frames'], 'frame')}"
+                        if "reference_frames" in t else "too few frames")
+                need = t.get("floor_min_frames", 2 * TORSION_FLOOR_MIN_FRAMES)
+                lines.append("\\* No sampling floor: it compares the first half of the "
+                             f"reference frames with the second half, and the reference holds "
+                             f"{held} (the floor needs at least {need}). With so few frames "
+                             "the JS divergences measure the sample size more than the model.")
     elif roll:
         lines += ["", f"Rollout skipped: {roll.get('skipped')}."]
     tm = result.get("training_metrics") or {}
