@@ -434,3 +434,23 @@ def test_threads_quick(bench, tmp_path, capsys):
     data = json.loads((tmp_path / "t.json").read_text())
     assert [len(c["seconds"]) for c in data["cases"]] == [1, 2, 1, 2]
     assert all(s > 0 for c in data["cases"] for s in c["seconds"])
+
+
+def test_engine_energy_plot_uses_the_kept_states_own_times(bench, tmp_path):
+    """After a jump that fell back to MD (its state left out of the kept series), the later
+    states were drawn one jump too early (their index times the jump); the engine's own times
+    are kept now and the plot uses them."""
+    import numpy as np
+
+    validity = bench("bench_validity")
+    guards = {"jumps_checked": 5, "jumps_failed": 1, "failures": {"energy": 1},
+              "actions": {"fallback": 1}, "relaxations": 0, "relax_iterations_used": 0,
+              "thresholds": {"energy_jump_kJ_per_mol": 100.0},
+              "energy_reference_kJ_per_mol": 5.0}
+    run = {"guards": guards, "fallbacks": 1, "times": np.array([4.0, 8.0, 16.0, 20.0]),
+           "energies": np.array([1.0, 2.0, 3.0, 4.0])}
+    row = {"model": "egno", "jump_ps": 4.0,
+           "guards": validity.engine_guard_events(run, np.array([0.0, 1.0, 2.0]))}
+    assert validity.kept_times_ns(row) == pytest.approx([0.004, 0.008, 0.016, 0.020])
+    assert row["guards"]["kept_energy_above_md_kJ_per_mol"]["series"] == [0.0, 1.0, 2.0, 3.0]
+    assert validity.plot_engine_energies([row], None, tmp_path / "e.png", "t").exists()

@@ -419,8 +419,19 @@ def engine_guard_events(run: dict[str, Any], md_energies: np.ndarray | None) -> 
                                                   "max": float(np.max(above)),
                                                   "last_100_median":
                                                       float(np.median(above[-100:])),
-                                                  "series": above.tolist()}
+                                                  "series": above.tolist(),
+                                                  "times_ps": np.asarray(run["times"]).tolist()}
     return out
+
+
+def kept_times_ns(row: dict[str, Any]) -> np.ndarray:
+    """(n_kept,) ns: the simulated times of an engine row's kept states (the states fallback MD
+    made are left out, so after a fallback they are not one jump apart)."""
+    kept = row["guards"]["kept_energy_above_md_kJ_per_mol"]
+    if "times_ps" in kept:
+        return np.asarray(kept["times_ps"], dtype=float) * 1e-3
+    # results saved before the times were kept: one state per jump
+    return np.arange(1, len(kept["series"]) + 1) * row["jump_ps"] * 1e-3
 
 
 def plot_engine_energies(rows: list[dict[str, Any]], md_above: np.ndarray | None, path: Path,
@@ -439,7 +450,7 @@ def plot_engine_energies(rows: list[dict[str, Any]], md_above: np.ndarray | None
         kept = g.get("kept_energy_above_md_kJ_per_mol")
         if kept is None:
             continue
-        t_ns = np.arange(1, len(kept["series"]) + 1) * r["jump_ps"] * 1e-3
+        t_ns = kept_times_ns(r)
         line, = ax.plot(t_ns, np.asarray(kept["series"]) * 1e-3, lw=1.0,
                         label=f"{r['model']} (kept)")
         base = g.get("energy_reference_above_md_kJ_per_mol", 0.0)
