@@ -7,8 +7,9 @@ frame. ``step(n)`` advances ``n`` learned jumps.
 
 Step and time bookkeeping (what the reporters see):
 
-- jumps only (``md_steps=0``, the default): **one step = one learned jump**. The integrator's step
-  size is set to ``jump_ps`` (its MD step is kept in ``md_step_ps`` and used for fallback MD), so
+- jumps only (``md_steps=0``, the default): **one step = one learned jump**. While reporters
+  report, the integrator's step size is ``jump_ps`` (at all other times it is the MD step, kept in
+  ``md_step_ps`` and used for fallback MD and OpenMM's own kinetic energies), so
   ``XTCReporter(file, 1)`` writes every jump with time stamps ``k x jump_ps``. Reporters see jump
   ends; the intermediate output frames are not steps;
 - hybrid mode (``md_steps=k > 0``): steps are MD steps. One jump counts as
@@ -72,6 +73,11 @@ time since the surrogate's last state, and once that reaches ``GuardConfig.ancho
 move the guard's anchor (e.g. up from a minimised start to the thermal level); those of surrogate
 states cannot lift it (see :mod:`integrations.guards`).
 
+Fixed particles (zero mass, not virtual sites: :func:`fixed_particles`) stay where they are in
+every frame of a jump with zero velocity, as OpenMM's integrators and minimiser keep them. The
+energy guard's default threshold and ``"thermal"`` end velocities use the thermostat's
+temperature (:func:`engine_temperature_K`) unless ``temperature_K`` is given.
+
 :class:`SurrogateJumpReporter` is the zero-intrusion variant for an unchanged ``Simulation``.
 """
 
@@ -107,6 +113,8 @@ BAROSTATS = tuple(getattr(openmm, name) for name in (
     "MonteCarloBarostat", "MonteCarloAnisotropicBarostat", "MonteCarloMembraneBarostat",
     "MonteCarloFlexibleBarostat") if hasattr(openmm, name))
 _STEP_TOLERANCE = 1e-6
+VARIABLE_STEP_INTEGRATORS = tuple(getattr(openmm, name) for name in (
+    "VariableLangevinIntegrator", "VariableVerletIntegrator") if hasattr(openmm, name))
 
 
 # -- helpers shared by the simulation and the reporter ---------------------------------------------
@@ -528,6 +536,58 @@ def _deserialize(path: str | os.PathLike, what: str):
     return obj
 
 
+DEFAULT_TEMPERATURE_K = 300.0
+
+
+def thermostat_temperature_K(integrator: openmm.Integrator, system: openmm.System
+                             ) -> float | None:
+    """K the MD is held at: the integrator's (Langevin, Brownian, Nosé-Hoover, ...), else an
+    ``AndersenThermostat``'s in the System; None for constant-energy MD (``VerletIntegrator``)
+    or an integrator that does not say (``CustomIntegrator``)."""
+    get = getattr(integrator, "getTemperature", None)
+    if get is not None:
+        try:
+            value = get()
+        except Exception:  # a NoseHooverIntegrator without a chain: OpenMMException
+            value = None
+        if value is not None:
+            return float(value.value_in_unit(unit.kelvin) if unit.is_quantity(value) else value)
+    for force in system.getForces():
+        if isinstance(force, openmm.AndersenThermostat):
+            return float(force.getDefaultTemperature().value_in_unit(unit.kelvin))
+    return None
+
+
+def engine_temperature_K(temperature_K: float | None, integrator: openmm.Integrator,
+                         system: openmm.System, owner: str) -> float:
+    """The temperature (K) of the energy guard's threshold and of thermal velocity draws:
+    ``temperature_K`` where given (a warning where the thermostat holds another), else the
+    thermostat's (:func:`thermostat_temperature_K`), else :data:`DEFAULT_TEMPERATURE_K`."""
+    held = thermostat_temperature_K(integrator, system)
+    if temperature_K is None:
+        if held is None:
+            log.info("%s: the MD has no thermostat temperature; guards and thermal velocities "
+                     "use %g K (pass temperature_K to choose)", owner, DEFAULT_TEMPERATURE_K)
+            return DEFAULT_TEMPERATURE_K
+        return held
+    if not (np.isfinite(temperature_K) and temperature_K > 0):
+        raise EngineError(f"{owner}: temperature_K must be a finite temperature > 0 K, got "
+                          f"{temperature_K}")
+    if held is not None and abs(held - temperature_K) > 1e-6 * held:
+        log.warning("%s: temperature_K=%g K, but the thermostat holds the MD at %g K; the energy "
+                    "guard and thermal velocities use %g K (leave temperature_K out to follow "
+                    "the thermostat)", owner, temperature_K, held, temperature_K)
+    return float(temperature_K)
+
+
+def fixed_particles(system: openmm.System) -> np.ndarray:
+    """(k,) indices of the System's fixed particles: zero mass and not a virtual site (OpenMM's
+    integrators and minimiser never move them). Jumps hold them too."""
+    return np.array([i for i in range(system.getNumParticles())
+                     if system.getParticleMass(i).value_in_unit(unit.dalton) == 0
+                     and not system.isVirtualSite(i)], dtype=np.int64)
+
+
 def degrees_of_freedom(system: openmm.System) -> int:
     """OpenMM's own count (as ``StateDataReporter``): 3 per particle with mass (virtual sites
     and fixed particles have none), minus constraints between such particles, minus 3 with a
@@ -588,7 +648,9 @@ class SurrogateSimulation:
         guards: action name (``raise``/``warn``/``fallback``/``relax``), a :class:`GuardConfig`
             or a :class:`Guards` object.
         md_steps: hybrid mode: real MD steps before every jump (0 = jumps only).
-        temperature_K: temperature of the default integrator and of the energy-guard threshold.
+        temperature_K: temperature (K) of the default integrator, of the energy-guard threshold
+            and of ``"thermal"`` end velocities; None (the default): the given integrator's
+            thermostat temperature (:func:`thermostat_temperature_K`), or 300 K.
         progress: show a progress bar in ``step``.
         relax_iterations: restrained minimisation after every jump, at most this many minimiser
             iterations (0 = off, the default); see the module doc.
@@ -619,7 +681,7 @@ class SurrogateSimulation:
                  platform: openmm.Platform | None = None,
                  platformProperties: dict | None = None, state: str | None = None, *,
                  guards: Guards | GuardConfig | str | None = "raise", md_steps: int = 0,
-                 temperature_K: float = 300.0, progress: bool = False,
+                 temperature_K: float | None = None, progress: bool = False,
                  relax_iterations: int = 0,
                  relax_restraint_kJ_per_mol_nm2: float = DEFAULT_RELAX_RESTRAINT_KJ_PER_MOL_NM2,
                  end_velocities: str = "difference", velocity_seed: int | None = None
@@ -635,9 +697,12 @@ class SurrogateSimulation:
         self.system = system
         if integrator is None:
             integrator = openmm.LangevinMiddleIntegrator(
-                temperature_K * unit.kelvin, 1.0 / PS,
-                default_step_ps(self.surrogate.times_ps) * PS)
+                (DEFAULT_TEMPERATURE_K if temperature_K is None else temperature_K) * unit.kelvin,
+                1.0 / PS, default_step_ps(self.surrogate.times_ps) * PS)
         self.integrator = integrator
+        #: K: the energy guard's default threshold and thermal end velocities use it
+        self.temperature_K = engine_temperature_K(temperature_K, integrator, system,
+                                                  "SurrogateSimulation")
         if md_steps < 0 or int(md_steps) != md_steps:
             raise EngineError(f"md_steps must be a whole number >= 0, got {md_steps}")
         self.md_steps = int(md_steps)
@@ -659,6 +724,13 @@ class SurrogateSimulation:
         self._md_ps = 0.0
         self._dcd_warned = False
         self.md_step_ps = integrator.getStepSize().value_in_unit(PS)
+        if isinstance(integrator, VARIABLE_STEP_INTEGRATORS) or not self.md_step_ps > 0:
+            raise EngineError(
+                f"{type(integrator).__name__} takes steps of varying length (step size now "
+                f"{self.md_step_ps:g} ps), but SurrogateSimulation counts a jump as a whole "
+                "number of MD steps of one size (time = step count x step size, which DCD/XTC "
+                "time stamps rely on); use a fixed-step integrator such as "
+                "LangevinMiddleIntegrator")
         md_frame_steps = frame_steps(self.surrogate.times_ps, self.md_step_ps)
         self.jump_steps = self.md_steps == 0
         if self.jump_steps:
@@ -687,12 +759,12 @@ class SurrogateSimulation:
             self.loadState(state)
         self._usesPBC = uses_pbc(system, topology)
         self._constrained = system.getNumConstraints() > 0
-        self.guards = make_guards(guards, self.surrogate, system, temperature_K)
+        self.guards = make_guards(guards, self.surrogate, system, self.temperature_K)
         self.propagator = SurrogatePropagator(
-            self.surrogate, end_velocities=end_velocities, temperature_K=temperature_K,
+            self.surrogate, end_velocities=end_velocities, temperature_K=self.temperature_K,
             masses_amu=np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
                                  for i in range(system.getNumParticles())]),
-            seed=velocity_seed)
+            seed=velocity_seed, fixed_atoms=fixed_particles(system))
         spacing = int(self._md_frame_steps[0])  # the output spacing in MD steps
         if self.propagator.needs_history and self.md_steps % spacing:
             raise EngineError(
@@ -1349,12 +1421,13 @@ class SurrogateJumpReporter:
         surrogate: a :class:`~surrogate_md.Surrogate` or a checkpoint path.
         interval: MD steps between jumps.
         guards: as for :class:`SurrogateSimulation`.
-        temperature_K: for the default energy-guard threshold.
+        temperature_K: K for the default energy-guard threshold; None (the default): the
+            simulation's thermostat temperature (:func:`thermostat_temperature_K`), or 300 K.
     """
 
     def __init__(self, surrogate: Any, interval: int,
                  guards: Guards | GuardConfig | str | None = "raise",
-                 temperature_K: float = 300.0) -> None:
+                 temperature_K: float | None = None) -> None:
         if int(interval) != interval or interval < 1:
             raise EngineError(f"the jump interval must be a whole number of steps >= 1, got "
                               f"{interval}")
@@ -1381,9 +1454,12 @@ class SurrogateJumpReporter:
     def report(self, simulation, state) -> None:
         if self._checked != id(simulation):
             check_system(simulation.system, simulation.topology, self.surrogate)
+            temperature = engine_temperature_K(self._temperature_K, simulation.integrator,
+                                               simulation.system, "SurrogateJumpReporter")
             self.guards = make_guards(self._guards_spec, self.surrogate, simulation.system,
-                                      self._temperature_K)
+                                      temperature)
             self._checked = id(simulation)
+            self.propagator.fixed_atoms = fixed_particles(simulation.system)
             self._jump_step = 0
             dt = simulation.integrator.getStepSize().value_in_unit(PS)
             if abs(state.getTime().value_in_unit(PS) - simulation.currentStep * dt) > 1e-6:
@@ -1458,5 +1534,6 @@ class SurrogateJumpReporter:
 
 
 __all__ = ["Relaxation", "StopBelowEnergy", "SurrogateJumpReporter", "SurrogateSimulation",
-           "check_system", "default_step_ps", "degrees_of_freedom", "flexible_system",
-           "frame_steps", "load_surrogate"]
+           "check_system", "default_step_ps", "degrees_of_freedom", "engine_temperature_K",
+           "fixed_particles", "flexible_system", "frame_steps", "load_surrogate",
+           "thermostat_temperature_K"]

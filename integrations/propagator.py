@@ -18,6 +18,11 @@ where differences over the output spacing are far slower (300 K alanine dipeptid
 heavy-atom kinetic temperature from MD velocities, 14 K from 0.5 ps differences). Intermediate
 frames keep their differences.
 
+Fixed atoms (``fixed_atoms``: OpenMM's zero-mass particles that are not virtual sites, ASE's
+``FixAtoms``) never move: every frame of a jump holds them where the jump started, whatever the
+model predicts or the reconstruction rebuilds, so their velocities are zero, and thermal draws
+leave them out (zero velocity; the zero net momentum is that of the moving atoms).
+
 History models (ESTAG) need the positions of the last ``history_length`` states at
 ``history_stride_ps``; the propagator remembers every state the engine shows it
 (:meth:`observe`) and says when history is missing so the engine can run real MD to fill it.
@@ -69,11 +74,13 @@ class SurrogatePropagator:
         masses_amu: (n_atoms,) masses for ``"thermal"`` (massless particles get zero velocity).
         temperature_K: temperature of the ``"thermal"`` draws.
         seed: random seed of those draws.
+        fixed_atoms: (k,) indices of atoms that never move (see the module doc); may be
+            reassigned (:attr:`fixed_atoms`) when the engine's constraints change.
     """
 
     def __init__(self, surrogate, *, end_velocities: str = "difference",
                  masses_amu: np.ndarray | None = None, temperature_K: float = 300.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, fixed_atoms: np.ndarray | None = None) -> None:
         if end_velocities not in ("difference", "thermal"):
             raise EngineError(f"end_velocities must be 'difference' or 'thermal', got "
                               f"{end_velocities!r}")
@@ -93,6 +100,23 @@ class SurrogatePropagator:
         self.offsets_ps = np.asarray(surrogate.times_ps, dtype=np.float64)
         self.jump_ps = float(surrogate.jump_ps)
         self._known: dict[int, np.ndarray] = {}
+        self.fixed_atoms = fixed_atoms
+
+    @property
+    def fixed_atoms(self) -> np.ndarray:
+        """(k,) indices of the atoms every jump holds where it started (empty: none)."""
+        return self._fixed
+
+    @fixed_atoms.setter
+    def fixed_atoms(self, atoms: np.ndarray | None) -> None:
+        fixed = np.unique(np.asarray([] if atoms is None else atoms, dtype=np.int64).reshape(-1))
+        n = self.surrogate.n_atoms
+        if len(fixed) and (fixed[0] < 0 or fixed[-1] >= n):
+            raise EngineError(f"fixed atoms must be indices of the {n} atoms, got "
+                              f"{fixed[0] if fixed[0] < 0 else fixed[-1]}")
+        self._fixed = fixed
+        # where the fixed atoms are among the model's atoms
+        self._fixed_model = np.flatnonzero(np.isin(self.surrogate.model_atoms, fixed))
 
     # -- history ----------------------------------------------------------------------------------
     @property
@@ -199,7 +223,16 @@ class SurrogatePropagator:
         """
         pos = np.asarray(positions_A, dtype=np.float64)
         self.observe(time_ps, pos)
-        pred = self.surrogate.predict(pos, velocities_A_per_ps, history=self.history(time_ps))
+        vel = velocities_A_per_ps
+        if len(self._fixed) and vel is not None:
+            # a fixed atom is at rest whatever velocity the engine holds for it (OpenMM ignores
+            # the velocity of a massless particle)
+            vel = np.array(vel, dtype=np.float64)
+            vel[self._fixed] = 0.0
+        pred = self.surrogate.predict(pos, vel, history=self.history(time_ps))
+        if len(self._fixed_model):  # before the rebuild: atoms riding on fixed ones stay put
+            pred = np.array(pred, dtype=np.float64)
+            pred[:, self._fixed_model] = pos[self.surrogate.model_atoms[self._fixed_model]]
         predicted, offsets = pred, self.offsets_ps
         if last_only:
             pred, offsets = pred[-2:], offsets[-2:]
@@ -208,6 +241,8 @@ class SurrogatePropagator:
         else:  # a broken jump: leave it broken for the guards to see, no SVD of NaNs
             frames = np.repeat(pos[None], len(pred), axis=0)
             frames[:, self.surrogate.model_atoms] = pred
+        if len(self._fixed):  # fixed atoms stay where they are: zero difference velocities
+            frames[:, self._fixed] = pos[self._fixed]
         if last_only and len(frames) == 2:
             vel = (frames[1:] - frames[:1]) / (offsets[1] - offsets[0])
             return JumpResult(frames[1:], self._end_velocities(vel), offsets[1:].copy(),
@@ -222,7 +257,11 @@ class SurrogatePropagator:
         if self._masses is None:
             return vel
         vel = vel.copy()
-        vel[-1] = thermal_velocities(self._masses, self._temperature_K, self._rng)
+        masses = self._masses
+        if len(self._fixed):  # no draw for fixed atoms, no share of the net momentum either
+            masses = masses.copy()
+            masses[self._fixed] = 0.0
+        vel[-1] = thermal_velocities(masses, self._temperature_K, self._rng)
         return vel
 
 
