@@ -564,6 +564,9 @@ class SurrogateDynamics(MolecularDynamics):
             self.guards.record_md_energy(e0, self._md_ps)
         elif e0 is not None:
             self.guards.record_energy(e0)
+        # FixAtoms: held by the jump itself, so that the atoms riding on them stay put and
+        # thermal draws give the moving atoms, not the fixed ones, the zero net momentum
+        self.propagator.fixed_atoms = _fixed_atoms(atoms)
         result = self.propagator.jump(pos, vel, t0)
         final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
         end = t0 + self.surrogate.jump_ps
@@ -824,6 +827,14 @@ def _md_state(dyn) -> dict:
     if hasattr(dyn, "transferred_energy"):
         state["transferred_energy_eV"] = float(dyn.transferred_energy)
     return state
+
+
+def _fixed_atoms(atoms) -> np.ndarray:
+    """(k,) indices of the atoms an ASE ``FixAtoms`` constraint holds."""
+    from ase.constraints import FixAtoms
+
+    fixed = [c.get_indices() for c in atoms.constraints if isinstance(c, FixAtoms)]
+    return np.concatenate(fixed) if fixed else np.zeros(0, dtype=np.int64)
 
 
 def _rng_state(rng) -> dict:

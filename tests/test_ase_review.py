@@ -289,3 +289,20 @@ def test_a_restart_from_step_0_writes_no_second_first_frame(tmp_path, linear):
     SurrogateDynamics(read(str(traj), 0), linear, trajectory=str(fresh),
                       restart=at_start).run(0)
     assert len(read(str(fresh), ":")) == 1
+
+
+def test_thermal_end_velocities_give_the_moving_atoms_zero_net_momentum(linear):
+    """FixAtoms with thermal end velocities: the draw's zero net momentum belongs to the moving
+    atoms (before, the fixed atoms got a share of the draw and were zeroed after, leaving the
+    others a net momentum), and the fixed atoms are at rest."""
+    atoms = cold_atoms(temperature_K=50)
+    fixed = [int(i) for i in linear.model_atoms[:3]]
+    atoms.set_constraint(FixAtoms(indices=fixed))
+    dyn = SurrogateDynamics(atoms, linear, guards="warn", end_velocities="thermal",
+                            temperature_K=300.0, velocity_seed=4)
+    for _ in range(3):
+        dyn.run(1)
+        momenta = atoms.get_momenta()
+        assert not momenta[fixed].any()
+        scale = np.abs(momenta).sum(axis=0).max()
+        assert np.abs(momenta.sum(axis=0)).max() < 1e-9 * scale
