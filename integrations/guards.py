@@ -55,6 +55,11 @@ import numpy as np
 from surrogate_md.errors import ConfigError
 from surrogate_md.metrics import ca_pairs_of
 
+#: guard events logged as warnings by one :class:`Guards`; later ones go to DEBUG level
+WARNED_EVENTS = 20
+#: the most recent events a :class:`Guards` keeps in ``events``
+KEPT_EVENTS = 1000
+
 log = logging.getLogger(__name__)
 
 ACTIONS = ("raise", "warn", "fallback", "relax")
@@ -193,7 +198,10 @@ class Guards:
         self._md_energies: deque[float] = deque(maxlen=self.config.energy_window)
         self.counts: Counter[str] = Counter()
         self.actions: Counter[str] = Counter()
-        self.events: list[GuardEvent] = []
+        # the most recent events (a long run's tallies are in counts/actions; keeping every
+        # event would grow without bound)
+        self.events: deque[GuardEvent] = deque(maxlen=KEPT_EVENTS)
+        self._logged = 0  # events logged at WARNING level so far (see handle)
         self.n_checked = 0
         self.n_failed = 0  # checked jumps that failed at least one check
         self.n_relaxations = 0
@@ -389,13 +397,25 @@ class Guards:
         return events
 
     def handle(self, events: list[GuardEvent], action: str | None = None) -> None:
-        """Count and log ``events`` under ``action`` (default: the configured one)."""
+        """Count and log ``events`` under ``action`` (default: the configured one).
+
+        The first :data:`WARNED_EVENTS` events of this object are logged as warnings, the
+        rest at DEBUG level (a long run whose every jump is relaxed would write a warning per
+        jump); :meth:`summary` and :meth:`log_summary` count them all."""
         action = action or self.action
         for ev in events:
             ev.action = action
             self.counts[ev.check] += 1
             self.events.append(ev)
-            log.warning("guard: %s -> %s", ev.describe(), action)
+            if self._logged < WARNED_EVENTS:
+                self._logged += 1
+                log.warning("guard: %s -> %s", ev.describe(), action)
+                if self._logged == WARNED_EVENTS:
+                    log.warning("guard: %d events so far; further ones are logged at DEBUG "
+                                "level (the guard summary at the end counts them all)",
+                                WARNED_EVENTS)
+            else:
+                log.debug("guard: %s -> %s", ev.describe(), action)
         if events:
             self.actions[action] += 1
 

@@ -85,6 +85,30 @@ def test_warn_keeps_the_jump_and_counts_it(tmp_path):
     assert nan.n_fallbacks == 1 and np.isfinite(state_of(nan)[0]).all()
 
 
+def test_guard_events_after_the_first_ones_go_to_debug(tmp_path, caplog, monkeypatch):
+    """A run whose every jump fails a check wrote one warning per jump (1000 for a 1000-jump
+    relaxed AdK run): the first WARNED_EVENTS are warnings, a line says the rest go to DEBUG,
+    and the tallies still count every event; the events kept are the most recent ones."""
+    import logging
+
+    import integrations.guards as G
+
+    monkeypatch.setattr(G, "WARNED_EVENTS", 3)
+    sim = broken_sim(tmp_path, "warn", "hot")
+    sim.guards.events = type(sim.guards.events)(maxlen=4)
+    with caplog.at_level(logging.DEBUG, logger="integrations.guards"):
+        sim.step(6)
+    records = [r for r in caplog.records if r.name == "integrations.guards"]
+    events = [r for r in records if " -> " in r.getMessage()]
+    total = sum(sim.guards.counts.values())
+    assert sim.guards.counts["bond"] == 6 and len(events) == total > 6
+    assert [r.levelno for r in events] == [logging.WARNING] * 3 + [logging.DEBUG] * (total - 3)
+    notice = [r for r in records if "further ones are logged at DEBUG" in r.getMessage()]
+    assert len(notice) == 1 and notice[0].levelno == logging.WARNING
+    assert [f"guard: {e.describe()} -> warn" for e in sim.guards.events] == [
+        r.getMessage() for r in events[-4:]]
+
+
 def test_relax_minimises_or_falls_back(tmp_path):
     warned = broken_sim(tmp_path, "warn", "hot")
     warned.step(1)
