@@ -331,6 +331,17 @@ def _reader_has_times(reader) -> bool:
     return not defaulted and bool(np.isfinite(dt) and dt > 0)
 
 
+def _bond_over_half_box(x: np.ndarray, bonds: np.ndarray, box: np.ndarray
+                        ) -> tuple[int, float] | None:
+    """The longest of ``bonds`` ((B, 2) into ``x``, (N, 3) Å) as (its row, its length in Å) when
+    it is longer than half the ``box`` ((3, 3) Å, vectors as rows) is high, else None."""
+    if not len(bonds):
+        return None
+    lengths = np.linalg.norm(x[bonds[:, 0]] - x[bonds[:, 1]], axis=-1)
+    k = int(np.argmax(lengths))
+    return (k, float(lengths[k])) if lengths[k] > _box_half_height(box) else None
+
+
 def _box_half_height(box: np.ndarray) -> float:
     """Half the smallest distance between opposite faces of a (3, 3) box: the longest bond a
     molecule made whole can have under the minimum-image convention."""
@@ -427,14 +438,14 @@ def _open_mdanalysis(paths: list[Path], select: str | None, dt_ps: float | None,
     report: dict = {}
 
     def check_whole(x: np.ndarray, box: np.ndarray, i: int) -> None:
-        lengths = np.linalg.norm(x[bonds[:, 0]] - x[bonds[:, 1]], axis=-1)
-        k = int(np.argmax(lengths))
-        if lengths[k] > _box_half_height(box):
+        broken = _bond_over_half_box(x, bonds, box)
+        if broken is not None:
+            k, length = broken
             file, local = where(i)
             a, b = (int(index[j]) for j in bonds[k])
             raise DataError(
                 f"{file}: frame {local}: the bond between atoms {a} and {b} is "
-                f"{lengths[k]:.1f} Å long after making molecules whole (more than half the box): "
+                f"{length:.1f} Å long after making molecules whole (more than half the box): "
                 "molecules are broken across the periodic box; make them whole first (e.g. gmx "
                 "trjconv -pbc mol, cpptraj autoimage) or check that the topology's bonds belong "
                 "to this trajectory")
@@ -661,18 +672,15 @@ def _open_ase(paths: list[Path], select: str | None, dt_ps: float | None) -> Sou
                 frac[:, pbc] -= jump[:, pbc]
                 x = a.cell.cartesian_positions(frac)
             prev[:] = [frac]
-            if len(kept_bonds):
-                xs = x[index]
-                lengths = np.linalg.norm(xs[kept_bonds[:, 0]] - xs[kept_bonds[:, 1]], axis=-1)
-                j = int(np.argmax(lengths))
-                if lengths[j] > _box_half_height(np.asarray(a.cell[:])):
-                    i1, i2 = (int(index[m]) for m in kept_bonds[j])
-                    raise DataError(
-                        f"{p}: frame {k}: the bond between atoms {i1} and {i2} is "
-                        f"{lengths[j]:.1f} Å long after making molecules whole (more than half "
-                        "the cell): atoms moved more than half the cell between frames or the "
-                        "molecules changed; save frames more often or ingest the frames "
-                        "in pieces")
+            broken = _bond_over_half_box(x[index], kept_bonds, np.asarray(a.cell[:]))
+            if broken is not None:
+                j, length = broken
+                i1, i2 = (int(index[m]) for m in kept_bonds[j])
+                raise DataError(
+                    f"{p}: frame {k}: the bond between atoms {i1} and {i2} is "
+                    f"{length:.1f} Å long after making molecules whole (more than half "
+                    "the cell): atoms moved more than half the cell between frames or the "
+                    "molecules changed; save frames more often or ingest the frames in pieces")
             return x
 
         return positions

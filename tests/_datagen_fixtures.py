@@ -36,3 +36,16 @@ def md17_npz(path: Path, frames: int = 40, flavour: str = "md17", seed: int = 0,
         np.savez(path, coords=x, nuclear_charges=z, energies=energy * to_kcal,
                  forces=forces * to_kcal, **extra)
     return path
+
+
+class Killed(Exception):
+    """Stands for a kill: raised from a run's ``frame_callback`` (see :func:`kill_at`)."""
+
+
+def kill_at(n: int):
+    """A ``frame_callback`` that stops a datagen run at frame ``n`` as a kill would (after the
+    frames and checkpoints written so far)."""
+    def callback(frame: int) -> None:
+        if frame == n:
+            raise Killed
+    return callback

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _datagen_fixtures import Killed, kill_at
 
 from datagen.ase_md import ase_ps, run_ase
 from datagen.cli import main
@@ -132,18 +133,6 @@ def test_xtb_water(tmp_path):
         assert 0.85 < oh.mean() < 1.1  # GFN2-xTB O-H bond length in Å
 
 
-class _Killed(Exception):
-    pass
-
-
-def _kill_at(n):
-    def callback(frame):
-        if frame == n:
-            raise _Killed
-
-    return callback
-
-
 def _assert_same_frames(ref, out, frames, interval_ps):
     import h5py
 
@@ -170,8 +159,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, integrator):
                   progress=False)
     ref = run_ase(atoms, "lj", tmp_path / "ref.h5", **kwargs)
     out = tmp_path / "run.h5"
-    with pytest.raises(_Killed):  # dies after the checkpoint at 40 frames, 5 frames later
-        run_ase(atoms, "lj", out, frame_callback=_kill_at(45), **kwargs)
+    with pytest.raises(Killed):  # dies after the checkpoint at 40 frames, 5 frames later
+        run_ase(atoms, "lj", out, frame_callback=kill_at(45), **kwargs)
     assert not out.exists() and (tmp_path / "run.h5.partial").exists()
     assert (tmp_path / "run.h5.chk.npz").exists()
     seen = []
@@ -186,8 +175,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, integrator):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     kwargs = dict(frames=30, checkpoint_frames=10, progress=False, integrator="langevin")
-    with pytest.raises(_Killed):
-        run_ase("CH4", "emt", tmp_path / "r.h5", frame_callback=_kill_at(15), **kwargs)
+    with pytest.raises(Killed):
+        run_ase("CH4", "emt", tmp_path / "r.h5", frame_callback=kill_at(15), **kwargs)
     with pytest.raises(ConfigError, match="different settings"):
         run_ase("CH4", "emt", tmp_path / "r.h5", resume=True, temperature_K=350.0, **kwargs)
     with pytest.raises(ConfigError, match="different settings"):
