@@ -11,6 +11,7 @@ of the model atoms only, and return model atoms.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -37,7 +38,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/``"auto"`` -> CUDA when present else CPU; a CUDA request without CUDA is an error."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"device {device!r} is not a device name; use 'auto', 'cpu', 'cuda' "
+                          "or 'cuda:N' (N = 0, 1, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {str(device)!r} requested but CUDA is not available on this "
                           "machine; use --device cpu (or auto)")
@@ -46,6 +51,22 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
                           f"{torch.cuda.device_count()} CUDA device(s), cuda:0 to "
                           f"cuda:{torch.cuda.device_count() - 1}")
     return dev
+
+
+def _inference_dtypes(dtype: torch.dtype, device: torch.device, source: str = ""
+                      ) -> tuple[torch.dtype, torch.dtype | None]:
+    """(dtype of weights and inputs, autocast dtype or None) for a requested ``dtype``."""
+    where = f"{source}: " if source else ""
+    if dtype in (torch.float32, torch.float64):
+        return dtype, None
+    if dtype == torch.bfloat16 or (dtype == torch.float16 and device.type == "cuda"):
+        return torch.float32, dtype
+    if dtype == torch.float16:
+        raise ConfigError(f"{where}dtype torch.float16 runs on CUDA only; on {device} use "
+                          "torch.bfloat16 or torch.float32")
+    raise ConfigError(f"{where}dtype {dtype!r} is not one a surrogate runs in; use "
+                      "torch.float32 (default), torch.float64, or torch.bfloat16 / "
+                      "torch.float16 (CUDA) for autocast")
 
 
 def thermal_velocities(masses_amu: np.ndarray, temperature_K: float, rng: np.random.Generator,
@@ -84,6 +105,9 @@ class Surrogate:
         needs_history: the model takes ``history`` (T frames at ``history_stride_ps``).
         validity: tolerances for the guards (:class:`ValidityReference` over model atoms).
         checkpoint_hash: short sha256 of the checkpoint file.
+        dtype: dtype of the weights and of the inputs the model is given (float32 or float64).
+        autocast_dtype: ``torch.bfloat16``/``torch.float16`` when matrix products run under
+            autocast (``dtype=`` given as one of them), else None.
     """
 
     def __init__(self, model: torch.nn.Module, meta: dict[str, Any], *,
@@ -93,7 +117,7 @@ class Surrogate:
         self.meta = meta
         self.source = source
         self.device = resolve_device(device)
-        self.dtype = dtype
+        self.dtype, self.autocast_dtype = _inference_dtypes(dtype, self.device, source)
         self.model.to(device=self.device, dtype=self.dtype).eval()
         proto = meta["protocol"]
         self.name: str = meta["model"]["name"]
@@ -119,10 +143,17 @@ class Surrogate:
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32) -> Surrogate:
-        """Load ``best.pt``/``last.pt`` (weights-only) onto ``device`` (``"auto"`` picks CUDA)."""
+        """Load ``best.pt``/``last.pt`` (weights-only) onto ``device`` (``"auto"`` picks CUDA).
+
+        ``dtype``: ``torch.float32`` (default) or ``torch.float64`` for the weights and inputs;
+        ``torch.bfloat16`` (CPU or GPU) or ``torch.float16`` (GPU) runs the matrix products
+        under autocast, as training's ``runtime.precision`` does, with weights and positions
+        kept in float32 (positions cast to bf16 would be rounded by up to 0.03 Å at 8 Å from
+        the origin and 0.25 Å at 64 Å).
+        """
         path = Path(checkpoint)
         try:
-            resolve_device(device)
+            _inference_dtypes(dtype, resolve_device(device), str(path))
         except DeviceError as exc:
             raise DeviceError(f"{path}: {exc}") from None
         data = load_checkpoint(path)
@@ -146,7 +177,6 @@ class Surrogate:
             raise CheckpointError(f"{path}: weights do not fit model {name!r} with the stored "
                                   f"config ({str(exc).splitlines()[0]}); the file is inconsistent: "
                                   "use the best.pt/last.pt its training run wrote") from exc
-        model.to(dtype)
         meta = {k: v for k, v in data.items() if k not in ("state_dict", "training")}
         meta["checkpoint_hash"] = file_hash(path)
         return cls(model, meta, device=device, dtype=dtype, source=str(path))
@@ -270,6 +300,11 @@ class Surrogate:
         hist = None
         if history is not None:
             hist = self._to_model_atoms(history, "history")
+            if hist.ndim != (4 if batched else 3):
+                given, want = (("a batch of states (B, atoms, 3)", "(B, T, atoms, 3)") if batched
+                               else ("one state (atoms, 3)", "(T, atoms, 3)"))
+                raise DataError(f"positions are {given} but history has shape {hist.shape}; "
+                                f"give history as {want} to match")
             if not batched:
                 hist = hist[None]
             if hist.shape[0] != pos.shape[0]:
@@ -327,7 +362,10 @@ class Surrogate:
         batch[K.HIST_DT] = torch.tensor(self.history_stride_ps)
         batch = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                  for k, v in batch.items()}
-        out = self.model(batch).to(torch.float64).cpu().numpy()  # (P, B*nodes, C, 3)
+        with (torch.autocast(self.device.type, dtype=self.autocast_dtype)
+              if self.autocast_dtype is not None else contextlib.nullcontext()):
+            out = self.model(batch)
+        out = out.to(torch.float64).cpu().numpy()  # (P, B*nodes, C, 3)
         out = out.reshape(len(times), len(pos), nodes * c, 3).transpose(1, 0, 2, 3)
         return out if batched else out[0]
 

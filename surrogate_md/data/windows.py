@@ -143,7 +143,8 @@ def split_starts(n_frames: int, protocol: Protocol, *, split: str = "blocked",
     if split == "paper":
         if counts is None:
             raise ConfigError("the paper split needs counts (n_train, n_val, n_test)")
-        pool = np.arange(max(lo, margin_frames), min(hi, n_frames - 1 - margin_frames) + 1)
+        pool = np.arange(*_paper_pool_bounds(n_frames, protocol, margin_frames,
+                                             finite_difference))
         need = sum(counts)
         if len(pool) < need:
             raise DataError(f"{where}the paper split needs {need} distinct start frames but only "
@@ -173,6 +174,22 @@ def split_starts(n_frames: int, protocol: Protocol, *, split: str = "blocked",
         out[name] = block
         start += size + gap
     return out
+
+
+def _paper_pool_bounds(n_frames: int, protocol: Protocol, margin_frames: int,
+                       finite_difference: bool) -> tuple[int, int]:
+    """[first, stop) of the start frames the paper split draws from: every t0 whose window fits
+    in the trajectory and lies ``margin_frames`` or more from both ends."""
+    lo = max(protocol.before(finite_difference), margin_frames)
+    hi = min(n_frames - 1 - protocol.after, n_frames - 1 - margin_frames)
+    return lo, max(lo, hi + 1)
+
+
+def paper_pool_size(n_frames: int, protocol: Protocol, margin_frames: int,
+                    finite_difference: bool = False) -> int:
+    """Number of start frames the paper split can draw from a trajectory of ``n_frames``."""
+    lo, stop = _paper_pool_bounds(n_frames, protocol, margin_frames, finite_difference)
+    return stop - lo
 
 
 @dataclass(frozen=True)
@@ -400,23 +417,67 @@ def make_windows(files: list[TrajectoryFile], protocol: Protocol, **split_kwargs
                  ) -> dict[str, np.ndarray]:
     """Split every file and return {split: (n, 2) (file index, t0)} windows.
 
-    For the paper split the counts apply to the pooled files (split per file proportionally to
-    their length); for the blocked split each file is cut into blocks on its own.
+    For the paper split the counts apply to the pooled files, shared out in proportion to the
+    start frames each file offers once its margins are excluded (a file too short to offer any
+    contributes no windows); for the blocked split each file is cut into blocks on its own, and
+    counts (a cap) are shared out in proportion to the files' lengths.
     """
     fd = any(f.velocities is None for f in files)
     out = {name: [] for name in SPLIT_NAMES}
     counts = split_kwargs.pop("counts", None)
     shares = None
     if counts is not None and len(files) > 1:
-        shares = np.stack([_share_out(n, [f.n_frames for f in files]) for n in counts], axis=1)
+        if split_kwargs.get("split", "blocked") == "paper":
+            margin = split_kwargs.get("margin_frames", 10000)
+            pools = [paper_pool_size(f.n_frames, protocol, margin, fd) for f in files]
+            need = int(sum(counts))
+            if sum(pools) < need:
+                raise DataError(
+                    f"{', '.join(str(f.path) for f in files)}: the paper split needs {need} "
+                    f"distinct start frames but the files offer only {sum(pools)} ({pools}) "
+                    f"after excluding {margin} frames at each end of each file; lower "
+                    "margin_frames or the counts, or use the blocked split")
+            shares = _share_pool(counts, pools)
+            for f, pool in zip(files, pools):
+                if pool == 0:
+                    log.warning("%s: its %d frames hold no window of %d frames at least %d "
+                                "frames from both ends; the paper split takes no windows from "
+                                "it", f.path, f.n_frames, protocol.window_length(fd), margin)
+        else:
+            shares = np.stack([_share_out(n, [f.n_frames for f in files]) for n in counts],
+                              axis=1)
     for fi, f in enumerate(files):
         c = counts if shares is None else tuple(int(n) for n in shares[fi])
+        if shares is not None and split_kwargs.get("split") == "paper" and not sum(c):
+            for name in SPLIT_NAMES:
+                out[name].append(np.zeros((0, 2), dtype=np.int64))
+            continue
         starts = split_starts(f.n_frames, protocol, counts=c, finite_difference=fd,
                               source=str(f.path), **{**split_kwargs,
                                                      "seed": split_kwargs.get("seed", 0) + fi})
         for name in SPLIT_NAMES:
             out[name].append(np.stack([np.full(len(starts[name]), fi), starts[name]], axis=1))
     return {k: np.concatenate(v).astype(np.int64) for k, v in out.items()}
+
+
+def _share_pool(counts: tuple[int, ...], pools: list[int]) -> np.ndarray:
+    """(files, splits) window counts: each split's count shared out in proportion to the
+    files' ``pools`` (:func:`_share_out`), then units moved from files given more than their
+    pool (by rounding) to files with room, keeping every split's total. ``sum(pools)`` must be
+    at least ``sum(counts)``."""
+    if sum(pools) == 0:
+        return np.zeros((len(pools), len(counts)), dtype=np.int64)
+    shares = np.stack([_share_out(int(n), pools) for n in counts], axis=1)
+    pools_arr = np.asarray(pools, dtype=np.int64)
+    while True:
+        over = np.flatnonzero(shares.sum(axis=1) > pools_arr)
+        if not len(over):
+            return shares
+        room = np.flatnonzero(shares.sum(axis=1) < pools_arr)
+        i, j = int(over[0]), int(room[0])
+        k = int(np.argmax(shares[i]))
+        shares[i, k] -= 1
+        shares[j, k] += 1
 
 
 def _share_out(count: int, sizes: list[int]) -> np.ndarray:
@@ -430,4 +491,4 @@ def _share_out(count: int, sizes: list[int]) -> np.ndarray:
 
 
 __all__ = ["GraphBuilder", "GraphSpec", "Protocol", "WindowDataset", "batch_to", "collate",
-           "frames_from_ps", "make_windows", "select_nodes", "split_starts"]
+           "frames_from_ps", "make_windows", "paper_pool_size", "select_nodes", "split_starts"]

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE",
                    help="override a config value (parsed as YAML), e.g. data.path=ala.h5 or "
-                        "train.epochs=10; repeatable")
+                        "train.epochs=10; model.OPTION=null drops a model option (to switch "
+                        "model.name); repeatable")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last.pt")

@@ -40,14 +40,47 @@ OPTIMISERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "none")
 LOSSES = ("mse",)
 SELECTIONS = ("all", "heavy", "backbone", "ca", "residues")
+MAX_SEED = 2**63 - 1
+
+
+class UniqueKeySafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    Plain YAML loaders keep the last of two equal keys and drop the first without a word, so a
+    second ``train:`` section at the end of a config would replace the whole first one (its lr,
+    batch size, ... back to the defaults). Keys merged in with ``<<`` may still be overridden.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                line = key_node.start_mark.line + 1
+                if earlier is not None:
+                    raise ConfigError(f"key {key!r} is given twice in one mapping (lines "
+                                      f"{earlier} and {line}); YAML would keep only the "
+                                      "second and ignore the first: remove one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=UniqueKeySafeLoader)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which frames become training windows.
 
-    path: dataset file(s); protocol: ``s2t`` |
-    ``history``; selection: model nodes; split: ``blocked`` | ``paper``; fractions: blocked split
+    path: dataset file(s), relative to the working directory, ``~`` for the home directory;
+    protocol: ``s2t`` | ``history``; selection: model nodes; split: ``blocked`` | ``paper``; fractions: blocked split
     shares; counts: windows per split (paper: required; blocked: optional cap); stride: frames
     between blocked start frames; margin_frames: paper split end margin; jump_ps: ΔT (ps); n_out:
     P; history: T input frames (history protocol); history_stride_ps: spacing of history frames
@@ -165,6 +198,13 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_epochs", "epochs", "patience", "grad_clip",
                      "max_steps_per_epoch", "eval_batch_size"):
             _non_negative(f"train.{name}", getattr(self, name))
+        for name in ("data_seed", "model_seed", "train_seed"):
+            # numpy's generators refuse negative seeds and torch's stop at 64 bits; the
+            # shuffling seed is offset by the epoch, hence the margin below 2**64
+            value = getattr(self, name)
+            if not 0 <= value <= MAX_SEED:
+                raise ConfigError(f"train.{name} must be an integer from 0 to {MAX_SEED} "
+                                  f"(2**63 - 1), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -190,9 +230,11 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         _choice("runtime.precision", self.precision, PRECISIONS)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"runtime.device must be auto, cpu, cuda or cuda:N, got "
-                              f"{self.device!r}")
+        index = self.device[len("cuda:"):] if self.device.startswith("cuda:") else None
+        if not (self.device in ("auto", "cpu", "cuda")
+                or (index is not None and index.isascii() and index.isdigit())):
+            raise ConfigError(f"runtime.device must be auto, cpu, cuda or cuda:N (N = 0, 1, "
+                              f"...), got {self.device!r}")
         _non_negative("runtime.workers", self.workers)
         _positive("runtime.log_every", self.log_every)
 
@@ -227,7 +269,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a mapping with sections data, model, "
                           f"train, runtime; got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"data", "model", "train", "runtime"})
+    unknown = sorted(set(raw) - {"data", "model", "train", "runtime"}, key=str)
     if unknown:
         raise ConfigError(f"{source}: unknown section {unknown[0]!r}; the sections are data, "
                           "model, train, runtime")
@@ -248,10 +290,28 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
         name = model_raw.pop("name", "egno")
         if not isinstance(name, str):
             raise ConfigError(f"model.name must be a string, got {name!r}")
+        _check_model_options(name, model_raw)
         model = ModelSection(name, model_raw)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return RunConfig(model=model, **sections)
+
+
+def _check_model_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse options model ``name`` does not have, saying how to drop them from the command
+    line (a config written for another model, switched with ``--set model.name=...``)."""
+    from surrogate_md.models import MODELS
+
+    if name not in MODELS:
+        return  # ModelSection names the choices
+    known = {f.name for f in dataclasses.fields(MODELS[name].config_class)}
+    unknown = sorted(set(options) - known, key=str)
+    if unknown:
+        drop = " ".join(f"--set model.{k}=null" for k in unknown)
+        raise ConfigError(f"model {name!r} has no option{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))}; its options are {sorted(known)}. "
+                          f"Remove {'them' if len(unknown) > 1 else 'it'} from the config, or "
+                          f"on the command line: {drop}")
 
 
 def data_config_from_dict(values: dict[str, Any], source: str = "config") -> DataConfig:
@@ -266,8 +326,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                 base: dict[str, Any] | None = None) -> RunConfig:
     """Read a YAML config (or start from ``base``) and apply ``section.key=value`` overrides.
 
-    Relative ``data.path`` entries are relative to the working directory (the trainer records
-    them as absolute paths in the run directory's resolved config).
+    Relative ``data.path`` entries are relative to the working directory and a leading ``~``
+    is the home directory (the trainer records them as absolute paths in the run directory's
+    resolved config).
     """
     raw: dict[str, Any] = {}
     source = "config"
@@ -277,9 +338,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _yaml_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the config must be a mapping with sections data, model, "
                               "train, runtime")
@@ -300,10 +363,12 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"--set {item!r}: the key must name a section and a field, e.g. "
                           "data.path=FILE.h5")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _yaml_load(text) if text.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {item!r}: value is not a YAML scalar "
                           f"({str(exc).splitlines()[0]})") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"--set {item!r}: {exc}") from None
     node = raw
     for part in parts[:-1]:
         nxt = node.get(part)
@@ -312,6 +377,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"--set {item!r}: {part!r} is not a section")
         node = nxt
+    if value is None and len(parts) == 2 and parts[0] == "model" and parts[1] != "name":
+        # no model option takes null: it drops the option (back to the model's default), the
+        # way to leave out another model's options when switching model.name
+        node.pop(parts[1], None)
+        return
     node[parts[-1]] = value
 
 
@@ -331,7 +401,8 @@ def _build(cls: type, values: Any, where: str) -> Any:
                           f"{values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    # YAML keys need not be strings (`1:`, `null:`, and `on:`/`yes:` read as true)
+    unknown = sorted(set(values) - known, key=str)
     if unknown:
         raise ConfigError(f"unknown key {where}.{unknown[0]}; the keys of {where} are "
                           f"{sorted(known)}")

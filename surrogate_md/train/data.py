@@ -93,16 +93,20 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
         DataError: missing/unreadable files, files of different systems, too few frames.
         ConfigError: jump/stride not a multiple of the saved-frame interval, bad protocol.
     """
-    files = [open_trajectory(p) for p in cfg.paths]
+    # `~/data/ala.h5` as a shell would read it: --set values and YAML strings are not expanded
+    files = [open_trajectory(Path(p).expanduser()) for p in cfg.paths]
     first = files[0]
     for f in files[1:]:
         if not np.array_equal(f.topology.atomic_numbers, first.topology.atomic_numbers):
             raise DataError(f"{f.path}: its atoms differ from {first.path}; train on files of one "
                             "system (same atoms in the same order)")
+        _check_same_atom_order(first, f)
     intervals = {round(f.interval_ps, 9) for f in files}
     if len(intervals) != 1:
         raise DataError(f"{', '.join(str(f.path) for f in files)}: saved-frame intervals differ "
                         f"({sorted(intervals)} ps); train on files saved at one interval")
+    identity = [data_identity(f) for f in files]
+    _check_distinct_files(files, identity)
     interval = first.interval_ps
     protocol = protocol_for(cfg, interval, str(first.path))
     selection = select_nodes(first.topology, cfg.selection, source=str(first.path))
@@ -115,9 +119,19 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
     first_nodes = selection.gather(first.read(np.array([0])))[0]
     graph = GraphBuilder.for_selection(spec, selection, first.topology.bonds, first_nodes)
     if spec.kind == "bonds" and (graph.bonds is None or len(graph.bonds) == 0):
+        # CA atoms and residue nodes sit 3.8 Å from their neighbours along the chain; atoms
+        # are bonded at 1.6 Å (the MD17 rule)
+        hint = 4.2 if cfg.selection in ("ca", "residues") else 1.6
+        if spec.bond_cutoff_A is not None:
+            why = (f"no two of them are closer than data.graph.bond_cutoff_A = "
+                   f"{spec.bond_cutoff_A:g} Å in the first frame")
+            fix = (f"raise data.graph.bond_cutoff_A (e.g. {hint:g})" if hint > spec.bond_cutoff_A
+                   else "check the structure")
+        else:
+            why, fix = "the topology bonds none of them", f"set data.graph.bond_cutoff_A " \
+                f"(e.g. {hint:g})"
         raise DataError(f"{first.path}: the {cfg.selection!r} atoms have no bonds for a bond "
-                        "graph; set data.graph.bond_cutoff_A (e.g. 1.6) or data.graph.kind: "
-                        "radius")
+                        f"graph ({why}); {fix} or set data.graph.kind: radius")
     windows = make_windows(files, protocol, split=cfg.split, fractions=tuple(cfg.fractions),
                            counts=None if cfg.counts is None else tuple(cfg.counts),
                            stride=cfg.stride, margin_frames=cfg.margin_frames, seed=seed)
@@ -125,7 +139,7 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
         raise DataError(f"{first.path}: the split leaves no training windows; generate more "
                         "frames, shorten the jump or change data.fractions/counts")
     prepared = PreparedData(cfg, files, first.topology, protocol, interval, selection, graph,
-                            windows, identity=[data_identity(f) for f in files])
+                            windows, identity=identity)
     for name, w in windows.items():
         prepared.datasets[name] = WindowDataset(files, w, protocol, selection, graph,
                                                 in_memory=in_memory)
@@ -137,6 +151,83 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
     return prepared
 
 
+def ignored_settings(cfg: DataConfig) -> list[str]:
+    """Messages for data.* settings given a value that the rest of ``cfg`` leaves unused
+    (a graph cutoff on a bond graph, a history stride on the s2t protocol, ...): typically a
+    sign that another setting was meant. Settings left at their defaults are not reported."""
+    g, defaults = cfg.graph, type(cfg.graph)()
+    out = []
+
+    def unused(key: str, why: str) -> None:
+        out.append(f"data.{key} is ignored: {why}")
+
+    if cfg.protocol == "s2t" and cfg.history_stride_ps is not None:
+        unused(f"history_stride_ps = {cfg.history_stride_ps:g}",
+               "the s2t protocol takes no past frames (data.protocol: history does)")
+    if cfg.split == "paper" and cfg.stride != 1:
+        unused(f"stride = {cfg.stride}", "it spaces the start frames of the blocked split; the "
+               "paper split draws data.counts start frames at random")
+    if cfg.split == "paper" and tuple(cfg.fractions) != tuple(DataConfig.fractions):
+        unused(f"fractions = {list(cfg.fractions)}", "they share the frames out in the "
+               "blocked split; the paper split takes data.counts windows")
+    if cfg.split == "blocked" and cfg.margin_frames != DataConfig.margin_frames:
+        unused(f"margin_frames = {cfg.margin_frames}", "it applies to the paper split; the "
+               "blocked split keeps its blocks a window apart by itself")
+    if g.kind != "radius" and g.cutoff_A != defaults.cutoff_A:
+        unused(f"graph.cutoff_A = {g.cutoff_A:g}", f"data.graph.kind is {g.kind!r}; a cutoff "
+               "builds the graph only with data.graph.kind: radius (bonds inferred by distance: "
+               "data.graph.bond_cutoff_A)")
+    if g.kind != "radius" and g.max_neighbours is not None:
+        unused(f"graph.max_neighbours = {g.max_neighbours}", f"data.graph.kind is {g.kind!r}; "
+               "it caps the neighbours of radius graphs")
+    if g.kind != "bonds" and g.bond_cutoff_A is not None:
+        unused(f"graph.bond_cutoff_A = {g.bond_cutoff_A:g}", f"data.graph.kind is {g.kind!r}; "
+               "it infers the bonds of bond graphs")
+    if g.kind != "bonds" and not g.two_hop:
+        unused("graph.two_hop = false", f"data.graph.kind is {g.kind!r}; two-hop edges belong "
+               "to bond graphs")
+    return out
+
+
+def _check_distinct_files(files: list[TrajectoryFile], identity: list[dict[str, Any]]) -> None:
+    """Refuse a file listed twice, or two copies of one trajectory: every window would be
+    there twice, and under the paper split (start frames drawn per file) a test window of one
+    copy is a training window of the other."""
+    seen: dict[str, TrajectoryFile] = {}
+    for f, ident in zip(files, identity):
+        earlier = seen.get(ident["sha256"])
+        if earlier is not None:
+            same = ("is listed twice in data.path" if earlier.path.resolve() == f.path.resolve()
+                    else f"holds the same frames as {earlier.path}")
+            raise DataError(f"{f.path}: {same}; its windows would be counted twice and, split "
+                            "per file, land in training and test at once. List each "
+                            "trajectory once")
+        seen[ident["sha256"]] = f
+
+
+def _check_same_atom_order(first: TrajectoryFile, other: TrajectoryFile) -> None:
+    """Refuse ``other`` when it holds the atoms of ``first`` (same elements in the same order)
+    under the same names in another order: atoms of one element swapped (CA and CB, methyl
+    hydrogens), which the elements cannot show, and every window of ``other`` would then train
+    one atom on another's motion. Names that differ otherwise are taken for another naming
+    convention of the same atoms: a warning."""
+    ref = np.char.upper(np.char.strip(first.topology.atom_names.astype(str)))
+    names = np.char.upper(np.char.strip(other.topology.atom_names.astype(str)))
+    differ = np.flatnonzero(names != ref)
+    if len(differ) == 0:
+        return
+    shown = ", ".join(f"atom {i}: {names[i]} ({ref[i]} in {first.path.name})"
+                      for i in differ[:4])
+    if np.array_equal(np.sort(names), np.sort(ref)):
+        raise DataError(f"{other.path}: holds the atoms of {first.path} in another order "
+                        f"({len(differ)} atoms moved; {shown}); windows cut from the two files "
+                        "would mix up those atoms. Write every file with the atom order of one "
+                        "topology (python -m datagen ingest with the same topology file)")
+    log.warning("%s: %d atom names differ from %s (%s); fine if only the naming convention "
+                "differs, wrong if atoms of one element were reordered", other.path,
+                len(differ), first.path, shown)
+
+
 def protocol_for(cfg: DataConfig, interval_ps: float, source: str) -> Protocol:
     """The protocol of ``cfg`` in saved frames of ``source`` (frames ``interval_ps`` apart).
 
@@ -146,8 +237,9 @@ def protocol_for(cfg: DataConfig, interval_ps: float, source: str) -> Protocol:
     """
     try:
         jump = frames_from_ps(cfg.jump_ps, interval_ps, "data.jump_ps")
-        stride = 1 if cfg.history_stride_ps is None else frames_from_ps(
-            cfg.history_stride_ps, interval_ps, "data.history_stride_ps")
+        # s2t takes no past frames: a history stride given there is unused (ignored_settings)
+        stride = 1 if cfg.history_stride_ps is None or cfg.protocol != "history" else \
+            frames_from_ps(cfg.history_stride_ps, interval_ps, "data.history_stride_ps")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     if jump % cfg.n_out:

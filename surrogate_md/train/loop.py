@@ -59,6 +59,7 @@ from surrogate_md.surrogate import resolve_device
 from surrogate_md.train.config import RunConfig, load_config, save_config
 from surrogate_md.train.data import (
     PreparedData,
+    ignored_settings,
     normalisation_stats,
     prepare_data,
     validity_reference,
@@ -571,7 +572,7 @@ def train(config: RunConfig | dict | str | os.PathLike, out_dir: str | os.PathLi
         raise DeviceError(f"{source}: runtime.device: {exc}") from None
     cfg = resolve_model_options(cfg)
     cfg = cfg.replace(data=dataclasses.replace(
-        cfg.data, path=[str(Path(p).absolute()) for p in cfg.data.paths]))
+        cfg.data, path=[str(Path(p).expanduser().absolute()) for p in cfg.data.paths]))
 
     dist = _init_distributed(cfg.runtime.device)
     try:
@@ -648,6 +649,9 @@ def _run(cfg: RunConfig, out: Path, resume: bool, dist: Dist, replaced: Path | N
         check_resume(ckpt, cfg, last)
     elif resume:
         log.info("%s has no last.pt yet: starting the run from the beginning", out)
+    if dist.main:
+        for message in ignored_settings(cfg.data):
+            log.warning("%s", message)
     prepared = prepare_data(cfg.data, seed=cfg.train.data_seed)
     try:
         if ckpt is not None:
