@@ -352,6 +352,19 @@ def _box_half_height(box: np.ndarray) -> float:
     return 0.5 * volume / max(areas)
 
 
+def _snap_float32_interval(interval: float) -> float:
+    """A frame interval (ps) read from single-precision time stamps (DCD, XTC, TRR), as the
+    shortest decimal within 4 float32 steps of it: the AdK DCD's 0.99999991 ps is 1 ps, an XTC's
+    100.0000076 ps is 100 ps (a 4 ps jump would otherwise be 3.9999996 ps, and asking for 4 ps
+    beyond the trained jump). The result is within the file's own precision of its value."""
+    tolerance = 4.0 * float(np.spacing(np.float32(interval)))
+    for digits in range(1, 8):
+        short = float(f"{interval:.{digits}g}")
+        if abs(short - interval) <= tolerance:
+            return short
+    return interval
+
+
 def _time_tolerance(interval: float, t: float) -> float:
     # times are often float32 in the files (XTC, TRR): allow their rounding, and 0.1 % jitter
     return 1e-3 * interval + 4.0 * float(np.spacing(np.float32(abs(t))))
@@ -401,6 +414,9 @@ def _open_mdanalysis(paths: list[Path], select: str | None, dt_ps: float | None,
     if not (np.isfinite(interval) and interval > 0):
         raise DataError(f"{files[0]}: the trajectory reports a frame interval of {interval} ps; "
                         "pass the real one with --dt-ps")
+    raw_interval = interval
+    if interval_source == "trajectory":
+        interval = _snap_float32_interval(interval)
     t0 = float(u.trajectory[0].time) if timed_all else 0.0
     # the spacing of the files' own time stamps (differs from the interval when dt_ps overrides)
     file_interval = float(multi[0].dt) if timed_all and multi else interval
@@ -538,6 +554,8 @@ def _open_mdanalysis(paths: list[Path], select: str | None, dt_ps: float | None,
     meta = {"engine": "MDAnalysis", "engine_version": _mda_version(),
             "interval_ps": interval, "interval_source": interval_source,
             "made_whole": made_whole}
+    if interval != raw_interval:
+        meta["interval_in_file_ps"] = raw_interval
     fields = {"velocities": has_v, "forces": has_f, "energies": False, "box": periodic}
     return Source(topology, n, interval, blocks(), fields, meta, report)
 

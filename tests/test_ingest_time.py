@@ -89,3 +89,25 @@ def test_uneven_or_backward_times_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"a.xtc: frame 0 is at t = 0 ps"):
         ingest([TOP, a, a], out)
     assert list(tmp_path.glob("o.h5*")) == []
+
+
+def test_single_precision_intervals_are_read_as_the_decimals_written(tmp_path):
+    """DCD and XTC keep times in float32: the AdK DCD reports 0.99999991 ps between frames, an
+    XTC written every 0.1 ps 0.1000000015 ps, which made a 4 ps jump 3.9999996 ps (and asking a
+    checkpoint for 4 ps a jump beyond its trained one). The interval is the decimal within float32
+    precision; the file's own value is kept beside it, and the frames' time stamps as stored."""
+    out = tmp_path / "adk.h5"
+    ingest([datafiles.PSF, datafiles.DCD], out)
+    with open_trajectory(out) as f:
+        assert f.metadata["interval_ps"] == 1.0 and f.interval_ps == 1.0
+        assert f.metadata["interval_in_file_ps"] == pytest.approx(0.99999991, abs=1e-8)
+        assert f.time_ps[1] - f.time_ps[0] == pytest.approx(0.99999991, abs=1e-7)
+    times = np.float32(0.1) * np.arange(4, dtype=np.float32)
+    xtc = _write(tmp_path / "b.xtc", range(4), [float(t) for t in times])
+    with open_trajectory(ingest([TOP, xtc], tmp_path / "b.h5")) as f:
+        assert f.metadata["interval_ps"] == 0.1
+    # an interval with no short decimal: its shortest one within float32 precision
+    third = np.float32(1 / 3) * np.arange(3, dtype=np.float32)
+    odd = _write(tmp_path / "c.xtc", range(3), [float(t) for t in third])
+    with open_trajectory(ingest([TOP, odd], tmp_path / "c.h5")) as f:
+        assert f.metadata["interval_ps"] == pytest.approx(1 / 3, rel=4e-7)
