@@ -100,9 +100,13 @@ def compile_model(model: torch.nn.Module, *, dynamic: bool | None = None, **opti
     The models read the number of systems of a batch (``int(batch[N_GRAPHS])``) and PAINET the
     largest system size, as Python integers; Dynamo breaks the graph there unless scalar outputs
     are captured, which this turns on (process-wide, as the setting is global). Every registered
-    model then traces as one graph (tested with ``fullgraph=True``), except the recomputed edge
-    pass of large graphs, which runs eagerly between compiled parts. ``options`` go to
-    ``torch.compile`` (``backend``, ``mode``, ``fullgraph``).
+    model then traces as one graph (tested with ``fullgraph=True`` and the ``eager`` backend),
+    except the recomputed edge pass of large graphs, which runs eagerly between compiled parts.
+    With the default inductor backend PAINET does not lower as one graph (torch 2.13: its
+    per-system padded attention products have data-dependent sizes, and inductor's bmm lowering
+    cannot guard on them): ``fullgraph=True`` raises, and the default ``fullgraph=False``
+    compiles it in pieces with eager code between them (same results, to 1e-7). ``options`` go
+    to ``torch.compile`` (``backend``, ``mode``, ``fullgraph``).
 
     ``dynamic=None`` is torch's default: the first batch compiles with static shapes and a batch
     of another size recompiles once with dynamic ones. (``dynamic=True`` from the start failed an
