@@ -392,8 +392,11 @@ def test_benchmarks_report_bad_inputs_in_one_line(bench, tmp_path, capsys):
         (validity, ["--checkpoints", str(tmp_path / "best.pt"), "--data", str(missing)],
          "no such dataset file"),
         (recon, ["--data", str(missing)], "no such dataset file"),
+        # refused before any work (they trained, or ran MD, first)
         (accuracy, ["--system", "ethanol", "--data", str(missing), "--models", "constant",
-                    "--seeds", "1", "--out-dir", str(tmp_path / "r")], "no such dataset file"),
+                    "--seeds", "1", "--out-dir", str(tmp_path / "r")], "no such file (--data)"),
+        (bench("bench_surrogate_vs_md"), ["--checkpoint", str(missing), "--quick", "--out-dir",
+                                          str(tmp_path / "r")], "no such file (--checkpoint)"),
     ]
     for module, argv, message in runs:
         assert module.main([*argv, "--no-progress"]) == 2
@@ -401,6 +404,7 @@ def test_benchmarks_report_bad_inputs_in_one_line(bench, tmp_path, capsys):
                if line.startswith("error:")]
         assert len(err) == 1 and message in err[0]
         assert str(missing) in err[0] or str(data) in err[0]
+    assert not (tmp_path / "r").exists()
 
 
 def test_quick_threads_run_leaves_the_measured_result_alone(bench, tmp_path, monkeypatch,

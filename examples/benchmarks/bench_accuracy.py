@@ -61,6 +61,7 @@ from common import (
     markdown_table,
     mean_std,
     relative_path,
+    require_files,
     save_figure,
     save_json,
     setup_logging,
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     setup_logging()
+    require_files(data=args.data,
+                  transfer=None if args.transfer in (None, "mdanalysistests") else args.transfer)
     md17, adk = args.system in MD17, args.system == "adk"
     if adk:
         if args.quick:  # MDAnalysisTests' AdK: 98 frames, 1 ps apart

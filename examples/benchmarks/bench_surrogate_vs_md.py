@@ -48,6 +48,7 @@ from common import (
     machine,
     machine_table,
     markdown_table,
+    require_files,
     save_json,
     setup_logging,
 )
@@ -426,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     setup_logging()
+    require_files(checkpoint=args.checkpoint, adk_checkpoint=args.adk_checkpoint)
     if args.quick:
         args.frames = min(args.frames, 400)
         args.train_epochs, args.max_steps_per_epoch = 1, 3

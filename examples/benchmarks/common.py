@@ -92,6 +92,18 @@ def clean_errors(main):
     return wrapped
 
 
+def require_files(**paths: str | os.PathLike | None) -> None:
+    """Refuse, before any work, an input file that is not there: ``require_files(data=args.data)``
+    names the option (``--data``) and the path. None (not given) passes."""
+    from surrogate_md.errors import DataError
+
+    for option, path in paths.items():
+        if path is not None and not Path(path).is_file():
+            flag = "--" + option.replace("_", "-")
+            what = "no such file" if not Path(path).exists() else "not a file"
+            raise DataError(f"{path}: {what} ({flag}); give an existing file")
+
+
 def relative_path(path: str | os.PathLike) -> str:
     """``path`` relative to the working directory when it lies below it (results carry no
     machine-specific absolute paths), else as given."""
