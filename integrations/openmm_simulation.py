@@ -96,6 +96,7 @@ from openmm import app, unit
 from integrations.guards import GuardConfig, GuardEvent, Guards, guard_error_message
 from integrations.propagator import JumpResult, SurrogatePropagator
 from surrogate_md.errors import DataError, EngineError, GuardError
+from surrogate_md.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -814,9 +815,8 @@ class SurrogateSimulation:
         """Binary checkpoint of the Context (positions, velocities, time, step count, RNG).
         Given a path, the surrogate's own state goes beside it (:meth:`_save_memory`)."""
         if isinstance(file, (str, os.PathLike)):
-            from openmm.app.internal import safesave
-
-            safesave.save(self.context.createCheckpoint(), os.fspath(file))
+            with atomic_path(file) as tmp:  # not openmm.app.internal.safesave: OpenMM 8.3 has none
+                tmp.write_bytes(self.context.createCheckpoint())
             self._save_memory(file)
         else:
             file.write(self.context.createCheckpoint())
@@ -842,8 +842,6 @@ class SurrogateSimulation:
         is (``cycle``; with the rest of the jump when on an intermediate output frame); stamped
         with the Context's time."""
         import json
-
-        from surrogate_md.fileio import atomic_path
 
         mem = self.propagator.memory()
         n_jumps, md_ps, place, rest = self.n_jumps, self._md_ps, None, {}
@@ -886,9 +884,7 @@ class SurrogateSimulation:
                                       integratorParameters=True)
         xml = openmm.XmlSerializer.serialize(state)
         if isinstance(file, (str, os.PathLike)):
-            from openmm.app.internal import safesave
-
-            safesave.save(xml, os.fspath(file))
+            atomic_write_text(file, xml)
             self._save_memory(file)
         else:
             file.write(xml)

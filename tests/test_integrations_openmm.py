@@ -164,6 +164,31 @@ def test_checkpoint_saved_mid_run_reloads_and_continues(tmp_path):
     np.testing.assert_allclose(positions_A(from_state), reference, atol=1e-6)
 
 
+def test_checkpoint_and_state_files_need_no_openmm_internals(tmp_path, monkeypatch):
+    """pyproject allows OpenMM 8.1: saving by path used ``openmm.app.internal.safesave``, a module
+    OpenMM 8.3 does not have (ImportError at every checkpoint, every predict run with one). Saved
+    files are written atomically by the package itself, replace an earlier file whole and leave no
+    temporary file."""
+    import sys
+
+    import openmm.app.internal
+
+    monkeypatch.setitem(sys.modules, "openmm.app.internal.safesave", None)  # as on OpenMM 8.3
+    monkeypatch.delattr(openmm.app.internal, "safesave", raising=False)
+    sim = make_sim(tmp_path, selection="all", constraints=None, model="constant")
+    chk, xml = tmp_path / "a.chk", tmp_path / "a.xml"
+    chk.write_bytes(b"an older checkpoint")
+    sim.step(2)
+    sim.saveCheckpoint(str(chk))
+    sim.saveState(str(xml))
+    assert chk.read_bytes() == sim.context.createCheckpoint()
+    assert "<State" in xml.read_text()
+    assert not list(tmp_path.glob(".*.tmp"))
+    sim.step(2)
+    sim.loadCheckpoint(str(chk))
+    assert sim.currentStep == 2 * sim.steps_per_jump
+
+
 def test_hybrid_mode_keeps_exact_time_and_reports_md_and_jump_frames(tmp_path):
     sim = make_sim(tmp_path, md_steps=10, model="constant")
     spj = sim.steps_per_jump
