@@ -87,8 +87,8 @@ def test_fresh_process_and_comparison_columns(tmp_path, capsys):
     """Each configuration runs in its own child; ``--compare-src`` adds before/after columns."""
     bench = _load()
     out = tmp_path / "cmp.json"
-    assert bench.main(["--quick", "--only", "egno aspirin", "--compare-src", str(ROOT),
-                       "--json", str(out)]) == 0
+    assert bench.main(["--quick", "--device", "cpu", "--only", "egno aspirin", "--compare-src",
+                       str(ROOT), "--json", str(out)]) == 0  # RSS columns: on a GPU node too
     rows = _table(capsys.readouterr().out)
     header, body = rows[0], rows[2:]
     assert len(body) == 1 and "speed-up" in header and "peak RSS (GiB)" in header
@@ -137,6 +137,20 @@ def test_only_matching_nothing_is_an_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--only adk matches no configuration" in err and "egno AdK x1" in err
     assert not out.exists()
+
+
+def test_repeats_sets_the_timed_steps_of_every_configuration(tmp_path, capsys):
+    """``--repeats N``: N timed steps in each configuration (a GPU step takes milliseconds, so the
+    default 3 at AdK size leaves its median to chance); less than 1 is refused."""
+    bench = _load()
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--in-process", "--device", "cpu", "--only", "egno aspirin",
+                       "estag", "--repeats", "4", "--json", str(out)]) == 0
+    configs = json.loads(out.read_text())["configs"]
+    assert len(configs) == 2 and all(c["config"]["repeats"] == 4 for c in configs)
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--in-process", "--repeats", "0"])
+    assert "--repeats must be at least 1" in capsys.readouterr().err
 
 
 def _model_and_batch(name: str, n_channels: int, dtype):

@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="also run every configuration through torch.compile (inductor, "
                              "as runtime.compile); the first step, which compiles, is untimed")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed steps per configuration (default 10 at MD17 size, 3 at AdK "
+                             "size; 1 with --quick); a GPU step is short, so more steadies it")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only configurations whose name contains one of these words")
     parser.add_argument("--compare-src", default=None,
@@ -274,9 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batch_sizes or ([1, 2] if args.quick else [1, 8])
     if any(b < 1 for b in batches):
         parser.error("--batch-sizes must be positive")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     configs = [dataclasses.replace(c, name=c.name if p == "fp32" else f"{c.name} {p}",
                                    precision=p)
                for c in reference_configs(args.quick, batches) for p in args.precision]
+    if args.repeats is not None:
+        configs = [dataclasses.replace(c, repeats=args.repeats) for c in configs]
     if args.compile:
         configs = [variant for c in configs for variant in
                    (c, dataclasses.replace(c, name=f"{c.name} compiled", compiled=True))]

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The GPU columns of the benchmarks in one go, on the first CUDA device.
+#
+#   bash examples/benchmarks/run_gpu.sh OUT_DIR [QUICK]
+#
+# Writes to OUT_DIR:
+#   training.json          bench_training.py, fp32 and bf16 autocast, AdK batches 1, 8 and 32
+#   training_compile.json  bench_training.py --compile for EGNO (aspirin, AdK x32), bf16
+#   scaling.json/.png      bench_scaling.py: inference time and memory vs atoms (10^3-10^5) and P
+#   trainer.json           the real trainer (python -m surrogate_md.train) on the MDAnalysisTests
+#                          AdK backbone (855 atoms, 8 A graph, P = 4, EGNO hidden 64, 4 layers):
+#                          samples/s per epoch at fp32, bf16, bf16 + torch.compile, and under
+#                          torchrun (DDP over NCCL, one process)
+# Each stage has its own time limit (seconds, environment variables T_TRAINING, T_TRAINER,
+# T_SCALING, T_COMPILE) so that one slow stage cannot starve the others; a stage that fails
+# or runs out of time is reported and the next one runs. QUICK (any second argument) runs tiny
+# sizes: a check that the script works, on any machine. STAGES (environment) names the stages to
+# run, in their fixed order (default: training trainer scaling compile).
+set -u
+OUT=${1:?usage: run_gpu.sh OUT_DIR [QUICK]}
+QUICK=${2:-}
+HERE=$(cd "$(dirname "$0")" && pwd)
+PY=${PYTHON:-python3}
+export DEV=${DEVICE:-cuda}  # DEVICE=cpu: the QUICK check on a machine without a GPU
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+
+STAGES=" ${STAGES:-training trainer scaling compile} "
+wanted() { [[ "$STAGES" == *" $1 "* ]]; }
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, say how it ended
+    local name=$1 limit=$2 start rc
+    shift 2
+    wanted "$name" || return 0
+    echo "=== $name (limit ${limit} s) ==="
+    start=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@"
+    rc=$?
+    echo "=== $name: exit $rc after $(( $(date +%s) - start )) s ==="
+}
+
+if [ -n "$QUICK" ]; then
+    BT=(--quick --repeats 2 --batch-sizes 1 2)
+    BC=(--quick --repeats 2 --batch-sizes 2 --only "egno aspirin" "egno AdK x2")
+    BS=(--quick)
+    EPOCHS=2; RES="1:10"; BATCH=4
+else
+    BT=(--repeats 20 --batch-sizes 1 8 32)
+    BC=(--repeats 20 --batch-sizes 32 --only "egno aspirin" "egno AdK x32")
+    BS=(--atoms 1000 10000 100000 --repeats 10)
+    EPOCHS=8; RES="1:214"; BATCH=8
+fi
+
+stage training "${T_TRAINING:-140}" "$PY" "$HERE/bench_training.py" "${BT[@]}" --device "$DEV" \
+    --precision fp32 bf16 --in-process --json "$OUT/training.json"
+
+# the real training loop: data loading, host-device copies, validation and logging included
+stage trainer "${T_TRAINER:-130}" bash -c '
+    set -e
+    PY=$1; OUT=$2; WORK=$3; EPOCHS=$4; RES=$5; BATCH=$6; ROOT=$7
+    read -r PSF DCD < <("$PY" -c "from MDAnalysisTests.datafiles import PSF, DCD; print(PSF, DCD)")
+    "$PY" -m datagen ingest "$PSF" "$DCD" --select "backbone and resid $RES" --no-progress \
+        -o "$WORK/adk.h5"
+    common=(--config "$ROOT/examples/configs/egno_adk_backbone.yaml" --device "$DEV" -q
+            --set data.path="$WORK/adk.h5" --set data.jump_ps=4.0
+            --set "data.fractions=[0.9, 0.05, 0.05]" --set train.epochs=$EPOCHS
+            --set train.batch_size=$BATCH --set runtime.progress=false)
+    "$PY" -m surrogate_md.train "${common[@]}" --out "$WORK/fp32"
+    "$PY" -m surrogate_md.train "${common[@]}" --set runtime.precision=bf16 --out "$WORK/bf16"
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m surrogate_md.train \
+        "${common[@]}" --out "$WORK/ddp"
+    "$PY" -m surrogate_md.train "${common[@]}" --set runtime.precision=bf16 \
+        --set runtime.compile=true --out "$WORK/bf16_compiled"
+' trainer "$PY" "$OUT" "$WORK" "$EPOCHS" "$RES" "$BATCH" "$(cd "$HERE/../.." && pwd)"
+wanted trainer && "$PY" - "$WORK" "$OUT/trainer.json" <<'EOF'
+import json, os, statistics, sys
+import torch
+work, out = sys.argv[1], sys.argv[2]
+runs = {}
+for name in ("fp32", "bf16", "bf16_compiled", "ddp"):
+    path = os.path.join(work, name, "metrics.jsonl")
+    if not os.path.exists(path):
+        runs[name] = None
+        continue
+    with open(path) as handle:
+        epochs = [json.loads(line) for line in handle if line.strip()]
+    epochs = [e for e in epochs if e.get("split") == "epoch"]
+    rates = [e["samples_per_s"] for e in epochs if e.get("samples_per_s")]
+    steady = rates[1:] or rates  # the first epoch warms up (and compiles)
+    runs[name] = {"epochs": len(epochs), "samples_per_s_per_epoch": rates,
+                  "median_after_first": statistics.median(steady) if steady else None,
+                  "peak_memory_MiB": max((e.get("peak_memory_MiB") or 0) for e in epochs)
+                  if epochs else None,
+                  "final_val_fmse": epochs[-1].get("val_fmse") if epochs else None}
+    print(f"{name:14s} epochs {len(epochs)}  samples/s after the first epoch "
+          f"{runs[name]['median_after_first']}")
+device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+with open(out, "w") as handle:
+    json.dump({"device": device, "torch": torch.__version__, "runs": runs}, handle, indent=2)
+EOF
+
+stage scaling "${T_SCALING:-80}" "$PY" "$HERE/bench_scaling.py" "${BS[@]}" --device "$DEV" \
+    --in-process --no-progress --json "$OUT/scaling.json" --plot "$OUT/scaling.png"
+
+stage compile "${T_COMPILE:-100}" "$PY" "$HERE/bench_training.py" "${BC[@]}" --device "$DEV" \
+    --precision bf16 --compile --json "$OUT/training_compile.json"
