@@ -409,6 +409,16 @@ class Relaxation:
         return potential_energy(self.solvent_free)
 
 
+def project_velocities_once(context: openmm.Context, velocities_A_per_ps: np.ndarray) -> None:
+    """Set a jump's end velocities (n_atoms, 3) Å/ps on the relaxed state in ``context`` and
+    project them onto its constraints: once, from the jump's own values (projecting the ones
+    already fitted to the unrelaxed geometry a second time took 4-5 % of the kinetic energy of
+    every relaxed jump)."""
+    context.setVelocities(unit.Quantity(np.asarray(velocities_A_per_ps, dtype=np.float64),
+                                        A_PER_PS))
+    context.applyVelocityConstraints(1e-5)
+
+
 def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards: Guards,
                          jump: int, time_ps: float, energy_kJ_per_mol: float | None = None
                          ) -> tuple[np.ndarray, float, list[GuardEvent]]:
@@ -1292,12 +1302,7 @@ class SurrogateSimulation:
                                                           energy)
             if not again:
                 if self._constrained:
-                    # the jump's end velocities projected once, onto the relaxed geometry's
-                    # constraints: projecting the ones already made to fit the unrelaxed
-                    # geometry again took 4-5 % of the kinetic energy of every relaxed jump
-                    self.context.setVelocities(unit.Quantity(
-                        np.asarray(result.velocities_A_per_ps[-1], dtype=np.float64), A_PER_PS))
-                    self.context.applyVelocityConstraints(1e-5)
+                    project_velocities_once(self.context, result.velocities_A_per_ps[-1])
                 self._known_energy = (relaxed, energy)
                 return relaxed
             self.guards.handle(again, "fallback")
@@ -1516,6 +1521,8 @@ class SurrogateJumpReporter:
                     self.guards.handle(again, "fallback")
                 else:
                     final = relaxed
+                    if constrained:
+                        project_velocities_once(context, fvel)
             if not keep:
                 write_state(context, pos, vel, False)
                 if action == "raise":

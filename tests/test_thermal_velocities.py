@@ -132,3 +132,54 @@ def test_relaxed_jumps_project_their_velocities_once(linear):
     finally:
         logging.disable(logging.NOTSET)
     assert sim.guards.summary()["relaxations"] >= 2  # the others passed as predicted
+
+
+def test_jump_reporter_projects_relaxed_velocities_once(linear):
+    """The same for ``SurrogateJumpReporter`` on a stock Simulation: a relaxed jump keeps its end
+    velocities projected once, onto the relaxed geometry's constraints (they were projected onto
+    the unrelaxed geometry and then again after the relaxation)."""
+    import logging
+
+    import openmm
+    from openmm import app
+
+    from integrations.guards import GuardConfig
+    from integrations.openmm_simulation import SurrogateJumpReporter
+
+    top, system, positions = alanine_system()  # HBonds constraints
+    sim = app.Simulation(top, system, openmm.LangevinMiddleIntegrator(
+        300 * unit.kelvin, 1 / unit.picosecond, 0.0005 * unit.picosecond), reference_platform())
+    cold_start(sim.context, positions)
+    sim.context.setVelocitiesToTemperature(300 * unit.kelvin, 5)
+    jumper = SurrogateJumpReporter(linear, interval=4, guards=GuardConfig(
+        action="relax", relax_iterations=20, energy_jump_kJ_per_mol=5.0))
+    sim.reporters.append(jumper)
+    ends = []
+    jump = jumper.propagator.jump
+
+    def recording(*args, **kwargs):
+        result = jump(*args, **kwargs)
+        ends.append(np.asarray(result.velocities_A_per_ps[-1], dtype=np.float64))
+        return result
+
+    jumper.propagator.jump = recording
+    scratch = openmm.Context(system, openmm.VerletIntegrator(0.001), reference_platform())
+    logging.disable(logging.WARNING)
+    try:
+        checked = 0
+        for _ in range(4):
+            sim.step(4)  # the jump happens at the report after the fourth step
+            relaxed = jumper.guards.summary()["relaxations"]
+            if not relaxed or relaxed == checked:
+                continue
+            checked = relaxed
+            state = sim.context.getState(positions=True, velocities=True)
+            scratch.setPositions(state.getPositions())
+            scratch.setVelocities(unit.Quantity(ends[-1], unit.angstrom / unit.picosecond))
+            scratch.applyVelocityConstraints(1e-5)
+            want = scratch.getState(velocities=True).getVelocities(asNumpy=True)
+            np.testing.assert_allclose(state.getVelocities(asNumpy=True)._value, want._value,
+                                       atol=1e-6)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert checked >= 2 and jumper.n_jumps == 4
