@@ -67,13 +67,19 @@ def test_quick_training_benchmark_table_and_json(tmp_path, capsys):
         assert name in header
     speed = header.index("samples/s")
     assert all(float(row[speed]) > 0 for row in body)
-    # the EGNO/ESTAG rows carry their reference figure and ratio, the others a dash
-    ratio = header.index("speed vs ref")
+    # tiny models: the reference figures are shown, but no ratio against them
+    ratio, ref = header.index("speed vs ref"), header.index("ref samples/s")
     by_name = {row[0]: row for row in body}
-    assert by_name["egno aspirin"][ratio].endswith("x")
-    assert by_name["estag aspirin history"][ratio].endswith("x")
-    assert by_name["egnn aspirin"][ratio] == "-"
+    assert by_name["egno aspirin"][ref] == "100.0" and by_name["egno aspirin"][ratio] == "-"
+    assert all(row[ratio] == "-" and row[header.index("memory vs ref")] == "-" for row in body)
     data = json.loads(out.read_text())
+    # at full size the EGNO/ESTAG rows carry their ratio, the others a dash
+    full = bench._table(data["configs"], "RSS", False, "samples_per_s", quick=False)
+    full_rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+                 for line in full.splitlines()[2:]}
+    assert full_rows["egno aspirin"][ratio].endswith("x")
+    assert full_rows["estag aspirin history"][ratio].endswith("x")
+    assert full_rows["egnn aspirin"][ratio] == "-"
     assert [c["config"]["name"] for c in data["configs"]] == expected
     for entry in data["configs"]:
         result = entry["result"]

@@ -206,8 +206,10 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}"
 
 
-def _table(rows: list[dict], memory_label: str, compare: bool, key: str) -> str:
-    """Markdown table; ratios use the throughput ``key`` (samples_per_s or samples_per_cpu_s)."""
+def _table(rows: list[dict], memory_label: str, compare: bool, key: str,
+           quick: bool = False) -> str:
+    """Markdown table; ratios use the throughput ``key`` (samples_per_s or samples_per_cpu_s).
+    ``quick``: the models are tiny, so no ratio against the full-size reference figures."""
     head = ["configuration", "nodes", "edges", "P", "batch", "step (s)", "samples/s",
             "samples/CPU-s", "ref samples/s", "speed vs ref", f"peak {memory_label} (GiB)",
             "ref GB", "memory vs ref"]
@@ -218,10 +220,11 @@ def _table(rows: list[dict], memory_label: str, compare: bool, key: str) -> str:
     for row in rows:
         cfg, res = row["config"], row["result"]
         mem = res["peak_bytes"] / GIB
-        speed = res[key] / cfg["ref_samples_per_s"] if cfg["ref_samples_per_s"] else None
+        speed = (res[key] / cfg["ref_samples_per_s"]
+                 if cfg["ref_samples_per_s"] and not quick else None)
         # the reference quotes GB (10^9 bytes); our peak is shown in GiB
-        mem_ratio = (res["peak_bytes"] / 1e9 / cfg["ref_memory_gb"] if cfg["ref_memory_gb"]
-                     else None)
+        mem_ratio = (res["peak_bytes"] / 1e9 / cfg["ref_memory_gb"]
+                     if cfg["ref_memory_gb"] and not quick else None)
         cells = [cfg["name"], str(res["n_nodes"]), str(res["n_edges"]), str(cfg["n_times"]),
                  str(cfg["batch"]), _fmt(res["seconds_per_step"], 3),
                  _fmt(res["samples_per_s"], 2), _fmt(res["samples_per_cpu_s"], 2),
@@ -317,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Training steps (AdamW, forward + backward + step), device {args.device}, "
           f"{args.threads} thread(s), median of timed steps after one warm-up, torch "
           f"{torch.__version__}; ratios from {key.replace('_', ' ')}\n")
-    print(_table(rows, memory_label, bool(args.compare_src), key))
+    if args.quick:
+        print("--quick: tiny models (hidden 16, 2 layers, 60-atom 'AdK'); the reference figures "
+              "are for the full sizes, so no ratio is given\n")
+    print(_table(rows, memory_label, bool(args.compare_src), key, args.quick))
     if args.json_path:
         data = {"machine": info, "device": args.device, "threads": args.threads,
                 "quick": args.quick,
