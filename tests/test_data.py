@@ -332,6 +332,56 @@ def test_finite_difference_velocities_look_back_only(tmp_path):
     np.testing.assert_allclose(ds[0][K.VEL][:, 0], (pos[t0] - pos[t0 - 1]) / 0.5, atol=1e-3)
 
 
+def test_velocities_setting_forces_differences_or_stored_velocities(dataset, tmp_path):
+    """``data.velocities``: ``difference`` takes x[t0] - x[t0 - 1] over one saved frame even
+    where the file stores velocities (the MD17 protocol on data made with velocities; before,
+    stored ones were used whenever there were any), starts no window at frame 0 and is what the
+    checkpoint records; ``file`` refuses a file without velocities by name; ``auto`` is as
+    before."""
+    from surrogate_md.train.config import config_from_dict
+    from surrogate_md.train.data import prepare_data
+
+    path, pos, vel = dataset
+    no_v = write_trajectory(tmp_path / "nv.h5", small_topology(), pos, np.arange(400) * 0.1,
+                            {"interval_ps": 0.1})
+
+    def prepared(data_path, velocities):
+        return prepare_data(config_from_dict({
+            "data": {"path": str(data_path), "jump_ps": 0.2, "n_out": 2, "velocities": velocities,
+                     "graph": {"kind": "full"}},
+            "model": {"name": "constant"}}).data)
+
+    forced = prepared(path, "difference")
+    try:
+        ds = forced.datasets["train"]
+        assert forced.velocity_source == "finite_difference" and ds.finite_difference
+        assert forced.protocol_meta()["velocity_source"] == "finite_difference"
+        assert int(forced.windows["train"][:, 1].min()) >= 1
+        for i in (0, 7):
+            t0 = int(ds.windows[i, 1])
+            np.testing.assert_allclose(ds[i][K.VEL][:, 0], (pos[t0] - pos[t0 - 1]) / 0.1,
+                                       rtol=1e-4, atol=1e-3)
+            assert not np.allclose(ds[i][K.VEL][:, 0], vel[t0], atol=1e-3)
+    finally:
+        forced.close()
+    for velocities, source in (("auto", "file"), ("file", "file")):
+        plain = prepared(path, velocities)
+        try:
+            assert plain.velocity_source == source
+            item, t0 = plain.datasets["train"][3], int(plain.windows["train"][3, 1])
+            np.testing.assert_allclose(item[K.VEL][:, 0], vel[t0], rtol=1e-4, atol=1e-3)
+        finally:
+            plain.close()
+    auto = prepared(no_v, "auto")
+    assert auto.velocity_source == "finite_difference"
+    auto.close()
+    with pytest.raises(DataError, match=r"nv\.h5: data\.velocities is 'file' but the file "
+                                        r"stores no velocities; use data\.velocities: difference"):
+        prepared(no_v, "file")
+    with pytest.raises(ConfigError, match="data.velocities"):
+        prepared(path, "stored")
+
+
 def brute_radius(pos: np.ndarray, cutoff: float) -> set[tuple[int, int]]:
     d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
     i, j = np.nonzero((d < cutoff) & ~np.eye(len(pos), dtype=bool))

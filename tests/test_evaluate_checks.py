@@ -156,6 +156,25 @@ def test_velocity_source_mismatch_is_warned_and_reported(ala, checkpoint, tmp_pa
     assert not any("velocit" in w for w in res["warnings"])
 
 
+def test_a_finite_difference_model_is_scored_on_differences_where_files_store_velocities(
+        ala, checkpoint, tmp_path):
+    """A model trained on finite differences (MD17 positions, or data.velocities: difference)
+    scored on data made with velocities gets the inputs it was trained on: differences over one
+    saved frame, and no warning (before: the stored velocities, and a warning that the inputs
+    differ from training)."""
+    def fd_model(data):
+        data["protocol"].update(velocity_source="finite_difference")
+
+    fd = _edited(checkpoint, tmp_path / "fd.pt", fd_model)
+    res = evaluate(fd, ala, tmp_path / "fd", **QUIET)
+    assert res["velocity_source"] == res["model_velocity_source"] == "finite_difference"
+    assert not any("velocit" in w for w in res["warnings"])
+    # the same windows with the stored velocities give other errors: the inputs did change
+    stored = evaluate(checkpoint, ala, tmp_path / "stored", **QUIET)
+    assert stored["velocity_source"] == "file"
+    assert res["errors"] != stored["errors"]
+
+
 # -- D4: a diverging rollout is cut and recorded, the evaluation goes on ------------------------
 def _diverging_predict(monkeypatch, refuse: bool):
     """Surrogate.predict that moves the molecule 500 Å away in the first jump; the next jump

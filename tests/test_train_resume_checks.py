@@ -164,6 +164,29 @@ def test_resume_compares_model_options_with_their_defaults(finished_run, tmp_pat
         train({}, copy, resume=True, overrides=["model.modes=3"])
 
 
+def test_a_run_recorded_before_the_velocities_setting_resumes(finished_run, tmp_path):
+    """A run whose last.pt and config.yaml hold no ``data.velocities`` (written before the
+    setting existed) ran with its default and resumes (it would be refused as a changed data
+    setting, '(unset)' -> 'auto'); asking for another kind of velocities is still refused."""
+    import torch
+    import yaml
+
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for p in finished_run.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    last = torch.load(copy / "last.pt", map_location="cpu", weights_only=False)
+    last["training"]["config"]["data"].pop("velocities")
+    torch.save(last, copy / "last.pt")
+    raw = yaml.safe_load((copy / "config.yaml").read_text())
+    raw["data"].pop("velocities")
+    (copy / "config.yaml").write_text(yaml.safe_dump(raw))
+    train({}, copy, resume=True, overrides=["train.epochs=2"])
+    assert [r["epoch"] for r in records(copy) if r.get("split") == "epoch"] == [1, 2]
+    with pytest.raises(CheckpointError, match="data.velocities: 'auto' -> 'difference'"):
+        train({}, copy, resume=True, overrides=["train.epochs=3", "data.velocities=difference"])
+
+
 # -- empty splits ---------------------------------------------------------------------------------
 def test_empty_val_and_test_splits_write_strict_json(ala, tmp_path):
     out = tmp_path / "run"

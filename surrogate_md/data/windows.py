@@ -307,11 +307,13 @@ class WindowDataset(torch.utils.data.Dataset):
         windows: (n, 2) int array of (file index, t0).
         protocol, selection, graph: what to cut and how to connect it.
         in_memory: load files into RAM (``"auto"``: when under 2 GiB in total).
+        velocities: input velocities, ``"auto"`` | ``"file"`` | ``"difference"``
+            (:func:`uses_finite_difference`).
     """
 
     def __init__(self, files: list[TrajectoryFile], windows: np.ndarray, protocol: Protocol,
-                 selection: NodeSelection, graph: GraphBuilder, in_memory: bool | str = "auto"
-                 ) -> None:
+                 selection: NodeSelection, graph: GraphBuilder, in_memory: bool | str = "auto",
+                 velocities: str = "auto") -> None:
         self.files = files
         self.windows = np.asarray(windows, dtype=np.int64).reshape(-1, 2)
         self.protocol = protocol
@@ -327,7 +329,7 @@ class WindowDataset(torch.utils.data.Dataset):
             raise DataError(f"dataset files have different saved-frame intervals {intervals}; "
                             "train on files saved at one interval")
         self.interval_ps = intervals.pop()
-        self.finite_difference = any(f.velocities is None for f in files)
+        self.finite_difference = uses_finite_difference(files, velocities)
         self.times_ps = protocol.out_frames * self.interval_ps
         self.node_type = selection.node_type
         self.mass = selection.mass
@@ -413,8 +415,25 @@ def batch_to(batch: dict[str, torch.Tensor], device: torch.device | str,
         for k, v in batch.items()}
 
 
-def make_windows(files: list[TrajectoryFile], protocol: Protocol, **split_kwargs
-                 ) -> dict[str, np.ndarray]:
+VELOCITY_SOURCES = ("auto", "file", "difference")
+
+
+def uses_finite_difference(files: list[TrajectoryFile], velocities: str = "auto") -> bool:
+    """Whether input velocities are finite differences x[t0] - x[t0 - 1] over one saved frame:
+    ``velocities`` ``"difference"``, or ``"auto"`` with a file that stores none; ``"file"``
+    needs stored velocities in every file."""
+    if velocities not in VELOCITY_SOURCES:
+        raise ValueError(f"velocities must be one of {VELOCITY_SOURCES}, got {velocities!r}")
+    missing = [str(f.path) for f in files if f.velocities is None]
+    if velocities == "file" and missing:
+        raise DataError(f"{', '.join(missing)}: data.velocities is 'file' but the file stores no "
+                        "velocities; use data.velocities: difference (or auto) to take finite "
+                        "differences of positions one saved frame apart")
+    return velocities == "difference" or (velocities == "auto" and bool(missing))
+
+
+def make_windows(files: list[TrajectoryFile], protocol: Protocol, *, velocities: str = "auto",
+                 **split_kwargs) -> dict[str, np.ndarray]:
     """Split every file and return {split: (n, 2) (file index, t0)} windows.
 
     For the paper split the counts apply to the pooled files, shared out in proportion to the
@@ -422,7 +441,7 @@ def make_windows(files: list[TrajectoryFile], protocol: Protocol, **split_kwargs
     contributes no windows); for the blocked split each file is cut into blocks on its own, and
     counts (a cap) are shared out in proportion to the files' lengths.
     """
-    fd = any(f.velocities is None for f in files)
+    fd = uses_finite_difference(files, velocities)
     out = {name: [] for name in SPLIT_NAMES}
     counts = split_kwargs.pop("counts", None)
     shares = None

@@ -98,6 +98,13 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         # recorded as "one saved frame": in data saved at another interval that is another
         # stride; the model's stride in ps is what its input must have
         dc["history_stride_ps"] = sur.history_stride_ps
+    if sur.velocity_source == "finite_difference":
+        # the model's inputs were finite differences: so are they here, also where these files
+        # store velocities (a model trained on MD17 positions, scored on data made with
+        # velocities); a model trained on stored velocities takes them where there are any
+        dc["velocities"] = "difference"
+    elif dc.get("velocities") == "file":
+        dc["velocities"] = "auto"  # files without velocities: scored on differences, warned
     seed = int(prov.get("run_config", {}).get("train", {}).get("data_seed", 0))
     data_cfg = data_config_from_dict(dc, str(checkpoint))
     try:  # the time grid first: data that cannot give it is the problem, not the split
@@ -142,7 +149,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         if len(windows) == 0:
             raise DataError(f"{paths[0]}: the {split} split has no windows; use --split all or "
                             "a longer trajectory")
-        ds = WindowDataset(prepared.files, windows, prepared.protocol, selection, graph)
+        ds = WindowDataset(prepared.files, windows, prepared.protocol, selection, graph,
+                           velocities=data_cfg.velocities)
         _check_time_grid(sur, ds, prepared, paths[0], checkpoint)
         result: dict[str, Any] = {
             "checkpoint": str(checkpoint), "checkpoint_hash": sur.checkpoint_hash,

@@ -31,7 +31,7 @@ from typing import Any, Union
 
 import yaml
 
-from surrogate_md.data.windows import GraphSpec
+from surrogate_md.data.windows import VELOCITY_SOURCES, GraphSpec
 from surrogate_md.errors import ConfigError
 from surrogate_md.fileio import atomic_write_text
 
@@ -85,7 +85,10 @@ class DataConfig:
     between blocked start frames; margin_frames: paper split end margin; jump_ps: ΔT (ps); n_out:
     P; history: T input frames (history protocol); history_stride_ps: spacing of history frames
     (ps, default one saved frame); max_stat_windows: training windows sampled for the
-    normalisation statistics and validity tolerances.
+    normalisation statistics and validity tolerances; velocities: the input velocities, ``auto``
+    (those stored in the files, finite differences where a file has none), ``file`` (stored ones,
+    required) or ``difference`` (x[t0] - x[t0 - 1] over one saved frame, Å/ps, even where the
+    files store velocities: the MD17 protocol on data made with velocities).
     """
 
     path: str | list[str] = ""
@@ -102,6 +105,7 @@ class DataConfig:
     history_stride_ps: float | None = None
     graph: GraphSpec = field(default_factory=GraphSpec)
     max_stat_windows: int = 512
+    velocities: str = "auto"
 
     def __post_init__(self) -> None:
         paths = [self.path] if isinstance(self.path, str) else list(self.path)
@@ -111,6 +115,7 @@ class DataConfig:
         _choice("data.protocol", self.protocol, ("s2t", "history"))
         _choice("data.selection", self.selection, SELECTIONS)
         _choice("data.split", self.split, ("blocked", "paper"))
+        _choice("data.velocities", self.velocities, VELOCITY_SOURCES)
         if len(self.fractions) != 3 or not all(0 <= f < math.inf for f in self.fractions) or sum(
                 self.fractions) <= 0:
             raise ConfigError(f"data.fractions must be three shares >= 0 (train, val, test), got "

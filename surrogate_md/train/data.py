@@ -23,6 +23,7 @@ from surrogate_md.data.windows import (
     WindowDataset,
     frames_from_ps,
     make_windows,
+    uses_finite_difference,
 )
 from surrogate_md.errors import ConfigError, DataError
 from surrogate_md.train.config import DataConfig
@@ -55,7 +56,8 @@ class PreparedData:
 
     @property
     def velocity_source(self) -> str:
-        return "finite_difference" if any(f.velocities is None for f in self.files) else "file"
+        return ("finite_difference" if uses_finite_difference(self.files, self.config.velocities)
+                else "file")
 
     def protocol_meta(self) -> dict[str, Any]:
         """Protocol in frames plus its times in ps (the checkpoint's ``protocol`` entry)."""
@@ -134,7 +136,8 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
                         f"graph ({why}); {fix} or set data.graph.kind: radius")
     windows = make_windows(files, protocol, split=cfg.split, fractions=tuple(cfg.fractions),
                            counts=None if cfg.counts is None else tuple(cfg.counts),
-                           stride=cfg.stride, margin_frames=cfg.margin_frames, seed=seed)
+                           stride=cfg.stride, margin_frames=cfg.margin_frames, seed=seed,
+                           velocities=cfg.velocities)
     if len(windows["train"]) == 0:
         raise DataError(f"{first.path}: the split leaves no training windows; generate more "
                         "frames, shorten the jump or change data.fractions/counts")
@@ -142,7 +145,7 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
                             windows, identity=identity)
     for name, w in windows.items():
         prepared.datasets[name] = WindowDataset(files, w, protocol, selection, graph,
-                                                in_memory=in_memory)
+                                                in_memory=in_memory, velocities=cfg.velocities)
     log.info("data: %s, %d atoms -> %d %s nodes x %d channels; jump %g ps (%d frames), P = %d; "
              "windows train/val/test = %d/%d/%d", ", ".join(Path(p).name for p in cfg.paths),
              first.n_atoms, selection.n_nodes, cfg.selection, selection.n_channels,

@@ -56,7 +56,7 @@ from surrogate_md.fileio import atomic_write_text, save_figure
 from surrogate_md.metrics import ErrorSums, batch_amse
 from surrogate_md.models import MODELS, build_model, compile_model, config_from_dict
 from surrogate_md.surrogate import resolve_device
-from surrogate_md.train.config import RunConfig, load_config, save_config
+from surrogate_md.train.config import DataConfig, RunConfig, load_config, save_config
 from surrogate_md.train.data import (
     PreparedData,
     ignored_settings,
@@ -700,6 +700,16 @@ def _model_settings(model: Any) -> Any:
     return {"name": model.get("name"), **dataclasses.asdict(typed)}
 
 
+def _data_settings(data: Any) -> Any:
+    """A recorded data section with the settings added since it was written (``velocities``)
+    at their defaults: a run started before a setting existed ran as its default says."""
+    if not isinstance(data, dict):
+        return data
+    added = {f.name: f.default for f in dataclasses.fields(DataConfig)
+             if f.name == "velocities"}
+    return {**added, **data}
+
+
 def check_resume(ckpt: dict[str, Any], cfg: RunConfig, last: Path) -> None:
     """Refuse to resume ``last`` (a ``last.pt``) under a config that changes the model, the
     data protocol or the seeds of the splits and initial weights.
@@ -721,7 +731,7 @@ def check_resume(ckpt: dict[str, Any], cfg: RunConfig, last: Path) -> None:
     if changed:
         raise CheckpointError(f"{last}: was trained with another model config "
                               f"({'; '.join(changed)}); {fix}")
-    old_data = {**_flat(old.get("data"), "data"),
+    old_data = {**_flat(_data_settings(old.get("data")), "data"),
                 **{f"train.{k}": old.get("train", {}).get(k) for k in _FIXED_ON_RESUME}}
     new_data = {**_flat(new["data"], "data"),
                 **{f"train.{k}": new["train"][k] for k in _FIXED_ON_RESUME}}
