@@ -154,6 +154,28 @@ def test_accuracy_quick_md17(bench, tmp_path, capsys, monkeypatch):
     _no_absolute_paths(out, tmp_path)
 
 
+def test_accuracy_velocities_option_reaches_the_training_data(bench, tmp_path, monkeypatch):
+    """``--velocities difference``: datagen data (which stores velocities) is trained and scored
+    on finite differences, as real MD17 npz files are; the x + v t floor sees other inputs."""
+    accuracy = bench("bench_accuracy")
+    monkeypatch.chdir(tmp_path)
+    fmse = {}
+    for velocities in ("auto", "difference"):
+        out = tmp_path / f"{velocities}.json"
+        assert accuracy.main(["--quick", "--system", "ethanol", "--models", "linear", "egnn",
+                              "--seeds", "1", "--epochs", "1", "--data-dir", str(tmp_path / "d"),
+                              "--out-dir", str(tmp_path / velocities), "--json", str(out),
+                              "--velocities", velocities, "--no-progress"]) == 0
+        data = json.loads(out.read_text())
+        assert data["velocities"] == velocities
+        fmse[velocities] = {r["model"]: r["fmse_mean"] for r in data["rows"]}
+        ckpt = next((tmp_path / velocities).rglob("best.pt"))
+        from surrogate_md import Surrogate
+        assert Surrogate.load(ckpt).velocity_source == (
+            "file" if velocities == "auto" else "finite_difference")
+    assert fmse["auto"]["linear"] != pytest.approx(fmse["difference"]["linear"], rel=1e-3)
+
+
 def test_accuracy_quick_adk_residues_with_transfer(bench, tmp_path, capsys):
     # quick AdK: MDAnalysisTests' CHARMM AdK is both the data and the transfer target
     accuracy = bench("bench_accuracy")

@@ -139,6 +139,7 @@ def run_config(args: argparse.Namespace, label: str, data: Path, seed: int) -> d
     cfg["data"]["jump_ps"] = args.jump_ps or s2t["jump_ps"]
     cfg["data"]["n_out"] = args.n_out or s2t["n_out"]
     cfg["data"]["split"] = args.split
+    cfg["data"]["velocities"] = args.velocities
     if args.split == "paper":
         cfg["data"]["counts"] = list(args.counts)
         cfg["data"]["margin_frames"] = args.margin_frames
@@ -237,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", nargs=3, type=float, default=None,
                         help="blocked split fractions (train, val, test); default: the "
                              "template's 0.8 0.1 0.1")
+    parser.add_argument("--velocities", default="auto", choices=["auto", "file", "difference"],
+                        help="input velocities (data.velocities): stored ones where the data has "
+                             "them (auto), or finite differences over one saved frame as real "
+                             "MD17 npz files give (difference)")
     parser.add_argument("--jump-ps", type=float, default=None, help="override the jump (ps)")
     parser.add_argument("--n-out", type=int, default=None, help="override P")
     parser.add_argument("--history-stride-ps", type=float, default=None)
@@ -337,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             break
     results = {"machine": info, "command": command, "quick": args.quick, "system": args.system,
                "data": relative_path(data), "split": args.split, "epochs": args.epochs,
+               "velocities": args.velocities,
                "max_steps_per_epoch": args.max_steps_per_epoch, "rows": rows, "runs": runs,
                "transfer": relative_path(args.transfer) if args.transfer else None,
                "precision": args.precision,
