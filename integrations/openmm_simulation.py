@@ -775,7 +775,8 @@ class SurrogateSimulation:
             self.surrogate, end_velocities=end_velocities, temperature_K=self.temperature_K,
             masses_amu=np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
                                  for i in range(system.getNumParticles())]),
-            seed=velocity_seed, fixed_atoms=fixed_particles(system))
+            seed=velocity_seed, fixed_atoms=fixed_particles(system),
+            zero_momentum=any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()))
         spacing = int(self._md_frame_steps[0])  # the output spacing in MD steps
         if self.propagator.needs_history and self.md_steps % spacing:
             raise EngineError(

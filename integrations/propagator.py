@@ -18,6 +18,10 @@ where differences over the output spacing are far slower (300 K alanine dipeptid
 heavy-atom kinetic temperature from MD velocities, 14 K from 0.5 ps differences). Intermediate
 frames keep their differences.
 
+With ``zero_momentum`` (what :class:`~integrations.openmm_simulation.SurrogateSimulation`
+asks for when the System has a ``CMMotionRemover``) the centre-of-mass velocity of the moving
+atoms is taken out of every frame's difference velocities, as the engine's MD keeps it.
+
 Fixed atoms (``fixed_atoms``: OpenMM's zero-mass particles that are not virtual sites, ASE's
 ``FixAtoms``) never move: every frame of a jump holds them where the jump started, whatever the
 model predicts or the reconstruction rebuilds, so their velocities are zero, and thermal draws
@@ -80,12 +84,20 @@ class SurrogatePropagator:
 
     def __init__(self, surrogate, *, end_velocities: str = "difference",
                  masses_amu: np.ndarray | None = None, temperature_K: float = 300.0,
-                 seed: int | None = None, fixed_atoms: np.ndarray | None = None) -> None:
+                 seed: int | None = None, fixed_atoms: np.ndarray | None = None,
+                 zero_momentum: bool = False) -> None:
         if end_velocities not in ("difference", "thermal"):
             raise EngineError(f"end_velocities must be 'difference' or 'thermal', got "
                               f"{end_velocities!r}")
         self.end_velocities = end_velocities
         self._masses = None
+        self._momentum_masses = None
+        if zero_momentum:
+            m = np.asarray(masses_amu, dtype=np.float64) if masses_amu is not None else None
+            if m is None or m.shape != (surrogate.n_atoms,) or not np.all(np.isfinite(m)):
+                raise EngineError(f"zero_momentum needs the {surrogate.n_atoms} atoms' masses "
+                                  "(amu)")
+            self._momentum_masses = m
         if end_velocities == "thermal":
             m = np.asarray(masses_amu, dtype=np.float64) if masses_amu is not None else None
             if (m is None or m.shape != (surrogate.n_atoms,) or not np.all(np.isfinite(m))
@@ -253,7 +265,20 @@ class SurrogatePropagator:
         return JumpResult(frames, self._end_velocities(vel), offsets.copy(), predicted)
 
     def _end_velocities(self, vel: np.ndarray) -> np.ndarray:
-        """(P, n, 3) Å/ps with the last frame's replaced by thermal draws if so configured."""
+        """(P, n, 3) Å/ps with the last frame's replaced by thermal draws if so configured, and
+        with ``zero_momentum`` every frame's centre-of-mass velocity taken out of the moving
+        atoms (a model moves the centre of mass a little in every jump; an engine that keeps
+        zero net momentum, as OpenMM's ``CMMotionRemover``, would otherwise hand the next jump
+        a drifting molecule, an input its MD never showed)."""
+        if self._momentum_masses is not None:
+            m = self._momentum_masses.copy()
+            m[self._fixed] = 0.0
+            total = m.sum()
+            if total > 0:
+                vel = np.array(vel, dtype=np.float64)
+                moving = m > 0
+                com = np.einsum("n,pnx->px", m, vel) / total  # (P, 3) Å/ps
+                vel[:, moving] -= com[:, None, :]
         if self._masses is None:
             return vel
         vel = vel.copy()

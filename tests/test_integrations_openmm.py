@@ -122,11 +122,16 @@ def test_stock_reporters_read_back_with_true_times(tmp_path):
 
 @pytest.mark.parametrize("md_steps", [0, 10])
 def test_output_frames_are_the_predicted_frames(tmp_path, md_steps):
-    # all atoms predicted, no constraints: every frame must equal x0 + v0 t_k exactly
+    # all atoms predicted, no constraints: every frame must equal x0 + v0 t_k exactly (v0 with
+    # zero net momentum, which the System's CMMotionRemover keeps in the jumps too)
     sim = make_sim(tmp_path, selection="all", constraints=None, md_steps=md_steps)
     st = sim.context.getState(positions=True, velocities=True)
     x0 = st.getPositions(asNumpy=True).value_in_unit(A)
     v0 = st.getVelocities(asNumpy=True).value_in_unit(A / unit.picosecond)
+    m = np.array([sim.system.getParticleMass(i).value_in_unit(unit.dalton)
+                  for i in range(sim.system.getNumParticles())])
+    v0 = v0 - (m[:, None] * v0).sum(0) / m.sum()
+    sim.context.setVelocities(v0 * (A / unit.picosecond))
     rec = FrameRecorder(int(sim.steps_per_frame[0]))
     sim.reporters.append(rec)
     if md_steps:  # hybrid: steps are MD steps and every output frame is a step
@@ -162,6 +167,38 @@ def test_checkpoint_saved_mid_run_reloads_and_continues(tmp_path):
                                      state=str(tmp_path / "mid.xml"))
     from_state.step(6)
     np.testing.assert_allclose(positions_A(from_state), reference, atol=1e-6)
+
+
+def test_jumps_keep_zero_net_momentum_where_the_system_removes_it(tmp_path):
+    """A System with a CMMotionRemover keeps zero net momentum in MD; a jump's difference
+    velocities carried the model's drift of the centre of mass into the next jump's input (an
+    x + v t model carries the input's own drift on forever). With the remover the kept
+    velocities have none; without it the drift is the model's and stays."""
+    sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "l.pt", selection="all"))
+    drift = np.array([0.5, -0.2, 0.1])  # Å/ps, added to every atom's velocity
+    for remove in (True, False):
+        top, system, positions = alanine_system(None)
+        if not remove:
+            for i in reversed(range(system.getNumForces())):
+                if isinstance(system.getForce(i), openmm.CMMotionRemover):
+                    system.removeForce(i)
+        assert any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()) == remove
+        sim = SurrogateSimulation(top, system, sur, platform=reference_platform())
+        cold_start(sim.context, positions)
+        m = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
+                      for i in range(system.getNumParticles())])
+        v = sim.context.getState(velocities=True).getVelocities(asNumpy=True).value_in_unit(
+            A / unit.picosecond) + drift
+        sim.context.setVelocities(v * (A / unit.picosecond))
+        sim.step(2)
+        vel = sim.context.getState(velocities=True).getVelocities(asNumpy=True).value_in_unit(
+            A / unit.picosecond)
+        com = (m[:, None] * vel).sum(0) / m.sum()
+        if remove:
+            np.testing.assert_allclose(com, 0.0, atol=1e-9)
+        else:  # the x + v t model in float32 keeps the input's drift
+            np.testing.assert_allclose(com, (m[:, None] * v).sum(0) / m.sum(), atol=1e-4)
+            assert np.abs(com).max() > 0.1
 
 
 def test_checkpoint_and_state_files_need_no_openmm_internals(tmp_path, monkeypatch):
