@@ -95,6 +95,17 @@ def test_ase_end_states_are_at_the_temperature(linear):
     assert 265.0 < np.mean(temps[1:]) < 335.0
 
 
+def _assert_projected_once(context, scratch, raw_A_per_ps: np.ndarray) -> None:
+    """The velocities in ``context`` are ``raw_A_per_ps`` projected once onto the constraints
+    at its positions (``scratch``: a Context of the same System)."""
+    state = context.getState(positions=True, velocities=True)
+    scratch.setPositions(state.getPositions())
+    scratch.setVelocities(unit.Quantity(raw_A_per_ps, unit.angstrom / unit.picosecond))
+    scratch.applyVelocityConstraints(1e-5)
+    want = scratch.getState(velocities=True).getVelocities(asNumpy=True)
+    np.testing.assert_allclose(state.getVelocities(asNumpy=True)._value, want._value, atol=1e-6)
+
+
 def test_relaxed_jumps_project_their_velocities_once(linear):
     """The relax action moves the atoms after the end velocities were fitted to the
     constraints: the kept state carries the jump's end velocities projected once, onto the
@@ -122,13 +133,7 @@ def test_relaxed_jumps_project_their_velocities_once(linear):
         for _ in range(3):
             sim.step(1)
             raw = draws._end_velocities(np.zeros((1, system.getNumParticles(), 3)))[-1]
-            state = sim.context.getState(positions=True, velocities=True)
-            scratch.setPositions(state.getPositions())
-            scratch.setVelocities(unit.Quantity(raw, unit.angstrom / unit.picosecond))
-            scratch.applyVelocityConstraints(1e-5)
-            want = scratch.getState(velocities=True).getVelocities(asNumpy=True)
-            np.testing.assert_allclose(state.getVelocities(asNumpy=True)._value, want._value,
-                                       atol=1e-6)
+            _assert_projected_once(sim.context, scratch, raw)
     finally:
         logging.disable(logging.NOTSET)
     assert sim.guards.summary()["relaxations"] >= 2  # the others passed as predicted
@@ -173,13 +178,7 @@ def test_jump_reporter_projects_relaxed_velocities_once(linear):
             if not relaxed or relaxed == checked:
                 continue
             checked = relaxed
-            state = sim.context.getState(positions=True, velocities=True)
-            scratch.setPositions(state.getPositions())
-            scratch.setVelocities(unit.Quantity(ends[-1], unit.angstrom / unit.picosecond))
-            scratch.applyVelocityConstraints(1e-5)
-            want = scratch.getState(velocities=True).getVelocities(asNumpy=True)
-            np.testing.assert_allclose(state.getVelocities(asNumpy=True)._value, want._value,
-                                       atol=1e-6)
+            _assert_projected_once(sim.context, scratch, ends[-1])
     finally:
         logging.disable(logging.NOTSET)
     assert checked >= 2 and jumper.n_jumps == 4
