@@ -175,7 +175,7 @@ def test_a_run_recorded_before_the_velocities_setting_resumes(finished_run, tmp_
     copy.mkdir()
     for p in finished_run.iterdir():
         (copy / p.name).write_bytes(p.read_bytes())
-    last = torch.load(copy / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(copy / "last.pt", map_location="cpu", weights_only=True)
     last["training"]["config"]["data"].pop("velocities")
     torch.save(last, copy / "last.pt")
     raw = yaml.safe_load((copy / "config.yaml").read_text())
