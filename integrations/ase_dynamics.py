@@ -144,13 +144,9 @@ class SurrogateDynamics(MolecularDynamics):
             raise EngineError("guard action 'fallback' replaces a failed jump by real MD: pass "
                               "fallback_dynamics (an ASE MD bound to the same atoms, with a "
                               "calculator), or choose another action")
-        # an MD that keeps the centre of mass at rest (Langevin's fixcm) has jumps keep it too;
-        # a FixCom constraint on the atoms does so by itself when the velocities are set
         self.propagator = SurrogatePropagator(
             self.surrogate, end_velocities=end_velocities, temperature_K=temperature_K,
-            masses_amu=atoms.get_masses(), seed=velocity_seed,
-            zero_momentum=any(getattr(d, "fix_com", False) is True
-                              for d in (md_dynamics, fallback_dynamics)))
+            masses_amu=atoms.get_masses(), seed=velocity_seed)
         if self.propagator.needs_history:
             if self.md_steps:
                 raise EngineError("hybrid mode (md_steps > 0) does not take a history model "

@@ -409,6 +409,17 @@ class Relaxation:
         return potential_energy(self.solvent_free)
 
 
+def system_masses_amu(system: openmm.System) -> np.ndarray:
+    """(n,) particle masses of ``system``, amu (0 for fixed particles and virtual sites)."""
+    return np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
+                     for i in range(system.getNumParticles())])
+
+
+def has_com_remover(system: openmm.System) -> bool:
+    """Whether ``system`` holds a ``CMMotionRemover`` (its MD keeps zero net momentum)."""
+    return any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces())
+
+
 def project_velocities_once(context: openmm.Context, velocities_A_per_ps: np.ndarray) -> None:
     """Set a jump's end velocities (n_atoms, 3) Å/ps on the relaxed state in ``context`` and
     project them onto its constraints: once, from the jump's own values (projecting the ones
@@ -603,14 +614,13 @@ def degrees_of_freedom(system: openmm.System) -> int:
     """OpenMM's own count (as ``StateDataReporter``): 3 per particle with mass (virtual sites
     and fixed particles have none), minus constraints between such particles, minus 3 with a
     CMMotionRemover."""
-    massive = [system.getParticleMass(i).value_in_unit(unit.dalton) > 0
-               for i in range(system.getNumParticles())]
-    n_dof = 3 * sum(massive)
+    massive = system_masses_amu(system) > 0
+    n_dof = 3 * int(massive.sum())
     for i in range(system.getNumConstraints()):
         a, b, _ = system.getConstraintParameters(i)
         if massive[a] and massive[b]:
             n_dof -= 1
-    n_dof -= 3 if any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()) else 0
+    n_dof -= 3 if has_com_remover(system) else 0
     return n_dof
 
 
@@ -773,10 +783,8 @@ class SurrogateSimulation:
         self.guards = make_guards(guards, self.surrogate, system, self.temperature_K)
         self.propagator = SurrogatePropagator(
             self.surrogate, end_velocities=end_velocities, temperature_K=self.temperature_K,
-            masses_amu=np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
-                                 for i in range(system.getNumParticles())]),
-            seed=velocity_seed, fixed_atoms=fixed_particles(system),
-            zero_momentum=any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()))
+            masses_amu=system_masses_amu(system), seed=velocity_seed,
+            fixed_atoms=fixed_particles(system), zero_momentum=has_com_remover(system))
         spacing = int(self._md_frame_steps[0])  # the output spacing in MD steps
         if self.propagator.needs_history and self.md_steps % spacing:
             raise EngineError(
@@ -1462,6 +1470,9 @@ class SurrogateJumpReporter:
                                       temperature)
             self._checked = id(simulation)
             self.propagator.fixed_atoms = fixed_particles(simulation.system)
+            self.propagator.zero_momentum_masses = (
+                system_masses_amu(simulation.system) if has_com_remover(simulation.system)
+                else None)
             self._jump_step = 0
             dt = simulation.integrator.getStepSize().value_in_unit(PS)
             if abs(state.getTime().value_in_unit(PS) - simulation.currentStep * dt) > 1e-6:

@@ -18,9 +18,12 @@ where differences over the output spacing are far slower (300 K alanine dipeptid
 heavy-atom kinetic temperature from MD velocities, 14 K from 0.5 ps differences). Intermediate
 frames keep their differences.
 
-With ``zero_momentum`` (what :class:`~integrations.openmm_simulation.SurrogateSimulation`
-asks for when the System has a ``CMMotionRemover``) the centre-of-mass velocity of the moving
-atoms is taken out of every frame's difference velocities, as the engine's MD keeps it.
+With ``zero_momentum`` (what :class:`~integrations.openmm_simulation.SurrogateSimulation` and
+``SurrogateJumpReporter`` ask for when the System has a ``CMMotionRemover``) the centre-of-mass
+velocity of the moving atoms is taken out of every frame's difference velocities, as the
+engine's MD keeps it at zero. ASE's MD does not zero it (``fixcm`` only keeps the thermostat from
+changing it, and atoms under ``FixAtoms`` are pushed by the fixed ones), so ``SurrogateDynamics``
+leaves it as the model makes it; a ``FixCom`` constraint on the atoms zeroes it there.
 
 Fixed atoms (``fixed_atoms``: OpenMM's zero-mass particles that are not virtual sites, ASE's
 ``FixAtoms``) never move: every frame of a jump holds them where the jump started, whatever the
@@ -91,13 +94,8 @@ class SurrogatePropagator:
                               f"{end_velocities!r}")
         self.end_velocities = end_velocities
         self._masses = None
-        self._momentum_masses = None
-        if zero_momentum:
-            m = np.asarray(masses_amu, dtype=np.float64) if masses_amu is not None else None
-            if m is None or m.shape != (surrogate.n_atoms,) or not np.all(np.isfinite(m)):
-                raise EngineError(f"zero_momentum needs the {surrogate.n_atoms} atoms' masses "
-                                  "(amu)")
-            self._momentum_masses = m
+        self.surrogate = surrogate
+        self.zero_momentum_masses = masses_amu if zero_momentum else None
         if end_velocities == "thermal":
             m = np.asarray(masses_amu, dtype=np.float64) if masses_amu is not None else None
             if (m is None or m.shape != (surrogate.n_atoms,) or not np.all(np.isfinite(m))
@@ -107,12 +105,39 @@ class SurrogatePropagator:
             self._masses = m
             self._temperature_K = float(temperature_K)
             self._rng = np.random.default_rng(seed)
-        self.surrogate = surrogate
+        if getattr(surrogate, "velocity_source", "file") == "finite_difference":
+            interval = (getattr(surrogate, "meta", {}) or {}).get("protocol", {}).get(
+                "interval_ps")
+            log.warning(
+                "%s was trained on finite-difference input velocities (positions %s apart); "
+                "an engine hands the first jump, and any jump after MD, instantaneous "
+                "velocities, and later jumps differences over the output spacing (%g ps): "
+                "inputs unlike its training, so expect errors above its test figures",
+                getattr(surrogate, "name", "the model"),
+                f"{interval:g} ps" if interval else "one saved frame",
+                float(np.diff(np.concatenate([[0.0], surrogate.times_ps]))[-1]))
         self.reconstruct = Reconstructor.for_surrogate(surrogate)
         self.offsets_ps = np.asarray(surrogate.times_ps, dtype=np.float64)
         self.jump_ps = float(surrogate.jump_ps)
         self._known: dict[int, np.ndarray] = {}
         self.fixed_atoms = fixed_atoms
+
+    @property
+    def zero_momentum_masses(self) -> np.ndarray | None:
+        """(n,) amu of the atoms whose centre-of-mass velocity every frame's difference
+        velocities lose (``None``: kept as the model makes it)."""
+        return self._momentum_masses
+
+    @zero_momentum_masses.setter
+    def zero_momentum_masses(self, masses_amu: np.ndarray | None) -> None:
+        if masses_amu is None:
+            self._momentum_masses = None
+            return
+        m = np.asarray(masses_amu, dtype=np.float64)
+        n = self.surrogate.n_atoms
+        if m.shape != (n,) or not np.all(np.isfinite(m)) or np.any(m < 0):
+            raise EngineError(f"zero net momentum needs the {n} atoms' masses (amu, >= 0)")
+        self._momentum_masses = m
 
     @property
     def fixed_atoms(self) -> np.ndarray:

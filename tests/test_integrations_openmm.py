@@ -201,6 +201,42 @@ def test_jumps_keep_zero_net_momentum_where_the_system_removes_it(tmp_path):
             assert np.abs(com).max() > 0.1
 
 
+def test_jump_reporter_keeps_zero_net_momentum_where_the_system_removes_it(tmp_path):
+    """The same for ``SurrogateJumpReporter`` on a stock Simulation: a model that moves the
+    centre of mass (here 2 Å/ps along x on top of the linear model) leaves the state after the
+    jump with no net momentum when the System has a CMMotionRemover (before: 2 Å/ps until the
+    remover's next turn, which the guards and the next jump saw), and with it otherwise."""
+    sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "l.pt", selection="all"))
+    predict, drift = sur.predict, np.array([2.0, 0.0, 0.0])  # Å/ps
+
+    def drifting(*args, **kwargs):
+        return predict(*args, **kwargs) + drift * np.asarray(sur.times_ps)[:, None, None]
+
+    sur.predict = drifting
+    for remove in (True, False):
+        top, system, positions = alanine_system(None)
+        for i in reversed(range(system.getNumForces())):
+            if isinstance(system.getForce(i), openmm.CMMotionRemover):
+                system.removeForce(i)
+        if remove:  # its turn comes after the jumps of this test
+            system.addForce(openmm.CMMotionRemover(1000))
+        sim = app.Simulation(top, system, openmm.VerletIntegrator(MD_STEP_PS * unit.picosecond),
+                             reference_platform())
+        cold_start(sim.context, positions)
+        sim.step(1)  # the remover's turn at step 0 is past
+        sim.reporters.append(SurrogateJumpReporter(sur, interval=4, guards="warn"))
+        sim.step(4)
+        m = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
+                      for i in range(system.getNumParticles())])
+        v = sim.context.getState(velocities=True).getVelocities(asNumpy=True).value_in_unit(
+            A / unit.picosecond)
+        com = (m[:, None] * v).sum(0) / m.sum()
+        if remove:
+            np.testing.assert_allclose(com, 0.0, atol=1e-6)
+        else:
+            assert com[0] > 1.5
+
+
 def test_checkpoint_and_state_files_need_no_openmm_internals(tmp_path, monkeypatch):
     """pyproject allows OpenMM 8.1: saving by path used ``openmm.app.internal.safesave``, a module
     OpenMM 8.3 does not have (ImportError at every checkpoint, every predict run with one). Saved
@@ -629,3 +665,23 @@ def test_history_is_rebuilt_after_the_atoms_are_set_by_hand(tmp_path, caplog):
     warm_ups = [r for r in caplog.records if "to build its input history" in r.getMessage()]
     assert len(warm_ups) == 2
     assert any("not the one remembered" in r.getMessage() for r in caplog.records)
+
+
+def test_a_finite_difference_model_is_warned_about_its_inputs_in_an_engine(tmp_path, caplog):
+    """A model trained on finite-difference velocities (MD17 positions, data.velocities:
+    difference) gets instantaneous MD velocities from an engine: said once, at construction."""
+    from surrogate_md.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = make_checkpoint(cached_md(), tmp_path / "l.pt", selection="all")
+    raw = load_checkpoint(ck)
+    raw["protocol"]["velocity_source"] = "finite_difference"
+    save_checkpoint(tmp_path / "fd.pt", raw)
+    top, system, positions = alanine_system(None)
+    with caplog.at_level(logging.WARNING):
+        SurrogateSimulation(top, system, Surrogate.load(tmp_path / "fd.pt"),
+                            platform=reference_platform())
+    assert "trained on finite-difference input velocities" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform())
+    assert "finite-difference" not in caplog.text
