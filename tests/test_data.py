@@ -155,6 +155,11 @@ def test_windows_load_only_what_they_read(dataset, tmp_path):
     assert isinstance(f.positions, np.ndarray) and isinstance(f.velocities, np.ndarray)
     assert not isinstance(f.forces, np.ndarray)  # left on disk
     f.close()
+    f = open_trajectory(path)  # finite differences read no stored velocities
+    WindowDataset([f], np.array([[0, 1]]), Protocol("s2t", 4, 2), sel, graph, in_memory=True,
+                  velocities="difference")
+    assert isinstance(f.positions, np.ndarray) and not isinstance(f.velocities, np.ndarray)
+    f.close()
 
 
 def test_paper_counts_over_several_files_are_exact(tmp_path):

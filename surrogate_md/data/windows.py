@@ -319,17 +319,21 @@ class WindowDataset(torch.utils.data.Dataset):
         self.protocol = protocol
         self.selection = selection
         self.graph = graph
+        self.finite_difference = uses_finite_difference(files, velocities)
+        # what windows read: finite differences need no stored velocities
+        fields = ("positions",) if self.finite_difference else ("positions", "velocities")
         if in_memory == "auto":
-            in_memory = sum(f.nbytes for f in files) < 2 * 1024**3
+            in_memory = sum(int(getattr(f, k).size) * getattr(f, k).dtype.itemsize
+                            for f in files for k in fields
+                            if getattr(f, k) is not None) < 2 * 1024**3
         if in_memory:
             for f in files:
-                f.load(("positions", "velocities"))  # what windows read (nbytes counts them)
+                f.load(fields)
         intervals = {round(f.interval_ps, 9) for f in files}
         if len(intervals) != 1:
             raise DataError(f"dataset files have different saved-frame intervals {intervals}; "
                             "train on files saved at one interval")
         self.interval_ps = intervals.pop()
-        self.finite_difference = uses_finite_difference(files, velocities)
         self.times_ps = protocol.out_frames * self.interval_ps
         self.node_type = selection.node_type
         self.mass = selection.mass
