@@ -492,7 +492,9 @@ def test_gpu_script_quick_stages_run_and_write_their_results(tmp_path):
     import subprocess
 
     script = BENCH / "run_gpu.sh"
-    env = {**os.environ, "DEVICE": "cpu", "STAGES": "training scaling"}
+    import sys
+
+    env = {**os.environ, "DEVICE": "cpu", "STAGES": "training scaling", "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(script), str(tmp_path / "out"), "quick"], env=env,
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
