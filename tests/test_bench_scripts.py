@@ -486,24 +486,31 @@ def test_engine_energy_plot_uses_the_kept_states_own_times(bench, tmp_path):
 
 def test_gpu_script_quick_stages_run_and_write_their_results(tmp_path):
     """``run_gpu.sh OUT quick`` with ``DEVICE=cpu``: the benchmark stages the script chains run
-    with the options it passes and write their JSON (the script names a CUDA device by default;
-    the trainer and compile stages take minutes on two cores and run in their own tests)."""
+    with the options it passes and write their JSON (the script names a CUDA device and OpenMM's
+    CUDA platform by default; the trainer, compile and AdK stages take minutes on two cores, and
+    their parts run in their own tests)."""
     import os
     import subprocess
 
     script = BENCH / "run_gpu.sh"
     import sys
 
-    env = {**os.environ, "DEVICE": "cpu", "STAGES": "training scaling", "PYTHON": sys.executable}
+    env = {**os.environ, "DEVICE": "cpu", "STAGES": "training scaling surrogate_ala2",
+           "OPENMM_PLATFORM": "CPU", "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(script), str(tmp_path / "out"), "quick"], env=env,
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     log = done.stdout
     assert "=== training: exit 0" in log and "=== scaling: exit 0" in log, log[-2000:]
-    assert "=== trainer" not in log and "=== compile" not in log
+    assert "=== surrogate_ala2: exit 0" in log, log[-2000:]
+    assert "=== trainer" not in log and "=== compile" not in log and "=== adk_md" not in log
     training = json.loads((tmp_path / "out" / "training.json").read_text())
     names = [c["config"]["name"] for c in training["configs"]]
     assert "egno aspirin" in names and "egno aspirin bf16" in names
     assert all(c["config"]["repeats"] == 2 for c in training["configs"])
     assert json.loads((tmp_path / "out" / "scaling.json").read_text())
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 0
+    ala2 = json.loads((tmp_path / "out" / "surrogate_vs_md_ala2.json").read_text())
+    (row,) = ala2["systems"]
+    assert row["platform"] == "CPU" and row["surrogate"]["guard_action"] == "relax"
+    assert row["surrogate"]["jumps"] >= 1 and row["md"]["ns_per_day"] > 0

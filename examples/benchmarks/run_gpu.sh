@@ -11,26 +11,37 @@
 #                          AdK backbone (855 atoms, 8 A graph, P = 4, EGNO hidden 64, 4 layers):
 #                          samples/s per epoch at fp32, bf16, bf16 + torch.compile, and under
 #                          torchrun (DDP over NCCL, one process)
+#   surrogate_vs_md_adk.json  bench_surrogate_vs_md.py with MD and guards on OpenMM's CUDA platform
+#                          (OPENMM_PLATFORM) and the model on the GPU: AdK MD made here first
+#                          (stage adk_md: ADK_FRAMES frames 1 ps apart, HMR, 1.2 nm cutoff, as the
+#                          CPU table's 400 ps), the EGNO of the CPU table's 64 ps row trained on it
+#                          (stage adk_train; its metrics in adk_train.jsonl), 40 guarded jumps
+#   surrogate_vs_md_ala2.json the same for alanine dipeptide (the benchmark makes its MD and trains
+#                          its EGNO for 10 epochs), 200 guarded jumps
 # Each stage has its own time limit (seconds, environment variables T_TRAINING, T_TRAINER,
-# T_SCALING, T_COMPILE; 140, 180, 80 and 200 by default, ten minutes in all) so that one slow
+# T_SCALING, T_COMPILE; 140, 180, 80 and 200 by default; T_ADK_MD, T_ADK_TRAIN, T_SURROGATE: 150,
+# 120 and 150 for each surrogate stage) so that one slow
 # stage cannot starve the others (inductor compilations for CUDA took over 150 s for the compile
 # stage and for the trainer's compiled run on an H200: raise T_COMPILE and T_TRAINER to see
 # those rows); a stage that fails
 # or runs out of time is reported and the next one runs. QUICK (any second argument) runs tiny
 # sizes: a check that the script works, on any machine. STAGES (environment) names the stages to
-# run, in their fixed order (default: training trainer scaling compile).
+# run, in their fixed order (default: training trainer scaling compile adk_md adk_train
+# surrogate_adk surrogate_ala2).
 set -u
 OUT=${1:?usage: run_gpu.sh OUT_DIR [QUICK]}
 QUICK=${2:-}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python3}
 export DEV=${DEVICE:-cuda}  # DEVICE=cpu: the QUICK check on a machine without a GPU
+PLATFORM=${OPENMM_PLATFORM:-CUDA}  # OpenMM platform of the surrogate stages
+ROOT=$(cd "$HERE/../.." && pwd)
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 
-STAGES=" ${STAGES:-training trainer scaling compile} "
+STAGES=" ${STAGES:-training trainer scaling compile adk_md adk_train surrogate_adk surrogate_ala2} "
 wanted() { [[ "$STAGES" == *" $1 "* ]]; }
 
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, say how it ended
@@ -49,11 +60,19 @@ if [ -n "$QUICK" ]; then
     BC=(--quick --repeats 2 --batch-sizes 2 --only "egno aspirin" "egno AdK x2")
     BS=(--quick)
     EPOCHS=2; RES="1:10"; BATCH=4
+    ADK_MD=(--frames 30 --interval-ps 0.1 --equilibrate-ps 0)
+    ADK_TRAIN=(--set data.jump_ps=0.2 --set data.n_out=2 --set train.epochs=1
+               --set train.max_steps_per_epoch=2)
+    SVM_ADK=(--quick); SVM_ALA=(--quick)
 else
     BT=(--repeats 20 --batch-sizes 1 8 32)
     BC=(--repeats 20 --batch-sizes 32 --only "egno aspirin" "egno AdK x32")
     BS=(--atoms 1000 10000 100000 --repeats 10)
     EPOCHS=8; RES="1:214"; BATCH=8
+    ADK_MD=(--frames "${ADK_FRAMES:-400}" --interval-ps 1.0)
+    # the recipe of the CPU table's 64 ps row: 4 x 40 bf16 optimiser steps of 4 windows
+    ADK_TRAIN=(--set data.jump_ps=64.0 --set train.epochs=4 --set train.max_steps_per_epoch=40)
+    SVM_ADK=(--adk-jumps 40 --adk-md-ps 20); SVM_ALA=(--train-epochs 10 --jumps 200)
 fi
 
 stage training "${T_TRAINING:-140}" "$PY" "$HERE/bench_training.py" "${BT[@]}" --device "$DEV" \
@@ -76,7 +95,7 @@ stage trainer "${T_TRAINER:-180}" bash -c '
         "${common[@]}" --out "$WORK/ddp"
     "$PY" -m surrogate_md.train "${common[@]}" --set runtime.precision=bf16 \
         --set runtime.compile=true --out "$WORK/bf16_compiled"
-' trainer "$PY" "$OUT" "$WORK" "$EPOCHS" "$RES" "$BATCH" "$(cd "$HERE/../.." && pwd)"
+' trainer "$PY" "$OUT" "$WORK" "$EPOCHS" "$RES" "$BATCH" "$ROOT"
 wanted trainer && "$PY" - "$WORK" "$OUT/trainer.json" <<'EOF'
 import json, os, statistics, sys
 import torch
@@ -109,3 +128,22 @@ stage scaling "${T_SCALING:-80}" "$PY" "$HERE/bench_scaling.py" "${BS[@]}" --dev
 
 stage compile "${T_COMPILE:-200}" "$PY" "$HERE/bench_training.py" "${BC[@]}" --device "$DEV" \
     --precision bf16 --compile --json "$OUT/training_compile.json"
+
+# surrogate against MD, both on the GPU: MD, the guards' energies and relaxations on OpenMM's
+# CUDA platform, the model on DEVICE
+stage adk_md "${T_ADK_MD:-150}" "$PY" -m datagen openmm --system adk --hmr --cutoff-nm 1.2 \
+    "${ADK_MD[@]}" --platform "$PLATFORM" --seed 1 --no-progress -o "$WORK/adk-md.h5"
+stage adk_train "${T_ADK_TRAIN:-120}" "$PY" -m surrogate_md.train \
+    --config "$ROOT/examples/configs/egno_adk_backbone.yaml" --device "$DEV" -q \
+    --set data.path="$WORK/adk-md.h5" --set "data.fractions=[0.7, 0.1, 0.2]" \
+    --set model.hidden=32 --set model.n_layers=3 --set train.batch_size=4 --set train.patience=0 \
+    --set runtime.precision=bf16 --set runtime.progress=false "${ADK_TRAIN[@]}" \
+    --out "$WORK/adk-egno"
+wanted adk_train && cp "$WORK/adk-egno/metrics.jsonl" "$OUT/adk_train.jsonl" 2>/dev/null
+stage surrogate_adk "${T_SURROGATE:-150}" "$PY" "$HERE/bench_surrogate_vs_md.py" --systems adk \
+    --adk-checkpoint "$WORK/adk-egno/best.pt" "${SVM_ADK[@]}" --guards relax \
+    --relax-iterations 200 --platform "$PLATFORM" --device "$DEV" --no-progress \
+    --out-dir "$WORK/svm-adk" --json "$OUT/surrogate_vs_md_adk.json"
+stage surrogate_ala2 "${T_SURROGATE:-150}" "$PY" "$HERE/bench_surrogate_vs_md.py" "${SVM_ALA[@]}" \
+    --guards relax --platform "$PLATFORM" --device "$DEV" --no-progress \
+    --data-dir "$WORK/data" --out-dir "$WORK/svm-ala2" --json "$OUT/surrogate_vs_md_ala2.json"
