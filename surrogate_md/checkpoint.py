@@ -30,7 +30,7 @@ from surrogate_md.errors import CheckpointError
 from surrogate_md.fileio import atomic_path
 
 FORMAT = "surrogate-md-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -55,6 +55,8 @@ def migrate(data: dict[str, Any], path: Path) -> dict[str, Any]:
                               f"surrogate-md reads ({FORMAT_VERSION}); upgrade surrogate-md")
     if version < 2:
         data = _complex_vector_convolution(data)
+    if version < 3:
+        data = _painet_without_common_scale(data)
     data["format_version"] = FORMAT_VERSION
     return data
 
@@ -77,6 +79,44 @@ def _complex_vector_convolution(data: dict[str, Any]) -> dict[str, Any]:
             "it was written before EGNO's vector convolution had complex weights (checkpoint "
             "format 1); start a new run")
     return data
+
+
+def _painet_without_common_scale(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 2 -> 3: PAINET lost ``log_s``, a learnable common scale of its type-pair
+    matrices Phi and Psi that cancels in the normalised attention (its gradient was zero, its
+    value never changed a prediction). It is dropped from the weights and, in a ``last.pt``, from
+    the optimiser state, whose other entries are renumbered in the order of the current model's
+    parameters, so the run resumes exactly."""
+    state = data.get("state_dict", {})
+    if data.get("model", {}).get("name") != "painet" or "log_s" not in state:
+        return data
+    saved_keys = list(state)
+    del state["log_s"]
+    training = data.get("training")
+    if isinstance(training, dict) and isinstance(training.get("optimiser"), dict):
+        from surrogate_md.models import build_model
+
+        model = build_model("painet", data["model"].get("config") or {})
+        current = [name for name, _ in model.named_parameters()]
+        saved = [k for k in saved_keys if k == "log_s" or k in set(current)]
+        if [k for k in saved if k != "log_s"] == current:
+            training["optimiser"] = _drop_optimiser_entry(training["optimiser"],
+                                                          saved.index("log_s"))
+        else:
+            training["resumable"] = ("its PAINET parameters do not match this version's; start "
+                                     "a new run")
+    return data
+
+
+def _drop_optimiser_entry(state: dict[str, Any], index: int) -> dict[str, Any]:
+    """A torch optimiser ``state_dict`` without parameter ``index``, later ones renumbered."""
+    def renumber(i: int) -> int:
+        return i - 1 if i > index else i
+
+    groups = [{**g, "params": [renumber(i) for i in g["params"] if i != index]}
+              for g in state["param_groups"]]
+    kept = {renumber(int(i)): v for i, v in state["state"].items() if int(i) != index}
+    return {**state, "state": kept, "param_groups": groups}
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -277,6 +280,69 @@ def test_painet_answers_on_its_trained_grid_only(ala, state, tmp_path):
     for times in ([sur.times_ps[-1]], [0.05, 0.1], [0.1, 0.15, 0.2]):
         with pytest.raises(DataError, match="trained grid"):
             sur.predict(x, v, times_ps=times)
+
+
+def _painet_format_2(path: Path, out: Path) -> Path:
+    """A copy of a PAINET checkpoint as format 2 wrote it: a ``log_s`` weight after
+    ``type_psi`` and, in a last.pt, its AdamW moments at its place in the optimiser state."""
+    from surrogate_md.models import build_model
+
+    raw = torch.load(path, weights_only=True)
+    weights = {}
+    for key, value in raw["state_dict"].items():
+        weights[key] = value
+        if key == "type_psi":
+            weights["log_s"] = torch.tensor(0.7)
+    raw["state_dict"], raw["format_version"] = weights, 2
+    if "training" in raw:
+        names = [n for n, _ in build_model("painet", raw["model"]["config"]).named_parameters()]
+        index = names.index("type_psi") + 1
+        opt = raw["training"]["optimiser"]
+        shifted = {(i + 1 if i >= index else i): v for i, v in opt["state"].items()}
+        shifted[index] = {**opt["state"][0], "exp_avg": torch.tensor(0.3),
+                          "exp_avg_sq": torch.tensor(0.2)}
+        opt["state"] = shifted
+        for group in opt["param_groups"]:
+            group["params"] = list(range(len(group["params"]) + 1))
+    torch.save(raw, out)
+    return out
+
+
+def test_format_2_painet_checkpoints_load_and_resume_without_the_common_scale(ala, state,
+                                                                            tmp_path):
+    """PAINET's log_s scaled Phi and Psi together, which cancels in the normalised attention:
+    format-2 checkpoints load without it (the same predictions whatever its value) and a
+    format-2 run resumes to exactly what the current format's run resumes to."""
+    import shutil
+
+    from surrogate_md.checkpoint import load_checkpoint
+    from surrogate_md.train import train as run_training
+
+    cfg = tiny_config(ala, "painet", train={"epochs": 2})
+    run = tmp_path / "run"
+    best = run_training(cfg, run)
+    old_run = tmp_path / "old_run"
+    shutil.copytree(run, old_run)
+    _painet_format_2(run / "last.pt", old_run / "last.pt")
+    old_best = _painet_format_2(best, tmp_path / "old_best.pt")
+    x, v = state
+    np.testing.assert_allclose(Surrogate.load(old_best, dtype=torch.float64).predict(x, v),
+                               Surrogate.load(best, dtype=torch.float64).predict(x, v),
+                               atol=1e-12)
+    longer = {**cfg, "train": {**cfg["train"], "epochs": 3}}
+    for directory in (run, old_run):
+        run_training(longer, directory, resume=True)
+    records = [(d / "metrics.jsonl").read_text().splitlines() for d in (run, old_run)]
+    assert len(records[0]) == len(records[1])
+    for a, b in zip(*records):
+        a, b = json.loads(a), json.loads(b)
+        for key in ("train_loss", "val_fmse", "test_fmse"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-12), key
+    weights = [load_checkpoint(d / "last.pt")["state_dict"] for d in (run, old_run)]
+    assert "log_s" not in weights[1] and weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=0, atol=0)
 
 
 def test_a_cuda_index_beyond_the_machines_devices_is_a_device_error(monkeypatch):

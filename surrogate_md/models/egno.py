@@ -13,6 +13,9 @@ features and on the vectors. On a training grid finer than twice the highest kep
 for the default 2 modes) this equals the reference's truncated rFFT; the same weights apply unchanged to a finer grid of the same jump (2P
 points: zero-shot resolution change) or to arbitrary offsets, where the forward transform is the
 mean over the given times. Offsets beyond one jump see a periodic basis; query them by rollout.
+As in the reference, the first block's vector convolution sees the repeated state, constant in
+time: only its zero mode acts there, and the imaginary part of its weights never reaches the
+output (it keeps its initial value through training).
 """
 
 from __future__ import annotations

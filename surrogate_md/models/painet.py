@@ -6,9 +6,11 @@ Encoder: one attention step per output time, each a descent step on the embeddin
     w_ij = Phi[a_i, a_j] + Psi[a_i, a_j] * q~_i . k~_j,
 
 with L2-normalised queries/keys q~, k~ (per head), all pairs j of node i's system, and
-type-pair matrices Phi = s * sigmoid(E_phi), Psi = Phi * sigmoid(E_psi) over particle types a.
+type-pair matrices Phi = sigmoid(E_phi), Psi = Phi * sigmoid(E_psi) over particle types a.
 The paper asks for phi_ij > psi_ij > 0 so that every w_ij > 0 (q~.k~ >= -1); writing Psi as Phi
-times a sigmoid enforces that exactly. Decoder: an EGNN over the observed graph from
+times a sigmoid enforces that exactly. The paper's learnable scales s1, s2 of Phi and Psi are not
+parameters here: a common scale cancels in the normalised sum, and their ratio is what the
+sigmoid of E_psi sets per type pair. Decoder: an EGNN over the observed graph from
 (X0, V0, H(t)) for all requested times at once (time is a tensor axis over one edge list).
 
 The all-pair sums are computed in their type-factorised form, per system b and particle type e:
@@ -168,15 +170,14 @@ class PAINETModel(TrajectoryModel):
         self.norm = nn.LayerNorm(hid)
         self.type_phi = nn.Parameter(torch.zeros(a, a))
         self.type_psi = nn.Parameter(torch.zeros(a, a))
-        self.log_s = nn.Parameter(torch.zeros(()))
         self.time_in = nn.Linear(hid + config.time_dim, hid)
         self.decoder = nn.ModuleList(
             EGNNLayer(hid, c, edge_dim=2, update_features=i < config.n_decoder_layers - 1)
             for i in range(config.n_decoder_layers))
 
     def pair_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Phi, Psi: (A, A) with Phi > Psi > 0."""
-        phi = torch.exp(self.log_s) * torch.sigmoid(self.type_phi)
+        """Phi, Psi: (A, A) with Phi > Psi > 0 (eq. 9 with s1 = 1: only Psi / Phi matters)."""
+        phi = torch.sigmoid(self.type_phi)
         return phi, phi * torch.sigmoid(self.type_psi)
 
     def attention_step(self, h: torch.Tensor, ptype: torch.Tensor, graph: torch.Tensor,
