@@ -96,12 +96,17 @@ def _painet_without_common_scale(data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(training, dict) and isinstance(training.get("optimiser"), dict):
         from surrogate_md.models import build_model
 
-        model = build_model("painet", data["model"].get("config") or {})
-        current = [name for name, _ in model.named_parameters()]
-        saved = [k for k in saved_keys if k == "log_s" or k in set(current)]
-        if [k for k in saved if k != "log_s"] == current:
-            training["optimiser"] = _drop_optimiser_entry(training["optimiser"],
-                                                          saved.index("log_s"))
+        with torch.random.fork_rng(devices=[]):  # building initialises weights: keep the RNG
+            model = build_model("painet", data["model"].get("config") or {})
+        # the trainer's optimiser holds the parameters that require a gradient, in model order
+        params = dict(model.named_parameters())
+        trained = [name for name, p in params.items() if p.requires_grad]
+        saved = [k for k in saved_keys if k == "log_s" or k in params]
+        optimiser = training["optimiser"]
+        n_saved = sum(len(g.get("params", ())) for g in optimiser.get("param_groups", ()))
+        if saved == [*trained[:trained.index("type_psi") + 1], "log_s",
+                     *trained[trained.index("type_psi") + 1:]] and n_saved == len(saved):
+            training["optimiser"] = _drop_optimiser_entry(optimiser, saved.index("log_s"))
         else:
             training["resumable"] = ("its PAINET parameters do not match this version's; start "
                                      "a new run")

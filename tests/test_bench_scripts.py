@@ -497,6 +497,23 @@ def test_gpu_script_quick_stages_run_and_write_their_results(tmp_path):
 
     env = {**os.environ, "DEVICE": "cpu", "STAGES": "training scaling surrogate_ala2",
            "OPENMM_PLATFORM": "CPU", "PYTHON": sys.executable}
+    # a stage name it does not know runs nothing and says which it knows
+    typo = subprocess.run(["bash", str(script), str(tmp_path / "out"), "quick"],
+                          env={**env, "STAGES": "training,scaling"}, capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert typo.returncode == 2 and "unknown stage 'training,scaling'" in typo.stderr
+    assert "===" not in typo.stdout
+    # an output of an earlier call does not survive its stage, failed or not (adk_train fails
+    # alone: its MD comes from adk_md in the same call)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "surrogate_vs_md_ala2.json").write_text("{}")
+    (tmp_path / "out" / "adk_train.jsonl").write_text("{}")
+    alone = subprocess.run(["bash", str(script), str(tmp_path / "out"), "quick"],
+                           env={**env, "STAGES": "adk_train"}, capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+    assert alone.returncode == 0 and "=== adk_train: exit 2" in alone.stdout, alone.stdout
+    assert "no metrics.jsonl to copy" in alone.stdout
+    assert not (tmp_path / "out" / "adk_train.jsonl").exists()
     done = subprocess.run(["bash", str(script), str(tmp_path / "out"), "quick"], env=env,
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]

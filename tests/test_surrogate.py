@@ -325,6 +325,15 @@ def test_format_2_painet_checkpoints_load_and_resume_without_the_common_scale(al
     shutil.copytree(run, old_run)
     _painet_format_2(run / "last.pt", old_run / "last.pt")
     old_best = _painet_format_2(best, tmp_path / "old_best.pt")
+    rng = torch.get_rng_state()
+    assert load_checkpoint(old_run / "last.pt")["training"].get("resumable", True) is True
+    assert torch.equal(torch.get_rng_state(), rng)  # migrating builds a model, RNG untouched
+    # an optimiser state that does not hold every parameter (say one was frozen) is not
+    # renumbered by guesswork: such a run is refused, with the reason
+    odd = torch.load(old_run / "last.pt", weights_only=True)
+    odd["training"]["optimiser"]["param_groups"][0]["params"].pop()
+    torch.save(odd, tmp_path / "odd.pt")
+    assert "do not match" in load_checkpoint(tmp_path / "odd.pt")["training"]["resumable"]
     x, v = state
     np.testing.assert_allclose(Surrogate.load(old_best, dtype=torch.float64).predict(x, v),
                                Surrogate.load(best, dtype=torch.float64).predict(x, v),

@@ -20,14 +20,17 @@
 #                          its EGNO for 10 epochs), 200 guarded jumps
 # Each stage has its own time limit (seconds, environment variables T_TRAINING, T_TRAINER,
 # T_SCALING, T_COMPILE; 140, 180, 80 and 200 by default; T_ADK_MD, T_ADK_TRAIN, T_SURROGATE: 150,
-# 120 and 150 for each surrogate stage) so that one slow
-# stage cannot starve the others (inductor compilations for CUDA took over 150 s for the compile
-# stage and for the trainer's compiled run on an H200: raise T_COMPILE and T_TRAINER to see
-# those rows); a stage that fails
-# or runs out of time is reported and the next one runs. QUICK (any second argument) runs tiny
-# sizes: a check that the script works, on any machine. STAGES (environment) names the stages to
-# run, in their fixed order (default: training trainer scaling compile adk_md adk_train
-# surrogate_adk surrogate_ala2).
+# 120 and 150 for each surrogate stage; about 20 minutes in all, so split STAGES over two calls
+# where a command may run 10 minutes) so that one slow stage cannot starve the others (the
+# compile stage took 234 s on an H200, two inductor compilations of 47 and 117 s); a stage that
+# fails or runs out of time is reported, its output file is absent (each stage's outputs are
+# removed before it runs), and the next one runs. QUICK (any second argument) runs tiny sizes: a
+# check that the script works, on any machine (on 2 CPU cores the QUICK adk_md stage, mostly
+# OpenMM's set-up of AdK, takes 2-4 minutes; its limit is 400 s there). STAGES (environment)
+# names the stages to run, in their fixed order (default: training trainer scaling compile adk_md
+# adk_train surrogate_adk surrogate_ala2); adk_train needs adk_md and surrogate_adk needs
+# adk_train in the same call (their files live in a temporary directory); ADK_FRAMES (default
+# 400) must leave a blocked 70/10/20 split room for 64 ps windows (>= 200).
 set -u
 OUT=${1:?usage: run_gpu.sh OUT_DIR [QUICK]}
 QUICK=${2:-}
@@ -36,18 +39,34 @@ PY=${PYTHON:-python3}
 export DEV=${DEVICE:-cuda}  # DEVICE=cpu: the QUICK check on a machine without a GPU
 PLATFORM=${OPENMM_PLATFORM:-CUDA}  # OpenMM platform of the surrogate stages
 ROOT=$(cd "$HERE/../.." && pwd)
+ALL_STAGES="training trainer scaling compile adk_md adk_train surrogate_adk surrogate_ala2"
+read -r -d "" -a asked <<< "${STAGES:-$ALL_STAGES}" || true  # any whitespace
+for name in "${asked[@]}"; do
+    [[ " $ALL_STAGES " == *" $name "* ]] || {
+        echo "run_gpu.sh: unknown stage '$name' in STAGES; stages: $ALL_STAGES" >&2; exit 2; }
+done
+STAGES=" ${asked[*]} "
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 
-STAGES=" ${STAGES:-training trainer scaling compile adk_md adk_train surrogate_adk surrogate_ala2} "
 wanted() { [[ "$STAGES" == *" $1 "* ]]; }
 
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, say how it ended
     local name=$1 limit=$2 start rc
     shift 2
     wanted "$name" || return 0
+    # no output of an earlier call survives a stage that fails in this one
+    case $name in
+        training) rm -f "$OUT/training.json" ;;
+        trainer) rm -f "$OUT/trainer.json" ;;
+        scaling) rm -f "$OUT/scaling.json" "$OUT/scaling.png" ;;
+        compile) rm -f "$OUT/training_compile.json" ;;
+        adk_train) rm -f "$OUT/adk_train.jsonl" ;;
+        surrogate_adk) rm -f "$OUT/surrogate_vs_md_adk.json" ;;
+        surrogate_ala2) rm -f "$OUT/surrogate_vs_md_ala2.json" ;;
+    esac
     echo "=== $name (limit ${limit} s) ==="
     start=$(date +%s)
     timeout --kill-after=10 "$limit" "$@"
@@ -64,6 +83,7 @@ if [ -n "$QUICK" ]; then
     ADK_TRAIN=(--set data.jump_ps=0.2 --set data.n_out=2 --set train.epochs=1
                --set train.max_steps_per_epoch=2)
     SVM_ADK=(--quick); SVM_ALA=(--quick)
+    T_ADK_MD=${T_ADK_MD:-400}
 else
     BT=(--repeats 20 --batch-sizes 1 8 32)
     BC=(--repeats 20 --batch-sizes 32 --only "egno aspirin" "egno AdK x32")
@@ -139,7 +159,10 @@ stage adk_train "${T_ADK_TRAIN:-120}" "$PY" -m surrogate_md.train \
     --set model.hidden=32 --set model.n_layers=3 --set train.batch_size=4 --set train.patience=0 \
     --set runtime.precision=bf16 --set runtime.progress=false "${ADK_TRAIN[@]}" \
     --out "$WORK/adk-egno"
-wanted adk_train && cp "$WORK/adk-egno/metrics.jsonl" "$OUT/adk_train.jsonl" 2>/dev/null
+if wanted adk_train; then
+    cp "$WORK/adk-egno/metrics.jsonl" "$OUT/adk_train.jsonl" 2>/dev/null ||
+        echo "adk_train: no metrics.jsonl to copy"
+fi
 stage surrogate_adk "${T_SURROGATE:-150}" "$PY" "$HERE/bench_surrogate_vs_md.py" --systems adk \
     --adk-checkpoint "$WORK/adk-egno/best.pt" "${SVM_ADK[@]}" --guards relax \
     --relax-iterations 200 --platform "$PLATFORM" --device "$DEV" --no-progress \
