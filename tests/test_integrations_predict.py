@@ -271,3 +271,27 @@ def test_ctrl_c_keeps_the_frames_written_so_far(tmp_path, monkeypatch):
     assert len(mda.Universe(str(PDB), str(out)).trajectory) == 3
     assert len((tmp_path / "cut.csv").read_text().splitlines()) == 4
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_predict_compile_makes_the_eager_trajectory(tmp_path, monkeypatch):
+    """--compile runs the model through torch.compile (Dynamo's eager backend here, for speed)
+    and writes the trajectory the eager run writes."""
+    import torch
+
+    import surrogate_md.models as models
+
+    compile_model = models.compile_model
+    monkeypatch.setattr(models, "compile_model",
+                        lambda model, **options: compile_model(model, backend="eager"))
+    torch._dynamo.reset()
+    ck = make_checkpoint(cached_md(), tmp_path / "egno.pt", model="egno")
+    frames = []
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / f"{name}.dcd"
+        assert main([str(ck), "--topology", str(PDB), "-n", "4", "-o", str(out), "--platform",
+                     "Reference", "--guard", "warn", *extra]) == 0
+        frames.append(mdtraj.load(str(out), top=str(PDB)).xyz)
+        assert json.loads((tmp_path / f"{name}.json").read_text())["argv"]["compile"] == \
+            bool(extra)
+    assert frames[0].shape == (4, 22, 3)
+    np.testing.assert_allclose(frames[1], frames[0], atol=1e-5)

@@ -140,6 +140,32 @@ def test_compiles_as_one_graph_with_eager_values_and_gradients(name):
     torch._dynamo.reset()
 
 
+def test_compiled_inference_takes_the_plain_edge_pass():
+    """Compiled inference takes the plain edge pass where eager code runs in chunks (100 fully
+    connected nodes, 9900 edges, in 1024-edge chunks at hidden 128 and P = 4): inductor fuses
+    the plain pass itself, and the chunk loop broke an AdK-size surrogate's graph into pieces
+    whose CPU code generation failed. Training (with gradients) keeps the chunks; the values
+    agree with the eager chunked pass."""
+    from surrogate_md.models.layers import _edge_chunk_rows
+
+    assert _edge_chunk_rows(9900, 4, 128, torch.device("cpu")) == 1024
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def chunked(x):
+        return x + (0 if _edge_chunk_rows(9900, 4, 128, x.device) is None else 1)
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        assert float(chunked(torch.zeros(()))) == 0.0
+    assert float(chunked(torch.zeros((), requires_grad=True))) == 1.0
+
+    model = EGNOModel(EGNOModel.config_class(hidden=128, n_layers=2)).eval()
+    batch = _batch_for(model, n_atoms=100, n_times=4, dtype=torch.float32, seed=3)
+    compiled = compile_model(model, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(batch), model(batch), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["egnn", "egno", "estag", "painet"])
 def test_autocast_bfloat16_runs(name):
     model = _model(name, dtype=torch.float32)

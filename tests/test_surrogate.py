@@ -282,6 +282,40 @@ def test_painet_answers_on_its_trained_grid_only(ala, state, tmp_path):
             sur.predict(x, v, times_ps=times)
 
 
+def test_compiled_surrogate_predicts_as_the_eager_one(checkpoint, state):
+    """compile= runs the model through torch.compile (Dynamo's eager backend here, for speed:
+    the inductor path is timed by bench_surrogate_vs_md.py --compile): the same positions, one
+    state and a batch of two, and the weights are the eager model's."""
+    from torch._dynamo.utils import counters
+
+    x, v = state
+    eager = Surrogate.load(checkpoint, dtype=torch.float64)
+    counters.clear()
+    compiled = Surrogate.load(checkpoint, dtype=torch.float64, compile={"backend": "eager"})
+    assert compiled.compiled and not eager.compiled
+    for xs, vs in ((x[0], v[0]), (x, v)):
+        np.testing.assert_allclose(compiled.predict(xs, vs), eager.predict(xs, vs), atol=1e-10)
+    assert counters["stats"]["unique_graphs"] >= 1  # it did go through Dynamo
+    assert compiled.model is compiled._forward._orig_mod
+
+
+def test_a_failed_compilation_runs_the_model_eagerly(checkpoint, state, caplog):
+    """torch.compile failing inside torch (here a backend that raises) costs a warning, not
+    the run: the model runs eagerly from then on, with the same answers."""
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("code generation failed")
+
+    x, v = state
+    eager = Surrogate.load(checkpoint, dtype=torch.float64)
+    torch._dynamo.reset()
+    sur = Surrogate.load(checkpoint, dtype=torch.float64, compile={"backend": broken_backend})
+    with caplog.at_level("WARNING", logger="surrogate_md.surrogate"):
+        first = sur.predict(x[0], v[0])
+    assert "torch.compile failed" in caplog.text and not sur.compiled
+    np.testing.assert_allclose(first, eager.predict(x[0], v[0]), atol=1e-12)
+    np.testing.assert_allclose(sur.predict(x, v), eager.predict(x, v), atol=1e-12)
+
+
 def _painet_format_2(path: Path, out: Path) -> Path:
     """A copy of a PAINET checkpoint as format 2 wrote it: a ``log_s`` weight after
     ``type_psi`` and, in a last.pt, its AdamW moments at its place in the optimiser state."""

@@ -207,7 +207,8 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
                               velocity_seed=0)
     sim.context.setPositions(state.getPositions())
     sim.context.setVelocities(state.getVelocities())
-    sim.step(1)  # warm-up (first graph, first energy)
+    # warm-up: first graph, first energy; compiled, the second graph size compiles once more
+    sim.step(2 if getattr(surrogate, "compiled", False) else 1)
     t0 = sim.context.getState().getTime().value_in_unit(unit.picosecond)
     jumps0, fallbacks0 = sim.n_jumps, sim.n_fallbacks
     before = sim.guard_summary()  # the warm-up jump's guard results are not timed
@@ -275,6 +276,10 @@ def adk_untrained_checkpoint(args: argparse.Namespace, prepared, out: Path) -> P
     graph = GraphBuilder(GraphSpec(kind="radius", cutoff_A=8.0), bonded.bonds, sel.n_nodes)
     validity = ValidityReference.from_frames(pos[None, sel.atom_index], bonded.bonds)
     options = {"n_history": 10} if args.adk_model == "estag" else {}
+    if args.hidden:
+        options["hidden"] = args.hidden
+    if args.layers and args.adk_model != "painet":
+        options["n_layers"] = args.layers
     net = build_model(args.adk_model, options)
     jump_frames, n_out, interval_ps = 4, 4, 1.0  # EGNO AdK-like: P = 4 outputs over 4 ps
     net.set_normalisation(velocity_scale=3.0, displacement_scale=0.5,
@@ -366,6 +371,7 @@ def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
             row["accuracy"] = accuracy(args, checkpoint, data, "adk", rollout_jumps=0,
                                        max_windows=args.adk_eval_windows)
     row["model"] = surrogate.name
+    row["model_config"] = surrogate.meta["model"]["config"]
     row["jump_ps"] = surrogate.jump_ps
     row["model_atoms"] = surrogate.n_model_atoms
     log.info("%s: timing %.3g ps of MD on %s", name, md_ps, platform.getName())
@@ -375,6 +381,14 @@ def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
     row["surrogate"] = surrogate_timing(prepared, platform, surrogate, state, n_jumps, guards,
                                         step_ps, args.relax_iterations, args.end_velocities)
     row["speedup"] = row["surrogate"]["ns_per_s"] / row["md"]["ns_per_s"]
+    if args.compile:  # the same jumps from the same state, the model through torch.compile
+        compiled = Surrogate.load(checkpoint, device=args.device, compile=True)
+        log.info("%s: timing %d jumps of %s compiled", name, n_jumps, surrogate.name)
+        row["surrogate_compiled"] = surrogate_timing(
+            prepared, platform, compiled, state, n_jumps, guards, step_ps,
+            args.relax_iterations, args.end_velocities)
+        row["surrogate_compiled"]["compiled"] = compiled.compiled  # False: compiling failed
+        row["speedup_compiled"] = row["surrogate_compiled"]["ns_per_s"] / row["md"]["ns_per_s"]
     return row
 
 
@@ -391,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="model trained when no --checkpoint is given")
     parser.add_argument("--train-epochs", type=int, default=30)
     parser.add_argument("--max-steps-per-epoch", type=int, default=0)
-    parser.add_argument("--hidden", type=int, default=None, help="override the model width")
+    parser.add_argument("--hidden", type=int, default=None,
+                        help="override the model width (trained here, or untrained AdK)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="layers of an untrained AdK EGNN/EGNO/ESTAG (default: the model's)")
     parser.add_argument("--frames", type=int, default=5000,
                         help="alanine dipeptide MD frames (0.1 ps apart) for training")
     parser.add_argument("--rollout-jumps", type=int, default=20)
@@ -421,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--platform", default="auto",
                         choices=["auto", "Reference", "CPU", "CUDA", "OpenCL"])
     parser.add_argument("--device", default="auto", help="torch device of the surrogate")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the surrogate with its model through torch.compile, "
+                             "side by side from the same state (compiled before the timed "
+                             "jumps)")
     parser.add_argument("--data-dir", default="bench_data")
     parser.add_argument("--out-dir", default="bench_runs/surrogate_vs_md")
     parser.add_argument("--json", dest="json_path", default=None)
@@ -460,11 +481,23 @@ def main(argv: list[str] | None = None) -> int:
                      fmt(s["ns_per_day"]),
                      passing_cell(s),
                      fmt(r["speedup"])])
-        body.append([r["system"], r["atoms"], "-", f"{r['model']} model only (predict)",
-                     fmt(r["jump_ps"]), fmt(s["model_only_s_per_jump"]),
-                     fmt(r["jump_ps"] * 1e-3 / s["model_only_s_per_jump"]),
-                     fmt(s["model_only_ns_per_day"]), "-",
-                     fmt(r["jump_ps"] * 1e-3 / s["model_only_s_per_jump"] / m["ns_per_s"])])
+        runs = [("", s, r["speedup"])]
+        if r.get("surrogate_compiled"):
+            c = r["surrogate_compiled"]
+            runs.append((", compiled" if c.get("compiled") else ", compile failed: eager", c,
+                         r["speedup_compiled"]))
+        for i, (tag, t, speedup) in enumerate(runs):
+            if i:
+                body.append([r["system"], r["atoms"], r["platform"],
+                             f"{label}{tag}, jump {fmt(r['jump_ps'])} ps, guards "
+                             f"{t['guard_action']}", fmt(t["simulated_ps"]), fmt(t["wall_s"]),
+                             fmt(t["ns_per_s"]), fmt(t["ns_per_day"]), passing_cell(t),
+                             fmt(speedup)])
+            body.append([r["system"], r["atoms"], "-", f"{r['model']}{tag} model only (predict)",
+                         fmt(r["jump_ps"]), fmt(t["model_only_s_per_jump"]),
+                         fmt(r["jump_ps"] * 1e-3 / t["model_only_s_per_jump"]),
+                         fmt(t["model_only_ns_per_day"]), "-",
+                         fmt(r["jump_ps"] * 1e-3 / t["model_only_s_per_jump"] / m["ns_per_s"])])
     speed = markdown_table(["system", "atoms", "platform", "engine", "simulated (ps)",
                             "wall (s)", "ns/s", "ns/day", "jumps passing guards",
                             "speed-up vs MD"], body)

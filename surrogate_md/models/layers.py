@@ -295,10 +295,13 @@ def _edge_chunk_rows(n_edges: int, n_times: int, hidden: int, device: torch.devi
     chunks at 1.2-1.5x the memory (the plain pass, 1.2x faster still, took 12x the memory).
     On GPUs only a graph of one block takes the plain pass: at eight 32 M-value blocks each of
     the (T, E, H) tensors it keeps for backward (about six per layer) would be 1 GiB in float32,
-    enough to exhaust a 16-24 GiB card on an AdK batch.
+    enough to exhaust a 16-24 GiB card on an AdK batch. Compiled inference (no gradient) uses
+    the GPU's rule on every device: inductor fuses the plain pass's elementwise work itself, and
+    the chunk loop (``torch.unique`` per chunk) would break the traced graph (the whole forward
+    then falls back to eager pieces).
     """
     plain_chunks = 8
-    if device.type == "cuda":
+    if device.type == "cuda" or (torch.compiler.is_compiling() and not torch.is_grad_enabled()):
         budget, plain_chunks = 2**25, 1
     elif (torch.is_autocast_enabled(device.type)
           and torch.get_autocast_dtype(device.type) == torch.bfloat16):
