@@ -121,15 +121,21 @@ class Surrogate:
         self.dtype, self.autocast_dtype = _inference_dtypes(dtype, self.device, source)
         self.model.to(device=self.device, dtype=self.dtype).eval()
         self._forward = self.model
-        self.compiled = bool(compile)
-        if compile:
+        self.compiled = compile is True or isinstance(compile, dict)
+        if self.compiled and not MODELS[meta["model"]["name"]].has_parameters:
+            self.compiled = False  # an analytic baseline: nothing to fuse
+        if self.compiled and self.device.type == "cpu" and self.autocast_dtype is not None:
+            # edge blocks are padded to bucket sizes under CPU autocast (oneDNN keeps memory per
+            # shape), a size Dynamo cannot keep symbolic: every new edge count would compile anew
+            log.warning("%s: compile is not used with %s autocast on a CPU (every edge count "
+                        "would compile anew); running eagerly", source or meta["model"]["name"],
+                        self.autocast_dtype)
+            self.compiled = False
+        if self.compiled:
             from surrogate_md.models import compile_model
 
-            if not MODELS[meta["model"]["name"]].has_parameters:
-                self.compiled = False  # an analytic baseline: nothing to fuse
-            else:
-                self._forward = compile_model(self.model,
-                                              **(compile if isinstance(compile, dict) else {}))
+            self._forward = compile_model(self.model,
+                                          **(compile if isinstance(compile, dict) else {}))
         proto = meta["protocol"]
         self.name: str = meta["model"]["name"]
         self.jump_ps = float(proto["jump_ps"])
@@ -171,7 +177,9 @@ class Surrogate:
         CPU cores an AdK-backbone EGNO (856 nodes, 22 000 edges, P = 4; hidden 32, 3 layers)
         predicts 1.7x faster (0.072 against 0.119 s) and its guarded jumps in OpenMM run 1.9x
         faster, the same positions to 1e-5 Å; worth it for runs of hundreds of jumps. A
-        compilation that fails inside torch is logged and the model runs eagerly.
+        compilation that fails inside torch is logged and the model runs eagerly; under bf16 or
+        fp16 autocast on a CPU (``dtype=``), where edge blocks are padded to bucket sizes that
+        would each compile anew, it is not used (a warning).
         """
         path = Path(checkpoint)
         try:
@@ -210,7 +218,7 @@ class Surrogate:
 
     def describe(self) -> dict[str, Any]:
         """JSON-safe summary (name, jump, grid, atoms, checkpoint hash) for file headers/logs."""
-        return {"surrogate": self.name, "jump_ps": self.jump_ps,
+        return {"surrogate": self.name, "jump_ps": self.jump_ps, "compiled": self.compiled,
                 "times_ps": self.times_ps.tolist(), "selection": self.selection.name,
                 "n_model_atoms": self.n_model_atoms, "n_atoms": self.n_atoms,
                 "checkpoint": os.path.basename(self.source),
@@ -406,6 +414,9 @@ class Surrogate:
             log.warning("%s: torch.compile failed for this model (%s: %s); running it "
                         "eagerly", self.source or self.name, type(exc).__name__, first)
             self._forward, self.compiled = self.model, False
+            for layer in self.model.modules():  # compile_model compiled the edge chunks too
+                if hasattr(layer, "compiled_chunk"):
+                    layer.compiled_chunk = None
             return self.model(batch)
 
     def history_fits_grid(self, times_ps: np.ndarray | None = None) -> bool:

@@ -314,6 +314,23 @@ def test_a_failed_compilation_runs_the_model_eagerly(checkpoint, state, caplog):
     assert "torch.compile failed" in caplog.text and not sur.compiled
     np.testing.assert_allclose(first, eager.predict(x[0], v[0]), atol=1e-12)
     np.testing.assert_allclose(sur.predict(x, v), eager.predict(x, v), atol=1e-12)
+    # eager means eager: the EGNN layers' edge chunks (compiled with the model) are not used,
+    # so a large graph cannot reach the broken backend through them
+    layers = [m for m in sur.model.modules() if hasattr(m, "compiled_chunk")]
+    assert layers and all(m.compiled_chunk is None for m in layers)
+    assert sur.describe()["compiled"] is False
+
+
+def test_compile_options_and_where_compile_is_not_used(checkpoint, caplog):
+    """An options dict, even empty, compiles; under CPU bf16 autocast (edge
+    blocks padded to bucket sizes, each a new compilation) the model runs eagerly, with a
+    warning. Nothing compiles until the first prediction."""
+    assert Surrogate.load(checkpoint, compile={}).compiled
+    assert Surrogate.load(checkpoint, compile=True).describe()["compiled"] is True
+    assert not Surrogate.load(checkpoint, compile=False).compiled
+    with caplog.at_level("WARNING", logger="surrogate_md.surrogate"):
+        bf16 = Surrogate.load(checkpoint, dtype=torch.bfloat16, compile=True)
+    assert not bf16.compiled and "not used with torch.bfloat16 autocast" in caplog.text
 
 
 def _painet_format_2(path: Path, out: Path) -> Path:
