@@ -44,8 +44,11 @@ class StopSignals:
     where the run is, except inside a :meth:`deferred` section (a frame being written): a signal
     arriving there is raised when the section ends, so the files never end in a torn frame.
     After the first raise, or after :meth:`hold` (the outputs are being finished), signals are
-    only logged. The previous handlers come back at the end. Outside the main thread, where
-    Python cannot install signal handlers, nothing changes."""
+    only logged. A raise Python swallowed (a signal handled while it ran a finaliser or a
+    weakref callback prints "Exception ignored" and goes on) is raised again at the next
+    deferred section unless :meth:`hold` came first: without that, the run went on with every
+    later signal only logged. The previous handlers come back at the end. Outside the main
+    thread, where Python cannot install signal handlers, nothing changes."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -53,6 +56,8 @@ class StopSignals:
         self._raise = True
         self._depth = 0  # nesting of deferred sections
         self._pending: int | None = None  # the signal that arrived in one
+        self._fired: int | None = None  # the signal raised, until hold() shows it was handled
+        self._held = False
         self._previous: dict[int, object] = {}
 
     @staticmethod
@@ -68,12 +73,17 @@ class StopSignals:
             self._pending = self._pending or signum
         else:
             self._raise = False  # one exception: a second signal must not cut the clean-up
+            self._fired = signum
             raise self._exception(signum)
 
     @contextlib.contextmanager
     def deferred(self, before_stop=None):
         """A section no signal interrupts; one that arrived in it is raised when it ends, after
         ``before_stop()`` (itself deferred) has run."""
+        if self._fired is not None and not self._held and self._depth == 0:
+            log.warning("%s: its KeyboardInterrupt was swallowed (raised inside a finaliser); "
+                        "stopping now", signal.Signals(self._fired).name)
+            raise self._exception(self._fired)
         self._depth += 1
         try:
             yield
@@ -87,10 +97,11 @@ class StopSignals:
             finally:
                 self._depth -= 1
             signum, self._pending, self._raise = self._pending, None, False
+            self._fired = signum
             raise self._exception(signum)
 
     def hold(self) -> None:
-        self._raise = False
+        self._raise, self._held = False, True
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
