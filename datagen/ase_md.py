@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from datagen.ingest import ase_velocity_to_A_per_ps, ev_to_kj_per_mol
+from datagen.interrupts import raise_if_interrupted
 from datagen.runs import frame_steps, plan_run
 from surrogate_md.data.h5md import Topology, TrajectoryWriter
 from surrogate_md.errors import CheckpointError, ConfigError, DataError, EngineError
@@ -289,6 +290,7 @@ def run_ase(atoms_or_name: Any, calculator: Any = "emt",
             buf["s"].append(frame * steps_per_frame)
             buf["box"].append(np.asarray(atoms.cell[:]))
             since_checkpoint += 1
+            raise_if_interrupted()  # a Ctrl-C Python swallowed
             if len(buf["x"]) == block or frame == frames - 1 or \
                     since_checkpoint >= checkpoint_frames:
                 writer.append(np.asarray(buf["x"]), np.asarray(buf["t"]),

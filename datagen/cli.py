@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+from datagen.interrupts import catching_interrupts
 from surrogate_md.errors import SurrogateMDError
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(args: argparse.Namespace, command: str, progress: bool | None) -> int:
+    """Run the parsed subcommand; returns its exit code."""
+    if args.command == "ingest":
+        from datagen.ingest import ingest
+
+        ingest(args.inputs, args.out, select=args.select, dt_ps=args.dt_ps,
+               overwrite=args.overwrite, progress=progress, command=command)
+        return 0
+    if args.command == "openmm":
+        from datagen.openmm_md import run_openmm
+
+        kwargs = dict(frames=args.frames, interval_ps=args.interval_ps, step_fs=args.step_fs,
+                      temperature_K=args.temperature_K, solvent=args.solvent,
+                      forcefield=args.forcefield, friction_per_ps=args.friction_per_ps,
+                      integrator=args.integrator, platform=args.platform, hmr=args.hmr,
+                      constraints=None if str(args.constraints).lower() == "none"
+                      else args.constraints,
+                      coordinates=args.coordinates, cutoff_nm=args.cutoff_nm,
+                      equilibrate_ps=args.equilibrate_ps,
+                      checkpoint_frames=args.checkpoint_frames, resume=args.resume,
+                      overwrite=args.overwrite, progress=progress, command=command)
+        return _run(run_openmm, args.system, args, kwargs)
+    if args.command == "ase":
+        from datagen.ase_md import run_ase
+
+        kwargs = dict(frames=args.frames, interval_ps=args.interval_ps, step_fs=args.step_fs,
+                      temperature_K=args.temperature_K, integrator=args.integrator,
+                      friction_per_ps=args.friction_per_ps,
+                      checkpoint_frames=args.checkpoint_frames, resume=args.resume,
+                      overwrite=args.overwrite, progress=progress, command=command)
+        kwargs["calculator"] = args.calculator
+        return _run(run_ase, args.molecule, args, kwargs)
+    return EXIT_USER_ERROR  # pragma: no cover - argparse requires a command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -150,36 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "datagen", *argv])
     progress = False if args.no_progress else None
     try:
-        if args.command == "ingest":
-            from datagen.ingest import ingest
-
-            ingest(args.inputs, args.out, select=args.select, dt_ps=args.dt_ps,
-                   overwrite=args.overwrite, progress=progress, command=command)
-            return 0
-        if args.command == "openmm":
-            from datagen.openmm_md import run_openmm
-
-            kwargs = dict(frames=args.frames, interval_ps=args.interval_ps, step_fs=args.step_fs,
-                          temperature_K=args.temperature_K, solvent=args.solvent,
-                          forcefield=args.forcefield, friction_per_ps=args.friction_per_ps,
-                          integrator=args.integrator, platform=args.platform, hmr=args.hmr,
-                          constraints=None if str(args.constraints).lower() == "none"
-                          else args.constraints,
-                          coordinates=args.coordinates, cutoff_nm=args.cutoff_nm,
-                          equilibrate_ps=args.equilibrate_ps,
-                          checkpoint_frames=args.checkpoint_frames, resume=args.resume,
-                          overwrite=args.overwrite, progress=progress, command=command)
-            return _run(run_openmm, args.system, args, kwargs)
-        if args.command == "ase":
-            from datagen.ase_md import run_ase
-
-            kwargs = dict(frames=args.frames, interval_ps=args.interval_ps, step_fs=args.step_fs,
-                          temperature_K=args.temperature_K, integrator=args.integrator,
-                          friction_per_ps=args.friction_per_ps,
-                          checkpoint_frames=args.checkpoint_frames, resume=args.resume,
-                          overwrite=args.overwrite, progress=progress, command=command)
-            kwargs["calculator"] = args.calculator
-            return _run(run_ase, args.molecule, args, kwargs)
+        with catching_interrupts():  # a Ctrl-C Python swallows is raised again
+            return _command(args, command, progress)
     except SurrogateMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -191,7 +199,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "kept: the same command with --resume continues from there")
         print(f"interrupted: {hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return EXIT_USER_ERROR  # pragma: no cover - argparse requires a command
 
 
 def _run(fn, target, args, kwargs) -> int:

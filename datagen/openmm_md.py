@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from datagen.interrupts import raise_if_interrupted
 from datagen.runs import frame_steps, plan_run
 from datagen.systems import BUILTIN_SYSTEMS, BuiltinSystem, md17_charge_method
 from surrogate_md.data.h5md import Topology, TrajectoryWriter
@@ -754,6 +755,7 @@ def run_openmm(system: str | os.PathLike = "alanine-dipeptide",
             buf["t"].append(frame * ps_per_frame)
             buf["s"].append(frame * steps_per_frame)
             since_checkpoint += 1
+            raise_if_interrupted()  # a Ctrl-C Python swallowed
             if len(buf["x"]) == block or frame == frames - 1 or \
                     since_checkpoint >= checkpoint_frames:
                 writer.append(np.asarray(buf["x"]), np.asarray(buf["t"]), step=np.asarray(buf["s"]),

@@ -302,6 +302,38 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path):
     assert chk.exists() and (tmp_path / "run.h5.partial").exists() and not out.exists()
 
 
+def test_a_ctrl_c_python_swallowed_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    """A SIGINT handled while Python runs a finaliser raises there, and Python prints
+    "Exception ignored" and goes on: the Ctrl-C test above once waited 60 s for a run that went
+    on. Emulated: the signal arrives, right after a checkpoint, inside a block that swallows the
+    exception. The run stops at its next frame with the usual message, its checkpoint kept."""
+    import os
+    import signal
+    import time
+
+    import datagen.openmm_md as openmm_md
+    from datagen.cli import main
+
+    save = openmm_md._save_checkpoint
+
+    def swallowing(*args, **kwargs):
+        save(*args, **kwargs)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs here and raises into this block
+        except KeyboardInterrupt:
+            pass
+
+    monkeypatch.setattr(openmm_md, "_save_checkpoint", swallowing)
+    out = tmp_path / "run.h5"
+    assert main(["openmm", "--system", "alanine-dipeptide", "--frames", "600", "--interval-ps",
+                 "0.002", "--checkpoint-frames", "200", "--equilibrate-ps", "0", "-o", str(out),
+                 "--no-progress"]) == 130
+    assert "interrupted: " in capsys.readouterr().err
+    assert (tmp_path / "run.h5.chk.npz").exists() and not out.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 @pytest.mark.parametrize("equilibrate_ps, when", [(None, "during the equilibration"),
                                                   (0.0, r"at frame \d+ \(t = ")])
 def test_a_run_that_blows_up_says_the_time_step_is_too_long(tmp_path, equilibrate_ps, when):
