@@ -16,21 +16,24 @@
 #                          (stage adk_md: ADK_FRAMES frames 1 ps apart, HMR, 1.2 nm cutoff, as the
 #                          CPU table's 400 ps), the EGNO of the CPU table's 64 ps row trained on it
 #                          (stage adk_train; its metrics in adk_train.jsonl), 40 guarded jumps
+#   surrogate_vs_md_adk_compile.json  stage surrogate_adk_compile: the same 40 jumps with the model
+#                          eager and through torch.compile, side by side from one MD state
 #   surrogate_vs_md_ala2.json the same for alanine dipeptide (the benchmark makes its MD and trains
 #                          its EGNO for 10 epochs), 200 guarded jumps
 # Each stage has its own time limit (seconds, environment variables T_TRAINING, T_TRAINER,
 # T_SCALING, T_COMPILE; 140, 180, 80 and 200 by default; T_ADK_MD, T_ADK_TRAIN, T_SURROGATE: 150,
-# 120 and 150 for each surrogate stage; about 20 minutes in all, so split STAGES over two calls
-# where a command may run 10 minutes) so that one slow stage cannot starve the others (the
+# 120 and 150 for each surrogate stage; T_SURROGATE_COMPILE: 300 for surrogate_adk_compile; about
+# 25 minutes in all, so split STAGES over calls where a command may run 10 minutes) so that one slow stage cannot starve the others (the
 # compile stage took 234 s on an H200, two inductor compilations of 47 and 117 s); a stage that
 # fails or runs out of time is reported, its output file is absent (each stage's outputs are
 # removed before it runs), and the next one runs. QUICK (any second argument) runs tiny sizes: a
 # check that the script works, on any machine (on 2 CPU cores the QUICK adk_md stage, mostly
 # OpenMM's set-up of AdK, takes 2-4 minutes; its limit is 400 s there). STAGES (environment)
 # names the stages to run, in their fixed order (default: training trainer scaling compile adk_md
-# adk_train surrogate_adk surrogate_ala2); adk_train needs adk_md and surrogate_adk needs
-# adk_train in the same call (their files live in a temporary directory); ADK_FRAMES (default
-# 400) must leave a blocked 70/10/20 split room for 64 ps windows (>= 200).
+# adk_train surrogate_adk surrogate_adk_compile surrogate_ala2); adk_train needs adk_md and the
+# surrogate_adk stages need adk_train in the same call (their files live in a temporary
+# directory); ADK_FRAMES (default 400) must leave a blocked 70/10/20 split room for 64 ps windows
+# (>= 200).
 set -u
 OUT=${1:?usage: run_gpu.sh OUT_DIR [QUICK]}
 QUICK=${2:-}
@@ -39,7 +42,7 @@ PY=${PYTHON:-python3}
 export DEV=${DEVICE:-cuda}  # DEVICE=cpu: the QUICK check on a machine without a GPU
 PLATFORM=${OPENMM_PLATFORM:-CUDA}  # OpenMM platform of the surrogate stages
 ROOT=$(cd "$HERE/../.." && pwd)
-ALL_STAGES="training trainer scaling compile adk_md adk_train surrogate_adk surrogate_ala2"
+ALL_STAGES="training trainer scaling compile adk_md adk_train surrogate_adk surrogate_adk_compile surrogate_ala2"
 read -r -d "" -a asked <<< "${STAGES:-$ALL_STAGES}" || true  # any whitespace
 for name in "${asked[@]}"; do
     [[ " $ALL_STAGES " == *" $name "* ]] || {
@@ -65,6 +68,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, say how it en
         compile) rm -f "$OUT/training_compile.json" ;;
         adk_train) rm -f "$OUT/adk_train.jsonl" ;;
         surrogate_adk) rm -f "$OUT/surrogate_vs_md_adk.json" ;;
+        surrogate_adk_compile) rm -f "$OUT/surrogate_vs_md_adk_compile.json" ;;
         surrogate_ala2) rm -f "$OUT/surrogate_vs_md_ala2.json" ;;
     esac
     echo "=== $name (limit ${limit} s) ==="
@@ -167,6 +171,10 @@ stage surrogate_adk "${T_SURROGATE:-150}" "$PY" "$HERE/bench_surrogate_vs_md.py"
     --adk-checkpoint "$WORK/adk-egno/best.pt" "${SVM_ADK[@]}" --guards relax \
     --relax-iterations 200 --platform "$PLATFORM" --device "$DEV" --no-progress \
     --out-dir "$WORK/svm-adk" --json "$OUT/surrogate_vs_md_adk.json"
+stage surrogate_adk_compile "${T_SURROGATE_COMPILE:-300}" "$PY" "$HERE/bench_surrogate_vs_md.py" \
+    --systems adk --adk-checkpoint "$WORK/adk-egno/best.pt" "${SVM_ADK[@]}" --guards relax \
+    --relax-iterations 200 --platform "$PLATFORM" --device "$DEV" --no-progress --compile \
+    --out-dir "$WORK/svm-adk-compile" --json "$OUT/surrogate_vs_md_adk_compile.json"
 stage surrogate_ala2 "${T_SURROGATE:-150}" "$PY" "$HERE/bench_surrogate_vs_md.py" "${SVM_ALA[@]}" \
     --guards relax --platform "$PLATFORM" --device "$DEV" --no-progress \
     --data-dir "$WORK/data" --out-dir "$WORK/svm-ala2" --json "$OUT/surrogate_vs_md_ala2.json"
