@@ -208,7 +208,7 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
     sim.context.setPositions(state.getPositions())
     sim.context.setVelocities(state.getVelocities())
     # warm-up: first graph, first energy; compiled, the second graph size compiles once more
-    sim.step(2 if getattr(surrogate, "compiled", False) else 1)
+    sim.step(2 if surrogate.compiled else 1)
     t0 = sim.context.getState().getTime().value_in_unit(unit.picosecond)
     jumps0, fallbacks0 = sim.n_jumps, sim.n_fallbacks
     before = sim.guard_summary()  # the warm-up jump's guard results are not timed
