@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer", action="store_true",
                    help="the data hold another system or atom order (e.g. the same protein from "
                         "other force-field files): select the nodes afresh, score one-jump errors")
+    p.add_argument("--noise-out", type=Path, default=None, metavar="FILE.npz",
+                   help="also fit a jump-noise model (the residuals at the end of the jump, "
+                        "their leading principal components) on the scored windows and save it "
+                        "here, for stochastic jumps (predict --jump-noise); use --split val or "
+                        "train")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                  protocol=args.protocol, rollout_jumps=args.rollout_jumps,
                  n_rollouts=args.n_rollouts, batch_size=args.batch_size, device=args.device,
                  max_windows=args.max_windows, overwrite=args.overwrite,
-                 transfer=args.transfer)
+                 transfer=args.transfer, noise_out=args.noise_out)
     except SurrogateMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -47,8 +47,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
              str | os.PathLike, *, split: str = "test", protocol: str = "s2t",
              rollout_jumps: int = 10, n_rollouts: int = 4, batch_size: int = 32,
              device: str = "auto", max_windows: int | None = None,
-             overwrite: bool = False, plots: bool = True, transfer: bool = False
-             ) -> dict[str, Any]:
+             overwrite: bool = False, plots: bool = True, transfer: bool = False,
+             noise_out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``data`` and write ``report.md``, ``metrics.json`` and PNGs.
 
     Args:
@@ -70,6 +70,10 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
             atom order (e.g. AdK from CHARMM files for a model trained on Amber MD): the model's
             nodes and graph are selected afresh in ``data`` by the training recipe, without the
             atom-by-atom check, and only one-jump errors are scored (no rollouts).
+        noise_out: also fit a :class:`~surrogate_md.noise.JumpNoise` to the residuals of the
+            scored windows at the end of the jump (on the trained output grid) and save it there
+            (``.npz``), for stochastic jumps in the engines; fit it on ``val`` or ``train``
+            windows and keep ``test`` for scoring. Not with ``transfer``.
 
     Returns:
         The metrics dict written to ``metrics.json``. Errors are Å² per atom (squared distance
@@ -86,6 +90,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
                           "it out to score every window of the split")
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
+    if noise_out is not None:
+        _check_noise_out(Path(noise_out), transfer)
     sur = Surrogate.load(checkpoint, device=device)
     prov = sur.meta.get("provenance") or {}
     paths = [str(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
@@ -166,7 +172,10 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
             "metric_definition": M.METRIC_DEFINITION,
             "training_metrics": sur.meta.get("metrics", {}),
         }
-        result["errors"] = _window_errors(sur, ds, protocol, batch_size)
+        ends: list[tuple[np.ndarray, np.ndarray]] | None = [] if noise_out is not None else None
+        result["errors"] = _window_errors(sur, ds, protocol, batch_size, ends)
+        if ends is not None:
+            result["jump_noise"] = _fit_noise(sur, ends, noise_out, checkpoint, paths, split)
         if rollout_jumps:
             result["rollout"] = _rollouts(sur, ds, prepared, rollout_jumps, n_rollouts)
             warnings += result["rollout"].pop("warnings", [])
@@ -459,9 +468,44 @@ def _data_config_from_protocol(sur: Surrogate) -> dict[str, Any]:
             "history_stride_ps": sur.history_stride_ps}
 
 
+def _check_noise_out(path: Path, transfer: bool) -> None:
+    """Refuse a jump-noise output that cannot be written, before any work is done."""
+    if transfer:
+        raise ConfigError("--noise-out fits the residuals of the model's own atoms; with "
+                          "--transfer the nodes are selected afresh in other data: fit it on "
+                          "the training system's files without --transfer")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; --noise-out names a file (e.g. noise.npz)")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{path}: directory {path.parent} does not exist; create it or "
+                          "choose another --noise-out")
+
+
+def _fit_noise(sur: Surrogate, ends: list[tuple[np.ndarray, np.ndarray]], path, checkpoint,
+               paths: list[str], split: str) -> dict[str, Any]:
+    """Fit and save the :class:`~surrogate_md.noise.JumpNoise` of the scored windows' jump
+    ends; returns what the metrics record of it."""
+    from surrogate_md.noise import JumpNoise
+
+    pred = np.concatenate([p for p, _ in ends])
+    target = np.concatenate([t for _, t in ends])
+    noise = JumpNoise.fit(pred, target, sur.jump_ps, meta={
+        "model": sur.name, "checkpoint": Path(str(checkpoint)).name,
+        "checkpoint_hash": sur.checkpoint_hash, "data": [Path(p).name for p in paths],
+        "split": split})
+    noise.save(path)
+    m = noise.meta
+    log.info("jump noise: %d windows, %d components holding %.1f %% of the residual variance, "
+             "%.3g Å RMS per atom -> %s", m["windows"], m["components"],
+             100 * m["captured_variance"], noise.rms_A, path)
+    return {"path": str(path), **noise.describe()}
+
+
 @torch.no_grad()
-def _window_errors(sur: Surrogate, ds: WindowDataset, protocol: str, batch_size: int
-                   ) -> dict[str, Any]:
+def _window_errors(sur: Surrogate, ds: WindowDataset, protocol: str, batch_size: int,
+                   ends: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, Any]:
+    """Errors of the model and the floors on every window of ``ds``; with ``ends`` (a list),
+    each batch's predicted and reference jump ends are appended to it, (B, n, 3) Å each."""
     from torch.utils.data import DataLoader
 
     c = sur.selection.n_channels
@@ -477,7 +521,12 @@ def _window_errors(sur: Surrogate, ds: WindowDataset, protocol: str, batch_size:
         # temporal convolution (EGNO) asked for the end time alone computes something else
         keep = slice(None) if protocol == "s2t" else slice(-1, None)
         for name, model in models.items():
-            sums[name].add(model(batch)[keep], batch[K.TARGET][keep])
+            pred = model(batch)
+            sums[name].add(pred[keep], batch[K.TARGET][keep])
+            if ends is not None and name == sur.name:
+                n_win = int(batch[K.N_GRAPHS])
+                ends.append(tuple(x[-1].double().cpu().numpy().reshape(n_win, -1, 3)
+                                  for x in (pred, batch[K.TARGET])))
     return {"times_ps": [float(t) for t in times],
             "models": {name: {"fmse": s.fmse, "amse": s.amse,
                               "mse_per_time": s.mse_per_time.tolist()}

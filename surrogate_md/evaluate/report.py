@@ -132,6 +132,16 @@ def write_report(result: dict[str, Any], path: Path) -> Path:
               "|---|" + "---|" * len(err["times_ps"])]
     for name, m in err["models"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in m["mse_per_time"]) + " |")
+    noise = result.get("jump_noise")
+    if noise:
+        lines += ["", "## Jump noise", "",
+                  f"Fitted to the residuals at the end of the jump of these {noise['windows']} "
+                  f"windows and saved to `{Path(noise['path']).name}`: {noise['components']} "
+                  f"principal components holding {100 * noise['captured_variance']:.1f} % of "
+                  f"the residual variance; a draw moves the predicted atoms "
+                  f"{_fmt(noise['rms_A'])} Å RMS (residual RMS {_fmt(noise['residual_rms_A'])} "
+                  f"Å, of which the mean, left out of the draws, "
+                  f"{_fmt(noise['residual_mean_rms_A'])} Å)."]
     roll = result.get("rollout")
     if roll and "mse_vs_time" in roll:
         times = roll["times_ps"]

@@ -1,0 +1,248 @@
+"""Stochastic jumps: a Gaussian model of what a deterministic surrogate cannot predict.
+
+A model trained on the squared error predicts the conditional *mean* of where the atoms are one
+jump later. For a molecule in thermal motion that mean lies close to the start, so chained jumps
+barely move and the trajectory stays in one basin (README, "The demo"). :class:`JumpNoise` adds
+back the spread the mean leaves out: the residuals ``target - prediction`` at the end of the
+jump, measured on windows of reference MD, give a covariance over all predicted atoms, and a
+jump draws its end from ``prediction + ε`` with ε ~ N(0, that covariance). The displacements
+are correlated (a torsion moves several atoms together, a domain moves as a body), so the model
+keeps the leading principal components of the residuals rather than one variance per atom, which
+would tear bonds apart.
+
+Frames: residuals are rotated into one reference frame before they are pooled (the orthogonal
+Procrustes fit of each window's predicted end onto the reference, reflections allowed, so the
+draw is E(3)-equivariant like the models: for a rotated, reflected or translated input the
+same random numbers give the rotated, reflected or translated output). A draw is rotated back
+onto the current prediction the same way. The frames of a jump get ``(t / jump) · ε``, so the
+output stays continuous from the start of the jump to its end.
+
+Fit one with ``python -m surrogate_md.evaluate CHECKPOINT --data FILE --split val --out DIR
+--noise-out noise.npz`` (the residuals of the windows it scores; ``val`` or ``train``: windows
+the model was tested on are better kept for the test) and hand it to an engine
+(``SurrogateSimulation(..., jump_noise="noise.npz")``, ``SurrogateDynamics``, ``predict
+--jump-noise``); the engines' guards then judge every noisy jump as any other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from surrogate_md.errors import DataError
+from surrogate_md.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+FORMAT = "surrogate-md jump noise"
+FORMAT_VERSION = 1
+#: components kept at most by default: for a protein backbone (2 568 coordinates) the leading
+#: 512 hold most of the variance (the fit reports the fraction) at 10 MB in the file
+DEFAULT_MAX_COMPONENTS = 512
+_NEGLIGIBLE = 1e-6  # components with a standard deviation below this fraction of the largest
+
+
+def orthogonal_fit(reference_A: np.ndarray, current_A: np.ndarray) -> np.ndarray:
+    """(3, 3) orthogonal R minimising ``|reference_c @ R - current_c|`` (both centred; a
+    reflection is allowed, det R = ±1).
+
+    Args:
+        reference_A, current_A: (n, 3) Å; centred here.
+    """
+    ref = reference_A - reference_A.mean(0)
+    cur = current_A - current_A.mean(0)
+    u, _, vt = np.linalg.svd(ref.T @ cur)
+    return u @ vt
+
+
+@dataclass
+class JumpNoise:
+    """Gaussian residual model of one surrogate's jump ends (see the module doc).
+
+    Attributes:
+        reference_A: (n, 3) Å, centred: the frame the components live in (the Procrustes mean
+            of the fitted windows' predicted ends).
+        components: (k, n, 3), orthonormal as k vectors of length 3n.
+        std_A: (k,) Å, standard deviation of the residuals along each component.
+        jump_ps: the jump the residuals were measured at (the surrogate's).
+        meta: what it was fitted from (model, checkpoint hash, windows, captured variance,
+            residual RMS per atom, the residuals' mean, which is left out of the draws).
+    """
+
+    reference_A: np.ndarray
+    components: np.ndarray
+    std_A: np.ndarray
+    jump_ps: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.reference_A.shape[0])
+
+    @property
+    def rms_A(self) -> float:
+        """RMS displacement per atom of a draw (Å): sqrt(sum std² / n)."""
+        return float(np.sqrt(np.sum(self.std_A ** 2) / self.n_atoms))
+
+    @classmethod
+    def fit(cls, predicted_A: np.ndarray, target_A: np.ndarray, jump_ps: float, *,
+            max_components: int = DEFAULT_MAX_COMPONENTS, meta: dict[str, Any] | None = None
+            ) -> JumpNoise:
+        """Fit to the jump ends of W windows.
+
+        Args:
+            predicted_A: (W, n, 3) Å, the model's jump ends.
+            target_A: (W, n, 3) Å, the reference MD's at the same times.
+            jump_ps: the jump length (ps).
+            max_components: keep at most this many principal components (the fraction of the
+                residual variance they hold is in ``meta["captured_variance"]``).
+        """
+        pred = np.asarray(predicted_A, dtype=np.float64)
+        target = np.asarray(target_A, dtype=np.float64)
+        if pred.ndim != 3 or pred.shape[-1] != 3 or pred.shape != target.shape:
+            raise DataError(f"jump noise: predictions {pred.shape} and targets {target.shape} "
+                            "must both be (windows, atoms, 3)")
+        if len(pred) < 2:
+            raise DataError(f"jump noise: {len(pred)} window(s) give no covariance; fit it on "
+                            "a split with at least 2 windows (more than a few hundred for a "
+                            "useful one)")
+        if not (np.isfinite(pred).all() and np.isfinite(target).all()):
+            raise DataError("jump noise: non-finite positions among the fitted windows; "
+                            "evaluate a checkpoint whose predictions are finite")
+        if max_components < 1:
+            raise DataError(f"jump noise: max_components must be >= 1, got {max_components}")
+        centred = pred - pred.mean(1, keepdims=True)
+        reference = centred[0]
+        for _ in range(3):  # Procrustes mean: align every end onto the reference, average
+            rot = np.stack([orthogonal_fit(reference, c) for c in centred])  # ref @ R ~ cur
+            reference = np.einsum("wnj,wij->ni", centred, rot) / len(pred)  # cur @ R.T
+            reference -= reference.mean(0)
+        rot = np.stack([orthogonal_fit(reference, c) for c in centred])
+        residual = np.einsum("wnj,wij->wni", target - pred, rot)  # into the reference frame
+        flat = residual.reshape(len(pred), -1)
+        mean = flat.mean(0)
+        _, s, vt = np.linalg.svd(flat - mean, full_matrices=False)
+        std = s / np.sqrt(len(pred) - 1)
+        keep = std > _NEGLIGIBLE * max(float(std[0]), 1e-300)
+        keep[max_components:] = False
+        total = float(np.sum(std ** 2))
+        n = pred.shape[1]
+        info = {"windows": int(len(pred)), "components": int(keep.sum()),
+                "captured_variance": float(np.sum(std[keep] ** 2) / total) if total else 1.0,
+                "residual_rms_A": float(np.sqrt(np.mean(np.sum(residual ** 2, -1)))),
+                "residual_mean_rms_A": float(np.sqrt(np.sum(mean ** 2) / n)),
+                **(meta or {})}
+        return cls(reference, vt[keep].reshape(-1, n, 3), std[keep], float(jump_ps), info)
+
+    def draw(self, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+        """(n, 3) Å, one ε in the reference frame."""
+        z = rng.standard_normal(len(self.std_A))
+        return np.tensordot(z * self.std_A * scale, self.components, axes=1)
+
+    def sample(self, predicted_A: np.ndarray, times_ps: np.ndarray, rng: np.random.Generator,
+               scale: float = 1.0) -> np.ndarray:
+        """A stochastic jump around the model's prediction.
+
+        Args:
+            predicted_A: (P, n, 3) Å, the model's frames of one jump (the last at ``jump_ps``).
+            times_ps: (P,) ps after the start of the jump.
+            rng: the random generator (its state is what a restart needs).
+            scale: multiplies the standard deviations (0: the prediction itself).
+        Returns:
+            (P, n, 3) Å: ``predicted + (t / jump_ps) · ε``, ε rotated onto the jump's end.
+        """
+        pred = np.asarray(predicted_A, dtype=np.float64)
+        if pred.ndim != 3 or pred.shape[1:] != self.reference_A.shape:
+            raise DataError(f"jump noise fitted for {self.n_atoms} atoms, got frames of shape "
+                            f"{pred.shape}")
+        rot = orthogonal_fit(self.reference_A, pred[-1])
+        eps = self.draw(rng, scale) @ rot
+        frac = np.asarray(times_ps, dtype=np.float64) / self.jump_ps
+        return pred + frac[:, None, None] * eps[None]
+
+    def check(self, surrogate, source: str = "") -> None:
+        """Refuse a noise model fitted for another atom set or jump; warn for another
+        checkpoint of the same shape."""
+        where = f"{source}: " if source else ""
+        if surrogate.n_model_atoms != self.n_atoms:
+            raise DataError(f"{where}jump noise fitted for {self.n_atoms} predicted atoms; this "
+                            f"surrogate predicts {surrogate.n_model_atoms}. Fit one for it: "
+                            "python -m surrogate_md.evaluate CHECKPOINT ... --noise-out FILE")
+        if abs(float(surrogate.jump_ps) - self.jump_ps) > 1e-9 * max(1.0, self.jump_ps):
+            raise DataError(f"{where}jump noise fitted for {self.jump_ps:g} ps jumps; this "
+                            f"surrogate jumps {float(surrogate.jump_ps):g} ps. Fit one for it: "
+                            "python -m surrogate_md.evaluate CHECKPOINT ... --noise-out FILE")
+        fitted = self.meta.get("checkpoint_hash")
+        own = getattr(surrogate, "checkpoint_hash", "")
+        if fitted and own and fitted != own:
+            log.warning("%sjump noise was fitted to the residuals of checkpoint %s (%s), not "
+                        "of this one (%s); its spread is that model's", where, fitted,
+                        self.meta.get("model", "?"), own)
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance: what a run's JSON records of the noise it used."""
+        return {"rms_A": self.rms_A, "jump_ps": self.jump_ps, "atoms": self.n_atoms,
+                **{k: v for k, v in self.meta.items() if k != "source"}}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write an ``.npz`` (atomically: a temporary file renamed when whole)."""
+        header = {"format": FORMAT, "version": FORMAT_VERSION, "jump_ps": self.jump_ps,
+                  "meta": self.meta}
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, header=np.array(json.dumps(header)), reference_A=self.reference_A,
+                     components=self.components, std_A=self.std_A)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> JumpNoise:
+        """Read a file :meth:`save` wrote; anything else is refused with the reason."""
+        fix = ("fit one with python -m surrogate_md.evaluate CHECKPOINT --data FILE --split val "
+               "--out DIR --noise-out FILE")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such jump-noise file; {fix}") from None
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise DataError(f"{path}: not a readable jump-noise file ({exc}); {fix}") from None
+        try:
+            header = json.loads(str(arrays["header"]))
+            if header.get("format") != FORMAT:
+                raise KeyError("format")
+        except (KeyError, ValueError, TypeError):
+            raise DataError(f"{path}: not a jump-noise file (no surrogate-md jump-noise header); "
+                            f"{fix}") from None
+        if header.get("version") != FORMAT_VERSION:
+            raise DataError(f"{path}: jump-noise format version {header.get('version')}, this "
+                            f"package reads {FORMAT_VERSION}; {fix}")
+        try:
+            ref = np.asarray(arrays["reference_A"], dtype=np.float64)
+            comps = np.asarray(arrays["components"], dtype=np.float64)
+            std = np.asarray(arrays["std_A"], dtype=np.float64)
+        except KeyError as exc:
+            raise DataError(f"{path}: jump-noise file lacks {exc}; {fix}") from None
+        n = ref.shape[0] if ref.ndim == 2 else -1
+        if (ref.ndim != 2 or ref.shape[1] != 3 or comps.shape != (len(std), n, 3)
+                or std.ndim != 1 or not all(np.isfinite(a).all() for a in (ref, comps, std))
+                or np.any(std < 0)):
+            raise DataError(f"{path}: jump-noise arrays are inconsistent or not finite "
+                            f"(reference {ref.shape}, components {comps.shape}, std "
+                            f"{std.shape}); {fix}")
+        meta = dict(header.get("meta") or {})
+        meta["source"] = str(path)
+        return cls(ref, comps, std, float(header["jump_ps"]), meta)
+
+    @classmethod
+    def coerce(cls, noise: JumpNoise | str | os.PathLike | None) -> JumpNoise | None:
+        """A :class:`JumpNoise`, or one loaded from a path; None stays None."""
+        if noise is None or isinstance(noise, JumpNoise):
+            return noise
+        return cls.load(noise)
+
+
+__all__ = ["JumpNoise", "orthogonal_fit"]

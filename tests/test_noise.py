@@ -1,0 +1,209 @@
+"""Jump noise: the residual covariance it fits, its equivariance, its file and its fit in
+``evaluate --noise-out``."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from _train_fixtures import cached, make_alanine_dipeptide, tiny_config
+
+from surrogate_md import Surrogate
+from surrogate_md.errors import DataError
+from surrogate_md.evaluate.__main__ import main as evaluate_main
+from surrogate_md.noise import JumpNoise, orthogonal_fit
+from surrogate_md.testing import random_orthogonal
+
+
+def _windows(rng, n=6, w=3000, proper=True):
+    """Predicted and target jump ends of ``w`` windows of one ``n``-atom structure, each in a
+    random orientation and place, the residuals drawn from a known covariance in the
+    structure's own frame. Returns (pred, target, base, residual covariance (3n, 3n))."""
+    base = rng.normal(size=(n, 3)) * 2.0
+    base -= base.mean(0)
+    a = rng.normal(size=(3 * n, 3 * n)) * 0.1
+    pred, target = [], []
+    for _ in range(w):
+        q = random_orthogonal(int(rng.integers(2 ** 31)),
+                              reflect=False if proper else None).numpy()
+        shift = rng.normal(size=3) * 5.0
+        p = (base + 0.02 * rng.normal(size=(n, 3))) @ q + shift
+        r = (a @ rng.normal(size=3 * n)).reshape(n, 3) @ q
+        pred.append(p)
+        target.append(p + r)
+    return np.array(pred), np.array(target), base, a @ a.T
+
+
+def _covariance(noise: JumpNoise) -> np.ndarray:
+    c = noise.components.reshape(len(noise.std_A), -1)
+    return np.einsum("k,ki,kj->ij", noise.std_A ** 2, c, c)
+
+
+def test_fit_recovers_the_residual_covariance_in_the_structures_frame():
+    rng = np.random.default_rng(0)
+    pred, target, base, cov = _windows(rng, proper=False)
+    noise = JumpNoise.fit(pred, target, jump_ps=2.0)
+    assert noise.n_atoms == 6 and noise.jump_ps == 2.0
+    assert noise.meta["windows"] == 3000 and noise.meta["captured_variance"] == pytest.approx(1)
+    # the reference is the structure, up to an orthogonal map; the covariance too
+    rot = orthogonal_fit(noise.reference_A, base)
+    assert np.abs(noise.reference_A @ rot - base).max() < 0.05
+    block = np.kron(np.eye(6), rot)  # per-atom rows x @ rot.T, flattened
+    truth = block @ cov @ block.T
+    err = np.abs(_covariance(noise) - truth).max()
+    assert err < 0.1 * np.abs(truth).max()
+    # pooled without the frames (as if every window had one orientation) it is not
+    flat = (target - pred).reshape(len(pred), -1)
+    assert np.abs(np.cov(flat.T) - truth).max() > 5 * err
+    # the draws' RMS per atom is the residuals'
+    assert noise.rms_A == pytest.approx(np.sqrt(np.trace(cov) / 6), rel=0.05)
+
+
+def test_fewer_components_keep_the_leading_variance():
+    rng = np.random.default_rng(1)
+    pred, target, _, _ = _windows(rng, w=500)
+    full = JumpNoise.fit(pred, target, 1.0)
+    few = JumpNoise.fit(pred, target, 1.0, max_components=4)
+    assert len(few.std_A) == 4 and np.allclose(few.std_A, full.std_A[:4])
+    assert 0 < few.meta["captured_variance"] < full.meta["captured_variance"]
+    c = few.components.reshape(4, -1)
+    assert np.allclose(c @ c.T, np.eye(4), atol=1e-10)
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_a_draw_is_equivariant_under_rotations_reflections_and_translations(reflect):
+    rng = np.random.default_rng(2)
+    pred, target, _, _ = _windows(rng, w=200)
+    noise = JumpNoise.fit(pred, target, 1.0)
+    frames = pred[:3] + np.linspace(0, 0.3, 3)[:, None, None]  # a jump of P = 3 frames
+    times = np.array([1 / 3, 2 / 3, 1.0])
+    q = random_orthogonal(7, reflect=reflect).numpy()
+    assert (np.linalg.det(q) < 0) == reflect
+    shift = np.array([3.0, -7.0, 11.0])
+    a = noise.sample(frames, times, np.random.default_rng(5))
+    b = noise.sample(frames @ q + shift, times, np.random.default_rng(5))
+    assert np.abs(b - (a @ q + shift)).max() < 1e-9
+    assert np.abs(a - frames).max() > 0.05  # it did move them
+
+
+def test_frames_get_the_draw_in_proportion_to_their_time_and_scale_zero_is_the_prediction():
+    rng = np.random.default_rng(3)
+    pred, target, _, _ = _windows(rng, w=200)
+    noise = JumpNoise.fit(pred, target, 2.0)
+    frames = np.repeat(pred[:1], 4, axis=0)
+    times = np.array([0.5, 1.0, 1.5, 2.0])
+    out = noise.sample(frames, times, np.random.default_rng(0))
+    eps = out[-1] - frames[-1]
+    for k, t in enumerate(times):
+        assert np.allclose(out[k] - frames[k], eps * t / 2.0, atol=1e-12)
+    assert np.array_equal(noise.sample(frames, times, np.random.default_rng(0), scale=0.0),
+                          frames)
+    half = noise.sample(frames, times, np.random.default_rng(0), scale=0.5)
+    assert np.allclose(half[-1] - frames[-1], 0.5 * eps, atol=1e-12)
+    with pytest.raises(DataError, match="fitted for 6 atoms"):
+        noise.sample(frames[:, :5], times, rng)
+
+
+def test_fit_refuses_what_gives_no_covariance():
+    rng = np.random.default_rng(4)
+    pred, target, _, _ = _windows(rng, w=10)
+    with pytest.raises(DataError, match="at least 2 windows"):
+        JumpNoise.fit(pred[:1], target[:1], 1.0)
+    with pytest.raises(DataError, match="must both be"):
+        JumpNoise.fit(pred, target[:, :5], 1.0)
+    bad = target.copy()
+    bad[3, 2, 1] = np.nan
+    with pytest.raises(DataError, match="non-finite"):
+        JumpNoise.fit(pred, bad, 1.0)
+
+
+def test_file_round_trip_is_atomic_and_bad_files_are_refused(tmp_path):
+    rng = np.random.default_rng(5)
+    pred, target, _, _ = _windows(rng, w=100)
+    noise = JumpNoise.fit(pred, target, 1.5, meta={"model": "egno", "checkpoint_hash": "abc"})
+    path = tmp_path / "noise.npz"
+    noise.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noise.npz"]  # no temporary left
+    back = JumpNoise.load(path)
+    assert back.jump_ps == 1.5 and back.meta["model"] == "egno"
+    for a, b in ((back.reference_A, noise.reference_A), (back.components, noise.components),
+                 (back.std_A, noise.std_A)):
+        assert np.array_equal(a, b)
+    assert JumpNoise.coerce(str(path)).n_atoms == 6 and JumpNoise.coerce(noise) is noise
+    with pytest.raises(DataError, match="no such jump-noise file.*--noise-out"):
+        JumpNoise.load(tmp_path / "missing.npz")
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(DataError, match="text.npz: not a readable jump-noise file"):
+        JumpNoise.load(tmp_path / "text.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(DataError, match="not a jump-noise file"):
+        JumpNoise.load(tmp_path / "other.npz")
+    header = json.dumps({"format": "surrogate-md jump noise", "version": 99, "jump_ps": 1.0})
+    np.savez(tmp_path / "future.npz", header=np.array(header))
+    with pytest.raises(DataError, match="version 99"):
+        JumpNoise.load(tmp_path / "future.npz")
+    header = json.dumps({"format": "surrogate-md jump noise", "version": 1, "jump_ps": 1.0})
+    np.savez(tmp_path / "torn.npz", header=np.array(header), reference_A=noise.reference_A,
+             components=noise.components[:, :4], std_A=noise.std_A)
+    with pytest.raises(DataError, match="inconsistent"):
+        JumpNoise.load(tmp_path / "torn.npz")
+
+
+@pytest.fixture(scope="module")
+def ala(tmp_path_factory):
+    return cached(tmp_path_factory, "ala", make_alanine_dipeptide)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(ala, tmp_path_factory):
+    from surrogate_md.train import train
+
+    out = tmp_path_factory.mktemp("noise") / "run"
+    return train(tiny_config(ala, "egnn", train={"epochs": 1, "max_steps_per_epoch": 2}), out)
+
+
+def test_evaluate_fits_the_noise_of_the_windows_it_scores(ala, checkpoint, tmp_path, caplog):
+    noise_path = tmp_path / "noise.npz"
+    assert evaluate_main([str(checkpoint), "--data", str(ala), "--out", str(tmp_path / "ev"),
+                          "--split", "val", "--rollout-jumps", "0", "--noise-out",
+                          str(noise_path), "-q"]) == 0
+    res = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    noise = JumpNoise.load(noise_path)
+    sur = Surrogate.load(checkpoint)
+    noise.check(sur)
+    assert noise.n_atoms == sur.n_model_atoms and noise.jump_ps == sur.jump_ps
+    assert noise.meta["windows"] == res["n_windows"] and noise.meta["split"] == "val"
+    assert noise.meta["checkpoint_hash"] == sur.checkpoint_hash
+    # the residuals it fitted are the model's errors at the jump's end on those windows
+    end_mse = res["errors"]["models"][sur.name]["mse_per_time"][-1]
+    assert noise.meta["residual_rms_A"] == pytest.approx(np.sqrt(end_mse), rel=1e-4)
+    assert res["jump_noise"]["components"] == len(noise.std_A)
+    assert "## Jump noise" in (tmp_path / "ev" / "report.md").read_text()
+    # a noise model of another surrogate's atoms or jump is refused; of another checkpoint
+    # of the same shape, warned about
+    other = JumpNoise(noise.reference_A[:-1], noise.components[:, :-1], noise.std_A, 1.0)
+    with pytest.raises(DataError, match="predicted atoms.*--noise-out"):
+        other.check(sur)
+    longer = JumpNoise(noise.reference_A, noise.components, noise.std_A, 2 * sur.jump_ps)
+    with pytest.raises(DataError, match="ps jumps"):
+        longer.check(sur)
+    noise.meta["checkpoint_hash"] = "0" * 12
+    with caplog.at_level(logging.WARNING, logger="surrogate_md.noise"):
+        noise.check(sur, "n.npz")
+    assert "fitted to the residuals of checkpoint 000000000000" in caplog.text
+
+
+def test_noise_out_is_checked_before_any_work(ala, checkpoint, tmp_path, capsys):
+    base = [str(checkpoint), "--data", str(ala), "--rollout-jumps", "0", "-q"]
+    assert evaluate_main(base + ["--out", str(tmp_path / "a"), "--noise-out",
+                                 str(tmp_path / "no" / "n.npz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert evaluate_main(base + ["--out", str(tmp_path / "b"), "--noise-out",
+                                 str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert evaluate_main(base + ["--out", str(tmp_path / "c"), "--transfer", "--noise-out",
+                                 str(tmp_path / "n.npz")]) == 2
+    assert "--transfer" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "n.npz").exists()
