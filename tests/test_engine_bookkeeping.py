@@ -198,8 +198,32 @@ def test_short_hybrid_md_cannot_ratchet_the_anchor_up():
     failed, anchor = runs[0.0]
     assert not any(failed) and anchor > 250.0  # the ratchet: 300 kJ/mol up, nothing failed
     failed, anchor = runs[1.0]
-    # the anchor is the run's first 10 energies (three of the start, seven of the climb)
-    assert anchor < 5.0 and not any(failed[:5]) and all(failed[12:])
+    # the anchor is the run's first energy, the start's
+    assert anchor == 0.0 and not any(failed[:5]) and all(failed[12:])
+
+
+def test_the_surrogates_first_states_cannot_lift_the_anchor():
+    """Jumps accepted each up to a threshold above the last (relaxed ones leave the window, so
+    a model's first accepted states can climb): only the start's energy anchors the cap, so the
+    climb fails after one threshold. With the median of the first 10 energies as the anchor
+    (the earlier rule) the climb lifted the cap by 5 thresholds and ran on unchecked."""
+    class Stub:
+        validity = None
+        model_atoms = np.arange(3)
+        topology = {}
+        n_atoms = 3
+
+    x = np.array([[0.0, 0, 0], [3.0, 0, 0], [0, 3.0, 0]])
+    g = Guards(Stub(), GuardConfig(action="warn", energy_jump_kJ_per_mol=10.0))
+    g.record_energy(0.0)  # the start, a state of MD
+    energy, failed = 0.0, []
+    for jump in range(30):
+        energy += 9.0  # under the threshold above the recent median while the window is short
+        failed.append(bool(g.check(x, energy_kJ_per_mol=energy, jump=jump)))
+        g.record_energy(energy)  # accepted (warn), the next jump's start
+    assert g.energy_anchor_kJ_per_mol == 0.0
+    assert g.energy_reference_kJ_per_mol <= 0.0
+    assert not failed[0] and all(failed[1:])
 
 
 def test_real_md_energies_lift_the_anchor_from_a_minimised_start(tmp_path):
