@@ -27,15 +27,20 @@ MD has run for ``GuardConfig.anchor_md_ps`` since the last state the surrogate m
 hybrid segment its states at the output spacing (a segment that is not a whole number of
 spacings is refused), so the trajectory stays on an even time grid.
 
+Stochastic jumps (``jump_noise``, ``noise_scale``, ``noise_seed``): each jump's predicted frames
+get a draw of a :class:`~surrogate_md.noise.JumpNoise` added before the missing atoms are rebuilt
+and the guards judge the jump (see :mod:`integrations.propagator`); ``todict()`` (the trajectory's
+description) records the noise and its scale, and a state file carries the noise generator.
+
 History models (ESTAG) take their input frames from the states the dynamics has seen: the
 predicted frames inside accepted jumps and the end states kept; until those cover the history
 (at the start, after a fallback that did not), a step runs ``fallback_dynamics`` for one jump's
 length instead (counted in ``n_history_md``).
 
 Restarts: the atoms (from the last frame of a ``.traj``) hold positions and momenta, but not what
-the dynamics itself keeps: a history model's remembered frames, the thermal velocity draws'
-generator, the guards' recorded energies (the anchor that caps them) and counts, the jump
-counts, the MD time since the last jump, the step count (the clock), and what the MD it runs
+the dynamics itself keeps: a history model's remembered frames, the thermal velocity draws' and the
+jump noise's generators, the guards' recorded energies (the anchor that caps them) and counts, the
+jump counts, the MD time since the last jump, the step count (the clock), and what the MD it runs
 between and instead of jumps keeps of its own: its step count, its random generator (Langevin,
 Bussi, Andersen, LangevinBAOAB) and its thermostat variables (a Nosé-Hoover chain's positions and
 momenta, Bussi's tally of the energy it moved).
@@ -94,6 +99,14 @@ class SurrogateDynamics(MolecularDynamics):
         temperature_K: for the energy-guard threshold (and the thermal end velocities).
         end_velocities, velocity_seed: the end state's velocities, ``"difference"`` or
             ``"thermal"``, as in :class:`~integrations.openmm_simulation.SurrogateSimulation`.
+        jump_noise: stochastic jumps: a :class:`~surrogate_md.noise.JumpNoise` fitted for this
+            surrogate or the path of its ``.npz``; each jump's predicted frames get a Gaussian
+            draw of the model's residuals (Å) scaled by ``t / jump_ps``. None (the default):
+            deterministic jumps. One fitted for another atom set or jump is a ``DataError``.
+        noise_scale: multiplies the noise's standard deviations (>= 0; 1 = as fitted, 0 = the
+            deterministic jumps).
+        noise_seed: seed of the noise draws (independent of the thermal draws even for the
+            same seed); None: not reproducible.
         restart: path of a state file (:meth:`save_state`), as for ASE's optimizers: when it
             exists it is loaded (:meth:`load_state`; an error when it does not belong to
             ``atoms``), and it is rewritten with every trajectory frame (every ``loginterval``
@@ -108,6 +121,7 @@ class SurrogateDynamics(MolecularDynamics):
                  fallback_dynamics=None, temperature_K: float = 300.0,
                  end_velocities: str = "difference", velocity_seed: int | None = None,
                  append_trajectory: bool = False, restart: str | os.PathLike | None = None,
+                 jump_noise=None, noise_scale: float = 1.0, noise_seed: int | None = None,
                  **kwargs) -> None:
         self.surrogate = load_surrogate(surrogate)
         self.surrogate.check_atomic_numbers(atoms.get_atomic_numbers())
@@ -146,7 +160,8 @@ class SurrogateDynamics(MolecularDynamics):
                               "calculator), or choose another action")
         self.propagator = SurrogatePropagator(
             self.surrogate, end_velocities=end_velocities, temperature_K=temperature_K,
-            masses_amu=atoms.get_masses(), seed=velocity_seed)
+            masses_amu=atoms.get_masses(), seed=velocity_seed, jump_noise=jump_noise,
+            noise_scale=noise_scale, noise_seed=noise_seed)
         if self.propagator.needs_history:
             if self.md_steps:
                 raise EngineError("hybrid mode (md_steps > 0) does not take a history model "
@@ -238,6 +253,9 @@ class SurrogateDynamics(MolecularDynamics):
         d.update({"surrogate": self.surrogate.name, "jump_ps": self.surrogate.jump_ps,
                   "checkpoint_hash": self.surrogate.checkpoint_hash, "md_steps": self.md_steps,
                   "guard_action": self.guards.action, "restart": self.restart})
+        noise = self.propagator.describe_noise()
+        if noise is not None:  # JumpNoise.describe() and its scale
+            d["jump_noise"] = noise
         return d
 
     # -- restarts ---------------------------------------------------------------------------------
@@ -249,15 +267,15 @@ class SurrogateDynamics(MolecularDynamics):
         ``SurrogateSimulation`` writes them); ``positions`` (n_atoms, 3) Å, ``velocities``
         (n_atoms, 3) Å/ps and ``numbers`` (n_atoms,) of the atoms now, which the file belongs
         to; ``whole`` (n_atoms, 3) Å, the same positions with every molecule whole at the
-        lattice image the remembered frames have (periodic cells; (0, 3) otherwise); ``extra``,
-        a JSON string: format, version, ``nsteps``, ``time_ps``, ``dt_ase``, ``cell`` (3, 3) Å,
+        lattice image the remembered frames have (periodic cells; (0, 3) otherwise); ``extra``, a
+        JSON string: format, version, ``nsteps``, ``time_ps``, ``dt_ase``, ``cell`` (3, 3) Å,
         ``pbc``, the surrogate's name and checkpoint hash, ``rng`` (the thermal draws' generator
-        state or null), ``guards`` (``Guards.energy_state()``: energies and tallies),
-        ``n_jumps``, ``n_fallbacks``, ``n_history_md``, ``md_ps``, ``md_rng`` (the random
-        generators' states of ``md_dynamics``/``fallback_dynamics``: Langevin, Bussi, Andersen,
-        LangevinBAOAB) and ``md_state`` (by the same roles, :func:`_md_state`: the MD's class,
-        step ``dt_ase`` and step count ``nsteps``, a Nosé-Hoover chain's variables, Bussi's
-        ``transferred_energy_eV``).
+        state or null), ``noise_rng`` (the jump noise draws' generator state or null), ``guards``
+        (``Guards.energy_state()``: energies and tallies), ``n_jumps``, ``n_fallbacks``,
+        ``n_history_md``, ``md_ps``, ``md_rng`` (the random generators' states of
+        ``md_dynamics``/``fallback_dynamics``: Langevin, Bussi, Andersen, LangevinBAOAB) and
+        ``md_state`` (by the same roles, :func:`_md_state`: the MD's class, step ``dt_ase`` and step
+        count ``nsteps``, a Nosé-Hoover chain's variables, Bussi's ``transferred_energy_eV``).
         """
         atoms = self.atoms
         mem = self.propagator.memory()
@@ -266,7 +284,7 @@ class SurrogateDynamics(MolecularDynamics):
                  "dt_ase": float(self.dt), "cell": atoms.cell.array.tolist(),
                  "pbc": [bool(p) for p in atoms.pbc], "surrogate": self.surrogate.name,
                  "checkpoint_hash": self.surrogate.checkpoint_hash, "rng": mem["rng"],
-                 "guards": self.guards.energy_state(),
+                 "noise_rng": mem["noise_rng"], "guards": self.guards.energy_state(),
                  "n_jumps": self.n_jumps,
                  "n_fallbacks": self.n_fallbacks, "n_history_md": self.n_history_md,
                  "md_ps": self._md_ps, "md_rng": self._md_rng_states(),
@@ -337,13 +355,19 @@ class SurrogateDynamics(MolecularDynamics):
                         "thermal draws do not go on as they would have", path,
                         "difference" if extra["rng"] is None else "thermal",
                         self.propagator.end_velocities)
+        noise_rng = extra.get("noise_rng")  # absent in files written before jump noise
+        if (noise_rng is None) != (self.propagator.jump_noise is None):
+            log.warning("%s was saved %s jump noise, this dynamics runs %s: the noise draws do "
+                        "not go on as they would have", path,
+                        "without" if noise_rng is None else "with",
+                        "without" if self.propagator.jump_noise is None else "with")
         vel = self.atoms.get_velocities() * PS_IN_ASE_TIME
         if not np.allclose(vel, arrays["velocities"], rtol=1e-6, atol=1e-6):
             log.warning("%s: the atoms' velocities differ from the saved ones (up to %.3g "
                         "Å/ps); the run goes on from the atoms' velocities", path,
                         float(np.abs(vel - arrays["velocities"]).max()))
         self.propagator.restore_memory({"keys": arrays["keys"], "frames": arrays["frames"],
-                                        "rng": extra["rng"]})
+                                        "rng": extra["rng"], "noise_rng": noise_rng})
         self.guards.restore_energy_state(extra["guards"])
         self.n_jumps, self.n_fallbacks = int(extra["n_jumps"]), int(extra["n_fallbacks"])
         self.n_history_md = int(extra["n_history_md"])

@@ -73,6 +73,12 @@ time since the surrogate's last state, and once that reaches ``GuardConfig.ancho
 move the guard's anchor (e.g. up from a minimised start to the thermal level); those of surrogate
 states cannot lift it (see :mod:`integrations.guards`).
 
+Stochastic jumps (``jump_noise``, ``noise_scale``, ``noise_seed``): each jump's predicted frames
+get a draw of a :class:`~surrogate_md.noise.JumpNoise` added (see :mod:`integrations.propagator`)
+before the missing atoms are rebuilt, the end state relaxed and the guards judge it; the noise
+generator's state goes into ``<file>.surrogate.npz`` with the thermal draws', so a restart takes
+the same draws. ``summary()`` records the noise (``JumpNoise.describe()`` and its scale).
+
 Fixed particles (zero mass, not virtual sites: :func:`fixed_particles`) stay where they are in
 every frame of a jump with zero velocity, as OpenMM's integrators and minimiser keep them. The
 energy guard's default threshold and ``"thermal"`` end velocities use the thermostat's
@@ -684,6 +690,15 @@ class SurrogateSimulation:
             input): ``"difference"`` (backward difference over the last output spacing) or
             ``"thermal"`` (Maxwell-Boltzmann at ``temperature_K``, seeded by
             ``velocity_seed``; see :mod:`integrations.propagator`).
+        jump_noise: stochastic jumps: a :class:`~surrogate_md.noise.JumpNoise` fitted for this
+            surrogate, or the path of its ``.npz`` (``python -m surrogate_md.evaluate ...
+            --noise-out FILE``); each jump's predicted frames get a Gaussian draw of the
+            model's residuals (Å) scaled by ``t / jump_ps``. None (the default): the model's
+            deterministic jumps. One fitted for another atom set or jump is a ``DataError``.
+        noise_scale: multiplies the noise's standard deviations (>= 0; 1 = as fitted, 0 = the
+            deterministic jumps).
+        noise_seed: seed of the noise draws (a generator of its own, independent of the
+            thermal draws even for the same seed); None: not reproducible.
 
     Attributes:
         context, topology, system, integrator, reporters, currentStep: as in ``Simulation``.
@@ -705,7 +720,8 @@ class SurrogateSimulation:
                  temperature_K: float | None = None, progress: bool = False,
                  relax_iterations: int = 0,
                  relax_restraint_kJ_per_mol_nm2: float = DEFAULT_RELAX_RESTRAINT_KJ_PER_MOL_NM2,
-                 end_velocities: str = "difference", velocity_seed: int | None = None
+                 end_velocities: str = "difference", velocity_seed: int | None = None,
+                 jump_noise=None, noise_scale: float = 1.0, noise_seed: int | None = None
                  ) -> None:
         self.surrogate = load_surrogate(surrogate)
         # as Simulation: the System and Integrator may be given as serialized XML files
@@ -784,7 +800,8 @@ class SurrogateSimulation:
         self.propagator = SurrogatePropagator(
             self.surrogate, end_velocities=end_velocities, temperature_K=self.temperature_K,
             masses_amu=system_masses_amu(system), seed=velocity_seed,
-            fixed_atoms=fixed_particles(system), zero_momentum=has_com_remover(system))
+            fixed_atoms=fixed_particles(system), zero_momentum=has_com_remover(system),
+            jump_noise=jump_noise, noise_scale=noise_scale, noise_seed=noise_seed)
         spacing = int(self._md_frame_steps[0])  # the output spacing in MD steps
         if self.propagator.needs_history and self.md_steps % spacing:
             raise EngineError(
@@ -854,12 +871,12 @@ class SurrogateSimulation:
                 else None)
 
     def _save_memory(self, file) -> None:
-        """``<file>.surrogate.npz``: what the Context does not hold and a restart needs to go
-        on as the run would have: a history model's remembered frames, the thermal velocity
-        draws' generator, the guards' recorded energies (the anchor among them), the jump
-        counts, the MD time behind the state and, inside a hybrid cycle, where in it the state
-        is (``cycle``; with the rest of the jump when on an intermediate output frame); stamped
-        with the Context's time."""
+        """``<file>.surrogate.npz``: what the Context does not hold and a restart needs to go on as
+        the run would have: a history model's remembered frames, the thermal velocity draws' and the
+        jump noise's generators, the guards' recorded energies (the anchor among them), the jump
+        counts, the MD time behind the state and, inside a hybrid cycle, where in it the state is
+        (``cycle``; with the rest of the jump when on an intermediate output frame); stamped with
+        the Context's time."""
         import json
 
         mem = self.propagator.memory()
@@ -891,8 +908,9 @@ class SurrogateSimulation:
             place = {k: v for k, v in self._resume.items() if not k.startswith("rest_")}
             rest = {k: v for k, v in self._resume.items() if k.startswith("rest_")}
         extra = {"time_ps": read_state(self.context)[2], "rng": mem["rng"],
-                 "guards": self.guards.energy_state(), "n_jumps": n_jumps,
-                 "n_fallbacks": self.n_fallbacks, "md_ps": md_ps, "cycle": place}
+                 "noise_rng": mem["noise_rng"], "guards": self.guards.energy_state(),
+                 "n_jumps": n_jumps, "n_fallbacks": self.n_fallbacks, "md_ps": md_ps,
+                 "cycle": place}
         with atomic_path(self._memory_path(file)) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, keys=mem["keys"], frames=mem["frames"],
                      extra=np.array(json.dumps(extra)), **rest)
@@ -941,7 +959,14 @@ class SurrogateSimulation:
             log.info("%s was saved at t = %g ps, the state loaded is at %g ps: not used", path,
                      extra["time_ps"], now)
             return
-        self.propagator.restore_memory({"keys": keys, "frames": frames, "rng": extra["rng"]})
+        noise_rng = extra.get("noise_rng")  # absent in files written before jump noise
+        if (noise_rng is None) != (self.propagator.jump_noise is None):
+            log.warning("%s was saved %s jump noise, this simulation runs %s: the noise draws "
+                        "do not go on as they would have", path,
+                        "without" if noise_rng is None else "with",
+                        "without" if self.propagator.jump_noise is None else "with")
+        self.propagator.restore_memory({"keys": keys, "frames": frames, "rng": extra["rng"],
+                                        "noise_rng": noise_rng})
         self.guards.restore_energy_state(extra["guards"])
         self.n_jumps, self.n_fallbacks = int(extra["n_jumps"]), int(extra["n_fallbacks"])
         if extra["md_ps"] > 0:  # the state came from real MD: it still did
@@ -1390,7 +1415,8 @@ class SurrogateSimulation:
         return self.guards.summary()
 
     def summary(self) -> dict:
-        """JSON-safe run summary: jumps, fallbacks, time, guard events, surrogate."""
+        """JSON-safe run summary: jumps, fallbacks, time, guard events, surrogate, and the
+        jump noise (``jump_noise``: ``JumpNoise.describe()`` with its ``scale``, or None)."""
         return {"jumps": self.n_jumps, "fallbacks": self.n_fallbacks,
                 "step": self.currentStep,
                 "time_ps": self.context.getState().getTime().value_in_unit(PS),
@@ -1399,7 +1425,8 @@ class SurrogateSimulation:
                 "md_steps": self.md_steps, "relax_iterations": self.relax_iterations,
                 "relax_restraint_kJ_per_mol_nm2": self.relax_restraint_kJ_per_mol_nm2,
                 "guards": self.guards.summary(),
-                "surrogate": self.surrogate.describe()}
+                "surrogate": self.surrogate.describe(),
+                "jump_noise": self.propagator.describe_noise()}
 
 
 class SurrogateJumpReporter:
@@ -1433,11 +1460,15 @@ class SurrogateJumpReporter:
         guards: as for :class:`SurrogateSimulation`.
         temperature_K: K for the default energy-guard threshold; None (the default): the
             simulation's thermostat temperature (:func:`thermostat_temperature_K`), or 300 K.
+        jump_noise, noise_scale, noise_seed: stochastic jumps, as for
+            :class:`SurrogateSimulation` (the noise generator's state is not part of a
+            ``Simulation`` checkpoint: a restart draws afresh from ``noise_seed``).
     """
 
     def __init__(self, surrogate: Any, interval: int,
                  guards: Guards | GuardConfig | str | None = "raise",
-                 temperature_K: float | None = None) -> None:
+                 temperature_K: float | None = None, *, jump_noise=None,
+                 noise_scale: float = 1.0, noise_seed: int | None = None) -> None:
         if int(interval) != interval or interval < 1:
             raise EngineError(f"the jump interval must be a whole number of steps >= 1, got "
                               f"{interval}")
@@ -1446,7 +1477,8 @@ class SurrogateJumpReporter:
         self._guards_spec = guards
         self._temperature_K = temperature_K
         self.guards: Guards | None = None
-        self.propagator = SurrogatePropagator(self.surrogate)
+        self.propagator = SurrogatePropagator(self.surrogate, jump_noise=jump_noise,
+                                              noise_scale=noise_scale, noise_seed=noise_seed)
         self.n_jumps = 0
         self.n_skipped = 0
         self._waiting = 0  # reports in a row without a history (history models)

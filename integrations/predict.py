@@ -18,6 +18,14 @@ after its first checkpoint keeps its frames for ``--resume``. A run holds ``.<OU
 beside ``OUT``: a second run on the same ``OUT`` is refused. A signal that arrives while a frame
 is being written is acted on once the frame (and its state-data line) is whole.
 
+Stochastic jumps: ``--jump-noise FILE`` (a :class:`~surrogate_md.noise.JumpNoise` saved by
+``python -m surrogate_md.evaluate ... --noise-out FILE``) adds a Gaussian draw of the model's
+residuals to every jump (see :mod:`integrations.propagator`), its standard deviations times
+``--noise-scale`` (default 1), drawn from a generator seeded by ``--seed`` (its own stream: the
+velocity draws are the same with or without noise). The provenance records the noise
+(``jump_noise``: its description and scale), and ``--resume`` refuses a run made with another
+noise file (by content) or scale.
+
 Resuming: with every frame (or every ``--checkpoint-every`` jumps) the run writes a checkpoint
 beside ``OUT`` (:class:`RunCheckpoints`: ``.<OUT stem>.chk.json`` and two alternating OpenMM
 checkpoints ``.<OUT stem>.0.chk``/``.1.chk`` with their ``.surrogate.npz``, the surrogate's own
@@ -108,8 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "draws at --temperature-K (reporters then show a thermal kinetic energy); "
                         "default difference")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial velocities, of "
-                                                       "thermal end velocities and of the MD "
-                                                       "integrator's random forces (default 0)")
+                                                       "thermal end velocities, of the jump "
+                                                       "noise and of the MD integrator's "
+                                                       "random forces (default 0)")
+    p.add_argument("--jump-noise", metavar="FILE",
+                   help="stochastic jumps: a jump-noise .npz fitted for this checkpoint "
+                        "(python -m surrogate_md.evaluate ... --noise-out FILE); every jump "
+                        "adds a Gaussian draw of the model's residuals (default: deterministic "
+                        "jumps)")
+    p.add_argument("--noise-scale", type=float, default=1.0, metavar="X",
+                   help="multiply the --jump-noise standard deviations by X >= 0 (default 1: "
+                        "as fitted; 0: deterministic jumps)")
     p.add_argument("--minimize", action="store_true", help="minimise the energy first")
     p.add_argument("--device", default="auto",
                    help="torch device of the surrogate: cpu, cuda or auto (default: CUDA when "
@@ -367,6 +384,11 @@ def _run(args: argparse.Namespace, outputs: Outputs) -> dict:
                             "to continue it, or --overwrite to start over")
     if args.jumps < 1 or args.report_interval < 1:
         raise DataError("-n/--jumps and --report-interval must be >= 1")
+    if not (np.isfinite(args.noise_scale) and args.noise_scale >= 0):
+        raise DataError(f"--noise-scale must be a finite number >= 0, got {args.noise_scale}")
+    if args.noise_scale != 1.0 and not args.jump_noise:
+        raise DataError(f"--noise-scale {args.noise_scale:g} scales the jump noise, and no "
+                        "--jump-noise FILE was given; pass one, or leave --noise-scale out")
     if args.report_interval > args.jumps:
         raise DataError(f"--report-interval {args.report_interval} is more than the "
                         f"{args.jumps} jumps (-n): no frame would be written; use a "
@@ -387,6 +409,11 @@ def _run(args: argparse.Namespace, outputs: Outputs) -> dict:
             "that is a multiple of the output spacing, or run SurrogateSimulation from Python")
     topology, system, positions, box = load_system(args.topology, args.coordinates,
                                                    args.forcefield, args.cutoff_nm)
+    jump_noise = None
+    if args.jump_noise:
+        from surrogate_md.noise import JumpNoise
+
+        jump_noise = JumpNoise.load(args.jump_noise)  # checked against the model by the engine
     identity = run_identity(args, surrogate)
     record = plan_resume(outputs, checkpoints, identity) if args.resume else None
     if args.resume and record is None:
@@ -411,7 +438,8 @@ def _run(args: argparse.Namespace, outputs: Outputs) -> dict:
                               guards=args.guard, md_steps=args.md_steps,
                               temperature_K=args.temperature_K,
                               end_velocities=args.end_velocities, velocity_seed=args.seed,
-                              progress=True)
+                              jump_noise=jump_noise, noise_scale=args.noise_scale,
+                              noise_seed=args.seed, progress=True)
     if record is not None:
         resume_simulation(sim, record, checkpoints)
     else:

@@ -30,6 +30,22 @@ Fixed atoms (``fixed_atoms``: OpenMM's zero-mass particles that are not virtual 
 model predicts or the reconstruction rebuilds, so their velocities are zero, and thermal draws
 leave them out (zero velocity; the zero net momentum is that of the moving atoms).
 
+Stochastic jumps (``jump_noise``, a :class:`~surrogate_md.noise.JumpNoise` or the path of an
+``.npz`` it saved): a model trained on the squared error predicts the mean end of a jump; the
+noise model adds back the spread around it that it measured on reference MD. Every jump's
+predicted frames (the model's atoms, Å) become ``predicted + (t / jump_ps) · ε`` with ε a draw
+of a zero-mean Gaussian (correlated over the atoms, rotated onto the jump's end; RMS per atom
+``noise_scale × JumpNoise.rms_A`` Å) and ``t`` each frame's time after the jump's start (ps),
+before fixed atoms are put back and the atoms the model does not predict are rebuilt around the
+noisy frames. Velocities follow from the noisy frames as from any others. A non-finite
+prediction gets no noise (it stays broken for the guards). The engines' guards judge a noisy
+jump like any other (a draw that tears a bond or lifts the energy fails them and is handled by
+the guard action), and history models remember the noisy frames as the jump's own.
+``noise_scale`` (>= 0) multiplies the standard deviations (0: the model's mean, exactly the
+noiseless jump). The draws come from their own generator, seeded by ``noise_seed`` (derived
+apart from the thermal velocity draws', so one seed for both gives independent streams); its
+state is part of :meth:`SurrogatePropagator.memory`, so a restart goes on with the same draws.
+
 History models (ESTAG) need the positions of the last ``history_length`` states at
 ``history_stride_ps``; the propagator remembers every state the engine shows it
 (:meth:`observe`) and says when history is missing so the engine can run real MD to fill it.
@@ -44,12 +60,16 @@ import numpy as np
 
 from integrations.reconstruct import Reconstructor
 from surrogate_md.errors import EngineError
+from surrogate_md.noise import JumpNoise
 from surrogate_md.surrogate import thermal_velocities
 
 log = logging.getLogger(__name__)
 
 _TIME_KEY_PER_PS = 1_000_000  # states are matched by time to 1e-6 ps
 SAME_STATE_A = 1e-3  # a remembered state and a new one at the same time closer than this agree
+# mixed into the noise draws' seed: the same integer seeds the thermal velocity draws (their
+# generator is default_rng(seed)), and the two streams must not be the same numbers
+_NOISE_STREAM = 0x6A756D70_6E6F6973  # "jumpnois"
 
 
 @dataclass
@@ -62,7 +82,8 @@ class JumpResult:
         offsets_ps: (P,) ps, the surrogate's output grid (last = ``jump_ps``), or its last
             entry only for a jump-end result.
         predicted_A: (P_grid, n_model_atoms, 3) Å, the model's own output at every time of the
-            surrogate's grid (also for a jump-end result); None for MD segments.
+            surrogate's grid (also for a jump-end result), with the jump noise added when the
+            propagator has one (what a history model remembers); None for MD segments.
     """
 
     positions_A: np.ndarray
@@ -83,12 +104,26 @@ class SurrogatePropagator:
         seed: random seed of those draws.
         fixed_atoms: (k,) indices of atoms that never move (see the module doc); may be
             reassigned (:attr:`fixed_atoms`) when the engine's constraints change.
+        zero_momentum: take the centre-of-mass velocity of the moving atoms out of every
+            frame's difference velocities (needs ``masses_amu``; see the module doc).
+        jump_noise: a :class:`~surrogate_md.noise.JumpNoise` fitted for this surrogate (its
+            atoms and jump), or the path of one saved with ``JumpNoise.save``; None (the
+            default): deterministic jumps. See the module doc.
+        noise_scale: multiplies the noise's standard deviations (>= 0; 1 = as fitted, 0 = no
+            noise).
+        noise_seed: seed of the noise draws (None: fresh entropy, not reproducible).
+
+    Raises:
+        EngineError: a bad ``end_velocities``, masses or ``noise_scale``.
+        DataError: a ``jump_noise`` file that cannot be read, or one fitted for another atom
+            set or jump length.
     """
 
     def __init__(self, surrogate, *, end_velocities: str = "difference",
                  masses_amu: np.ndarray | None = None, temperature_K: float = 300.0,
                  seed: int | None = None, fixed_atoms: np.ndarray | None = None,
-                 zero_momentum: bool = False) -> None:
+                 zero_momentum: bool = False, jump_noise=None, noise_scale: float = 1.0,
+                 noise_seed: int | None = None) -> None:
         if end_velocities not in ("difference", "thermal"):
             raise EngineError(f"end_velocities must be 'difference' or 'thermal', got "
                               f"{end_velocities!r}")
@@ -116,6 +151,28 @@ class SurrogatePropagator:
                 getattr(surrogate, "name", "the model"),
                 f"{interval:g} ps" if interval else "one saved frame",
                 float(np.diff(np.concatenate([[0.0], surrogate.times_ps]))[-1]))
+        try:
+            scale = float(noise_scale)
+        except (TypeError, ValueError):
+            scale = float("nan")
+        if not (np.isfinite(scale) and scale >= 0):
+            raise EngineError(f"noise_scale must be a finite number >= 0 (1 = the jump noise "
+                              f"as fitted, 0 = none), got {noise_scale!r}")
+        self.noise_scale = scale
+        #: the :class:`~surrogate_md.noise.JumpNoise` of stochastic jumps, or None
+        self.jump_noise: JumpNoise | None = JumpNoise.coerce(jump_noise)
+        self._noise_rng: np.random.Generator | None = None
+        if self.jump_noise is not None:
+            if noise_seed is not None and (isinstance(noise_seed, bool)
+                                           or not isinstance(noise_seed, (int, np.integer))
+                                           or noise_seed < 0):
+                raise EngineError(f"noise_seed must be a whole number >= 0 (or None for fresh "
+                                  f"entropy), got {noise_seed!r}")
+            # named by the file it was loaded from (JumpNoise.load keeps it in meta)
+            self.jump_noise.check(surrogate, str(self.jump_noise.meta.get("source")
+                                                 or "jump_noise"))
+            self._noise_rng = np.random.default_rng(
+                None if noise_seed is None else [_NOISE_STREAM, int(noise_seed)])
         self.reconstruct = Reconstructor.for_surrogate(surrogate)
         self.offsets_ps = np.asarray(surrogate.times_ps, dtype=np.float64)
         self.jump_ps = float(surrogate.jump_ps)
@@ -208,20 +265,34 @@ class SurrogatePropagator:
         self._known = {k + by: v for k, v in self._known.items()}
 
     def memory(self) -> dict:
-        """What a restart needs: the remembered states by time key (history models) and the
-        state of the thermal velocity draws' random generator."""
+        """What a restart needs: the remembered states by time key (history models), the
+        state of the thermal velocity draws' random generator (``rng``) and that of the jump
+        noise's (``noise_rng``; each a JSON-safe dict, None when not used)."""
         keys = sorted(self._known)
         return {"keys": np.asarray(keys, dtype=np.int64),
                 "frames": (np.stack([self._known[k] for k in keys]) if keys
                            else np.zeros((0, self.surrogate.n_model_atoms, 3))),
-                "rng": self._rng.bit_generator.state if self._masses is not None else None}
+                "rng": self._rng.bit_generator.state if self._masses is not None else None,
+                "noise_rng": (self._noise_rng.bit_generator.state
+                              if self._noise_rng is not None else None)}
 
     def restore_memory(self, memory: dict) -> None:
-        """Take back a :meth:`memory`."""
+        """Take back a :meth:`memory` (a generator state it lacks, or one this propagator does
+        not use, leaves the generator as it is)."""
         self._known = {int(k): np.array(f, dtype=np.float64)
                        for k, f in zip(memory["keys"], memory["frames"])}
         if memory.get("rng") is not None and self._masses is not None:
             self._rng.bit_generator.state = memory["rng"]
+        if memory.get("noise_rng") is not None and self._noise_rng is not None:
+            self._noise_rng.bit_generator.state = memory["noise_rng"]
+
+    def describe_noise(self) -> dict | None:
+        """JSON-safe provenance of the jump noise: ``JumpNoise.describe()`` (RMS per atom Å,
+        jump ps, atoms, what it was fitted from) with ``scale``, the ``noise_scale``; None
+        without noise."""
+        if self.jump_noise is None:
+            return None
+        return {**self.jump_noise.describe(), "scale": self.noise_scale}
 
     def forget(self) -> None:
         """Drop remembered states (after a state was loaded from a file)."""
@@ -257,6 +328,9 @@ class SurrogatePropagator:
             last_only: return the end of the jump only (P = 1: the frame at ``jump_ps`` with
                 its backward-difference velocity); the atoms the model does not predict are
                 then rebuilt for the last two frames instead of all P.
+
+        With a ``jump_noise`` the model's frames get one draw of it added first (all P
+        frames, scaled by their time; one draw per jump, also with ``last_only``).
         """
         pos = np.asarray(positions_A, dtype=np.float64)
         self.observe(time_ps, pos)
@@ -267,6 +341,10 @@ class SurrogatePropagator:
             vel = np.array(vel, dtype=np.float64)
             vel[self._fixed] = 0.0
         pred = self.surrogate.predict(pos, vel, history=self.history(time_ps))
+        if self.jump_noise is not None and np.isfinite(pred).all():
+            # a stochastic jump: the model's mean plus a draw of its residuals (module doc)
+            pred = self.jump_noise.sample(pred, self.offsets_ps, self._noise_rng,
+                                          self.noise_scale)
         if len(self._fixed_model):  # before the rebuild: atoms riding on fixed ones stay put
             pred = np.array(pred, dtype=np.float64)
             pred[:, self._fixed_model] = pos[self.surrogate.model_atoms[self._fixed_model]]

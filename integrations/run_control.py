@@ -261,7 +261,8 @@ IDENTITY_LABELS = {
     "jumps": "-n/--jumps", "report_interval": "--report-interval", "md_steps": "--md-steps",
     "guard": "--guard", "temperature_K": "--temperature-K",
     "end_velocities": "--end-velocities", "seed": "--seed", "minimize": "--minimize",
-    "forcefield": "--forcefield", "cutoff_nm": "--cutoff-nm"}
+    "forcefield": "--forcefield", "cutoff_nm": "--cutoff-nm",
+    "jump_noise": "the --jump-noise file (sha256)", "noise_scale": "--noise-scale"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +351,10 @@ def run_identity(args: argparse.Namespace, surrogate) -> dict:
     identity = {"checkpoint": surrogate.checkpoint_hash, "topology": file_hash(args.topology),
                 "coordinates": file_hash(args.coordinates) if args.coordinates else None,
                 "format": Path(args.output).suffix.lower()}
+    noise = getattr(args, "jump_noise", None)
+    # without noise both stay None, as in the identities of runs recorded before jump noise
+    identity["jump_noise"] = file_hash(noise) if noise else None
+    identity["noise_scale"] = float(args.noise_scale) if noise else None
     identity.update({key: getattr(args, key) for key in IDENTITY_LABELS if key not in identity})
     return json.loads(json.dumps(identity))
 
