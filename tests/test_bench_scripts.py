@@ -286,7 +286,7 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
                           "--json", str(out), "--no-progress"]) == 0
     tables = _tables(capsys.readouterr().out)
     body = _check(tables[1])
-    assert [r[0] for r in body] == ["egno", "estag"] and "MD fallbacks" in body[0][-1]
+    assert [r[0] for r in body[:2]] == ["egno", "estag"] and "MD fallbacks" in body[0][-1]
     data = json.loads(out.read_text())
     assert data["engine"]
     for row in data["models"]:  # a history model too: its first history is the MD's
@@ -300,6 +300,28 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
         assert row["collapsed_frames"] == 0 and row["nonfinite_frames"] == 0
         assert len(guards["kept_energy_above_md_kJ_per_mol"]["series"]) == 3
     assert out.with_suffix(".energy.png").stat().st_size > 0  # the energy-vs-time plot
+    floor = data["md_floor"]  # the MD's own two halves, the floor the rollouts are read against
+    assert floor["frames"] > 0 and 0.0 <= floor["torsion_jsd"] <= math.log(2) + 1e-9
+    assert body[-1][0].startswith("reference MD, first half vs second half")
+    # stochastic jumps: a jump-noise file fitted on the validation windows, a row each
+    from surrogate_md.evaluate import evaluate
+
+    ckpt = next((tmp_path / "r").glob("**/train-egno/best.pt"))
+    md = next((tmp_path / "d").glob("*.h5"))
+    evaluate(ckpt, md, tmp_path / "ev", split="val", rollout_jumps=0, plots=False,
+             noise_out=tmp_path / "noise.npz")
+    noisy = tmp_path / "noisy.json"
+    assert validity.main(["--checkpoints", str(ckpt), str(ckpt), "--jump-noise", "none",
+                          str(tmp_path / "noise.npz"), "--data", str(md), "--engine", "--jumps",
+                          "3", "--json", str(noisy), "--no-progress"]) == 0
+    rows = json.loads(noisy.read_text())["models"]
+    assert [r["model"] for r in rows] == ["egno", "egno + jump noise"]
+    assert "jump_noise" not in rows[0] and rows[1]["jump_noise"]["scale"] == 1.0
+    assert rows[1]["jump_noise"]["rms_A"] > 0 and rows[1]["guards"]["jumps_checked"] == 3
+    assert noisy.with_suffix(".rama.png").stat().st_size > 0  # MD, deterministic, noisy
+    with pytest.raises(SystemExit):  # noise files need the engine and one per checkpoint
+        validity.main(["--checkpoints", str(ckpt), "--jump-noise", "none", "none", "--data",
+                       str(md), "--engine"])
 
 
 def test_reconstruction_quick(bench, tmp_path, capsys):

@@ -27,6 +27,11 @@ minimised on the force field until the engine accepts it; ``fallback``: replaced
 jump end the engine keeps is scored as above, and the guard events are the engine's own (jumps
 accepted as predicted, relaxed, replaced by MD; energy of each kept state above the MD median):
 the validity of what a user of the integration gets, not of the free-running model.
+``--jump-noise`` (with ``--engine``) makes the jumps stochastic: one jump-noise file per
+checkpoint (``none`` for a deterministic row; fit one with ``python -m surrogate_md.evaluate
+CHECKPOINT --data FILE --split val --out DIR --noise-out FILE``), its draws scaled by
+``--noise-scale``. The table's last row is the MD's own sampling floor: the torsion JSD and h(r)
+MAE between the first and the second half of the reference frames.
 
 Models: ``--checkpoints`` (with the ``--data`` they were trained on), or models trained here from
 the example configs (``--train-epochs``) on MD generated with ``datagen``: alanine dipeptide
@@ -177,19 +182,51 @@ def score(sur, frames: np.ndarray, ref: np.ndarray, topology) -> dict[str, Any]:
     if len(scored):
         out["h_r_mae"] = float(np.abs(M.distance_histogram(scored, bins)
                                       - M.distance_histogram(ref_scored, bins)).mean())
-    quads = M.backbone_torsion_atoms(topology, sur.model_atoms)
-    if len(quads["phi"]) and len(quads["psi"]) and len(scored):
-        pairs = [(a, b) for a, qa in enumerate(quads["phi"].tolist())
-                 for b, qb in enumerate(quads["psi"].tolist()) if qa[1:3] == qb[:2]]
-        if pairs:
-            ia, ib = np.array(pairs).T
+    phi_psi = ramachandran_quads(sur, topology)
+    if phi_psi is not None and len(scored):
+        def rama(x: np.ndarray) -> np.ndarray:
+            return M.torsion_histogram(*(M.torsions(x, q) for q in phi_psi))
 
-            def rama(x: np.ndarray) -> np.ndarray:
-                return M.torsion_histogram(M.torsions(x, quads["phi"])[:, ia],
-                                           M.torsions(x, quads["psi"])[:, ib])
-
-            out["torsion_jsd"] = M.js_divergence(rama(scored), rama(ref_scored))
+        out["torsion_jsd"] = M.js_divergence(rama(scored), rama(ref_scored))
     return out
+
+
+def ramachandran_quads(sur, topology) -> tuple[np.ndarray, np.ndarray] | None:
+    """(phi quads, psi quads), (r, 4) each in the model's atom order, of the r residues with
+    both backbone torsions among the predicted atoms; None if there are none."""
+    from surrogate_md import metrics as M
+
+    quads = M.backbone_torsion_atoms(topology, sur.model_atoms)
+    pairs = [(a, b) for a, qa in enumerate(quads["phi"].tolist())
+             for b, qb in enumerate(quads["psi"].tolist()) if qa[1:3] == qb[:2]]
+    if not pairs:
+        return None
+    ia, ib = np.array(pairs).T
+    return quads["phi"][ia], quads["psi"][ib]
+
+
+def plot_ramachandran(panels: list[tuple[str, np.ndarray, np.ndarray]], path: Path,
+                      title: str) -> Path:
+    """One (phi, psi) density panel per run, degrees (all residues pooled), the reference MD
+    first: where the runs go, beside where the MD goes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.3), squeeze=False)
+    edges = np.linspace(-180.0, 180.0, 73)
+    for ax, (label, phi, psi) in zip(axes[0], panels):
+        h, _, _ = np.histogram2d(phi.ravel(), psi.ravel(), bins=[edges, edges])
+        ax.imshow(np.log1p(h.T), origin="lower", extent=(-180, 180, -180, 180),
+                  cmap="viridis", aspect="equal")
+        ax.set_title(f"{label}\n({phi.shape[0]} frames)", fontsize=8)
+        ax.set_xlabel("phi (deg)")
+        ax.set_xticks([-180, 0, 180])
+        ax.set_yticks([-180, 0, 180])
+    axes[0][0].set_ylabel("psi (deg)")
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
 
 
 class ReferenceEnergy:
@@ -331,8 +368,10 @@ class _KeptStates:
 
 def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_iterations: int,
                    platform: str = "auto", progress: bool = True,
-                   end_velocities: str = "difference") -> dict[str, Any]:
-    """``n_jumps`` jumps of ``SurrogateSimulation`` from MD frame ``frame``, guards acting.
+                   end_velocities: str = "difference", jump_noise=None,
+                   noise_scale: float = 1.0) -> dict[str, Any]:
+    """``n_jumps`` jumps of ``SurrogateSimulation`` from MD frame ``frame``, guards acting
+    (stochastic jumps with ``jump_noise``, a JumpNoise or its file, draws seeded with 1).
 
     The System is the dataset's (a ``datagen`` OpenMM run of a built-in system, rebuilt from its
     metadata with the same solvent, constraints, cutoff and hydrogen masses); fallback MD uses the
@@ -366,7 +405,8 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
                               platform=choose_platform(platform, traj.n_atoms, solvent),
                               guards=GuardConfig(action=action, relax_iterations=relax_iterations),
                               temperature_K=temperature, progress=progress,
-                              end_velocities=end_velocities, velocity_seed=1)
+                              end_velocities=end_velocities, velocity_seed=1,
+                              jump_noise=jump_noise, noise_scale=noise_scale, noise_seed=1)
     frame_idx = np.array([frame])
     sim.context.setPositions(traj.read(frame_idx)[0] * 0.1)  # Å -> nm
     if traj.velocities is not None:
@@ -390,6 +430,21 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
             "energies": np.asarray(kept.energies)[model], "guards": sim.guard_summary(),
             "jumps": sim.n_jumps, "fallbacks": sim.n_fallbacks, "wall_s": wall,
             "simulated_ps": float(kept.times[-1] - start_ps) if kept.times else 0.0}
+
+
+def md_sampling_floor(traj, sur) -> dict[str, Any] | None:
+    """h(r) MAE and torsion JSD between the first and the second half of the reference MD's
+    frames (scored as the rollouts are, on ``sur``'s atoms): what two stretches of the MD itself
+    differ by, the floor a rollout's figures are read against. None without a model."""
+    if sur is None or traj.n_frames < 4:
+        return None
+    half = traj.n_frames // 2
+    step = max(1, half // MAX_SCORED_FRAMES)
+    first = traj.read(slice(0, half, step))[:, sur.model_atoms]
+    second = traj.read(slice(half, 2 * half, step))[:, sur.model_atoms]
+    out = score(sur, first, second, traj.topology)
+    return {"frames": int(len(first)), "h_r_mae": out.get("h_r_mae"),
+            "torsion_jsd": out.get("torsion_jsd")}
 
 
 def engine_guard_events(run: dict[str, Any], md_energies: np.ndarray | None) -> dict[str, Any]:
@@ -507,6 +562,11 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["difference", "thermal"],
                         help="--engine: velocities of each kept jump's end state (the next "
                              "jump's input): backward differences or Maxwell-Boltzmann draws")
+    parser.add_argument("--jump-noise", nargs="+", default=None, metavar="FILE|none",
+                        help="with --engine: a jump-noise file (evaluate --noise-out) per "
+                             "checkpoint, 'none' for deterministic jumps")
+    parser.add_argument("--noise-scale", type=float, default=1.0,
+                        help="scale of the jump-noise draws (default 1)")
     parser.add_argument("--relax-iterations", type=int, default=200,
                         help="with --engine and relax: minimiser iterations per relaxation")
     parser.add_argument("--jumps", type=int, default=1000)
@@ -540,13 +600,20 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints = [Path(c) for c in args.checkpoints]
     else:
         checkpoints = [train_model(args, m, data) for m in args.models]
+    noises: list[str | None] = [None] * len(checkpoints)
+    if args.jump_noise is not None:
+        if not args.engine or len(args.jump_noise) != len(checkpoints):
+            parser.error("--jump-noise needs --engine and one entry (a file or 'none') per "
+                         "checkpoint")
+        noises = [None if n == "none" else n for n in args.jump_noise]
     rows = []
+    panels: list[tuple[str, np.ndarray, np.ndarray]] = []  # (phi, psi) of the MD and each run
     with open_trajectory(data) as traj:
         energy, no_energy = (ReferenceEnergy.from_trajectory(traj, args.platform) if args.energy
                              else (None, "--no-energy"))
         if energy is None:
             log.info("energy guard off: %s", no_energy)
-        for ckpt in checkpoints:
+        for ckpt, noise in zip(checkpoints, noises):
             sur = Surrogate.load(ckpt, device=args.device)
             sur.check_atomic_numbers(traj.topology.atomic_numbers)
             history_frames = (round(sur.history_length * sur.history_stride_ps /
@@ -565,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                                             action=args.guard_action,
                                             relax_iterations=args.relax_iterations,
                                             platform=args.platform, progress=args.progress,
-                                            end_velocities=args.end_velocities)
+                                            end_velocities=args.end_velocities,
+                                            jump_noise=noise, noise_scale=args.noise_scale)
                 frames, times = engine_run["frames"], engine_run["times"]
                 rollout_s = engine_run["wall_s"]  # the engine's stepping, as its ns/day
                 if len(frames) == 0:
@@ -579,6 +647,15 @@ def main(argv: list[str] | None = None) -> int:
                 rollout_s = time.perf_counter() - t0
             step = max(1, traj.n_frames // MAX_SCORED_FRAMES)
             ref = traj.read(slice(0, traj.n_frames, step))[:, sur.model_atoms]
+            phi_psi = ramachandran_quads(sur, traj.topology)
+            if phi_psi is not None:
+                from surrogate_md import metrics as M
+
+                ok = frames[np.isfinite(frames).all(axis=(1, 2))]
+                if not panels:
+                    panels.append(("reference MD", *(M.torsions(ref, q) for q in phi_psi)))
+                label = sur.name + (" + jump noise" if noise is not None else "")
+                panels.append((label, *(M.torsions(ok, q) for q in phi_psi)))
             with np.errstate(all="ignore"):
                 row = {"model": sur.name, "checkpoint": relative_path(ckpt), "jump_ps": sur.jump_ps,
                        "rollout_ps": (engine_run["simulated_ps"] if engine_run
@@ -588,6 +665,13 @@ def main(argv: list[str] | None = None) -> int:
                        "guards": (engine_guard_events(engine_run, md_energies) if engine_run
                                   else guard_events(sur, frames, times, pos, energy,
                                                     md_energies))}
+                if noise is not None:
+                    from surrogate_md.noise import JumpNoise
+
+                    row["model"] += " + jump noise"
+                    row["jump_noise"] = {"file": relative_path(Path(noise)),
+                                         "scale": args.noise_scale,
+                                         **JumpNoise.load(noise).describe()}
                 if engine_run is not None:
                     row["engine"] = {"guard_action": args.guard_action,
                                      "relax_iterations": args.relax_iterations,
@@ -600,8 +684,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     row["guards"]["energy_skipped"] = no_energy
             rows.append(row)
+        md_floor = md_sampling_floor(traj, sur if rows else None)
     results = {"machine": info, "command": command, "quick": args.quick, "engine": args.engine,
-               "data": relative_path(data),
+               "data": relative_path(data), "md_floor": md_floor,
                "jumps": args.jumps, "models": rows, "wall_seconds": time.perf_counter() - start}
 
     def guard_cell(g: dict) -> str:
@@ -620,6 +705,10 @@ def main(argv: list[str] | None = None) -> int:
                      fmt(r.get("clash_fraction")),
                      str(r.get("chain_break_frames", "n/a")), fmt(r.get("h_r_mae")),
                      fmt(r.get("torsion_jsd")), guard_cell(r["guards"])])
+    if md_floor:
+        body.append([f"reference MD, first half vs second half ({md_floor['frames']} frames "
+                     "each)", "–", "–", "–", "–", "–", fmt(md_floor.get("h_r_mae")),
+                     fmt(md_floor.get("torsion_jsd")), "–"])
     table = markdown_table(["model", "rollout", "wall (s)", "collapsed frames",
                             "clash fraction", "chain-break frames", "h(r) MAE vs MD",
                             "torsion JSD vs MD", "jumps rejected by guards"], body)
@@ -642,6 +731,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall time {results['wall_seconds']:.1f} s")
     if args.json_path:
         save_json(args.json_path, results)
+        if len(panels) > 1:
+            png = plot_ramachandran(panels, Path(args.json_path).with_suffix(".rama.png"),
+                                    f"{data.name}: backbone (phi, psi) of {args.jumps}-jump "
+                                    + ("runs inside OpenMM" if args.engine else "rollouts"))
+            print(f"Ramachandran plot: {png}")
         if args.engine and energy is not None:
             with open_trajectory(data) as traj:
                 stored = traj.potential_energy
