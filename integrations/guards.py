@@ -16,10 +16,11 @@ A jump fails a guard when its end state has
   (:meth:`Guards.record_md_energy`: hybrid MD segments, fallback MD, history warm-up) that ran
   for at least ``anchor_md_ps`` (default 1 ps) since the last state a surrogate produced, and
   before any such energy, the energy of the state the run started from (the first energy
-  recorded since the start or the last :meth:`Guards.reset_energies`). Shorter MD does not count: a state a few MD steps after a jump still carries the jump's
-  excess energy (a thermostat sheds it over about 1/friction), and hybrid mode with short
-  segments would otherwise let a surrogate that heats a little per jump lift its own ceiling
-  without bound. The default threshold is eight standard deviations of the canonical potential-energy
+  recorded since the start or the last :meth:`Guards.reset_energies`). Shorter MD does not
+  count: a state a few MD steps after a jump still carries the jump's excess energy (a
+  thermostat sheds it over about 1/friction), and hybrid mode with short segments would
+  otherwise let a surrogate that heats a little per jump lift its own ceiling without bound.
+  The default threshold is eight standard deviations of the canonical potential-energy
   fluctuation of a harmonic system, ``8 · kT · sqrt(n_dof / 2)``. The cap matters on long runs:
   each jump accepted a little above the recent median lifts that median, and without it a
   guarded 1000-jump AdK run ratcheted its potential energy up by 11 MJ/mol (70 standard
@@ -81,8 +82,8 @@ class GuardConfig:
         chain_break_A: largest allowed CA(i)-CA(i+1) distance.
         energy_jump_kJ_per_mol: largest allowed rise over the reference energy
             (None = ``8 kT sqrt(n_dof/2)``).
-        energy_window: how many recent energies form the reference (and how many recent ones
-            of real MD the anchor that caps it).
+        energy_window: how many recent energies form the reference (and how many recent
+            energies of real MD form the anchor that caps it).
         energy_drift_kJ_per_mol: how far the reference may rise above the anchor: the median
             of the last ``energy_window`` energies of real-MD states
             (:meth:`Guards.record_md_energy`), or where none has been recorded, the energy of
@@ -198,8 +199,7 @@ class Guards:
                                        if self.config.energy_jump_kJ_per_mol is not None
                                        else default_energy_threshold(n_dof, self.temperature))
         self._energies: deque[float] = deque(maxlen=self.config.energy_window)
-        # the first energy since a reset: the state the run started from (a restart of an older
-        # release may bring back up to energy_window first energies; their median is used)
+        # the first energy since a reset: the state the run started from
         self._anchor: list[float] = []
         # the last energy_window energies of states real MD produced (they replace the anchor)
         self._md_energies: deque[float] = deque(maxlen=self.config.energy_window)
@@ -290,7 +290,9 @@ class Guards:
         tallies restores the energies only)."""
         self.reset_energies()
         self._energies.extend(float(e) for e in state.get("energies", []))
-        self._anchor.extend(float(e) for e in state.get("anchor", []))
+        # a state of an earlier release holds the first energy_window energies: the first is
+        # the start's, the rest the surrogate's that would lift the cap (see the module doc)
+        self._anchor.extend(float(e) for e in state.get("anchor", [])[:1])
         self._md_energies.extend(float(e) for e in state.get("md_energies", []))
         relaxed = state.get("relaxed_energy")
         self._relaxed_energy = None if relaxed is None else float(relaxed)

@@ -224,6 +224,13 @@ def test_the_surrogates_first_states_cannot_lift_the_anchor():
     assert g.energy_anchor_kJ_per_mol == 0.0
     assert g.energy_reference_kJ_per_mol <= 0.0
     assert not failed[0] and all(failed[1:])
+    # a restart from a state an earlier release saved (its anchor: the first 10 energies, the
+    # start's and nine of the climb) keeps the start's alone
+    state = g.energy_state()
+    state["anchor"] = [0.0] + [9.0 * k for k in range(1, 10)]
+    again = Guards(Stub(), GuardConfig(action="warn", energy_jump_kJ_per_mol=10.0))
+    again.restore_energy_state(state)
+    assert again.energy_anchor_kJ_per_mol == 0.0
 
 
 def test_real_md_energies_lift_the_anchor_from_a_minimised_start(tmp_path):
