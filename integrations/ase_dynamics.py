@@ -591,32 +591,45 @@ class SurrogateDynamics(MolecularDynamics):
         # FixAtoms: held by the jump itself, so that the atoms riding on them stay put and
         # thermal draws give the moving atoms, not the fixed ones, the zero net momentum
         self.propagator.fixed_atoms = _fixed_atoms(atoms)
-        result = self.propagator.jump(pos, vel, t0)
-        final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
+        draws = self.propagator.generator_states()
         end = t0 + self.surrogate.jump_ps
-        finite = np.isfinite(final).all()
-        energy = None
-        if finite:
-            if atoms.constraints:
-                # the states the constraints make of every frame: the guards judge the last,
-                # observers (last_jump) and the trajectory get them all
-                self._constrain_frames(result)
-                final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
-            self._set(final, fvel)
-            energy = self._energy_kJ_per_mol()
-        events = self.guards.check(final, fvel, energy_kJ_per_mol=energy,
-                                   jump=self.n_jumps + self.n_fallbacks, time_ps=end)
+        try:
+            result = self.propagator.jump(pos, vel, t0)
+            final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
+            finite = np.isfinite(final).all()
+            energy = None
+            if finite:
+                if atoms.constraints:
+                    # the states the constraints make of every frame: the guards judge the
+                    # last, observers (last_jump) and the trajectory get them all
+                    self._constrain_frames(result)
+                    final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
+                self._set(final, fvel)
+                energy = self._energy_kJ_per_mol()
+            events = self.guards.check(final, fvel, energy_kJ_per_mol=energy,
+                                       jump=self.n_jumps + self.n_fallbacks, time_ps=end)
+            keep = True
+            if events:
+                action = self.guards.action
+                self.guards.handle(events, action)
+                keep = action == "warn" and finite
+                if action == "relax" and finite and atoms.calc is not None:
+                    again = self._relax(self.n_jumps + self.n_fallbacks, end)
+                    keep = not again
+                    if again:
+                        self.guards.handle(again, "fallback")
+        except BaseException:
+            # Ctrl-C (or an error) before the jump was decided: the atoms go back to its start,
+            # an unchecked state is never left in them, and its random draws go back too, so a
+            # restart file written now goes on with the same draws
+            self._set(pos, vel)
+            self.propagator.restore_generators(draws)
+            raise
         if events:
-            action = self.guards.action
-            self.guards.handle(events, action)
-            keep = action == "warn" and finite
-            if action == "relax" and finite and atoms.calc is not None:
-                again = self._relax(self.n_jumps + self.n_fallbacks, end)
-                keep = not again
-                if again:
-                    self.guards.handle(again, "fallback")
             if not keep:
                 self._set(pos, vel)
+                if action == "raise" or self.fallback_dynamics is None:
+                    self.propagator.restore_generators(draws)  # the jump is not taken
                 if action == "raise":
                     raise GuardError(guard_error_message(events, "SurrogateDynamics"))
                 if self.fallback_dynamics is None:

@@ -1273,6 +1273,7 @@ class SurrogateSimulation:
         else:
             self.guards.record_energy(energy)
         self._check_file_reporters(s0)
+        draws = self.propagator.generator_states()
         try:
             # jump-step mode reports jump ends only: the frames between are never rebuilt
             result = self.propagator.jump(pos, vel, t0, last_only=bool(self.jump_steps))
@@ -1282,8 +1283,10 @@ class SurrogateSimulation:
         except BaseException:
             # Ctrl-C (or an error) between writing the predicted state and deciding on it:
             # the Context goes back to the jump's start, as an interrupted Simulation.step
-            # leaves a state MD made, never an unchecked one
+            # leaves a state MD made, never an unchecked one; the random draws the jump took go
+            # back with it, so a checkpoint saved now restarts with the same draws
             self._restore(pos, vel, t0, s0)
+            self.propagator.restore_generators(draws)
             raise
         if final_pos is None:
             self._restore(pos, vel, t0, s0)
@@ -1462,7 +1465,9 @@ class SurrogateJumpReporter:
             simulation's thermostat temperature (:func:`thermostat_temperature_K`), or 300 K.
         jump_noise, noise_scale, noise_seed: stochastic jumps, as for
             :class:`SurrogateSimulation` (the noise generator's state is not part of a
-            ``Simulation`` checkpoint: a restart draws afresh from ``noise_seed``).
+            ``Simulation`` checkpoint: a reporter made afresh for a restarted run starts its
+            draws over from ``noise_seed`` and would repeat the first run's; give it another
+            seed, e.g. the restart's ``currentStep``).
     """
 
     def __init__(self, surrogate: Any, interval: int,

@@ -286,6 +286,22 @@ class SurrogatePropagator:
         if memory.get("noise_rng") is not None and self._noise_rng is not None:
             self._noise_rng.bit_generator.state = memory["noise_rng"]
 
+    def generator_states(self) -> dict:
+        """The states of the thermal velocity and jump-noise generators (None where unused),
+        taken before a jump so that an interrupted one can give its draws back
+        (:meth:`restore_generators`): a state restored to the jump's start must come with the
+        generators as they were there, or a restart from it would draw other numbers."""
+        return {"rng": self._rng.bit_generator.state if self._masses is not None else None,
+                "noise_rng": (self._noise_rng.bit_generator.state
+                              if self._noise_rng is not None else None)}
+
+    def restore_generators(self, states: dict) -> None:
+        """Take back :meth:`generator_states`."""
+        if states.get("rng") is not None and self._masses is not None:
+            self._rng.bit_generator.state = states["rng"]
+        if states.get("noise_rng") is not None and self._noise_rng is not None:
+            self._noise_rng.bit_generator.state = states["noise_rng"]
+
     def describe_noise(self) -> dict | None:
         """JSON-safe provenance of the jump noise: ``JumpNoise.describe()`` (RMS per atom Å,
         jump ps, atoms, what it was fitted from) with ``scale``, the ``noise_scale``; None
