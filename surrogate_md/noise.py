@@ -160,7 +160,8 @@ class JumpNoise:
         pred = np.asarray(predicted_A, dtype=np.float64)
         if pred.ndim != 3 or pred.shape[1:] != self.reference_A.shape:
             raise DataError(f"jump noise fitted for {self.n_atoms} atoms, got frames of shape "
-                            f"{pred.shape}")
+                            f"{pred.shape}; use the noise fitted for this surrogate (evaluate "
+                            "--noise-out)")
         rot = orthogonal_fit(self.reference_A, pred[-1])
         eps = self.draw(rng, scale) @ rot
         frac = np.asarray(times_ps, dtype=np.float64) / self.jump_ps
@@ -212,7 +213,7 @@ class JumpNoise:
             raise DataError(f"{path}: not a readable jump-noise file ({exc}); {fix}") from None
         try:
             header = json.loads(str(arrays["header"]))
-            if header.get("format") != FORMAT:
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
                 raise KeyError("format")
         except (KeyError, ValueError, TypeError):
             raise DataError(f"{path}: not a jump-noise file (no surrogate-md jump-noise header); "
@@ -221,21 +222,34 @@ class JumpNoise:
             raise DataError(f"{path}: jump-noise format version {header.get('version')}, this "
                             f"package reads {FORMAT_VERSION}; {fix}")
         try:
+            jump_ps = float(header["jump_ps"])
+        except (KeyError, TypeError, ValueError):
+            jump_ps = float("nan")
+        if not (np.isfinite(jump_ps) and jump_ps > 0):
+            raise DataError(f"{path}: the jump-noise header lacks a jump length > 0 ps "
+                            f"(jump_ps {header.get('jump_ps')!r}); {fix}")
+        meta = header.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise DataError(f"{path}: the jump-noise header's meta is not a mapping; {fix}")
+        meta = dict(meta)
+        try:
             ref = np.asarray(arrays["reference_A"], dtype=np.float64)
             comps = np.asarray(arrays["components"], dtype=np.float64)
             std = np.asarray(arrays["std_A"], dtype=np.float64)
         except KeyError as exc:
             raise DataError(f"{path}: jump-noise file lacks {exc}; {fix}") from None
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{path}: jump-noise arrays are not numbers ({exc}); {fix}") from None
         n = ref.shape[0] if ref.ndim == 2 else -1
-        if (ref.ndim != 2 or ref.shape[1] != 3 or comps.shape != (len(std), n, 3)
-                or std.ndim != 1 or not all(np.isfinite(a).all() for a in (ref, comps, std))
+        if (ref.ndim != 2 or ref.shape[1] != 3 or std.ndim != 1
+                or comps.shape != (len(std), n, 3)
+                or not all(np.isfinite(a).all() for a in (ref, comps, std))
                 or np.any(std < 0)):
             raise DataError(f"{path}: jump-noise arrays are inconsistent or not finite "
                             f"(reference {ref.shape}, components {comps.shape}, std "
                             f"{std.shape}); {fix}")
-        meta = dict(header.get("meta") or {})
         meta["source"] = str(path)
-        return cls(ref, comps, std, float(header["jump_ps"]), meta)
+        return cls(ref, comps, std, jump_ps, meta)
 
     @classmethod
     def coerce(cls, noise: JumpNoise | str | os.PathLike | None) -> JumpNoise | None:

@@ -149,6 +149,21 @@ def test_file_round_trip_is_atomic_and_bad_files_are_refused(tmp_path):
              components=noise.components[:, :4], std_A=noise.std_A)
     with pytest.raises(DataError, match="inconsistent"):
         JumpNoise.load(tmp_path / "torn.npz")
+    arrays = {"reference_A": noise.reference_A, "components": noise.components,
+              "std_A": noise.std_A}
+    good = {"format": "surrogate-md jump noise", "version": 1, "jump_ps": 1.0}
+    bad_files = {  # every damage is a DataError naming the file and the fix
+        "list": (["surrogate-md jump noise"], arrays, "not a jump-noise file"),
+        "no_jump": ({k: v for k, v in good.items() if k != "jump_ps"}, arrays, "jump length"),
+        "text_jump": ({**good, "jump_ps": "x"}, arrays, "jump length"),
+        "meta_list": ({**good, "meta": [1, 2]}, arrays, "not a mapping"),
+        "scalar_std": (good, {**arrays, "std_A": np.float64(1.0)}, "inconsistent"),
+        "strings": (good, {**arrays, "std_A": np.array(["a", "b"])}, "not numbers"),
+    }
+    for name, (head, arrs, why) in bad_files.items():
+        np.savez(tmp_path / f"{name}.npz", header=np.array(json.dumps(head)), **arrs)
+        with pytest.raises(DataError, match=f"{name}.npz: .*{why}.*--noise-out"):
+            JumpNoise.load(tmp_path / f"{name}.npz")
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +222,21 @@ def test_noise_out_is_checked_before_any_work(ala, checkpoint, tmp_path, capsys)
                                  str(tmp_path / "n.npz")]) == 2
     assert "--transfer" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "n.npz").exists()
+    # an existing noise file is replaced only with --overwrite
+    (tmp_path / "n.npz").write_bytes(b"kept")
+    assert evaluate_main(base + ["--out", str(tmp_path / "d"), "--split", "val",
+                                 "--noise-out", str(tmp_path / "n.npz")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "n.npz").read_bytes() == b"kept"
+    assert evaluate_main(base + ["--out", str(tmp_path / "d"), "--split", "val", "--overwrite",
+                                 "--noise-out", str(tmp_path / "n.npz")]) == 0
+    assert JumpNoise.load(tmp_path / "n.npz").meta["split"] == "val"
+
+
+def test_noise_on_the_test_split_is_warned_about(ala, checkpoint, tmp_path, caplog):
+    from surrogate_md.evaluate import evaluate
+
+    with caplog.at_level(logging.WARNING, logger="surrogate_md.evaluate.core"):
+        evaluate(checkpoint, ala, tmp_path / "ev", rollout_jumps=0, plots=False,
+                 noise_out=tmp_path / "n.npz")
+    assert "not held out" in caplog.text and (tmp_path / "n.npz").is_file()

@@ -72,8 +72,9 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
             atom-by-atom check, and only one-jump errors are scored (no rollouts).
         noise_out: also fit a :class:`~surrogate_md.noise.JumpNoise` to the residuals of the
             scored windows at the end of the jump (on the trained output grid) and save it there
-            (``.npz``), for stochastic jumps in the engines; fit it on ``val`` or ``train``
-            windows and keep ``test`` for scoring. Not with ``transfer``.
+            (``.npz``; an existing file only with ``overwrite``), for stochastic jumps in the
+            engines; fit it on ``val`` or ``train`` windows and keep ``test`` for scoring (on
+            ``test`` it warns). Not with ``transfer``.
 
     Returns:
         The metrics dict written to ``metrics.json``. Errors are Å² per atom (squared distance
@@ -91,7 +92,11 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
     if noise_out is not None:
-        _check_noise_out(Path(noise_out), transfer)
+        _check_noise_out(Path(noise_out), transfer, overwrite)
+        if split == "test":
+            log.warning("--noise-out fits the jump noise on the test windows: scores of "
+                        "stochastic runs on this split are then not held out; fit it on "
+                        "--split val (or train)")
     sur = Surrogate.load(checkpoint, device=device)
     prov = sur.meta.get("provenance") or {}
     paths = [str(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
@@ -468,8 +473,9 @@ def _data_config_from_protocol(sur: Surrogate) -> dict[str, Any]:
             "history_stride_ps": sur.history_stride_ps}
 
 
-def _check_noise_out(path: Path, transfer: bool) -> None:
-    """Refuse a jump-noise output that cannot be written, before any work is done."""
+def _check_noise_out(path: Path, transfer: bool, overwrite: bool) -> None:
+    """Refuse a jump-noise output that cannot be written, or would replace one without
+    ``overwrite``, before any work is done."""
     if transfer:
         raise ConfigError("--noise-out fits the residuals of the model's own atoms; with "
                           "--transfer the nodes are selected afresh in other data: fit it on "
@@ -479,6 +485,9 @@ def _check_noise_out(path: Path, transfer: bool) -> None:
     if not path.parent.is_dir():
         raise ConfigError(f"{path}: directory {path.parent} does not exist; create it or "
                           "choose another --noise-out")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path}: already exists (a run using it would no longer resume if "
+                          "it changed); pass --overwrite or choose another --noise-out")
 
 
 def _fit_noise(sur: Surrogate, ends: list[tuple[np.ndarray, np.ndarray]], path, checkpoint,
