@@ -214,7 +214,8 @@ def plot_ramachandran(panels: list[tuple[str, np.ndarray, np.ndarray]], path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.3), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.3), squeeze=False,
+                             gridspec_kw={"wspace": 0.35})
     edges = np.linspace(-180.0, 180.0, 73)
     for ax, (label, phi, psi) in zip(axes[0], panels):
         h, _, _ = np.histogram2d(phi.ravel(), psi.ravel(), bins=[edges, edges])
@@ -578,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
+    if args.noise_scale != 1.0 and args.jump_noise is None:
+        parser.error("--noise-scale scales the draws of --jump-noise; give --jump-noise too")
     setup_logging()
     if args.quick:
         if args.system != "alanine-dipeptide":
