@@ -356,11 +356,7 @@ class SurrogateDynamics(MolecularDynamics):
                         "difference" if extra["rng"] is None else "thermal",
                         self.propagator.end_velocities)
         noise_rng = extra.get("noise_rng")  # absent in files written before jump noise
-        if (noise_rng is None) != (self.propagator.jump_noise is None):
-            log.warning("%s was saved %s jump noise, this dynamics runs %s: the noise draws do "
-                        "not go on as they would have", path,
-                        "without" if noise_rng is None else "with",
-                        "without" if self.propagator.jump_noise is None else "with")
+        self.propagator.warn_if_noise_differs(noise_rng, path, "dynamics")
         vel = self.atoms.get_velocities() * PS_IN_ASE_TIME
         if not np.allclose(vel, arrays["velocities"], rtol=1e-6, atol=1e-6):
             log.warning("%s: the atoms' velocities differ from the saved ones (up to %.3g "

@@ -960,11 +960,7 @@ class SurrogateSimulation:
                      extra["time_ps"], now)
             return
         noise_rng = extra.get("noise_rng")  # absent in files written before jump noise
-        if (noise_rng is None) != (self.propagator.jump_noise is None):
-            log.warning("%s was saved %s jump noise, this simulation runs %s: the noise draws "
-                        "do not go on as they would have", path,
-                        "without" if noise_rng is None else "with",
-                        "without" if self.propagator.jump_noise is None else "with")
+        self.propagator.warn_if_noise_differs(noise_rng, path, "simulation")
         self.propagator.restore_memory({"keys": keys, "frames": frames, "rng": extra["rng"],
                                         "noise_rng": noise_rng})
         self.guards.restore_energy_state(extra["guards"])

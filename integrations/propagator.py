@@ -302,6 +302,16 @@ class SurrogatePropagator:
         if states.get("noise_rng") is not None and self._noise_rng is not None:
             self._noise_rng.bit_generator.state = states["noise_rng"]
 
+    def warn_if_noise_differs(self, saved_noise_rng: dict | None, path, runner: str) -> None:
+        """Log a warning when a restart file was saved with jump noise and this run has none,
+        or the other way round (``runner``: "simulation", "dynamics"): the draws cannot go on
+        as they would have."""
+        if (saved_noise_rng is None) != (self.jump_noise is None):
+            log.warning("%s was saved %s jump noise, this %s runs %s: the noise draws do not go "
+                        "on as they would have", path,
+                        "without" if saved_noise_rng is None else "with", runner,
+                        "without" if self.jump_noise is None else "with")
+
     def describe_noise(self) -> dict | None:
         """JSON-safe provenance of the jump noise: ``JumpNoise.describe()`` (RMS per atom Å,
         jump ps, atoms, what it was fitted from) with ``scale``, the ``noise_scale``; None

@@ -251,6 +251,21 @@ def test_checkpoint_restart_takes_the_uninterrupted_draws(tmp_path, linear, nois
     assert np.abs(positions_A(fresh) - x_whole)[linear.model_atoms].max() > 0.2 * noise.rms_A
 
 
+def interrupt_while_judged(guards, go) -> None:
+    """Run ``go()`` with a Ctrl-C arriving while the guards judge its jump (after the draw)."""
+    check = guards.check
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    guards.check = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            go()
+    finally:
+        guards.check = check
+
+
 def test_an_interrupted_jump_gives_its_draws_back(tmp_path, linear, noise):
     """Ctrl-C while the 4th jump is judged (after its draw): the state goes back to the jump's
     start and so do the generators, so a checkpoint saved then restarts into the uninterrupted
@@ -260,15 +275,7 @@ def test_an_interrupted_jump_gives_its_draws_back(tmp_path, linear, noise):
     _, x_whole = run(linear, 6, **kwargs)
     first = make_sim(linear, **kwargs)
     first.step(3)
-    check = first.guards.check
-
-    def interrupted(*args, **kw):
-        raise KeyboardInterrupt
-
-    first.guards.check = interrupted
-    with pytest.raises(KeyboardInterrupt):
-        first.step(1)
-    first.guards.check = check
+    interrupt_while_judged(first.guards, lambda: first.step(1))
     assert first.n_jumps == 3
     first.saveCheckpoint(str(tmp_path / "c.chk"))
     again = make_sim(linear, **kwargs)
@@ -331,15 +338,7 @@ def test_ase_interrupted_jump_leaves_the_start_and_its_draws(linear, noise):
     dyn = SurrogateDynamics(atoms, linear, guards="warn", jump_noise=noise, noise_seed=3)
     dyn.run(2)
     start = atoms.get_positions()
-    check = dyn.guards.check
-
-    def interrupted(*args, **kw):
-        raise KeyboardInterrupt
-
-    dyn.guards.check = interrupted
-    with pytest.raises(KeyboardInterrupt):
-        dyn.run(1)
-    dyn.guards.check = check
+    interrupt_while_judged(dyn.guards, lambda: dyn.run(1))
     np.testing.assert_array_equal(atoms.get_positions(), start)
     dyn.run(2)
     _, whole = ase_run(linear, 4, jump_noise=noise, noise_seed=3)
@@ -418,3 +417,24 @@ def test_predict_records_the_noise_and_resume_refuses_another(tmp_path, monkeypa
         assert main(predict_argv(ck, tmp_path / "x.dcd", 2, *bad, "--noise-scale", scale)) == 1
         assert why in capsys.readouterr().err
     assert not (tmp_path / "x.dcd").exists()
+
+
+def test_a_restart_with_or_without_noise_unlike_its_file_is_warned(tmp_path, linear, noise,
+                                                                    caplog):
+    noisy = make_sim(linear, jump_noise=noise, noise_seed=1)
+    noisy.step(1)
+    noisy.saveCheckpoint(str(tmp_path / "n.chk"))
+    plain = make_sim(linear)
+    plain.step(1)
+    plain.saveCheckpoint(str(tmp_path / "p.chk"))
+    for path, kwargs, saved, runs in ((tmp_path / "n.chk", {}, "with", "without"),
+                                      (tmp_path / "p.chk", {"jump_noise": noise}, "without",
+                                       "with")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="integrations.propagator"):
+            make_sim(linear, **kwargs).loadCheckpoint(str(path))
+        assert f"saved {saved} jump noise, this simulation runs {runs}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="integrations.propagator"):
+        make_sim(linear, jump_noise=noise).loadCheckpoint(str(tmp_path / "n.chk"))
+    assert "jump noise" not in caplog.text
