@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import struct
+import sys
 import threading
 import time
 from pathlib import Path
@@ -47,8 +48,10 @@ class StopSignals:
     only logged. A raise Python swallowed (a signal handled while it ran a finaliser or a
     weakref callback prints "Exception ignored" and goes on) is raised again at the next
     deferred section unless :meth:`hold` came first: without that, the run went on with every
-    later signal only logged. The previous handlers come back at the end. Outside the main
-    thread, where Python cannot install signal handlers, nothing changes."""
+    later signal only logged; the "Exception ignored" traceback Python would print for it is
+    left out (other unraisable exceptions are printed as before). The previous handlers come
+    back at the end. Outside the main thread, where Python cannot install signal handlers,
+    nothing changes."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -59,6 +62,7 @@ class StopSignals:
         self._fired: int | None = None  # the signal raised, until hold() shows it was handled
         self._held = False
         self._previous: dict[int, object] = {}
+        self._unraisable_hook = None
 
     @staticmethod
     def _exception(signum: int) -> KeyboardInterrupt:
@@ -103,15 +107,25 @@ class StopSignals:
     def hold(self) -> None:
         self._raise, self._held = False, True
 
+    def _unraisable(self, unraisable) -> None:
+        """``sys.unraisablehook`` while the block runs: this block's own stop signal, swallowed
+        in a finaliser, is raised again at the next frame, so its traceback is not printed."""
+        if self._fired is not None and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        self._unraisable_hook(unraisable)
+
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
+            self._unraisable_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
+        if self._unraisable_hook is not None:
+            sys.unraisablehook, self._unraisable_hook = self._unraisable_hook, None
 
 
 class FrameWriter:

@@ -604,6 +604,36 @@ def test_a_signal_python_swallowed_still_stops_the_run_at_the_next_frame(tmp_pat
     assert prov["frames"] == len(frames(out)[0]) < 8
 
 
+def test_a_swallowed_stop_signal_prints_no_traceback(monkeypatch):
+    """The KeyboardInterrupt of a stop signal raised in a finaliser would make Python print
+    "Exception ignored ... Traceback"; inside StopSignals it is raised again at the next frame
+    instead, so it is not printed; other unraisable errors, and one before any signal, still
+    reach the previous hook (here a recorder), which comes back at the end."""
+    import gc
+
+    from integrations.run_control import StopSignals
+
+    class Raises:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(type(u.exc_value)))
+    hook = sys.unraisablehook
+    with StopSignals() as signals:
+        Raises(KeyboardInterrupt())  # no signal arrived: not ours, printed as before
+        gc.collect()
+        signals._fired = signal.SIGINT  # as the handler records a raise
+        Raises(KeyboardInterrupt())
+        Raises(ValueError("kept"))
+        gc.collect()
+    assert seen == [KeyboardInterrupt, ValueError]
+    assert sys.unraisablehook is hook
+
+
 def test_temporary_files_of_killed_writes_are_removed(tmp_path, monkeypatch):
     """Temporary files of a trajectory rewrite and of a provenance write that a kill left
     (``..run.xtc.partial.xtc.*.tmp``, ``.run.json.*.tmp``) go with the next resume, and with
