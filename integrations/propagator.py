@@ -272,19 +272,14 @@ class SurrogatePropagator:
         return {"keys": np.asarray(keys, dtype=np.int64),
                 "frames": (np.stack([self._known[k] for k in keys]) if keys
                            else np.zeros((0, self.surrogate.n_model_atoms, 3))),
-                "rng": self._rng.bit_generator.state if self._masses is not None else None,
-                "noise_rng": (self._noise_rng.bit_generator.state
-                              if self._noise_rng is not None else None)}
+                **self.generator_states()}
 
     def restore_memory(self, memory: dict) -> None:
         """Take back a :meth:`memory` (a generator state it lacks, or one this propagator does
         not use, leaves the generator as it is)."""
         self._known = {int(k): np.array(f, dtype=np.float64)
                        for k, f in zip(memory["keys"], memory["frames"])}
-        if memory.get("rng") is not None and self._masses is not None:
-            self._rng.bit_generator.state = memory["rng"]
-        if memory.get("noise_rng") is not None and self._noise_rng is not None:
-            self._noise_rng.bit_generator.state = memory["noise_rng"]
+        self.restore_generators(memory)
 
     def generator_states(self) -> dict:
         """The states of the thermal velocity and jump-noise generators (None where unused),
@@ -296,7 +291,8 @@ class SurrogatePropagator:
                               if self._noise_rng is not None else None)}
 
     def restore_generators(self, states: dict) -> None:
-        """Take back :meth:`generator_states`."""
+        """Take back :meth:`generator_states` (a state it lacks, or one this propagator does
+        not use, leaves that generator as it is)."""
         if states.get("rng") is not None and self._masses is not None:
             self._rng.bit_generator.state = states["rng"]
         if states.get("noise_rng") is not None and self._noise_rng is not None:
