@@ -604,11 +604,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         checkpoints = [train_model(args, m, data) for m in args.models]
     noises: list[str | None] = [None] * len(checkpoints)
+    loaded: dict[str, Any] = {}
     if args.jump_noise is not None:
         if not args.engine or len(args.jump_noise) != len(checkpoints):
             parser.error("--jump-noise needs --engine and one entry (a file or 'none') per "
                          "checkpoint")
+        from surrogate_md.noise import JumpNoise
+
         noises = [None if n == "none" else n for n in args.jump_noise]
+        loaded = {n: JumpNoise.load(n) for n in set(noises) - {None}}  # bad files before work
     rows = []
     panels: list[tuple[str, np.ndarray, np.ndarray]] = []  # (phi, psi) of the MD and each run
     with open_trajectory(data) as traj:
@@ -636,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
                                             relax_iterations=args.relax_iterations,
                                             platform=args.platform, progress=args.progress,
                                             end_velocities=args.end_velocities,
-                                            jump_noise=noise, noise_scale=args.noise_scale)
+                                            jump_noise=loaded.get(noise),
+                                            noise_scale=args.noise_scale)
                 frames, times = engine_run["frames"], engine_run["times"]
                 rollout_s = engine_run["wall_s"]  # the engine's stepping, as its ns/day
                 if len(frames) == 0:
@@ -669,12 +674,10 @@ def main(argv: list[str] | None = None) -> int:
                                   else guard_events(sur, frames, times, pos, energy,
                                                     md_energies))}
                 if noise is not None:
-                    from surrogate_md.noise import JumpNoise
-
                     row["model"] += " + jump noise"
                     row["jump_noise"] = {"file": relative_path(Path(noise)),
                                          "scale": args.noise_scale,
-                                         **JumpNoise.load(noise).describe()}
+                                         **loaded[noise].describe()}
                 if engine_run is not None:
                     row["engine"] = {"guard_action": args.guard_action,
                                      "relax_iterations": args.relax_iterations,
