@@ -22,7 +22,9 @@ MD for hybrid segments and fallbacks is any constant-volume ASE MD bound to the 
 their own copy of the state (NoseHooverChainNVT's positions and momenta, LangevinBAOAB's
 accelerations) are brought up to date with the atoms before each segment. Energies of states real
 MD made (hybrid segments, fallbacks, history warm-up) may move the energy guard's anchor once that
-MD has run for ``GuardConfig.anchor_md_ps`` since the last state the surrogate made. With
+MD has run for ``GuardConfig.anchor_md_ps`` since the last state the surrogate made; an MD run
+that starts colder than ``GuardConfig.cold_md_fraction`` of the temperature counts as no MD
+time (it heats a jump's cold end before it samples). With
 ``write_intermediate`` a fallback writes its MD states at the surrogate's output times, and a
 hybrid segment its states at the output spacing (a segment that is not a whole number of
 spacings is refused), so the trajectory stays on an even time grid.
@@ -650,6 +652,7 @@ class SurrogateDynamics(MolecularDynamics):
         jump starts from, included)."""
         md = self.md_dynamics
         _sync_md_dynamics(md)
+        self._begin_md_run(self.md_steps * md.dt / PS_IN_ASE_TIME)
         every = self._md_write_every
         if not every:
             md.run(self.md_steps)
@@ -731,6 +734,16 @@ class SurrogateDynamics(MolecularDynamics):
             self._whole_ref = pos.copy()
         return pos
 
+    def _begin_md_run(self, run_ps: float) -> None:
+        """Before an MD run of ``run_ps`` (a hybrid segment, a fallback, history MD): from
+        atoms colder than the guards' ``cold_md_fraction`` of the temperature (a kept jump end
+        with the model's difference velocities) the MD heats the structure before it samples,
+        so the run counts as no MD time towards ``GuardConfig.anchor_md_ps``: the clock owes
+        its length, and its end state counts as the surrogate's."""
+        kinetic = self.atoms.get_kinetic_energy() * units.mol / units.kJ  # eV -> kJ/mol
+        if self.guards.md_starts_cold(kinetic):
+            self._md_ps = -run_ps
+
     def _fallback(self, t0: float) -> None:
         self._md_jump(t0)
         self.n_fallbacks += 1
@@ -745,6 +758,7 @@ class SurrogateDynamics(MolecularDynamics):
         fb = self.fallback_dynamics
         n = int(round(self.jump_ase / fb.dt))  # a whole number: checked at construction
         _sync_md_dynamics(fb)
+        self._begin_md_run(self.surrogate.jump_ps)
         write = self.write_intermediate and self.trajectory is not None
         done = 0
         frames, velocities = [], []

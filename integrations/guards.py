@@ -20,6 +20,13 @@ A jump fails a guard when its end state has
   count: a state a few MD steps after a jump still carries the jump's excess energy (a
   thermostat sheds it over about 1/friction), and hybrid mode with short segments would
   otherwise let a surrogate that heats a little per jump lift its own ceiling without bound.
+  Nor does MD that starts from a state colder than ``cold_md_fraction`` (default half) of the
+  temperature (:meth:`Guards.md_starts_cold`; the engines check the kinetic temperature where
+  each MD run begins): from a kept jump end carrying the small difference velocities of a
+  deterministic model (AdK: 7-21 kJ/mol of kinetic energy against ~12.5 MJ/mol at 300 K) MD
+  first heats the structure, and a guarded AdK run whose one 4 ps fallback did so lifted the cap
+  1.05 MJ/mol above the MD's median energy; such a run counts as no MD time, so its end state
+  counts as the surrogate's and the MD after it starts the clock.
   The default threshold is eight standard deviations of the canonical potential-energy
   fluctuation of a harmonic system, ``8 · kT · sqrt(n_dof / 2)``. The cap matters on long runs:
   each jump accepted a little above the recent median lifts that median, and without it a
@@ -103,6 +110,10 @@ class GuardConfig:
             MD steps per jump, fallback MD of a short jump) count as the surrogate's. The
             default, 1 ps, is the relaxation time of a Langevin thermostat with a friction of
             1/ps; use about 1/friction of yours (0: every MD state counts).
+        cold_md_fraction: an MD run (a fallback, a hybrid segment, a history warm-up) that
+            starts from a state whose kinetic temperature is below this fraction of the
+            temperature heats the structure before it samples: its time does not count towards
+            ``anchor_md_ps`` (:meth:`Guards.md_starts_cold`; 0: every run counts).
     """
 
     action: str = "raise"
@@ -116,6 +127,7 @@ class GuardConfig:
     relax_iterations: int = 200
     relax_energy_target_kJ_per_mol: float = 0.0
     anchor_md_ps: float = 1.0
+    cold_md_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -143,6 +155,10 @@ class GuardConfig:
         if not (np.isfinite(self.anchor_md_ps) and self.anchor_md_ps >= 0):
             raise ConfigError(f"anchor_md_ps must be a finite time >= 0 ps (0: every state of "
                               f"real MD may move the energy anchor), got {self.anchor_md_ps}")
+        if not (np.isfinite(self.cold_md_fraction) and 0 <= self.cold_md_fraction <= 1):
+            raise ConfigError(f"cold_md_fraction must be a fraction of the temperature in "
+                              f"[0, 1] (0: MD from any state counts towards anchor_md_ps), got "
+                              f"{self.cold_md_fraction}")
         if not np.isfinite(self.relax_energy_target_kJ_per_mol):
             raise ConfigError("relax_energy_target_kJ_per_mol must be a finite number of kJ/mol "
                               f"(0 = back to the reference energy), got "
@@ -253,6 +269,15 @@ class Guards:
         if np.isfinite(e):
             self._md_energies.append(e)
         self._append(e)
+
+    def md_starts_cold(self, kinetic_energy_kJ_per_mol: float) -> bool:
+        """Whether MD from a state with this kinetic energy (kJ/mol, over the engine's
+        ``n_dof``) heats it rather than samples: a kinetic temperature below
+        ``config.cold_md_fraction`` of :attr:`temperature`. The engines then count that MD run
+        as no MD time towards ``anchor_md_ps`` (see the module doc)."""
+        n_dof = self.n_dof if self.n_dof is not None else 3 * self.surrogate.n_atoms
+        t_kin = 2.0 * float(kinetic_energy_kJ_per_mol) / (max(n_dof, 1) * kt_kJ_per_mol(1.0))
+        return bool(t_kin < self.config.cold_md_fraction * self.temperature)
 
     def _append(self, e: float) -> None:
         if np.isfinite(e):

@@ -71,7 +71,9 @@ Energy guard: the energies of states real MD produced (the end of a hybrid MD se
 fallback MD, of a history warm-up) are recorded with :meth:`Guards.record_md_energy`, with the MD
 time since the surrogate's last state, and once that reaches ``GuardConfig.anchor_md_ps`` they may
 move the guard's anchor (e.g. up from a minimised start to the thermal level); those of surrogate
-states cannot lift it (see :mod:`integrations.guards`).
+states cannot lift it (see :mod:`integrations.guards`). An MD run that starts colder than
+``GuardConfig.cold_md_fraction`` of the temperature (a kept jump end with the model's difference
+velocities) counts as no MD time: it heats the structure before it samples.
 
 Stochastic jumps (``jump_noise``, ``noise_scale``, ``noise_seed``): each jump's predicted frames
 get a draw of a :class:`~surrogate_md.noise.JumpNoise` added (see :mod:`integrations.propagator`)
@@ -419,6 +421,15 @@ def system_masses_amu(system: openmm.System) -> np.ndarray:
     """(n,) particle masses of ``system``, amu (0 for fixed particles and virtual sites)."""
     return np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
                      for i in range(system.getNumParticles())])
+
+
+def kinetic_energy_kJ_per_mol(velocities_A_per_ps: np.ndarray, masses_amu: np.ndarray) -> float:
+    """Kinetic energy (kJ/mol) of velocities (n, 3) Å/ps with masses (n,) amu."""
+    v = unit.Quantity(np.asarray(velocities_A_per_ps, dtype=np.float64), A_PER_PS)
+    v2 = (v.value_in_unit(unit.nanometer / unit.picosecond) ** 2).sum(axis=1)
+    ke = unit.Quantity(0.5 * float(np.dot(np.asarray(masses_amu, dtype=np.float64), v2)),
+                       unit.dalton * (unit.nanometer / unit.picosecond) ** 2)
+    return ke.value_in_unit(KJ_PER_MOL)
 
 
 def has_com_remover(system: openmm.System) -> bool:
@@ -797,9 +808,10 @@ class SurrogateSimulation:
         self._usesPBC = uses_pbc(system, topology)
         self._constrained = system.getNumConstraints() > 0
         self.guards = make_guards(guards, self.surrogate, system, self.temperature_K)
+        self._masses_amu = system_masses_amu(system)
         self.propagator = SurrogatePropagator(
             self.surrogate, end_velocities=end_velocities, temperature_K=self.temperature_K,
-            masses_amu=system_masses_amu(system), seed=velocity_seed,
+            masses_amu=self._masses_amu, seed=velocity_seed,
             fixed_atoms=fixed_particles(system), zero_momentum=has_com_remover(system),
             jump_noise=jump_noise, noise_scale=noise_scale, noise_seed=noise_seed)
         spacing = int(self._md_frame_steps[0])  # the output spacing in MD steps
@@ -965,7 +977,8 @@ class SurrogateSimulation:
                                         "noise_rng": noise_rng})
         self.guards.restore_energy_state(extra["guards"])
         self.n_jumps, self.n_fallbacks = int(extra["n_jumps"]), int(extra["n_fallbacks"])
-        if extra["md_ps"] > 0:  # the state came from real MD: it still did
+        if extra["md_ps"] != 0:  # the state came from real MD (or is inside a run that owes
+            # its time: a cold start, _begin_md_run): it still did
             self._md_ps, self._md_end = float(extra["md_ps"]), read_state(self.context)[0]
         self._resume = self._resume_place(extra.get("cycle"), rest, path)
 
@@ -1020,6 +1033,8 @@ class SurrogateSimulation:
         """Hybrid mode: the MD (with reports) that stands in for a failed jump, the first
         ``done`` steps of it already run (a restart inside it)."""
         self._fallback_start = self.currentStep - done
+        if not done:
+            self._begin_md_run(self.steps_per_jump)
         self.run_md(self.steps_per_jump - done)
         self._fallback_start = None
 
@@ -1029,6 +1044,8 @@ class SurrogateSimulation:
         if not self.md_steps:
             return
         self._segment_start = self.currentStep - done
+        if not done:
+            self._begin_md_run(self.md_steps)
         if not self.propagator.needs_history:
             self.run_md(self.md_steps - done)
         else:
@@ -1127,11 +1144,24 @@ class SurrogateSimulation:
                 self._generate_reports(now)
         self._after_md(int(steps))
 
+    def _begin_md_run(self, steps: int) -> None:
+        """Before an MD run of ``steps`` steps (a fallback, a hybrid segment, a history
+        warm-up) from its first step: from a state colder than the guards'
+        ``cold_md_fraction`` of the temperature (a kept jump end with the model's difference
+        velocities) the MD heats the structure before it samples, so the run counts as no MD
+        time towards ``GuardConfig.anchor_md_ps``: the clock owes its length, and its end state
+        counts as the surrogate's (a checkpoint inside the run keeps the debt)."""
+        vel = read_state(self.context)[1]
+        if self.guards.md_starts_cold(kinetic_energy_kJ_per_mol(vel, self._masses_amu)):
+            self._md_ps = -steps * self.md_step_ps
+
     def _after_md(self, steps: int) -> None:
         """Count ``steps`` of real MD towards the state's MD time since a surrogate's state,
         and remember where it ended (a jump from other positions, moved by hand since, starts
         from no MD: :meth:`_jump`)."""
         self._md_ps += steps * self.md_step_ps
+        if abs(self._md_ps) < 1e-9:  # a cold run's debt paid off (no rounding left over)
+            self._md_ps = 0.0
         self._md_end = read_state(self.context)[0]
 
     def _generate_reports(self, reports: list[tuple[Any, dict]]) -> None:
@@ -1199,6 +1229,7 @@ class SurrogateSimulation:
     def _md_jump(self, t0: float) -> None:
         """One jump's length of MD without reports (the jump-step mode fallback), stopping at
         each time of the surrogate's output grid so a history model sees those states."""
+        self._begin_md_run(self.md_steps_per_jump)
         if not self.propagator.needs_history:
             self._md_segment(self.md_steps_per_jump)
             return
@@ -1228,6 +1259,8 @@ class SurrogateSimulation:
         if not self.jump_steps:  # reported: a checkpoint in it records how far it got
             self._warmup_start = self.currentStep - done
         total = (s.history_length - 1) * stride
+        if not done:
+            self._begin_md_run(total)
         try:
             while done < total:
                 n = stride - done % stride
@@ -1503,9 +1536,9 @@ class SurrogateJumpReporter:
                                       temperature)
             self._checked = id(simulation)
             self.propagator.fixed_atoms = fixed_particles(simulation.system)
+            self._masses_amu = system_masses_amu(simulation.system)
             self.propagator.zero_momentum_masses = (
-                system_masses_amu(simulation.system) if has_com_remover(simulation.system)
-                else None)
+                self._masses_amu if has_com_remover(simulation.system) else None)
             self._jump_step = 0
             dt = simulation.integrator.getStepSize().value_in_unit(PS)
             if abs(state.getTime().value_in_unit(PS) - simulation.currentStep * dt) > 1e-6:
@@ -1536,7 +1569,10 @@ class SurrogateJumpReporter:
         # has run long enough since the last kept jump (GuardConfig.anchor_md_ps)
         md_ps = ((simulation.currentStep - self._jump_step)
                  * simulation.integrator.getStepSize().value_in_unit(PS))
-        self.guards.record_md_energy(potential_energy(context), md_ps)
+        if md_ps > 0:
+            self.guards.record_md_energy(potential_energy(context), md_ps)
+        else:  # MD from a cold jump end: heating, the surrogate's state (see below)
+            self.guards.record_energy(potential_energy(context))
         result = self.propagator.jump(pos, vel, t0, last_only=True)
         end = t0 + self.surrogate.jump_ps
         final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
@@ -1579,9 +1615,15 @@ class SurrogateJumpReporter:
         self.propagator.observe(end, final)
         self.n_jumps += 1
         self._jump_step = simulation.currentStep
+        if self.guards.md_starts_cold(kinetic_energy_kJ_per_mol(read_state(context)[1],
+                                                                self._masses_amu)):
+            # the Simulation's MD until the next jump heats the jump's cold end (the model's
+            # difference velocities) before it samples: it counts as no MD time
+            # (GuardConfig.cold_md_fraction)
+            self._jump_step += self.interval
 
 
 __all__ = ["Relaxation", "StopBelowEnergy", "SurrogateJumpReporter", "SurrogateSimulation",
            "check_system", "default_step_ps", "degrees_of_freedom", "engine_temperature_K",
-           "fixed_particles", "flexible_system", "frame_steps", "load_surrogate",
-           "thermostat_temperature_K"]
+           "fixed_particles", "flexible_system", "frame_steps", "kinetic_energy_kJ_per_mol",
+           "load_surrogate", "thermostat_temperature_K"]

@@ -17,6 +17,7 @@ from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
 from integrations.ase_dynamics import SurrogateDynamics
+from integrations.guards import GuardConfig
 from surrogate_md import Surrogate
 from surrogate_md.errors import EngineError
 
@@ -48,7 +49,9 @@ def dynamics(atoms, sur, **kwargs):
     (the guards record them) and VelocityVerlet to build the history."""
     atoms.calc = EMT()
     md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
-    return SurrogateDynamics(atoms, sur, guards="warn", fallback_dynamics=md,
+    # the atoms start cold: their history MD counts as MD here (cold_md_fraction 0)
+    return SurrogateDynamics(atoms, sur, guards=GuardConfig(action="warn", cold_md_fraction=0.0),
+                             fallback_dynamics=md,
                              end_velocities="thermal", velocity_seed=5, **kwargs)
 
 

@@ -98,9 +98,11 @@ def test_history_warm_up_md_is_outside_the_step_count(tmp_path, stride, guards):
                          jump_frames=4, n_out=2, history=3, history_stride=stride,
                          break_weights=guards == "fallback")
     top, system, positions = alanine_system()
-    # every state of real MD counts for the anchor here, however short the MD (0.04 ps)
+    # every state of real MD counts for the anchor here, however short the MD (0.04 ps) and
+    # however cold the state it started from (cold_start: 0.05 K)
     sim = SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform(),
-                              guards=GuardConfig(action=guards, anchor_md_ps=0.0))
+                              guards=GuardConfig(action=guards, anchor_md_ps=0.0,
+                                                 cold_md_fraction=0.0))
     cold_start(sim.context, positions)
     rec = StepRecorder(1)
     sim.reporters.append(rec)
@@ -116,13 +118,15 @@ def test_history_warm_up_md_is_outside_the_step_count(tmp_path, stride, guards):
 
 @pytest.mark.parametrize("mode", ["jumps", "fallback", "hybrid"])
 def test_engine_records_real_md_energies_for_the_guard_anchor(tmp_path, mode):
-    # every state of real MD counts here, however short the MD (0.01-0.02 ps)
-    warn = GuardConfig(action="warn", anchor_md_ps=0.0)
+    # every state of real MD counts here, however short the MD (0.01-0.02 ps) and however cold
+    # the state it started from (cold_start: 0.05 K)
+    warn = GuardConfig(action="warn", anchor_md_ps=0.0, cold_md_fraction=0.0)
     if mode == "jumps":  # no real MD at all: the guard's anchor is the start's, as ever
         sim = jump_sim(tmp_path, broken=False, guards=warn)
     elif mode == "fallback":
         sim = jump_sim(tmp_path, broken=True,
-                       guards=GuardConfig(action="fallback", anchor_md_ps=0.0))
+                       guards=GuardConfig(action="fallback", anchor_md_ps=0.0,
+                                          cold_md_fraction=0.0))
     else:
         sim = jump_sim(tmp_path, broken=False, guards=warn, md_steps=5)
     sim.step(4)
@@ -150,18 +154,21 @@ def test_only_long_enough_md_moves_the_anchor(tmp_path):
     """A state a few MD steps after a jump still carries the jump's energy: it counts for the
     anchor only after ``anchor_md_ps`` of MD since the surrogate's last state. Hybrid segments
     of 5 steps (0.01 ps) count only where that is enough; fallback MD adds up over consecutive
-    fallbacks (0.02 ps each: the third jump starts from 0.04 ps of MD)."""
+    fallbacks (0.02 ps each: the third jump starts from 0.04 ps of MD). MD from cold_start's
+    0.05 K states counts here (cold_md_fraction 0): the time rule is under test."""
     step_ps = 0.002
     for anchor_ps, counted in ((5 * step_ps, 4), (6 * step_ps, 0), (1.0, 0)):
         sim = jump_sim(tmp_path, broken=False, md_steps=5,
-                       guards=GuardConfig(action="warn", anchor_md_ps=anchor_ps))
+                       guards=GuardConfig(action="warn", anchor_md_ps=anchor_ps,
+                                          cold_md_fraction=0.0))
         assert sim.md_step_ps == pytest.approx(step_ps)
         sim.step(4)
         assert len(sim.guards._md_energies) == counted, anchor_ps
         assert len(sim.guards._energies) == 4
         assert sim.guards.summary()["energy_anchor_from"] == ("md" if counted else "start")
     sim = jump_sim(tmp_path, broken=True,
-                   guards=GuardConfig(action="fallback", anchor_md_ps=0.035))
+                   guards=GuardConfig(action="fallback", anchor_md_ps=0.035,
+                                      cold_md_fraction=0.0))
     jump_ps = sim.surrogate.jump_ps
     assert 0.035 / 2 < jump_ps < 0.035  # the second fallback's end is the first to count
     sim.step(5)
@@ -233,6 +240,46 @@ def test_the_surrogates_first_states_cannot_lift_the_anchor():
     assert again.energy_anchor_kJ_per_mol == 0.0
 
 
+@pytest.mark.parametrize("end_velocities", ["difference", "thermal"])
+def test_md_from_cold_jump_ends_does_not_move_the_anchor(tmp_path, end_velocities):
+    """Hybrid mode, every state of MD counting however short the MD (anchor_md_ps 0), the
+    linear model from cold_start (0.05 K): its kept ends keep that cold, as a deterministic
+    model's difference velocities are on a protein, and the MD segment after each one heats
+    the structure rather than samples it: no segment moves the anchor (before, all four did).
+    With thermal end velocities the segments after the first jump start at ~300 K and count."""
+    sim = jump_sim(tmp_path, broken=False, md_steps=5, end_velocities=end_velocities,
+                   guards=GuardConfig(action="warn", anchor_md_ps=0.0))
+    sim.step(4)
+    assert sim.n_jumps == 4 and len(sim.guards._energies) == 4
+    counted = len(sim.guards._md_energies)
+    if end_velocities == "difference":
+        assert counted == 0 and sim.guards.summary()["energy_anchor_from"] == "start"
+    else:  # the first segment runs from cold_start's 0.05 K
+        assert counted == 3 and sim.guards.summary()["energy_anchor_from"] == "md"
+
+
+def test_jump_reporter_does_not_count_md_from_cold_jump_ends(tmp_path):
+    """SurrogateJumpReporter: the Simulation's MD from a cold kept jump end (the linear model
+    from 0.05 K) until the next jump counts as no MD time: only the first interval, from the
+    user's state, moves the anchor (before, all three did, as with cold_md_fraction 0)."""
+    from integrations.openmm_simulation import SurrogateJumpReporter
+
+    ck = make_checkpoint(cached_md(), tmp_path / "lin.pt", selection="heavy")
+    top, system, positions = alanine_system()
+    counted = {}
+    for fraction in (0.5, 0.0):
+        sim = app.Simulation(top, system, openmm.VerletIntegrator(0.0005 * PS),
+                             reference_platform())
+        cold_start(sim.context, positions)
+        jumper = SurrogateJumpReporter(ck, interval=4, guards=GuardConfig(
+            action="warn", anchor_md_ps=0.002, cold_md_fraction=fraction))
+        sim.reporters.append(jumper)
+        sim.step(12)
+        assert jumper.n_jumps == 3 and len(jumper.guards._energies) == 3
+        counted[fraction] = len(jumper.guards._md_energies)
+    assert counted == {0.5: 1, 0.0: 3}
+
+
 def test_real_md_energies_lift_the_anchor_from_a_minimised_start(tmp_path):
     """A perfect surrogate (here: real MD itself) after a cold minimised start, fed to the guard
     as hybrid mode does (the energy of the state after each MD segment, then the check of the
@@ -284,7 +331,7 @@ def test_jump_reporter_counts_the_simulations_md_since_the_last_jump(tmp_path):
                              reference_platform())
         cold_start(sim.context, positions)
         jumper = SurrogateJumpReporter(ck, interval=4, guards=GuardConfig(
-            action="warn", anchor_md_ps=anchor_ps))
+            action="warn", anchor_md_ps=anchor_ps, cold_md_fraction=0.0))  # from 0.05 K
         sim.reporters.append(jumper)
         sim.step(12)
         assert jumper.n_jumps == 3

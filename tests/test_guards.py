@@ -524,10 +524,29 @@ class _BareSurrogate:  # what Guards reads of a surrogate, for a 3-atom system
 
 @pytest.mark.parametrize("bad", [{"energy_window": 0}, {"energy_jump_kJ_per_mol": float("nan")},
                                  {"energy_jump_kJ_per_mol": -1.0}, {"relax_iterations": -5},
-                                 {"temperature_K": 0.0}, {"chain_break_A": float("inf")}])
+                                 {"temperature_K": 0.0}, {"chain_break_A": float("inf")},
+                                 {"cold_md_fraction": -0.1}, {"cold_md_fraction": 1.5},
+                                 {"cold_md_fraction": float("nan")}])
 def test_guard_config_refuses_numbers_that_would_switch_checks_off(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         GuardConfig(**bad)
+
+
+def test_md_starts_cold_below_the_fraction_of_the_temperature():
+    """Kinetic temperature 2 KE / (n_dof R) against cold_md_fraction x the temperature: 6 degrees
+    of freedom at 400 K hold 3 R x 400 K = 9.98 kJ/mol at equilibrium."""
+    r = 8.314462618e-3  # kJ/mol/K
+    for fraction, n_dof, temperature in ((0.5, 6, 400.0), (0.25, 6, 400.0), (0.5, 9, 250.0)):
+        g = Guards(_BareSurrogate(), GuardConfig(cold_md_fraction=fraction), n_dof=n_dof,
+                   temperature_K=temperature)
+        at_fraction = 0.5 * n_dof * r * fraction * temperature  # kJ/mol
+        assert g.md_starts_cold(0.99 * at_fraction) and g.md_starts_cold(0.0)
+        assert not g.md_starts_cold(1.01 * at_fraction)
+    # the config's temperature wins over the engine's; 0 switches the rule off
+    g = Guards(_BareSurrogate(), GuardConfig(temperature_K=100.0), n_dof=6, temperature_K=400.0)
+    assert not g.md_starts_cold(0.5 * 6 * r * 60.0)
+    assert g.md_starts_cold(0.5 * 6 * r * 40.0)
+    assert not Guards(_BareSurrogate(), GuardConfig(cold_md_fraction=0.0)).md_starts_cold(0.0)
 
 
 def test_reset_forgets_a_pending_relaxed_energy():

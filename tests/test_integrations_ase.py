@@ -109,9 +109,11 @@ def test_hybrid_mode_time_bookkeeping(surrogate):
     atoms = cold_atoms()
     atoms.calc = EMT()
     md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
-    # every state of real MD may anchor the energy guard, however short the MD
+    # every state of real MD may anchor the energy guard, however short the MD, and from
+    # however cold a state (these atoms start at 0.05 K)
     dyn = SurrogateDynamics(atoms, surrogate, md_dynamics=md, md_steps=4,
-                            guards=GuardConfig(action="warn", anchor_md_ps=0.0))
+                            guards=GuardConfig(action="warn", anchor_md_ps=0.0,
+                                               cold_md_fraction=0.0))
     times = []
     dyn.attach(lambda: times.append(dyn.get_time() / PS_IN_ASE_TIME))
     dyn.run(5)
@@ -130,6 +132,27 @@ def test_hybrid_mode_time_bookkeeping(surrogate):
     dyn.run(5)
     assert dyn.guards.summary()["energy_anchor_from"] == "start"
     assert len(dyn.guards._md_energies) == 0 and len(dyn.guards._energies) == 5
+
+
+def test_md_from_a_cold_jump_end_does_not_move_the_anchor(tmp_path):
+    """Hybrid mode with the ``constant`` model, whose kept ends carry zero difference
+    velocities (a deterministic model's are nearly as cold on a protein): the MD segment after
+    each jump heats a 0 K state, so it counts as no MD time and its end as the surrogate's; only
+    the first segment, from the thermal start, moves the anchor (before, all five did). With
+    cold_md_fraction 0 every segment counts."""
+    sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "c.pt", model="constant"))
+    counted = {}
+    for fraction in (0.5, 0.0):
+        atoms = cold_atoms(temperature_K=300.0, seed=2)
+        atoms.calc = EMT()
+        md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+        dyn = SurrogateDynamics(atoms, sur, md_dynamics=md, md_steps=4, guards=GuardConfig(
+            action="warn", anchor_md_ps=0.0, cold_md_fraction=fraction))
+        dyn.run(5)
+        assert dyn.n_jumps == 5 and len(dyn.guards._energies) == 5
+        assert np.abs(atoms.get_velocities()).max() == 0.0  # the last jump's end: 0 K
+        counted[fraction] = len(dyn.guards._md_energies)
+    assert counted == {0.5: 1, 0.0: 5}
 
 
 def test_guard_actions(surrogate):

@@ -26,6 +26,7 @@ from _integration_fixtures import (
 )
 from openmm import Vec3, app, unit
 
+from integrations.guards import GuardConfig
 from integrations.openmm_simulation import SurrogateJumpReporter, SurrogateSimulation
 from surrogate_md import Surrogate
 
@@ -188,18 +189,25 @@ def test_predict_refuses_a_box_narrower_than_twice_the_cutoff(tmp_path, capsys, 
 
 
 # -- hybrid SurrogateSimulation: restarts from checkpoints written inside a cycle -------------------
-def hybrid_sim(surrogate, directory):
+def hybrid_sim(surrogate, directory, guards="warn"):
     """Hybrid run (10 MD steps of 2 fs, then a 0.02 ps jump with output frames at steps 5 and 10
     of the jump: a cycle of 20 steps) with CheckpointReporters every 15, 35 and 45 steps."""
     top, system, _ = alanine_system()
     sim = SurrogateSimulation(top, system, surrogate, platform=reference_platform(),
-                              md_steps=10, guards="warn")
+                              md_steps=10, guards=guards)
     sim.reporters += [app.CheckpointReporter(str(directory / f"every{k}.chk"), k)
                       for k in (15, 35, 45)]
     return sim
 
 
-def test_hybrid_restart_from_a_checkpoint_inside_a_cycle_keeps_the_jump_schedule(tmp_path):
+# every state of MD counting for the anchor (anchor_md_ps 0): the MD segments start from cold
+# jump ends (cold_start's 0.05 K, kept by the linear model) and count as no MD time; a restart
+# 5 steps into one must keep that (before, the segment's owed time was dropped on loading and
+# its end moved the anchor)
+@pytest.mark.parametrize("guards", ["warn", GuardConfig(action="warn", anchor_md_ps=0.0)],
+                         ids=["default", "anchor0"])
+def test_hybrid_restart_from_a_checkpoint_inside_a_cycle_keeps_the_jump_schedule(tmp_path,
+                                                                                 guards):
     """Four cycles (80 steps) uninterrupted, and restarts, in a new SurrogateSimulation, from
     checkpoints the CheckpointReporters wrote at step 15 (the first jump's intermediate output
     frame), 45 (5 steps into the third MD segment), 60 (the third jump's end) and 70 (the end of
@@ -211,7 +219,7 @@ def test_hybrid_restart_from_a_checkpoint_inside_a_cycle_keeps_the_jump_schedule
     _, _, positions = alanine_system()
     run = tmp_path / "run"
     run.mkdir()
-    sim = hybrid_sim(sur, run)
+    sim = hybrid_sim(sur, run, guards)
     assert list(sim.steps_per_frame) == [5, 10] and sim.steps_per_jump == 10
     cold_start(sim.context, positions)
     sim.integrator.setRandomNumberSeed(3)
@@ -235,7 +243,7 @@ def test_hybrid_restart_from_a_checkpoint_inside_a_cycle_keeps_the_jump_schedule
     for name, done in cycles_done.items():
         directory = tmp_path / f"re-{name}"
         directory.mkdir()
-        restart = hybrid_sim(sur, directory)
+        restart = hybrid_sim(sur, directory, guards)
         restart.loadCheckpoint(str(saved[name]))
         restart.step(4 - done)
         assert restart.currentStep == 80, name
@@ -321,8 +329,6 @@ def test_hybrid_restart_inside_the_md_standing_in_for_a_failed_jump(tmp_path):
     there: the rest of the fallback MD, then the next cycle, ending at step 40 as the
     uninterrupted run does. Before, the restart began a new cycle (MD segment, jump) from step
     15 and ended at step 55."""
-    from integrations.guards import GuardConfig
-
     sur = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "lin.pt", selection="heavy"))
     top, system, positions = alanine_system()
     guards = GuardConfig(action="fallback", energy_jump_kJ_per_mol=1e-6)
