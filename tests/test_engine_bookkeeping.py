@@ -258,26 +258,29 @@ def test_md_from_cold_jump_ends_does_not_move_the_anchor(tmp_path, end_velocitie
         assert counted == 3 and sim.guards.summary()["energy_anchor_from"] == "md"
 
 
-def test_jump_reporter_does_not_count_md_from_cold_jump_ends(tmp_path):
-    """SurrogateJumpReporter: the Simulation's MD from a cold kept jump end (the linear model
-    from 0.05 K) until the next jump counts as no MD time: only the first interval, from the
-    user's state, moves the anchor (before, all three did, as with cold_md_fraction 0)."""
+def reporter_anchor_counts(tmp_path, **guard_options) -> tuple[int, int]:
+    """(real-MD energies, all energies) a SurrogateJumpReporter recorded in 12 MD steps of 0.5 fs
+    of alanine dipeptide from cold_start (0.05 K), a linear-model jump every 4 steps."""
     from integrations.openmm_simulation import SurrogateJumpReporter
 
     ck = make_checkpoint(cached_md(), tmp_path / "lin.pt", selection="heavy")
     top, system, positions = alanine_system()
-    counted = {}
-    for fraction in (0.5, 0.0):
-        sim = app.Simulation(top, system, openmm.VerletIntegrator(0.0005 * PS),
-                             reference_platform())
-        cold_start(sim.context, positions)
-        jumper = SurrogateJumpReporter(ck, interval=4, guards=GuardConfig(
-            action="warn", anchor_md_ps=0.002, cold_md_fraction=fraction))
-        sim.reporters.append(jumper)
-        sim.step(12)
-        assert jumper.n_jumps == 3 and len(jumper.guards._energies) == 3
-        counted[fraction] = len(jumper.guards._md_energies)
-    assert counted == {0.5: 1, 0.0: 3}
+    sim = app.Simulation(top, system, openmm.VerletIntegrator(0.0005 * PS), reference_platform())
+    cold_start(sim.context, positions)
+    jumper = SurrogateJumpReporter(ck, interval=4,
+                                   guards=GuardConfig(action="warn", **guard_options))
+    sim.reporters.append(jumper)
+    sim.step(12)
+    assert jumper.n_jumps == 3
+    return len(jumper.guards._md_energies), len(jumper.guards._energies)
+
+
+def test_jump_reporter_does_not_count_md_from_cold_jump_ends(tmp_path):
+    """SurrogateJumpReporter: the Simulation's MD from a cold kept jump end (the linear model
+    keeps the 0.05 K) until the next jump counts as no MD time: only the first interval, from
+    the user's state, moves the anchor (before, all three did, as with cold_md_fraction 0)."""
+    assert reporter_anchor_counts(tmp_path, anchor_md_ps=0.002) == (1, 3)
+    assert reporter_anchor_counts(tmp_path, anchor_md_ps=0.002, cold_md_fraction=0.0) == (3, 3)
 
 
 def test_real_md_energies_lift_the_anchor_from_a_minimised_start(tmp_path):
@@ -320,23 +323,11 @@ def test_real_md_energies_lift_the_anchor_from_a_minimised_start(tmp_path):
 
 def test_jump_reporter_counts_the_simulations_md_since_the_last_jump(tmp_path):
     """SurrogateJumpReporter: the Simulation's own MD between jumps moves the anchor only when
-    ``interval`` steps are at least ``anchor_md_ps`` (here 4 steps of 0.5 fs = 2 fs)."""
-    from integrations.openmm_simulation import SurrogateJumpReporter
-
-    ck = make_checkpoint(cached_md(), tmp_path / "lin.pt", selection="heavy")
-    top, system, positions = alanine_system()
-    counted = {}
-    for anchor_ps in (0.002, 0.0021):
-        sim = app.Simulation(top, system, openmm.VerletIntegrator(0.0005 * PS),
-                             reference_platform())
-        cold_start(sim.context, positions)
-        jumper = SurrogateJumpReporter(ck, interval=4, guards=GuardConfig(
-            action="warn", anchor_md_ps=anchor_ps, cold_md_fraction=0.0))  # from 0.05 K
-        sim.reporters.append(jumper)
-        sim.step(12)
-        assert jumper.n_jumps == 3
-        counted[anchor_ps] = (len(jumper.guards._md_energies), len(jumper.guards._energies))
-    assert counted == {0.002: (3, 3), 0.0021: (0, 3)}
+    ``interval`` steps are at least ``anchor_md_ps`` (here 4 steps of 0.5 fs = 2 fs; MD from
+    the 0.05 K states counts, cold_md_fraction 0)."""
+    for anchor_ps, counted in ((0.002, (3, 3)), (0.0021, (0, 3))):
+        assert reporter_anchor_counts(tmp_path, anchor_md_ps=anchor_ps,
+                                      cold_md_fraction=0.0) == counted, anchor_ps
 
 
 def test_propagator_without_history_says_what_is_missing(tmp_path):
