@@ -10,6 +10,8 @@ integrations.predict --jump-noise``.
   restarted run takes the draws of the uninterrupted one;
 - ``predict --jump-noise`` records the noise in its provenance, and ``--resume`` refuses a run
   made with another noise file or scale.
+- a history model (ESTAG) remembers the noisy frames of its jumps as its next input, and a
+  restart continues with them.
 
 The noise models are fitted (``JumpNoise.fit``) on synthetic windows: the fixture MD's frames of
 the model's atoms as the "predictions" and Gaussian residuals of known size as the targets.
@@ -438,3 +440,62 @@ def test_a_restart_with_or_without_noise_unlike_its_file_is_warned(tmp_path, lin
     with caplog.at_level("WARNING", logger="integrations.propagator"):
         make_sim(linear, jump_noise=noise).loadCheckpoint(str(tmp_path / "n.chk"))
     assert "jump noise" not in caplog.text
+
+
+# -- (e) history models feed on their noisy frames -------------------------------------------------
+@pytest.fixture(scope="module")
+def estag(tmp_path_factory):
+    """ESTAG on the heavy atoms: 3 input frames 0.02 ps apart, a 0.04 ps jump with frames at
+    0.02 and 0.04 ps, so its history comes from its own jumps."""
+    path = tmp_path_factory.mktemp("noise") / "estag.pt"
+    return Surrogate.load(make_checkpoint(cached_md(), path, model="estag", selection="heavy",
+                                          jump_frames=4, n_out=2, history=3, history_stride=2))
+
+
+def test_a_history_model_takes_its_noisy_frames_as_its_next_input(estag):
+    """The frames a history model remembers from a noisy jump are the noisy ones the trajectory
+    holds (its mean plus (t / jump) · ε), so its next input is that trajectory; the plain
+    propagator remembers its means."""
+    noise = fit_noise(estag, residual_A=0.05)
+    md = cached_md()
+    runs = {}
+    for name, kwargs in (("plain", {}), ("noisy", {"jump_noise": noise, "noise_seed": 1})):
+        prop = SurrogatePropagator(estag, **kwargs)
+        for k in (0, 2):  # MD states at -0.04 and -0.02 ps: the first jump's history
+            prop.observe((k - 4) * 0.01, md["frames"][k])
+        result = prop.jump(md["frames"][4], md["velocities"][4], 0.0)
+        prop.remember(0.0, result)
+        prop.observe(estag.jump_ps, result.positions_A[-1])  # the engine keeps the end
+        runs[name] = (result, prop.history(estag.jump_ps))
+    (plain, plain_history), (noisy, noisy_history) = runs["plain"], runs["noisy"]
+    eps = noisy.predicted_A[-1] - plain.predicted_A[-1]
+    assert float(np.sqrt(np.mean(np.sum(eps ** 2, -1)))) > 0.5 * noise.rms_A
+    np.testing.assert_allclose(noisy_history[0], md["frames"][4][estag.model_atoms])
+    np.testing.assert_allclose(noisy_history[1:], noisy.predicted_A, atol=1e-9)
+    np.testing.assert_allclose(noisy_history[1] - plain_history[1], 0.5 * eps, atol=1e-9)
+    np.testing.assert_allclose(plain_history[1:], plain.predicted_A, atol=1e-9)
+
+
+def test_a_history_model_restarts_with_its_noisy_history_and_draws(tmp_path, estag):
+    """A noisy ESTAG run saved after 2 jumps (its history: noisy frames of its own jumps) and
+    loaded into a new simulation continues as the saved run does."""
+    noise = fit_noise(estag, residual_A=0.02)
+    first = make_sim(estag, jump_noise=noise, noise_seed=5)
+    first.step(2)
+    path = tmp_path / "run.chk"
+    first.saveCheckpoint(str(path))
+    first.step(3)
+    again = make_sim(estag, jump_noise=noise, noise_seed=5)
+    again.loadCheckpoint(str(path))
+    assert again.propagator.has_history(2 * estag.jump_ps)  # no MD to rebuild it
+    again.step(3)
+    assert again.n_jumps == first.n_jumps == 5
+    np.testing.assert_allclose(positions_A(again), positions_A(first), atol=1e-9)
+    # without the surrogate's file: MD rebuilds the history and the draws start over
+    bare = tmp_path / "bare.chk"
+    bare.write_bytes(path.read_bytes())
+    fresh = make_sim(estag, jump_noise=noise, noise_seed=5)
+    fresh.loadCheckpoint(str(bare))
+    assert not fresh.propagator.has_history(2 * estag.jump_ps)
+    fresh.step(3)
+    assert np.abs(positions_A(fresh) - positions_A(first))[estag.model_atoms].max() > 0.01
