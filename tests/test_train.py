@@ -62,6 +62,8 @@ def test_config_overrides_and_types(ala, tmp_path):
     ("data.n_out=0", "data.n_out"),
     ("runtime.compile=3", "runtime.compile"),
     ("model.name=transformer", "transformer"),
+    ("train.input_noise_A=-0.1", "train.input_noise_A"),
+    ("train.input_noise_A=.nan", "train.input_noise_A"),
 ])
 def test_bad_config_values_name_the_key(ala, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -134,6 +136,45 @@ def test_tiny_training_run(ala, tmp_path):
     recorded = raw["metrics"]
     assert recorded["epoch"] == recorded["best_epoch"]
     assert recorded["val_amse"] == min(r["val_amse"] for r in epochs)
+
+
+def test_input_noise_displaces_the_inputs_only():
+    """with_input_noise: Gaussian noise of the given size on POS (s2t) or on every HIST frame
+    with POS its last (history); velocities, graph and targets untouched, the batch given not
+    changed."""
+    from surrogate_md.data import keys as K
+    from surrogate_md.train.loop import with_input_noise
+
+    torch.manual_seed(0)
+    pos = torch.randn(500, 1, 3)
+    batch = {K.POS: pos.clone(), K.VEL: torch.randn(500, 1, 3),
+             K.TARGET: torch.randn(2, 500, 1, 3), K.EDGE_INDEX: torch.zeros(2, 7, dtype=torch.long)}
+    noisy = with_input_noise(batch, 0.2)
+    d = noisy[K.POS] - pos
+    assert float(d.std()) == pytest.approx(0.2, rel=0.1) and abs(float(d.mean())) < 0.02
+    assert torch.equal(batch[K.POS], pos)  # the batch given is left alone
+    for key in (K.VEL, K.TARGET, K.EDGE_INDEX):
+        assert noisy[key] is batch[key]
+    hist = torch.randn(3, 500, 1, 3)
+    noisy = with_input_noise({K.POS: hist[-1].clone(), K.HIST: hist.clone()}, 0.1)
+    d = noisy[K.HIST] - hist
+    assert float(d.std()) == pytest.approx(0.1, rel=0.1)
+    assert not torch.allclose(d[0], d[1])  # each frame its own draw
+    assert torch.equal(noisy[K.POS], noisy[K.HIST][-1])
+
+
+def test_input_noise_reaches_every_training_step_and_no_evaluation(ala, tmp_path, monkeypatch):
+    import surrogate_md.train.loop as loop
+
+    calls = []
+    real = loop.with_input_noise
+    monkeypatch.setattr(loop, "with_input_noise",
+                        lambda batch, sigma: calls.append(sigma) or real(batch, sigma))
+    for sigma, expected in ((0.0, []), (0.05, [0.05] * 6)):
+        calls.clear()
+        train(tiny_config(ala, train={"epochs": 2, "max_steps_per_epoch": 3,
+                                      "input_noise_A": sigma}), tmp_path / f"run{sigma}")
+        assert calls == expected  # 2 epochs x 3 steps; validation and test: none
 
 
 @pytest.mark.parametrize("model", ["egno", "egnn", "painet"])

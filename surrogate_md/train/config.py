@@ -175,7 +175,11 @@ class TrainConfig:
     (0 = off); data_seed (splits), model_seed (initial weights), train_seed (shuffling, dropout);
     loss: ``mse`` (A-MSE in Å², squared distance summed over xyz, mean over atoms and times);
     max_steps_per_epoch: cap on optimiser steps per epoch (0 = whole training split);
-    eval_batch_size: batch size for validation/test (0 = 2 x batch_size).
+    eval_batch_size: batch size for validation/test (0 = 2 x batch_size);
+    input_noise_A: standard deviation (Å, per coordinate) of Gaussian noise added to the input
+    positions (and history frames) of every training window, the targets left as the MD's: the
+    model learns to bring slightly displaced inputs back onto the MD's path, as it must when its
+    own outputs become its next inputs (0 = off; validation and test never see noise).
     """
 
     optimiser: str = "adamw"
@@ -193,6 +197,7 @@ class TrainConfig:
     loss: str = "mse"
     max_steps_per_epoch: int = 0
     eval_batch_size: int = 0
+    input_noise_A: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("train.optimiser", self.optimiser, OPTIMISERS)
@@ -201,7 +206,7 @@ class TrainConfig:
         _positive("train.lr", self.lr)
         _positive("train.batch_size", self.batch_size)
         for name in ("weight_decay", "warmup_epochs", "epochs", "patience", "grad_clip",
-                     "max_steps_per_epoch", "eval_batch_size"):
+                     "max_steps_per_epoch", "eval_batch_size", "input_noise_A"):
             _non_negative(f"train.{name}", getattr(self, name))
         for name in ("data_seed", "model_seed", "train_seed"):
             # numpy's generators refuse negative seeds and torch's stop at 64 bits; the

@@ -245,6 +245,21 @@ def _loader(dataset: WindowDataset, batch_size: int, sampler=None, workers: int 
                       persistent_workers=False)
 
 
+def with_input_noise(batch: dict[str, torch.Tensor], sigma_A: float) -> dict[str, torch.Tensor]:
+    """A copy of ``batch`` whose input positions carry Gaussian noise of ``sigma_A`` Å per
+    coordinate (``train.input_noise_A``): ``POS`` (N, C, 3), and for history batches every frame
+    of ``HIST`` (T, N, C, 3), the last one being ``POS``. Velocities, the graph and the targets
+    are left as they are. Isotropic noise keeps the training distribution E(3)-invariant."""
+    out = dict(batch)
+    hist = batch.get(K.HIST)
+    if hist is not None:
+        out[K.HIST] = hist + sigma_A * torch.randn_like(hist)
+        out[K.POS] = out[K.HIST][-1]
+    else:
+        out[K.POS] = batch[K.POS] + sigma_A * torch.randn_like(batch[K.POS])
+    return out
+
+
 @torch.no_grad()
 def evaluate_dataset(model: torch.nn.Module, dataset: WindowDataset, *, batch_size: int,
                      device: torch.device, precision: str = "fp32", dist: Dist | None = None,
@@ -907,6 +922,8 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, ckpt: dict | None, d
             if i >= n_steps:
                 break
             batch = batch_to(batch, device, torch.float32)
+            if tc.input_noise_A:
+                batch = with_input_noise(batch, tc.input_noise_A)
             with _dtype_context(device, rc.precision):
                 pred = forward(batch)
             pred = pred.float()
@@ -1031,4 +1048,4 @@ def _finish(cfg: RunConfig, model: torch.nn.Module, prepared: PreparedData, out:
     return out / "best.pt"
 
 
-__all__ = ["evaluate_dataset", "lr_factor", "resolve_model_options", "train"]
+__all__ = ["evaluate_dataset", "lr_factor", "resolve_model_options", "train", "with_input_noise"]
