@@ -361,6 +361,30 @@ def _alanine_md(path, frames: int) -> dict:
                 "velocities": traj.read(every, "velocities"), "interval_ps": traj.interval_ps}
 
 
+def test_chained_jumps_quick(bench, tmp_path, capsys):
+    """A briefly trained EGNO on tiny alanine-dipeptide MD: the four cases (first jump, second
+    jump two ways, a jump from the later MD frame) for every start, as a table and JSON."""
+    chained = bench("bench_chained_jumps")
+    out = tmp_path / "chained.json"
+    assert chained.main(["--quick", "--starts", "3", "--data-dir", str(tmp_path / "d"),
+                         "--out-dir", str(tmp_path / "r"), "--json", str(out),
+                         "--no-progress"]) == 0
+    tables = _tables(capsys.readouterr().out)
+    _machine_and_command(tables, "bench_chained_jumps.py")
+    body = _check(tables[1])
+    assert [r[3] for r in body] == list(chained.CASES)
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert len(row["starts"]) == 3 and row["selection_atoms"] == 10  # heavy atoms
+    for case in row["cases"].values():
+        rises = case["rises_kJ_per_mol"]
+        assert len(rises) == 3 and all(math.isfinite(e) for e in rises)
+        assert case["min"] <= case["median"] <= case["max"]
+    assert data["energy_threshold_kJ_per_mol"] > 0
+    with pytest.raises(SystemExit):  # checkpoints need their data
+        chained.main(["--checkpoints", str(tmp_path / "x.pt")])
+
+
 def test_validity_scores_broken_frames(bench, tmp_path):
     """Exploded frames count as collapsed and differ from MD; MD frames score as valid."""
     import numpy as np
