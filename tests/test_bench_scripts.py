@@ -227,6 +227,19 @@ def test_surrogate_vs_md_quick(bench, tmp_path, capsys):
     assert float(acc[0][2]) == pytest.approx(sys_["jump_ps"])
     assert float(acc[0][4]) > 0 and float(acc[0][5]) > 0  # model and constant F-MSE
     assert float(acc[0][5]) == pytest.approx(sys_["accuracy"]["fmse_constant_A2"], rel=1e-2)
+    # hybrid mode: MD steps before every jump, their time simulated time too (the quick MD
+    # step is 2 fs); the same checkpoint, the MD made above
+    ckpt = next((tmp_path / "r").glob("**/best.pt"))
+    assert vs_md.main(["--quick", "--checkpoint", str(ckpt), "--md-steps", "5", "--data-dir",
+                       str(tmp_path / "d"), "--out-dir", str(tmp_path / "r"), "--json",
+                       str(out), "--no-progress"]) == 0
+    speed = _check(_tables(capsys.readouterr().out)[1])
+    assert "5 MD steps before each" in speed[1][3]
+    hybrid = json.loads(out.read_text())["systems"][0]
+    assert hybrid["surrogate"]["md_steps_per_jump"] == 5
+    assert hybrid["surrogate"]["simulated_ps"] == pytest.approx(3 * (hybrid["jump_ps"] + 0.01))
+    with pytest.raises(SystemExit):
+        vs_md.main(["--quick", "--md-steps", "-1"])
 
 
 def test_surrogate_vs_md_finds_adk_training_data(bench, tmp_path):

@@ -186,10 +186,11 @@ class KineticTemperature:
 
 def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards: str,
                      step_ps: float = MD_STEP_PS, relax_iterations: int = 20,
-                     end_velocities: str = "difference") -> dict[str, Any]:
+                     end_velocities: str = "difference", md_steps: int = 0) -> dict[str, Any]:
     """Time ``n_jumps`` jumps of ``SurrogateSimulation`` from ``state``; count guard results
     and the mean kinetic temperature of the kept end states. Fallback MD runs the MD
-    baseline's integrator settings (``step_ps``)."""
+    baseline's integrator settings (``step_ps``); ``md_steps`` > 0: hybrid mode, that many MD
+    steps before every jump (their time counts as simulated time)."""
     import openmm
     from openmm import unit
 
@@ -204,7 +205,7 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
                               guards=GuardConfig(action=guards,
                                                  relax_iterations=relax_iterations),
                               temperature_K=TEMPERATURE_K, end_velocities=end_velocities,
-                              velocity_seed=0)
+                              velocity_seed=0, md_steps=md_steps)
     sim.context.setPositions(state.getPositions())
     sim.context.setVelocities(state.getVelocities())
     # warm-up: first graph, first energy; compiled, the second graph size compiles once more
@@ -243,7 +244,7 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
             "passed_as_predicted": n_jumps - failed, "relaxed_kept": relaxed_kept,
             "kept_failing": accepted - passing,
             "pass_fraction": passing / max(n_jumps, 1), "guard_action": guards,
-            "end_velocities": end_velocities,
+            "end_velocities": end_velocities, "md_steps_per_jump": md_steps,
             "mean_kinetic_temperature_K": float(np.mean(kinetic.temperatures_K)),
             "guard_failures": {k: v for k, v in failures.items() if v},
             "relaxations": summary["relaxations"] - before["relaxations"],
@@ -379,14 +380,15 @@ def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
     log.info("%s: timing %d jumps of %s (%g ps each)", name, n_jumps, surrogate.name,
              surrogate.jump_ps)
     row["surrogate"] = surrogate_timing(prepared, platform, surrogate, state, n_jumps, guards,
-                                        step_ps, args.relax_iterations, args.end_velocities)
+                                        step_ps, args.relax_iterations, args.end_velocities,
+                                        args.md_steps)
     row["speedup"] = row["surrogate"]["ns_per_s"] / row["md"]["ns_per_s"]
     if args.compile:  # the same jumps from the same state, the model through torch.compile
         compiled = Surrogate.load(checkpoint, device=args.device, compile=True)
         log.info("%s: timing %d jumps of %s compiled", name, n_jumps, surrogate.name)
         row["surrogate_compiled"] = surrogate_timing(
             prepared, platform, compiled, state, n_jumps, guards, step_ps,
-            args.relax_iterations, args.end_velocities)
+            args.relax_iterations, args.end_velocities, args.md_steps)
         row["surrogate_compiled"]["compiled"] = compiled.compiled  # False: compiling failed
         row["speedup_compiled"] = row["surrogate_compiled"]["ns_per_s"] / row["md"]["ns_per_s"]
     return row
@@ -423,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["difference", "thermal"],
                         help="velocities of each kept jump's end state (the next jump's input): "
                              "backward differences or Maxwell-Boltzmann draws")
+    parser.add_argument("--md-steps", type=int, default=0,
+                        help="hybrid mode: MD steps (of the MD row's integrator) before every "
+                             "jump; their time counts as simulated time (default 0: jumps only)")
     parser.add_argument("--adk-checkpoint", default=None)
     parser.add_argument("--adk-model", default="egno", choices=TRAINABLE)
     parser.add_argument("--adk-jumps", type=int, default=5)
@@ -447,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
+    if args.md_steps < 0:
+        parser.error(f"--md-steps must be >= 0 (0: jumps only), got {args.md_steps}")
     setup_logging()
     require_files(checkpoint=args.checkpoint, adk_checkpoint=args.adk_checkpoint)
     if args.quick:
@@ -476,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
                      fmt(m["simulated_ps"]), fmt(m["wall_s"]), fmt(m["ns_per_s"]),
                      fmt(m["ns_per_day"]), "-", "1"])
         body.append([r["system"], r["atoms"], r["platform"],
-                     f"{label}, jump {fmt(r['jump_ps'])} ps, guards {s['guard_action']}",
+                     f"{label}, jump {fmt(r['jump_ps'])} ps, guards {s['guard_action']}"
+                     + (f", {s['md_steps_per_jump']} MD steps before each"
+                        if s.get("md_steps_per_jump") else ""),
                      fmt(s["simulated_ps"]), fmt(s["wall_s"]), fmt(s["ns_per_s"]),
                      fmt(s["ns_per_day"]),
                      passing_cell(s),
