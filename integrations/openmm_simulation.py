@@ -1035,7 +1035,7 @@ class SurrogateSimulation:
         self._fallback_start = self.currentStep - done
         if not done:
             self._begin_md_run(self.steps_per_jump)
-        self.run_md(self.steps_per_jump - done)
+        self._run_md(self.steps_per_jump - done)
         self._fallback_start = None
 
     def _md_segment_before_jump(self, done: int = 0) -> None:
@@ -1047,7 +1047,7 @@ class SurrogateSimulation:
         if not done:
             self._begin_md_run(self.md_steps)
         if not self.propagator.needs_history:
-            self.run_md(self.md_steps - done)
+            self._run_md(self.md_steps - done)
         else:
             # the segment's states on the output grid become history frames
             spacing = int(self._md_frame_steps[0])
@@ -1056,7 +1056,7 @@ class SurrogateSimulation:
                 self.propagator.observe(t, pos)
             while done < self.md_steps:
                 n = spacing - done % spacing
-                self.run_md(n)
+                self._run_md(n)
                 done += n
                 pos, _, t, _ = read_state(self.context)
                 self.propagator.observe(t, pos)
@@ -1124,7 +1124,16 @@ class SurrogateSimulation:
                 self.saveState(stateFile)
 
     def run_md(self, steps: int) -> None:
-        """``steps`` real integrator steps with reporters, exactly as ``Simulation.step``."""
+        """``steps`` real integrator steps with reporters, exactly as ``Simulation.step``
+        (from a state colder than the guards' ``cold_md_fraction`` of the temperature, such as a
+        kept jump end, the MD counts as no MD time for the energy anchor: see
+        :meth:`_begin_md_run`)."""
+        self._begin_md_run(int(steps))
+        self._run_md(steps)
+
+    def _run_md(self, steps: int) -> None:
+        """``run_md`` inside a run that began elsewhere (a fallback, a hybrid segment, a
+        warm-up: :meth:`_begin_md_run` was called at its start)."""
         end = self.currentStep + int(steps)
         while self.currentStep < end:
             left = end - self.currentStep
@@ -1139,10 +1148,12 @@ class SurrogateSimulation:
                 self.integrator.step(10)
                 todo -= 10
             self.integrator.step(todo)
+            # counted before the reports: a checkpoint written by one holds the MD time so far
+            self._count_md(n)
             now = [(rep, r) for rep, r in due if r["steps"] == n]
             if now:
                 self._generate_reports(now)
-        self._after_md(int(steps))
+        self._md_end = read_state(self.context)[0]
 
     def _begin_md_run(self, steps: int) -> None:
         """Before an MD run of ``steps`` steps (a fallback, a hybrid segment, a history
@@ -1155,13 +1166,16 @@ class SurrogateSimulation:
         if self.guards.md_starts_cold(kinetic_energy_kJ_per_mol(vel, self._masses_amu)):
             self._md_ps = -steps * self.md_step_ps
 
-    def _after_md(self, steps: int) -> None:
-        """Count ``steps`` of real MD towards the state's MD time since a surrogate's state,
-        and remember where it ended (a jump from other positions, moved by hand since, starts
-        from no MD: :meth:`_jump`)."""
+    def _count_md(self, steps: int) -> None:
+        """Count ``steps`` of real MD towards the state's MD time since a surrogate's state."""
         self._md_ps += steps * self.md_step_ps
         if abs(self._md_ps) < 1e-9:  # a cold run's debt paid off (no rounding left over)
             self._md_ps = 0.0
+
+    def _after_md(self, steps: int) -> None:
+        """Count ``steps`` of real MD (:meth:`_count_md`) and remember where it ended (a jump
+        from other positions, moved by hand since, starts from no MD: :meth:`_jump`)."""
+        self._count_md(steps)
         self._md_end = read_state(self.context)[0]
 
     def _generate_reports(self, reports: list[tuple[Any, dict]]) -> None:
@@ -1267,7 +1281,7 @@ class SurrogateSimulation:
                 if self.jump_steps:  # MD time outside the step count: logged, not reported
                     self._md_segment(n)
                 else:
-                    self.run_md(n)
+                    self._run_md(n)
                 done += n
                 pos, _, t, _ = read_state(self.context)
                 self.propagator.observe(t, pos)
@@ -1543,8 +1557,10 @@ class SurrogateJumpReporter:
             dt = simulation.integrator.getStepSize().value_in_unit(PS)
             if abs(state.getTime().value_in_unit(PS) - simulation.currentStep * dt) > 1e-6:
                 # the time is ahead of the steps: jumps were taken before (a restart from a
-                # checkpoint of a run with jumps); the last one was at most one interval ago
-                self._jump_step = max(simulation.currentStep - self.interval, 0)
+                # checkpoint of a run with jumps); the last one was at most one interval ago,
+                # and may have left a cold state (see the end of this method): the MD since
+                # the restart counts as none
+                self._jump_step = simulation.currentStep
         context = simulation.context
         constrained = simulation.system.getNumConstraints() > 0
         # the Context's own positions, not the State's: in a periodic System that State is

@@ -243,12 +243,17 @@ def test_the_surrogates_first_states_cannot_lift_the_anchor():
 @pytest.mark.parametrize("end_velocities", ["difference", "thermal"])
 def test_md_from_cold_jump_ends_does_not_move_the_anchor(tmp_path, end_velocities):
     """Hybrid mode, every state of MD counting however short the MD (anchor_md_ps 0), the
-    linear model from cold_start (0.05 K): its kept ends keep that cold, as a deterministic
-    model's difference velocities are on a protein, and the MD segment after each one heats
-    the structure rather than samples it: no segment moves the anchor (before, all four did).
-    With thermal end velocities the segments after the first jump start at ~300 K and count."""
-    sim = jump_sim(tmp_path, broken=False, md_steps=5, end_velocities=end_velocities,
-                   guards=GuardConfig(action="warn", anchor_md_ps=0.0))
+    ``constant`` model from cold_start (0.05 K): its kept ends carry zero difference
+    velocities (a deterministic model's are nearly as cold on a protein), and the MD segment
+    after each one heats the structure rather than samples it: no segment moves the anchor
+    (before, all four did). With thermal end velocities (seeded) the segments after the first
+    jump start at ~300 K and count."""
+    ck = make_checkpoint(cached_md(), tmp_path / "c.pt", model="constant", selection="heavy")
+    top, system, positions = alanine_system()
+    sim = SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform(),
+                              md_steps=5, end_velocities=end_velocities, velocity_seed=1,
+                              guards=GuardConfig(action="warn", anchor_md_ps=0.0))
+    cold_start(sim.context, positions)
     sim.step(4)
     assert sim.n_jumps == 4 and len(sim.guards._energies) == 4
     counted = len(sim.guards._md_energies)
@@ -256,6 +261,27 @@ def test_md_from_cold_jump_ends_does_not_move_the_anchor(tmp_path, end_velocitie
         assert counted == 0 and sim.guards.summary()["energy_anchor_from"] == "start"
     else:  # the first segment runs from cold_start's 0.05 K
         assert counted == 3 and sim.guards.summary()["energy_anchor_from"] == "md"
+
+
+def test_md_run_by_hand_from_a_cold_jump_end_counts_as_none(tmp_path):
+    """SurrogateSimulation.run_md, called by the user after a jump whose end is at 0 K (the
+    constant model): that MD heats, so the next jump's start does not move the anchor; run
+    from a thermal state it does."""
+    ck = make_checkpoint(cached_md(), tmp_path / "c.pt", model="constant", selection="heavy")
+    top, system, positions = alanine_system()
+    counted = []
+    for thermal in (False, True):
+        sim = SurrogateSimulation(top, system, Surrogate.load(ck), platform=reference_platform(),
+                                  guards=GuardConfig(action="warn", anchor_md_ps=0.0))
+        cold_start(sim.context, positions)
+        sim.step(1)
+        if thermal:
+            sim.context.setVelocitiesToTemperature(300 * unit.kelvin, 4)
+        sim.run_md(5)
+        assert sim._md_ps == (pytest.approx(5 * sim.md_step_ps) if thermal else 0.0)
+        sim.step(1)
+        counted.append(len(sim.guards._md_energies))
+    assert counted == [0, 1]
 
 
 def reporter_anchor_counts(tmp_path, **guard_options) -> tuple[int, int]:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -238,6 +239,11 @@ def test_hybrid_restart_from_a_checkpoint_inside_a_cycle_keeps_the_jump_schedule
     keep("every45.chk", "step45.chk")
     keep("every35.chk", "step70.chk")
     assert sim.currentStep == 80 and sim.n_jumps == 4
+    # 5 steps into a 10-step MD segment from a cold jump end: the segment owes its 0.02 ps
+    # (cold_md_fraction) and has paid back half when the checkpoint is written (before, the
+    # clock was saved as it stood when the segment began)
+    with np.load(f"{saved['step45.chk']}.surrogate.npz") as data:
+        assert json.loads(str(data["extra"]))["md_ps"] == pytest.approx(-5 * 0.002)
     end = state_arrays(sim.context.getState(positions=True, velocities=True))
     cycles_done = {"step15.chk": 0, "step45.chk": 2, "step60.chk": 3, "step70.chk": 3}
     for name, done in cycles_done.items():
