@@ -10,7 +10,8 @@ test block), the potential energy (the dataset's own force field) of the end of
 - one raw jump from the MD frame one jump later (the second jump as the MD would start it),
 
 each measured as the guards measure it: the rise over the median energy of the 10 MD frames up to
-the start, against the default energy threshold (``8 kT sqrt(n_dof/2)``). Atoms the model does not
+the start (for the last case, up to the later frame), against the default energy threshold
+(``8 kT sqrt(n_dof/2)``). Atoms the model does not
 predict are rebuilt as the engines rebuild them; no guard, relaxation or MD runs between jumps.
 
 Usage::
@@ -54,21 +55,24 @@ def measure(sur, traj, energy, starts: np.ndarray, threshold: float) -> dict[str
     from integrations.propagator import SurrogatePropagator
 
     lag = int(round(sur.jump_ps / traj.interval_ps))
-    frames = np.unique(np.concatenate([np.arange(s - WINDOW + 1, s + 1) for s in starts]
-                                      + [starts + lag]))
+    frames = np.unique(np.concatenate([np.arange(s - WINDOW + 1, s + 1)
+                                       for s in np.concatenate([starts, starts + lag])]))
     x = dict(zip(frames.tolist(), traj.read(frames)))
     v = dict(zip(frames.tolist(), traj.read(frames, "velocities")))
     prop = SurrogatePropagator(sur)
     rises = {case: [] for case in CASES}
+    def reference(frame: int) -> float:
+        return float(np.median([energy(x[k]) for k in range(frame - WINDOW + 1, frame + 1)]))
+
     for s in starts.tolist():
-        ref = float(np.median([energy(x[k]) for k in range(s - WINDOW + 1, s + 1)]))
+        ref, ref_later = reference(s), reference(s + lag)
         first = prop.jump(x[s], v[s], 0.0)
         end, end_vel = first.positions_A[-1], first.velocities_A_per_ps[-1]
         ends = [end, prop.jump(end, end_vel, sur.jump_ps).positions_A[-1],
                 prop.jump(end, v[s + lag], sur.jump_ps).positions_A[-1],
                 prop.jump(x[s + lag], v[s + lag], sur.jump_ps).positions_A[-1]]
-        for case, state in zip(CASES, ends):
-            rises[case].append(energy(state) - ref)
+        for case, state, base in zip(CASES, ends, (ref, ref, ref, ref_later)):
+            rises[case].append(energy(state) - base)
     return {case: {"rises_kJ_per_mol": r, "median": float(np.median(r)), "min": float(min(r)),
                    "max": float(max(r)), "over_threshold": int(sum(e > threshold for e in r))}
             for case, r in rises.items()}

@@ -159,10 +159,12 @@ class KineticTemperature:
     """A reporter recording the kinetic temperature (K) of every reported state, from the
     System's degrees of freedom (OpenMM's count: massive particles, constraints, CMMotionRemover)."""
 
-    def __init__(self, system) -> None:
+    def __init__(self, system, every: int = 1) -> None:
         from openmm import unit
 
         from integrations.guards import kt_kJ_per_mol
+
+        self.every = int(every)  # steps between reports: one cycle (jump ends only)
         from integrations.openmm_simulation import degrees_of_freedom
 
         dof = degrees_of_freedom(system)  # as OpenMM's StateDataReporter counts
@@ -174,7 +176,8 @@ class KineticTemperature:
     def describeNextReport(self, simulation) -> dict:
         # velocities only: asking for energies would cost a force evaluation per jump inside
         # the timed loop
-        return {"steps": 1, "periodic": False, "include": ["velocities"]}
+        return {"steps": self.every - simulation.currentStep % self.every, "periodic": False,
+                "include": ["velocities"]}
 
     def report(self, simulation, state) -> None:
         from openmm import unit
@@ -213,7 +216,9 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
     t0 = sim.context.getState().getTime().value_in_unit(unit.picosecond)
     jumps0, fallbacks0 = sim.n_jumps, sim.n_fallbacks
     before = sim.guard_summary()  # the warm-up jump's guard results are not timed
-    kinetic = KineticTemperature(prepared.system)
+    # at the jump ends only (in hybrid mode a cycle is the MD segment and the jump's steps)
+    kinetic = KineticTemperature(prepared.system,
+                                 md_steps + sim.steps_per_jump if md_steps else 1)
     sim.reporters.append(kinetic)
     start = time.perf_counter()
     sim.step(n_jumps)
