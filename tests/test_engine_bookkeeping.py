@@ -347,6 +347,34 @@ def test_real_md_energies_lift_the_anchor_from_a_minimised_start(tmp_path):
     assert as_md.energy_anchor_kJ_per_mol > as_surrogate.energy_anchor_kJ_per_mol + 20.0
 
 
+def test_jump_reporter_resumed_counts_the_md_since_the_restart_as_none(tmp_path):
+    """A SurrogateJumpReporter on a Simulation resumed from a checkpoint of a run with jumps
+    cannot know whether the last jump left a cold state: the MD up to the first report after
+    the restart is recorded as the surrogate's (before, as one interval of real MD since a
+    jump, which moved the anchor); the reports after it count again."""
+    from integrations.openmm_simulation import SurrogateJumpReporter
+
+    ck = make_checkpoint(cached_md(), tmp_path / "lin.pt", selection="heavy")
+    top, system, positions = alanine_system()
+    guards = GuardConfig(action="warn", anchor_md_ps=0.002, cold_md_fraction=0.0)
+    sim = app.Simulation(top, system, openmm.VerletIntegrator(0.0005 * PS), reference_platform())
+    cold_start(sim.context, positions)
+    sim.reporters.append(SurrogateJumpReporter(ck, interval=4, guards=guards))
+    sim.step(8)
+    chk = tmp_path / "run.chk"
+    sim.saveCheckpoint(str(chk))
+    again = app.Simulation(top, system, openmm.VerletIntegrator(0.0005 * PS),
+                           reference_platform())
+    again.loadCheckpoint(str(chk))
+    jumper = SurrogateJumpReporter(ck, interval=4, guards=guards)
+    again.reporters.append(jumper)
+    again.step(4)
+    assert jumper.n_jumps == 1
+    assert (len(jumper.guards._md_energies), len(jumper.guards._energies)) == (0, 1)
+    again.step(8)
+    assert (len(jumper.guards._md_energies), len(jumper.guards._energies)) == (2, 3)
+
+
 def test_jump_reporter_counts_the_simulations_md_since_the_last_jump(tmp_path):
     """SurrogateJumpReporter: the Simulation's own MD between jumps moves the anchor only when
     ``interval`` steps are at least ``anchor_md_ps`` (here 4 steps of 0.5 fs = 2 fs; MD from
