@@ -210,7 +210,7 @@ class Guards:
         self._validity = val
         self._model_atoms = np.asarray(s.model_atoms)
         self._ca_pairs = _consecutive_ca_pairs(s.topology)
-        n_dof = self.n_dof if self.n_dof is not None else 3 * s.n_atoms
+        n_dof = self._n_dof = self.n_dof if self.n_dof is not None else 3 * s.n_atoms
         self.energy_jump_kJ_per_mol = (self.config.energy_jump_kJ_per_mol
                                        if self.config.energy_jump_kJ_per_mol is not None
                                        else default_energy_threshold(n_dof, self.temperature))
@@ -275,8 +275,7 @@ class Guards:
         ``n_dof``) heats it rather than samples: a kinetic temperature below
         ``config.cold_md_fraction`` of :attr:`temperature`. The engines then count that MD run
         as no MD time towards ``anchor_md_ps`` (see the module doc)."""
-        n_dof = self.n_dof if self.n_dof is not None else 3 * self.surrogate.n_atoms
-        t_kin = 2.0 * float(kinetic_energy_kJ_per_mol) / (max(n_dof, 1) * kt_kJ_per_mol(1.0))
+        t_kin = kinetic_temperature_K(kinetic_energy_kJ_per_mol, self._n_dof)
         return bool(t_kin < self.config.cold_md_fraction * self.temperature)
 
     def _append(self, e: float) -> None:
@@ -491,6 +490,11 @@ def kt_kJ_per_mol(temperature_K: float) -> float:
     return r * temperature_K
 
 
+def kinetic_temperature_K(kinetic_energy_kJ_per_mol: float, n_dof: int) -> float:
+    """K: ``2 KE / (n_dof R)``, as OpenMM's ``StateDataReporter`` computes it."""
+    return 2.0 * float(kinetic_energy_kJ_per_mol) / (max(n_dof, 1) * kt_kJ_per_mol(1.0))
+
+
 def _consecutive_ca_pairs(topology: dict) -> np.ndarray:
     """(K, 2) atom pairs CA(i), CA(i+1) of a checkpoint's topology dict (see
     :func:`~surrogate_md.metrics.ca_pairs_of`)."""
@@ -508,5 +512,4 @@ def guard_error_message(events: list[GuardEvent], source: str) -> str:
 
 
 __all__ = ["ACTIONS", "GuardConfig", "GuardEvent", "Guards", "default_energy_threshold",
-           "kt_kJ_per_mol",
-           "guard_error_message"]
+           "kinetic_temperature_K", "kt_kJ_per_mol", "guard_error_message"]

@@ -160,17 +160,11 @@ class KineticTemperature:
     System's degrees of freedom (OpenMM's count: massive particles, constraints, CMMotionRemover)."""
 
     def __init__(self, system, every: int = 1) -> None:
-        from openmm import unit
-
-        from integrations.guards import kt_kJ_per_mol
+        from integrations.openmm_simulation import degrees_of_freedom, system_masses_amu
 
         self.every = int(every)  # steps between reports: one cycle (jump ends only)
-        from integrations.openmm_simulation import degrees_of_freedom
-
-        dof = degrees_of_freedom(system)  # as OpenMM's StateDataReporter counts
-        self._per_kj = 2.0 / (dof * kt_kJ_per_mol(1.0))  # K per kJ/mol of kinetic energy
-        self._masses = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
-                                 for i in range(system.getNumParticles())])
+        self._dof = degrees_of_freedom(system)  # as OpenMM's StateDataReporter counts
+        self._masses = system_masses_amu(system)
         self.temperatures_K: list[float] = []
 
     def describeNextReport(self, simulation) -> dict:
@@ -182,9 +176,12 @@ class KineticTemperature:
     def report(self, simulation, state) -> None:
         from openmm import unit
 
-        v = state.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond)
-        ke = 0.5 * float((self._masses[:, None] * np.asarray(v) ** 2).sum())  # kJ/mol
-        self.temperatures_K.append(ke * self._per_kj)
+        from integrations.guards import kinetic_temperature_K
+        from integrations.openmm_simulation import kinetic_energy_kJ_per_mol
+
+        v = state.getVelocities(asNumpy=True).value_in_unit(unit.angstrom / unit.picosecond)
+        ke = kinetic_energy_kJ_per_mol(np.asarray(v), self._masses)
+        self.temperatures_K.append(kinetic_temperature_K(ke, self._dof))
 
 
 def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards: str,
