@@ -23,8 +23,11 @@ EDGE_TYPE = "edge_type"  # (E,) long: 0 = bond / radius edge, 1 = two-hop edge
 TIMES = "times"  # (P,) float, ps: output time offsets after t0, shared by the batch
 TARGET = "target"  # (P, N, C, 3) float, Å: reference positions at t0 + TIMES
 TARGET_MASK = "target_mask"  # (N,) bool, optional: nodes that count in the loss
+# (J, P, N, C, 3) float, Å, training with train.rollout_jumps = J + 1 only: reference positions
+# of the J jumps chained after the first, at t0 + j·ΔT + TIMES (j = 1..J)
+ROLLOUT = "rollout"
 
 ALL_KEYS = (
     POS, VEL, HIST, HIST_DT, NODE_TYPE, MASS, GRAPH, N_GRAPHS,
-    EDGE_INDEX, EDGE_TYPE, TIMES, TARGET, TARGET_MASK,
+    EDGE_INDEX, EDGE_TYPE, TIMES, TARGET, TARGET_MASK, ROLLOUT,
 )

@@ -285,6 +285,19 @@ class GraphBuilder:
                              max_neighbours=self.spec.max_neighbours)
         return e, torch.zeros(e.shape[1], dtype=torch.long)
 
+    def batch_edges(self, nodes: torch.Tensor, graph: torch.Tensor, edge_index: torch.Tensor,
+                    edge_type: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Edges of a whole batch whose nodes moved to ``nodes`` (N, C, 3) Å (``graph`` (N,):
+        the system of every node): radius graphs are rebuilt on the device of ``nodes``, per
+        system, in the order :func:`collate` gives the per-system graphs; bond and full graphs
+        do not depend on positions, and the batch's ``edge_index``/``edge_type`` are returned.
+        """
+        if self.spec.kind != "radius":
+            return edge_index, edge_type
+        e = radius_edges(nodes[:, self.spec.channel(nodes.shape[1])], self.spec.cutoff_A,
+                         graph=graph, max_neighbours=self.spec.max_neighbours)
+        return e, torch.zeros(e.shape[1], dtype=torch.long, device=e.device)
+
     def to_dict(self) -> dict:
         return {"spec": self.spec.to_dict(),
                 "bonds": None if self.bonds is None else self.bonds.tolist()}
@@ -309,11 +322,17 @@ class WindowDataset(torch.utils.data.Dataset):
         in_memory: load files into RAM (``"auto"``: when under 2 GiB in total).
         velocities: input velocities, ``"auto"`` | ``"file"`` | ``"difference"``
             (:func:`uses_finite_difference`).
+        rollout_jumps: R >= 1; above 1, items also carry ``rollout`` (R - 1, P, nodes, C, 3) Å,
+            the reference frames of the R - 1 jumps that follow the first
+            (``train.rollout_jumps``); every window must have those frames in its file.
     """
 
     def __init__(self, files: list[TrajectoryFile], windows: np.ndarray, protocol: Protocol,
                  selection: NodeSelection, graph: GraphBuilder, in_memory: bool | str = "auto",
-                 velocities: str = "auto") -> None:
+                 velocities: str = "auto", rollout_jumps: int = 1) -> None:
+        if rollout_jumps < 1:
+            raise ValueError(f"rollout_jumps must be >= 1, got {rollout_jumps}")
+        self.rollout_jumps = int(rollout_jumps)
         self.files = files
         self.windows = np.asarray(windows, dtype=np.int64).reshape(-1, 2)
         self.protocol = protocol
@@ -346,7 +365,13 @@ class WindowDataset(torch.utils.data.Dataset):
         p = self.protocol
         hist = -np.arange(p.history)[::-1] * p.history_stride
         extra = np.array([-1] if self.finite_difference else [], dtype=np.int64)
-        return np.unique(np.concatenate([hist, extra, p.out_frames])).astype(np.int64)
+        return np.unique(np.concatenate([hist, extra, *self.rollout_frames()])).astype(np.int64)
+
+    def rollout_frames(self) -> np.ndarray:
+        """(R, P) frame offsets after t0 of the targets of each chained jump (row 0: the
+        first jump's ``out_frames``)."""
+        p = self.protocol
+        return p.out_frames[None, :] + p.jump_frames * np.arange(self.rollout_jumps)[:, None]
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         fi, t0 = self.windows[i]
@@ -368,6 +393,10 @@ class WindowDataset(torch.utils.data.Dataset):
             K.NODE_TYPE: self.node_type,
             K.MASS: self.mass,
         }
+        if self.rollout_jumps > 1:
+            later = self.rollout_frames()[1:]
+            item[K.ROLLOUT] = sel[[at[int(o)] for o in later.ravel()]].reshape(
+                *later.shape, *pos.shape)
         if p.kind == "history":
             item[K.HIST] = sel[[at[int(-k * p.history_stride)]
                                 for k in range(p.history - 1, -1, -1)]]
@@ -386,7 +415,8 @@ class WindowDataset(torch.utils.data.Dataset):
 def collate(items: list[dict]) -> dict[str, torch.Tensor]:
     """Concatenate per-system items into one flat-node batch (see :mod:`surrogate_md.data.keys`).
 
-    Node-wise arrays are concatenated along the node axis (axis 1 for ``hist``/``target``),
+    Node-wise arrays are concatenated along the node axis (axis 1 for ``hist``/``target``, 2 for
+    ``rollout``),
     edges are offset by each system's first node, ``graph`` records the system of every node.
     Float arrays become float64 tensors; cast with ``batch_to``.
     """
@@ -396,7 +426,7 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     out: dict[str, torch.Tensor] = {}
     for key, axis in ((K.POS, 0), (K.VEL, 0), (K.NODE_TYPE, 0), (K.MASS, 0), (K.HIST, 1),
-                      (K.TARGET, 1), (K.TARGET_MASK, 0)):
+                      (K.TARGET, 1), (K.TARGET_MASK, 0), (K.ROLLOUT, 2)):
         if key in items[0]:
             out[key] = torch.as_tensor(np.concatenate([np.asarray(it[key]) for it in items],
                                                       axis=axis))

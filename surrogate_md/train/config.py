@@ -179,7 +179,16 @@ class TrainConfig:
     input_noise_A: standard deviation (Å, per coordinate) of Gaussian noise added to the input
     positions (and history frames) of every training window, the targets left as the MD's: the
     model learns to bring slightly displaced inputs back onto the MD's path, as it must when its
-    own outputs become its next inputs (0 = off; validation and test never see noise).
+    own outputs become its next inputs (0 = off; validation and test never see noise);
+    rollout_jumps: R >= 1 chained jumps per training window (s2t protocol). Above 1, each
+    window's first jump is followed by R - 1 more, each from the model's own end state as the
+    engines chain jumps (positions: the last predicted frame; velocities: the backward difference
+    of the last two; radius graphs rebuilt on those positions), each scored against the MD
+    frames of its interval; the loss is the mean of the R jump losses. No gradient flows through
+    a later jump's start (the pushforward trick): the model learns to continue from its own
+    outputs, not to steer them. Costs R forward and backward passes per step; training windows
+    must hold the R jumps (:func:`~surrogate_md.train.data.rollout_windows`); validation and
+    test metrics stay one-jump.
     """
 
     optimiser: str = "adamw"
@@ -198,6 +207,7 @@ class TrainConfig:
     max_steps_per_epoch: int = 0
     eval_batch_size: int = 0
     input_noise_A: float = 0.0
+    rollout_jumps: int = 1
 
     def __post_init__(self) -> None:
         _choice("train.optimiser", self.optimiser, OPTIMISERS)
@@ -205,6 +215,7 @@ class TrainConfig:
         _choice("train.loss", self.loss, LOSSES)
         _positive("train.lr", self.lr)
         _positive("train.batch_size", self.batch_size)
+        _positive("train.rollout_jumps", self.rollout_jumps)
         for name in ("weight_decay", "warmup_epochs", "epochs", "patience", "grad_clip",
                      "max_steps_per_epoch", "eval_batch_size", "input_noise_A"):
             _non_negative(f"train.{name}", getattr(self, name))

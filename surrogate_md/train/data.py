@@ -87,9 +87,13 @@ class PreparedData:
             f.close()
 
 
-def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
-                 ) -> PreparedData:
+def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto",
+                 rollout_jumps: int = 1) -> PreparedData:
     """Open the files of ``cfg``, build protocol, selection, graph, splits and datasets.
+
+    ``rollout_jumps`` (``train.rollout_jumps``) > 1 gives the training dataset the reference
+    frames of that many chained jumps (:func:`rollout_windows` keeps the training windows that
+    have them); validation and test stay one-jump windows.
 
     Raises:
         DataError: missing/unreadable files, files of different systems, too few frames.
@@ -141,17 +145,54 @@ def prepare_data(cfg: DataConfig, seed: int = 0, in_memory: bool | str = "auto"
     if len(windows["train"]) == 0:
         raise DataError(f"{first.path}: the split leaves no training windows; generate more "
                         "frames, shorten the jump or change data.fractions/counts")
+    if rollout_jumps > 1:
+        windows["train"] = rollout_windows(windows["train"], files, protocol, rollout_jumps,
+                                           cfg.split)
     prepared = PreparedData(cfg, files, first.topology, protocol, interval, selection, graph,
                             windows, identity=identity)
     for name, w in windows.items():
-        prepared.datasets[name] = WindowDataset(files, w, protocol, selection, graph,
-                                                in_memory=in_memory, velocities=cfg.velocities)
+        prepared.datasets[name] = WindowDataset(
+            files, w, protocol, selection, graph, in_memory=in_memory, velocities=cfg.velocities,
+            rollout_jumps=rollout_jumps if name == "train" else 1)
     log.info("data: %s, %d atoms -> %d %s nodes x %d channels; jump %g ps (%d frames), P = %d; "
              "windows train/val/test = %d/%d/%d", ", ".join(Path(p).name for p in cfg.paths),
              first.n_atoms, selection.n_nodes, cfg.selection, selection.n_channels,
              protocol.jump_frames * interval, protocol.jump_frames, protocol.n_out,
              *(len(windows[k]) for k in ("train", "val", "test")))
     return prepared
+
+
+def rollout_windows(train: np.ndarray, files: list[TrajectoryFile], protocol: Protocol,
+                    jumps: int, split: str) -> np.ndarray:
+    """The training windows (n, 2) (file, t0) that hold ``jumps`` chained jumps.
+
+    Blocked split: those whose later jumps end at or before the last frame the training block
+    already reads (t0 + jumps·ΔT <= last training t0 + ΔT of the file), so the chained targets
+    never reach into the gap or the validation and test blocks. Paper split (start frames drawn
+    over the whole trajectory, which the one-jump windows of its splits share already): those
+    whose later jumps end inside the file.
+
+    Raises:
+        DataError: no training window is long enough, naming the file and the fix.
+    """
+    jump = protocol.jump_frames
+    keep = np.zeros(len(train), dtype=bool)
+    for fi, f in enumerate(files):
+        mine = train[:, 0] == fi
+        if not mine.any():
+            continue
+        last = (int(train[mine, 1].max()) + jump if split == "blocked" else f.n_frames - 1)
+        keep |= mine & (train[:, 1] + jumps * jump <= last)
+    if not keep.any():
+        paths = ", ".join(str(f.path) for f in files)
+        raise DataError(f"{paths}: no training window has room for train.rollout_jumps = "
+                        f"{jumps} chained jumps of {jump} frames inside "
+                        f"{'its training block' if split == 'blocked' else 'its file'}; lower "
+                        "train.rollout_jumps, shorten data.jump_ps or generate more frames")
+    if not keep.all():
+        log.info("train.rollout_jumps = %d: %d of %d training windows hold %d chained jumps "
+                 "and train", jumps, int(keep.sum()), len(train), jumps)
+    return train[keep]
 
 
 def ignored_settings(cfg: DataConfig) -> list[str]:

@@ -173,6 +173,11 @@ def resolve_model_options(config: RunConfig) -> RunConfig:
                           "reads only the frame at t0 and would ignore them; set data.protocol: "
                           f"s2t for {name!r}, or model.name to a model that reads history "
                           f"({', '.join(readers)})")
+    if config.train.rollout_jumps > 1 and config.data.protocol != "s2t":
+        raise ConfigError(f"train.rollout_jumps = {config.train.rollout_jumps} chains jumps of "
+                          "the s2t protocol; the history protocol's next input needs past "
+                          "frames the jumps do not all give. Set train.rollout_jumps: 1 or "
+                          "data.protocol: s2t")
     model = dataclasses.replace(config.model, options=opts)
     return config.replace(model=model)
 
@@ -257,6 +262,34 @@ def with_input_noise(batch: dict[str, torch.Tensor], sigma_A: float) -> dict[str
         out[K.POS] = out[K.HIST][-1]
     else:
         out[K.POS] = batch[K.POS] + sigma_A * torch.randn_like(batch[K.POS])
+    return out
+
+
+def next_jump_batch(batch: dict[str, torch.Tensor], pred: torch.Tensor, jump: int,
+                    graph: Any) -> dict[str, torch.Tensor]:
+    """The batch of chained jump ``jump`` (1 = the second) of ``train.rollout_jumps``, which
+    starts where ``pred`` (P, N, C, 3) Å, the previous jump's prediction, ends.
+
+    As the engines and :meth:`~surrogate_md.Surrogate.rollout` chain jumps: positions are the
+    last predicted frame, velocities the backward difference of the last two (the input and the
+    only frame when P = 1) over their time spacing (Å/ps), and radius graphs are rebuilt on the
+    new positions (``graph``: the dataset's :class:`~surrogate_md.data.windows.GraphBuilder`).
+    ``pred`` is detached: no gradient flows through the start of a later jump. The targets are
+    ``batch[ROLLOUT][jump - 1]``, the MD frames of the jump's interval.
+    """
+    pred = pred.detach().to(batch[K.POS].dtype)
+    times = batch[K.TIMES]
+    if pred.shape[0] > 1:
+        prev, dt = pred[-2], times[-1] - times[-2]
+    else:
+        prev, dt = batch[K.POS], times[-1]
+    out = dict(batch)
+    out[K.POS] = pred[-1]
+    out[K.VEL] = (pred[-1] - prev) / dt
+    out[K.EDGE_INDEX], out[K.EDGE_TYPE] = graph.batch_edges(
+        out[K.POS], batch[K.GRAPH], batch[K.EDGE_INDEX], batch[K.EDGE_TYPE])
+    out[K.TARGET] = batch[K.ROLLOUT][jump - 1]
+    del out[K.ROLLOUT]
     return out
 
 
@@ -667,7 +700,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, dist: Dist, replaced: Path | N
     if dist.main:
         for message in ignored_settings(cfg.data):
             log.warning("%s", message)
-    prepared = prepare_data(cfg.data, seed=cfg.train.data_seed)
+    prepared = prepare_data(cfg.data, seed=cfg.train.data_seed,
+                            rollout_jumps=cfg.train.rollout_jumps)
     try:
         if ckpt is not None:
             check_data_identity(ckpt, prepared, last)
@@ -911,6 +945,7 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, ckpt: dict | None, d
         model.train()
         train_sums = ErrorSums()
         loss_sum, n_batches, n_samples, n_seen = 0.0, 0, 0, 0
+        later_sum, later_n = 0.0, 0  # A-MSE of the chained jumps after the first
         t0 = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -924,15 +959,31 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, ckpt: dict | None, d
             batch = batch_to(batch, device, torch.float32)
             if tc.input_noise_A:
                 batch = with_input_noise(batch, tc.input_noise_A)
-            with _dtype_context(device, rc.precision):
-                pred = forward(batch)
-            pred = pred.float()
-            loss = batch_amse(pred, batch[K.TARGET])
-            if not torch.isfinite(loss):
-                raise ConfigError(f"training diverged at epoch {epoch + 1}, step {step + 1} "
-                                  f"(loss {float(loss)}); lower train.lr or set train.grad_clip")
             optimiser.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # one forward and backward pass per chained jump (rollout_jumps > 1), the gradients
+            # summed; under DDP only the last backward pass synchronises them
+            jump_batch, jump_pred, loss_value = batch, None, 0.0
+            for jump in range(tc.rollout_jumps):
+                if jump_pred is not None:
+                    jump_batch = next_jump_batch(batch, jump_pred, jump, train_ds.graph)
+                last_jump = jump == tc.rollout_jumps - 1
+                with (contextlib.nullcontext() if last_jump or not dist.active
+                      else net.no_sync()):
+                    with _dtype_context(device, rc.precision):
+                        jump_pred = forward(jump_batch).float()
+                    loss = batch_amse(jump_pred, jump_batch[K.TARGET])
+                    if not torch.isfinite(loss):
+                        raise ConfigError(
+                            f"training diverged at epoch {epoch + 1}, step {step + 1}"
+                            f"{f', chained jump {jump + 1}' if jump else ''} (loss "
+                            f"{float(loss)}); lower train.lr or set train.grad_clip")
+                    scaler.scale(loss / tc.rollout_jumps).backward()
+                loss_value += float(loss.detach()) / tc.rollout_jumps
+                if jump == 0:
+                    pred = jump_pred.detach()
+                else:
+                    later_sum += float(loss.detach())
+                    later_n += 1
             if tc.grad_clip:
                 scaler.unscale_(optimiser)
                 torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
@@ -949,7 +1000,6 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, ckpt: dict | None, d
             elif real:
                 keep = batch[K.GRAPH] < real  # systems are numbered in batch order
                 train_sums.add(pred[:, keep], batch[K.TARGET][:, keep])
-            loss_value = float(loss.detach())
             loss_sum += loss_value
             n_batches += 1
             n_samples += real
@@ -965,7 +1015,8 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, ckpt: dict | None, d
             train_sums.per_time = np.zeros(train_ds.protocol.n_out)
         train_sums = _all_reduce_sums(train_sums, dist)
         # train_loss: mean over the optimiser steps of all ranks of the loss they minimised
-        loss_sum, n_batches, n_samples = _all_reduce([loss_sum, n_batches, n_samples], dist)
+        loss_sum, n_batches, n_samples, later_sum, later_n = _all_reduce(
+            [loss_sum, n_batches, n_samples, later_sum, later_n], dist)
         n_samples = int(round(n_samples))
         lr = optimiser.param_groups[0]["lr"]
         scheduler.step()
@@ -978,6 +1029,8 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, ckpt: dict | None, d
                   "samples": n_samples,
                   "samples_per_s": n_samples / max(elapsed, 1e-9),
                   "epoch_time_s": elapsed, "peak_memory_MiB": _peak_memory_mib(device)}
+        if tc.rollout_jumps > 1:  # batch means over the steps, padding included
+            record["train_later_jumps_amse"] = float(later_sum / max(later_n, 1))
         history.append(record)
         metric = val.amse if len(val_ds) else record["train_amse"]
         improved = metric < best
@@ -985,8 +1038,10 @@ def _fit(cfg: RunConfig, prepared: PreparedData, out: Path, ckpt: dict | None, d
             best, best_epoch, bad_epochs = metric, epoch + 1, 0
         else:
             bad_epochs += 1
-        log.info("epoch %d/%d: train A-MSE %.5g, val F-MSE %.5g A-MSE %.5g Å²/atom, lr %.3g, "
-                 "%.0f samples/s%s", epoch + 1, tc.epochs, record["train_amse"], val.fmse,
+        later = (f", chained jumps A-MSE {record['train_later_jumps_amse']:.5g}"
+                 if tc.rollout_jumps > 1 else "")
+        log.info("epoch %d/%d: train A-MSE %.5g%s, val F-MSE %.5g A-MSE %.5g Å²/atom, lr %.3g, "
+                 "%.0f samples/s%s", epoch + 1, tc.epochs, record["train_amse"], later, val.fmse,
                  val.amse, lr, record["samples_per_s"], " (best)" if improved else "")
         if dist.main:
             if improved:
@@ -1048,4 +1103,5 @@ def _finish(cfg: RunConfig, model: torch.nn.Module, prepared: PreparedData, out:
     return out / "best.pt"
 
 
-__all__ = ["evaluate_dataset", "lr_factor", "resolve_model_options", "train", "with_input_noise"]
+__all__ = ["evaluate_dataset", "lr_factor", "next_jump_batch", "resolve_model_options", "train",
+           "with_input_noise"]
