@@ -11,6 +11,11 @@ dynamics. The frames of the last jump are in ``dyn.last_jump`` (times ``dyn.last
 for observers; ``write_intermediate=True`` also writes them to the trajectory. The atoms'
 constraints (FixAtoms...) apply to every frame, in time order from the jump's start.
 
+Settling (``settle_iterations``, default 10, as in ``SurrogateSimulation``): with a calculator
+attached, the atoms a partial model does not predict (rebuilt rigidly around the predicted ones)
+get at most that many L-BFGS steps after every jump, the predicted atoms held by a ``FixAtoms``
+added for those steps (the atoms' own constraints apply too), before the guards judge the jump.
+
 Guard actions: ``raise``; ``warn`` (keep the jump unless it is NaN); ``fallback`` (discard the
 jump and run ``fallback_dynamics`` - any ASE MD bound to the same atoms, e.g. VelocityVerlet -
 for the jump's length); ``relax`` (FIRE with the attached calculator, stopping at the first state
@@ -68,7 +73,12 @@ from ase.md.md import MolecularDynamics
 
 from integrations.guards import GuardConfig, Guards, guard_error_message
 from integrations.openmm_simulation import load_surrogate
-from integrations.propagator import SAME_STATE_A, SurrogatePropagator
+from integrations.propagator import (
+    DEFAULT_SETTLE_ITERATIONS,
+    SAME_STATE_A,
+    SurrogatePropagator,
+    checked_settle_iterations,
+)
 from integrations.writers import PS_IN_ASE_TIME
 from surrogate_md.errors import EngineError, GuardError
 from surrogate_md.fileio import atomic_path
@@ -76,6 +86,8 @@ from surrogate_md.fileio import atomic_path
 log = logging.getLogger(__name__)
 
 KJ_PER_MOL_IN_EV = units.kJ / units.mol
+#: settling stops at this largest force: 10 kJ/mol/nm, OpenMM's minimiser tolerance, in eV/Å
+SETTLE_FMAX_EV_PER_A = 1.0 * KJ_PER_MOL_IN_EV
 
 RESTART_FORMAT = "surrogate-md SurrogateDynamics state"
 RESTART_VERSION = 1
@@ -109,6 +121,8 @@ class SurrogateDynamics(MolecularDynamics):
             deterministic jumps).
         noise_seed: seed of the noise draws (independent of the thermal draws even for the
             same seed); None: not reproducible.
+        settle_iterations: with a calculator, the atoms the model does not predict get at most
+            this many L-BFGS steps after every jump, the predicted ones held (0 = off).
         restart: path of a state file (:meth:`save_state`), as for ASE's optimizers: when it
             exists it is loaded (:meth:`load_state`; an error when it does not belong to
             ``atoms``), and it is rewritten with every trajectory frame (every ``loginterval``
@@ -124,8 +138,9 @@ class SurrogateDynamics(MolecularDynamics):
                  end_velocities: str = "difference", velocity_seed: int | None = None,
                  append_trajectory: bool = False, restart: str | os.PathLike | None = None,
                  jump_noise=None, noise_scale: float = 1.0, noise_seed: int | None = None,
-                 **kwargs) -> None:
+                 settle_iterations: int = DEFAULT_SETTLE_ITERATIONS, **kwargs) -> None:
         self.surrogate = load_surrogate(surrogate)
+        self.settle_iterations = checked_settle_iterations(settle_iterations)
         self.surrogate.check_atomic_numbers(atoms.get_atomic_numbers())
         if md_steps and md_dynamics is None:
             raise EngineError("md_steps > 0 needs md_dynamics (an ASE MD bound to the same "
@@ -254,7 +269,8 @@ class SurrogateDynamics(MolecularDynamics):
         d = super().todict()
         d.update({"surrogate": self.surrogate.name, "jump_ps": self.surrogate.jump_ps,
                   "checkpoint_hash": self.surrogate.checkpoint_hash, "md_steps": self.md_steps,
-                  "guard_action": self.guards.action, "restart": self.restart})
+                  "guard_action": self.guards.action, "restart": self.restart,
+                  "settle_iterations": self.settle_iterations})
         noise = self.propagator.describe_noise()
         if noise is not None:  # JumpNoise.describe() and its scale
             d["jump_noise"] = noise
@@ -603,6 +619,9 @@ class SurrogateDynamics(MolecularDynamics):
                     self._constrain_frames(result)
                     final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
                 self._set(final, fvel)
+                if (self.settle_iterations and atoms.calc is not None
+                        and self.surrogate.n_model_atoms < len(atoms)):
+                    final = self._settle()
                 energy = self._energy_kJ_per_mol()
             events = self.guards.check(final, fvel, energy_kJ_per_mol=energy,
                                        jump=self.n_jumps + self.n_fallbacks, time_ps=end)
@@ -676,6 +695,24 @@ class SurrogateDynamics(MolecularDynamics):
             self._set(frame, vel)
             result.positions_A[k] = atoms.get_positions()
             result.velocities_A_per_ps[k] = atoms.get_velocities() * PS_IN_ASE_TIME
+
+    def _settle(self) -> np.ndarray:
+        """At most ``settle_iterations`` L-BFGS steps with the attached calculator on the atoms
+        the model does not predict, the predicted ones held by a ``FixAtoms`` added for the
+        steps (the atoms' own constraints are put back as they were). Returns the positions Å;
+        the momenta are left as the jump set them."""
+        from ase.constraints import FixAtoms
+        from ase.optimize import LBFGS
+
+        atoms = self.atoms
+        own = list(atoms.constraints)
+        atoms.set_constraint([*own, FixAtoms(indices=self.surrogate.model_atoms)])
+        try:
+            LBFGS(atoms, logfile=None).run(fmax=SETTLE_FMAX_EV_PER_A,
+                                           steps=self.settle_iterations)
+        finally:
+            atoms.set_constraint(own)
+        return atoms.get_positions()
 
     def _relax(self, jump: int, time_ps: float) -> list:
         """The ``relax`` action: FIRE with the attached calculator for at most

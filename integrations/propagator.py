@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -67,9 +68,23 @@ log = logging.getLogger(__name__)
 
 _TIME_KEY_PER_PS = 1_000_000  # states are matched by time to 1e-6 ps
 SAME_STATE_A = 1e-3  # a remembered state and a new one at the same time closer than this agree
+#: minimiser iterations the engines give the atoms a partial model does not predict after every
+#: jump, the predicted atoms held as predicted (``settle_iterations``)
+DEFAULT_SETTLE_ITERATIONS = 10
 # mixed into the noise draws' seed: the same integer seeds the thermal velocity draws (their
 # generator is default_rng(seed)), and the two streams must not be the same numbers
 _NOISE_STREAM = 0x6A756D70_6E6F6973  # "jumpnois"
+
+
+def checked_settle_iterations(value: Any) -> int:
+    """``settle_iterations`` of an engine as an int; an :class:`EngineError` unless it is a
+    whole number >= 0."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer))
+            or not np.isfinite(value) or value < 0 or int(value) != value):
+        raise EngineError(f"settle_iterations must be a whole number >= 0 (0 = the atoms the "
+                          f"model does not predict stay where the rebuild puts them), got "
+                          f"{value!r}")
+    return int(value)
 
 
 @dataclass
@@ -415,4 +430,5 @@ class SurrogatePropagator:
         return vel
 
 
-__all__ = ["JumpResult", "SurrogatePropagator"]
+__all__ = ["DEFAULT_SETTLE_ITERATIONS", "JumpResult", "SurrogatePropagator",
+           "checked_settle_iterations"]

@@ -53,6 +53,8 @@ from common import (
     setup_logging,
 )
 
+from integrations.propagator import DEFAULT_SETTLE_ITERATIONS
+
 log = logging.getLogger("bench_surrogate_vs_md")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -186,11 +188,14 @@ class KineticTemperature:
 
 def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards: str,
                      step_ps: float = MD_STEP_PS, relax_iterations: int = 20,
-                     end_velocities: str = "difference", md_steps: int = 0) -> dict[str, Any]:
+                     end_velocities: str = "difference", md_steps: int = 0,
+                     settle_iterations: int = DEFAULT_SETTLE_ITERATIONS) -> dict[str, Any]:
     """Time ``n_jumps`` jumps of ``SurrogateSimulation`` from ``state``; count guard results
     and the mean kinetic temperature of the kept end states. Fallback MD runs the MD
     baseline's integrator settings (``step_ps``); ``md_steps`` > 0: hybrid mode, that many MD
-    steps before every jump (their time counts as simulated time)."""
+    steps before every jump (their time counts as simulated time); ``settle_iterations``: the
+    engine's settling of the atoms the model does not predict after every jump, before the
+    guards (the predicted atoms held as predicted; 0 = the rigid rebuild as it is)."""
     import openmm
     from openmm import unit
 
@@ -205,7 +210,8 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
                               guards=GuardConfig(action=guards,
                                                  relax_iterations=relax_iterations),
                               temperature_K=TEMPERATURE_K, end_velocities=end_velocities,
-                              velocity_seed=0, md_steps=md_steps)
+                              velocity_seed=0, md_steps=md_steps,
+                              settle_iterations=settle_iterations)
     sim.context.setPositions(state.getPositions())
     sim.context.setVelocities(state.getVelocities())
     # warm-up: first graph, first energy; compiled, the second graph size compiles once more
@@ -247,6 +253,7 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
             "kept_failing": accepted - passing,
             "pass_fraction": passing / max(n_jumps, 1), "guard_action": guards,
             "end_velocities": end_velocities, "md_steps_per_jump": md_steps,
+            "settle_iterations": settle_iterations,
             "mean_kinetic_temperature_K": float(np.mean(kinetic.temperatures_K)),
             "guard_failures": {k: v for k, v in failures.items() if v},
             "relaxations": summary["relaxations"] - before["relaxations"],
@@ -383,14 +390,14 @@ def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
              surrogate.jump_ps)
     row["surrogate"] = surrogate_timing(prepared, platform, surrogate, state, n_jumps, guards,
                                         step_ps, args.relax_iterations, args.end_velocities,
-                                        args.md_steps)
+                                        args.md_steps, args.settle_iterations)
     row["speedup"] = row["surrogate"]["ns_per_s"] / row["md"]["ns_per_s"]
     if args.compile:  # the same jumps from the same state, the model through torch.compile
         compiled = Surrogate.load(checkpoint, device=args.device, compile=True)
         log.info("%s: timing %d jumps of %s compiled", name, n_jumps, surrogate.name)
         row["surrogate_compiled"] = surrogate_timing(
             prepared, platform, compiled, state, n_jumps, guards, step_ps,
-            args.relax_iterations, args.end_velocities, args.md_steps)
+            args.relax_iterations, args.end_velocities, args.md_steps, args.settle_iterations)
         row["surrogate_compiled"]["compiled"] = compiled.compiled  # False: compiling failed
         row["speedup_compiled"] = row["surrogate_compiled"]["ns_per_s"] / row["md"]["ns_per_s"]
     return row
@@ -430,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md-steps", type=int, default=0,
                         help="hybrid mode: MD steps (of the MD row's integrator) before every "
                              "jump; their time counts as simulated time (default 0: jumps only)")
+    parser.add_argument("--settle-iterations", type=int, default=DEFAULT_SETTLE_ITERATIONS,
+                        help="minimiser iterations that settle the atoms the model does not "
+                             "predict after every jump, the predicted atoms held, before the "
+                             "guards (SurrogateSimulation's settle_iterations; 0: the rigid "
+                             "rebuild as it is; default %(default)s)")
     parser.add_argument("--adk-checkpoint", default=None)
     parser.add_argument("--adk-model", default="egno", choices=TRAINABLE)
     parser.add_argument("--adk-jumps", type=int, default=5)
@@ -456,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.md_steps < 0:
         parser.error(f"--md-steps must be >= 0 (0: jumps only), got {args.md_steps}")
+    if args.settle_iterations < 0:
+        parser.error(f"--settle-iterations must be >= 0 (0: no settling), got "
+                     f"{args.settle_iterations}")
     setup_logging()
     require_files(checkpoint=args.checkpoint, adk_checkpoint=args.adk_checkpoint)
     if args.quick:
