@@ -612,6 +612,8 @@ class SurrogateDynamics(MolecularDynamics):
             final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
             finite = np.isfinite(final).all()
             energy = None
+            settled = (finite and self.settle_iterations > 0 and atoms.calc is not None
+                       and self.surrogate.n_model_atoms < len(atoms))
             if finite:
                 if atoms.constraints:
                     # the states the constraints make of every frame: the guards judge the
@@ -619,8 +621,7 @@ class SurrogateDynamics(MolecularDynamics):
                     self._constrain_frames(result)
                     final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
                 self._set(final, fvel)
-                if (self.settle_iterations and atoms.calc is not None
-                        and self.surrogate.n_model_atoms < len(atoms)):
+                if settled:
                     final = self._settle()
                 energy = self._energy_kJ_per_mol()
             events = self.guards.check(final, fvel, energy_kJ_per_mol=energy,
@@ -655,6 +656,8 @@ class SurrogateDynamics(MolecularDynamics):
                         "fallback_dynamics (an ASE MD on the same atoms) to replace it"))
                 self._fallback(t0)
                 return
+        if settled and (not events or action == "warn"):  # relaxed states are recorded so
+            self.guards.record_settled(energy)
         self.propagator.remember(t0, result)  # a history model's next input
         self.propagator.observe(end, self._whole_positions())
         self.last_jump = result.positions_A

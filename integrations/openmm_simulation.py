@@ -1402,8 +1402,10 @@ class SurrogateSimulation:
         final = result.positions_A[-1]
         finite = np.isfinite(final).all()
         energy = None
+        settled = (finite and self.settle_iterations > 0
+                   and self.surrogate.n_model_atoms < len(final))
         if finite:
-            if self.settle_iterations and self.surrogate.n_model_atoms < len(final):
+            if settled:
                 final = self._relaxation().settle(
                     final, self.context.getState().getPeriodicBoxVectors(),
                     self.settle_iterations)
@@ -1418,6 +1420,8 @@ class SurrogateSimulation:
                                    energy_kJ_per_mol=energy, jump=jump_index, time_ps=end_time)
         if not events:
             self._known_energy = (final, energy)
+            if settled:
+                self.guards.record_settled(energy)
             return final
         action = self.guards.action
         self.guards.handle(events, action)
@@ -1426,6 +1430,8 @@ class SurrogateSimulation:
             raise GuardError(guard_error_message(events, f"SurrogateSimulation "
                                                  f"({self.surrogate.source or self.surrogate.name})"))
         if action == "warn":
+            if settled:
+                self.guards.record_settled(energy)
             return final if finite else None  # a NaN state cannot be kept
         if action == "relax" and finite:
             relaxed, energy, again = relax_until_accepted(self._relaxation(), self.context,

@@ -192,3 +192,30 @@ def test_bad_settle_iterations_are_refused(heavy, bad):
         SurrogateJumpReporter(heavy, 5, settle_iterations=bad)
     with pytest.raises(EngineError, match="settle_iterations"):
         SurrogateDynamics(read(str(PDB)), heavy, settle_iterations=bad)
+
+
+def test_settled_states_stay_out_of_the_guards_reference(heavy):
+    """Settled jump ends, minimised in part, do not feed the energy reference (it would sink
+    below the MD's level): the window keeps the start's energy only; without settling every
+    kept jump end joins it."""
+    from integrations.guards import Guards
+
+    windows = {}
+    for settle in (0, 10):
+        sim, _, _ = run_openmm(heavy, settle, n=3)
+        sim.step(1)  # records the third jump's end at the start of the fourth
+        windows[settle] = sim.guards.energy_state()["energies"]
+    assert len(windows[10]) == 1 and len(windows[0]) == 4
+    assert windows[10][0] == pytest.approx(windows[0][0])  # the start state's energy
+
+    for settle in (0, 10):
+        atoms, dyn = ase_run(heavy, settle)
+        dyn.run(2)
+        assert len(dyn.guards.energy_state()["energies"]) == (1 if settle else 3)
+
+    guards = Guards(heavy, n_dof=66, temperature_K=300.0)
+    guards.record_energy(-100.0)
+    guards.record_settled(-900.0)
+    guards.record_energy(-900.0)  # the settled state: left out
+    guards.record_energy(-120.0)  # anything else: in
+    assert guards.energy_state()["energies"] == [-100.0, -120.0]

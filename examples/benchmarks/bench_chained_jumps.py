@@ -11,8 +11,10 @@ test block), the potential energy (the dataset's own force field) of the end of
 
 each measured as the guards measure it: the rise over the median energy of the 10 MD frames up to
 the start (for the last case, up to the later frame), against the default energy threshold
-(``8 kT sqrt(n_dof/2)``). Atoms the model does not
-predict are rebuilt as the engines rebuild them; no guard, relaxation or MD runs between jumps.
+(``8 kT sqrt(n_dof/2)``). Atoms the model does not predict are rebuilt as the engines rebuild
+them and settled as they settle them (``--settle-iterations``, the rebuilt atoms alone, the
+predicted ones held; 0: the rigid rebuild as it is); no guard, relaxation or MD runs between
+jumps.
 
 Usage::
 
@@ -42,6 +44,8 @@ from common import (
     setup_logging,
 )
 
+from integrations.propagator import DEFAULT_SETTLE_ITERATIONS
+
 log = logging.getLogger("bench_chained_jumps")
 
 WINDOW = 10  # MD frames up to the start whose median energy is the reference (as the guards)
@@ -50,9 +54,26 @@ CASES = ("first jump, from an MD frame", "second jump, from its end (difference 
          "a jump from the MD frame one jump later")
 
 
-def measure(sur, traj, energy, starts: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Rises (kJ/mol) of the four cases at each start frame."""
+def measure(sur, traj, energy, starts: np.ndarray, threshold: float,
+            settle_iterations: int = 0) -> dict[str, Any]:
+    """Rises (kJ/mol) of the four cases at each start frame; every jump's end settled for
+    ``settle_iterations`` as the engines settle it."""
+    from integrations.openmm_simulation import Relaxation
     from integrations.propagator import SurrogatePropagator
+
+    settler = None
+    if settle_iterations and sur.n_model_atoms < traj.n_atoms:
+        settler = Relaxation(energy.context.getSystem(), energy.context.getPlatform(),
+                             restrained_atoms=sur.model_atoms)
+    box = energy.context.getState().getPeriodicBoxVectors()
+
+    def jump(x: np.ndarray, v: np.ndarray, t0: float) -> tuple[np.ndarray, np.ndarray]:
+        """End positions (settled) and velocities of one raw jump."""
+        result = prop.jump(x, v, t0)
+        end = result.positions_A[-1]
+        if settler is not None:
+            end = settler.settle(end, box, settle_iterations)
+        return end, result.velocities_A_per_ps[-1]
 
     lag = int(round(sur.jump_ps / traj.interval_ps))
     frames = np.unique(np.concatenate([np.arange(s - WINDOW + 1, s + 1)
@@ -66,11 +87,9 @@ def measure(sur, traj, energy, starts: np.ndarray, threshold: float) -> dict[str
 
     for s in starts.tolist():
         ref, ref_later = reference(s), reference(s + lag)
-        first = prop.jump(x[s], v[s], 0.0)
-        end, end_vel = first.positions_A[-1], first.velocities_A_per_ps[-1]
-        ends = [end, prop.jump(end, end_vel, sur.jump_ps).positions_A[-1],
-                prop.jump(end, v[s + lag], sur.jump_ps).positions_A[-1],
-                prop.jump(x[s + lag], v[s + lag], sur.jump_ps).positions_A[-1]]
+        end, end_vel = jump(x[s], v[s], 0.0)
+        ends = [end, jump(end, end_vel, sur.jump_ps)[0], jump(end, v[s + lag], sur.jump_ps)[0],
+                jump(x[s + lag], v[s + lag], sur.jump_ps)[0]]
         for case, state, base in zip(CASES, ends, (ref, ref, ref, ref_later)):
             rises[case].append(energy(state) - base)
     return {case: {"rises_kJ_per_mol": r, "median": float(np.median(r)), "min": float(min(r)),
@@ -101,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--starts", type=int, default=6, help="start frames per checkpoint")
     parser.add_argument("--from-fraction", type=float, default=0.2,
                         help="starts spread over this last fraction of the trajectory")
+    parser.add_argument("--settle-iterations", type=int, default=DEFAULT_SETTLE_ITERATIONS,
+                        help="the engines' settling of the rebuilt atoms after every jump, "
+                             "L-BFGS iterations (0: the rigid rebuild as it is; default "
+                             "%(default)s, the engines')")
     parser.add_argument("--temperature", type=float, default=300.0,
                         help="K, for the energy guard's threshold")
     parser.add_argument("--platform", default="auto")
@@ -154,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"checkpoint": relative_path(path), "model": sur.name,
                          "selection_atoms": sur.n_model_atoms, "jump_ps": sur.jump_ps,
                          "starts": starts.tolist(),
-                         "cases": measure(sur, traj, energy, starts, threshold)})
+                         "settle_iterations": args.settle_iterations,
+                         "cases": measure(sur, traj, energy, starts, threshold,
+                                          args.settle_iterations)})
         label = energy.label
     results = {"machine": info, "command": command, "quick": args.quick,
                "data": relative_path(data), "system": label,
@@ -163,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     print("# Raw jumps from MD frames and from jump ends: energy rise over the MD reference\n")
     print(machine_table(info, command))
     print(f"\nsystem: {label}; rises in kJ/mol over the median of the {WINDOW} MD frames up to "
-          f"each start, median (min – max); energy guard threshold {fmt(threshold)} kJ/mol\n")
+          f"each start, median (min – max); energy guard threshold {fmt(threshold)} kJ/mol; "
+          f"rebuilt atoms settled for {args.settle_iterations} iterations after every jump\n")
     header = ["checkpoint", "model atoms", "jump", "case", "rise", "over threshold"]
     body = [[r["checkpoint"], r["selection_atoms"], f"{fmt(r['jump_ps'])} ps", case,
              f"{fmt(c['median'])} ({fmt(c['min'])} – {fmt(c['max'])})",

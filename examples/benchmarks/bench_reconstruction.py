@@ -12,7 +12,10 @@ the cost of relaxing the rebuilt frame back to the median energy (L-BFGS stopped
 energy is there) with OpenMM's minimiser on the engine's System (constraints enforced by the
 minimiser), on ``integrations.openmm_simulation.Relaxation`` (constraints as stiff bonds,
 re-applied after), and, with implicit solvent, in the two stages the ``relax`` guard action uses
-(the flexible copy without the solvent force first, then the full one if needed).
+(the flexible copy without the solvent force first, then the full one if needed). Beside them,
+what the engines do after every jump before the guards look (``settle_iterations``): a few
+L-BFGS iterations on the rebuilt atoms alone, the selected atoms held exactly
+(``Relaxation.settle``), and the rise that is left.
 
 Usage::
 
@@ -41,6 +44,8 @@ from common import (
     save_json,
     setup_logging,
 )
+
+from integrations.propagator import DEFAULT_SETTLE_ITERATIONS
 
 log = logging.getLogger("bench_reconstruction")
 
@@ -118,11 +123,14 @@ def relax_costs(energy, relaxation, rebuilt: np.ndarray, target: float, iteratio
 
 
 def measure(traj, selection: str, lag_frames: int, starts: np.ndarray, energy, relaxation,
-            threshold: float, iterations: int, progress: bool = True) -> dict[str, Any]:
+            threshold: float, iterations: int, progress: bool = True,
+            settle_iterations: int = 0) -> dict[str, Any]:
     """Energy rises (kJ/mol over the start's reference median) and relaxation costs of oracle
-    jumps of ``lag_frames`` frames from each start frame."""
+    jumps of ``lag_frames`` frames from each start frame; with ``settle_iterations`` also the
+    rise after the engines' settling of the rebuilt atoms, and its seconds."""
     from tqdm.auto import tqdm
 
+    from integrations.openmm_simulation import Relaxation
     from integrations.reconstruct import Reconstructor
     from surrogate_md.data.selection import select_nodes
 
@@ -130,7 +138,13 @@ def measure(traj, selection: str, lag_frames: int, starts: np.ndarray, energy, r
     sel = select_nodes(topo, selection, source=str(traj.path))
     rebuild = Reconstructor(traj.n_atoms, sel.atom_index, topo.bonds, topo.atomic_numbers,
                             topo.residue_ids, topo.segment_ids, topo.atom_names)
+    settler = (Relaxation(energy.context.getSystem(), energy.context.getPlatform(),
+                          restrained_atoms=sel.atom_index) if settle_iterations else None)
+    box = energy.context.getState().getPeriodicBoxVectors()
+    settle_seconds: list[float] = []
     rises: dict[str, list[float]] = {"true": [], "rebuilt": [], "rebuilt_constrained": []}
+    if settler is not None:
+        rises["settled_constrained"] = []
     relax: dict[str, list[dict]] = {"constrained": [], "flexible": [], "two_stage": []}
     for t in tqdm(starts, desc=f"{selection} +{lag_frames}", disable=not progress, leave=False):
         window = traj.read(np.arange(t - WINDOW + 1, t + 1))
@@ -140,6 +154,12 @@ def measure(traj, selection: str, lag_frames: int, starts: np.ndarray, energy, r
         rises["true"].append(energy(target) - median)
         rises["rebuilt"].append(energy(rebuilt) - median)
         rises["rebuilt_constrained"].append(_constrained_energy(energy.context, rebuilt) - median)
+        if settler is not None:
+            t0 = time.perf_counter()
+            settled = settler.settle(rebuilt, box, settle_iterations)
+            settle_seconds.append(time.perf_counter() - t0)
+            rises["settled_constrained"].append(
+                _constrained_energy(energy.context, settled) - median)
         if rises["rebuilt_constrained"][-1] > 0 and iterations:
             for kind, r in relax_costs(energy, relaxation, rebuilt, median, iterations,
                                                threshold).items():
@@ -148,7 +168,10 @@ def measure(traj, selection: str, lag_frames: int, starts: np.ndarray, energy, r
     row: dict[str, Any] = {"selection": selection, "model_atoms": int(len(sel.atom_index)),
                            "rebuilt_atoms": int(traj.n_atoms - len(sel.atom_index)),
                            "lag_frames": lag_frames, "lag_ps": lag_frames * traj.interval_ps,
-                           "starts": len(starts), "threshold_kJ_per_mol": threshold}
+                           "starts": len(starts), "threshold_kJ_per_mol": threshold,
+                           "settle_iterations": settle_iterations,
+                           "settle_seconds": (float(np.mean(settle_seconds)) if settle_seconds
+                                              else None)}
     for key, values in rises.items():
         v = np.asarray(values)
         row[f"rise_{key}"] = {"median": float(np.median(v)), "min": float(v.min()),
@@ -190,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--starts", type=int, default=10, help="start frames per row")
     parser.add_argument("--relax-iterations", type=int, default=200,
                         help="most L-BFGS iterations per relaxation (0: no relaxation)")
+    parser.add_argument("--settle-iterations", type=int, default=DEFAULT_SETTLE_ITERATIONS,
+                        help="the engines' settling of the rebuilt atoms after a jump, L-BFGS "
+                             "iterations (0: not measured; default %(default)s, the engines')")
     parser.add_argument("--temperature", type=float, default=300.0,
                         help="K, for the energy guard's threshold")
     parser.add_argument("--platform", default="auto")
@@ -234,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             for selection in args.selections:
                 log.info("%s, %g ps: %d oracle jumps", selection, lag_ps, len(starts))
                 rows.append(measure(traj, selection, lag, starts, energy, relaxation, threshold,
-                                    args.relax_iterations, args.progress))
+                                    args.relax_iterations, args.progress,
+                                    args.settle_iterations))
         label = energy.label
     results = {"machine": info, "command": command, "quick": args.quick,
                "data": relative_path(data), "system": label, "rows": rows,
@@ -247,12 +274,18 @@ def main(argv: list[str] | None = None) -> int:
     header = ["selection", "rebuilt atoms", "jump", "true frame", "rebuilt",
               "rebuilt + constraints", "over threshold", "relax: OpenMM minimiser",
               "relax: flexible copy", "relax: solvent-free first"]
+    if args.settle_iterations:
+        header += [f"settled ({args.settle_iterations} it.) + constraints", "over threshold",
+                   "settling"]
     body = [[r["selection"], r["rebuilt_atoms"], f"{fmt(r['lag_ps'])} ps",
              _rise_cell(r["rise_true"]), _rise_cell(r["rise_rebuilt"]),
              _rise_cell(r["rise_rebuilt_constrained"]),
              f"{r['rise_rebuilt_constrained']['over_threshold']}/{r['starts']}",
              _relax_cell(r.get("relax_constrained")), _relax_cell(r.get("relax_flexible")),
              _relax_cell(r.get("relax_two_stage"))]
+            + ([_rise_cell(r["rise_settled_constrained"]),
+                f"{r['rise_settled_constrained']['over_threshold']}/{r['starts']}",
+                f"{fmt(r['settle_seconds'])} s"] if args.settle_iterations else [])
             for r in rows]
     print(markdown_table(header, body))
     print(f"\nwall time {results['wall_seconds']:.1f} s")
