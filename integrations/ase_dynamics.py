@@ -620,12 +620,20 @@ class SurrogateDynamics(MolecularDynamics):
                     # last, observers (last_jump) and the trajectory get them all
                     self._constrain_frames(result)
                     final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
+                if settled and self.guards.settle_quench_kJ_per_mol is None:
+                    # measured once, on the jump's start state
+                    self._set(pos, vel)
+                    start_energy = self._energy_kJ_per_mol()
+                    self._settle()
+                    self.guards.set_settle_quench(start_energy - self._energy_kJ_per_mol())
+                    self._set(pos, vel)
                 self._set(final, fvel)
                 if settled:
                     final = self._settle()
                 energy = self._energy_kJ_per_mol()
             events = self.guards.check(final, fvel, energy_kJ_per_mol=energy,
-                                       jump=self.n_jumps + self.n_fallbacks, time_ps=end)
+                                       jump=self.n_jumps + self.n_fallbacks, time_ps=end,
+                                       settled=settled)
             keep = True
             if events:
                 action = self.guards.action

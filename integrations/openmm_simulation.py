@@ -407,6 +407,22 @@ class Relaxation:
         out[self.atoms] = np.asarray(positions_A, dtype=np.float64)[self.atoms]  # bit for bit
         return out
 
+    def settle_quench(self, positions_A: np.ndarray, box, iterations: int) -> float:
+        """kJ/mol by which :meth:`settle` lowers the energy of ``positions_A`` (the full force
+        field, constraints as the flexible copy's stiff bonds): what the guards take off the
+        reference for settled states (``Guards.set_settle_quench``)."""
+        settled = self.settle(positions_A, box, iterations)
+        return self.energy(positions_A, box) - self.energy(settled, box)
+
+    def energy(self, positions_A: np.ndarray, box=None) -> float:
+        """kJ/mol of ``positions_A`` in the flexible copy of the System, without restraint."""
+        if box is not None:
+            self.context.setPeriodicBoxVectors(*box)
+        self.context.setParameter(_RESTRAINT_K, 0.0)
+        self.context.setPositions(unit.Quantity(np.asarray(positions_A, dtype=np.float64),
+                                                ANGSTROM))
+        return potential_energy(self.context)
+
     @property
     def drop_ratio(self) -> float:
         """How many kJ/mol of the full force field a solvent-free relaxation has shed per kJ/mol
@@ -1406,9 +1422,12 @@ class SurrogateSimulation:
                    and self.surrogate.n_model_atoms < len(final))
         if finite:
             if settled:
-                final = self._relaxation().settle(
-                    final, self.context.getState().getPeriodicBoxVectors(),
-                    self.settle_iterations)
+                relaxation = self._relaxation()
+                box = self.context.getState().getPeriodicBoxVectors()
+                if self.guards.settle_quench_kJ_per_mol is None:  # on the jump's start state
+                    self.guards.set_settle_quench(relaxation.settle_quench(
+                        start[0], box, self.settle_iterations))
+                final = relaxation.settle(final, box, self.settle_iterations)
             write_state(self.context, final, result.velocities_A_per_ps[-1], self._constrained)
             if self.relax_iterations:
                 relaxed = self._relax_jump_end(read_state(self.context)[0])
@@ -1417,7 +1436,8 @@ class SurrogateSimulation:
             energy = potential_energy(self.context)
             final = read_state(self.context)[0]
         events = self.guards.check(final, result.velocities_A_per_ps[-1],
-                                   energy_kJ_per_mol=energy, jump=jump_index, time_ps=end_time)
+                                   energy_kJ_per_mol=energy, jump=jump_index, time_ps=end_time,
+                                   settled=settled)
         if not events:
             self._known_energy = (final, energy)
             if settled:
@@ -1668,15 +1688,21 @@ class SurrogateJumpReporter:
         end = t0 + self.surrogate.jump_ps
         final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
         energy = None
+        settled = (self.settle_iterations > 0 and np.isfinite(final).all()
+                   and self.surrogate.n_model_atoms < len(final))
         if np.isfinite(final).all():
-            if self.settle_iterations and self.surrogate.n_model_atoms < len(final):
-                final = self._relaxation(simulation).settle(
-                    final, context.getState().getPeriodicBoxVectors(), self.settle_iterations)
+            if settled:
+                relaxation = self._relaxation(simulation)
+                box = context.getState().getPeriodicBoxVectors()
+                if self.guards.settle_quench_kJ_per_mol is None:  # on the jump's start state
+                    self.guards.set_settle_quench(relaxation.settle_quench(
+                        pos, box, self.settle_iterations))
+                final = relaxation.settle(final, box, self.settle_iterations)
             write_state(context, final, fvel, constrained)
             energy = potential_energy(context)
             final = read_state(context)[0]
         events = self.guards.check(final, fvel, energy_kJ_per_mol=energy, jump=self.n_jumps,
-                                   time_ps=end)
+                                   time_ps=end, settled=settled)
         if events:
             action = self.guards.action
             self.guards.handle(events, action)

@@ -219,3 +219,42 @@ def test_settled_states_stay_out_of_the_guards_reference(heavy):
     guards.record_energy(-900.0)  # the settled state: left out
     guards.record_energy(-120.0)  # anything else: in
     assert guards.energy_state()["energies"] == [-100.0, -120.0]
+
+
+def test_settled_jumps_are_checked_against_the_quenched_reference(heavy):
+    """Settling lowers the energy of any state, a thermal one too: the engines measure that
+    quench once, on the state the run starts from (its energy minus that of the same state
+    settled), and check settled jump ends against the reference lowered by it. A restart
+    carries it; a hand-moved state measures it again."""
+    from integrations.guards import GuardConfig
+
+    sim, _, _ = run_openmm(heavy, 10, n=1)
+    quench = sim.guards.settle_quench_kJ_per_mol
+    _, system, _ = alanine_system(None)
+    relax = Relaxation(system, reference_platform(), restrained_atoms=heavy.model_atoms)
+    start = thermal_start(3)[0]
+    assert quench == pytest.approx(relax.settle_quench(start, None, 10), rel=1e-6)
+    assert quench > 1.0  # hydrogens of a 300 K frame hold strain that settling takes out
+    assert energy_of(system, start) - energy_of(system, relax.settle(start, None, 10)) == \
+        pytest.approx(quench, rel=1e-3)  # the flexible copy's bonds are at rest there
+    # the check: a settled state at the plain reference rises by the quench
+    guards = sim.guards
+    ref = guards.energy_reference_kJ_per_mol
+    pos = sim.context.getState(positions=True).getPositions(asNumpy=True).value_in_unit(A)
+    tight = GuardConfig(action="warn", energy_jump_kJ_per_mol=quench / 2)
+    guards.config = tight
+    guards.energy_jump_kJ_per_mol = quench / 2
+    assert guards.check(pos, energy_kJ_per_mol=ref, count=False) == []
+    events = guards.check(pos, energy_kJ_per_mol=ref, count=False, settled=True)
+    assert [e.check for e in events] == ["energy"]
+    assert events[0].value == pytest.approx(quench)
+    # saved with the guards' energy state, forgotten by a reset
+    state = guards.energy_state()
+    assert state["settle_quench"] == quench
+    guards.reset_energies()
+    assert guards.settle_quench_kJ_per_mol is None
+    guards.restore_energy_state(state)
+    assert guards.settle_quench_kJ_per_mol == quench
+
+    _, dyn = ase_run(heavy, 10)
+    assert dyn.guards.settle_quench_kJ_per_mol > 0
