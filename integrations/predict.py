@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from integrations.propagator import DEFAULT_SETTLE_ITERATIONS
 from integrations.run_control import (
     EXIT_CODES,
     RESUME_FORMAT,
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "cutoff instead of exact electrostatics (default: none)")
     p.add_argument("--guard", default="raise", choices=("raise", "warn", "fallback", "relax"),
                    help="what to do when a jump fails a guard (default raise: stop)")
+    p.add_argument("--settle-iterations", type=int, default=DEFAULT_SETTLE_ITERATIONS,
+                   metavar="N", help="after every jump, at most N minimiser iterations settle "
+                   "the atoms the model does not predict, the predicted ones held as predicted "
+                   "(0: off; default %(default)s)")
     p.add_argument("--temperature-K", type=float, default=300.0,
                    help="initial velocities and hybrid/fallback MD temperature (default 300)")
     p.add_argument("--end-velocities", default="difference", choices=("difference", "thermal"),
@@ -439,7 +444,8 @@ def _run(args: argparse.Namespace, outputs: Outputs) -> dict:
                               temperature_K=args.temperature_K,
                               end_velocities=args.end_velocities, velocity_seed=args.seed,
                               jump_noise=jump_noise, noise_scale=args.noise_scale,
-                              noise_seed=args.seed, progress=True)
+                              noise_seed=args.seed, settle_iterations=args.settle_iterations,
+                              progress=True)
     if record is not None:
         resume_simulation(sim, record, checkpoints)
     else:

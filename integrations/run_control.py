@@ -276,7 +276,8 @@ IDENTITY_LABELS = {
     "guard": "--guard", "temperature_K": "--temperature-K",
     "end_velocities": "--end-velocities", "seed": "--seed", "minimize": "--minimize",
     "forcefield": "--forcefield", "cutoff_nm": "--cutoff-nm",
-    "jump_noise": "the --jump-noise file (sha256)", "noise_scale": "--noise-scale"}
+    "jump_noise": "the --jump-noise file (sha256)", "noise_scale": "--noise-scale",
+    "settle_iterations": "--settle-iterations"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ def test_predict_writes_a_readable_xtc_with_provenance(tmp_path):
     prov = json.loads((tmp_path / "pred.json").read_text())
     jump = prov["surrogate"]["jump_ps"]
     assert prov["jumps"] == 20 and prov["guards"]["failures"] == {}
+    assert prov["settle_iterations"] == 10  # the rebuilt hydrogens settle by default
     assert prov["surrogate"]["checkpoint_hash"]
     u = mda.Universe(str(PDB), str(out))
     assert len(u.trajectory) == 10
@@ -295,3 +296,18 @@ def test_predict_compile_makes_the_eager_trajectory(tmp_path, monkeypatch):
             bool(extra)
     assert frames[0].shape == (4, 22, 3)
     np.testing.assert_allclose(frames[1], frames[0], atol=1e-5)
+
+
+def test_predict_settle_iterations_option_and_resume_identity(tmp_path, capsys):
+    """--settle-iterations reaches the engine and is part of what --resume checks."""
+    ck = make_checkpoint(cached_md(), tmp_path / "heavy.pt", selection="heavy", model="constant")
+    out = tmp_path / "raw.xtc"
+    argv = [str(ck), "--topology", str(PDB), "-n", "2", "-o", str(out), "--platform",
+            "Reference", "--minimize", "--settle-iterations", "0"]
+    assert main(argv) == 0
+    prov = json.loads((tmp_path / "raw.json").read_text())
+    assert prov["settle_iterations"] == 0
+    assert prov["resume_identity"]["settle_iterations"] == 0
+    capsys.readouterr()
+    assert main([*argv[:-1], "-3", "--overwrite"]) == 1
+    assert "settle_iterations must be a whole number >= 0" in capsys.readouterr().err

@@ -13,8 +13,9 @@ each measured as the guards measure it: the rise over the median energy of the 1
 the start (for the last case, up to the later frame), against the default energy threshold
 (``8 kT sqrt(n_dof/2)``). Atoms the model does not predict are rebuilt as the engines rebuild
 them and settled as they settle them (``--settle-iterations``, the rebuilt atoms alone, the
-predicted ones held; 0: the rigid rebuild as it is); no guard, relaxation or MD runs between
-jumps.
+predicted ones held; 0: the rigid rebuild as it is), and then, as the guards check settled
+states, the reference is lowered by what settling takes off the MD frame it belongs to; no
+guard, relaxation or MD runs between jumps.
 
 Usage::
 
@@ -87,6 +88,9 @@ def measure(sur, traj, energy, starts: np.ndarray, threshold: float,
 
     for s in starts.tolist():
         ref, ref_later = reference(s), reference(s + lag)
+        if settler is not None:  # as the guards check settled states: the reference lowered
+            ref -= settler.settle_quench(x[s], box, settle_iterations)  # by the quench
+            ref_later -= settler.settle_quench(x[s + lag], box, settle_iterations)
         end, end_vel = jump(x[s], v[s], 0.0)
         ends = [end, jump(end, end_vel, sur.jump_ps)[0], jump(end, v[s + lag], sur.jump_ps)[0],
                 jump(x[s + lag], v[s + lag], sur.jump_ps)[0]]
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_table(info, command))
     print(f"\nsystem: {label}; rises in kJ/mol over the median of the {WINDOW} MD frames up to "
           f"each start, median (min – max); energy guard threshold {fmt(threshold)} kJ/mol; "
-          f"rebuilt atoms settled for {args.settle_iterations} iterations after every jump\n")
+          f"rebuilt atoms settled for {args.settle_iterations} iterations after every jump, "
+          f"the reference lowered by the settling's quench of its MD frame\n")
     header = ["checkpoint", "model atoms", "jump", "case", "rise", "over threshold"]
     body = [[r["checkpoint"], r["selection_atoms"], f"{fmt(r['jump_ps'])} ps", case,
              f"{fmt(c['median'])} ({fmt(c['min'])} – {fmt(c['max'])})",
