@@ -78,6 +78,7 @@ from integrations.propagator import (
     SAME_STATE_A,
     SurrogatePropagator,
     checked_settle_iterations,
+    settling_atoms,
 )
 from integrations.writers import PS_IN_ASE_TIME
 from surrogate_md.errors import EngineError, GuardError
@@ -613,37 +614,40 @@ class SurrogateDynamics(MolecularDynamics):
             finite = np.isfinite(final).all()
             energy = None
             settled = (finite and self.settle_iterations > 0 and atoms.calc is not None
-                       and self.surrogate.n_model_atoms < len(atoms))
+                       and len(settling_atoms(len(atoms), self.surrogate.model_atoms,
+                                              self.propagator.fixed_atoms)) > 0)
             if finite:
                 if atoms.constraints:
                     # the states the constraints make of every frame: the guards judge the
                     # last, observers (last_jump) and the trajectory get them all
                     self._constrain_frames(result)
                     final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
-                if settled and self.guards.settle_quench_kJ_per_mol is None:
-                    # measured once, on the jump's start state
+                if settled and self.guards.needs_settle_quench(self.settle_iterations):
+                    # on the jump's start state
                     self._set(pos, vel)
                     start_energy = self._energy_kJ_per_mol()
                     self._settle()
-                    self.guards.set_settle_quench(start_energy - self._energy_kJ_per_mol())
+                    self.guards.set_settle_quench(start_energy - self._energy_kJ_per_mol(),
+                                                  self.settle_iterations)
                     self._set(pos, vel)
                 self._set(final, fvel)
                 if settled:
                     final = self._settle()
+                    result.positions_A[-1] = final  # what observers (last_jump) see
                 energy = self._energy_kJ_per_mol()
-            events = self.guards.check(final, fvel, energy_kJ_per_mol=energy,
-                                       jump=self.n_jumps + self.n_fallbacks, time_ps=end,
-                                       settled=settled)
-            keep = True
-            if events:
-                action = self.guards.action
-                self.guards.handle(events, action)
-                keep = action == "warn" and finite
-                if action == "relax" and finite and atoms.calc is not None:
-                    again = self._relax(self.n_jumps + self.n_fallbacks, end)
-                    keep = not again
-                    if again:
-                        self.guards.handle(again, "fallback")
+            with self.guards.judging_settled(settled):
+                events = self.guards.check(final, fvel, energy_kJ_per_mol=energy,
+                                           jump=self.n_jumps + self.n_fallbacks, time_ps=end)
+                keep = True
+                if events:
+                    action = self.guards.action
+                    self.guards.handle(events, action)
+                    keep = action == "warn" and finite
+                    if action == "relax" and finite and atoms.calc is not None:
+                        again = self._relax(self.n_jumps + self.n_fallbacks, end)
+                        keep = not again
+                        if again:
+                            self.guards.handle(again, "fallback")
         except BaseException:
             # Ctrl-C (or an error) before the jump was decided: the atoms go back to its start,
             # an unchecked state is never left in them, and its random draws go back too, so a
@@ -717,12 +721,15 @@ class SurrogateDynamics(MolecularDynamics):
 
         atoms = self.atoms
         own = list(atoms.constraints)
+        before = atoms.get_positions()
         atoms.set_constraint([*own, FixAtoms(indices=self.surrogate.model_atoms)])
         try:
             LBFGS(atoms, logfile=None).run(fmax=SETTLE_FMAX_EV_PER_A,
                                            steps=self.settle_iterations)
         finally:
             atoms.set_constraint(own)
+        if not np.isfinite(atoms.get_positions()).all():  # the guards judge the unsettled state
+            atoms.set_positions(before, apply_constraint=False)
         return atoms.get_positions()
 
     def _relax(self, jump: int, time_ps: float) -> list:

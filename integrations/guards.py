@@ -60,6 +60,7 @@ the minimiser iterations the relaxations took.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -232,8 +233,12 @@ class Guards:
         self.relax_iterations_used = 0
         self._relaxed_energy: float | None = None
         #: the engine's settling quench of a reference-level state (:meth:`set_settle_quench`;
-        #: None until measured)
+        #: None until measured), the settle iterations it was measured with, and whether a
+        #: state of real MD has moved the anchor since (the engine then measures it again)
         self.settle_quench_kJ_per_mol: float | None = None
+        self._quench_iterations: int | None = None
+        self._quench_stale = False
+        self._judging_settled = False
 
     @property
     def action(self) -> str:
@@ -272,6 +277,7 @@ class Guards:
             return
         if np.isfinite(e):
             self._md_energies.append(e)
+            self._quench_stale = True  # a sample of the ensemble: measure the quench on it
         self._append(e)
 
     def md_starts_cold(self, kinetic_energy_kJ_per_mol: float) -> bool:
@@ -298,7 +304,8 @@ class Guards:
         """Forget the recorded energies, the anchor and the settling quench included (the state
         was changed by hand)."""
         self._relaxed_energy = None
-        self.settle_quench_kJ_per_mol = None
+        self.settle_quench_kJ_per_mol = self._quench_iterations = None
+        self._quench_stale = False
         self._energies.clear()
         self._anchor.clear()
         self._md_energies.clear()
@@ -314,7 +321,9 @@ class Guards:
                 "counts": dict(self.counts), "actions": dict(self.actions),
                 "n_relaxations": self.n_relaxations,
                 "relax_iterations_used": self.relax_iterations_used,
-                "settle_quench": self.settle_quench_kJ_per_mol}
+                "settle_quench": self.settle_quench_kJ_per_mol,
+                "settle_quench_iterations": self._quench_iterations,
+                "settle_quench_stale": self._quench_stale}
 
     def restore_energy_state(self, state: dict) -> None:
         """Take back an :meth:`energy_state` (a state of an older release without the
@@ -327,8 +336,10 @@ class Guards:
         self._md_energies.extend(float(e) for e in state.get("md_energies", []))
         relaxed = state.get("relaxed_energy")
         self._relaxed_energy = None if relaxed is None else float(relaxed)
-        quench = state.get("settle_quench")
+        quench, iterations = state.get("settle_quench"), state.get("settle_quench_iterations")
         self.settle_quench_kJ_per_mol = None if quench is None else float(quench)
+        self._quench_iterations = None if iterations is None else int(iterations)
+        self._quench_stale = bool(state.get("settle_quench_stale", False))
         if "n_checked" in state:
             self.n_checked, self.n_failed = int(state["n_checked"]), int(state["n_failed"])
             self.counts, self.actions = Counter(state["counts"]), Counter(state["actions"])
@@ -345,12 +356,15 @@ class Guards:
     @property
     def energy_reference_kJ_per_mol(self) -> float:
         """The energy the check measures rises from: the median of the recent energies, at most
-        ``energy_drift_kJ_per_mol`` above the anchor (NaN before any energy is recorded)."""
+        ``energy_drift_kJ_per_mol`` above the anchor (NaN before any energy is recorded), and
+        within :meth:`judging_settled` lowered by the settling quench."""
         if not self._energies:
             return float("nan")
         ref = float(np.median(self._energies))
         if self.config.energy_drift_kJ_per_mol is not None:
             ref = min(ref, self.energy_anchor_kJ_per_mol + self.config.energy_drift_kJ_per_mol)
+        if self._judging_settled and self.settle_quench_kJ_per_mol is not None:
+            ref -= self.settle_quench_kJ_per_mol
         return ref
 
     def energy_rise(self, energy_kJ_per_mol: float) -> float:
@@ -390,15 +404,38 @@ class Guards:
         self._relaxed_energy = (None if accepted_energy_kJ_per_mol is None
                                 else float(accepted_energy_kJ_per_mol))
 
-    def set_settle_quench(self, quench_kJ_per_mol: float) -> None:
-        """How far the engine's settling lowers the energy of a state at the reference level
-        (kJ/mol, >= 0), measured by the engine on the state the run starts from (its energy
-        minus that of the same state settled). A settled jump end is checked against the
-        reference lowered by it (:meth:`check` with ``settled=True``): settling quenches the
-        rebuilt atoms (AdK, 10 iterations: 5.7-6.1 MJ/mol on MD frames with the backbone held,
-        3.9-4.3 with the heavy atoms held), and measured against the plain reference a settled
-        state would hide that much strain of the predicted atoms."""
+    def set_settle_quench(self, quench_kJ_per_mol: float, iterations: int) -> None:
+        """How far the engine's settling (``iterations`` minimiser iterations) lowers the energy
+        of a state at the reference level (kJ/mol, >= 0): the engine measures it on the state a
+        jump starts from (its energy minus that of the same state settled), first the state the
+        run starts from, again on a state of real MD that moved the anchor and when the settle
+        iterations change (:meth:`needs_settle_quench`). Settled jump ends are judged against the
+        reference lowered by it (:meth:`judging_settled`): settling quenches the rebuilt atoms
+        (AdK, 10 iterations: 5.7-6.1 MJ/mol on MD frames with the backbone held, 3.9-4.3 with
+        the heavy atoms held), and measured against the plain reference a settled state would
+        hide that much strain of the predicted atoms. A minimised start has little to quench:
+        until real MD moves the anchor, the reference is that cold state's energy anyway."""
         self.settle_quench_kJ_per_mol = max(float(quench_kJ_per_mol), 0.0)
+        self._quench_iterations = int(iterations)
+        self._quench_stale = False
+
+    def needs_settle_quench(self, iterations: int) -> bool:
+        """Whether the engine should measure the settling quench on the state a jump now
+        starts from: none yet, another iteration count, or the anchor moved to real MD's
+        states since."""
+        return (self.settle_quench_kJ_per_mol is None or self._quench_stale
+                or self._quench_iterations != int(iterations))
+
+    @contextlib.contextmanager
+    def judging_settled(self, settled: bool = True):
+        """Within: the reference energy (the checks, the ``relax`` action's targets) is lowered
+        by :attr:`settle_quench_kJ_per_mol`, for a jump end whose rebuilt atoms the engine
+        settled (``settled`` False: unchanged)."""
+        before, self._judging_settled = self._judging_settled, bool(settled)
+        try:
+            yield self
+        finally:
+            self._judging_settled = before
 
     def record_settled(self, accepted_energy_kJ_per_mol: float | None) -> None:
         """An accepted jump end whose rebuilt atoms the engine settled (``settle_iterations``:
@@ -412,7 +449,7 @@ class Guards:
 
     def check(self, positions_A: np.ndarray, velocities_A_per_ps: np.ndarray | None = None, *,
               energy_kJ_per_mol: float | None = None, jump: int = 0, time_ps: float = 0.0,
-              count: bool = True, settled: bool = False) -> list[GuardEvent]:
+              count: bool = True) -> list[GuardEvent]:
         """Failed checks of one full-system state (empty list = all passed).
 
         Args:
@@ -421,8 +458,6 @@ class Guards:
             energy_kJ_per_mol: potential energy of the state, if the engine has one.
             count: count the state as a checked jump (False for re-checks of the same jump
                 while it is relaxed).
-            settled: the engine settled the state's rebuilt atoms: its energy rise is measured
-                from the reference lowered by :attr:`settle_quench_kJ_per_mol` (once known).
         """
         self.n_checked += int(count)
         events = []
@@ -455,8 +490,6 @@ class Guards:
                 fail("non_finite", energy_kJ_per_mol, 0.0)
             elif self._energies:
                 rise = self.energy_rise(energy_kJ_per_mol)
-                if settled and self.settle_quench_kJ_per_mol is not None:
-                    rise += self.settle_quench_kJ_per_mol
                 if rise > self.energy_jump_kJ_per_mol:
                     fail("energy", rise, self.energy_jump_kJ_per_mol)
         self.n_failed += int(count and bool(events))

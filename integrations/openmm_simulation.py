@@ -119,6 +119,7 @@ from integrations.propagator import (
     JumpResult,
     SurrogatePropagator,
     checked_settle_iterations,
+    settling_atoms,
 )
 from surrogate_md.errors import DataError, EngineError, GuardError
 from surrogate_md.fileio import atomic_path, atomic_write_text
@@ -388,7 +389,8 @@ class Relaxation:
         at most ``iterations`` iterations, in the flexible System without implicit solvent (its
         bulk and the least of the clashes; the Context is built on first use, the restrained
         atoms massless in it: OpenMM's minimiser does not move massless particles). Returns
-        (n_atoms, 3) Å, not yet constrained."""
+        (n_atoms, 3) Å, not yet constrained; the positions given where the minimiser ends in
+        non-finite ones."""
         if self._settling is None:
             system = flexible_system(self._system)
             for i in reversed(range(system.getNumForces())):
@@ -404,6 +406,8 @@ class Relaxation:
         openmm.LocalEnergyMinimizer.minimize(ctx, RELAX_TOLERANCE_KJ_PER_MOL_NM, iterations)
         out = np.asarray(ctx.getState(positions=True).getPositions(asNumpy=True)
                          .value_in_unit(ANGSTROM))
+        if not np.isfinite(out).all():  # e.g. predicted atoms on top of each other: the guards
+            return np.array(positions_A, dtype=np.float64)  # judge the unsettled state
         out[self.atoms] = np.asarray(positions_A, dtype=np.float64)[self.atoms]  # bit for bit
         return out
 
@@ -870,6 +874,10 @@ class SurrogateSimulation:
             self.loadState(state)
         self._usesPBC = uses_pbc(system, topology)
         self._constrained = system.getNumConstraints() > 0
+        #: whether settling has atoms to move (rebuilt ones with mass)
+        self._can_settle = len(settling_atoms(
+            system.getNumParticles(), self.surrogate.model_atoms,
+            np.nonzero(system_masses_amu(system) == 0)[0])) > 0
         self.guards = make_guards(guards, self.surrogate, system, self.temperature_K)
         self._masses_amu = system_masses_amu(system)
         self.propagator = SurrogatePropagator(
@@ -1418,15 +1426,14 @@ class SurrogateSimulation:
         final = result.positions_A[-1]
         finite = np.isfinite(final).all()
         energy = None
-        settled = (finite and self.settle_iterations > 0
-                   and self.surrogate.n_model_atoms < len(final))
+        settled = finite and self.settle_iterations > 0 and self._can_settle
         if finite:
             if settled:
                 relaxation = self._relaxation()
                 box = self.context.getState().getPeriodicBoxVectors()
-                if self.guards.settle_quench_kJ_per_mol is None:  # on the jump's start state
-                    self.guards.set_settle_quench(relaxation.settle_quench(
-                        start[0], box, self.settle_iterations))
+                if self.guards.needs_settle_quench(self.settle_iterations):
+                    self.guards.set_settle_quench(relaxation.settle_quench(  # on the start
+                        start[0], box, self.settle_iterations), self.settle_iterations)
                 final = relaxation.settle(final, box, self.settle_iterations)
             write_state(self.context, final, result.velocities_A_per_ps[-1], self._constrained)
             if self.relax_iterations:
@@ -1435,9 +1442,17 @@ class SurrogateSimulation:
                             self._constrained)
             energy = potential_energy(self.context)
             final = read_state(self.context)[0]
+        with self.guards.judging_settled(settled):
+            return self._judge_final(result, start, jump_index, end_time, final, energy,
+                                     finite, settled)
+
+    def _judge_final(self, result: JumpResult, start: tuple, jump_index: int, end_time: float,
+                     final: np.ndarray, energy: float | None, finite: bool, settled: bool
+                     ) -> np.ndarray | None:
+        """The guards' verdict on the end state in the Context (``final``, its ``energy``) and
+        the action on a failure (see :meth:`_accept_final`)."""
         events = self.guards.check(final, result.velocities_A_per_ps[-1],
-                                   energy_kJ_per_mol=energy, jump=jump_index, time_ps=end_time,
-                                   settled=settled)
+                                   energy_kJ_per_mol=energy, jump=jump_index, time_ps=end_time)
         if not events:
             self._known_energy = (final, energy)
             if settled:
@@ -1646,6 +1661,9 @@ class SurrogateJumpReporter:
             self._checked = id(simulation)
             self.propagator.fixed_atoms = fixed_particles(simulation.system)
             self._masses_amu = system_masses_amu(simulation.system)
+            self._can_settle = len(settling_atoms(len(self._masses_amu),
+                                                  self.surrogate.model_atoms,
+                                                  np.nonzero(self._masses_amu == 0)[0])) > 0
             self.propagator.zero_momentum_masses = (
                 self._masses_amu if has_com_remover(simulation.system) else None)
             self._jump_step = 0
@@ -1689,20 +1707,29 @@ class SurrogateJumpReporter:
         final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
         energy = None
         settled = (self.settle_iterations > 0 and np.isfinite(final).all()
-                   and self.surrogate.n_model_atoms < len(final))
+                   and self._can_settle)
         if np.isfinite(final).all():
             if settled:
                 relaxation = self._relaxation(simulation)
                 box = context.getState().getPeriodicBoxVectors()
-                if self.guards.settle_quench_kJ_per_mol is None:  # on the jump's start state
-                    self.guards.set_settle_quench(relaxation.settle_quench(
-                        pos, box, self.settle_iterations))
+                if self.guards.needs_settle_quench(self.settle_iterations):
+                    self.guards.set_settle_quench(relaxation.settle_quench(  # on the start
+                        pos, box, self.settle_iterations), self.settle_iterations)
                 final = relaxation.settle(final, box, self.settle_iterations)
             write_state(context, final, fvel, constrained)
             energy = potential_energy(context)
             final = read_state(context)[0]
+        with self.guards.judging_settled(settled):
+            self._judge(simulation, pos, vel, t0, result, final, fvel, energy, end)
+
+    def _judge(self, simulation, pos: np.ndarray, vel: np.ndarray, t0: float, result,
+               final: np.ndarray, fvel: np.ndarray, energy: float | None, end: float) -> None:
+        """The guards' verdict on the jump's end state in ``simulation.context`` and what
+        follows: the action on a failure, or the jump kept (clock, history, counts)."""
+        context = simulation.context
+        constrained = simulation.system.getNumConstraints() > 0
         events = self.guards.check(final, fvel, energy_kJ_per_mol=energy, jump=self.n_jumps,
-                                   time_ps=end, settled=settled)
+                                   time_ps=end)
         if events:
             action = self.guards.action
             self.guards.handle(events, action)

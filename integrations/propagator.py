@@ -87,6 +87,15 @@ def checked_settle_iterations(value: Any) -> int:
     return int(value)
 
 
+def settling_atoms(n_atoms: int, model_atoms: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """(k,) indices of the atoms an engine's settling moves: those the model does not predict,
+    less ``held`` (OpenMM's massless particles, virtual sites included; ASE's ``FixAtoms``)."""
+    free = np.ones(int(n_atoms), dtype=bool)
+    free[np.asarray(model_atoms, dtype=np.int64)] = False
+    free[np.asarray(held, dtype=np.int64)] = False
+    return np.nonzero(free)[0]
+
+
 @dataclass
 class JumpResult:
     """Full-system frames of one jump.
@@ -431,4 +440,4 @@ class SurrogatePropagator:
 
 
 __all__ = ["DEFAULT_SETTLE_ITERATIONS", "JumpResult", "SurrogatePropagator",
-           "checked_settle_iterations"]
+           "checked_settle_iterations", "settling_atoms"]

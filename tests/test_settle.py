@@ -171,6 +171,7 @@ def test_ase_settles_with_the_calculator_and_keeps_the_atoms_constraints(heavy):
     np.testing.assert_allclose(settled.get_positions()[1], thermal_start(3)[0][1], atol=1e-12)
     assert settled.constraints == [fix]
     assert dyn.todict()["settle_iterations"] == 10
+    np.testing.assert_array_equal(dyn.last_jump[-1], settled.get_positions())  # observers
 
 
 def test_ase_without_a_calculator_does_not_settle(heavy):
@@ -226,8 +227,6 @@ def test_settled_jumps_are_checked_against_the_quenched_reference(heavy):
     quench once, on the state the run starts from (its energy minus that of the same state
     settled), and check settled jump ends against the reference lowered by it. A restart
     carries it; a hand-moved state measures it again."""
-    from integrations.guards import GuardConfig
-
     sim, _, _ = run_openmm(heavy, 10, n=1)
     quench = sim.guards.settle_quench_kJ_per_mol
     _, system, _ = alanine_system(None)
@@ -241,11 +240,10 @@ def test_settled_jumps_are_checked_against_the_quenched_reference(heavy):
     guards = sim.guards
     ref = guards.energy_reference_kJ_per_mol
     pos = sim.context.getState(positions=True).getPositions(asNumpy=True).value_in_unit(A)
-    tight = GuardConfig(action="warn", energy_jump_kJ_per_mol=quench / 2)
-    guards.config = tight
     guards.energy_jump_kJ_per_mol = quench / 2
     assert guards.check(pos, energy_kJ_per_mol=ref, count=False) == []
-    events = guards.check(pos, energy_kJ_per_mol=ref, count=False, settled=True)
+    with guards.judging_settled():
+        events = guards.check(pos, energy_kJ_per_mol=ref, count=False)
     assert [e.check for e in events] == ["energy"]
     assert events[0].value == pytest.approx(quench)
     # saved with the guards' energy state, forgotten by a reset
@@ -258,3 +256,55 @@ def test_settled_jumps_are_checked_against_the_quenched_reference(heavy):
 
     _, dyn = ase_run(heavy, 10)
     assert dyn.guards.settle_quench_kJ_per_mol > 0
+
+
+def test_settle_guard_details(heavy, tmp_path):
+    """The relax action aims at the quench-lowered reference too; a settling that ends in NaN
+    hands back the unsettled state; atoms that cannot move leave nothing to settle; the quench
+    is measured again when the settle iterations change; an older run's identity resumes as a
+    run without settling."""
+    from integrations.guards import GuardConfig, Guards
+    from integrations.run_control import check_identity
+
+    guards = Guards(heavy, GuardConfig(action="relax"), n_dof=66, temperature_K=300.0)
+    guards.record_energy(-100.0)
+    guards.set_settle_quench(50.0, 10)
+    assert guards.energy_at_relax_target(-100.0)
+    with guards.judging_settled():
+        assert guards.energy_reference_kJ_per_mol == pytest.approx(-150.0)
+        assert not guards.energy_at_relax_target(-100.0)  # the relax target moved down too
+        assert guards.energy_at_relax_target(-150.0)
+    with guards.judging_settled(False):
+        assert guards.energy_reference_kJ_per_mol == pytest.approx(-100.0)
+    assert not guards.needs_settle_quench(10) and guards.needs_settle_quench(5)
+    guards.record_md_energy(-90.0)  # real MD moved the anchor: measure on its state
+    assert guards.needs_settle_quench(10)
+
+    _, system, _ = alanine_system(constraints=None)
+    relax = Relaxation(system, reference_platform(), restrained_atoms=heavy.model_atoms)
+    broken = thermal_start(3)[0]
+    broken[heavy.model_atoms[1]] = broken[heavy.model_atoms[0]]  # two atoms on one spot
+    out = relax.settle(broken, None, 10)
+    assert np.isfinite(out).all() and np.array_equal(out, broken)
+
+    # hydrogens made massless: nothing can move, nothing is settled or built
+    top, system, _ = alanine_system(None)
+    for i in np.setdiff1d(np.arange(22), heavy.model_atoms):
+        system.setParticleMass(int(i), 0.0)
+    sim = SurrogateSimulation(top, system, heavy, platform=reference_platform(), guards="warn")
+    pos, vel = thermal_start(3)
+    sim.context.setPositions(unit.Quantity(pos, A))
+    sim.context.setVelocities(unit.Quantity(vel, A_PER_PS))
+    sim.step(1)
+    assert sim._relax is None and sim.guards.settle_quench_kJ_per_mol is None
+
+    sim, _, _ = run_openmm(heavy, 10, n=1)
+    first = sim.guards.settle_quench_kJ_per_mol
+    sim.settle_iterations = 3
+    sim.step(1)
+    assert sim.guards.energy_state()["settle_quench_iterations"] == 3
+    assert sim.guards.settle_quench_kJ_per_mol != first
+
+    with pytest.raises(Exception, match="settle"):
+        check_identity({"seed": 0}, {"seed": 0, "settle_iterations": 10}, tmp_path, "run")
+    check_identity({"seed": 0}, {"seed": 0, "settle_iterations": 0}, tmp_path, "run")
