@@ -182,8 +182,10 @@ class TrainConfig:
     own outputs become its next inputs (0 = off; validation and test never see noise);
     rollout_jumps: R >= 1 chained jumps per training window (s2t protocol). Above 1, each
     window's first jump is followed by R - 1 more, each from the model's own end state as the
-    engines chain jumps (positions: the last predicted frame; velocities: the backward difference
-    of the last two; radius graphs rebuilt on those positions), each scored against the MD
+    engines chain jumps by default (positions: the last predicted frame; velocities: the
+    backward difference of the last two, also for a model whose first jumps see the MD's
+    instantaneous velocities: the engines' ``end_velocities="thermal"`` is not what it trains
+    for; radius graphs rebuilt on those positions), each scored against the MD
     frames of its interval; the loss is the mean of the R jump losses. No gradient flows through
     a later jump's start (the pushforward trick): the model learns to continue from its own
     outputs, not to steer them. Costs R forward and backward passes per step; training windows
