@@ -487,6 +487,22 @@ def system_masses_amu(system: openmm.System) -> np.ndarray:
                      for i in range(system.getNumParticles())])
 
 
+def can_settle(masses_amu: np.ndarray, model_atoms: np.ndarray) -> bool:
+    """Whether settling has atoms to move: rebuilt ones (not in ``model_atoms``) with mass."""
+    masses = np.asarray(masses_amu)
+    return len(settling_atoms(len(masses), model_atoms, np.nonzero(masses == 0)[0])) > 0
+
+
+def settle_jump_end(relaxation: Relaxation, guards: Guards, start_A: np.ndarray,
+                    end_A: np.ndarray, box, iterations: int) -> np.ndarray:
+    """A jump's end (n_atoms, 3) Å with its rebuilt atoms settled (:meth:`Relaxation.settle`),
+    the guards' settling quench measured on the jump's start state first where they need it
+    (:meth:`Guards.needs_settle_quench`)."""
+    if guards.needs_settle_quench(iterations):
+        guards.set_settle_quench(relaxation.settle_quench(start_A, box, iterations), iterations)
+    return relaxation.settle(end_A, box, iterations)
+
+
 def kinetic_energy_kJ_per_mol(velocities_A_per_ps: np.ndarray, masses_amu: np.ndarray) -> float:
     """Kinetic energy (kJ/mol) of velocities (n, 3) Å/ps with masses (n,) amu."""
     v = unit.Quantity(np.asarray(velocities_A_per_ps, dtype=np.float64), A_PER_PS)
@@ -874,12 +890,9 @@ class SurrogateSimulation:
             self.loadState(state)
         self._usesPBC = uses_pbc(system, topology)
         self._constrained = system.getNumConstraints() > 0
-        #: whether settling has atoms to move (rebuilt ones with mass)
-        self._can_settle = len(settling_atoms(
-            system.getNumParticles(), self.surrogate.model_atoms,
-            np.nonzero(system_masses_amu(system) == 0)[0])) > 0
         self.guards = make_guards(guards, self.surrogate, system, self.temperature_K)
         self._masses_amu = system_masses_amu(system)
+        self._can_settle = can_settle(self._masses_amu, self.surrogate.model_atoms)
         self.propagator = SurrogatePropagator(
             self.surrogate, end_velocities=end_velocities, temperature_K=self.temperature_K,
             masses_amu=self._masses_amu, seed=velocity_seed,
@@ -1429,12 +1442,9 @@ class SurrogateSimulation:
         settled = finite and self.settle_iterations > 0 and self._can_settle
         if finite:
             if settled:
-                relaxation = self._relaxation()
-                box = self.context.getState().getPeriodicBoxVectors()
-                if self.guards.needs_settle_quench(self.settle_iterations):
-                    self.guards.set_settle_quench(relaxation.settle_quench(  # on the start
-                        start[0], box, self.settle_iterations), self.settle_iterations)
-                final = relaxation.settle(final, box, self.settle_iterations)
+                final = settle_jump_end(self._relaxation(), self.guards, start[0], final,
+                                        self.context.getState().getPeriodicBoxVectors(),
+                                        self.settle_iterations)
             write_state(self.context, final, result.velocities_A_per_ps[-1], self._constrained)
             if self.relax_iterations:
                 relaxed = self._relax_jump_end(read_state(self.context)[0])
@@ -1661,9 +1671,7 @@ class SurrogateJumpReporter:
             self._checked = id(simulation)
             self.propagator.fixed_atoms = fixed_particles(simulation.system)
             self._masses_amu = system_masses_amu(simulation.system)
-            self._can_settle = len(settling_atoms(len(self._masses_amu),
-                                                  self.surrogate.model_atoms,
-                                                  np.nonzero(self._masses_amu == 0)[0])) > 0
+            self._can_settle = can_settle(self._masses_amu, self.surrogate.model_atoms)
             self.propagator.zero_momentum_masses = (
                 self._masses_amu if has_com_remover(simulation.system) else None)
             self._jump_step = 0
@@ -1710,12 +1718,9 @@ class SurrogateJumpReporter:
                    and self._can_settle)
         if np.isfinite(final).all():
             if settled:
-                relaxation = self._relaxation(simulation)
-                box = context.getState().getPeriodicBoxVectors()
-                if self.guards.needs_settle_quench(self.settle_iterations):
-                    self.guards.set_settle_quench(relaxation.settle_quench(  # on the start
-                        pos, box, self.settle_iterations), self.settle_iterations)
-                final = relaxation.settle(final, box, self.settle_iterations)
+                final = settle_jump_end(self._relaxation(simulation), self.guards, pos, final,
+                                        context.getState().getPeriodicBoxVectors(),
+                                        self.settle_iterations)
             write_state(context, final, fvel, constrained)
             energy = potential_energy(context)
             final = read_state(context)[0]
