@@ -32,9 +32,11 @@ own backbone 4 ps on, side chains carried from the start: +3e5 kJ/mol, salt-brid
 0.3-0.7 Å apart). After every jump, before anything else looks at its end state, at most ``n``
 L-BFGS iterations move the rebuilt atoms only, the predicted atoms held exactly as predicted, in
 a copy of the System without implicit solvent (:meth:`Relaxation.settle`; on AdK 10 iterations
-took 0.07-0.09 s, a tenth of a model call, and brought that state to 400 kJ/mol below the MD's
-median energy). The guards then judge the model's prediction, not the rigid rebuild. 0 turns
-it off; a model of every atom has nothing to settle.
+take 0.07-0.11 s, about as long as a model call, and clear the hydrogens' strain entirely, most
+of the side chains' but not the worst overlaps). The guards then judge the model's prediction
+rather than the rigid rebuild, against the reference lowered by what settling takes off the
+run's start state (``Guards.set_settle_quench``). 0 turns it off; a model of every atom, or one
+whose other atoms cannot move (massless), has nothing to settle.
 
 Restrained relaxation (``relax_iterations=n > 0``): after every accepted jump, before the guards
 check it and before any reporter sees it, the end state (predicted atoms as predicted, the others
