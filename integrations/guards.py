@@ -276,8 +276,11 @@ class Guards:
             self._append(e)
             return
         if np.isfinite(e):
+            # the anchor moves from the start's energy to real MD's for the first time: the
+            # quench is measured again on this sample of the ensemble (once, not every hybrid
+            # segment: it costs a settling and two energies)
+            self._quench_stale = self._quench_stale or not self._md_energies
             self._md_energies.append(e)
-            self._quench_stale = True  # a sample of the ensemble: measure the quench on it
         self._append(e)
 
     def md_starts_cold(self, kinetic_energy_kJ_per_mol: float) -> bool:
@@ -408,8 +411,8 @@ class Guards:
         """How far the engine's settling (``iterations`` minimiser iterations) lowers the energy
         of a state at the reference level (kJ/mol, >= 0): the engine measures it on the state a
         jump starts from (its energy minus that of the same state settled), first the state the
-        run starts from, again on a state of real MD that moved the anchor and when the settle
-        iterations change (:meth:`needs_settle_quench`). Settled jump ends are judged against the
+        run starts from, again on the first state of real MD that moves the anchor and when the
+        settle iterations change (:meth:`needs_settle_quench`). Settled jump ends are judged against the
         reference lowered by it (:meth:`judging_settled`): settling quenches the rebuilt atoms
         (AdK, 10 iterations: 5.7-6.1 MJ/mol on MD frames with the backbone held, 3.9-4.3 with
         the heavy atoms held), and measured against the plain reference a settled state would

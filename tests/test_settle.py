@@ -279,6 +279,9 @@ def test_settle_guard_details(heavy, tmp_path):
     assert not guards.needs_settle_quench(10) and guards.needs_settle_quench(5)
     guards.record_md_energy(-90.0)  # real MD moved the anchor: measure on its state
     assert guards.needs_settle_quench(10)
+    guards.set_settle_quench(40.0, 10)
+    guards.record_md_energy(-95.0)  # later MD states: not again (once per run)
+    assert not guards.needs_settle_quench(10)
 
     _, system, _ = alanine_system(constraints=None)
     relax = Relaxation(system, reference_platform(), restrained_atoms=heavy.model_atoms)
