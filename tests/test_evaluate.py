@@ -51,6 +51,18 @@ def test_evaluate_writes_report_with_baselines(ala, checkpoint, tmp_path):
     prepared.close()
     by_hand = ((f.read(t0 + 10) - f.read(t0)) ** 2).sum(-1).mean()
     assert models["constant"]["fmse"] == pytest.approx(by_hand, rel=1e-5)
+    # how far the jump ends move from their starts: the MD's is that same displacement, the
+    # constant model's nothing, the trained model's that of its predictions, by hand
+    assert res["errors"]["fmsd_md"] == pytest.approx(by_hand, rel=1e-5)
+    assert models["constant"]["fmsd"] == 0.0
+    from surrogate_md import Surrogate
+
+    sur = Surrogate.load(checkpoint)
+    ends = np.stack([sur.predict(x, v)[-1]
+                     for x, v in zip(f.read(t0), f.read(t0, "velocities"))])
+    moved = ((ends - f.read(t0)) ** 2).sum(-1).mean()
+    assert models["egnn"]["fmsd"] == pytest.approx(moved, rel=1e-3)
+    assert 0 < models["egnn"]["fmsd"] < 10 * by_hand
     roll = res["rollout"]
     assert roll["n_jumps"] == 3 and len(roll["times_ps"]) == 6
     assert set(roll["mse_vs_time"]) == {"egnn", "constant", "linear"}
@@ -61,6 +73,7 @@ def test_evaluate_writes_report_with_baselines(ala, checkpoint, tmp_path):
     assert val["torsions"]["n_residues"] == 1  # alanine dipeptide: one (phi, psi) pair
     report = (out / "report.md").read_text()
     assert "Å² per atom" in report and "| constant |" in report and "| linear |" in report
+    assert "moves the atoms" in report and "| MD | – | – |" in report
     assert "Jensen-Shannon" in report
     # a second run into the same directory is refused
     assert main([str(checkpoint), "--data", str(ala), "--out", str(out), "-q"]) == 2

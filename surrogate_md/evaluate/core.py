@@ -514,7 +514,13 @@ def _fit_noise(sur: Surrogate, ends: list[tuple[np.ndarray, np.ndarray]], path, 
 def _window_errors(sur: Surrogate, ds: WindowDataset, protocol: str, batch_size: int,
                    ends: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, Any]:
     """Errors of the model and the floors on every window of ``ds``; with ``ends`` (a list),
-    each batch's predicted and reference jump ends are appended to it, (B, n, 3) Å each."""
+    each batch's predicted and reference jump ends are appended to it, (B, n, 3) Å each.
+
+    Beside the errors, how far each model moves the atoms: ``fmsd`` (Å² per atom), the squared
+    distance of the jump's end from the input positions, and ``fmsd_md`` the MD's own (the
+    constant model's F-MSE). A model far below the MD's motion is close to copying its input,
+    whatever its error: at long jumps a mean-square fit learns that, and its jump ends then
+    pass energy checks for the wrong reason."""
     from torch.utils.data import DataLoader
 
     c = sur.selection.n_channels
@@ -523,6 +529,8 @@ def _window_errors(sur: Surrogate, ds: WindowDataset, protocol: str, batch_size:
         if name != sur.name:
             models[name] = build_model(name, {"n_channels": c}).to(sur.device).eval()
     sums = {name: M.ErrorSums() for name in models}
+    moved = {name: M.ErrorSums() for name in models}
+    md_moved = M.ErrorSums()
     times = ds.times_ps if protocol == "s2t" else ds.times_ps[-1:]
     for batch in DataLoader(ds, batch_size=batch_size, collate_fn=ds.collate):
         batch = batch_to(batch, sur.device, sur.dtype)
@@ -532,12 +540,15 @@ def _window_errors(sur: Surrogate, ds: WindowDataset, protocol: str, batch_size:
         for name, model in models.items():
             pred = model(batch)
             sums[name].add(pred[keep], batch[K.TARGET][keep])
+            moved[name].add(pred[-1:], batch[K.POS][None])
             if ends is not None and name == sur.name:
                 n_win = int(batch[K.N_GRAPHS])
                 ends.append(tuple(x[-1].double().cpu().numpy().reshape(n_win, -1, 3)
                                   for x in (pred, batch[K.TARGET])))
+        md_moved.add(batch[K.TARGET][-1:], batch[K.POS][None])
     return {"times_ps": [float(t) for t in times],
-            "models": {name: {"fmse": s.fmse, "amse": s.amse,
+            "fmsd_md": md_moved.fmse,
+            "models": {name: {"fmse": s.fmse, "amse": s.amse, "fmsd": moved[name].fmse,
                               "mse_per_time": s.mse_per_time.tolist()}
                        for name, s in sums.items()}}
 

@@ -124,9 +124,16 @@ def write_report(result: dict[str, Any], path: Path) -> Path:
     lines += ["## One-jump errors", "",
               f"Metric: {METRIC_DEFINITION}. (ESTAG's tables average over the three coordinates "
               "as well: divide by 3 to compare.)", "",
-              "| model | F-MSE (Å²/atom) | A-MSE (Å²/atom) |", "|---|---|---|"]
+              "| model | F-MSE (Å²/atom) | A-MSE (Å²/atom) | moves the atoms (Å²/atom) |",
+              "|---|---|---|---|"]
     for name, m in err["models"].items():
-        lines.append(f"| {name} | {_fmt(m['fmse'])} | {_fmt(m['amse'])} |")
+        lines.append(f"| {name} | {_fmt(m['fmse'])} | {_fmt(m['amse'])} | "
+                     f"{_fmt(m.get('fmsd'))} |")
+    if err.get("fmsd_md") is not None:
+        lines += [f"| MD | – | – | {_fmt(err['fmsd_md'])} |", "",
+                  "Moves the atoms: squared distance of the jump's end from its start, per atom. "
+                  "A model that moves them far less than the MD is close to copying its input "
+                  "(a long jump's mean-square best guess), however small its error."]
     lines += ["", "Error per output time offset (Å² per atom, squared distance summed over xyz):",
               "", "| model | " + " | ".join(f"{t:g} ps" for t in err["times_ps"]) + " |",
               "|---|" + "---|" * len(err["times_ps"])]
