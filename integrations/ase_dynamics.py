@@ -14,7 +14,9 @@ constraints (FixAtoms...) apply to every frame, in time order from the jump's st
 Settling (``settle_iterations``, default 10, as in ``SurrogateSimulation``): with a calculator
 attached, the atoms a partial model does not predict (rebuilt rigidly around the predicted ones)
 get at most that many L-BFGS steps after every jump, the predicted atoms held by a ``FixAtoms``
-added for those steps (the atoms' own constraints apply too), before the guards judge the jump.
+added for those steps (the atoms' own constraints apply too), before the guards judge the jump;
+above 10 steps in the stages of ``SurrogateSimulation`` (10, 20, 40, ... steps in all, stopping
+at the first whose end passes the energy check).
 
 Guard actions: ``raise``; ``warn`` (keep the jump unless it is NaN); ``fallback`` (discard the
 jump and run ``fallback_dynamics`` - any ASE MD bound to the same atoms, e.g. VelocityVerlet -
@@ -78,7 +80,10 @@ from integrations.propagator import (
     SAME_STATE_A,
     SurrogatePropagator,
     checked_settle_iterations,
+    settle_in_stages,
+    settle_stages,
     settling_atoms,
+    stage_quenches,
 )
 from integrations.writers import PS_IN_ASE_TIME
 from surrogate_md.errors import EngineError, GuardError
@@ -123,7 +128,8 @@ class SurrogateDynamics(MolecularDynamics):
         noise_seed: seed of the noise draws (independent of the thermal draws even for the
             same seed); None: not reproducible.
         settle_iterations: with a calculator, the atoms the model does not predict get at most
-            this many L-BFGS steps after every jump, the predicted ones held (0 = off).
+            this many L-BFGS steps after every jump, the predicted ones held (0 = off; above
+            10 in stages that stop once the jump end passes the energy check).
         restart: path of a state file (:meth:`save_state`), as for ASE's optimizers: when it
             exists it is loaded (:meth:`load_state`; an error when it does not belong to
             ``atoms``), and it is rewritten with every trajectory frame (every ``loginterval``
@@ -612,7 +618,7 @@ class SurrogateDynamics(MolecularDynamics):
             result = self.propagator.jump(pos, vel, t0)
             final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
             finite = np.isfinite(final).all()
-            energy = None
+            energy, stage = None, None
             settled = (finite and self.settle_iterations > 0 and atoms.calc is not None
                        and len(settling_atoms(len(atoms), self.surrogate.model_atoms,
                                               self.propagator.fixed_atoms)) > 0)
@@ -622,20 +628,26 @@ class SurrogateDynamics(MolecularDynamics):
                     # last, observers (last_jump) and the trajectory get them all
                     self._constrain_frames(result)
                     final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
-                if settled and self.guards.needs_settle_quench(self.settle_iterations):
-                    # on the jump's start state
+                stages = settle_stages(self.settle_iterations)
+
+                def settle(_: np.ndarray, steps: int) -> np.ndarray:  # the atoms hold the state
+                    return self._settle(steps)
+
+                if settled and self.guards.needs_settle_quench(stages):
+                    # on the jump's start state, stage after stage
                     self._set(pos, vel)
-                    start_energy = self._energy_kJ_per_mol()
-                    self._settle()
-                    self.guards.set_settle_quench(start_energy - self._energy_kJ_per_mol(),
-                                                  self.settle_iterations)
+                    self.guards.set_settle_quenches(stage_quenches(
+                        settle, lambda _: self._energy_kJ_per_mol(), pos, stages))
                     self._set(pos, vel)
                 self._set(final, fvel)
                 if settled:
-                    final = self._settle()
+                    final, stage = settle_in_stages(
+                        settle, final, stages,
+                        lambda _, k: self.guards.settled_passes(self._energy_kJ_per_mol(), k))
+                    self.guards.record_settle(stage)
                     result.positions_A[-1] = final  # what observers (last_jump) see
                 energy = self._energy_kJ_per_mol()
-            with self.guards.judging_settled(settled):
+            with self.guards.judging_settled(settled, stage):
                 events = self.guards.check(final, fvel, energy_kJ_per_mol=energy,
                                            jump=self.n_jumps + self.n_fallbacks, time_ps=end)
                 keep = True
@@ -711,8 +723,8 @@ class SurrogateDynamics(MolecularDynamics):
             result.positions_A[k] = atoms.get_positions()
             result.velocities_A_per_ps[k] = atoms.get_velocities() * PS_IN_ASE_TIME
 
-    def _settle(self) -> np.ndarray:
-        """At most ``settle_iterations`` L-BFGS steps with the attached calculator on the atoms
+    def _settle(self, steps: int) -> np.ndarray:
+        """At most ``steps`` L-BFGS steps with the attached calculator on the atoms
         the model does not predict, the predicted ones held by a ``FixAtoms`` added for the
         steps (the atoms' own constraints are put back as they were). Returns the positions Å;
         the momenta are left as the jump set them."""
@@ -724,8 +736,7 @@ class SurrogateDynamics(MolecularDynamics):
         before = atoms.get_positions()
         atoms.set_constraint([*own, FixAtoms(indices=self.surrogate.model_atoms)])
         try:
-            LBFGS(atoms, logfile=None).run(fmax=SETTLE_FMAX_EV_PER_A,
-                                           steps=self.settle_iterations)
+            LBFGS(atoms, logfile=None).run(fmax=SETTLE_FMAX_EV_PER_A, steps=int(steps))
         finally:
             atoms.set_constraint(own)
         if not np.isfinite(atoms.get_positions()).all():  # the guards judge the unsettled state

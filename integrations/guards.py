@@ -232,13 +232,16 @@ class Guards:
         self.n_relaxations = 0
         self.relax_iterations_used = 0
         self._relaxed_energy: float | None = None
-        #: the engine's settling quench of a reference-level state (:meth:`set_settle_quench`;
-        #: None until measured), the settle iterations it was measured with, and whether a
-        #: state of real MD has moved the anchor since (the engine then measures it again)
-        self.settle_quench_kJ_per_mol: float | None = None
-        self._quench_iterations: int | None = None
+        #: the engine's settling quenches of a reference-level state by settle stage
+        #: (cumulative iterations -> kJ/mol; :meth:`set_settle_quenches`, empty until
+        #: measured), whether a state of real MD has moved the anchor since (the engine then
+        #: measures them again), and the stage of the jump end being judged
+        self._quenches: dict[int, float] = {}
         self._quench_stale = False
         self._judging_settled = False
+        self._judged_stage: int | None = None
+        self.n_settled = 0  # jump ends settled
+        self.settle_iterations_used = 0  # their settle iterations, all stages
 
     @property
     def action(self) -> str:
@@ -307,7 +310,7 @@ class Guards:
         """Forget the recorded energies, the anchor and the settling quench included (the state
         was changed by hand)."""
         self._relaxed_energy = None
-        self.settle_quench_kJ_per_mol = self._quench_iterations = None
+        self._quenches = {}
         self._quench_stale = False
         self._energies.clear()
         self._anchor.clear()
@@ -326,7 +329,10 @@ class Guards:
                 "relax_iterations_used": self.relax_iterations_used,
                 "settle_quench": self.settle_quench_kJ_per_mol,
                 "settle_quench_iterations": self._quench_iterations,
-                "settle_quench_stale": self._quench_stale}
+                "settle_quenches": [[k, q] for k, q in sorted(self._quenches.items())],
+                "settle_quench_stale": self._quench_stale,
+                "n_settled": self.n_settled,
+                "settle_iterations_used": self.settle_iterations_used}
 
     def restore_energy_state(self, state: dict) -> None:
         """Take back an :meth:`energy_state` (a state of an older release without the
@@ -339,10 +345,14 @@ class Guards:
         self._md_energies.extend(float(e) for e in state.get("md_energies", []))
         relaxed = state.get("relaxed_energy")
         self._relaxed_energy = None if relaxed is None else float(relaxed)
-        quench, iterations = state.get("settle_quench"), state.get("settle_quench_iterations")
-        self.settle_quench_kJ_per_mol = None if quench is None else float(quench)
-        self._quench_iterations = None if iterations is None else int(iterations)
+        quenches = state.get("settle_quenches")
+        if quenches is None:  # an older release: one stage
+            quench, iterations = state.get("settle_quench"), state.get("settle_quench_iterations")
+            quenches = [] if quench is None or iterations is None else [[iterations, quench]]
+        self._quenches = {int(k): float(q) for k, q in quenches}
         self._quench_stale = bool(state.get("settle_quench_stale", False))
+        self.n_settled = int(state.get("n_settled", 0))
+        self.settle_iterations_used = int(state.get("settle_iterations_used", 0))
         if "n_checked" in state:
             self.n_checked, self.n_failed = int(state["n_checked"]), int(state["n_failed"])
             self.counts, self.actions = Counter(state["counts"]), Counter(state["actions"])
@@ -369,6 +379,19 @@ class Guards:
         if self._judging_settled and self.settle_quench_kJ_per_mol is not None:
             ref -= self.settle_quench_kJ_per_mol
         return ref
+
+    @property
+    def settle_quench_kJ_per_mol(self) -> float | None:
+        """The settling quench (kJ/mol) of the stage being judged (:meth:`judging_settled`),
+        outside of that of the first stage; None before the engine measured it."""
+        if not self._quenches:
+            return None
+        stage = self._judged_stage
+        return self._quenches[stage if stage in self._quenches else min(self._quenches)]
+
+    @property
+    def _quench_iterations(self) -> int | None:
+        return min(self._quenches) if self._quenches else None
 
     def energy_rise(self, energy_kJ_per_mol: float) -> float:
         """kJ/mol above :attr:`energy_reference_kJ_per_mol` (-inf before any is recorded)."""
@@ -407,6 +430,13 @@ class Guards:
         self._relaxed_energy = (None if accepted_energy_kJ_per_mol is None
                                 else float(accepted_energy_kJ_per_mol))
 
+    def set_settle_quenches(self, quenches: dict[int, float]) -> None:
+        """The settling quench after each stage of a staged settling (cumulative iterations ->
+        kJ/mol, measured by settling the same state stage after stage, as the engine settles a
+        jump end): see :meth:`set_settle_quench`. Replaces those measured before."""
+        self._quenches = {int(k): max(float(q), 0.0) for k, q in quenches.items()}
+        self._quench_stale = False
+
     def set_settle_quench(self, quench_kJ_per_mol: float, iterations: int) -> None:
         """How far the engine's settling (``iterations`` minimiser iterations) lowers the energy
         of a state at the reference level (kJ/mol, >= 0): the engine measures it on the state a
@@ -418,27 +448,41 @@ class Guards:
         the heavy atoms held), and measured against the plain reference a settled state would
         hide that much strain of the predicted atoms. A minimised start has little to quench:
         until real MD moves the anchor, the reference is that cold state's energy anyway."""
-        self.settle_quench_kJ_per_mol = max(float(quench_kJ_per_mol), 0.0)
-        self._quench_iterations = int(iterations)
-        self._quench_stale = False
+        self.set_settle_quenches({int(iterations): quench_kJ_per_mol})
 
-    def needs_settle_quench(self, iterations: int) -> bool:
-        """Whether the engine should measure the settling quench on the state a jump now
-        starts from: none yet, another iteration count, or the anchor moved to real MD's
-        states since."""
-        return (self.settle_quench_kJ_per_mol is None or self._quench_stale
-                or self._quench_iterations != int(iterations))
+    def needs_settle_quench(self, stages) -> bool:
+        """Whether the engine should measure the settling quenches on the state a jump now
+        starts from: none yet, other stages (``stages``: an iteration count, or the cumulative
+        counts of a staged settling), or the anchor moved to real MD's states since."""
+        wanted = {int(stages)} if np.ndim(stages) == 0 else {int(k) for k in stages}
+        return not self._quenches or self._quench_stale or set(self._quenches) != wanted
 
     @contextlib.contextmanager
-    def judging_settled(self, settled: bool = True):
+    def judging_settled(self, settled: bool = True, stage: int | None = None):
         """Within: the reference energy (the checks, the ``relax`` action's targets) is lowered
-        by :attr:`settle_quench_kJ_per_mol`, for a jump end whose rebuilt atoms the engine
-        settled (``settled`` False: unchanged)."""
-        before, self._judging_settled = self._judging_settled, bool(settled)
+        by :attr:`settle_quench_kJ_per_mol`, the quench of settle ``stage`` (its cumulative
+        iterations; None: the first), for a jump end whose rebuilt atoms the engine settled
+        that far (``settled`` False: unchanged)."""
+        before = self._judging_settled, self._judged_stage
+        self._judging_settled, self._judged_stage = bool(settled), stage
         try:
             yield self
         finally:
-            self._judging_settled = before
+            self._judging_settled, self._judged_stage = before
+
+    def settled_passes(self, energy_kJ_per_mol: float, stage: int) -> bool:
+        """Whether a jump end settled to ``stage`` (cumulative iterations) passes the energy
+        check against the reference lowered by that stage's quench: the engine's cue to stop
+        settling (the other checks look at the predicted atoms, which settling does not
+        move)."""
+        with self.judging_settled(True, stage):
+            return bool(np.isfinite(energy_kJ_per_mol)
+                        and self.energy_rise(energy_kJ_per_mol) <= self.energy_jump_kJ_per_mol)
+
+    def record_settle(self, iterations: int) -> None:
+        """Count one settled jump end and the iterations its stages took."""
+        self.n_settled += 1
+        self.settle_iterations_used += int(iterations)
 
     def record_settled(self, accepted_energy_kJ_per_mol: float | None) -> None:
         """An accepted jump end whose rebuilt atoms the engine settled (``settle_iterations``:
@@ -527,6 +571,7 @@ class Guards:
                 "failures": dict(self.counts),
                 "actions": dict(self.actions), "relaxations": self.n_relaxations,
                 "relax_iterations_used": self.relax_iterations_used,
+                "settled": self.n_settled, "settle_iterations_used": self.settle_iterations_used,
                 "energy_anchor_kJ_per_mol": (self.energy_anchor_kJ_per_mol if self._anchor
                                              else None),
                 "energy_anchor_from": ("md" if self._md_energies else "start") if self._anchor

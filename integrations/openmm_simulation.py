@@ -35,8 +35,13 @@ a copy of the System without implicit solvent (:meth:`Relaxation.settle`; on AdK
 take 0.07-0.11 s, about as long as a model call, and clear the hydrogens' strain entirely, most
 of the side chains' but not the worst overlaps). The guards then judge the model's prediction
 rather than the rigid rebuild, against the reference lowered by what settling takes off the
-run's start state (``Guards.set_settle_quench``). 0 turns it off; a model of every atom, or one
-whose other atoms cannot move (massless), has nothing to settle.
+run's start state (``Guards.set_settle_quench``). Above 10 iterations settling runs in stages
+(10, 20, 40, ... iterations in all, :func:`~integrations.propagator.settle_stages`) and stops at
+the first stage whose end passes the energy check, each stage judged against the quench of the
+same stages on the start state: a backbone model's side chains need them (AdK, the MD's own
+backbone 4 ps on: all starts over the threshold after 10 iterations, none after 80), its
+hydrogens alone do not. 0 turns it off; a model of every atom, or one whose other atoms cannot
+move (massless), has nothing to settle.
 
 Restrained relaxation (``relax_iterations=n > 0``): after every accepted jump, before the guards
 check it and before any reporter sees it, the end state (predicted atoms as predicted, the others
@@ -109,6 +114,7 @@ import collections
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -121,7 +127,10 @@ from integrations.propagator import (
     JumpResult,
     SurrogatePropagator,
     checked_settle_iterations,
+    settle_in_stages,
+    settle_stages,
     settling_atoms,
+    stage_quenches,
 )
 from surrogate_md.errors import DataError, EngineError, GuardError
 from surrogate_md.fileio import atomic_path, atomic_write_text
@@ -496,13 +505,27 @@ def can_settle(masses_amu: np.ndarray, model_atoms: np.ndarray) -> bool:
 
 
 def settle_jump_end(relaxation: Relaxation, guards: Guards, start_A: np.ndarray,
-                    end_A: np.ndarray, box, iterations: int) -> np.ndarray:
-    """A jump's end (n_atoms, 3) Å with its rebuilt atoms settled (:meth:`Relaxation.settle`),
-    the guards' settling quench measured on the jump's start state first where they need it
-    (:meth:`Guards.needs_settle_quench`)."""
-    if guards.needs_settle_quench(iterations):
-        guards.set_settle_quench(relaxation.settle_quench(start_A, box, iterations), iterations)
-    return relaxation.settle(end_A, box, iterations)
+                    end_A: np.ndarray, box, iterations: int,
+                    energy_of: Callable[[np.ndarray], float]) -> tuple[np.ndarray, int]:
+    """A jump's end (n_atoms, 3) Å with its rebuilt atoms settled (:meth:`Relaxation.settle`)
+    in the stages of :func:`~integrations.propagator.settle_stages` up to ``iterations``,
+    stopping at the first whose state passes the energy check (``energy_of``: kJ/mol of a
+    state as the engine holds it, constraints applied), and that stage (cumulative
+    iterations, for :meth:`Guards.judging_settled`). The guards' settling quenches are
+    measured on the jump's start state first where they need them
+    (:meth:`Guards.needs_settle_quench`), stage after stage."""
+    stages = settle_stages(iterations)
+
+    def settle(x: np.ndarray, n: int) -> np.ndarray:
+        return relaxation.settle(x, box, n)
+
+    if guards.needs_settle_quench(stages):
+        guards.set_settle_quenches(stage_quenches(settle, lambda x: relaxation.energy(x, box),
+                                                  start_A, stages))
+    state, stage = settle_in_stages(settle, end_A, stages,
+                                    lambda x, k: guards.settled_passes(energy_of(x), k))
+    guards.record_settle(stage)
+    return state, stage
 
 
 def kinetic_energy_kJ_per_mol(velocities_A_per_ps: np.ndarray, masses_amu: np.ndarray) -> float:
@@ -773,7 +796,8 @@ class SurrogateSimulation:
             thermostat temperature (:func:`thermostat_temperature_K`), or 300 K.
         progress: show a progress bar in ``step``.
         settle_iterations: after every jump, at most this many minimiser iterations that move
-            only the atoms the model does not predict (0 = off); see the module doc.
+            only the atoms the model does not predict (0 = off; above 10 in stages that stop
+            once the jump end passes the energy check); see the module doc.
         relax_iterations: restrained minimisation after every jump, at most this many minimiser
             iterations (0 = off, the default); see the module doc.
         relax_restraint_kJ_per_mol_nm2: force constant of the harmonic position restraints on
@@ -1440,13 +1464,19 @@ class SurrogateSimulation:
         """Guard the end state; returns its (possibly relaxed) positions, or None = fall back."""
         final = result.positions_A[-1]
         finite = np.isfinite(final).all()
-        energy = None
+        energy, stage = None, None
         settled = finite and self.settle_iterations > 0 and self._can_settle
         if finite:
             if settled:
-                final = settle_jump_end(self._relaxation(), self.guards, start[0], final,
-                                        self.context.getState().getPeriodicBoxVectors(),
-                                        self.settle_iterations)
+                def energy_of(x: np.ndarray) -> float:
+                    write_state(self.context, x, result.velocities_A_per_ps[-1],
+                                self._constrained)
+                    return potential_energy(self.context)
+
+                final, stage = settle_jump_end(
+                    self._relaxation(), self.guards, start[0], final,
+                    self.context.getState().getPeriodicBoxVectors(), self.settle_iterations,
+                    energy_of)
             write_state(self.context, final, result.velocities_A_per_ps[-1], self._constrained)
             if self.relax_iterations:
                 relaxed = self._relax_jump_end(read_state(self.context)[0])
@@ -1454,7 +1484,7 @@ class SurrogateSimulation:
                             self._constrained)
             energy = potential_energy(self.context)
             final = read_state(self.context)[0]
-        with self.guards.judging_settled(settled):
+        with self.guards.judging_settled(settled, stage):
             return self._judge_final(result, start, jump_index, end_time, final, energy,
                                      finite, settled)
 
@@ -1715,18 +1745,23 @@ class SurrogateJumpReporter:
         result = self.propagator.jump(pos, vel, t0, last_only=True)
         end = t0 + self.surrogate.jump_ps
         final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
-        energy = None
+        energy, stage = None, None
         settled = (self.settle_iterations > 0 and np.isfinite(final).all()
                    and self._can_settle)
         if np.isfinite(final).all():
             if settled:
-                final = settle_jump_end(self._relaxation(simulation), self.guards, pos, final,
-                                        context.getState().getPeriodicBoxVectors(),
-                                        self.settle_iterations)
+                def energy_of(x: np.ndarray) -> float:
+                    write_state(context, x, fvel, constrained)
+                    return potential_energy(context)
+
+                final, stage = settle_jump_end(
+                    self._relaxation(simulation), self.guards, pos, final,
+                    context.getState().getPeriodicBoxVectors(), self.settle_iterations,
+                    energy_of)
             write_state(context, final, fvel, constrained)
             energy = potential_energy(context)
             final = read_state(context)[0]
-        with self.guards.judging_settled(settled):
+        with self.guards.judging_settled(settled, stage):
             self._judge(simulation, pos, vel, t0, result, final, fvel, energy, end)
 
     def _judge(self, simulation, pos: np.ndarray, vel: np.ndarray, t0: float, result,

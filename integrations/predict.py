@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle-iterations", type=int, default=DEFAULT_SETTLE_ITERATIONS,
                    metavar="N", help="after every jump, at most N minimiser iterations settle "
                    "the atoms the model does not predict, the predicted ones held as predicted "
-                   "(0: off; default %(default)s)")
+                   "(0: off; default %(default)s; above 10 in stages of 10, 20, 40, ... that "
+                   "stop once the jump end passes the energy check: e.g. 80 for a backbone "
+                   "model's side chains)")
     p.add_argument("--temperature-K", type=float, default=300.0,
                    help="initial velocities and hybrid/fallback MD temperature (default 300)")
     p.add_argument("--end-velocities", default="difference", choices=("difference", "thermal"),

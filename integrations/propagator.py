@@ -54,6 +54,7 @@ History models (ESTAG) need the positions of the last ``history_length`` states 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,10 @@ SAME_STATE_A = 1e-3  # a remembered state and a new one at the same time closer 
 #: minimiser iterations the engines give the atoms a partial model does not predict after every
 #: jump, the predicted atoms held as predicted (``settle_iterations``)
 DEFAULT_SETTLE_ITERATIONS = 10
+#: iterations of the first stage of settling: a larger ``settle_iterations`` settles in stages of
+#: 10, 20, 40, ... iterations in all (:func:`settle_stages`), stopping at the first stage whose
+#: end passes the energy check
+SETTLE_FIRST_STAGE = 10
 # mixed into the noise draws' seed: the same integer seeds the thermal velocity draws (their
 # generator is default_rng(seed)), and the two streams must not be the same numbers
 _NOISE_STREAM = 0x6A756D70_6E6F6973  # "jumpnois"
@@ -85,6 +90,47 @@ def checked_settle_iterations(value: Any) -> int:
                           f"model does not predict stay where the rebuild puts them), got "
                           f"{value!r}")
     return int(value)
+
+
+def settle_stages(iterations: int) -> list[int]:
+    """Cumulative minimiser iterations after which an engine's settling looks at the jump end's
+    energy: 10, 20, 40, ... doubling from :data:`SETTLE_FIRST_STAGE`, ending at ``iterations``
+    (``[iterations]`` up to 10 iterations; ``[]`` for 0). E.g. 80 -> [10, 20, 40, 80], 50 ->
+    [10, 20, 40, 50]."""
+    n = int(iterations)
+    stages, k = [], SETTLE_FIRST_STAGE
+    while k < n:
+        stages.append(k)
+        k *= 2
+    return stages + [n] if n > 0 else []
+
+
+def settle_in_stages(settle: Callable[[np.ndarray, int], np.ndarray], state: np.ndarray,
+                     stages: list[int], passes: Callable[[np.ndarray, int], bool]
+                     ) -> tuple[np.ndarray, int]:
+    """Settle ``state`` stage after stage (``settle(state, n)``: ``n`` more iterations from
+    ``state``), stopping after the first stage ``k`` where ``passes(settled, k)`` (not asked
+    after the last stage: the guards judge that one). Returns the settled state and its stage
+    (cumulative iterations)."""
+    done = 0
+    for k in stages:
+        state, done = settle(state, k - done), k
+        if k == stages[-1] or passes(state, k):
+            break
+    return state, done
+
+
+def stage_quenches(settle: Callable[[np.ndarray, int], np.ndarray],
+                   energy: Callable[[np.ndarray], float], state: np.ndarray,
+                   stages: list[int]) -> dict[int, float]:
+    """kJ/mol by which settling ``state`` lowers its ``energy`` after each stage, settled stage
+    after stage as :func:`settle_in_stages` does (the guards' reference for jump ends settled
+    that far: ``Guards.set_settle_quenches``)."""
+    e0, done, out = energy(state), 0, {}
+    for k in stages:
+        state, done = settle(state, k - done), k
+        out[k] = e0 - energy(state)
+    return out
 
 
 def settling_atoms(n_atoms: int, model_atoms: np.ndarray, held: np.ndarray) -> np.ndarray:
