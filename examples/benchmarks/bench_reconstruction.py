@@ -13,9 +13,11 @@ energy is there) with OpenMM's minimiser on the engine's System (constraints enf
 minimiser), on ``integrations.openmm_simulation.Relaxation`` (constraints as stiff bonds,
 re-applied after), and, with implicit solvent, in the two stages the ``relax`` guard action uses
 (the flexible copy without the solvent force first, then the full one if needed). Beside them,
-what the engines do after every jump before the guards look (``settle_iterations``): a few
-L-BFGS iterations on the rebuilt atoms alone, the selected atoms held exactly
-(``Relaxation.settle``), and the rise that is left.
+what the engines do after every jump before the guards look (``settle_iterations``): L-BFGS
+iterations on the rebuilt atoms alone, the selected atoms held exactly (``Relaxation.settle``),
+in the engines' stages (10, 20, 40, ... iterations in all), and after each stage the rise that is
+left over the reference lowered by that stage's quench (what settling the start frame the same
+way takes off its energy), as the guards judge a settled jump end.
 
 Usage::
 
@@ -45,7 +47,7 @@ from common import (
     setup_logging,
 )
 
-from integrations.propagator import DEFAULT_SETTLE_ITERATIONS
+from integrations.propagator import DEFAULT_SETTLE_ITERATIONS, settle_stages, stage_quenches
 
 log = logging.getLogger("bench_reconstruction")
 
@@ -126,8 +128,9 @@ def measure(traj, selection: str, lag_frames: int, starts: np.ndarray, energy, r
             threshold: float, iterations: int, progress: bool = True,
             settle_iterations: int = 0) -> dict[str, Any]:
     """Energy rises (kJ/mol over the start's reference median) and relaxation costs of oracle
-    jumps of ``lag_frames`` frames from each start frame; with ``settle_iterations`` also the
-    rise after the engines' settling of the rebuilt atoms, and its seconds."""
+    jumps of ``lag_frames`` frames from each start frame; with ``settle_iterations`` also, after
+    each stage of the engines' settling of the rebuilt atoms, the rise over the median lowered
+    by the quench of that stage (measured on the start frame), and the seconds of all stages."""
     from tqdm.auto import tqdm
 
     from integrations.openmm_simulation import Relaxation
@@ -143,8 +146,13 @@ def measure(traj, selection: str, lag_frames: int, starts: np.ndarray, energy, r
     box = energy.context.getState().getPeriodicBoxVectors()
     settle_seconds: list[float] = []
     rises: dict[str, list[float]] = {"true": [], "rebuilt": [], "rebuilt_constrained": []}
-    if settler is not None:
-        rises["settled_constrained"] = []
+    stages = settle_stages(settle_iterations)
+    for k in stages:
+        rises[f"settled_{k}"] = []
+
+    def settle(x: np.ndarray, n: int) -> np.ndarray:
+        return settler.settle(x, box, n)
+
     relax: dict[str, list[dict]] = {"constrained": [], "flexible": [], "two_stage": []}
     for t in tqdm(starts, desc=f"{selection} +{lag_frames}", disable=not progress, leave=False):
         window = traj.read(np.arange(t - WINDOW + 1, t + 1))
@@ -155,11 +163,15 @@ def measure(traj, selection: str, lag_frames: int, starts: np.ndarray, energy, r
         rises["rebuilt"].append(energy(rebuilt) - median)
         rises["rebuilt_constrained"].append(_constrained_energy(energy.context, rebuilt) - median)
         if settler is not None:
-            t0 = time.perf_counter()
-            settled = settler.settle(rebuilt, box, settle_iterations)
-            settle_seconds.append(time.perf_counter() - t0)
-            rises["settled_constrained"].append(
-                _constrained_energy(energy.context, settled) - median)
+            quenches = stage_quenches(settle, lambda x: settler.energy(x, box), start, stages)
+            settled, done, seconds = rebuilt, 0, 0.0
+            for k in stages:
+                t0 = time.perf_counter()
+                settled, done = settle(settled, k - done), k
+                seconds += time.perf_counter() - t0
+                rises[f"settled_{k}"].append(_constrained_energy(energy.context, settled)
+                                             - (median - quenches[k]))
+            settle_seconds.append(seconds)
         if rises["rebuilt_constrained"][-1] > 0 and iterations:
             for kind, r in relax_costs(energy, relaxation, rebuilt, median, iterations,
                                                threshold).items():
@@ -169,7 +181,7 @@ def measure(traj, selection: str, lag_frames: int, starts: np.ndarray, energy, r
                            "rebuilt_atoms": int(traj.n_atoms - len(sel.atom_index)),
                            "lag_frames": lag_frames, "lag_ps": lag_frames * traj.interval_ps,
                            "starts": len(starts), "threshold_kJ_per_mol": threshold,
-                           "settle_iterations": settle_iterations,
+                           "settle_iterations": settle_iterations, "settle_stages": stages,
                            "settle_seconds": (float(np.mean(settle_seconds)) if settle_seconds
                                               else None)}
     for key, values in rises.items():
@@ -215,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="most L-BFGS iterations per relaxation (0: no relaxation)")
     parser.add_argument("--settle-iterations", type=int, default=DEFAULT_SETTLE_ITERATIONS,
                         help="the engines' settling of the rebuilt atoms after a jump, L-BFGS "
-                             "iterations (0: not measured; default %(default)s, the engines')")
+                             "iterations in all, measured after each of the engines' stages "
+                             "(10, 20, 40, ...; 0: not measured; default %(default)s, the "
+                             "engines')")
     parser.add_argument("--temperature", type=float, default=300.0,
                         help="K, for the energy guard's threshold")
     parser.add_argument("--platform", default="auto")
@@ -274,18 +288,19 @@ def main(argv: list[str] | None = None) -> int:
     header = ["selection", "rebuilt atoms", "jump", "true frame", "rebuilt",
               "rebuilt + constraints", "over threshold", "relax: OpenMM minimiser",
               "relax: flexible copy", "relax: solvent-free first"]
-    if args.settle_iterations:
-        header += [f"settled ({args.settle_iterations} it.) + constraints", "over threshold",
-                   "settling"]
+    stages = settle_stages(args.settle_iterations)
+    if stages:
+        header += ([f"settled {k} it. + constraints, over the quenched median" for k in stages]
+                   + ["settling (all stages)"])
     body = [[r["selection"], r["rebuilt_atoms"], f"{fmt(r['lag_ps'])} ps",
              _rise_cell(r["rise_true"]), _rise_cell(r["rise_rebuilt"]),
              _rise_cell(r["rise_rebuilt_constrained"]),
              f"{r['rise_rebuilt_constrained']['over_threshold']}/{r['starts']}",
              _relax_cell(r.get("relax_constrained")), _relax_cell(r.get("relax_flexible")),
              _relax_cell(r.get("relax_two_stage"))]
-            + ([_rise_cell(r["rise_settled_constrained"]),
-                f"{r['rise_settled_constrained']['over_threshold']}/{r['starts']}",
-                f"{fmt(r['settle_seconds'])} s"] if args.settle_iterations else [])
+            + ([f"{_rise_cell(r[f'rise_settled_{k}'])}, "
+                f"{r[f'rise_settled_{k}']['over_threshold']}/{r['starts']} over" for k in stages]
+               + [f"{fmt(r['settle_seconds'])} s"] if stages else [])
             for r in rows]
     print(markdown_table(header, body))
     print(f"\nwall time {results['wall_seconds']:.1f} s")

@@ -261,6 +261,11 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
             "relaxations": summary["relaxations"] - before["relaxations"],
             "relax_iterations_used": (summary["relax_iterations_used"]
                                       - before["relax_iterations_used"]),
+            # settled jump ends and their settle iterations (staged: they stop at the first
+            # stage that passes the energy check)
+            "settled": summary["settled"] - before["settled"],
+            "settle_iterations_used": (summary["settle_iterations_used"]
+                                       - before["settle_iterations_used"]),
             "simulated_ps": simulated, "wall_s": wall,
             "ns_per_s": simulated * 1e-3 / wall, "ns_per_day": ns_per_day(simulated, wall),
             "model_only_s_per_jump": model_s,
@@ -327,6 +332,9 @@ def passing_cell(s: dict[str, Any]) -> str:
     """'92.5% (37/40: 10 as predicted, 27 after relaxing, 12 iterations each; 3 fell back)'."""
     passing = round(s["pass_fraction"] * s["jumps"])
     parts = [f"{s['passed_as_predicted']} as predicted"]
+    if s.get("settled"):
+        parts[0] += (f" (rebuilt atoms settled {fmt(s['settle_iterations_used'] / s['settled'])}"
+                     " iterations each)")
     if s.get("relaxed_kept"):
         parts.append(f"{s['relaxed_kept']} after relaxing, {fmt(relax_each(s))} iterations each")
     tail = []
