@@ -414,7 +414,11 @@ class Relaxation:
         if box is not None:
             ctx.setPeriodicBoxVectors(*box)
         ctx.setPositions(unit.Quantity(np.asarray(positions_A, dtype=np.float64), ANGSTROM))
-        openmm.LocalEnergyMinimizer.minimize(ctx, RELAX_TOLERANCE_KJ_PER_MOL_NM, iterations)
+        try:
+            openmm.LocalEnergyMinimizer.minimize(ctx, RELAX_TOLERANCE_KJ_PER_MOL_NM, iterations)
+        except openmm.OpenMMException as exc:  # coordinates went NaN inside the minimiser
+            log.debug("settling failed: %s", exc)
+            return np.array(positions_A, dtype=np.float64)
         out = np.asarray(ctx.getState(positions=True).getPositions(asNumpy=True)
                          .value_in_unit(ANGSTROM))
         if not np.isfinite(out).all():  # e.g. predicted atoms on top of each other: the guards
@@ -475,11 +479,16 @@ class Relaxation:
                     self.restraint.setParticleParameters(i, int(atom), anchors[i].tolist())
                 self.restraint.updateParametersInContext(ctx)
         ctx.setPositions(unit.Quantity(pos, ANGSTROM))
-        if reporter is None:
-            openmm.LocalEnergyMinimizer.minimize(ctx, RELAX_TOLERANCE_KJ_PER_MOL_NM, iterations)
-        else:
-            openmm.LocalEnergyMinimizer.minimize(ctx, RELAX_TOLERANCE_KJ_PER_MOL_NM, iterations,
-                                                 reporter)
+        try:
+            if reporter is None:
+                openmm.LocalEnergyMinimizer.minimize(ctx, RELAX_TOLERANCE_KJ_PER_MOL_NM,
+                                                     iterations)
+            else:
+                openmm.LocalEnergyMinimizer.minimize(ctx, RELAX_TOLERANCE_KJ_PER_MOL_NM,
+                                                     iterations, reporter)
+        except openmm.OpenMMException as exc:  # coordinates went NaN inside the minimiser
+            log.debug("minimisation failed: %s", exc)
+            return np.full_like(pos, np.nan)
         return np.asarray(ctx.getState(positions=True).getPositions(asNumpy=True)
                           .value_in_unit(ANGSTROM))
 
@@ -571,7 +580,10 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
     test, going on from the constrained state where re-constraining lifts the energy over the
     target again.
     Returns the relaxed positions (n_atoms, 3) Å and the failed checks of the relaxed state as
-    ``context`` holds it (empty: accepted)."""
+    ``context`` holds it (empty: accepted). A minimiser that ends in non-finite coordinates (a
+    state strained far beyond what L-BFGS can take, e.g. a stochastic jump that tore bonds)
+    ends the relaxation: the last finite state goes back into ``context`` and the checks name
+    the ``non_finite`` failure, so the engine falls back to MD instead of failing."""
     state = context.getState(positions=True, energy=energy_kJ_per_mol is None)
     positions = np.asarray(state.getPositions(asNumpy=True).value_in_unit(ANGSTROM))
     energy = (state.getPotentialEnergy().value_in_unit(KJ_PER_MOL)
@@ -589,6 +601,9 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
         reporter = StopBelowEnergy(free_start - shed / relaxation.drop_ratio, keep_path=True)
         trial = relaxation.minimise(positions, box, budget, reporter=reporter, solvent_free=True)
         used += reporter.iterations
+        if not np.isfinite(trial).all():
+            return _relaxation_blew_up(context, guards, positions, energy, constrained, used,
+                                       jump, time_ps)
         write_state(context, trial, None, constrained)
         start_energy = energy
         positions, _, _, energy = read_state(context, energy=True)
@@ -603,6 +618,9 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
         reporter = _StopWhenAccepted(guards, jump, time_ps, margin)
         relaxed = relaxation.minimise(positions, box, budget - used, 0.0, reporter)
         used += reporter.iterations
+        if not np.isfinite(relaxed).all():
+            return _relaxation_blew_up(context, guards, positions, energy, constrained, used,
+                                       jump, time_ps)
         write_state(context, relaxed, None, constrained)
         positions, _, _, energy = read_state(context, energy=True)
         if not (constrained and reporter.accepted and reporter.iterations):
@@ -615,6 +633,22 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
     events = guards.check(positions, energy_kJ_per_mol=energy, jump=jump, time_ps=time_ps,
                           count=False)
     guards.record_relaxation(used, None if events else energy)
+    return positions, energy, events
+
+
+def _relaxation_blew_up(context: openmm.Context, guards: Guards, positions: np.ndarray,
+                        energy: float, constrained: bool, used: int, jump: int, time_ps: float
+                        ) -> tuple[np.ndarray, float, list[GuardEvent]]:
+    """:func:`relax_until_accepted` when a minimiser ended in non-finite coordinates: the last
+    finite state (``positions`` Å, ``energy`` kJ/mol) back in ``context``, the relaxation
+    counted as failed, and its failed checks with a ``non_finite`` one first."""
+    log.debug("relaxation of jump %d ended in non-finite coordinates after %d iterations",
+              jump, used)
+    write_state(context, positions, None, constrained)
+    events = [GuardEvent("non_finite", float("nan"), 0.0, jump, time_ps)]
+    events += guards.check(positions, energy_kJ_per_mol=energy, jump=jump, time_ps=time_ps,
+                           count=False)
+    guards.record_relaxation(used, None)
     return positions, energy, events
 
 

@@ -414,3 +414,48 @@ def test_hybrid_restart_inside_a_history_warm_up(tmp_path):
         again = state_arrays(restart.context.getState(positions=True, velocities=True))
         np.testing.assert_allclose(again[1], end[1], atol=1e-6, err_msg=str(k))
         np.testing.assert_allclose(again[2], end[2], atol=1e-6, err_msg=str(k))
+
+
+def test_a_relaxation_that_blows_up_falls_back_to_md(tmp_path):
+    """A jump end the minimiser cannot take (two atoms on one spot: NaN forces, NaN coordinates
+    after the first L-BFGS step) under the ``relax`` action: the relaxation stops with a
+    ``non_finite`` failure, the last finite state back in the Context, and the engine runs MD
+    for the jump instead of raising OpenMM's NaN error."""
+    from integrations.guards import Guards
+    from integrations.openmm_simulation import Relaxation, relax_until_accepted, write_state
+
+    surrogate = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "all.pt",
+                                               selection="all"))
+    top, system, pos = alanine_system(None)
+    broken = np.array(pos.value_in_unit(A), dtype=np.float64)
+    broken[1] = broken[0]
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), reference_platform())
+    write_state(context, broken, None, False)
+    guards = Guards(surrogate, GuardConfig(action="relax"), n_dof=60, temperature_K=300.0)
+    guards.record_energy(-100.0)
+    relaxation = Relaxation(system, reference_platform())
+    out, _, events = relax_until_accepted(relaxation, context, guards, 0, 1.0)
+    assert events and events[0].check == "non_finite"
+    np.testing.assert_allclose(out, broken, atol=1e-9)  # the last finite state (nm round trip)
+    held = context.getState(positions=True).getPositions(asNumpy=True).value_in_unit(A)
+    np.testing.assert_allclose(held, broken, atol=1e-9)
+    assert guards.n_relaxations == 1
+
+    real_predict = surrogate.predict
+
+    def broken_predict(*args, **kwargs):  # a model whose jump puts two atoms on one spot
+        frames = np.array(real_predict(*args, **kwargs))
+        frames[:, 1] = frames[:, 0]
+        return frames
+
+    surrogate.predict = broken_predict
+    sim = SurrogateSimulation(top, system, surrogate, platform=reference_platform(),
+                              guards=GuardConfig(action="relax"))
+    sim.context.setPositions(pos)
+    sim.context.setVelocitiesToTemperature(300 * unit.kelvin, 1)
+    sim.step(1)
+    assert sim.n_fallbacks == 1 and sim.n_jumps == 0
+    end = sim.context.getState(positions=True).getPositions(asNumpy=True).value_in_unit(A)
+    assert np.isfinite(end).all()
+    assert sim.context.getState().getTime().value_in_unit(PS) == pytest.approx(
+        surrogate.jump_ps)
