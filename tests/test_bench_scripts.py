@@ -240,6 +240,42 @@ def test_surrogate_vs_md_quick(bench, tmp_path, capsys):
     assert hybrid["surrogate"]["simulated_ps"] == pytest.approx(3 * (hybrid["jump_ps"] + 0.01))
     with pytest.raises(SystemExit):
         vs_md.main(["--quick", "--md-steps", "-1"])
+    with pytest.raises(SystemExit):  # the noise of a trained AdK model, so its checkpoint too
+        vs_md.main(["--quick", "--adk-jump-noise", str(ckpt)])
+
+
+def test_surrogate_vs_md_measures_the_run_motion_and_stochastic_jumps(bench, tmp_path, capsys):
+    """The speed table sets how far the model's atoms moved per jump in the timed run beside
+    the MD's motion over a jump (its data); with a fitted jump noise the same jumps move the
+    atoms further, each draw seeded."""
+    from datagen.openmm_md import choose_platform, prepare_system
+    from surrogate_md import Surrogate
+    from surrogate_md.evaluate import evaluate
+
+    vs_md = bench("bench_surrogate_vs_md")
+    out = tmp_path / "vs.json"
+    assert vs_md.main(["--quick", "--data-dir", str(tmp_path / "d"), "--out-dir",
+                       str(tmp_path / "r"), "--json", str(out), "--no-progress"]) == 0
+    speed = _check(_tables(capsys.readouterr().out)[1])
+    data = json.loads(out.read_text())["systems"][0]
+    moved = data["surrogate"]["run_moved_A2"]
+    assert moved > 0 and float(speed[1][9]) == pytest.approx(moved, rel=1e-2)
+    assert float(speed[0][9]) == pytest.approx(data["accuracy"]["fmsd_md_A2"], rel=1e-2)
+    ckpt = next((tmp_path / "r").glob("**/best.pt"))
+    md = next((tmp_path / "d").glob("*.h5"))
+    noise = tmp_path / "noise.npz"
+    evaluate(ckpt, md, tmp_path / "eval", split="val", rollout_jumps=0, plots=False,
+             noise_out=noise)
+    prepared = prepare_system("alanine-dipeptide")
+    platform = choose_platform("Reference", 22, "vacuum")
+    _, state = vs_md.md_timing(prepared, platform, 0.1)
+    surrogate = Surrogate.load(ckpt)
+    runs = {name: vs_md.surrogate_timing(prepared, platform, surrogate, state, 4, "warn",
+                                         jump_noise=path)
+            for name, path in (("deterministic", None), ("stochastic", str(noise)))}
+    assert runs["stochastic"]["jump_noise"] is not None
+    assert runs["deterministic"]["jump_noise"] is None
+    assert runs["stochastic"]["run_moved_A2"] > 1.5 * runs["deterministic"]["run_moved_A2"]
 
 
 def test_surrogate_vs_md_finds_adk_training_data(bench, tmp_path):

@@ -48,6 +48,7 @@ from common import (
     machine,
     machine_table,
     markdown_table,
+    relative_path,
     require_files,
     save_json,
     setup_logging,
@@ -161,21 +162,32 @@ def md_timing(prepared, platform, md_ps: float, step_ps: float = MD_STEP_PS
 
 class KineticTemperature:
     """A reporter recording the kinetic temperature (K) of every reported state, from the
-    System's degrees of freedom (OpenMM's count: massive particles, constraints, CMMotionRemover)."""
+    System's degrees of freedom (OpenMM's count: massive particles, constraints, CMMotionRemover),
+    and how far ``atoms`` moved since the report before (squared distance per atom, Å², as the
+    evaluation's ``fmsd``: the run's own motion per jump, relaxations and noise included)."""
 
-    def __init__(self, system, every: int = 1) -> None:
+    def __init__(self, system, every: int = 1, atoms: np.ndarray | None = None) -> None:
         from integrations.openmm_simulation import degrees_of_freedom, system_masses_amu
 
         self.every = int(every)  # steps between reports: one cycle (jump ends only)
         self._dof = degrees_of_freedom(system)  # as OpenMM's StateDataReporter counts
         self._masses = system_masses_amu(system)
+        self._atoms = None if atoms is None else np.asarray(atoms)
+        self._last: np.ndarray | None = None
         self.temperatures_K: list[float] = []
+        self.moved_A2: list[float] = []
+
+    def start(self, positions_A: np.ndarray) -> None:
+        """The state the timed run starts from (the first report's motion is measured from it)."""
+        if self._atoms is not None:
+            self._last = np.asarray(positions_A)[self._atoms]
 
     def describeNextReport(self, simulation) -> dict:
-        # velocities only: asking for energies would cost a force evaluation per jump inside
-        # the timed loop
+        # velocities (and positions) only: asking for energies would cost a force evaluation
+        # per jump inside the timed loop
+        include = ["velocities"] + (["positions"] if self._atoms is not None else [])
         return {"steps": self.every - simulation.currentStep % self.every, "periodic": False,
-                "include": ["velocities"]}
+                "include": include}
 
     def report(self, simulation, state) -> None:
         from openmm import unit
@@ -186,18 +198,26 @@ class KineticTemperature:
         v = state.getVelocities(asNumpy=True).value_in_unit(unit.angstrom / unit.picosecond)
         ke = kinetic_energy_kJ_per_mol(np.asarray(v), self._masses)
         self.temperatures_K.append(kinetic_temperature_K(ke, self._dof))
+        if self._atoms is not None:
+            x = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.angstrom))
+            x = x[self._atoms]
+            if self._last is not None:
+                self.moved_A2.append(float(((x - self._last) ** 2).sum(-1).mean()))
+            self._last = x
 
 
 def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards: str,
                      step_ps: float = MD_STEP_PS, relax_iterations: int = 20,
                      end_velocities: str = "difference", md_steps: int = 0,
-                     settle_iterations: int = DEFAULT_SETTLE_ITERATIONS) -> dict[str, Any]:
+                     settle_iterations: int = DEFAULT_SETTLE_ITERATIONS,
+                     jump_noise: str | None = None) -> dict[str, Any]:
     """Time ``n_jumps`` jumps of ``SurrogateSimulation`` from ``state``; count guard results
     and the mean kinetic temperature of the kept end states. Fallback MD runs the MD
     baseline's integrator settings (``step_ps``); ``md_steps`` > 0: hybrid mode, that many MD
     steps before every jump (their time counts as simulated time); ``settle_iterations``: the
     engine's settling of the atoms the model does not predict after every jump, before the
-    guards (the predicted atoms held as predicted; 0 = the rigid rebuild as it is)."""
+    guards (the predicted atoms held as predicted; 0 = the rigid rebuild as it is);
+    ``jump_noise``: a ``JumpNoise`` file for stochastic jumps (seeded: reproducible draws)."""
     import openmm
     from openmm import unit
 
@@ -213,7 +233,8 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
                                                  relax_iterations=relax_iterations),
                               temperature_K=TEMPERATURE_K, end_velocities=end_velocities,
                               velocity_seed=0, md_steps=md_steps,
-                              settle_iterations=settle_iterations)
+                              settle_iterations=settle_iterations, jump_noise=jump_noise,
+                              noise_seed=0 if jump_noise else None)
     sim.context.setPositions(state.getPositions())
     sim.context.setVelocities(state.getVelocities())
     # warm-up: first graph, first energy; compiled, the second graph size compiles once more
@@ -223,7 +244,10 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
     before = sim.guard_summary()  # the warm-up jump's guard results are not timed
     # at the jump ends only (in hybrid mode a cycle is the MD segment and the jump's steps)
     kinetic = KineticTemperature(prepared.system,
-                                 md_steps + sim.steps_per_jump if md_steps else 1)
+                                 md_steps + sim.steps_per_jump if md_steps else 1,
+                                 surrogate.model_atoms)
+    kinetic.start(sim.context.getState(positions=True).getPositions(asNumpy=True)
+                  .value_in_unit(unit.angstrom))
     sim.reporters.append(kinetic)
     start = time.perf_counter()
     sim.step(n_jumps)
@@ -257,6 +281,10 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
             "end_velocities": end_velocities, "md_steps_per_jump": md_steps,
             "settle_iterations": settle_iterations,
             "mean_kinetic_temperature_K": float(np.mean(kinetic.temperatures_K)),
+            # how far the model's atoms moved per jump in this run (Å² per atom, mean over the
+            # jumps; hybrid mode: per cycle), to set beside the MD's fmsd of the accuracy table
+            "run_moved_A2": float(np.mean(kinetic.moved_A2)) if kinetic.moved_A2 else None,
+            "jump_noise": relative_path(jump_noise) if jump_noise else None,
             "guard_failures": {k: v for k, v in failures.items() if v},
             "relaxations": summary["relaxations"] - before["relaxations"],
             "relax_iterations_used": (summary["relax_iterations_used"]
@@ -400,14 +428,16 @@ def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
              surrogate.jump_ps)
     row["surrogate"] = surrogate_timing(prepared, platform, surrogate, state, n_jumps, guards,
                                         step_ps, args.relax_iterations, args.end_velocities,
-                                        args.md_steps, args.settle_iterations)
+                                        args.md_steps, args.settle_iterations,
+                                        args.adk_jump_noise if adk else None)
     row["speedup"] = row["surrogate"]["ns_per_s"] / row["md"]["ns_per_s"]
     if args.compile:  # the same jumps from the same state, the model through torch.compile
         compiled = Surrogate.load(checkpoint, device=args.device, compile=True)
         log.info("%s: timing %d jumps of %s compiled", name, n_jumps, surrogate.name)
         row["surrogate_compiled"] = surrogate_timing(
             prepared, platform, compiled, state, n_jumps, guards, step_ps,
-            args.relax_iterations, args.end_velocities, args.md_steps, args.settle_iterations)
+            args.relax_iterations, args.end_velocities, args.md_steps, args.settle_iterations,
+            args.adk_jump_noise if adk else None)
         row["surrogate_compiled"]["compiled"] = compiled.compiled  # False: compiling failed
         row["speedup_compiled"] = row["surrogate_compiled"]["ns_per_s"] / row["md"]["ns_per_s"]
     return row
@@ -453,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
                              "guards (SurrogateSimulation's settle_iterations; 0: the rigid "
                              "rebuild as it is; default %(default)s)")
     parser.add_argument("--adk-checkpoint", default=None)
+    parser.add_argument("--adk-jump-noise", default=None, metavar="NOISE.npz",
+                        help="stochastic AdK jumps: the JumpNoise of --adk-checkpoint (python -m "
+                             "surrogate_md.evaluate CKPT --data DATA --split val --noise-out "
+                             "NOISE.npz), draws seeded with 0")
     parser.add_argument("--adk-model", default="egno", choices=TRAINABLE)
     parser.add_argument("--adk-jumps", type=int, default=5)
     parser.add_argument("--adk-md-ps", type=float, default=0.1)
@@ -482,7 +516,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--settle-iterations must be >= 0 (0: no settling), got "
                      f"{args.settle_iterations}")
     setup_logging()
-    require_files(checkpoint=args.checkpoint, adk_checkpoint=args.adk_checkpoint)
+    require_files(checkpoint=args.checkpoint, adk_checkpoint=args.adk_checkpoint,
+                  adk_jump_noise=args.adk_jump_noise)
+    if args.adk_jump_noise and not args.adk_checkpoint:
+        parser.error("--adk-jump-noise is the noise of a trained model: give --adk-checkpoint")
     if args.quick:
         args.frames = min(args.frames, 400)
         args.train_epochs, args.max_steps_per_epoch = 1, 3
@@ -506,16 +543,19 @@ def main(argv: list[str] | None = None) -> int:
         md_label = f"OpenMM MD ({fmt(m['step_fs'])} fs Langevin" + (
             ", HMR" if r.get("hmr") else "") + (
             f", {fmt(r['cutoff_nm'])} nm cutoff" if r.get("cutoff_nm") else "") + ")"
+        # the MD's own motion over one jump, from its data (the accuracy table's)
+        md_moved = (r.get("accuracy") or {}).get("fmsd_md_A2")
         body.append([r["system"], r["atoms"], r["platform"], md_label,
                      fmt(m["simulated_ps"]), fmt(m["wall_s"]), fmt(m["ns_per_s"]),
-                     fmt(m["ns_per_day"]), "-", "1"])
+                     fmt(m["ns_per_day"]), "-", fmt(md_moved) if md_moved else "-", "1"])
         body.append([r["system"], r["atoms"], r["platform"],
                      f"{label}, jump {fmt(r['jump_ps'])} ps, guards {s['guard_action']}"
                      + (f", {s['md_steps_per_jump']} MD steps before each"
-                        if s.get("md_steps_per_jump") else ""),
+                        if s.get("md_steps_per_jump") else "")
+                     + (", stochastic jumps" if s.get("jump_noise") else ""),
                      fmt(s["simulated_ps"]), fmt(s["wall_s"]), fmt(s["ns_per_s"]),
                      fmt(s["ns_per_day"]),
-                     passing_cell(s),
+                     passing_cell(s), fmt(s.get("run_moved_A2")),
                      fmt(r["speedup"])])
         runs = [("", s, r["speedup"])]
         if r.get("surrogate_compiled"):
@@ -528,15 +568,15 @@ def main(argv: list[str] | None = None) -> int:
                              f"{label}{tag}, jump {fmt(r['jump_ps'])} ps, guards "
                              f"{t['guard_action']}", fmt(t["simulated_ps"]), fmt(t["wall_s"]),
                              fmt(t["ns_per_s"]), fmt(t["ns_per_day"]), passing_cell(t),
-                             fmt(speedup)])
+                             fmt(t.get("run_moved_A2")), fmt(speedup)])
             body.append([r["system"], r["atoms"], "-", f"{r['model']}{tag} model only (predict)",
                          fmt(r["jump_ps"]), fmt(t["model_only_s_per_jump"]),
                          fmt(r["jump_ps"] * 1e-3 / t["model_only_s_per_jump"]),
-                         fmt(t["model_only_ns_per_day"]), "-",
+                         fmt(t["model_only_ns_per_day"]), "-", "-",
                          fmt(r["jump_ps"] * 1e-3 / t["model_only_s_per_jump"] / m["ns_per_s"])])
     speed = markdown_table(["system", "atoms", "platform", "engine", "simulated (ps)",
                             "wall (s)", "ns/s", "ns/day", "jumps passing guards",
-                            "speed-up vs MD"], body)
+                            "model atoms moved per jump (Å²)", "speed-up vs MD"], body)
     acc_rows = []
     for r in rows:
         a = r.get("accuracy")
