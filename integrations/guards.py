@@ -241,7 +241,7 @@ class Guards:
         self._judging_settled = False
         self._judged_stage: int | None = None
         self.n_settled = 0  # jump ends settled
-        self.settle_iterations_used = 0  # their settle iterations, all stages
+        self.settle_iterations_used = 0  # the stages they reached, in iterations (budgets)
 
     @property
     def action(self) -> str:
@@ -434,7 +434,10 @@ class Guards:
         """The settling quench after each stage of a staged settling (cumulative iterations ->
         kJ/mol, measured by settling the same state stage after stage, as the engine settles a
         jump end): see :meth:`set_settle_quench`. Replaces those measured before."""
-        self._quenches = {int(k): max(float(q), 0.0) for k, q in quenches.items()}
+        # a quench from a start state without a finite energy lowers nothing (NaN would make
+        # the reference NaN: check() would pass every settled end, settled_passes none)
+        self._quenches = {int(k): max(float(q), 0.0) if np.isfinite(q) else 0.0
+                          for k, q in quenches.items()}
         self._quench_stale = False
 
     def set_settle_quench(self, quench_kJ_per_mol: float, iterations: int) -> None:
@@ -480,7 +483,8 @@ class Guards:
                         and self.energy_rise(energy_kJ_per_mol) <= self.energy_jump_kJ_per_mol)
 
     def record_settle(self, iterations: int) -> None:
-        """Count one settled jump end and the iterations its stages took."""
+        """Count one settled jump end and the stage it reached (cumulative iterations: the
+        stages' budgets; the minimiser may stop a stage earlier at its tolerance)."""
         self.n_settled += 1
         self.settle_iterations_used += int(iterations)
 

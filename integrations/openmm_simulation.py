@@ -799,7 +799,9 @@ class _EmittedJump:
     positions_A, velocities_A_per_ps: (m, n_atoms, 3) Å, Å/ps, the end state last (relaxed,
     if it was); offsets_ps: (m,) after ``t0_ps``; frame_steps: (m,) steps after ``s0``; kind:
     ``"jump"`` (counted as a jump once reported) or ``"fallback"`` (MD that replaced one);
-    frame: the frame whose reports are running (-1: none yet)."""
+    frame: the frame whose reports are running (-1: none yet); settle_iterations: the settling
+    an intermediate frame gets when a reporter is due there (the iterations the jump's end
+    took; 0: none), its rebuilt atoms otherwise as rigid as the rebuild left them."""
 
     positions_A: np.ndarray
     velocities_A_per_ps: np.ndarray
@@ -809,6 +811,7 @@ class _EmittedJump:
     s0: int
     kind: str
     frame: int = -1
+    settle_iterations: int = 0
 
 
 class SurrogateSimulation:
@@ -985,6 +988,7 @@ class SurrogateSimulation:
         self._fallback_start: int | None = None
         self._warmup_start: int | None = None  # a history warm-up with reports (hybrid mode)
         self._in_jump: _EmittedJump | None = None
+        self._end_settled = 0  # settle iterations of the last jump end (its frames get as many)
         self._resume: dict | None = None
         log.info("surrogate %s: one jump = %.6g ps = %d steps of %.6g ps", self.surrogate.name,
                  self.surrogate.jump_ps, self.steps_per_jump, self.step_ps)
@@ -1046,6 +1050,7 @@ class SurrogateSimulation:
         elif jump is not None:  # an intermediate output frame: the rest of the jump goes along
             k = jump.frame + 1
             place = {"in": "jump", "t0_ps": jump.t0_ps, "s0": jump.s0, "kind": jump.kind,
+                     "settle_iterations": jump.settle_iterations,
                      "offsets_ps": [float(t) for t in jump.offsets_ps[k:]],
                      "frame_steps": [int(n) for n in jump.frame_steps[k:]]}
             rest = {"rest_positions": jump.positions_A[k:],
@@ -1213,7 +1218,8 @@ class SurrogateSimulation:
         end state, reported as the uninterrupted run reported them), then its bookkeeping."""
         frames = _EmittedJump(rest["rest_positions"], rest["rest_velocities"],
                               np.asarray(rest["offsets_ps"]), np.asarray(rest["frame_steps"]),
-                              float(rest["t0_ps"]), int(rest["s0"]), rest["kind"])
+                              float(rest["t0_ps"]), int(rest["s0"]), rest["kind"],
+                              settle_iterations=int(rest.get("settle_iterations", 0)))
         self._emit_frames(frames, holds_end=False)
         if frames.kind == "jump":
             self.n_jumps += 1
@@ -1489,7 +1495,8 @@ class SurrogateSimulation:
         self.propagator.remember(t0, result)  # a history model's next input
         positions = np.concatenate([result.positions_A[:-1], final_pos[None]])
         self._emit_frames(_EmittedJump(positions, result.velocities_A_per_ps, result.offsets_ps,
-                                       self.steps_per_frame, t0, s0, "jump"))
+                                       self.steps_per_frame, t0, s0, "jump",
+                                       settle_iterations=self._end_settled))
         self.n_jumps += 1
         self._md_ps = 0.0  # the surrogate's state: MD after it starts counting again
 
@@ -1500,6 +1507,7 @@ class SurrogateSimulation:
         finite = np.isfinite(final).all()
         energy, stage = None, None
         settled = finite and self.settle_iterations > 0 and self._can_settle
+        self._end_settled = 0
         if finite:
             if settled:
                 def energy_of(x: np.ndarray) -> float:
@@ -1511,6 +1519,7 @@ class SurrogateSimulation:
                     self._relaxation(), self.guards, start[0], final,
                     self.context.getState().getPeriodicBoxVectors(), self.settle_iterations,
                     energy_of)
+                self._end_settled = stage
             write_state(self.context, final, result.velocities_A_per_ps[-1], self._constrained)
             if self.relax_iterations:
                 relaxed = self._relax_jump_end(read_state(self.context)[0])
@@ -1600,6 +1609,12 @@ class SurrogateSimulation:
             if not now and k < last:
                 continue
             positions = jump.positions_A[k]
+            if k < last and jump.settle_iterations and jump.kind == "jump":
+                # an intermediate frame a reporter sees: its rebuilt atoms settled as the end's
+                # were (as many iterations, no energy check), the predicted ones as predicted
+                positions = self._relaxation().settle(
+                    positions, self.context.getState().getPeriodicBoxVectors(),
+                    jump.settle_iterations)
             if k < last or not holds_end:
                 write_state(self.context, positions, jump.velocities_A_per_ps[k],
                             self._constrained)
