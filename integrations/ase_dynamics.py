@@ -16,7 +16,8 @@ attached, the atoms a partial model does not predict (rebuilt rigidly around the
 get at most that many L-BFGS steps after every jump, the predicted atoms held by a ``FixAtoms``
 added for those steps (the atoms' own constraints apply too), before the guards judge the jump;
 above 10 steps in the stages of ``SurrogateSimulation`` (10, 20, 40, ... steps in all, stopping
-at the first whose end passes the energy check).
+at the first whose end passes the energy check). With ``write_intermediate`` the jump's other
+frames are settled for as many steps before they are written.
 
 Guard actions: ``raise``; ``warn`` (keep the jump unless it is NaN); ``fallback`` (discard the
 jump and run ``fallback_dynamics`` - any ASE MD bound to the same atoms, e.g. VelocityVerlet -
@@ -688,7 +689,7 @@ class SurrogateDynamics(MolecularDynamics):
         self.last_jump_times_ps = t0 + result.offsets_ps
         if self.write_intermediate and self.trajectory is not None:
             self._write_intermediate(result.positions_A[:-1], result.velocities_A_per_ps[:-1],
-                                     final, fvel)
+                                     final, fvel, settle_steps=stage or 0)
         self.n_jumps += 1
         self._md_ps = 0.0  # the surrogate's state: MD after it starts counting again
 
@@ -762,14 +763,18 @@ class SurrogateDynamics(MolecularDynamics):
         return events
 
     def _write_intermediate(self, frames: np.ndarray, velocities: np.ndarray,
-                            final: np.ndarray, final_velocities: np.ndarray) -> None:
+                            final: np.ndarray, final_velocities: np.ndarray,
+                            settle_steps: int = 0) -> None:
         """Write ``frames`` (K, atoms, 3) Å with their ``velocities`` (K, atoms, 3) Å/ps to the
-        trajectory, then put the atoms back in the end state."""
+        trajectory, then put the atoms back in the end state. ``settle_steps``: a jump's frames
+        get their rebuilt atoms settled for that many steps first, as its end was."""
         from ase.io.trajectory import Trajectory
 
         def write_all(traj) -> None:
             for frame, vel in zip(frames, velocities):
                 self._set(frame, vel)
+                if settle_steps:
+                    self._settle(settle_steps)
                 self._refresh_properties()  # real energies of intermediate frames too
                 traj.write(self.atoms)
 

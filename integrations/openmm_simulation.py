@@ -40,8 +40,9 @@ run's start state (``Guards.set_settle_quench``). Above 10 iterations settling r
 the first stage whose end passes the energy check, each stage judged against the quench of the
 same stages on the start state: a backbone model's side chains need them (AdK, the MD's own
 backbone 4 ps on: all starts over the threshold after 10 iterations, none after 80), its
-hydrogens alone do not. 0 turns it off; a model of every atom, or one whose other atoms cannot
-move (massless), has nothing to settle.
+hydrogens alone do not. A jump's intermediate frames (reported in hybrid mode) get as many
+iterations when a reporter is due on them, without an energy check. 0 turns it off; a model of
+every atom, or one whose other atoms cannot move (massless), has nothing to settle.
 
 Restrained relaxation (``relax_iterations=n > 0``): after every accepted jump, before the guards
 check it and before any reporter sees it, the end state (predicted atoms as predicted, the others

@@ -241,3 +241,27 @@ def test_reported_intermediate_frames_are_settled_too(heavy, relax):
     np.testing.assert_allclose(settled[ma], raw[ma], atol=1e-6)
     np.testing.assert_allclose(settled, relax.settle(raw, None, 10), atol=1e-5)
     assert seen[10].energies[1] < seen[0].energies[1] - 1.0
+
+
+def test_ase_written_intermediate_frames_are_settled_too(heavy, tmp_path):
+    """``write_intermediate``: a jump's intermediate frames go to the trajectory with their
+    rebuilt atoms settled as the end's were, the predicted atoms as predicted."""
+    frames = {}
+    for settle in (0, 10):
+        atoms = read(str(PDB))
+        pos, vel = thermal_start(3)
+        atoms.set_positions(pos)
+        atoms.set_velocities(vel / PS_IN_ASE_TIME)
+        atoms.calc = EMT()
+        path = tmp_path / f"settle{settle}.traj"
+        dyn = SurrogateDynamics(atoms, heavy, trajectory=str(path), write_intermediate=True,
+                                settle_iterations=settle, guards=GuardConfig(action="warn"))
+        dyn.run(1)
+        dyn.close()
+        frames[settle] = read(str(path), ":")
+        assert len(frames[settle]) == 1 + len(heavy.times_ps)  # the start, then the jump's
+    ma = heavy.model_atoms
+    raw, settled = frames[0][1], frames[10][1]  # the jump's intermediate frame
+    np.testing.assert_allclose(settled.positions[ma], raw.positions[ma], atol=1e-9)
+    assert np.abs(settled.positions - raw.positions).max() > 1e-3
+    assert settled.get_potential_energy() < raw.get_potential_energy()
