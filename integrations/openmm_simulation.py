@@ -581,9 +581,9 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
     test, going on from the constrained state where re-constraining lifts the energy over the
     target again.
     Returns the relaxed positions (n_atoms, 3) Å and the failed checks of the relaxed state as
-    ``context`` holds it (empty: accepted). A minimiser that ends in non-finite coordinates (a
-    state strained far beyond what L-BFGS can take, e.g. a stochastic jump that tore bonds)
-    ends the relaxation: the last finite state goes back into ``context`` and the checks name
+    ``context`` holds it (empty: accepted). A minimiser that ends in non-finite coordinates, or
+    where the constraints cannot be met (a state strained far beyond what L-BFGS can take, e.g.
+    a stochastic jump that tore bonds), ends the relaxation: the last finite state goes back into ``context`` and the checks name
     the ``non_finite`` failure, so the engine falls back to MD instead of failing."""
     state = context.getState(positions=True, energy=energy_kJ_per_mol is None)
     positions = np.asarray(state.getPositions(asNumpy=True).value_in_unit(ANGSTROM))
@@ -602,12 +602,12 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
         reporter = StopBelowEnergy(free_start - shed / relaxation.drop_ratio, keep_path=True)
         trial = relaxation.minimise(positions, box, budget, reporter=reporter, solvent_free=True)
         used += reporter.iterations
-        if not np.isfinite(trial).all():
+        held = _write_finite(context, trial, constrained)
+        if held is None:
             return _relaxation_blew_up(context, guards, positions, energy, constrained, used,
                                        jump, time_ps)
-        write_state(context, trial, None, constrained)
         start_energy = energy
-        positions, _, _, energy = read_state(context, energy=True)
+        positions, energy = held
         relaxation.record_drop(start_energy - energy, free_start - reporter.energy)
         accepted = guards.relaxed_enough(positions, energy, jump=jump, time_ps=time_ps)
         if accepted:
@@ -619,11 +619,11 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
         reporter = _StopWhenAccepted(guards, jump, time_ps, margin)
         relaxed = relaxation.minimise(positions, box, budget - used, 0.0, reporter)
         used += reporter.iterations
-        if not np.isfinite(relaxed).all():
+        held = _write_finite(context, relaxed, constrained)
+        if held is None:
             return _relaxation_blew_up(context, guards, positions, energy, constrained, used,
                                        jump, time_ps)
-        write_state(context, relaxed, None, constrained)
-        positions, _, _, energy = read_state(context, energy=True)
+        positions, energy = held
         if not (constrained and reporter.accepted and reporter.iterations):
             break
         accepted = guards.relaxed_enough(positions, energy, jump=jump, time_ps=time_ps)
@@ -635,6 +635,23 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
                           count=False)
     guards.record_relaxation(used, None if events else energy)
     return positions, energy, events
+
+
+def _write_finite(context: openmm.Context, positions_A: np.ndarray, constrained: bool
+                  ) -> tuple[np.ndarray, float] | None:
+    """Write a minimiser's result into ``context`` (its constraints applied) and read back the
+    positions (Å) and energy (kJ/mol); None where either is not finite (the minimiser ended in
+    NaN, or the constraints could not be met from where it ended)."""
+    if not np.isfinite(positions_A).all():
+        return None
+    write_state(context, positions_A, None, constrained)
+    try:
+        positions, _, _, energy = read_state(context, energy=True)
+    except openmm.OpenMMException:  # NaN coordinates after applying the constraints
+        return None
+    if not (np.isfinite(positions).all() and np.isfinite(energy)):
+        return None
+    return positions, energy
 
 
 def _relaxation_blew_up(context: openmm.Context, guards: Guards, positions: np.ndarray,

@@ -441,6 +441,24 @@ def test_a_relaxation_that_blows_up_falls_back_to_md(tmp_path):
     np.testing.assert_allclose(held, broken, atol=1e-9)
     assert guards.n_relaxations == 1
 
+    # a finite minimiser result that the constraints cannot meet (an X-H pair on one spot):
+    # NaN once constrained in the Context, the same failure
+    _, constrained_system, _ = alanine_system(app.HBonds)
+    a, b, _ = constrained_system.getConstraintParameters(0)
+    start = np.array(pos.value_in_unit(A), dtype=np.float64)
+    unmet = start.copy()
+    unmet[b] = unmet[a]
+    context = openmm.Context(constrained_system, openmm.VerletIntegrator(0.001),
+                             reference_platform())
+    write_state(context, start, None, True)
+    relaxation = Relaxation(constrained_system, reference_platform())
+    relaxation.minimise = lambda *args, **kwargs: unmet.copy()
+    out, _, events = relax_until_accepted(relaxation, context, guards, 0, 1.0,
+                                          energy_kJ_per_mol=1e6)
+    assert events[0].check == "non_finite" and np.isfinite(out).all()
+    held = context.getState(positions=True).getPositions(asNumpy=True).value_in_unit(A)
+    assert np.isfinite(held).all()
+
     real_predict = surrogate.predict
 
     def broken_predict(*args, **kwargs):  # a model whose jump puts two atoms on one spot
