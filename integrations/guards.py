@@ -592,6 +592,12 @@ class Guards:
         s = self.summary()
         log.info("guards: %d jumps checked, failures %s, actions %s", s["jumps_checked"],
                  s["failures"] or "none", s["actions"] or "none")
+        if s["relaxations"]:
+            log.info("guards: %d relaxations, %.1f minimiser iterations each", s["relaxations"],
+                     s["relax_iterations_used"] / s["relaxations"])
+        if s["settled"]:
+            log.info("guards: %d jump ends settled, to %.1f iterations each (stage budgets)",
+                     s["settled"], s["settle_iterations_used"] / s["settled"])
 
 
 def default_energy_threshold(n_dof: int, temperature_K: float) -> float:

@@ -265,3 +265,15 @@ def test_ase_written_intermediate_frames_are_settled_too(heavy, tmp_path):
     np.testing.assert_allclose(settled.positions[ma], raw.positions[ma], atol=1e-9)
     assert np.abs(settled.positions - raw.positions).max() > 1e-3
     assert settled.get_potential_energy() < raw.get_potential_energy()
+
+
+def test_the_guard_summary_log_counts_settling_and_relaxations(heavy, caplog):
+    guards = Guards(heavy, n_dof=66, temperature_K=300.0)
+    guards.record_settle(10)
+    guards.record_settle(40)
+    guards.record_relaxation(12)
+    with caplog.at_level("INFO", logger="integrations.guards"):
+        guards.log_summary()
+    text = caplog.text
+    assert "2 jump ends settled, to 25.0 iterations each" in text
+    assert "1 relaxations, 12.0 minimiser iterations each" in text
