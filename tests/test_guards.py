@@ -234,6 +234,58 @@ def test_relax_in_implicit_solvent_starts_without_the_solvent(tmp_path, monkeypa
     assert Relaxation(vacuum, reference_platform()).solvent_free is None
 
 
+@pytest.mark.parametrize("rounds_lower_it", [True, False])
+def test_relax_goes_on_in_solvent_free_rounds_judged_in_the_full_force_field(
+        tmp_path, monkeypatch, rounds_lower_it):
+    """A first solvent-free stage that stops short of the target is followed by rounds of the
+    solvent-free copy, each judged once in the full force field: they finish the relaxation
+    without a single full-force-field iteration while they lower its energy, and hand over to
+    the full force field as soon as a round does not."""
+    from datagen.openmm_md import prepare_system
+    from integrations import openmm_simulation as oms
+    from integrations.openmm_simulation import Relaxation
+
+    ck = make_checkpoint(cached_md(), tmp_path / "warm.pt", model="linear", selection="heavy")
+    prepared = prepare_system("alanine-dipeptide", solvent="implicit")
+    # a target the solvent-free minimum reaches in the full force field (on this peptide the
+    # full minimum lies ~10 kJ/mol below the solvent-free one's)
+    sim = SurrogateSimulation(prepared.topology, prepared.system, Surrogate.load(ck),
+                              platform=reference_platform(),
+                              guards=GuardConfig(action="relax", relax_iterations=1000,
+                                                 relax_energy_target_kJ_per_mol=50.0))
+    cold_start(sim.context, prepared.positions)
+    sim.context.setVelocitiesToTemperature(3000 * unit.kelvin, 3)
+    monkeypatch.setattr(oms, "SOLVENT_FREE_MARGIN", -1e9)  # the first stage stops at once
+    monkeypatch.setattr(oms, "SOLVENT_FREE_ROUND", 5)
+    calls = []
+    minimise = Relaxation.minimise
+
+    def spy(self, positions, box, iterations, *args, **kwargs):
+        free = kwargs.get("solvent_free", False)
+        calls.append((free, iterations))
+        if free and len(calls) > 1 and not rounds_lower_it:
+            kwargs["reporter"].report(0, np.asarray(positions).ravel() * 0.1, None,
+                                      {"system energy": 0.0})
+            return np.array(positions)  # a round that leaves the state as it is
+        return minimise(self, positions, box, iterations, *args, **kwargs)
+
+    monkeypatch.setattr(Relaxation, "minimise", spy)
+    sim.step(1)
+    summary = sim.guard_summary()
+    assert summary["failures"].get("energy") == 1 and summary["relaxations"] == 1
+    assert sim.n_jumps == 1 and "fallback" not in summary["actions"]
+    free = [f for f, _ in calls]
+    assert free[0] is True and free[1] is True and calls[1][1] == 5
+    if rounds_lower_it:
+        assert len(calls) > 2 and all(free)  # no full-force-field iteration
+    else:
+        assert free[2:] == [False]  # one round that did not help, then the full force field
+    x, _, e = state_of(sim)
+    assert sim.guards.energy_rise(e) <= sim.guards.relax_target_kJ_per_mol + 1e-6
+    assert not sim.guards.check(x, energy_kJ_per_mol=e, count=False)
+    assert constraint_error_A(prepared.system, x) < 1e-3
+
+
 def test_jump_reporter_relaxes_failed_jumps(tmp_path):
     """SurrogateJumpReporter with action relax on an unchanged Simulation: too hot raw jumps are
     minimised (in the flexible relaxation Context) and kept, constrained and within the guards."""
@@ -454,7 +506,9 @@ def test_relaxation_drop_ratio_aims_the_solvent_free_stage(tmp_path, monkeypatch
 
     monkeypatch.setattr(oms, "StopBelowEnergy", Spy)
     monkeypatch.setattr(Relaxation, "solvent_free_energy", spy)
+    first = []  # each relaxation's first solvent-free stage (later rounds aim at no energy)
     for ratio in (None, 2.0):
+        first.append(len(starts))
         sim = SurrogateSimulation(prepared.topology, prepared.system, Surrogate.load(ck),
                                   platform=reference_platform(),
                                   guards=GuardConfig(action="relax", relax_iterations=1000))
@@ -464,6 +518,8 @@ def test_relaxation_drop_ratio_aims_the_solvent_free_stage(tmp_path, monkeypatch
             sim._relaxation().record_drop(ratio, 1.0)
         sim.step(1)
         assert sim.n_jumps == 1 and sim.guard_summary()["relaxations"] == 1
+    aims = [a for a in aims if np.isfinite(a)]
+    starts = [starts[i] for i in first]
     assert len(aims) == len(starts) == 2
     assert starts[0] == pytest.approx(starts[1])
     assert starts[1] - aims[1] == pytest.approx(0.5 * (starts[0] - aims[0]), rel=1e-6)
