@@ -576,7 +576,9 @@ def project_velocities_once(context: openmm.Context, velocities_A_per_ps: np.nda
 
 
 def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards: Guards,
-                         jump: int, time_ps: float, energy_kJ_per_mol: float | None = None
+                         jump: int, time_ps: float, energy_kJ_per_mol: float | None = None, *,
+                         first_iterations: int | None = None,
+                         round_iterations: int | None = None
                          ) -> tuple[np.ndarray, float, list[GuardEvent]]:
     """The ``relax`` guard action on the state in ``context`` (its potential energy
     ``energy_kJ_per_mol`` where already known): minimise it in ``relaxation`` (no restraints)
@@ -585,15 +587,18 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
     ``context`` with its constraints satisfied.
 
     Three stages. With implicit solvent, first the solvent-free copy (several times cheaper per
-    iteration) until its energy has fallen by the state's excess over the target plus
+    iteration; at most ``first_iterations``, default :data:`SOLVENT_FREE_FIRST`, 0: no such
+    stage) until its energy has fallen by the state's excess over the target plus
     :data:`SOLVENT_FREE_MARGIN` times the energy threshold (the strain of a jump is in bonds,
     angles and contacts), divided by ``relaxation.drop_ratio`` (how far the full force field
     fell per kJ/mol of the solvent-free one in recent relaxations), walked back to its earliest
     iterate still accepted when it ended below the target (:func:`back_off`); then, while the
-    state is not accepted, rounds of :data:`SOLVENT_FREE_ROUND` solvent-free iterations, each
-    judged once in the full force field (and walked back the same way), for as long as each
-    sheds at least :data:`SOLVENT_FREE_ROUND_MIN_SHARE` of its remaining excess; then the full flexible copy with the guards' own stopping test, going on
-    from the constrained state where re-constraining lifts the energy over the target again.
+    state is not accepted, rounds of ``round_iterations`` solvent-free iterations (default
+    :data:`SOLVENT_FREE_ROUND`, 0: none), each judged once in the full force field (and walked
+    back the same way), for as long as each sheds at least
+    :data:`SOLVENT_FREE_ROUND_MIN_SHARE` of the remaining excess; then the full flexible copy
+    with the guards' own stopping test, going on from the constrained state where
+    re-constraining lifts the energy over the target again.
     Returns the relaxed positions (n_atoms, 3) Å and the failed checks of the relaxed state as
     ``context`` holds it (empty: accepted). A minimiser that ends in non-finite coordinates, or
     where the constraints cannot be met (a state strained far beyond what L-BFGS can take, e.g.
@@ -607,16 +612,19 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
     box = state.getPeriodicBoxVectors()
     constrained = context.getSystem().getNumConstraints() > 0
     budget, used, accepted = guards.config.relax_iterations, 0, False
+    first_iterations = SOLVENT_FREE_FIRST if first_iterations is None else first_iterations
+    round_iterations = SOLVENT_FREE_ROUND if round_iterations is None else round_iterations
     excess = guards.energy_rise(energy) - guards.relax_target_kJ_per_mol
-    if relaxation.solvent_free is not None and np.isfinite(excess) and excess > 0:
+    if (relaxation.solvent_free is not None and first_iterations > 0 and np.isfinite(excess)
+            and excess > 0):
         # the full force field sheds more (or less) than the solvent-free one as a jump's strain
         # goes: aim the solvent-free stage at the full-force-field drop, scaled by the recent
         # ratio, so that relaxed states land near the target instead of far below it
         shed = excess + SOLVENT_FREE_MARGIN * guards.energy_jump_kJ_per_mol
         free_start = relaxation.solvent_free_energy(positions, box)
         reporter = StopBelowEnergy(free_start - shed / relaxation.drop_ratio, keep_path=True)
-        trial = relaxation.minimise(positions, box, min(budget, SOLVENT_FREE_FIRST), reporter=reporter,
-                                    solvent_free=True)
+        trial = relaxation.minimise(positions, box, min(budget, first_iterations),
+                                    reporter=reporter, solvent_free=True)
         used += reporter.iterations
         held = _write_finite(context, trial, constrained)
         if held is None:
@@ -630,11 +638,12 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
             positions, energy = back_off(context, guards, reporter.path, free_start,
                                          start_energy, positions, energy, constrained,
                                          jump=jump, time_ps=time_ps)
-    while relaxation.solvent_free is not None and not accepted and used < budget:
+    while (relaxation.solvent_free is not None and round_iterations > 0 and not accepted
+           and used < budget):
         # rounds of the cheap force field, each judged in the full one, while they lower it
         free_start = relaxation.solvent_free_energy(positions, box)
         reporter = StopBelowEnergy(float("-inf"), keep_path=True)
-        trial = relaxation.minimise(positions, box, min(SOLVENT_FREE_ROUND, budget - used),
+        trial = relaxation.minimise(positions, box, min(round_iterations, budget - used),
                                     reporter=reporter, solvent_free=True)
         used += reporter.iterations
         held = _write_finite(context, trial, constrained)
@@ -650,7 +659,7 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
                                          jump=jump, time_ps=time_ps)
             break
         excess = guards.energy_rise(start_energy) - guards.relax_target_kJ_per_mol
-        if (reporter.iterations < SOLVENT_FREE_ROUND
+        if (reporter.iterations < round_iterations
                 or not start_energy - energy >= SOLVENT_FREE_ROUND_MIN_SHARE * max(excess, 0.0)
                 or not energy < start_energy):
             break  # at the solvent-free minimum, or it hardly lowers the full force field

@@ -442,6 +442,33 @@ def test_chained_jumps_quick(bench, tmp_path, capsys):
         chained.main(["--checkpoints", str(tmp_path / "x.pt")])
 
 
+def test_relaxation_quick(bench, tmp_path, capsys):
+    """A briefly trained EGNO on tiny alanine-dipeptide MD in implicit solvent: every jump end
+    relaxed in the three schemes on the same states, as a table and JSON."""
+    relax = bench("bench_relaxation")
+    out = tmp_path / "relax.json"
+    assert relax.main(["--quick", "--starts", "3", "--data-dir", str(tmp_path / "d"),
+                       "--out-dir", str(tmp_path / "r"), "--json", str(out),
+                       "--no-progress"]) == 0
+    tables = _tables(capsys.readouterr().out)
+    _machine_and_command(tables, "bench_relaxation.py")
+    body = _check(tables[1])
+    assert [r[0] for r in body] == [name for name, _, _ in relax.SCHEMES]
+    data = json.loads(out.read_text())
+    assert data["implicit_solvent"] and len(data["relaxed_starts"]) == 3
+    full, staged, rounds = data["rows"]
+    assert (full["first_iterations"], full["round_iterations"]) == (0, 0)
+    assert staged["first_iterations"] == data["relax_iterations"]
+    for row in data["rows"]:
+        assert len(row["runs"]) == 3 and row["speedup_vs_full"] > 0
+        for run in row["runs"]:  # the same states in every scheme
+            assert 0 <= run["iterations"] <= data["relax_iterations"]
+            assert math.isfinite(run["rise_after"]) and run["seconds"] > 0
+    assert [r["rise_before"] for r in full["runs"]] == [r["rise_before"] for r in rounds["runs"]]
+    with pytest.raises(SystemExit):  # a checkpoint needs its data
+        relax.main(["--checkpoint", str(tmp_path / "x.pt")])
+
+
 def test_validity_scores_broken_frames(bench, tmp_path):
     """Exploded frames count as collapsed and differ from MD; MD frames score as valid."""
     import numpy as np
