@@ -101,9 +101,12 @@ class GuardConfig:
             energies wherever they go.
         temperature_K: temperature for the default energy threshold (None: the engine's, or
             300 K).
-        relax_iterations: most minimiser iterations of one ``relax`` action (it stops earlier,
-            at the first iteration whose state passes every check with an energy at most
-            ``relax_energy_target_kJ_per_mol`` above the reference energy).
+        relax_iterations: most minimiser iterations of one ``relax`` action, all its stages
+            together (it stops earlier, at the first iteration whose state passes every check
+            with an energy at most ``relax_energy_target_kJ_per_mol`` above the reference
+            energy). In implicit solvent most are iterations without the solvent force, ~10x
+            cheaper on a protein (OpenMM engine): there 500 costs less than the fallback MD a
+            relaxation that ran out would cost.
         relax_energy_target_kJ_per_mol: where a relaxation may stop, relative to the reference
             energy (must not exceed the energy threshold).
         anchor_md_ps: the least real MD (ps) since the last state a surrogate produced for a

@@ -11,9 +11,11 @@ the System's constraints applied, against the default energy guard ``8 kT sqrt(n
 the cost of relaxing the rebuilt frame back to the median energy (L-BFGS stopped as soon as the
 energy is there) with OpenMM's minimiser on the engine's System (constraints enforced by the
 minimiser), on ``integrations.openmm_simulation.Relaxation`` (constraints as stiff bonds,
-re-applied after), and, with implicit solvent, in the two stages the ``relax`` guard action uses
-(the flexible copy without the solvent force first, then the full one if needed). Beside them,
-what the engines do after every jump before the guards look (``settle_iterations``): L-BFGS
+re-applied after), and, with implicit solvent, in two stages (the flexible copy without the
+solvent force first, then the full one if needed: the ``relax`` guard action before its
+solvent-free rounds; ``bench_relaxation.py`` times the action itself, scheme against
+scheme). Beside them, what the engines do after every jump before the guards look
+(``settle_iterations``): L-BFGS
 iterations on the rebuilt atoms alone, the selected atoms held exactly (``Relaxation.settle``),
 in the engines' stages (10, 20, 40, ... iterations in all), and after each stage the rise that is
 left over the reference lowered by that stage's quench (what settling the start frame the same
