@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from integrations.guards import GuardConfig
 from integrations.propagator import DEFAULT_SETTLE_ITERATIONS
 from integrations.run_control import (
     EXIT_CODES,
@@ -109,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "cutoff instead of exact electrostatics (default: none)")
     p.add_argument("--guard", default="raise", choices=("raise", "warn", "fallback", "relax"),
                    help="what to do when a jump fails a guard (default raise: stop)")
+    p.add_argument("--relax-iterations", type=int, default=GuardConfig.relax_iterations,
+                   metavar="N", help="--guard relax: at most N minimiser iterations per "
+                   "relaxation, all stages together (default %(default)s; in implicit solvent "
+                   "most are ~10x cheaper iterations without the solvent force: 500 costs a "
+                   "protein less than the fallback MD of relaxations that run out)")
     p.add_argument("--settle-iterations", type=int, default=DEFAULT_SETTLE_ITERATIONS,
                    metavar="N", help="after every jump, at most N minimiser iterations settle "
                    "the atoms the model does not predict, the predicted ones held as predicted "
@@ -442,7 +448,9 @@ def _run(args: argparse.Namespace, outputs: Outputs) -> dict:
         default_step_ps(surrogate.times_ps) * unit.picosecond)
     integrator.setRandomNumberSeed(args.seed + 1)
     sim = SurrogateSimulation(topology, system, surrogate, integrator, platform=platform,
-                              guards=args.guard, md_steps=args.md_steps,
+                              guards=GuardConfig(action=args.guard,
+                                                 relax_iterations=args.relax_iterations),
+                              md_steps=args.md_steps,
                               temperature_K=args.temperature_K,
                               end_velocities=args.end_velocities, velocity_seed=args.seed,
                               jump_noise=jump_noise, noise_scale=args.noise_scale,

@@ -277,7 +277,7 @@ IDENTITY_LABELS = {
     "end_velocities": "--end-velocities", "seed": "--seed", "minimize": "--minimize",
     "forcefield": "--forcefield", "cutoff_nm": "--cutoff-nm",
     "jump_noise": "the --jump-noise file (sha256)", "noise_scale": "--noise-scale",
-    "settle_iterations": "--settle-iterations"}
+    "settle_iterations": "--settle-iterations", "relax_iterations": "--relax-iterations"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,8 +375,9 @@ def run_identity(args: argparse.Namespace, surrogate) -> dict:
 
 
 def check_identity(old: dict, new: dict, out: Path, what: str) -> None:
-    # a run recorded before the engines settled rebuilt atoms ran without settling
-    old = {"settle_iterations": 0, **old}
+    # a run recorded before the engines settled rebuilt atoms ran without settling, and one
+    # recorded before --relax-iterations relaxed for at most the default 200 iterations
+    old = {"settle_iterations": 0, "relax_iterations": 200, **old}
     diff = [f"{IDENTITY_LABELS[k]} was {old.get(k)!r}, now {new[k]!r}" for k in new
             if old.get(k) != new[k]]
     if diff:

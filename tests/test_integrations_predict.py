@@ -311,3 +311,27 @@ def test_predict_settle_iterations_option_and_resume_identity(tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv[:-1], "-3", "--overwrite"]) == 1
     assert "settle_iterations must be a whole number >= 0" in capsys.readouterr().err
+
+
+def test_predict_relax_iterations_option_and_resume_identity(tmp_path, capsys):
+    """--relax-iterations reaches the guards and is part of what --resume checks; a run recorded
+    before the option counts as one with the default."""
+    from integrations.run_control import check_identity
+    from surrogate_md.errors import ConfigError
+
+    ck = make_checkpoint(cached_md(), tmp_path / "heavy.pt", selection="heavy", model="constant")
+    out = tmp_path / "relaxed.xtc"
+    argv = [str(ck), "--topology", str(PDB), "-n", "2", "-o", str(out), "--platform",
+            "Reference", "--minimize", "--guard", "relax", "--relax-iterations", "37"]
+    assert main(argv) == 0
+    prov = json.loads((tmp_path / "relaxed.json").read_text())
+    assert prov["guards"]["config"]["relax_iterations"] == 37
+    identity = prov["resume_identity"]
+    assert identity["relax_iterations"] == 37
+    old = {k: v for k, v in identity.items() if k != "relax_iterations"}
+    with pytest.raises(ConfigError, match="--relax-iterations was 200, now 37"):
+        check_identity(old, identity, out, "run")
+    check_identity(old, {**identity, "relax_iterations": 200}, out, "run")
+    capsys.readouterr()
+    assert main([*argv[:-1], "-3", "--overwrite"]) == 1
+    assert "relax_iterations must be a whole number >= 0" in capsys.readouterr().err
