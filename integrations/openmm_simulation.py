@@ -931,6 +931,12 @@ class SurrogateSimulation:
         md_step_ps: the integrator's MD step (fallback and hybrid MD).
         guards: the :class:`Guards` (``guards.summary()`` for the event counts).
         n_jumps, n_fallbacks: accepted jumps and jumps replaced by MD.
+        redraws, n_redraws: stochastic jumps (``jump_noise``): how many fresh draws a jump may
+            take where its draw would fall back to MD (it fails the guards with the action
+            ``fallback``, or its relaxation fails with ``relax``), and how many were taken. A
+            jump keeps its first draw that is accepted (as drawn or relaxed); the MD stands in
+            only when every draw failed. A redraw costs a model call and the guards, a fallback
+            a jump's worth of MD; 0 (the default): fall back at once.
         settle_iterations, relax_iterations, relax_restraint_kJ_per_mol_nm2: the settling and
             relaxation settings (may be changed between ``step`` calls).
     """
@@ -944,8 +950,8 @@ class SurrogateSimulation:
                  settle_iterations: int = DEFAULT_SETTLE_ITERATIONS, relax_iterations: int = 0,
                  relax_restraint_kJ_per_mol_nm2: float = DEFAULT_RELAX_RESTRAINT_KJ_PER_MOL_NM2,
                  end_velocities: str = "difference", velocity_seed: int | None = None,
-                 jump_noise=None, noise_scale: float = 1.0, noise_seed: int | None = None
-                 ) -> None:
+                 jump_noise=None, noise_scale: float = 1.0, noise_seed: int | None = None,
+                 redraws: int = 0) -> None:
         self.surrogate = load_surrogate(surrogate)
         # as Simulation: the System and Integrator may be given as serialized XML files
         if isinstance(system, (str, os.PathLike)):
@@ -1046,6 +1052,14 @@ class SurrogateSimulation:
         self.progress = progress
         self.n_jumps = 0
         self.n_fallbacks = 0
+        if isinstance(redraws, bool) or int(redraws) != redraws or redraws < 0:
+            raise EngineError(f"redraws must be a whole number >= 0, got {redraws!r}")
+        if redraws and self.propagator.jump_noise is None:
+            raise EngineError("redraws draw a stochastic jump again: they need jump_noise (a "
+                              "deterministic model makes the same jump every time)")
+        self.redraws = int(redraws)
+        self.n_redraws = 0
+        self._redraw_left = False  # the jump being judged may still be drawn again
         self._snap_warned: set[int] = set()
         # where in a cycle (MD segment, then jump) the state is, for a checkpoint written inside
         # one: the step the running MD segment started at, the step the MD standing in for a
@@ -1137,7 +1151,8 @@ class SurrogateSimulation:
             rest = {k: v for k, v in self._resume.items() if k.startswith("rest_")}
         extra = {"time_ps": read_state(self.context)[2], "rng": mem["rng"],
                  "noise_rng": mem["noise_rng"], "guards": self.guards.energy_state(),
-                 "n_jumps": n_jumps, "n_fallbacks": self.n_fallbacks, "md_ps": md_ps,
+                 "n_jumps": n_jumps, "n_fallbacks": self.n_fallbacks,
+                 "n_redraws": self.n_redraws, "md_ps": md_ps,
                  "cycle": place}
         with atomic_path(self._memory_path(file)) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, keys=mem["keys"], frames=mem["frames"],
@@ -1193,6 +1208,7 @@ class SurrogateSimulation:
                                         "noise_rng": noise_rng})
         self.guards.restore_energy_state(extra["guards"])
         self.n_jumps, self.n_fallbacks = int(extra["n_jumps"]), int(extra["n_fallbacks"])
+        self.n_redraws = int(extra.get("n_redraws", 0))  # absent before redraws
         if extra["md_ps"] != 0:  # the state came from real MD (or is inside a run that owes
             # its time: a cold start, _begin_md_run): it still did
             self._md_ps, self._md_end = float(extra["md_ps"]), read_state(self.context)[0]
@@ -1535,11 +1551,7 @@ class SurrogateSimulation:
         self._check_file_reporters(s0)
         draws = self.propagator.generator_states()
         try:
-            # jump-step mode reports jump ends only: the frames between are never rebuilt
-            result = self.propagator.jump(pos, vel, t0, last_only=bool(self.jump_steps))
-            jump_index = self.n_jumps + self.n_fallbacks
-            end_time = t0 + float(result.offsets_ps[-1])
-            final_pos = self._accept_final(result, (pos, vel, t0, s0), jump_index, end_time)
+            result, final_pos = self._draw_jump(pos, vel, t0, s0)
         except BaseException:
             # Ctrl-C (or an error) between writing the predicted state and deciding on it:
             # the Context goes back to the jump's start, as an interrupted Simulation.step
@@ -1566,6 +1578,28 @@ class SurrogateSimulation:
                                        settle_iterations=self._end_settled))
         self.n_jumps += 1
         self._md_ps = 0.0  # the surrogate's state: MD after it starts counting again
+
+    def _draw_jump(self, pos: np.ndarray, vel: np.ndarray, t0: float, s0: int
+                   ) -> tuple[JumpResult, np.ndarray | None]:
+        """The jump from the state (``pos``, ``vel``, ``t0``, ``s0``) in the Context and its
+        guarded end (None: fall back); a failed stochastic draw is drawn again up to
+        :attr:`redraws` times, the Context back at the start before each."""
+        jump_index = self.n_jumps + self.n_fallbacks
+        for attempt in range(self.redraws + 1):
+            self._redraw_left = attempt < self.redraws
+            # jump-step mode reports jump ends only: the frames between are never rebuilt
+            result = self.propagator.jump(pos, vel, t0, last_only=bool(self.jump_steps))
+            end_time = t0 + float(result.offsets_ps[-1])
+            try:
+                final_pos = self._accept_final(result, (pos, vel, t0, s0), jump_index,
+                                               end_time)
+            finally:
+                self._redraw_left = False
+            if final_pos is not None or attempt == self.redraws:
+                return result, final_pos
+            self.n_redraws += 1
+            self._restore(pos, vel, t0, s0)
+        raise AssertionError("unreachable")
 
     def _accept_final(self, result: JumpResult, start: tuple, jump_index: int, end_time: float
                       ) -> np.ndarray | None:
@@ -1611,7 +1645,8 @@ class SurrogateSimulation:
                 self.guards.record_settled(energy)
             return final
         action = self.guards.action
-        self.guards.handle(events, action)
+        self.guards.handle(events, "redraw" if action == "fallback" and self._redraw_left
+                           else action)
         if action == "raise":
             self._restore(*start)
             raise GuardError(guard_error_message(events, f"SurrogateSimulation "
@@ -1629,7 +1664,7 @@ class SurrogateSimulation:
                     project_velocities_once(self.context, result.velocities_A_per_ps[-1])
                 self._known_energy = (relaxed, energy)
                 return relaxed
-            self.guards.handle(again, "fallback")
+            self.guards.handle(again, "redraw" if self._redraw_left else "fallback")
         return None
 
     def _restore(self, pos: np.ndarray, vel: np.ndarray, time_ps: float, step: int) -> None:
@@ -1714,6 +1749,7 @@ class SurrogateSimulation:
         """JSON-safe run summary: jumps, fallbacks, time, guard events, surrogate, and the
         jump noise (``jump_noise``: ``JumpNoise.describe()`` with its ``scale``, or None)."""
         return {"jumps": self.n_jumps, "fallbacks": self.n_fallbacks,
+                "redraws": self.redraws, "n_redraws": self.n_redraws,
                 "step": self.currentStep,
                 "time_ps": self.context.getState().getTime().value_in_unit(PS),
                 "steps_per_jump": self.steps_per_jump, "step_ps": self.step_ps,

@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "relaxation, all stages together (default %(default)s; in implicit solvent "
                    "most are ~10x cheaper iterations without the solvent force: 500 costs a "
                    "protein less than the fallback MD of relaxations that run out)")
+    p.add_argument("--redraws", type=int, default=0, metavar="N",
+                   help="with --jump-noise: a draw that would fall back to MD (it fails the "
+                   "guards under --guard fallback, or its relaxation fails under --guard relax) "
+                   "is drawn again, up to N times per jump, before the MD stands in (default 0)")
     p.add_argument("--settle-iterations", type=int, default=DEFAULT_SETTLE_ITERATIONS,
                    metavar="N", help="after every jump, at most N minimiser iterations settle "
                    "the atoms the model does not predict, the predicted ones held as predicted "
@@ -402,6 +406,12 @@ def _run(args: argparse.Namespace, outputs: Outputs) -> dict:
     if args.noise_scale != 1.0 and not args.jump_noise:
         raise DataError(f"--noise-scale {args.noise_scale:g} scales the jump noise, and no "
                         "--jump-noise FILE was given; pass one, or leave --noise-scale out")
+    if args.redraws < 0:
+        raise DataError(f"--redraws must be >= 0 (0: fall back to MD at once), got "
+                        f"{args.redraws}")
+    if args.redraws and not args.jump_noise:
+        raise DataError(f"--redraws {args.redraws} draws a stochastic jump again, and no "
+                        "--jump-noise FILE was given; pass one, or leave --redraws out")
     if args.report_interval > args.jumps:
         raise DataError(f"--report-interval {args.report_interval} is more than the "
                         f"{args.jumps} jumps (-n): no frame would be written; use a "
@@ -454,7 +464,8 @@ def _run(args: argparse.Namespace, outputs: Outputs) -> dict:
                               temperature_K=args.temperature_K,
                               end_velocities=args.end_velocities, velocity_seed=args.seed,
                               jump_noise=jump_noise, noise_scale=args.noise_scale,
-                              noise_seed=args.seed, settle_iterations=args.settle_iterations,
+                              noise_seed=args.seed, redraws=args.redraws,
+                              settle_iterations=args.settle_iterations,
                               progress=True)
     if record is not None:
         resume_simulation(sim, record, checkpoints)

@@ -277,7 +277,8 @@ IDENTITY_LABELS = {
     "end_velocities": "--end-velocities", "seed": "--seed", "minimize": "--minimize",
     "forcefield": "--forcefield", "cutoff_nm": "--cutoff-nm",
     "jump_noise": "the --jump-noise file (sha256)", "noise_scale": "--noise-scale",
-    "settle_iterations": "--settle-iterations", "relax_iterations": "--relax-iterations"}
+    "settle_iterations": "--settle-iterations", "relax_iterations": "--relax-iterations",
+    "redraws": "--redraws"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,8 +377,9 @@ def run_identity(args: argparse.Namespace, surrogate) -> dict:
 
 def check_identity(old: dict, new: dict, out: Path, what: str) -> None:
     # a run recorded before the engines settled rebuilt atoms ran without settling, and one
-    # recorded before --relax-iterations relaxed for at most the default 200 iterations
-    old = {"settle_iterations": 0, "relax_iterations": 200, **old}
+    # recorded before --relax-iterations relaxed for at most the default 200 iterations, and
+    # one before --redraws fell back at once
+    old = {"settle_iterations": 0, "relax_iterations": 200, "redraws": 0, **old}
     diff = [f"{IDENTITY_LABELS[k]} was {old.get(k)!r}, now {new[k]!r}" for k in new
             if old.get(k) != new[k]]
     if diff:

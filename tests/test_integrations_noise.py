@@ -286,6 +286,84 @@ def test_an_interrupted_jump_gives_its_draws_back(tmp_path, linear, noise):
     np.testing.assert_allclose(positions_A(again), x_whole, atol=1e-9)
 
 
+# -- (d2) redraws: a failed draw drawn again before the MD stands in ------------------------------
+def fail_first_checks(guards, n: int) -> list:
+    """Make the first ``n`` checks of ``guards`` fail (an energy event added to what the real
+    check finds); returns the list of check verdicts as they happen."""
+    from integrations.guards import GuardEvent
+
+    check, verdicts = guards.check, []
+
+    def failing(positions, *args, **kwargs):
+        events = check(positions, *args, **kwargs)
+        if len(verdicts) < n:
+            events = [GuardEvent("energy", 1e9, 1.0, kwargs.get("jump", 0),
+                                 kwargs.get("time_ps", 0.0)), *events]
+        verdicts.append(not events)
+        return events
+
+    guards.check = failing
+    return verdicts
+
+
+def test_a_failed_draw_is_drawn_again_before_the_md_stands_in(linear, noise):
+    """With ``redraws``, a stochastic jump whose draw would fall back to MD is drawn again from
+    the same start: the kept end is the first draw that passes, the guards count the redraws,
+    and only when every draw fails does the MD stand in."""
+    from integrations.guards import GuardConfig
+
+    sim = make_sim(linear, guards=GuardConfig(action="fallback"), jump_noise=noise,
+                   noise_seed=5, redraws=3)
+    start = positions_A(sim)
+    vel = sim.context.getState(velocities=True).getVelocities(asNumpy=True).value_in_unit(
+        A / unit.picosecond)
+    verdicts = fail_first_checks(sim.guards, 2)
+    sim.step(1)
+    assert verdicts == [False, False, True]
+    assert (sim.n_jumps, sim.n_fallbacks, sim.n_redraws) == (1, 0, 2)
+    assert sim.guards.summary()["actions"] == {"redraw": 2}
+    assert sim.summary()["n_redraws"] == 2 and sim.summary()["redraws"] == 3
+    # the kept end is the third draw from the same start, not the first or second
+    prop = SurrogatePropagator(linear, jump_noise=noise, noise_seed=5)
+    ends = [prop.jump(start, vel, 0.0).predicted_A[-1] for _ in range(3)]
+    kept = positions_A(sim)[linear.model_atoms]
+    off = [float(np.abs(kept - e).max()) for e in ends]
+    assert off[2] < 0.02 and min(off[:2]) > 5 * off[2], off
+
+    # every draw fails: one redraw, then the MD
+    sim = make_sim(linear, guards=GuardConfig(action="fallback"), jump_noise=noise,
+                   noise_seed=5, redraws=1)
+    verdicts = fail_first_checks(sim.guards, 10)
+    sim.step(1)
+    assert verdicts == [False, False]
+    assert (sim.n_jumps, sim.n_fallbacks, sim.n_redraws) == (0, 1, 1)
+    assert sim.guards.summary()["actions"] == {"redraw": 1, "fallback": 1}
+
+
+def test_redraws_are_refused_without_noise_or_as_a_bad_count(linear, noise):
+    with pytest.raises(EngineError, match="need jump_noise"):
+        make_sim(linear, redraws=2)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(EngineError, match="redraws must be a whole number"):
+            make_sim(linear, jump_noise=noise, redraws=bad)
+    assert make_sim(linear, redraws=0).redraws == 0  # the default, with or without noise
+
+
+def test_a_checkpoint_keeps_the_redraw_count(tmp_path, linear, noise):
+    from integrations.guards import GuardConfig
+
+    sim = make_sim(linear, guards=GuardConfig(action="fallback"), jump_noise=noise,
+                   noise_seed=5, redraws=2)
+    fail_first_checks(sim.guards, 1)
+    sim.step(2)
+    assert sim.n_redraws == 1 and sim.n_jumps == 2
+    sim.saveCheckpoint(str(tmp_path / "r.chk"))
+    again = make_sim(linear, guards=GuardConfig(action="fallback"), jump_noise=noise,
+                     noise_seed=5, redraws=2)
+    again.loadCheckpoint(str(tmp_path / "r.chk"))
+    assert (again.n_jumps, again.n_redraws) == (2, 1)
+
+
 # -- (e) ASE --------------------------------------------------------------------------------------
 def cold_atoms():
     atoms = read(str(PDB))
@@ -417,6 +495,23 @@ def test_predict_records_the_noise_and_resume_refuses_another(tmp_path, monkeypa
                      (["--jump-noise", noise_file], "--noise-scale must be a finite number")):
         scale = "-1" if bad else "0.5"
         assert main(predict_argv(ck, tmp_path / "x.dcd", 2, *bad, "--noise-scale", scale)) == 1
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "x.dcd").exists()
+
+
+def test_predict_redraws_reach_the_engine_and_the_resume_identity(tmp_path, capsys):
+    ck = make_checkpoint(cached_md(), tmp_path / "c.pt", selection="heavy", model="constant")
+    noise_file = tmp_path / "noise.npz"
+    fit_noise(Surrogate.load(ck), residual_A=0.05).save(noise_file)
+    out = tmp_path / "r.dcd"
+    assert main(predict_argv(ck, out, 2, "--jump-noise", noise_file, "--redraws", 3)) == 0
+    prov = json.loads(out.with_suffix(".json").read_text())
+    assert prov["redraws"] == 3 and prov["n_redraws"] == 0  # 'warn' never falls back
+    assert prov["resume_identity"]["redraws"] == 3
+    capsys.readouterr()
+    for bad, why in ((["--redraws", 2], "no --jump-noise FILE was given"),
+                     (["--jump-noise", noise_file, "--redraws", -1], "--redraws must be >= 0")):
+        assert main(predict_argv(ck, tmp_path / "x.dcd", 2, *bad)) == 1
         assert why in capsys.readouterr().err
     assert not (tmp_path / "x.dcd").exists()
 

@@ -210,14 +210,15 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
                      step_ps: float = MD_STEP_PS, relax_iterations: int = 20,
                      end_velocities: str = "difference", md_steps: int = 0,
                      settle_iterations: int = DEFAULT_SETTLE_ITERATIONS,
-                     jump_noise: str | None = None) -> dict[str, Any]:
+                     jump_noise: str | None = None, redraws: int = 0) -> dict[str, Any]:
     """Time ``n_jumps`` jumps of ``SurrogateSimulation`` from ``state``; count guard results
     and the mean kinetic temperature of the kept end states. Fallback MD runs the MD
     baseline's integrator settings (``step_ps``); ``md_steps`` > 0: hybrid mode, that many MD
     steps before every jump (their time counts as simulated time); ``settle_iterations``: the
     engine's settling of the atoms the model does not predict after every jump, before the
     guards (the predicted atoms held as predicted; 0 = the rigid rebuild as it is);
-    ``jump_noise``: a ``JumpNoise`` file for stochastic jumps (seeded: reproducible draws)."""
+    ``jump_noise``: a ``JumpNoise`` file for stochastic jumps (seeded: reproducible draws);
+    ``redraws``: fresh draws a stochastic jump may take before it falls back to MD."""
     import openmm
     from openmm import unit
 
@@ -234,13 +235,13 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
                               temperature_K=TEMPERATURE_K, end_velocities=end_velocities,
                               velocity_seed=0, md_steps=md_steps,
                               settle_iterations=settle_iterations, jump_noise=jump_noise,
-                              noise_seed=0 if jump_noise else None)
+                              noise_seed=0 if jump_noise else None, redraws=redraws)
     sim.context.setPositions(state.getPositions())
     sim.context.setVelocities(state.getVelocities())
     # warm-up: first graph, first energy; compiled, the second graph size compiles once more
     sim.step(2 if surrogate.compiled else 1)
     t0 = sim.context.getState().getTime().value_in_unit(unit.picosecond)
-    jumps0, fallbacks0 = sim.n_jumps, sim.n_fallbacks
+    jumps0, fallbacks0, redraws0 = sim.n_jumps, sim.n_fallbacks, sim.n_redraws
     before = sim.guard_summary()  # the warm-up jump's guard results are not timed
     # at the jump ends only (in hybrid mode a cycle is the MD segment and the jump's steps)
     kinetic = KineticTemperature(prepared.system,
@@ -255,6 +256,7 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
     sim.reporters.remove(kinetic)
     simulated = sim.context.getState().getTime().value_in_unit(unit.picosecond) - t0
     accepted, fallbacks = sim.n_jumps - jumps0, sim.n_fallbacks - fallbacks0
+    redrawn = sim.n_redraws - redraws0
     # model-only cost of one jump (no engine, no guards), on the final state
     pos = state.getPositions(asNumpy=True).value_in_unit(unit.angstrom)
     vel = state.getVelocities(asNumpy=True).value_in_unit(unit.angstrom / unit.picosecond)
@@ -271,11 +273,14 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
     failures = {k: v - before["failures"].get(k, 0) for k, v in summary["failures"].items()}
     failed = summary["jumps_failed"] - before["jumps_failed"]
     # kept states that pass every guard: as predicted, or after the relax action (a failed
-    # relaxation falls back to MD); 'warn' keeps failing jumps, which do not count as passing
-    relaxed_kept = failed - fallbacks if guards == "relax" else 0
-    passing = (n_jumps - failed) + relaxed_kept
+    # relaxation is drawn again or falls back to MD); 'warn' keeps failing jumps, which do not
+    # count as passing. The guards check every draw: n_jumps + redrawn checks in all
+    relaxed_kept = failed - fallbacks - redrawn if guards == "relax" else 0
+    as_predicted = n_jumps + redrawn - failed
+    passing = as_predicted + relaxed_kept
     return {"jumps": n_jumps, "accepted": accepted, "fallbacks": fallbacks,
-            "passed_as_predicted": n_jumps - failed, "relaxed_kept": relaxed_kept,
+            "redraws_allowed": redraws, "redrawn": redrawn,
+            "passed_as_predicted": as_predicted, "relaxed_kept": relaxed_kept,
             "kept_failing": accepted - passing,
             "pass_fraction": passing / max(n_jumps, 1), "guard_action": guards,
             "end_velocities": end_velocities, "md_steps_per_jump": md_steps,
@@ -363,6 +368,8 @@ def passing_cell(s: dict[str, Any]) -> str:
     if s.get("relaxed_kept"):
         parts.append(f"{s['relaxed_kept']} after relaxing, {fmt(relax_each(s))} iterations each")
     tail = []
+    if s.get("redrawn"):
+        tail.append(f"{s['redrawn']} draws failed and were drawn again")
     if s["fallbacks"]:
         tail.append(f"{s['fallbacks']} fell back to MD")
     if s.get("kept_failing"):
@@ -429,7 +436,8 @@ def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
     row["surrogate"] = surrogate_timing(prepared, platform, surrogate, state, n_jumps, guards,
                                         step_ps, args.relax_iterations, args.end_velocities,
                                         args.md_steps, args.settle_iterations,
-                                        args.adk_jump_noise if adk else None)
+                                        args.adk_jump_noise if adk else None,
+                                        args.adk_redraws if adk else 0)
     row["speedup"] = row["surrogate"]["ns_per_s"] / row["md"]["ns_per_s"]
     if args.compile:  # the same jumps from the same state, the model through torch.compile
         compiled = Surrogate.load(checkpoint, device=args.device, compile=True)
@@ -437,7 +445,7 @@ def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
         row["surrogate_compiled"] = surrogate_timing(
             prepared, platform, compiled, state, n_jumps, guards, step_ps,
             args.relax_iterations, args.end_velocities, args.md_steps, args.settle_iterations,
-            args.adk_jump_noise if adk else None)
+            args.adk_jump_noise if adk else None, args.adk_redraws if adk else 0)
         row["surrogate_compiled"]["compiled"] = compiled.compiled  # False: compiling failed
         row["speedup_compiled"] = row["surrogate_compiled"]["ns_per_s"] / row["md"]["ns_per_s"]
     return row
@@ -487,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="stochastic AdK jumps: the JumpNoise of --adk-checkpoint (python -m "
                              "surrogate_md.evaluate CKPT --data DATA --split val --noise-out "
                              "NOISE.npz), draws seeded with 0")
+    parser.add_argument("--adk-redraws", type=int, default=0, metavar="N",
+                        help="with --adk-jump-noise: a draw that would fall back to MD is drawn "
+                             "again, up to N times per jump (default 0)")
     parser.add_argument("--adk-model", default="egno", choices=TRAINABLE)
     parser.add_argument("--adk-jumps", type=int, default=5)
     parser.add_argument("--adk-md-ps", type=float, default=0.1)
@@ -518,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     require_files(checkpoint=args.checkpoint, adk_checkpoint=args.adk_checkpoint,
                   adk_jump_noise=args.adk_jump_noise)
+    if args.adk_redraws and not args.adk_jump_noise:
+        parser.error("--adk-redraws draws stochastic jumps again: give --adk-jump-noise")
     if args.adk_jump_noise and not args.adk_checkpoint:
         parser.error("--adk-jump-noise is the noise of a trained model: give --adk-checkpoint")
     if args.quick:
