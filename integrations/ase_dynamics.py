@@ -128,6 +128,10 @@ class SurrogateDynamics(MolecularDynamics):
             deterministic jumps).
         noise_seed: seed of the noise draws (independent of the thermal draws even for the
             same seed); None: not reproducible.
+        redraws: with ``jump_noise``: a draw that would not be kept (it fails the guards under
+            ``fallback``, or its relaxation fails under ``relax``) is drawn again from the same
+            start, up to this many times per jump, before the fallback MD stands in (counted
+            in ``n_redraws`` and the guards' ``redraw`` action; default 0).
         settle_iterations: with a calculator, the atoms the model does not predict get at most
             this many L-BFGS steps after every jump, the predicted ones held (0 = off; above
             10 in stages that stop once the jump end passes the energy check).
@@ -146,9 +150,13 @@ class SurrogateDynamics(MolecularDynamics):
                  end_velocities: str = "difference", velocity_seed: int | None = None,
                  append_trajectory: bool = False, restart: str | os.PathLike | None = None,
                  jump_noise=None, noise_scale: float = 1.0, noise_seed: int | None = None,
-                 settle_iterations: int = DEFAULT_SETTLE_ITERATIONS, **kwargs) -> None:
+                 settle_iterations: int = DEFAULT_SETTLE_ITERATIONS, redraws: int = 0,
+                 **kwargs) -> None:
         self.surrogate = load_surrogate(surrogate)
         self.settle_iterations = checked_settle_iterations(settle_iterations)
+        if isinstance(redraws, bool) or int(redraws) != redraws or redraws < 0:
+            raise EngineError(f"redraws must be a whole number >= 0, got {redraws!r}")
+        self.redraws = int(redraws)
         self.surrogate.check_atomic_numbers(atoms.get_atomic_numbers())
         if md_steps and md_dynamics is None:
             raise EngineError("md_steps > 0 needs md_dynamics (an ASE MD bound to the same "
@@ -187,6 +195,9 @@ class SurrogateDynamics(MolecularDynamics):
             self.surrogate, end_velocities=end_velocities, temperature_K=temperature_K,
             masses_amu=atoms.get_masses(), seed=velocity_seed, jump_noise=jump_noise,
             noise_scale=noise_scale, noise_seed=noise_seed)
+        if self.redraws and self.propagator.jump_noise is None:
+            raise EngineError("redraws draw a stochastic jump again: they need jump_noise (a "
+                              "deterministic model makes the same jump every time)")
         if self.propagator.needs_history:
             if self.md_steps:
                 raise EngineError("hybrid mode (md_steps > 0) does not take a history model "
@@ -245,6 +256,7 @@ class SurrogateDynamics(MolecularDynamics):
         self.last_jump_times_ps: np.ndarray | None = None
         self.n_jumps = 0
         self.n_fallbacks = 0
+        self.n_redraws = 0
         # real MD (ps) since the last state the surrogate made (hybrid segments, fallback and
         # history MD): it decides whether a state's energy may move the guard's anchor
         self._md_ps = 0.0
@@ -278,7 +290,7 @@ class SurrogateDynamics(MolecularDynamics):
         d.update({"surrogate": self.surrogate.name, "jump_ps": self.surrogate.jump_ps,
                   "checkpoint_hash": self.surrogate.checkpoint_hash, "md_steps": self.md_steps,
                   "guard_action": self.guards.action, "restart": self.restart,
-                  "settle_iterations": self.settle_iterations})
+                  "settle_iterations": self.settle_iterations, "redraws": self.redraws})
         noise = self.propagator.describe_noise()
         if noise is not None:  # JumpNoise.describe() and its scale
             d["jump_noise"] = noise
@@ -312,7 +324,8 @@ class SurrogateDynamics(MolecularDynamics):
                  "checkpoint_hash": self.surrogate.checkpoint_hash, "rng": mem["rng"],
                  "noise_rng": mem["noise_rng"], "guards": self.guards.energy_state(),
                  "n_jumps": self.n_jumps,
-                 "n_fallbacks": self.n_fallbacks, "n_history_md": self.n_history_md,
+                 "n_fallbacks": self.n_fallbacks, "n_redraws": self.n_redraws,
+                 "n_history_md": self.n_history_md,
                  "md_ps": self._md_ps, "md_rng": self._md_rng_states(),
                  "md_state": {role: _md_state(dyn)
                               for role, dyn in self._md_dynamics().items()}}
@@ -392,6 +405,7 @@ class SurrogateDynamics(MolecularDynamics):
                                         "rng": extra["rng"], "noise_rng": noise_rng})
         self.guards.restore_energy_state(extra["guards"])
         self.n_jumps, self.n_fallbacks = int(extra["n_jumps"]), int(extra["n_fallbacks"])
+        self.n_redraws = int(extra.get("n_redraws", 0))  # absent before redraws
         self.n_history_md = int(extra["n_history_md"])
         self._md_ps = float(extra["md_ps"])
         self._restore_md_rng_states(extra.get("md_rng") or {}, path)
@@ -615,59 +629,70 @@ class SurrogateDynamics(MolecularDynamics):
         self.propagator.fixed_atoms = _fixed_atoms(atoms)
         draws = self.propagator.generator_states()
         end = t0 + self.surrogate.jump_ps
-        try:
-            result = self.propagator.jump(pos, vel, t0)
-            final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
-            finite = np.isfinite(final).all()
-            energy, stage = None, None
-            settled = (finite and self.settle_iterations > 0 and atoms.calc is not None
-                       and len(settling_atoms(len(atoms), self.surrogate.model_atoms,
-                                              self.propagator.fixed_atoms)) > 0)
-            if finite:
-                if atoms.constraints:
-                    # the states the constraints make of every frame: the guards judge the
-                    # last, observers (last_jump) and the trajectory get them all
-                    self._constrain_frames(result)
-                    final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
-                stages = settle_stages(self.settle_iterations)
+        for attempt in range(self.redraws + 1):
+            # a stochastic draw that would fall back to MD is drawn again from the same start
+            redraw_left = attempt < self.redraws
+            try:
+                result = self.propagator.jump(pos, vel, t0)
+                final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
+                finite = np.isfinite(final).all()
+                energy, stage = None, None
+                settled = (finite and self.settle_iterations > 0 and atoms.calc is not None
+                           and len(settling_atoms(len(atoms), self.surrogate.model_atoms,
+                                                  self.propagator.fixed_atoms)) > 0)
+                if finite:
+                    if atoms.constraints:
+                        # the states the constraints make of every frame: the guards judge the
+                        # last, observers (last_jump) and the trajectory get them all
+                        self._constrain_frames(result)
+                        final, fvel = result.positions_A[-1], result.velocities_A_per_ps[-1]
+                    stages = settle_stages(self.settle_iterations)
 
-                def settle(_: np.ndarray, steps: int) -> np.ndarray:  # the atoms hold the state
-                    return self._settle(steps)
+                    def settle(_: np.ndarray, steps: int) -> np.ndarray:  # the atoms hold it
+                        return self._settle(steps)
 
-                if settled and self.guards.needs_settle_quench(stages):
-                    # on the jump's start state, stage after stage
-                    self._set(pos, vel)
-                    self.guards.set_settle_quenches(stage_quenches(
-                        settle, lambda _: self._energy_kJ_per_mol(), pos, stages))
-                    self._set(pos, vel)
-                self._set(final, fvel)
-                if settled:
-                    final, stage = settle_in_stages(
-                        settle, final, stages,
-                        lambda _, k: self.guards.settled_passes(self._energy_kJ_per_mol(), k))
-                    self.guards.record_settle(stage)
-                    result.positions_A[-1] = final  # what observers (last_jump) see
-                energy = self._energy_kJ_per_mol()
-            with self.guards.judging_settled(settled, stage):
-                events = self.guards.check(final, fvel, energy_kJ_per_mol=energy,
-                                           jump=self.n_jumps + self.n_fallbacks, time_ps=end)
-                keep = True
-                if events:
-                    action = self.guards.action
-                    self.guards.handle(events, action)
-                    keep = action == "warn" and finite
-                    if action == "relax" and finite and atoms.calc is not None:
-                        again = self._relax(self.n_jumps + self.n_fallbacks, end)
-                        keep = not again
-                        if again:
-                            self.guards.handle(again, "fallback")
-        except BaseException:
-            # Ctrl-C (or an error) before the jump was decided: the atoms go back to its start,
-            # an unchecked state is never left in them, and its random draws go back too, so a
-            # restart file written now goes on with the same draws
-            self._set(pos, vel)
-            self.propagator.restore_generators(draws)
-            raise
+                    if settled and self.guards.needs_settle_quench(stages):
+                        # on the jump's start state, stage after stage
+                        self._set(pos, vel)
+                        self.guards.set_settle_quenches(stage_quenches(
+                            settle, lambda _: self._energy_kJ_per_mol(), pos, stages))
+                        self._set(pos, vel)
+                    self._set(final, fvel)
+                    if settled:
+                        final, stage = settle_in_stages(
+                            settle, final, stages,
+                            lambda _, k: self.guards.settled_passes(self._energy_kJ_per_mol(),
+                                                                    k))
+                        self.guards.record_settle(stage)
+                        result.positions_A[-1] = final  # what observers (last_jump) see
+                    energy = self._energy_kJ_per_mol()
+                with self.guards.judging_settled(settled, stage):
+                    events = self.guards.check(final, fvel, energy_kJ_per_mol=energy,
+                                               jump=self.n_jumps + self.n_fallbacks, time_ps=end)
+                    keep = True
+                    if events:
+                        action = self.guards.action
+                        self.guards.handle(events, "redraw" if action == "fallback"
+                                           and redraw_left else action)
+                        keep = action == "warn" and finite
+                        if action == "relax" and finite and atoms.calc is not None:
+                            again = self._relax(self.n_jumps + self.n_fallbacks, end)
+                            keep = not again
+                            if again:
+                                self.guards.handle(again, "redraw" if redraw_left else "fallback")
+            except BaseException:
+                # Ctrl-C (or an error) before the jump was decided: the atoms go back to its
+                # start, an unchecked state is never left in them, and its random draws (all
+                # of its draws) go back too, so a restart file written now goes on with the
+                # same draws
+                self._set(pos, vel)
+                self.propagator.restore_generators(draws)
+                raise
+            if events and not keep and redraw_left and action != "raise":
+                self._set(pos, vel)
+                self.n_redraws += 1
+                continue
+            break
         if events:
             if not keep:
                 self._set(pos, vel)

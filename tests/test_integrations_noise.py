@@ -39,6 +39,7 @@ from integrations.ase_dynamics import SurrogateDynamics
 from integrations.openmm_simulation import SurrogateSimulation
 from integrations.predict import main
 from integrations.propagator import SurrogatePropagator
+from integrations.writers import PS_IN_ASE_TIME
 from surrogate_md import Surrogate
 from surrogate_md.errors import DataError, EngineError
 from surrogate_md.noise import JumpNoise
@@ -409,6 +410,55 @@ def test_ase_noisy_jumps_repeat_with_their_seed_and_restart(tmp_path, linear, no
     assert again.nsteps == 2
     again.run(2)
     np.testing.assert_allclose(again_atoms.get_positions(), a, atol=1e-9)
+
+
+def test_ase_redraws_a_failed_draw_before_the_md_stands_in(tmp_path, linear, noise):
+    """SurrogateDynamics as the OpenMM engine: the kept end is the first draw that passes, the
+    redraws are counted (guards and restart file), and only when every draw fails does
+    ``fallback_dynamics`` stand in."""
+    from ase import units
+    from ase.calculators.emt import EMT
+    from ase.md.verlet import VelocityVerlet
+
+    from integrations.guards import GuardConfig
+
+    def dynamics(redraws):
+        atoms = cold_atoms()
+        atoms.calc = EMT()
+        md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+        return atoms, SurrogateDynamics(atoms, linear, guards=GuardConfig(action="fallback"),
+                                        fallback_dynamics=md, jump_noise=noise, noise_seed=5,
+                                        redraws=redraws)
+
+    atoms, dyn = dynamics(3)
+    start, vel = atoms.get_positions(), atoms.get_velocities() * PS_IN_ASE_TIME
+    verdicts = fail_first_checks(dyn.guards, 2)
+    dyn.run(1)
+    assert verdicts == [False, False, True]
+    assert (dyn.n_jumps, dyn.n_fallbacks, dyn.n_redraws) == (1, 0, 2)
+    assert dyn.guards.summary()["actions"] == {"redraw": 2}
+    prop = SurrogatePropagator(linear, jump_noise=noise, noise_seed=5)
+    ends = [prop.jump(start, vel, 0.0).predicted_A[-1] for _ in range(3)]
+    kept = atoms.get_positions()[linear.model_atoms]
+    off = [float(np.abs(kept - e).max()) for e in ends]
+    assert off[2] < 0.02 and min(off[:2]) > 5 * off[2], off
+    dyn.save_state(tmp_path / "r.npz")
+    atoms2, again = dynamics(3)
+    atoms2.set_positions(atoms.get_positions())
+    atoms2.set_velocities(atoms.get_velocities())
+    again.load_state(tmp_path / "r.npz")
+    assert again.n_redraws == 2
+
+    atoms, dyn = dynamics(1)
+    verdicts = fail_first_checks(dyn.guards, 10)
+    dyn.run(1)
+    assert verdicts == [False, False]
+    assert (dyn.n_jumps, dyn.n_fallbacks, dyn.n_redraws) == (0, 1, 1)
+    assert dyn.guards.summary()["actions"] == {"redraw": 1, "fallback": 1}
+    with pytest.raises(EngineError, match="need jump_noise"):
+        SurrogateDynamics(cold_atoms(), linear, guards="warn", redraws=1)
+    with pytest.raises(EngineError, match="redraws must be a whole number"):
+        SurrogateDynamics(cold_atoms(), linear, guards="warn", jump_noise=noise, redraws=-2)
 
 
 def test_ase_interrupted_jump_leaves_the_start_and_its_draws(linear, noise):
