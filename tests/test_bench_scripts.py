@@ -276,6 +276,13 @@ def test_surrogate_vs_md_measures_the_run_motion_and_stochastic_jumps(bench, tmp
     assert runs["stochastic"]["jump_noise"] is not None
     assert runs["deterministic"]["jump_noise"] is None
     assert runs["stochastic"]["run_moved_A2"] > 1.5 * runs["deterministic"]["run_moved_A2"]
+    # redraws: every jump is accounted for once (as predicted, or fallen back), redraws apart
+    fb = vs_md.surrogate_timing(prepared, platform, surrogate, state, 4, "fallback",
+                                jump_noise=str(noise), redraws=2)
+    assert fb["redraws_allowed"] == 2 and fb["redrawn"] >= 0 and fb["relaxed_kept"] == 0
+    assert fb["passed_as_predicted"] + fb["fallbacks"] == fb["jumps"] == 4
+    with pytest.raises(SystemExit):  # redraws draw stochastic jumps again
+        vs_md.main(["--quick", "--adk-redraws", "2"])
 
 
 def test_surrogate_vs_md_finds_adk_training_data(bench, tmp_path):

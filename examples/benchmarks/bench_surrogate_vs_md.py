@@ -369,7 +369,8 @@ def passing_cell(s: dict[str, Any]) -> str:
         parts.append(f"{s['relaxed_kept']} after relaxing, {fmt(relax_each(s))} iterations each")
     tail = []
     if s.get("redrawn"):
-        tail.append(f"{s['redrawn']} draws failed and were drawn again")
+        n = s["redrawn"]
+        tail.append(f"{n} failed draw{'s' if n != 1 else ''} drawn again")
     if s["fallbacks"]:
         tail.append(f"{s['fallbacks']} fell back to MD")
     if s.get("kept_failing"):
