@@ -621,48 +621,31 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
         # goes: aim the solvent-free stage at the full-force-field drop, scaled by the recent
         # ratio, so that relaxed states land near the target instead of far below it
         shed = excess + SOLVENT_FREE_MARGIN * guards.energy_jump_kJ_per_mol
-        free_start = relaxation.solvent_free_energy(positions, box)
-        reporter = StopBelowEnergy(free_start - shed / relaxation.drop_ratio, keep_path=True)
-        trial = relaxation.minimise(positions, box, min(budget, first_iterations),
-                                    reporter=reporter, solvent_free=True)
-        used += reporter.iterations
-        held = _write_finite(context, trial, constrained)
-        if held is None:
+        done, n = _solvent_free_pass(relaxation, context, guards, positions, energy, box,
+                                     min(budget, first_iterations), shed / relaxation.drop_ratio,
+                                     constrained, jump, time_ps, record_drop=True)
+        used += n
+        if done is None:
             return _relaxation_blew_up(context, guards, positions, energy, constrained, used,
                                        jump, time_ps)
-        start_energy = energy
-        positions, energy = held
-        relaxation.record_drop(start_energy - energy, free_start - reporter.energy)
-        accepted = guards.relaxed_enough(positions, energy, jump=jump, time_ps=time_ps)
-        if accepted:
-            positions, energy = back_off(context, guards, reporter.path, free_start,
-                                         start_energy, positions, energy, constrained,
-                                         jump=jump, time_ps=time_ps)
+        positions, energy, accepted = done
     while (relaxation.solvent_free is not None and round_iterations > 0 and not accepted
            and used < budget):
         # rounds of the cheap force field, each judged in the full one, while they lower it
-        free_start = relaxation.solvent_free_energy(positions, box)
-        reporter = StopBelowEnergy(float("-inf"), keep_path=True)
-        trial = relaxation.minimise(positions, box, min(round_iterations, budget - used),
-                                    reporter=reporter, solvent_free=True)
-        used += reporter.iterations
-        held = _write_finite(context, trial, constrained)
-        if held is None:
+        start_energy = energy
+        done, n = _solvent_free_pass(relaxation, context, guards, positions, energy, box,
+                                     min(round_iterations, budget - used), float("inf"),
+                                     constrained, jump, time_ps)
+        used += n
+        if done is None:
             return _relaxation_blew_up(context, guards, positions, energy, constrained, used,
                                        jump, time_ps)
-        start_energy = energy
-        positions, energy = held
-        accepted = guards.relaxed_enough(positions, energy, jump=jump, time_ps=time_ps)
-        if accepted:
-            positions, energy = back_off(context, guards, reporter.path, free_start,
-                                         start_energy, positions, energy, constrained,
-                                         jump=jump, time_ps=time_ps)
-            break
+        positions, energy, accepted = done
         excess = guards.energy_rise(start_energy) - guards.relax_target_kJ_per_mol
-        if (reporter.iterations < round_iterations
-                or not start_energy - energy >= SOLVENT_FREE_ROUND_MIN_SHARE * max(excess, 0.0)
-                or not energy < start_energy):
-            break  # at the solvent-free minimum, or it hardly lowers the full force field
+        if accepted or (n < round_iterations
+                        or not start_energy - energy >= SOLVENT_FREE_ROUND_MIN_SHARE
+                        * max(excess, 0.0) or not energy < start_energy):
+            break  # accepted; or at the solvent-free minimum, or it hardly lowers the full one
     margin = 0.0
     while not accepted and used < budget:  # maxIterations 0 would mean "unlimited" to OpenMM
         reporter = _StopWhenAccepted(guards, jump, time_ps, margin)
@@ -684,6 +667,35 @@ def relax_until_accepted(relaxation: Relaxation, context: openmm.Context, guards
                           count=False)
     guards.record_relaxation(used, None if events else energy)
     return positions, energy, events
+
+
+def _solvent_free_pass(relaxation: Relaxation, context: openmm.Context, guards: Guards,
+                       positions: np.ndarray, energy: float, box, iterations: int,
+                       shed_kJ_per_mol: float, constrained: bool, jump: int, time_ps: float, *,
+                       record_drop: bool = False
+                       ) -> tuple[tuple[np.ndarray, float, bool] | None, int]:
+    """One solvent-free stage of :func:`relax_until_accepted` from ``positions`` (Å; ``energy``
+    kJ/mol in the engine): at most ``iterations`` L-BFGS iterations, stopping once its own
+    energy has fallen by ``shed_kJ_per_mol`` (inf: never), the result written into ``context``
+    with its constraints and judged by the guards, and where accepted walked back along its
+    iterates (:func:`back_off`); ``record_drop``: the drops go to ``relaxation.record_drop``.
+    Returns ((positions, energy, accepted) now in ``context``, or None where the minimiser
+    ended in non-finite coordinates, and the iterations used."""
+    free_start = relaxation.solvent_free_energy(positions, box)
+    reporter = StopBelowEnergy(free_start - shed_kJ_per_mol, keep_path=True)
+    trial = relaxation.minimise(positions, box, iterations, reporter=reporter, solvent_free=True)
+    held = _write_finite(context, trial, constrained)
+    if held is None:
+        return None, reporter.iterations
+    new_positions, new_energy = held
+    if record_drop:
+        relaxation.record_drop(energy - new_energy, free_start - reporter.energy)
+    accepted = guards.relaxed_enough(new_positions, new_energy, jump=jump, time_ps=time_ps)
+    if accepted:
+        new_positions, new_energy = back_off(context, guards, reporter.path, free_start, energy,
+                                             new_positions, new_energy, constrained, jump=jump,
+                                             time_ps=time_ps)
+    return (new_positions, new_energy, accepted), reporter.iterations
 
 
 def _write_finite(context: openmm.Context, positions_A: np.ndarray, constrained: bool
