@@ -131,7 +131,8 @@ class SurrogateDynamics(MolecularDynamics):
         redraws: with ``jump_noise``: a draw that would not be kept (it fails the guards under
             ``fallback``, or its relaxation fails under ``relax``) is drawn again from the same
             start, up to this many times per jump, before the fallback MD stands in (counted
-            in ``n_redraws`` and the guards' ``redraw`` action; default 0).
+            in ``n_redraws`` and the guards' ``redraw`` action; the guards check every draw;
+            default 0).
         settle_iterations: with a calculator, the atoms the model does not predict get at most
             this many L-BFGS steps after every jump, the predicted ones held (0 = off; above
             10 in stages that stop once the jump end passes the energy check).

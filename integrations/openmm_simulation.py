@@ -948,7 +948,8 @@ class SurrogateSimulation:
             ``fallback``, or its relaxation fails with ``relax``), and how many were taken. A
             jump keeps its first draw that is accepted (as drawn or relaxed); the MD stands in
             only when every draw failed. A redraw costs a model call and the guards, a fallback
-            a jump's worth of MD; 0 (the default): fall back at once.
+            a jump's worth of MD; 0 (the default): fall back at once. The guards check, and
+            count, every draw.
         settle_iterations, relax_iterations, relax_restraint_kJ_per_mol_nm2: the settling and
             relaxation settings (may be changed between ``step`` calls).
     """
