@@ -171,14 +171,18 @@ def test_jump_reporter_projects_relaxed_velocities_once(linear):
     scratch = openmm.Context(system, openmm.VerletIntegrator(0.001), reference_platform())
     logging.disable(logging.WARNING)
     try:
-        checked = 0
+        checked, asserted = 0, 0
         for _ in range(4):
+            skipped = jumper.n_skipped
             sim.step(4)  # the jump happens at the report after the fourth step
             relaxed = jumper.guards.summary()["relaxations"]
             if not relaxed or relaxed == checked:
                 continue
             checked = relaxed
+            if jumper.n_skipped > skipped:  # the relaxation failed: the MD state stays
+                continue
             _assert_projected_once(sim.context, scratch, ends[-1])
+            asserted += 1
     finally:
         logging.disable(logging.NOTSET)
-    assert checked >= 2 and jumper.n_jumps == 4
+    assert asserted >= 1 and jumper.n_jumps + jumper.n_skipped == 4
