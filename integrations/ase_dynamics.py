@@ -628,7 +628,7 @@ class SurrogateDynamics(MolecularDynamics):
         # FixAtoms: held by the jump itself, so that the atoms riding on them stay put and
         # thermal draws give the moving atoms, not the fixed ones, the zero net momentum
         self.propagator.fixed_atoms = _fixed_atoms(atoms)
-        draws = self.propagator.generator_states()
+        draws, redraws = self.propagator.generator_states(), self.n_redraws
         end = t0 + self.surrogate.jump_ps
         for attempt in range(self.redraws + 1):
             # a stochastic draw that would fall back to MD is drawn again from the same start
@@ -688,6 +688,7 @@ class SurrogateDynamics(MolecularDynamics):
                 # same draws
                 self._set(pos, vel)
                 self.propagator.restore_generators(draws)
+                self.n_redraws = redraws  # the jump is drawn afresh, from its first draw
                 raise
             if events and not keep and redraw_left and action != "raise":
                 self._set(pos, vel)

@@ -1562,7 +1562,7 @@ class SurrogateSimulation:
         else:
             self.guards.record_energy(energy)
         self._check_file_reporters(s0)
-        draws = self.propagator.generator_states()
+        draws, redraws = self.propagator.generator_states(), self.n_redraws
         try:
             result, final_pos = self._draw_jump(pos, vel, t0, s0)
         except BaseException:
@@ -1572,6 +1572,7 @@ class SurrogateSimulation:
             # back with it, so a checkpoint saved now restarts with the same draws
             self._restore(pos, vel, t0, s0)
             self.propagator.restore_generators(draws)
+            self.n_redraws = redraws  # the jump is drawn afresh, from its first draw
             raise
         if final_pos is None:
             self._restore(pos, vel, t0, s0)

@@ -341,6 +341,35 @@ def test_a_failed_draw_is_drawn_again_before_the_md_stands_in(linear, noise):
     assert sim.guards.summary()["actions"] == {"redraw": 1, "fallback": 1}
 
 
+def test_an_interrupted_redraw_gives_its_count_and_draws_back(linear, noise):
+    """Ctrl-C while a redraw is judged: the state, the draws and the redraw count go back to
+    the jump's start, so the next step makes the jump an uninterrupted run makes."""
+    from integrations.guards import GuardConfig, GuardEvent
+
+    kwargs = {"guards": GuardConfig(action="fallback"), "jump_noise": noise, "noise_seed": 5,
+              "redraws": 3}
+    sim = make_sim(linear, **kwargs)
+    start = positions_A(sim)
+    check, calls = sim.guards.check, []
+
+    def failing_then_interrupted(positions, *args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            return [GuardEvent("energy", 1e9, 1.0, 0, 0.0)]
+        raise KeyboardInterrupt
+
+    sim.guards.check = failing_then_interrupted
+    with pytest.raises(KeyboardInterrupt):
+        sim.step(1)
+    assert len(calls) == 2 and (sim.n_jumps, sim.n_redraws) == (0, 0)
+    np.testing.assert_allclose(positions_A(sim), start, atol=1e-12)  # through nm and back
+    sim.guards.check = check
+    sim.step(1)
+    _, whole = run(linear, 1, **kwargs)
+    np.testing.assert_allclose(positions_A(sim), whole, atol=1e-9)
+    assert sim.n_redraws == 0
+
+
 def test_redraws_are_refused_without_noise_or_as_a_bad_count(linear, noise):
     with pytest.raises(EngineError, match="need jump_noise"):
         make_sim(linear, redraws=2)
