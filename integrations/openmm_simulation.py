@@ -1598,8 +1598,8 @@ class SurrogateSimulation:
         """The jump from the state (``pos``, ``vel``, ``t0``, ``s0``) in the Context and its
         guarded end (None: fall back); a failed stochastic draw is drawn again up to
         :attr:`redraws` times, the Context back at the start before each."""
-        jump_index = self.n_jumps + self.n_fallbacks
-        for attempt in range(self.redraws + 1):
+        jump_index, attempt = self.n_jumps + self.n_fallbacks, 0
+        while True:
             self._redraw_left = attempt < self.redraws
             # jump-step mode reports jump ends only: the frames between are never rebuilt
             result = self.propagator.jump(pos, vel, t0, last_only=bool(self.jump_steps))
@@ -1611,9 +1611,9 @@ class SurrogateSimulation:
                 self._redraw_left = False
             if final_pos is not None or attempt == self.redraws:
                 return result, final_pos
+            attempt += 1
             self.n_redraws += 1
             self._restore(pos, vel, t0, s0)
-        raise AssertionError("unreachable")
 
     def _accept_final(self, result: JumpResult, start: tuple, jump_index: int, end_time: float
                       ) -> np.ndarray | None:

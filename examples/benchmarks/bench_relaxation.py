@@ -49,6 +49,7 @@ from common import (
     setup_logging,
 )
 
+from integrations.guards import GuardConfig
 from integrations.propagator import DEFAULT_SETTLE_ITERATIONS
 
 log = logging.getLogger("bench_relaxation")
@@ -184,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--starts", type=int, default=12, help="start frames")
     parser.add_argument("--from-fraction", type=float, default=0.2,
                         help="starts spread over this last fraction of the trajectory")
-    parser.add_argument("--relax-iterations", type=int, default=200,
-                        help="most L-BFGS iterations per relaxation, all stages together")
+    parser.add_argument("--relax-iterations", type=int,
+                        default=GuardConfig.relax_iterations,
+                        help="most L-BFGS iterations per relaxation, all stages together "
+                             "(default %(default)s, the guards')")
     parser.add_argument("--settle-iterations", type=int, default=DEFAULT_SETTLE_ITERATIONS,
                         help="the engines' settling of the rebuilt atoms after the jump "
                              "(default %(default)s, the engines')")
@@ -209,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench_chained_jumps import quick_checkpoint
     from bench_validity import ReferenceEnergy, alanine_data
 
+    from integrations.openmm_simulation import IMPLICIT_SOLVENT_FORCES
     from surrogate_md import Surrogate
     from surrogate_md.data.h5md import open_trajectory
 
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no jump end of {checkpoint} fails the guards: nothing to relax "
                          f"(--every-end relaxes them all)")
         ends, references = [ends[k] for k in relaxed], [references[k] for k in relaxed]
-        solvent_free = any(type(f).__name__ in ("GBSAOBCForce", "CustomGBForce")
+        solvent_free = any(type(f).__name__ in IMPLICIT_SOLVENT_FORCES
                            for f in energy.context.getSystem().getForces())
         rows = relax_all(sur, energy, ends, references, args.relax_iterations,
                          args.temperature, args.progress)
