@@ -240,3 +240,29 @@ def test_noise_on_the_test_split_is_warned_about(ala, checkpoint, tmp_path, capl
         evaluate(checkpoint, ala, tmp_path / "ev", rollout_jumps=0, plots=False,
                  noise_out=tmp_path / "n.npz")
     assert "not held out" in caplog.text and (tmp_path / "n.npz").is_file()
+
+
+def test_noise_components_keeps_the_leading_components(ala, checkpoint, tmp_path, capsys):
+    base = [str(checkpoint), "--data", str(ala), "--split", "val", "--rollout-jumps", "0", "-q"]
+    assert evaluate_main(base + ["--out", str(tmp_path / "all"), "--noise-out",
+                                 str(tmp_path / "all.npz")]) == 0
+    assert evaluate_main(base + ["--out", str(tmp_path / "two"), "--noise-out",
+                                 str(tmp_path / "two.npz"), "--noise-components", "2"]) == 0
+    full, two = JumpNoise.load(tmp_path / "all.npz"), JumpNoise.load(tmp_path / "two.npz")
+    assert len(full.std_A) > 2 and len(two.std_A) == two.meta["components"] == 2
+    np.testing.assert_allclose(two.std_A, full.std_A[:2], rtol=1e-6)
+    # the same leading directions (up to sign), the variance they hold recorded
+    overlap = np.abs(np.einsum("kni,kni->k", two.components, full.components[:2]))
+    np.testing.assert_allclose(overlap, 1.0, atol=1e-6)
+    held = np.sum(full.std_A[:2] ** 2) / np.sum(full.std_A ** 2)
+    assert two.meta["captured_variance"] == pytest.approx(held * full.meta["captured_variance"])
+    assert two.meta["captured_variance"] < 1 and two.rms_A < full.rms_A
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["jump_noise"]["components"] == 2
+    # a count below 1, or one without a noise file to fit, is refused before any work
+    assert evaluate_main(base + ["--out", str(tmp_path / "z"), "--noise-out",
+                                 str(tmp_path / "z.npz"), "--noise-components", "0"]) == 2
+    assert "--noise-components) must be >= 1" in capsys.readouterr().err
+    assert evaluate_main(base + ["--out", str(tmp_path / "y"), "--noise-components", "4"]) == 2
+    assert "no noise_out (--noise-out FILE)" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists() and not (tmp_path / "y").exists()

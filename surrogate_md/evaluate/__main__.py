@@ -17,6 +17,7 @@ from surrogate_md.errors import SurrogateMDError
 
 def build_parser() -> argparse.ArgumentParser:
     from surrogate_md.evaluate.core import PROTOCOLS, SPLITS
+    from surrogate_md.noise import DEFAULT_MAX_COMPONENTS
 
     p = argparse.ArgumentParser(prog="python -m surrogate_md.evaluate",
                                 description="Evaluate a trained surrogate against reference MD.")
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "their leading principal components) on the scored windows and save it "
                         "here, for stochastic jumps (predict --jump-noise); use --split val or "
                         "train")
+    p.add_argument("--noise-components", type=int, default=None, metavar="K",
+                   help="with --noise-out: keep the leading K principal components (default "
+                        f"{DEFAULT_MAX_COMPONENTS}; fewer, collective ones strain a protein's bonds less, so its "
+                        "stochastic jumps relax faster)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
@@ -64,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                  protocol=args.protocol, rollout_jumps=args.rollout_jumps,
                  n_rollouts=args.n_rollouts, batch_size=args.batch_size, device=args.device,
                  max_windows=args.max_windows, overwrite=args.overwrite,
-                 transfer=args.transfer, noise_out=args.noise_out)
+                 transfer=args.transfer, noise_out=args.noise_out,
+                 noise_components=args.noise_components)
     except SurrogateMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from surrogate_md.data.windows import Protocol, WindowDataset, batch_to
 from surrogate_md.errors import ConfigError, DataError
 from surrogate_md.fileio import atomic_write_text
 from surrogate_md.models import build_model
+from surrogate_md.noise import DEFAULT_MAX_COMPONENTS
 from surrogate_md.surrogate import Surrogate
 from surrogate_md.train.config import data_config_from_dict
 from surrogate_md.train.data import prepare_data
@@ -48,7 +49,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
              rollout_jumps: int = 10, n_rollouts: int = 4, batch_size: int = 32,
              device: str = "auto", max_windows: int | None = None,
              overwrite: bool = False, plots: bool = True, transfer: bool = False,
-             noise_out: str | os.PathLike | None = None) -> dict[str, Any]:
+             noise_out: str | os.PathLike | None = None,
+             noise_components: int | None = None) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``data`` and write ``report.md``, ``metrics.json`` and PNGs.
 
     Args:
@@ -75,6 +77,11 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
             (``.npz``; an existing file only with ``overwrite``), for stochastic jumps in the
             engines; fit it on ``val`` or ``train`` windows and keep ``test`` for scoring (on
             ``test`` it warns). Not with ``transfer``.
+        noise_components: keep the leading this many principal components of the residuals
+            (default :data:`~surrogate_md.noise.DEFAULT_MAX_COMPONENTS`). Fewer, collective
+            components leave out the small, local part of the spread, whose Gaussian draws
+            strain bonds and contacts the engines' relaxation must then undo (README,
+            "Fewer noise components").
 
     Returns:
         The metrics dict written to ``metrics.json``. Errors are Å² per atom (squared distance
@@ -91,6 +98,13 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
                           "it out to score every window of the split")
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
+    if noise_components is not None and noise_components < 1:
+        raise ConfigError(f"noise_components (--noise-components) must be >= 1, got "
+                          f"{noise_components}; leave it out to keep up to "
+                          f"{DEFAULT_MAX_COMPONENTS}")
+    if noise_components is not None and noise_out is None:
+        raise ConfigError("noise_components (--noise-components) sets how many components the "
+                          "jump noise keeps, and no noise_out (--noise-out FILE) was given")
     if noise_out is not None:
         _check_noise_out(Path(noise_out), transfer, overwrite)
         if split == "test":
@@ -180,7 +194,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         ends: list[tuple[np.ndarray, np.ndarray]] | None = [] if noise_out is not None else None
         result["errors"] = _window_errors(sur, ds, protocol, batch_size, ends)
         if ends is not None:
-            result["jump_noise"] = _fit_noise(sur, ends, noise_out, checkpoint, paths, split)
+            result["jump_noise"] = _fit_noise(sur, ends, noise_out, checkpoint, paths, split,
+                                              noise_components or DEFAULT_MAX_COMPONENTS)
         if rollout_jumps:
             result["rollout"] = _rollouts(sur, ds, prepared, rollout_jumps, n_rollouts)
             warnings += result["rollout"].pop("warnings", [])
@@ -491,14 +506,14 @@ def _check_noise_out(path: Path, transfer: bool, overwrite: bool) -> None:
 
 
 def _fit_noise(sur: Surrogate, ends: list[tuple[np.ndarray, np.ndarray]], path, checkpoint,
-               paths: list[str], split: str) -> dict[str, Any]:
+               paths: list[str], split: str, max_components: int) -> dict[str, Any]:
     """Fit and save the :class:`~surrogate_md.noise.JumpNoise` of the scored windows' jump
     ends; returns what the metrics record of it."""
     from surrogate_md.noise import JumpNoise
 
     pred = np.concatenate([p for p, _ in ends])
     target = np.concatenate([t for _, t in ends])
-    noise = JumpNoise.fit(pred, target, sur.jump_ps, meta={
+    noise = JumpNoise.fit(pred, target, sur.jump_ps, max_components=max_components, meta={
         "model": sur.name, "checkpoint": Path(str(checkpoint)).name,
         "checkpoint_hash": sur.checkpoint_hash, "data": [Path(p).name for p in paths],
         "split": split})
