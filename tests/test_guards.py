@@ -234,13 +234,15 @@ def test_relax_in_implicit_solvent_starts_without_the_solvent(tmp_path, monkeypa
     assert Relaxation(vacuum, reference_platform()).solvent_free is None
 
 
-@pytest.mark.parametrize("rounds_lower_it", [True, False])
+@pytest.mark.parametrize("rounds_lower_it,redraw_left", [(True, False), (False, False),
+                                                          (False, True)])
 def test_relax_goes_on_in_solvent_free_rounds_judged_in_the_full_force_field(
-        tmp_path, monkeypatch, rounds_lower_it):
+        tmp_path, monkeypatch, rounds_lower_it, redraw_left):
     """A first solvent-free stage that stops short of the target is followed by rounds of the
     solvent-free copy, each judged once in the full force field: they finish the relaxation
     without a single full-force-field iteration while they lower its energy, and hand over to
-    the full force field as soon as a round does not."""
+    the full force field as soon as a round does not, unless the jump can be drawn again: then
+    the relaxation fails there."""
     from datagen.openmm_md import prepare_system
     from integrations import openmm_simulation as oms
     from integrations.openmm_simulation import Relaxation
@@ -270,12 +272,20 @@ def test_relax_goes_on_in_solvent_free_rounds_judged_in_the_full_force_field(
         return minimise(self, positions, box, iterations, *args, **kwargs)
 
     monkeypatch.setattr(Relaxation, "minimise", spy)
+    relax = oms.relax_until_accepted
+    monkeypatch.setattr(oms, "relax_until_accepted",  # as the engine asks with a redraw left
+                        lambda *a, **k: relax(*a, **{**k, "redraw_left": redraw_left}))
     sim.step(1)
     summary = sim.guard_summary()
-    assert summary["failures"].get("energy") == 1 and summary["relaxations"] == 1
-    assert sim.n_jumps == 1 and "fallback" not in summary["actions"]
+    assert summary["relaxations"] == 1
     free = [f for f, _ in calls]
     assert free[0] is True and free[1] is True and calls[1][1] == 5
+    if redraw_left:  # no full-force-field iteration: the relaxation failed (here MD follows)
+        assert free == [True, True] and summary["relax_iterations_used"] < 1000
+        assert sim.n_fallbacks == 1 and summary["actions"].get("fallback") == 1
+        return
+    assert summary["failures"].get("energy") == 1
+    assert sim.n_jumps == 1 and "fallback" not in summary["actions"]
     if rounds_lower_it:
         assert len(calls) > 2 and all(free)  # no full-force-field iteration
     else:

@@ -341,6 +341,31 @@ def test_a_failed_draw_is_drawn_again_before_the_md_stands_in(linear, noise):
     assert sim.guards.summary()["actions"] == {"redraw": 1, "fallback": 1}
 
 
+def test_a_relaxation_knows_whether_its_draw_can_be_drawn_again(linear, noise, monkeypatch):
+    """Under the ``relax`` action the engine tells each relaxation whether a failure is drawn
+    again (it may then stop early: ``relax_until_accepted(redraw_left=...)``), and the last
+    draw's relaxation that it is not."""
+    from integrations import openmm_simulation as oms
+    from integrations.guards import GuardConfig, GuardEvent
+
+    sim = make_sim(linear, guards=GuardConfig(action="relax"), jump_noise=noise, noise_seed=5,
+                   redraws=2)
+    fail_first_checks(sim.guards, 10)  # every draw fails as drawn: each is relaxed
+    asked, relax = [], oms.relax_until_accepted
+
+    def spy(relaxation, context, guards, jump, time_ps, energy=None, **kwargs):
+        asked.append(kwargs["redraw_left"])
+        if len(asked) < 3:  # the first two relaxations fail
+            return (positions_A(sim), 0.0,
+                    [GuardEvent("energy", 1e9, 1.0, jump, time_ps)])
+        return relax(relaxation, context, guards, jump, time_ps, energy, **kwargs)
+
+    monkeypatch.setattr(oms, "relax_until_accepted", spy)
+    sim.step(1)
+    assert asked == [True, True, False]
+    assert sim.n_redraws == 2 and sim.guards.summary()["actions"]["redraw"] == 2
+
+
 def test_an_interrupted_redraw_gives_its_count_and_draws_back(linear, noise):
     """Ctrl-C while a redraw is judged: the state, the draws and the redraw count go back to
     the jump's start, so the next step makes the jump an uninterrupted run makes."""
