@@ -276,6 +276,15 @@ def test_surrogate_vs_md_measures_the_run_motion_and_stochastic_jumps(bench, tmp
     assert runs["stochastic"]["jump_noise"] is not None
     assert runs["deterministic"]["jump_noise"] is None
     assert runs["stochastic"]["run_moved_A2"] > 1.5 * runs["deterministic"]["run_moved_A2"]
+    # per jump: its wall time, relaxation iterations, and how far the run has drifted
+    for run in runs.values():
+        per = run["per_jump"]
+        assert len(per["wall_s"]) == len(per["relax_iterations"]) == 4
+        assert sum(per["wall_s"]) == pytest.approx(run["wall_s"], rel=0.05)
+        assert sum(per["relax_iterations"]) == run["relax_iterations_used"]
+        assert len(per["rmsd_from_start_A"]) == 4 and min(per["rmsd_from_start_A"]) >= 0
+    assert (runs["stochastic"]["per_jump"]["rmsd_from_start_A"][-1]
+            > runs["deterministic"]["per_jump"]["rmsd_from_start_A"][-1])
     # redraws: every jump is accounted for once (as predicted, or fallen back), redraws apart
     fb = vs_md.surrogate_timing(prepared, platform, surrogate, state, 4, "fallback",
                                 jump_noise=str(noise), redraws=2)

@@ -55,6 +55,7 @@ from common import (
 )
 
 from integrations.propagator import DEFAULT_SETTLE_ITERATIONS
+from integrations.reconstruct import kabsch
 
 log = logging.getLogger("bench_surrogate_vs_md")
 
@@ -164,7 +165,10 @@ class KineticTemperature:
     """A reporter recording the kinetic temperature (K) of every reported state, from the
     System's degrees of freedom (OpenMM's count: massive particles, constraints, CMMotionRemover),
     and how far ``atoms`` moved since the report before (squared distance per atom, Å², as the
-    evaluation's ``fmsd``: the run's own motion per jump, relaxations and noise included)."""
+    evaluation's ``fmsd``: the run's own motion per jump, relaxations and noise included), with
+    the RMSD of ``atoms`` from where the run started (after superposition, Å: whether a run
+    drifts), the wall-clock time of each report and the relaxation iterations since the one
+    before (the engine's guards, where it has them)."""
 
     def __init__(self, system, every: int = 1, atoms: np.ndarray | None = None) -> None:
         from integrations.openmm_simulation import degrees_of_freedom, system_masses_amu
@@ -174,13 +178,21 @@ class KineticTemperature:
         self._masses = system_masses_amu(system)
         self._atoms = None if atoms is None else np.asarray(atoms)
         self._last: np.ndarray | None = None
+        self._first: np.ndarray | None = None
+        self._relaxed = 0
         self.temperatures_K: list[float] = []
         self.moved_A2: list[float] = []
+        self.rmsd_A: list[float] = []
+        self.times_s: list[float] = []
+        self.relax_iterations: list[int] = []
 
-    def start(self, positions_A: np.ndarray) -> None:
-        """The state the timed run starts from (the first report's motion is measured from it)."""
+    def start(self, positions_A: np.ndarray, relax_iterations_used: int = 0) -> None:
+        """The state the timed run starts from (the first report's motion is measured from it)
+        and the guards' relaxation iterations so far."""
         if self._atoms is not None:
-            self._last = np.asarray(positions_A)[self._atoms]
+            self._last = self._first = np.asarray(positions_A)[self._atoms]
+        self._relaxed = int(relax_iterations_used)
+        self.times_s = [time.perf_counter()]
 
     def describeNextReport(self, simulation) -> dict:
         # velocities (and positions) only: asking for energies would cost a force evaluation
@@ -203,7 +215,16 @@ class KineticTemperature:
             x = x[self._atoms]
             if self._last is not None:
                 self.moved_A2.append(float(((x - self._last) ** 2).sum(-1).mean()))
+            if self._first is not None:
+                rot, shift = kabsch(x[None], self._first[None])
+                fitted = x @ rot[0].T + shift[0]
+                self.rmsd_A.append(float(np.sqrt(((fitted - self._first) ** 2).sum(-1).mean())))
             self._last = x
+        guards = getattr(simulation, "guards", None)
+        if guards is not None:
+            self.relax_iterations.append(guards.relax_iterations_used - self._relaxed)
+            self._relaxed = guards.relax_iterations_used
+        self.times_s.append(time.perf_counter())
 
 
 def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards: str,
@@ -248,7 +269,7 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
                                  md_steps + sim.steps_per_jump if md_steps else 1,
                                  surrogate.model_atoms)
     kinetic.start(sim.context.getState(positions=True).getPositions(asNumpy=True)
-                  .value_in_unit(unit.angstrom))
+                  .value_in_unit(unit.angstrom), sim.guards.relax_iterations_used)
     sim.reporters.append(kinetic)
     start = time.perf_counter()
     sim.step(n_jumps)
@@ -290,6 +311,12 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
             # jumps; hybrid mode: per cycle), to set beside the MD's fmsd of the accuracy table
             "run_moved_A2": float(np.mean(kinetic.moved_A2)) if kinetic.moved_A2 else None,
             "jump_noise": relative_path(jump_noise) if jump_noise else None,
+            # per jump (hybrid mode: per cycle): wall s, relaxation iterations, RMSD of the
+            # model's atoms from the run's start after superposition (Å): a run that drifts
+            # away from where it started, or whose jumps grow dearer as it goes, shows here
+            "per_jump": {"wall_s": np.diff(kinetic.times_s).tolist(),
+                         "relax_iterations": kinetic.relax_iterations,
+                         "rmsd_from_start_A": kinetic.rmsd_A},
             "guard_failures": {k: v for k, v in failures.items() if v},
             "relaxations": summary["relaxations"] - before["relaxations"],
             "relax_iterations_used": (summary["relax_iterations_used"]
