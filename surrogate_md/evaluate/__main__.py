@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "here, for stochastic jumps (predict --jump-noise); use --split val or "
                         "train")
     p.add_argument("--noise-components", type=int, default=None, metavar="K",
-                   help="with --noise-out: keep the leading K principal components (default "
-                        f"{DEFAULT_MAX_COMPONENTS}; fewer, collective ones strain a protein's bonds less, so its "
-                        "stochastic jumps relax faster)")
+                   help=f"with --noise-out: keep the leading K principal components (default "
+                        f"{DEFAULT_MAX_COMPONENTS}; fewer, collective ones strain a protein's "
+                        "bonds less, so its stochastic jumps relax faster)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")

@@ -26,7 +26,7 @@ from surrogate_md.data.windows import Protocol, WindowDataset, batch_to
 from surrogate_md.errors import ConfigError, DataError
 from surrogate_md.fileio import atomic_write_text
 from surrogate_md.models import build_model
-from surrogate_md.noise import DEFAULT_MAX_COMPONENTS
+from surrogate_md.noise import DEFAULT_MAX_COMPONENTS, JumpNoise
 from surrogate_md.surrogate import Surrogate
 from surrogate_md.train.config import data_config_from_dict
 from surrogate_md.train.data import prepare_data
@@ -96,8 +96,6 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
     if max_windows is not None and max_windows < 1:
         raise ConfigError(f"max_windows (--max-windows) must be >= 1, got {max_windows}; leave "
                           "it out to score every window of the split")
-    out = Path(out_dir)
-    _check_out_dir(out, overwrite)
     if noise_components is not None and noise_components < 1:
         raise ConfigError(f"noise_components (--noise-components) must be >= 1, got "
                           f"{noise_components}; leave it out to keep up to "
@@ -105,6 +103,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
     if noise_components is not None and noise_out is None:
         raise ConfigError("noise_components (--noise-components) sets how many components the "
                           "jump noise keeps, and no noise_out (--noise-out FILE) was given")
+    out = Path(out_dir)
+    _check_out_dir(out, overwrite)
     if noise_out is not None:
         _check_noise_out(Path(noise_out), transfer, overwrite)
         if split == "test":
@@ -509,8 +509,6 @@ def _fit_noise(sur: Surrogate, ends: list[tuple[np.ndarray, np.ndarray]], path, 
                paths: list[str], split: str, max_components: int) -> dict[str, Any]:
     """Fit and save the :class:`~surrogate_md.noise.JumpNoise` of the scored windows' jump
     ends; returns what the metrics record of it."""
-    from surrogate_md.noise import JumpNoise
-
     pred = np.concatenate([p for p, _ in ends])
     target = np.concatenate([t for _, t in ends])
     noise = JumpNoise.fit(pred, target, sur.jump_ps, max_components=max_components, meta={
