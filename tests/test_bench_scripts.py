@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
@@ -260,6 +261,10 @@ def test_surrogate_vs_md_measures_the_run_motion_and_stochastic_jumps(bench, tmp
     data = json.loads(out.read_text())["systems"][0]
     moved = data["surrogate"]["run_moved_A2"]
     assert moved > 0 and float(speed[1][9]) == pytest.approx(moved, rel=1e-2)
+    # the internal part of the motion (superposed) is part of it, for the run and the MD
+    assert 0 < data["surrogate"]["run_moved_internal_A2"] <= moved * (1 + 1e-9)
+    md = data["md_motion"]
+    assert md["windows"] > 0 and 0 < md["internal_A2"] <= md["raw_A2"] * (1 + 1e-9)
     assert float(speed[0][9]) == pytest.approx(data["accuracy"]["fmsd_md_A2"], rel=1e-2)
     ckpt = next((tmp_path / "r").glob("**/best.pt"))
     md = next((tmp_path / "d").glob("*.h5"))
@@ -677,3 +682,20 @@ def test_gpu_script_quick_stages_run_and_write_their_results(tmp_path):
     (row,) = ala2["systems"]
     assert row["platform"] == "CPU" and row["surrogate"]["guard_action"] == "relax"
     assert row["surrogate"]["jumps"] >= 1 and row["md"]["ns_per_day"] > 0
+
+
+def test_superposed_motion_leaves_out_rotation_and_translation(bench):
+    """The internal part of a motion: nothing for a rigid rotation and translation (a
+    reflection is not superposed away), the motion itself for a displacement without either."""
+    from surrogate_md.testing import random_orthogonal
+
+    vs_md = bench("bench_surrogate_vs_md")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 3)) * 5.0
+    rot = random_orthogonal(1, reflect=False).numpy()
+    assert vs_md.superposed_msd(x @ rot.T + [3.0, -1.0, 2.0], x) < 1e-20
+    assert vs_md.superposed_msd(x * [1.0, 1.0, -1.0], x) > 1.0  # a mirror image is not a move
+    shift = rng.normal(size=(30, 3)) * 0.01
+    shift -= shift.mean(0)
+    assert vs_md.superposed_msd(x + shift, x) == pytest.approx((shift ** 2).sum(-1).mean(),
+                                                                 rel=0.05)

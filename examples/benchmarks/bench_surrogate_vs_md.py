@@ -161,11 +161,39 @@ def md_timing(prepared, platform, md_ps: float, step_ps: float = MD_STEP_PS
             "ns_per_s": simulated * 1e-3 / wall, "ns_per_day": ns_per_day(simulated, wall)}, state
 
 
+def superposed_msd(moved_A: np.ndarray, reference_A: np.ndarray) -> float:
+    """Squared distance per atom (Å²) of ``moved_A`` (n, 3) from ``reference_A`` once
+    superposed onto it (a proper rotation and a translation): the internal part of a motion."""
+    rot, shift = kabsch(np.asarray(moved_A)[None], np.asarray(reference_A)[None])
+    fitted = moved_A @ rot[0].T + shift[0]
+    return float(((fitted - reference_A) ** 2).sum(-1).mean())
+
+
+def md_motion(data: Path, atoms: np.ndarray, jump_ps: float) -> dict[str, Any] | None:
+    """How far the MD in ``data`` moves ``atoms`` over ``jump_ps``, over every window of the
+    file (each frame a start): squared distance per atom (Å²) as it is and after superposition
+    (its internal part), to set beside a run's ``run_moved_A2`` and ``run_moved_internal_A2``.
+    None where the file holds no such window."""
+    from surrogate_md.data.h5md import open_trajectory
+
+    with open_trajectory(data) as traj:
+        lag = int(round(jump_ps / traj.interval_ps))
+        if lag < 1 or lag >= traj.n_frames:
+            return None
+        x = np.asarray(traj.read(slice(None)), dtype=np.float64)[:, np.asarray(atoms)]
+    start, end = x[:-lag], x[lag:]
+    rot, shift = kabsch(end, start)
+    fitted = np.einsum("gni,gji->gnj", end, rot) + shift[:, None]
+    return {"windows": int(len(start)), "raw_A2": float(((end - start) ** 2).sum(-1).mean()),
+            "internal_A2": float(((fitted - start) ** 2).sum(-1).mean())}
+
+
 class KineticTemperature:
     """A reporter recording the kinetic temperature (K) of every reported state, from the
     System's degrees of freedom (OpenMM's count: massive particles, constraints, CMMotionRemover),
     and how far ``atoms`` moved since the report before (squared distance per atom, Å², as the
-    evaluation's ``fmsd``: the run's own motion per jump, relaxations and noise included), with
+    evaluation's ``fmsd``: the run's own motion per jump, relaxations and noise included; and
+    after superposition, its internal part, without the rigid rotation and translation), with
     the RMSD of ``atoms`` from where the run started (after superposition, Å: whether a run
     drifts), the wall-clock time of each report and the relaxation iterations since the one
     before (the engine's guards, where it has them)."""
@@ -182,6 +210,7 @@ class KineticTemperature:
         self._relaxed = 0
         self.temperatures_K: list[float] = []
         self.moved_A2: list[float] = []
+        self.moved_internal_A2: list[float] = []
         self.rmsd_A: list[float] = []
         self.times_s: list[float] = []
         self.relax_iterations: list[int] = []
@@ -215,10 +244,9 @@ class KineticTemperature:
             x = x[self._atoms]
             if self._last is not None:
                 self.moved_A2.append(float(((x - self._last) ** 2).sum(-1).mean()))
+                self.moved_internal_A2.append(superposed_msd(x, self._last))
             if self._first is not None:
-                rot, shift = kabsch(x[None], self._first[None])
-                fitted = x @ rot[0].T + shift[0]
-                self.rmsd_A.append(float(np.sqrt(((fitted - self._first) ** 2).sum(-1).mean())))
+                self.rmsd_A.append(float(np.sqrt(superposed_msd(x, self._first))))
             self._last = x
         guards = getattr(simulation, "guards", None)
         if guards is not None:
@@ -310,6 +338,10 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
             # how far the model's atoms moved per jump in this run (Å² per atom, mean over the
             # jumps; hybrid mode: per cycle), to set beside the MD's fmsd of the accuracy table
             "run_moved_A2": float(np.mean(kinetic.moved_A2)) if kinetic.moved_A2 else None,
+            # the same after superposing each jump's end onto its start: without the rigid
+            # rotation (the protein's tumbling, much of a long jump's motion) and translation
+            "run_moved_internal_A2": (float(np.mean(kinetic.moved_internal_A2))
+                                      if kinetic.moved_internal_A2 else None),
             "jump_noise": relative_path(jump_noise) if jump_noise else None,
             # per jump (hybrid mode: per cycle): wall s, relaxation iterations, RMSD of the
             # model's atoms from the run's start after superposition (Å): a run that drifts
@@ -448,11 +480,13 @@ def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
             row["trained"], guards = False, "warn"
         md_ps, n_jumps = args.adk_md_ps, args.adk_jumps
     surrogate = Surrogate.load(checkpoint, device=args.device)
-    if adk and row["trained"]:
-        data = adk_data(args, surrogate, checkpoint)
+    if adk:
+        data = adk_data(args, surrogate, checkpoint) if row["trained"] else None
         if data is not None:
             row["accuracy"] = accuracy(args, checkpoint, data, "adk", rollout_jumps=0,
                                        max_windows=args.adk_eval_windows)
+    if data is not None:  # the MD's own motion over a jump, as it is and superposed
+        row["md_motion"] = md_motion(data, surrogate.model_atoms, surrogate.jump_ps)
     row["model"] = surrogate.name
     row["model_config"] = surrogate.meta["model"]["config"]
     row["jump_ps"] = surrogate.jump_ps
