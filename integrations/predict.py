@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redraws", type=int, default=0, metavar="N",
                    help="with --jump-noise: a draw that would fall back to MD (it fails the "
                    "guards under --guard fallback, or its relaxation fails under --guard relax) "
-                   "is drawn again, up to N times per jump, before the MD stands in (default 0)")
+                   "is drawn again, up to N times per jump, before the MD stands in (default 0; "
+                   "in implicit solvent the relaxation of a draw that may be drawn again stops "
+                   "after its solvent-free stages; only the last draw's goes on in the full "
+                   "force field)")
     p.add_argument("--settle-iterations", type=int, default=DEFAULT_SETTLE_ITERATIONS,
                    metavar="N", help="after every jump, at most N minimiser iterations settle "
                    "the atoms the model does not predict, the predicted ones held as predicted "
