@@ -288,6 +288,7 @@ def test_surrogate_vs_md_measures_the_run_motion_and_stochastic_jumps(bench, tmp
         assert sum(per["wall_s"]) == pytest.approx(run["wall_s"], rel=0.05)
         assert sum(per["relax_iterations"]) == run["relax_iterations_used"]
         assert len(per["rmsd_from_start_A"]) == 4 and min(per["rmsd_from_start_A"]) >= 0
+        assert len(per["radius_of_gyration_A"]) == 5 and min(per["radius_of_gyration_A"]) > 0
     assert (runs["stochastic"]["per_jump"]["rmsd_from_start_A"][-1]
             > runs["deterministic"]["per_jump"]["rmsd_from_start_A"][-1])
     # redraws: every jump is accounted for once (as predicted, or fallen back), redraws apart
@@ -699,3 +700,7 @@ def test_superposed_motion_leaves_out_rotation_and_translation(bench):
     shift -= shift.mean(0)
     assert vs_md.superposed_msd(x + shift, x) == pytest.approx((shift ** 2).sum(-1).mean(),
                                                                  rel=0.05)
+    # the radius of gyration: unchanged by a rigid motion, halved with the molecule
+    rg = vs_md.radius_of_gyration_A(x)
+    assert vs_md.radius_of_gyration_A(x @ rot.T + 7.0) == pytest.approx(rg)
+    assert vs_md.radius_of_gyration_A(0.5 * x) == pytest.approx(0.5 * rg)

@@ -169,6 +169,12 @@ def superposed_msd(moved_A: np.ndarray, reference_A: np.ndarray) -> float:
     return float(((fitted - reference_A) ** 2).sum(-1).mean())
 
 
+def radius_of_gyration_A(positions_A: np.ndarray) -> float:
+    """Radius of gyration (Å, unweighted) of (n, 3) positions: whether a run compacts."""
+    x = np.asarray(positions_A, dtype=np.float64)
+    return float(np.sqrt(((x - x.mean(0)) ** 2).sum(-1).mean()))
+
+
 def md_motion(data: Path, atoms: np.ndarray, jump_ps: float) -> dict[str, Any] | None:
     """How far the MD in ``data`` moves ``atoms`` over ``jump_ps``, over every window of the
     file (each frame a start): squared distance per atom (Å²) as it is and after superposition
@@ -212,6 +218,7 @@ class KineticTemperature:
         self.moved_A2: list[float] = []
         self.moved_internal_A2: list[float] = []
         self.rmsd_A: list[float] = []
+        self.gyration_A: list[float] = []
         self.times_s: list[float] = []
         self.relax_iterations: list[int] = []
 
@@ -220,6 +227,7 @@ class KineticTemperature:
         and the guards' relaxation iterations so far."""
         if self._atoms is not None:
             self._last = self._first = np.asarray(positions_A)[self._atoms]
+            self.gyration_A = [radius_of_gyration_A(self._first)]
         self._relaxed = int(relax_iterations_used)
         self.times_s = [time.perf_counter()]
 
@@ -247,6 +255,7 @@ class KineticTemperature:
                 self.moved_internal_A2.append(superposed_msd(x, self._last))
             if self._first is not None:
                 self.rmsd_A.append(float(np.sqrt(superposed_msd(x, self._first))))
+            self.gyration_A.append(radius_of_gyration_A(x))
             self._last = x
         guards = getattr(simulation, "guards", None)
         if guards is not None:
@@ -348,7 +357,10 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
             # away from where it started, or whose jumps grow dearer as it goes, shows here
             "per_jump": {"wall_s": np.diff(kinetic.times_s).tolist(),
                          "relax_iterations": kinetic.relax_iterations,
-                         "rmsd_from_start_A": kinetic.rmsd_A},
+                         "rmsd_from_start_A": kinetic.rmsd_A,
+                         # the model's atoms' radius of gyration, at the start and after each
+                         # jump (Å, unweighted): a run that compacts the molecule shows here
+                         "radius_of_gyration_A": kinetic.gyration_A},
             "guard_failures": {k: v for k, v in failures.items() if v},
             "relaxations": summary["relaxations"] - before["relaxations"],
             "relax_iterations_used": (summary["relax_iterations_used"]
