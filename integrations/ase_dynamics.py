@@ -672,7 +672,7 @@ class SurrogateDynamics(MolecularDynamics):
                                                jump=self.n_jumps + self.n_fallbacks, time_ps=end)
                     keep = True
                     if events:
-                        action = self.guards.action
+                        action = self.guards.action_for(events)
                         self.guards.handle(events, "redraw" if action == "fallback"
                                            and redraw_left else action)
                         keep = action == "warn" and finite

@@ -1667,7 +1667,7 @@ class SurrogateSimulation:
             if settled:
                 self.guards.record_settled(energy)
             return final
-        action = self.guards.action
+        action = self.guards.action_for(events)
         self.guards.handle(events, "redraw" if action == "fallback" and self._redraw_left
                            else action)
         if action == "raise":
@@ -1948,7 +1948,7 @@ class SurrogateJumpReporter:
         events = self.guards.check(final, fvel, energy_kJ_per_mol=energy, jump=self.n_jumps,
                                    time_ps=end)
         if events:
-            action = self.guards.action
+            action = self.guards.action_for(events)
             self.guards.handle(events, action)
             keep = action == "warn" and energy is not None
             if action == "relax" and energy is not None:

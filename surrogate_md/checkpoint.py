@@ -9,7 +9,7 @@ A checkpoint is a dict of tensors and plain Python values (no pickled classes)::
     selection: NodeSelection.to_dict(), graph: GraphBuilder.to_dict()
     topology: {atomic_numbers, atom_names, residue_ids, residue_names, segment_ids, bonds,
     masses} (full system)
-    validity: {bonds, bond_length_mean_A, bond_tolerance_A, min_distance_A}
+    validity: {bonds, bond_length_mean_A, bond_tolerance_A, min_distance_A, gyration_range_A}
     provenance (the trainer's: data_files, data_metadata, data_identity (what a resume checks
     the files against), data_config, n_windows, run_config), versions: {surrogate_md, torch}
     training (last.pt only): optimiser, scheduler, RNG states, epoch, step, best metric

@@ -122,6 +122,27 @@ def test_relax_minimises_or_falls_back(tmp_path):
     assert sim.n_jumps + sim.n_fallbacks == 1
 
 
+def test_a_size_failure_falls_back_without_a_relaxation(tmp_path):
+    """A jump end smaller than the radius-of-gyration range allows is not minimised (a
+    minimiser does not expand a compacted molecule): action relax falls back to MD at once."""
+    ck = make_checkpoint(cached_md(), tmp_path / "a.pt")
+    surrogate = Surrogate.load(ck)
+    rg = surrogate.validity.gyration_range_A
+    assert rg is not None and 0 < rg[0] < rg[1]
+    top, system, positions = alanine_system()
+    tight = (2.0 * rg[1], 2.1 * rg[1])  # every state is smaller than this
+    sim = SurrogateSimulation(top, system, surrogate, platform=reference_platform(),
+                              guards=GuardConfig(action="relax", gyration_range_A=tight))
+    cold_start(sim.context, positions)
+    sim.step(2)
+    assert sim.n_fallbacks == 2 and sim.n_jumps == 0
+    assert sim.guards.counts["size"] == 2 and sim.guards.actions == {"fallback": 2}
+    assert sim.guards.summary()["relaxations"] == 0
+    assert sim.guards.summary()["thresholds"]["gyration_range_A"] == list(tight)
+    with pytest.raises(ConfigError, match="gyration_range_A"):
+        GuardConfig(gyration_range_A=(2.0, 1.0))
+
+
 def test_relax_stops_once_the_state_is_back_at_the_median(tmp_path):
     """The relax action minimises only as far as needed: it stops at the first minimiser
     iteration whose state passes every guard with its energy back at the recent median, well
@@ -348,7 +369,9 @@ def test_jump_reporter_relaxes_with_the_engine_contexts_platform_properties(tmp_
 
 def test_guard_checks_on_synthetic_states(tmp_path):
     surrogate = Surrogate.load(make_checkpoint(cached_md(), tmp_path / "a.pt"))
-    guards = Guards(surrogate, GuardConfig(action="warn", energy_jump_kJ_per_mol=50.0))
+    # the size check off ((0, inf)): doubling a bond also swells this small molecule
+    guards = Guards(surrogate, GuardConfig(action="warn", energy_jump_kJ_per_mol=50.0,
+                                           gyration_range_A=(0.0, float("inf"))))
     x = cached_md()["frames"][0].copy()
     assert guards.check(x) == []
     stretched = x.copy()

@@ -202,6 +202,22 @@ def test_relax_action_stops_at_its_energy_target(surrogate):
     assert e_full < e_early <= 50.0
 
 
+def test_a_compacted_jump_falls_back_without_a_relaxation(surrogate):
+    """relax in ASE: a jump end smaller than the size check allows goes to fallback MD at once
+    (a minimiser does not expand a compacted molecule)."""
+    atoms = cold_atoms()
+    atoms.calc = EMT()
+    fallback = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    hi = surrogate.validity.gyration_range_A[1]
+    dyn = SurrogateDynamics(atoms, surrogate, fallback_dynamics=fallback, guards=GuardConfig(
+        action="relax", gyration_range_A=(2.0 * hi, 2.1 * hi)))
+    dyn.run(2)
+    summary = dyn.guards.summary()
+    assert dyn.n_fallbacks == 2 and dyn.n_jumps == 0 and fallback.nsteps == 80
+    assert summary["failures"]["size"] == 2 and summary["actions"] == {"fallback": 2}
+    assert summary["relaxations"] == 0
+
+
 def test_history_model_builds_its_history_by_md_then_jumps(tmp_path):
     # ESTAG, 3 input frames 0.02 ps apart, 0.04 ps jumps with frames at 0.02 and 0.04 ps: the
     # first step is MD (observed at 0.02 and 0.04 ps), every later step a jump fed by the

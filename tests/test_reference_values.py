@@ -105,6 +105,52 @@ def test_validity_reference_from_hand_made_frames():
     # 0-3: sqrt(3^2 + 1) in frame 0, sqrt(3.5^2 + 1) in frame 1; the 1-3 pairs (0, 2) at
     # sqrt(2) Å and (1, 3) at sqrt(5) Å are excluded
     assert ref.min_distance_A == pytest.approx(0.6 * math.sqrt(10.0))
+    # radius of gyration: frame 0 centroid (1.25, 0.5, 0), squared distances 1.8125, 0.3125,
+    # 0.3125, 3.3125 -> sqrt(5.75 / 4); frame 1 centroid (1.125, 0.5, 0), squared distances
+    # 2.890625, 0.265625, 0.265625, 3.765625 -> sqrt(7.1875 / 4)
+    rg0, rg1 = math.sqrt(5.75 / 4), math.sqrt(7.1875 / 4)
+    from surrogate_md.validity import radius_of_gyration
+    np.testing.assert_allclose(radius_of_gyration(np.stack([f0, f1])), [rg0, rg1])
+    # widened by half the range (0.0708 Å) on each side: more than 5 % of the mean (0.0635 Å)
+    widen = 0.5 * (rg1 - rg0)
+    assert ref.gyration_range_A == pytest.approx((rg0 - widen, rg1 + widen))
+    # one frame: no range, so 5 % of its radius of gyration
+    single = ValidityReference.from_frames(f0[None], bonds)
+    assert single.gyration_range_A == pytest.approx((0.95 * rg0, 1.05 * rg0))
+    # stored and read back; a reference of an older release has none (no check)
+    assert ValidityReference.from_dict(ref.to_dict()).gyration_range_A == pytest.approx(
+        ref.gyration_range_A)
+    old = ref.to_dict()
+    del old["gyration_range_A"]
+    assert ValidityReference.from_dict(old).gyration_range_A is None
+
+
+def test_size_check_trips_just_outside_the_gyration_range():
+    from integrations.guards import GuardConfig, Guards
+    from surrogate_md.validity import ValidityReference
+
+    topology = {"atom_names": ["C1", "C2"], "residue_ids": [1, 1], "residue_names": ["MOL"] * 2,
+                "atomic_numbers": [6, 6], "bonds": []}
+    validity = ValidityReference(np.zeros((0, 2), dtype=np.int64), np.zeros(0), float("inf"),
+                                 0.0, (1.0, 2.0))
+    guards = Guards(_stub_surrogate(topology, validity), GuardConfig(action="relax"))
+    # two atoms d apart: radius of gyration d / 2
+    for d, expected in [(2.1, []), (1.9, ["size"]), (3.9, []), (4.1, ["size"])]:
+        events = guards.check(np.array([[0.0, 0.0, 0.0], [d, 0.0, 0.0]]))
+        assert [e.check for e in events] == expected, d
+        if events:
+            assert events[0].value == pytest.approx(d / 2)
+            assert events[0].threshold == (1.0 if d < 2 else 2.0)
+            # a minimiser does not expand a compacted molecule: relax falls back at once; a
+            # swollen one it may pull back
+            assert guards.action_for(events) == ("fallback" if d < 2 else "relax")
+    stretched = GuardConfig(action="relax", gyration_range_A=(1.0, 3.0))
+    assert Guards(_stub_surrogate(topology, validity), stretched).check(
+        np.array([[0.0, 0.0, 0.0], [4.1, 0.0, 0.0]])) == []
+    # an older reference without a range: no check
+    older = ValidityReference(validity.bonds, validity.bond_length_mean_A, float("inf"), 0.0)
+    assert Guards(_stub_surrogate(topology, older), GuardConfig()).check(
+        np.array([[0.0, 0.0, 0.0], [40.0, 0.0, 0.0]])) == []
 
 
 # -- 5. checkpoint format versions -------------------------------------------------------------
