@@ -74,7 +74,8 @@ def test_evaluate_writes_report_with_baselines(ala, checkpoint, tmp_path):
     report = (out / "report.md").read_text()
     assert "Å² per atom" in report and "| constant |" in report and "| linear |" in report
     assert "moves the atoms" in report and "| MD | – | – |" in report
-    assert "Jensen-Shannon" in report
+    assert "Jensen-Shannon" in report and "radius of gyration" in report
+    assert val["radius_of_gyration_A"]["reference_mean"] > 0
     # a second run into the same directory is refused
     assert main([str(checkpoint), "--data", str(ala), "--out", str(out), "-q"]) == 2
 

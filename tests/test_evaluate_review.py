@@ -79,6 +79,26 @@ def test_clashes_and_h_r_see_the_end_of_every_jump(validity_inputs):
     assert h["model_fraction_beyond_max"] > 0 and h["reference_fraction_beyond_max"] == 0
 
 
+def test_radius_of_gyration_counts_the_compacted_jump_ends(validity_inputs):
+    """Jump ends shrunk about their centroid fall below the size check's range; the reference
+    frames (the training data's) lie inside it."""
+    from surrogate_md.evaluate.core import _validity
+
+    sur, prepared, frames = validity_inputs
+    ref = frames[:200]
+    lo, hi = sur.validity.gyration_range_A
+    ends = np.arange(4, 200, 5)
+    shrunk = ref.copy()
+    centre = ref[ends].mean(axis=1, keepdims=True)
+    shrunk[ends] = (ref[ends] - centre) * 0.7 + centre
+    g = _validity(sur, prepared, shrunk, ref)["radius_of_gyration_A"]
+    assert g["allowed"] == pytest.approx([lo, hi])
+    assert g["reference_outside_fraction"] == 0.0
+    assert g["model_outside_fraction"] == pytest.approx(len(ends) / 200)
+    assert g["model_min"] < lo <= g["reference_min"]
+    assert g["model_max"] == pytest.approx(g["reference_max"])
+
+
 def test_split_all_scores_a_file_too_short_for_the_training_split(ala, checkpoint, tmp_path):
     """30 frames hold 20 windows of 0.2 ps (10 frames); the training run's blocked split needs
     two gaps of a window between its blocks and cannot cut them."""

@@ -196,6 +196,17 @@ def write_report(result: dict[str, Any], path: Path) -> Path:
             lines.append(f"| frames with a CA-CA(i,i+1) > {c['threshold_A']} Å chain break | "
                          f"{_fmt(c['model_frames_with_break'])} | "
                          f"{_fmt(c['reference_frames_with_break'])} |")
+        g = val.get("radius_of_gyration_A")
+        if g:
+            lines.append(f"| radius of gyration, mean (min-max) (Å) | {_fmt(g['model_mean'])} "
+                         f"({_fmt(g['model_min'])}-{_fmt(g['model_max'])}) | "
+                         f"{_fmt(g['reference_mean'])} ({_fmt(g['reference_min'])}-"
+                         f"{_fmt(g['reference_max'])}) |")
+            if g.get("allowed") is not None:
+                lo, hi = g["allowed"]
+                lines.append(f"| frames outside the size check's {_fmt(lo)}-{_fmt(hi)} Å "
+                             f"(compacted or swollen) | {_fmt(g['model_outside_fraction'])} | "
+                             f"{_fmt(g['reference_outside_fraction'])} |")
         h = val.get("distance_histogram")
         if h:
             lines.append(f"| pairwise-distance histogram h(r) MAE vs reference (0.1 Å bins, "
