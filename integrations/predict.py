@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "relaxation, all stages together (default %(default)s; in implicit solvent "
                    "most are ~10x cheaper iterations without the solvent force: 500 costs a "
                    "protein less than the fallback MD of relaxations that run out)")
+    p.add_argument("--no-size-guard", action="store_true",
+                   help="leave out the guards' size check (the radius of gyration of the "
+                   "predicted atoms within the range of the training frames, widened): for "
+                   "model atoms that are several molecules free to drift apart, or a run meant "
+                   "to leave the training data's shapes (folding, unfolding)")
     p.add_argument("--redraws", type=int, default=0, metavar="N",
                    help="with --jump-noise: a draw that would fall back to MD (it fails the "
                    "guards under --guard fallback, or its relaxation fails under --guard relax) "
@@ -462,7 +467,9 @@ def _run(args: argparse.Namespace, outputs: Outputs) -> dict:
     integrator.setRandomNumberSeed(args.seed + 1)
     sim = SurrogateSimulation(topology, system, surrogate, integrator, platform=platform,
                               guards=GuardConfig(action=args.guard,
-                                                 relax_iterations=args.relax_iterations),
+                                                 relax_iterations=args.relax_iterations,
+                                                 gyration_range_A=(0.0, float("inf"))
+                                                 if args.no_size_guard else None),
                               md_steps=args.md_steps,
                               temperature_K=args.temperature_K,
                               end_velocities=args.end_velocities, velocity_seed=args.seed,

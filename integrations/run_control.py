@@ -278,7 +278,7 @@ IDENTITY_LABELS = {
     "forcefield": "--forcefield", "cutoff_nm": "--cutoff-nm",
     "jump_noise": "the --jump-noise file (sha256)", "noise_scale": "--noise-scale",
     "settle_iterations": "--settle-iterations", "relax_iterations": "--relax-iterations",
-    "redraws": "--redraws"}
+    "redraws": "--redraws", "no_size_guard": "--no-size-guard"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,8 +378,10 @@ def run_identity(args: argparse.Namespace, surrogate) -> dict:
 def check_identity(old: dict, new: dict, out: Path, what: str) -> None:
     # a run recorded before the engines settled rebuilt atoms ran without settling, and one
     # recorded before --relax-iterations relaxed for at most the default 200 iterations, and
-    # one before --redraws fell back at once
-    old = {"settle_iterations": 0, "relax_iterations": 200, "redraws": 0, **old}
+    # one before --redraws fell back at once; one before --no-size-guard had the size check
+    # where its checkpoint carried a range (checkpoints of that release carried none)
+    old = {"settle_iterations": 0, "relax_iterations": 200, "redraws": 0,
+           "no_size_guard": False, **old}
     diff = [f"{IDENTITY_LABELS[k]} was {old.get(k)!r}, now {new[k]!r}" for k in new
             if old.get(k) != new[k]]
     if diff:

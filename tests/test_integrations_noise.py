@@ -620,6 +620,22 @@ def test_predict_redraws_reach_the_engine_and_the_resume_identity(tmp_path, caps
     assert not (tmp_path / "x.dcd").exists()
 
 
+def test_predict_no_size_guard_reaches_the_guards_and_the_resume_identity(tmp_path, capsys):
+    ck = make_checkpoint(cached_md(), tmp_path / "c.pt", selection="heavy", model="constant")
+    ranges = {}
+    for flag in ([], ["--no-size-guard"]):
+        out = tmp_path / f"r{len(flag)}.dcd"
+        assert main(predict_argv(ck, out, 2, *flag)) == 0
+        prov = json.loads(out.with_suffix(".json").read_text())
+        ranges[bool(flag)] = prov["guards"]["thresholds"]["gyration_range_A"]
+        assert prov["resume_identity"]["no_size_guard"] is bool(flag)
+    assert ranges[False] == pytest.approx(list(Surrogate.load(ck).validity.gyration_range_A))
+    assert ranges[True] is None  # the check is off
+    # a resume must repeat the flag
+    assert main(predict_argv(ck, tmp_path / "r1.dcd", 3, "--resume")) == 1
+    assert "--no-size-guard was True, now False" in capsys.readouterr().err
+
+
 def test_a_restart_with_or_without_noise_unlike_its_file_is_warned(tmp_path, linear, noise,
                                                                     caplog):
     noisy = make_sim(linear, jump_noise=noise, noise_seed=1)
