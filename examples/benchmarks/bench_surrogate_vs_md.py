@@ -171,8 +171,9 @@ def superposed_msd(moved_A: np.ndarray, reference_A: np.ndarray) -> float:
 
 def radius_of_gyration_A(positions_A: np.ndarray) -> float:
     """Radius of gyration (Å, unweighted) of (n, 3) positions: whether a run compacts."""
-    x = np.asarray(positions_A, dtype=np.float64)
-    return float(np.sqrt(((x - x.mean(0)) ** 2).sum(-1).mean()))
+    from surrogate_md.validity import radius_of_gyration
+
+    return float(radius_of_gyration(positions_A))
 
 
 def md_motion(data: Path, atoms: np.ndarray, jump_ps: float) -> dict[str, Any] | None:
