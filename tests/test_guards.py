@@ -255,6 +255,43 @@ def test_relax_in_implicit_solvent_starts_without_the_solvent(tmp_path, monkeypa
     assert Relaxation(vacuum, reference_platform()).solvent_free is None
 
 
+def test_solvent_free_copies_take_a_shorter_cutoff():
+    """The solvent-free copies (relaxation and settling) of an implicit-solvent System run at
+    most at SOLVENT_FREE_CUTOFF_NM; the copy that judges keeps the System's cutoff, and so does a
+    System whose cutoff is shorter already or that has no implicit solvent (PME untouched)."""
+    from datagen.openmm_md import prepare_system
+    from integrations.openmm_simulation import SOLVENT_FREE_CUTOFF_NM, Relaxation, shorten_cutoff
+
+    def cutoff(system):
+        (force,) = [f for f in system.getForces() if isinstance(f, openmm.NonbondedForce)]
+        return force.getCutoffDistance().value_in_unit(unit.nanometer)
+
+    prepared = prepare_system("alanine-dipeptide", solvent="implicit", cutoff_nm=1.2)
+    x = np.asarray(prepared.positions.value_in_unit(unit.angstrom))
+    relax = Relaxation(prepared.system, reference_platform(), restrained_atoms=[0])
+    assert SOLVENT_FREE_CUTOFF_NM < 1.2
+    assert cutoff(relax.solvent_free.getSystem()) == pytest.approx(SOLVENT_FREE_CUTOFF_NM)
+    assert cutoff(relax.context.getSystem()) == pytest.approx(1.2)
+    assert cutoff(prepared.system) == pytest.approx(1.2)  # the engine's System is not changed
+    relax.settle(x, None, 1)
+    assert cutoff(relax._settling.getSystem()) == pytest.approx(SOLVENT_FREE_CUTOFF_NM)
+    # the solvent-free energy is that of the shorter cutoff (it differs from the System's)
+    keep = Relaxation(prepared.system, reference_platform(), solvent_free_cutoff_nm=None)
+    assert cutoff(keep.solvent_free.getSystem()) == pytest.approx(1.2)
+    assert relax.solvent_free_energy(x) != pytest.approx(keep.solvent_free_energy(x), rel=1e-6)
+    assert relax.energy(x) == pytest.approx(keep.energy(x), rel=1e-9)
+    short = prepare_system("alanine-dipeptide", solvent="implicit", cutoff_nm=0.6)
+    assert cutoff(Relaxation(short.system, reference_platform()).solvent_free.getSystem()) == \
+        pytest.approx(0.6)
+    pme = openmm.NonbondedForce()
+    pme.setNonbondedMethod(openmm.NonbondedForce.PME)
+    pme.setCutoffDistance(1.2)
+    box = openmm.System()
+    box.addForce(pme)
+    shorten_cutoff(box, 0.8)
+    assert cutoff(box) == pytest.approx(1.2)
+
+
 @pytest.mark.parametrize("rounds_lower_it,redraw_left", [(True, False), (False, False),
                                                           (False, True)])
 def test_relax_goes_on_in_solvent_free_rounds_judged_in_the_full_force_field(
