@@ -317,7 +317,7 @@ IMPLICIT_SOLVENT_FORCES = ("GBSAOBCForce", "GBVIForce", "CustomGBForce",
 #: System with implicit solvent and a cutoff. They only bring a state near a minimum the full force
 #: field judges, and a shorter cutoff makes each iteration cheaper (AdK, 2 cores: 3.2 against 4.7
 #: ms per evaluation at 1.2 nm); 64 ps AdK stochastic runs: 652-675x with 0.8 nm, 445-578x with
-#: the System's 1.2 nm, three and four runs of 40 jumps, the relaxations as long (108-112 against
+#: the System's 1.2 nm, three and four runs of 40 jumps, the relaxations as long (108-118 against
 #: 92-123 iterations); at 0.6 nm they needed more (149) and the run was no faster
 SOLVENT_FREE_CUTOFF_NM = 0.8
 
@@ -337,6 +337,19 @@ def shorten_cutoff(system: openmm.System, cutoff_nm: float | None) -> None:
             if (force.getUseSwitchingFunction() and force.getSwitchingDistance()
                     .value_in_unit(unit.nanometer) >= cutoff_nm):
                 force.setUseSwitchingFunction(False)
+
+
+def drop_implicit_solvent(system: openmm.System, cutoff_nm: float | None) -> bool:
+    """Remove ``system``'s implicit-solvent forces (:data:`IMPLICIT_SOLVENT_FORCES`) and, where
+    there were any, bring its cutoff down to ``cutoff_nm`` (:func:`shorten_cutoff`). In place;
+    returns whether it had implicit solvent."""
+    solvent = [i for i in range(system.getNumForces())
+               if type(system.getForce(i)).__name__ in IMPLICIT_SOLVENT_FORCES]
+    for i in reversed(solvent):
+        system.removeForce(i)
+    if solvent:
+        shorten_cutoff(system, cutoff_nm)
+    return bool(solvent)
 
 
 #: the solvent-free stage sheds the excess energy plus this fraction of the energy threshold (the
@@ -416,14 +429,9 @@ class Relaxation:
             self.restraint.addPerParticleParameter(name)
         for atom in self.atoms:
             self.restraint.addParticle(int(atom), [0.0, 0.0, 0.0])
-        solvent = [i for i in range(flexible.getNumForces())
-                   if type(flexible.getForce(i)).__name__ in IMPLICIT_SOLVENT_FORCES]
-        dry = None
-        if solvent:
-            dry = openmm.XmlSerializer.clone(flexible)
-            for i in reversed(solvent):
-                dry.removeForce(i)
-            shorten_cutoff(dry, solvent_free_cutoff_nm)
+        dry = openmm.XmlSerializer.clone(flexible)
+        if not drop_implicit_solvent(dry, solvent_free_cutoff_nm):
+            dry = None
         self._free_cutoff_nm = solvent_free_cutoff_nm
         flexible.addForce(self.restraint)
 
@@ -445,18 +453,13 @@ class Relaxation:
         """L-BFGS on every atom but ``restrained_atoms``, which stay exactly where they are, for
         at most ``iterations`` iterations, in the flexible System without implicit solvent (its
         bulk and the least of the clashes; at the solvent-free cutoff; the Context is built on
-        first use, the restrained
-        atoms massless in it: OpenMM's minimiser does not move massless particles). Returns
+        first use, the restrained atoms massless in it: OpenMM's minimiser does not move massless
+        particles). Returns
         (n_atoms, 3) Å, not yet constrained; the positions given where the minimiser ends in
         non-finite ones."""
         if self._settling is None:
             system = flexible_system(self._system)
-            solvent = [i for i in range(system.getNumForces())
-                       if type(system.getForce(i)).__name__ in IMPLICIT_SOLVENT_FORCES]
-            for i in reversed(solvent):
-                system.removeForce(i)
-            if solvent:
-                shorten_cutoff(system, self._free_cutoff_nm)
+            drop_implicit_solvent(system, self._free_cutoff_nm)
             for atom in self.atoms:
                 system.setParticleMass(int(atom), 0.0)
             self._settling = self._new_context(system)
