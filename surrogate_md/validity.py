@@ -57,6 +57,35 @@ def radius_of_gyration(positions: np.ndarray) -> np.ndarray:
     return np.sqrt(((x - x.mean(axis=-2, keepdims=True)) ** 2).sum(-1).mean(-1))
 
 
+def gyration_summary(model: np.ndarray, reference: np.ndarray,
+                     allowed: tuple[float, float] | None) -> dict:
+    """The size of a rollout against reference MD, as the guards' size check sees it.
+
+    Args:
+        model: (F, atoms, 3) Å, the rollout's frames (non-finite frames are left out).
+        reference: (R, atoms, 3) Å, reference MD frames of the same atoms.
+        allowed: (smallest, largest) radius of gyration in Å the size check passes
+            (``ValidityReference.gyration_range_A``); None: no range, no fractions.
+    Returns: JSON-safe dict: ``model_``/``reference_`` ``mean``, ``min``, ``max`` (Å), ``allowed``
+    and ``model_outside_fraction``/``reference_outside_fraction``, the fraction of frames the
+    size check would fail (compacted or swollen; None without a range).
+    """
+    out: dict = {}
+    for name, frames in (("model", model), ("reference", reference)):
+        x = np.asarray(frames, dtype=np.float64)
+        rg = radius_of_gyration(x[np.isfinite(x).all(axis=(-2, -1))])
+        if len(rg) == 0:
+            out.update({f"{name}_mean": None, f"{name}_min": None, f"{name}_max": None,
+                        f"{name}_outside_fraction": None})
+            continue
+        out.update({f"{name}_mean": float(rg.mean()), f"{name}_min": float(rg.min()),
+                    f"{name}_max": float(rg.max()),
+                    f"{name}_outside_fraction": None if allowed is None else float(
+                        ((rg < allowed[0]) | (rg > allowed[1])).mean())})
+    out["allowed"] = None if allowed is None else [float(a) for a in allowed]
+    return out
+
+
 def excluded_pairs(bonds: np.ndarray, n: int, hops: int = 2) -> np.ndarray:
     """Sorted keys i*n+j (i<j) of atom pairs within ``hops`` (1 or 2) bonds of each other."""
     bonds = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)

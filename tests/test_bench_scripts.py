@@ -345,6 +345,8 @@ def test_validity_quick(bench, tmp_path, capsys):
     assert "energy_rise_kJ_per_mol" in row["guards"]
     assert 0.0 <= row["torsion_jsd"] <= math.log(2) + 1e-9
     assert row["h_r_mae"] >= 0.0
+    size = body[0][tables[1][0].index("radius of gyration (Å)")]
+    assert f"{row['radius_of_gyration_A']['model_min']:.3g}" in size and "(MD " in size
 
 
 def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
@@ -511,6 +513,17 @@ def test_validity_scores_broken_frames(bench, tmp_path):
     assert good["collapsed_frames"] == 0 and bad["collapsed_frames"] == len(broken)
     assert bad["h_r_mae"] > good["h_r_mae"]
     assert bad["torsion_jsd"] > good["torsion_jsd"]
+    # the size column: MD frames inside the size check's range, a compacted copy outside
+    lo, hi = sur.validity.gyration_range_A
+    rg = good["radius_of_gyration_A"]
+    assert rg["allowed"] == pytest.approx([lo, hi]) and rg["model_outside_fraction"] == 0.0
+    assert lo <= rg["model_min"] <= rg["model_max"] <= hi
+    centre = frames[30:].mean(axis=1, keepdims=True)
+    shrunk = validity.score(sur, centre + 0.5 * (frames[30:] - centre), frames[:30],
+                            md["topology"])["radius_of_gyration_A"]
+    assert shrunk["model_outside_fraction"] == 1.0
+    assert shrunk["model_mean"] == pytest.approx(0.5 * rg["model_mean"])
+    assert shrunk["reference_outside_fraction"] == 0.0
     assert vs_md.ns_per_day(1000.0, 86400.0) == pytest.approx(1.0)
 
 

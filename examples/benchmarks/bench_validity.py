@@ -154,7 +154,12 @@ def score(sur, frames: np.ndarray, ref: np.ndarray, topology) -> dict[str, Any]:
     """Validity of predicted ``frames`` (F, model atoms, 3) Å against reference MD ``ref``."""
     from surrogate_md import metrics as M
     from surrogate_md.evaluate.core import CHAIN_BREAK_A, COLLAPSE_A
-    from surrogate_md.validity import bond_lengths, excluded_pairs, min_nonbonded_distance
+    from surrogate_md.validity import (
+        bond_lengths,
+        excluded_pairs,
+        gyration_summary,
+        min_nonbonded_distance,
+    )
 
     v = sur.validity
     out: dict[str, Any] = {"frames": int(len(frames))}
@@ -178,6 +183,9 @@ def score(sur, frames: np.ndarray, ref: np.ndarray, topology) -> dict[str, Any]:
     ca = M.consecutive_ca_pairs(topology, sur.model_atoms)
     if len(ca):
         out["chain_break_frames"] = int((M.chain_breaks(good, ca, CHAIN_BREAK_A) > 0).sum())
+    if len(good):  # the size the guards' size check sees, every frame
+        out["radius_of_gyration_A"] = gyration_summary(
+            good, ref, v.gyration_range_A if v is not None else None)
     bins = np.linspace(0.0, 20.0, 201)
     if len(scored):
         out["h_r_mae"] = float(np.abs(M.distance_histogram(scored, bins)
@@ -704,20 +712,32 @@ def main(argv: list[str] | None = None) -> int:
                      f"MD fallbacks {g['fallbacks']}")
         return cell
 
+    def size_cell(r: dict) -> str:
+        g = r.get("radius_of_gyration_A")
+        if not g or g["model_min"] is None:
+            return "n/a"
+        cell = (f"{fmt(g['model_min'])}–{fmt(g['model_max'])} "
+                f"(MD {fmt(g['reference_min'])}–{fmt(g['reference_max'])})")
+        if g["allowed"] is not None:
+            cell += f"; {fmt(g['model_outside_fraction'])} outside {fmt(g['allowed'][0])}–" \
+                    f"{fmt(g['allowed'][1])}"
+        return cell
+
     body = []
     for r in rows:
         body.append([r["model"], f"{args.jumps} x {fmt(r['jump_ps'])} ps", fmt(r["rollout_s"]),
                      f"{r.get('collapsed_frames', 'n/a')}/{r['frames']}",
                      fmt(r.get("clash_fraction")),
                      str(r.get("chain_break_frames", "n/a")), fmt(r.get("h_r_mae")),
-                     fmt(r.get("torsion_jsd")), guard_cell(r["guards"])])
+                     fmt(r.get("torsion_jsd")), size_cell(r), guard_cell(r["guards"])])
     if md_floor:
         body.append([f"reference MD, first half vs second half ({md_floor['frames']} frames "
                      "each)", "–", "–", "–", "–", "–", fmt(md_floor.get("h_r_mae")),
-                     fmt(md_floor.get("torsion_jsd")), "–"])
+                     fmt(md_floor.get("torsion_jsd")), "–", "–"])
     table = markdown_table(["model", "rollout", "wall (s)", "collapsed frames",
                             "clash fraction", "chain-break frames", "h(r) MAE vs MD",
-                            "torsion JSD vs MD", "jumps rejected by guards"], body)
+                            "torsion JSD vs MD", "radius of gyration (Å)",
+                            "jumps rejected by guards"], body)
     where = (f"inside OpenMM, guards acting ({args.guard_action})" if args.engine
              else "free-running model")
     print(f"# Validity of {args.jumps}-jump rollouts ({where}) vs reference MD ({data.name})\n")
@@ -727,7 +747,9 @@ def main(argv: list[str] | None = None) -> int:
           "pair beyond two bonds nearer than the checkpoint's clash distance (fraction of scored "
           "frames); "
           "h(r): pair-distance histogram, 0.1 Å bins; torsion JSD: (phi, psi) histograms, "
-          "nats (0..0.69). Guards: on the full system, non-finite/bond/clash/chain-break"
+          "nats (0..0.69); radius of gyration of the predicted atoms, range over the rollout "
+          "(the reference MD's) and the fraction of frames outside the size check's range. "
+          "Guards: on the full system, non-finite/bond/clash/chain-break/size"
           + (f" and energy (more than {fmt(rows[0]['guards']['energy_threshold_kJ_per_mol'])} "
              f"kJ/mol above the median of {energy.label} MD before the start)"
              if energy is not None and rows else f" checks; no energy check ({no_energy})")

@@ -30,7 +30,7 @@ from surrogate_md.noise import DEFAULT_MAX_COMPONENTS, JumpNoise
 from surrogate_md.surrogate import Surrogate
 from surrogate_md.train.config import data_config_from_dict
 from surrogate_md.train.data import prepare_data
-from surrogate_md.validity import excluded_pairs, min_nonbonded_distance, radius_of_gyration
+from surrogate_md.validity import excluded_pairs, gyration_summary, min_nonbonded_distance
 
 log = logging.getLogger(__name__)
 
@@ -774,18 +774,9 @@ def _validity(sur: Surrogate, prepared, pred: np.ndarray, ref: np.ndarray,
             "model_frames_with_break": float((M.chain_breaks(pred, ca, CHAIN_BREAK_A) > 0).mean()),
             "reference_frames_with_break": float(
                 (M.chain_breaks(ref, ca, CHAIN_BREAK_A) > 0).mean())}
-    rg_pred, rg_ref = radius_of_gyration(pred), radius_of_gyration(ref)
-    allowed = None if v is None else v.gyration_range_A
-    out["radius_of_gyration_A"] = {
-        "model_mean": float(rg_pred.mean()), "model_min": float(rg_pred.min()),
-        "model_max": float(rg_pred.max()), "reference_mean": float(rg_ref.mean()),
-        "reference_min": float(rg_ref.min()), "reference_max": float(rg_ref.max()),
-        "allowed": None if allowed is None else [float(a) for a in allowed],
-        # the frames the guards' size check would fail (compacted or swollen)
-        "model_outside_fraction": None if allowed is None else float(
-            ((rg_pred < allowed[0]) | (rg_pred > allowed[1])).mean()),
-        "reference_outside_fraction": None if allowed is None else float(
-            ((rg_ref < allowed[0]) | (rg_ref > allowed[1])).mean())}
+    # the frames the guards' size check would fail (compacted or swollen)
+    out["radius_of_gyration_A"] = gyration_summary(
+        pred, ref, None if v is None else v.gyration_range_A)
     max_A = 20.0
     bins = np.linspace(0.0, max_A, 201)
     beyond_pred = M.fraction_pairs_beyond(pred_s, max_A)
