@@ -386,12 +386,18 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
     noisy = tmp_path / "noisy.json"
     assert validity.main(["--checkpoints", str(ckpt), str(ckpt), "--jump-noise", "none",
                           str(tmp_path / "noise.npz"), "--data", str(md), "--engine", "--jumps",
-                          "3", "--json", str(noisy), "--no-progress"]) == 0
+                          "3", "--redraws", "2", "--json", str(noisy), "--no-progress"]) == 0
     rows = json.loads(noisy.read_text())["models"]
     assert [r["model"] for r in rows] == ["egno", "egno + jump noise"]
     assert "jump_noise" not in rows[0] and rows[1]["jump_noise"]["scale"] == 1.0
     assert rows[1]["jump_noise"]["rms_A"] > 0 and rows[1]["guards"]["jumps_checked"] == 3
     assert noisy.with_suffix(".rama.png").stat().st_size > 0  # MD, deterministic, noisy
+    # redraws reach the engine of the stochastic row only
+    assert [r["engine"]["redraws"] for r in rows] == [0, 2]
+    assert rows[0]["guards"]["redrawn"] == 0 and rows[1]["guards"]["redrawn"] >= 0
+    with pytest.raises(SystemExit):  # a redraw needs a stochastic jump
+        validity.main(["--checkpoints", str(ckpt), "--data", str(md), "--engine", "--redraws",
+                       "1"])
     with pytest.raises(SystemExit):  # noise files need the engine and one per checkpoint
         validity.main(["--checkpoints", str(ckpt), "--jump-noise", "none", "none", "--data",
                        str(md), "--engine"])

@@ -378,9 +378,10 @@ class _KeptStates:
 def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_iterations: int,
                    platform: str = "auto", progress: bool = True,
                    end_velocities: str = "difference", jump_noise=None,
-                   noise_scale: float = 1.0) -> dict[str, Any]:
+                   noise_scale: float = 1.0, redraws: int = 0) -> dict[str, Any]:
     """``n_jumps`` jumps of ``SurrogateSimulation`` from MD frame ``frame``, guards acting
-    (stochastic jumps with ``jump_noise``, a JumpNoise or its file, draws seeded with 1).
+    (stochastic jumps with ``jump_noise``, a JumpNoise or its file, draws seeded with 1; a failed
+    draw drawn again up to ``redraws`` times before MD stands in).
 
     The System is the dataset's (a ``datagen`` OpenMM run of a built-in system, rebuilt from its
     metadata with the same solvent, constraints, cutoff and hydrogen masses); fallback MD uses the
@@ -415,7 +416,8 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
                               guards=GuardConfig(action=action, relax_iterations=relax_iterations),
                               temperature_K=temperature, progress=progress,
                               end_velocities=end_velocities, velocity_seed=1,
-                              jump_noise=jump_noise, noise_scale=noise_scale, noise_seed=1)
+                              jump_noise=jump_noise, noise_scale=noise_scale, noise_seed=1,
+                              redraws=redraws if jump_noise is not None else 0)
     frame_idx = np.array([frame])
     sim.context.setPositions(traj.read(frame_idx)[0] * 0.1)  # Å -> nm
     if traj.velocities is not None:
@@ -437,7 +439,8 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
     return {"frames": np.asarray(kept.frames).reshape(-1, n_atoms, 3)[model],
             "times": (np.asarray(kept.times) - start_ps)[model],
             "energies": np.asarray(kept.energies)[model], "guards": sim.guard_summary(),
-            "jumps": sim.n_jumps, "fallbacks": sim.n_fallbacks, "wall_s": wall,
+            "jumps": sim.n_jumps, "fallbacks": sim.n_fallbacks, "redrawn": sim.n_redraws,
+            "wall_s": wall,
             "simulated_ps": float(kept.times[-1] - start_ps) if kept.times else 0.0}
 
 
@@ -467,6 +470,7 @@ def engine_guard_events(run: dict[str, Any], md_energies: np.ndarray | None) -> 
                            "pass_fraction": 1 - rejected / max(g["jumps_checked"], 1),
                            "accepted_as_predicted": g["jumps_checked"] - rejected,
                            "relaxations": g["relaxations"], "fallbacks": run["fallbacks"],
+                           "redrawn": run.get("redrawn", 0),
                            "relax_iterations_per_relaxation": (g["relax_iterations_used"]
                                                                / max(g["relaxations"], 1)),
                            "energy_checked": True,
@@ -576,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
                              "checkpoint, 'none' for deterministic jumps")
     parser.add_argument("--noise-scale", type=float, default=1.0,
                         help="scale of the jump-noise draws (default 1)")
+    parser.add_argument("--redraws", type=int, default=0, metavar="N",
+                        help="with --jump-noise: a draw the guards reject (and its relaxation "
+                             "cannot save) is drawn again up to N times before MD stands in")
     parser.add_argument("--relax-iterations", type=int, default=200,
                         help="with --engine and relax: minimiser iterations per relaxation")
     parser.add_argument("--jumps", type=int, default=1000)
@@ -613,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints = [train_model(args, m, data) for m in args.models]
     noises: list[str | None] = [None] * len(checkpoints)
     loaded: dict[str, Any] = {}
+    if args.redraws < 0 or (args.redraws and args.jump_noise is None):
+        parser.error("--redraws N (N >= 0) draws a stochastic jump again: it needs --jump-noise")
     if args.jump_noise is not None:
         if not args.engine or len(args.jump_noise) != len(checkpoints):
             parser.error("--jump-noise needs --engine and one entry (a file or 'none') per "
@@ -649,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
                                             platform=args.platform, progress=args.progress,
                                             end_velocities=args.end_velocities,
                                             jump_noise=loaded.get(noise),
-                                            noise_scale=args.noise_scale)
+                                            noise_scale=args.noise_scale,
+                                            redraws=args.redraws)
                 frames, times = engine_run["frames"], engine_run["times"]
                 rollout_s = engine_run["wall_s"]  # the engine's stepping, as its ns/day
                 if len(frames) == 0:
@@ -689,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
                 if engine_run is not None:
                     row["engine"] = {"guard_action": args.guard_action,
                                      "relax_iterations": args.relax_iterations,
+                                     "redraws": args.redraws if noise is not None else 0,
                                      "wall_s": engine_run["wall_s"],
                                      "ns_per_day": engine_run["simulated_ps"] * 1e-3 * 86400.0
                                      / engine_run["wall_s"]}
@@ -709,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
         if g.get("engine"):
             cell += (f"; relaxed {g['relaxations']} "
                      f"({fmt(g['relax_iterations_per_relaxation'])} it. each), "
-                     f"MD fallbacks {g['fallbacks']}")
+                     f"MD fallbacks {g['fallbacks']}"
+                     + (f", redrawn {g['redrawn']}" if g.get("redrawn") else ""))
         return cell
 
     def size_cell(r: dict) -> str:
