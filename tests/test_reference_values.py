@@ -125,6 +125,32 @@ def test_validity_reference_from_hand_made_frames():
     assert ValidityReference.from_dict(old).gyration_range_A is None
 
 
+def test_gyration_summary_counts_frames_outside_the_range():
+    """Hand-computed: the two frames above, a copy shrunk to half and a non-finite one."""
+    from surrogate_md.validity import gyration_summary
+
+    f0 = np.array([[0.0, 0, 0], [1.0, 0, 0], [1.0, 1.0, 0], [3.0, 1.0, 0]])
+    f1 = f0.copy()
+    f1[0] = [-0.5, 0.0, 0.0]
+    rg0, rg1 = math.sqrt(5.75 / 4), math.sqrt(7.1875 / 4)
+    nan = np.full_like(f0, np.nan)
+    model = np.stack([f0, 0.5 * f1 + 3.0, nan])  # the NaN frame is left out, not counted
+    g = gyration_summary(model, np.stack([f0, f1]), (rg0 - 0.01, rg1 + 0.01))
+    assert g["model_min"] == pytest.approx(0.5 * rg1) and g["model_max"] == pytest.approx(rg0)
+    assert g["model_mean"] == pytest.approx(0.5 * (rg0 + 0.5 * rg1))
+    assert g["model_outside_fraction"] == 0.5  # the shrunk copy, below the range
+    assert g["reference_outside_fraction"] == 0.0
+    assert (g["reference_min"], g["reference_max"]) == pytest.approx((rg0, rg1))
+    assert g["allowed"] == pytest.approx([rg0 - 0.01, rg1 + 0.01])
+    # a range that leaves out the larger MD frame counts it; no range: no fractions
+    assert gyration_summary(model, np.stack([f0, f1]), (0.0, rg0 + 0.01))[
+        "reference_outside_fraction"] == 0.5
+    bare = gyration_summary(model, np.stack([f0, f1]), None)
+    assert bare["allowed"] is None and bare["model_outside_fraction"] is None
+    # only non-finite frames: nothing to summarise, no error
+    assert gyration_summary(nan[None], np.stack([f0]), None)["model_mean"] is None
+
+
 def test_size_check_trips_just_outside_the_gyration_range():
     from integrations.guards import GuardConfig, Guards
     from surrogate_md.validity import ValidityReference
