@@ -357,9 +357,11 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
     assert validity.main(["--quick", "--models", "egno", "estag", "--jumps", "3", "--engine",
                           "--data-dir", str(tmp_path / "d"), "--out-dir", str(tmp_path / "r"),
                           "--json", str(out), "--no-progress"]) == 0
-    tables = _tables(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    tables = _tables(printed)
     body = _check(tables[1])
     assert [r[0] for r in body[:2]] == ["egno", "estag"] and "MD fallbacks" in body[0][-1]
+    assert "egno: s per jump by quarter of the run" in printed
     data = json.loads(out.read_text())
     assert data["engine"]
     for row in data["models"]:  # a history model too: its first history is the MD's
@@ -372,6 +374,14 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
         # every kept state passed the engine's bond checks: none is collapsed
         assert row["collapsed_frames"] == 0 and row["nonfinite_frames"] == 0
         assert len(guards["kept_energy_above_md_kJ_per_mol"]["series"]) == 3
+        # per jump: the wall time adds up to the run's, the iterations to the guards' count
+        per = row["per_jump"]
+        assert len(per["wall_s"]) == len(per["relax_iterations"]) == 3
+        assert sum(per["wall_s"]) == pytest.approx(row["engine"]["wall_s"], rel=0.1, abs=0.05)
+        assert sum(per["relax_iterations"]) == pytest.approx(
+            guards["relax_iterations_per_relaxation"] * max(guards["relaxations"], 1))
+        assert per["from_md"].count(True) == guards["fallbacks"]
+        assert len(row["by_quarter"]["s_per_jump"]) == 3  # three jumps: one per "quarter"
     assert out.with_suffix(".energy.png").stat().st_size > 0  # the energy-vs-time plot
     floor = data["md_floor"]  # the MD's own two halves, the floor the rollouts are read against
     assert floor["frames"] > 0 and 0.0 <= floor["torsion_jsd"] <= math.log(2) + 1e-9

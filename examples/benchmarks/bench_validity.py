@@ -350,8 +350,10 @@ def guard_events(sur, frames: np.ndarray, times_ps: np.ndarray, start_full: np.n
 
 class _KeptStates:
     """OpenMM reporter: model-atom positions (Å), time (ps) and potential energy (kJ/mol) of the
-    state after every step of a ``SurrogateSimulation`` (one step = one jump), and whether fallback
-    MD made it (``from_md``: such states are MD's, not the model's)."""
+    state after every step of a ``SurrogateSimulation`` (one step = one jump), whether fallback
+    MD made it (``from_md``: such states are MD's, not the model's), and the wall clock (s) and
+    the guards' relaxation iterations so far at each (``clock_s``, ``relaxed``: from
+    :meth:`start`, one more entry than reports)."""
 
     def __init__(self, atoms: np.ndarray) -> None:
         self.atoms = np.asarray(atoms)
@@ -359,7 +361,14 @@ class _KeptStates:
         self.times: list[float] = []
         self.energies: list[float] = []
         self.from_md: list[bool] = []
+        self.clock_s: list[float] = []
+        self.relaxed: list[int] = []
         self._fallbacks = 0
+
+    def start(self, simulation) -> None:
+        """The timed run begins now."""
+        self.clock_s = [time.perf_counter()]
+        self.relaxed = [simulation.guards.relax_iterations_used]
 
     def describeNextReport(self, simulation) -> dict:
         return {"steps": 1, "periodic": None, "include": ["positions", "energy"]}
@@ -373,6 +382,8 @@ class _KeptStates:
         self.energies.append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
         self.from_md.append(simulation.n_fallbacks > self._fallbacks)
         self._fallbacks = simulation.n_fallbacks
+        self.clock_s.append(time.perf_counter())
+        self.relaxed.append(simulation.guards.relax_iterations_used)
 
 
 def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_iterations: int,
@@ -432,6 +443,7 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
     kept = _KeptStates(sur.model_atoms)
     sim.reporters.append(kept)
     t0 = time.perf_counter()
+    kept.start(sim)
     sim.step(n_jumps)
     wall = time.perf_counter() - t0
     model = ~np.asarray(kept.from_md, dtype=bool)  # fallback MD's states are not scored
@@ -441,7 +453,18 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
             "energies": np.asarray(kept.energies)[model], "guards": sim.guard_summary(),
             "jumps": sim.n_jumps, "fallbacks": sim.n_fallbacks, "redrawn": sim.n_redraws,
             "wall_s": wall,
-            "simulated_ps": float(kept.times[-1] - start_ps) if kept.times else 0.0}
+            "simulated_ps": float(kept.times[-1] - start_ps) if kept.times else 0.0,
+            # per jump, fallbacks included: wall s (the reporters' own time too) and relaxation
+            # iterations, where a run that grows dearer as it goes shows
+            "per_jump": {"wall_s": np.diff(kept.clock_s).tolist(),
+                         "relax_iterations": np.diff(kept.relaxed).tolist(),
+                         "from_md": list(kept.from_md)}}
+
+
+def by_quarter(values: list[float]) -> list[float]:
+    """Means of ``values`` over the four quarters of the run (fewer for fewer than 4 values)."""
+    parts = np.array_split(np.asarray(values, dtype=np.float64), min(4, len(values)))
+    return [float(part.mean()) for part in parts if len(part)]
 
 
 def md_sampling_floor(traj, sur) -> dict[str, Any] | None:
@@ -697,6 +720,11 @@ def main(argv: list[str] | None = None) -> int:
                                          "scale": args.noise_scale,
                                          **loaded[noise].describe()}
                 if engine_run is not None:
+                    per = engine_run["per_jump"]
+                    row["per_jump"] = per
+                    row["by_quarter"] = {"s_per_jump": by_quarter(per["wall_s"]),
+                                         "relax_iterations_per_jump":
+                                             by_quarter(per["relax_iterations"])}
                     row["engine"] = {"guard_action": args.guard_action,
                                      "relax_iterations": args.relax_iterations,
                                      "redraws": args.redraws if noise is not None else 0,
@@ -768,6 +796,12 @@ def main(argv: list[str] | None = None) -> int:
           + (": the engine's own record (SurrogateSimulation scored the jump ends it kept, "
              "after the guard action)" if args.engine else "")
           + ".\n")
+    for r in rows:
+        if r.get("by_quarter"):
+            q = r["by_quarter"]
+            print(f"{r['model']}: s per jump by quarter of the run "
+                  f"{', '.join(fmt(v) for v in q['s_per_jump'])}; relaxation iterations per jump "
+                  f"{', '.join(fmt(v) for v in q['relax_iterations_per_jump'])}")
     print(f"wall time {results['wall_seconds']:.1f} s")
     if args.json_path:
         save_json(args.json_path, results)
