@@ -96,7 +96,13 @@ def test_radius_of_gyration_counts_the_compacted_jump_ends(validity_inputs):
     assert g["reference_outside_fraction"] == 0.0
     assert g["model_outside_fraction"] == pytest.approx(len(ends) / 200)
     assert g["model_min"] < lo <= g["reference_min"]
-    assert g["model_max"] == pytest.approx(g["reference_max"])
+    # the frames left alone keep their sizes (the largest MD frame may be one of the ends: the
+    # fixture's MD differs from run to run of the multi-threaded platform)
+    from surrogate_md.validity import radius_of_gyration
+
+    kept = np.setdiff1d(np.arange(200), ends)
+    assert g["model_max"] == pytest.approx(float(radius_of_gyration(ref[kept]).max()))
+    assert g["model_max"] <= g["reference_max"]
 
 
 def test_split_all_scores_a_file_too_short_for_the_training_split(ala, checkpoint, tmp_path):
