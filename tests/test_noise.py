@@ -266,3 +266,138 @@ def test_noise_components_keeps_the_leading_components(ala, checkpoint, tmp_path
     assert evaluate_main(base + ["--out", str(tmp_path / "y"), "--noise-components", "4"]) == 2
     assert "no noise_out (--noise-out FILE)" in capsys.readouterr().err
     assert not (tmp_path / "z").exists() and not (tmp_path / "y").exists()
+
+
+def _ar_windows(rng, rho, eq, n=8, w=4000):
+    """Windows of a copying model on a structure whose shape follows an AR(1) process along
+    known orthonormal modes: the start's coordinates c along mode k, the end's ``rho[k] c +
+    eq[k] sqrt(1 - rho[k]^2) z``, each window in a random orientation and place, the model's
+    prediction the start itself. Returns (pred, target, base, modes (k, n, 3))."""
+    base = rng.normal(size=(n, 3)) * 3.0
+    base -= base.mean(0)
+    # shape changes only: no net translation or rotation, which the fit's frames take out
+    rigid = [np.tile(np.eye(3)[a], (n, 1)) for a in range(3)]
+    rigid += [np.cross(np.eye(3)[a], base) for a in range(3)]
+    rigid = np.linalg.qr(np.array([r.ravel() for r in rigid]).T)[0]  # (3n, 6)
+    raw = rng.normal(size=(3 * n, len(rho)))
+    modes = np.linalg.qr(raw - rigid @ (rigid.T @ raw))[0].T.reshape(len(rho), n, 3)
+    pred, target = [], []
+    for _ in range(w):
+        c = rng.normal(size=len(rho)) * eq
+        c_end = rho * c + eq * np.sqrt(1 - rho ** 2) * rng.normal(size=len(rho))
+        q = random_orthogonal(int(rng.integers(2 ** 31))).numpy()
+        shift = rng.normal(size=3) * 5.0
+        start = base + np.tensordot(c, modes, axes=1)
+        end = base + np.tensordot(c_end, modes, axes=1)
+        pred.append(start @ q + shift)
+        target.append(end @ q + shift)
+    return np.array(pred), np.array(target), base, modes
+
+
+def _mode_coordinates(x: np.ndarray, base: np.ndarray, modes: np.ndarray) -> np.ndarray:
+    """(k,) coordinates of the structure ``x`` (n, 3) along ``modes`` about ``base``, in the
+    frame that fits it best onto ``base``."""
+    c = x - x.mean(0)
+    return np.einsum("kni,ni->k", modes, c @ orthogonal_fit(base, c).T - base)
+
+
+def test_a_reverting_fit_recovers_the_autocorrelation_of_a_copying_models_runs():
+    rng = np.random.default_rng(11)
+    rho, eq = np.array([0.2, 0.6, 0.9]), np.array([0.6, 0.45, 0.3])
+    pred, target, base, modes = _ar_windows(rng, rho, eq)
+    plain = JumpNoise.fit(pred, target, 1.0, max_components=3)
+    noise = JumpNoise.fit(pred, target, 1.0, max_components=3, revert=True)
+    assert plain.reversion is None and noise.reversion.shape == (3,)
+    # the components are the modes (up to sign and order); along each the slope is rho - 1
+    # and the spread left after the pull the AR(1)'s own, eq sqrt(1 - rho^2)
+    rot = orthogonal_fit(base, noise.reference_A)  # the modes in the reference frame
+    overlap = np.abs(np.einsum("kni,mni->km", noise.components, modes @ rot))
+    match = overlap.argmax(1)
+    assert sorted(match) == [0, 1, 2] and overlap.max(1).min() > 0.95
+    np.testing.assert_allclose(noise.reversion, rho[match] - 1, atol=0.06)
+    np.testing.assert_allclose(noise.std_A, eq[match] * np.sqrt(1 - rho[match] ** 2), rtol=0.08)
+    assert noise.meta["reversion"]["mean"] == pytest.approx(np.mean(noise.reversion))
+    # without reversion the draws carry the whole residual spread, sqrt(2 (1 - rho)) eq
+    np.testing.assert_allclose(np.sort(plain.std_A), np.sort(eq * np.sqrt(2 * (1 - rho))),
+                               rtol=0.08)
+    assert noise.rms_A < plain.rms_A
+
+
+def test_reverting_draws_keep_a_copying_models_run_in_the_fitted_spread():
+    rng = np.random.default_rng(12)
+    rho, eq = np.array([0.3, 0.7]), np.array([0.5, 0.4])
+    pred, target, base, modes = _ar_windows(rng, rho, eq, w=3000)
+    runs = {}
+    for revert in (False, True):
+        noise = JumpNoise.fit(pred, target, 1.0, max_components=2, revert=revert)
+        x = base + 6 * eq[0] * modes[0]  # far out along the first mode
+        draws = np.random.default_rng(3)
+        coords = []
+        for _ in range(600):  # a copying model: each jump's prediction is its start
+            x = noise.sample(x[None], np.array([1.0]), draws)[0]
+            coords.append(_mode_coordinates(x, base, modes))
+        runs[revert] = np.array(coords)
+    # pulled back within a few jumps, then the fitted spread along each mode
+    spread = np.sqrt(np.mean(runs[True][100:] ** 2, axis=0))
+    np.testing.assert_allclose(spread, eq, rtol=0.25)
+    assert abs(runs[True][10:, 0].mean()) < 0.3 * eq[0]
+    # without reversion a random walk: far beyond that spread by the end
+    assert np.sqrt(np.mean(runs[False][-100:] ** 2, axis=0)).min() > 2.5 * eq.max()
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_reverting_draws_are_equivariant_and_keep_the_time_profile(reflect):
+    rng = np.random.default_rng(13)
+    pred, target, _, _ = _ar_windows(rng, np.array([0.4, 0.8]), np.array([0.5, 0.5]), w=300)
+    noise = JumpNoise.fit(pred, target, 2.0, max_components=2, revert=True)
+    frames = pred[:3] + np.linspace(0, 0.2, 3)[:, None, None]
+    times = np.array([2 / 3, 4 / 3, 2.0])
+    q = random_orthogonal(8, reflect=reflect).numpy()
+    shift = np.array([-4.0, 2.0, 9.0])
+    a = noise.sample(frames, times, np.random.default_rng(5))
+    b = noise.sample(frames @ q + shift, times, np.random.default_rng(5))
+    assert np.abs(b - (a @ q + shift)).max() < 1e-9
+    eps = a[-1] - frames[-1]
+    for k, t in enumerate(times):
+        assert np.allclose(a[k] - frames[k], eps * t / 2.0, atol=1e-12)
+    # scale 0: no random part, only the pull, the same whatever the generator
+    pulled = noise.sample(frames, times, np.random.default_rng(9), scale=0.0)
+    assert np.array_equal(pulled, noise.sample(frames, times, np.random.default_rng(1),
+                                               scale=0.0))
+    assert np.abs(pulled - frames).max() > 1e-3
+
+
+def test_reversion_survives_the_file_and_a_damaged_one_is_refused(tmp_path):
+    rng = np.random.default_rng(14)
+    pred, target, _, _ = _ar_windows(rng, np.array([0.5, 0.5]), np.array([0.4, 0.3]), w=200)
+    noise = JumpNoise.fit(pred, target, 1.0, max_components=2, revert=True)
+    noise.save(tmp_path / "r.npz")
+    back = JumpNoise.load(tmp_path / "r.npz")
+    assert np.array_equal(back.reversion, noise.reversion) and back.describe()["reverting"]
+    JumpNoise.fit(pred, target, 1.0).save(tmp_path / "plain.npz")
+    assert JumpNoise.load(tmp_path / "plain.npz").reversion is None
+    header = json.dumps({"format": "surrogate-md jump noise", "version": 1, "jump_ps": 1.0})
+    arrays = {"reference_A": noise.reference_A, "components": noise.components,
+              "std_A": noise.std_A}
+    for name, value in {"pushes": np.array([-0.5, 0.2]), "short": np.array([-0.5]),
+                        "nan": np.array([-0.5, np.nan])}.items():
+        np.savez(tmp_path / f"{name}.npz", header=np.array(header), reversion=value, **arrays)
+        with pytest.raises(DataError, match=f"{name}.npz: .*reversion.*--noise-out"):
+            JumpNoise.load(tmp_path / f"{name}.npz")
+    with pytest.raises(DataError, match="at least 3 windows"):
+        JumpNoise.fit(pred[:2], target[:2], 1.0, revert=True)
+
+
+def test_noise_revert_fits_the_pull_and_needs_a_noise_file(ala, checkpoint, tmp_path, capsys):
+    base = [str(checkpoint), "--data", str(ala), "--split", "val", "--rollout-jumps", "0", "-q"]
+    assert evaluate_main(base + ["--out", str(tmp_path / "r"), "--noise-out",
+                                 str(tmp_path / "r.npz"), "--noise-revert"]) == 0
+    noise = JumpNoise.load(tmp_path / "r.npz")
+    assert noise.reversion is not None and len(noise.reversion) == len(noise.std_A)
+    assert np.all((noise.reversion >= -1) & (noise.reversion <= 0))
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["jump_noise"]["reverting"] is True
+    assert metrics["jump_noise"]["reversion"]["mean"] == pytest.approx(noise.reversion.mean())
+    assert "Mean-reverting draws" in (tmp_path / "r" / "report.md").read_text()
+    assert evaluate_main(base + ["--out", str(tmp_path / "x"), "--noise-revert"]) == 2
+    assert "--noise-revert" in capsys.readouterr().err and not (tmp_path / "x").exists()

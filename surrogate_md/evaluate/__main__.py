@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with --noise-out: keep the leading K principal components (default "
                         f"{DEFAULT_MAX_COMPONENTS}; fewer, collective ones strain a protein's "
                         "bonds less, so its stochastic jumps relax faster)")
+    p.add_argument("--noise-revert", action="store_true",
+                   help="with --noise-out: also fit a pull back along each component, so that "
+                        "long stochastic runs keep the fitted MD's spread instead of drifting "
+                        "away like a random walk (keep more components with it: what lies "
+                        "outside them is not pulled back; 60 for an AdK backbone)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                  n_rollouts=args.n_rollouts, batch_size=args.batch_size, device=args.device,
                  max_windows=args.max_windows, overwrite=args.overwrite,
                  transfer=args.transfer, noise_out=args.noise_out,
-                 noise_components=args.noise_components)
+                 noise_components=args.noise_components, noise_revert=args.noise_revert)
     except SurrogateMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

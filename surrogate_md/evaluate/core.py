@@ -50,7 +50,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
              device: str = "auto", max_windows: int | None = None,
              overwrite: bool = False, plots: bool = True, transfer: bool = False,
              noise_out: str | os.PathLike | None = None,
-             noise_components: int | None = None) -> dict[str, Any]:
+             noise_components: int | None = None,
+             noise_revert: bool = False) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``data`` and write ``report.md``, ``metrics.json`` and PNGs.
 
     Args:
@@ -82,6 +83,9 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
             components leave out the small, local part of the spread, whose Gaussian draws
             strain bonds and contacts the engines' relaxation must then undo (README,
             "Fewer noise components").
+        noise_revert: fit the noise's mean reversion along each component too (the draws
+            pulled back towards the fitted frames' spread, so that long runs stay in it: module
+            doc of :mod:`surrogate_md.noise`).
 
     Returns:
         The metrics dict written to ``metrics.json``. Errors are Å² per atom (squared distance
@@ -100,6 +104,9 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         raise ConfigError(f"noise_components (--noise-components) must be >= 1, got "
                           f"{noise_components}; leave it out to keep up to "
                           f"{DEFAULT_MAX_COMPONENTS}")
+    if noise_revert and noise_out is None:
+        raise ConfigError("noise_revert (--noise-revert) is a property of the fitted jump noise; "
+                          "give --noise-out FILE.npz to fit one")
     if noise_components is not None and noise_out is None:
         raise ConfigError("noise_components (--noise-components) sets how many components the "
                           "jump noise keeps, and no noise_out (--noise-out FILE) was given")
@@ -195,7 +202,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         result["errors"] = _window_errors(sur, ds, protocol, batch_size, ends)
         if ends is not None:
             result["jump_noise"] = _fit_noise(sur, ends, noise_out, checkpoint, paths, split,
-                                              noise_components or DEFAULT_MAX_COMPONENTS)
+                                              noise_components or DEFAULT_MAX_COMPONENTS,
+                                              noise_revert)
         if rollout_jumps:
             result["rollout"] = _rollouts(sur, ds, prepared, rollout_jumps, n_rollouts)
             warnings += result["rollout"].pop("warnings", [])
@@ -506,7 +514,8 @@ def _check_noise_out(path: Path, transfer: bool, overwrite: bool) -> None:
 
 
 def _fit_noise(sur: Surrogate, ends: list[tuple[np.ndarray, np.ndarray]], path, checkpoint,
-               paths: list[str], split: str, max_components: int) -> dict[str, Any]:
+               paths: list[str], split: str, max_components: int, revert: bool = False
+               ) -> dict[str, Any]:
     """Fit and save the :class:`~surrogate_md.noise.JumpNoise` of the scored windows' jump
     ends; returns what the metrics record of it."""
     pred = np.concatenate([p for p, _ in ends])
@@ -514,12 +523,16 @@ def _fit_noise(sur: Surrogate, ends: list[tuple[np.ndarray, np.ndarray]], path, 
     noise = JumpNoise.fit(pred, target, sur.jump_ps, max_components=max_components, meta={
         "model": sur.name, "checkpoint": Path(str(checkpoint)).name,
         "checkpoint_hash": sur.checkpoint_hash, "data": [Path(p).name for p in paths],
-        "split": split})
+        "split": split}, revert=revert)
     noise.save(path)
     m = noise.meta
     log.info("jump noise: %d windows, %d components holding %.1f %% of the residual variance, "
              "%.3g Å RMS per atom -> %s", m["windows"], m["components"],
              100 * m["captured_variance"], noise.rms_A, path)
+    if noise.reversion is not None:
+        log.info("jump noise: mean reversion per component %.2f to %.2f (mean %.2f); the draws "
+                 "keep %.3g Å RMS per atom around the pull", m["reversion"]["min"],
+                 m["reversion"]["max"], m["reversion"]["mean"], noise.rms_A)
     return {"path": str(path), **noise.describe()}
 
 

@@ -149,6 +149,13 @@ def write_report(result: dict[str, Any], path: Path) -> Path:
                   f"{_fmt(noise['rms_A'])} Å RMS (residual RMS {_fmt(noise['residual_rms_A'])} "
                   f"Å, of which the mean, left out of the draws, "
                   f"{_fmt(noise['residual_mean_rms_A'])} Å)."]
+        if noise.get("reverting"):
+            rev = noise["reversion"]
+            lines += ["", f"Mean-reverting draws: along each component the draw pulls the "
+                      f"prediction back towards the fitted frames by {_fmt(-rev['max'])} to "
+                      f"{_fmt(-rev['min'])} of its offset (mean {_fmt(-rev['mean'])}), so "
+                      f"that long runs keep the spread of these windows; the random part "
+                      f"left moves the atoms {_fmt(rev['draw_rms_A'])} Å RMS."]
     roll = result.get("rollout")
     if roll and "mse_vs_time" in roll:
         times = roll["times_ps"]
