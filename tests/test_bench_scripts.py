@@ -362,6 +362,7 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
     body = _check(tables[1])
     assert [r[0] for r in body[:2]] == ["egno", "estag"] and "MD fallbacks" in body[0][-1]
     assert "egno: s per jump by quarter of the run" in printed
+    assert "egno: internal motion per jump" in printed
     data = json.loads(out.read_text())
     assert data["engine"]
     for row in data["models"]:  # a history model too: its first history is the MD's
@@ -382,6 +383,13 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
             guards["relax_iterations_per_relaxation"] * max(guards["relaxations"], 1))
         assert per["from_md"].count(True) == guards["fallbacks"]
         assert len(row["by_quarter"]["s_per_jump"]) == 3  # three jumps: one per "quarter"
+        # motion: each jump's internal displacement, the MD's over a jump beside it, drift
+        assert len(per["moved_internal_A2"]) == len(per["rmsd_from_start_A"]) == 3
+        assert all(m >= 0 for m in per["moved_internal_A2"])
+        assert per["rmsd_from_start_A"][0] == pytest.approx(np.sqrt(per["moved_internal_A2"][0]))
+        motion = row["motion"]
+        assert motion["md_internal_A2"] > 0
+        assert motion["rmsd_from_start_A_end"] == per["rmsd_from_start_A"][-1]
     assert out.with_suffix(".energy.png").stat().st_size > 0  # the energy-vs-time plot
     floor = data["md_floor"]  # the MD's own two halves, the floor the rollouts are read against
     assert floor["frames"] > 0 and 0.0 <= floor["torsion_jsd"] <= math.log(2) + 1e-9

@@ -48,14 +48,15 @@ from common import (
     machine,
     machine_table,
     markdown_table,
+    motion_over_lag,
     relative_path,
     require_files,
     save_json,
     setup_logging,
+    superposed_msd,
 )
 
 from integrations.propagator import DEFAULT_SETTLE_ITERATIONS
-from integrations.reconstruct import kabsch
 
 log = logging.getLogger("bench_surrogate_vs_md")
 
@@ -161,14 +162,6 @@ def md_timing(prepared, platform, md_ps: float, step_ps: float = MD_STEP_PS
             "ns_per_s": simulated * 1e-3 / wall, "ns_per_day": ns_per_day(simulated, wall)}, state
 
 
-def superposed_msd(moved_A: np.ndarray, reference_A: np.ndarray) -> float:
-    """Squared distance per atom (Å²) of ``moved_A`` (n, 3) from ``reference_A`` once
-    superposed onto it (a proper rotation and a translation): the internal part of a motion."""
-    rot, shift = kabsch(np.asarray(moved_A)[None], np.asarray(reference_A)[None])
-    fitted = moved_A @ rot[0].T + shift[0]
-    return float(((fitted - reference_A) ** 2).sum(-1).mean())
-
-
 def radius_of_gyration_A(positions_A: np.ndarray) -> float:
     """Radius of gyration (Å, unweighted) of (n, 3) positions: whether a run compacts."""
     from surrogate_md.validity import radius_of_gyration
@@ -178,9 +171,8 @@ def radius_of_gyration_A(positions_A: np.ndarray) -> float:
 
 def md_motion(data: Path, atoms: np.ndarray, jump_ps: float) -> dict[str, Any] | None:
     """How far the MD in ``data`` moves ``atoms`` over ``jump_ps``, over every window of the
-    file (each frame a start): squared distance per atom (Å²) as it is and after superposition
-    (its internal part), to set beside a run's ``run_moved_A2`` and ``run_moved_internal_A2``.
-    None where the file holds no such window."""
+    file (each frame a start): :func:`common.motion_over_lag`, to set beside a run's
+    ``run_moved_A2`` and ``run_moved_internal_A2``. None where the file holds no such window."""
     from surrogate_md.data.h5md import open_trajectory
 
     with open_trajectory(data) as traj:
@@ -188,11 +180,7 @@ def md_motion(data: Path, atoms: np.ndarray, jump_ps: float) -> dict[str, Any] |
         if lag < 1 or lag >= traj.n_frames:
             return None
         x = np.asarray(traj.read(slice(None)), dtype=np.float64)[:, np.asarray(atoms)]
-    start, end = x[:-lag], x[lag:]
-    rot, shift = kabsch(end, start)
-    fitted = np.einsum("gni,gji->gnj", end, rot) + shift[:, None]
-    return {"windows": int(len(start)), "raw_A2": float(((end - start) ** 2).sum(-1).mean()),
-            "internal_A2": float(((fitted - start) ** 2).sum(-1).mean())}
+    return motion_over_lag(x, lag)
 
 
 class KineticTemperature:

@@ -69,10 +69,12 @@ from common import (
     machine,
     machine_table,
     markdown_table,
+    motion_over_lag,
     relative_path,
     save_figure,
     save_json,
     setup_logging,
+    superposed_msd,
 )
 
 log = logging.getLogger("bench_validity")
@@ -353,7 +355,8 @@ class _KeptStates:
     state after every step of a ``SurrogateSimulation`` (one step = one jump), whether fallback
     MD made it (``from_md``: such states are MD's, not the model's), and the wall clock (s) and
     the guards' relaxation iterations so far at each (``clock_s``, ``relaxed``: from
-    :meth:`start`, one more entry than reports)."""
+    :meth:`start`, one more entry than reports), and the model atoms' positions (Å) at the
+    start (``first``)."""
 
     def __init__(self, atoms: np.ndarray) -> None:
         self.atoms = np.asarray(atoms)
@@ -363,10 +366,16 @@ class _KeptStates:
         self.from_md: list[bool] = []
         self.clock_s: list[float] = []
         self.relaxed: list[int] = []
+        self.first: np.ndarray | None = None
         self._fallbacks = 0
 
     def start(self, simulation) -> None:
         """The timed run begins now."""
+        from openmm import unit
+
+        state = simulation.context.getState(positions=True)
+        self.first = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.angstrom)
+                                )[self.atoms]
         self.clock_s = [time.perf_counter()]
         self.relaxed = [simulation.guards.relax_iterations_used]
 
@@ -448,6 +457,11 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
     wall = time.perf_counter() - t0
     model = ~np.asarray(kept.from_md, dtype=bool)  # fallback MD's states are not scored
     n_atoms = len(sur.model_atoms)
+    # how far each jump moved the model atoms once superposed (its internal part, Å²), and how
+    # far from the start each state is (Å RMSD, superposed): motion, and drift
+    states = [kept.first, *kept.frames]
+    moved = [superposed_msd(b, a) for a, b in zip(states[:-1], states[1:])]
+    from_start = [float(np.sqrt(superposed_msd(x, kept.first))) for x in kept.frames]
     return {"frames": np.asarray(kept.frames).reshape(-1, n_atoms, 3)[model],
             "times": (np.asarray(kept.times) - start_ps)[model],
             "energies": np.asarray(kept.energies)[model], "guards": sim.guard_summary(),
@@ -458,13 +472,31 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
             # iterations, where a run that grows dearer as it goes shows
             "per_jump": {"wall_s": np.diff(kept.clock_s).tolist(),
                          "relax_iterations": np.diff(kept.relaxed).tolist(),
-                         "from_md": list(kept.from_md)}}
+                         "from_md": list(kept.from_md), "moved_internal_A2": moved,
+                         "rmsd_from_start_A": from_start}}
 
 
 def by_quarter(values: list[float]) -> list[float]:
     """Means of ``values`` over the four quarters of the run (fewer for fewer than 4 values)."""
     parts = np.array_split(np.asarray(values, dtype=np.float64), min(4, len(values)))
     return [float(part.mean()) for part in parts if len(part)]
+
+
+def engine_motion(per_jump: dict[str, list], traj, sur) -> dict[str, Any]:
+    """What an engine run's jumps moved: the mean internal motion of the model's own jumps (Å²
+    per atom, superposed: fallback MD's left out), beside the reference MD's over the same
+    time (every frame of ``traj`` a start; None where the file is shorter than one jump), and
+    the RMSD from the start (Å, superposed) by quarter of the run and at its end."""
+    own = [m for m, md in zip(per_jump["moved_internal_A2"], per_jump["from_md"]) if not md]
+    lag = int(round(sur.jump_ps / traj.interval_ps))
+    md = None
+    if 1 <= lag < traj.n_frames:
+        md = motion_over_lag(traj.read(slice(None))[:, sur.model_atoms], lag)
+    rmsd = per_jump["rmsd_from_start_A"]
+    return {"internal_A2_per_jump": float(np.mean(own)) if own else None,
+            "md_internal_A2": md["internal_A2"] if md else None,
+            "rmsd_from_start_A_by_quarter": by_quarter(rmsd) if rmsd else [],
+            "rmsd_from_start_A_end": float(rmsd[-1]) if rmsd else None}
 
 
 def md_sampling_floor(traj, sur) -> dict[str, Any] | None:
@@ -725,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["by_quarter"] = {"s_per_jump": by_quarter(per["wall_s"]),
                                          "relax_iterations_per_jump":
                                              by_quarter(per["relax_iterations"])}
+                    row["motion"] = engine_motion(per, traj, sur)
                     row["engine"] = {"guard_action": args.guard_action,
                                      "relax_iterations": args.relax_iterations,
                                      "redraws": args.redraws if noise is not None else 0,
@@ -802,6 +835,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['model']}: s per jump by quarter of the run "
                   f"{', '.join(fmt(v) for v in q['s_per_jump'])}; relaxation iterations per jump "
                   f"{', '.join(fmt(v) for v in q['relax_iterations_per_jump'])}")
+        if r.get("motion"):
+            m = r["motion"]
+            print(f"{r['model']}: internal motion per jump {fmt(m['internal_A2_per_jump'])} Å² "
+                  f"(the reference MD's over {r['jump_ps']:g} ps: {fmt(m['md_internal_A2'])}); "
+                  f"RMSD from the start by quarter "
+                  f"{', '.join(fmt(v) for v in m['rmsd_from_start_A_by_quarter'])} Å, "
+                  f"{fmt(m['rmsd_from_start_A_end'])} at the end")
     print(f"wall time {results['wall_seconds']:.1f} s")
     if args.json_path:
         save_json(args.json_path, results)

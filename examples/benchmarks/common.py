@@ -165,6 +165,32 @@ def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)[0])
 
 
+def superposed_msd(moved_A: np.ndarray, reference_A: np.ndarray) -> float:
+    """Squared distance per atom (Å²) of ``moved_A`` (n, 3) from ``reference_A`` once
+    superposed onto it (a proper rotation and a translation): the internal part of a motion."""
+    from integrations.reconstruct import kabsch
+
+    rot, shift = kabsch(np.asarray(moved_A)[None], np.asarray(reference_A)[None])
+    fitted = moved_A @ rot[0].T + shift[0]
+    return float(((fitted - reference_A) ** 2).sum(-1).mean())
+
+
+def motion_over_lag(positions_A: np.ndarray, lag: int) -> dict[str, Any] | None:
+    """How far MD frames (F, n, 3) Å move their atoms over ``lag`` frames, every frame a start:
+    squared distance per atom (Å²) as it is and after superposition (its internal part). None
+    where the frames hold no such window."""
+    from integrations.reconstruct import kabsch
+
+    x = np.asarray(positions_A, dtype=np.float64)
+    if lag < 1 or lag >= len(x):
+        return None
+    start, end = x[:-lag], x[lag:]
+    rot, shift = kabsch(end, start)
+    fitted = np.einsum("gni,gji->gnj", end, rot) + shift[:, None]
+    return {"windows": int(len(start)), "raw_A2": float(((end - start) ** 2).sum(-1).mean()),
+            "internal_A2": float(((fitted - start) ** 2).sum(-1).mean())}
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
