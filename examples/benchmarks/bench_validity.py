@@ -488,10 +488,8 @@ def engine_motion(per_jump: dict[str, list], traj, sur) -> dict[str, Any]:
     time (every frame of ``traj`` a start; None where the file is shorter than one jump), and
     the RMSD from the start (Å, superposed) by quarter of the run and at its end."""
     own = [m for m, md in zip(per_jump["moved_internal_A2"], per_jump["from_md"]) if not md]
-    lag = int(round(sur.jump_ps / traj.interval_ps))
-    md = None
-    if 1 <= lag < traj.n_frames:
-        md = motion_over_lag(traj.read(slice(None))[:, sur.model_atoms], lag)
+    md = motion_over_lag(traj.read(slice(None))[:, sur.model_atoms],
+                         int(round(sur.jump_ps / traj.interval_ps)))
     rmsd = per_jump["rmsd_from_start_A"]
     return {"internal_A2_per_jump": float(np.mean(own)) if own else None,
             "md_internal_A2": md["internal_A2"] if md else None,
