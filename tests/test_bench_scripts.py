@@ -361,7 +361,7 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
     tables = _tables(printed)
     body = _check(tables[1])
     assert [r[0] for r in body[:2]] == ["egno", "estag"] and "MD fallbacks" in body[0][-1]
-    assert "egno: s per jump by quarter of the run" in printed
+    assert "egno: s per jump by quarter of the run" in printed and "draws per jump" in printed
     assert "egno: internal motion per jump" in printed
     data = json.loads(out.read_text())
     assert data["engine"]
@@ -383,6 +383,15 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
             guards["relax_iterations_per_relaxation"] * max(guards["relaxations"], 1))
         assert per["from_md"].count(True) == guards["fallbacks"]
         assert len(row["by_quarter"]["s_per_jump"]) == 3  # three jumps: one per "quarter"
+        # why a run grows dearer: draws, the first draw's rise, the reference, the drop ratio
+        assert all(d == 1 for d in per["draws"])  # deterministic: nothing drawn again
+        rises = per["first_draw_rise_kJ_per_mol"]
+        failed_energy = guards["failures"].get("energy", 0)
+        assert sum(r is not None for r in rises) == failed_energy
+        assert all(r > guards["energy_threshold_kJ_per_mol"] for r in rises if r is not None)
+        assert len(per["energy_reference_kJ_per_mol"]) == len(per["energy_kJ_per_mol"]) == 3
+        assert all(np.isfinite(per["energy_reference_kJ_per_mol"]))
+        assert all(r is None or 0.5 <= r <= 4.0 for r in per["drop_ratio"])
         # motion: each jump's internal displacement, the MD's over a jump beside it, drift
         assert len(per["moved_internal_A2"]) == len(per["rmsd_from_start_A"]) == 3
         assert all(m >= 0 for m in per["moved_internal_A2"])

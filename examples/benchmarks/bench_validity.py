@@ -356,7 +356,11 @@ class _KeptStates:
     MD made it (``from_md``: such states are MD's, not the model's), and the wall clock (s) and
     the guards' relaxation iterations so far at each (``clock_s``, ``relaxed``: from
     :meth:`start`, one more entry than reports), and the model atoms' positions (Å) at the
-    start (``first``)."""
+    start (``first``). Per jump also what tells why a run grows dearer: how many draws it took
+    (``draws``), the energy rise (kJ/mol over the reference) of its first draw where the energy
+    check failed it (``first_rise``, NaN where it passed), and after it the guards' reference
+    energy (``reference``) and the relaxation's full-to-solvent-free drop ratio
+    (``drop_ratio``, NaN before any relaxation)."""
 
     def __init__(self, atoms: np.ndarray) -> None:
         self.atoms = np.asarray(atoms)
@@ -367,7 +371,12 @@ class _KeptStates:
         self.clock_s: list[float] = []
         self.relaxed: list[int] = []
         self.first: np.ndarray | None = None
+        self.draws: list[int] = []
+        self.first_rise: list[float] = []
+        self.reference: list[float] = []
+        self.drop_ratio: list[float] = []
         self._fallbacks = 0
+        self._redraws = 0
 
     def start(self, simulation) -> None:
         """The timed run begins now."""
@@ -392,7 +401,16 @@ class _KeptStates:
         self.from_md.append(simulation.n_fallbacks > self._fallbacks)
         self._fallbacks = simulation.n_fallbacks
         self.clock_s.append(time.perf_counter())
-        self.relaxed.append(simulation.guards.relax_iterations_used)
+        guards = simulation.guards
+        self.relaxed.append(guards.relax_iterations_used)
+        self.draws.append(1 + simulation.n_redraws - self._redraws)
+        self._redraws = simulation.n_redraws
+        jump = simulation.n_jumps + simulation.n_fallbacks - 1  # the index the guards gave it
+        rises = [ev.value for ev in guards.events if ev.jump == jump and ev.check == "energy"]
+        self.first_rise.append(rises[0] if rises else float("nan"))
+        self.reference.append(guards.energy_reference_kJ_per_mol)
+        relaxation = getattr(simulation, "_relax", None)  # built by the first relaxation
+        self.drop_ratio.append(float("nan") if relaxation is None else relaxation.drop_ratio)
 
 
 def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_iterations: int,
@@ -473,13 +491,19 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
             "per_jump": {"wall_s": np.diff(kept.clock_s).tolist(),
                          "relax_iterations": np.diff(kept.relaxed).tolist(),
                          "from_md": list(kept.from_md), "moved_internal_A2": moved,
-                         "rmsd_from_start_A": from_start}}
+                         "rmsd_from_start_A": from_start, "draws": kept.draws,
+                         "energy_kJ_per_mol": kept.energies,
+                         "first_draw_rise_kJ_per_mol": kept.first_rise,
+                         "energy_reference_kJ_per_mol": kept.reference,
+                         "drop_ratio": kept.drop_ratio}}
 
 
-def by_quarter(values: list[float]) -> list[float]:
-    """Means of ``values`` over the four quarters of the run (fewer for fewer than 4 values)."""
+def by_quarter(values: list[float], stat=np.mean) -> list[float | None]:
+    """``stat`` (default the mean) of the finite ``values`` in each of the four quarters of the
+    run (fewer for fewer than 4 values; None for a quarter without a finite value)."""
     parts = np.array_split(np.asarray(values, dtype=np.float64), min(4, len(values)))
-    return [float(part.mean()) for part in parts if len(part)]
+    return [float(stat(part[np.isfinite(part)])) if np.isfinite(part).any() else None
+            for part in parts if len(part)]
 
 
 def engine_motion(per_jump: dict[str, list], traj, sur) -> dict[str, Any]:
@@ -752,9 +776,18 @@ def main(argv: list[str] | None = None) -> int:
                 if engine_run is not None:
                     per = engine_run["per_jump"]
                     row["per_jump"] = per
-                    row["by_quarter"] = {"s_per_jump": by_quarter(per["wall_s"]),
-                                         "relax_iterations_per_jump":
-                                             by_quarter(per["relax_iterations"])}
+                    row["by_quarter"] = {
+                        "s_per_jump": by_quarter(per["wall_s"]),
+                        "relax_iterations_per_jump": by_quarter(per["relax_iterations"]),
+                        "draws_per_jump": by_quarter(per["draws"]),
+                        "first_draw_rise_kJ_per_mol_median":
+                            by_quarter(per["first_draw_rise_kJ_per_mol"], np.median),
+                        "kept_energy_above_reference_kJ_per_mol_median": by_quarter(
+                            np.subtract(per["energy_kJ_per_mol"],
+                                        per["energy_reference_kJ_per_mol"]), np.median),
+                        "energy_reference_kJ_per_mol": by_quarter(
+                            per["energy_reference_kJ_per_mol"]),
+                        "drop_ratio": by_quarter(per["drop_ratio"])}
                     row["motion"] = engine_motion(per, traj, sur)
                     row["engine"] = {"guard_action": args.guard_action,
                                      "relax_iterations": args.relax_iterations,
@@ -832,7 +865,14 @@ def main(argv: list[str] | None = None) -> int:
             q = r["by_quarter"]
             print(f"{r['model']}: s per jump by quarter of the run "
                   f"{', '.join(fmt(v) for v in q['s_per_jump'])}; relaxation iterations per jump "
-                  f"{', '.join(fmt(v) for v in q['relax_iterations_per_jump'])}")
+                  f"{', '.join(fmt(v) for v in q['relax_iterations_per_jump'])}; draws per "
+                  f"jump {', '.join(fmt(v) for v in q['draws_per_jump'])}; first draw's energy "
+                  f"rise (median, kJ/mol) "
+                  f"{', '.join(fmt(v) for v in q['first_draw_rise_kJ_per_mol_median'])}; "
+                  f"kept energy over the reference (median, kJ/mol) "
+                  f"{', '.join(fmt(v) for v in q['kept_energy_above_reference_kJ_per_mol_median'])}"
+                  f"; drop ratio "
+                  f"{', '.join(fmt(v) for v in q['drop_ratio'])}")
         if r.get("motion"):
             m = r["motion"]
             print(f"{r['model']}: internal motion per jump {fmt(m['internal_A2_per_jump'])} Å² "
