@@ -289,6 +289,10 @@ def test_surrogate_vs_md_measures_the_run_motion_and_stochastic_jumps(bench, tmp
         assert sum(per["relax_iterations"]) == run["relax_iterations_used"]
         assert len(per["rmsd_from_start_A"]) == 4 and min(per["rmsd_from_start_A"]) >= 0
         assert len(per["radius_of_gyration_A"]) == 5 and min(per["radius_of_gyration_A"]) > 0
+        # one draw each (no redraws); the first draw's rise wherever the energy check failed
+        assert per["draws"] == [1] * 4
+        rises = np.asarray(per["first_draw_rise_kJ_per_mol"])
+        assert np.isfinite(rises).sum() == run["guard_failures"].get("energy", 0)
     assert (runs["stochastic"]["per_jump"]["rmsd_from_start_A"][-1]
             > runs["deterministic"]["per_jump"]["rmsd_from_start_A"][-1])
     # redraws: every jump is accounted for once (as predicted, or fallen back), redraws apart
@@ -296,6 +300,7 @@ def test_surrogate_vs_md_measures_the_run_motion_and_stochastic_jumps(bench, tmp
                                 jump_noise=str(noise), redraws=2)
     assert fb["redraws_allowed"] == 2 and fb["redrawn"] >= 0 and fb["relaxed_kept"] == 0
     assert fb["passed_as_predicted"] + fb["fallbacks"] == fb["jumps"] == 4
+    assert sum(fb["per_jump"]["draws"]) == 4 + fb["redrawn"]
     with pytest.raises(SystemExit):  # redraws draw stochastic jumps again
         vs_md.main(["--quick", "--adk-redraws", "2"])
 

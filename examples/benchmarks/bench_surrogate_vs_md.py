@@ -191,7 +191,10 @@ class KineticTemperature:
     after superposition, its internal part, without the rigid rotation and translation), with
     the RMSD of ``atoms`` from where the run started (after superposition, Å: whether a run
     drifts), the wall-clock time of each report and the relaxation iterations since the one
-    before (the engine's guards, where it has them)."""
+    before (the engine's guards, where it has them), with the draws the last jump took and the
+    energy rise (kJ/mol over the guards' reference) of its first draw where the energy check
+    failed it (NaN where it passed): whether later jumps cost more because their draws start
+    further up, or because the same rise takes longer to relax."""
 
     def __init__(self, system, every: int = 1, atoms: np.ndarray | None = None) -> None:
         from integrations.openmm_simulation import degrees_of_freedom, system_masses_amu
@@ -210,14 +213,19 @@ class KineticTemperature:
         self.gyration_A: list[float] = []
         self.times_s: list[float] = []
         self.relax_iterations: list[int] = []
+        self.draws: list[int] = []
+        self.first_rise: list[float] = []
+        self._redraws = 0
 
-    def start(self, positions_A: np.ndarray, relax_iterations_used: int = 0) -> None:
-        """The state the timed run starts from (the first report's motion is measured from it)
-        and the guards' relaxation iterations so far."""
+    def start(self, positions_A: np.ndarray, relax_iterations_used: int = 0,
+              redraws: int = 0) -> None:
+        """The state the timed run starts from (the first report's motion is measured from it),
+        the guards' relaxation iterations and the engine's redraws so far."""
         if self._atoms is not None:
             self._last = self._first = np.asarray(positions_A)[self._atoms]
             self.gyration_A = [radius_of_gyration_A(self._first)]
         self._relaxed = int(relax_iterations_used)
+        self._redraws = int(redraws)
         self.times_s = [time.perf_counter()]
 
     def describeNextReport(self, simulation) -> dict:
@@ -250,6 +258,12 @@ class KineticTemperature:
         if guards is not None:
             self.relax_iterations.append(guards.relax_iterations_used - self._relaxed)
             self._relaxed = guards.relax_iterations_used
+            self.draws.append(1 + simulation.n_redraws - self._redraws)
+            self._redraws = simulation.n_redraws
+            jump = simulation.n_jumps + simulation.n_fallbacks - 1  # the guards' index of it
+            rises = [ev.value for ev in guards.events
+                     if ev.jump == jump and ev.check == "energy"]
+            self.first_rise.append(rises[0] if rises else float("nan"))
         self.times_s.append(time.perf_counter())
 
 
@@ -295,7 +309,8 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
                                  md_steps + sim.steps_per_jump if md_steps else 1,
                                  surrogate.model_atoms)
     kinetic.start(sim.context.getState(positions=True).getPositions(asNumpy=True)
-                  .value_in_unit(unit.angstrom), sim.guards.relax_iterations_used)
+                  .value_in_unit(unit.angstrom), sim.guards.relax_iterations_used,
+                  sim.n_redraws)
     sim.reporters.append(kinetic)
     start = time.perf_counter()
     sim.step(n_jumps)
@@ -346,6 +361,8 @@ def surrogate_timing(prepared, platform, surrogate, state, n_jumps: int, guards:
             # away from where it started, or whose jumps grow dearer as it goes, shows here
             "per_jump": {"wall_s": np.diff(kinetic.times_s).tolist(),
                          "relax_iterations": kinetic.relax_iterations,
+                         "draws": kinetic.draws,
+                         "first_draw_rise_kJ_per_mol": kinetic.first_rise,
                          "rmsd_from_start_A": kinetic.rmsd_A,
                          # the model's atoms' radius of gyration, at the start and after each
                          # jump (Å, unweighted): a run that compacts the molecule shows here
