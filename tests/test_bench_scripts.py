@@ -361,15 +361,27 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
     out = tmp_path / "val.json"
     assert validity.main(["--quick", "--models", "egno", "estag", "--jumps", "3", "--engine",
                           "--data-dir", str(tmp_path / "d"), "--out-dir", str(tmp_path / "r"),
-                          "--json", str(out), "--no-progress"]) == 0
+                          "--json", str(out), "--no-progress", "--basin-states", "2"]) == 0
     printed = capsys.readouterr().out
     tables = _tables(printed)
     body = _check(tables[1])
     assert [r[0] for r in body[:2]] == ["egno", "estag"] and "MD fallbacks" in body[0][-1]
+    assert "egno: energy basins" in printed
     assert "egno: s per jump by quarter of the run" in printed and "draws per jump" in printed
     assert "egno: internal motion per jump" in printed
     data = json.loads(out.read_text())
     assert data["engine"]
+    for row in data["models"]:
+        # the start and the kept states at jumps 2 and 3 (of 3), two MD frames, each minimised
+        basins = row["basins"]
+        assert basins["iterations"] == [0, 10, 30, 100, 300]
+        assert list(basins["kept"]) == ["jump 0", "jump 2", "jump 3"] and len(basins["md"]) == 2
+        assert abs(np.mean([e[0] for e in basins["md"].values()])) < 1e-6 * abs(
+            basins["md_mean_energy_kJ_per_mol"]) + 1e-6  # relative to the MD frames' mean
+        for energies in [*basins["md"].values(), *basins["kept"].values()]:
+            assert len(energies) == 5 and energies[-1] < energies[0]  # minimising lowers it
+    with pytest.raises(SystemExit):  # minimising a run's states needs the run in OpenMM
+        validity.main(["--quick", "--basin-states", "2"])
     for row in data["models"]:  # a history model too: its first history is the MD's
         guards = row["guards"]
         # the jump ends the engine kept, one per jump (fallback MD's states are not scored)

@@ -371,6 +371,8 @@ class _KeptStates:
         self.clock_s: list[float] = []
         self.relaxed: list[int] = []
         self.first: np.ndarray | None = None
+        self.keep_full: set[int] = set()  # jumps (1 = the first) whose full state is kept
+        self.full: dict[int, np.ndarray] = {}  # jump (0 = the start) -> (n_atoms, 3) Å
         self.draws: list[int] = []
         self.first_rise: list[float] = []
         self.reference: list[float] = []
@@ -383,8 +385,10 @@ class _KeptStates:
         from openmm import unit
 
         state = simulation.context.getState(positions=True)
-        self.first = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.angstrom)
-                                )[self.atoms]
+        full = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.angstrom))
+        self.first = full[self.atoms]
+        if self.keep_full:
+            self.full[0] = full
         self.clock_s = [time.perf_counter()]
         self.relaxed = [simulation.guards.relax_iterations_used]
 
@@ -396,6 +400,8 @@ class _KeptStates:
 
         pos = state.getPositions(asNumpy=True).value_in_unit(unit.angstrom)
         self.frames.append(np.asarray(pos)[self.atoms])
+        if len(self.frames) in self.keep_full:
+            self.full[len(self.frames)] = np.array(pos)
         self.times.append(state.getTime().value_in_unit(unit.picosecond))
         self.energies.append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
         self.from_md.append(simulation.n_fallbacks > self._fallbacks)
@@ -416,7 +422,8 @@ class _KeptStates:
 def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_iterations: int,
                    platform: str = "auto", progress: bool = True,
                    end_velocities: str = "difference", jump_noise=None,
-                   noise_scale: float = 1.0, redraws: int = 0) -> dict[str, Any]:
+                   noise_scale: float = 1.0, redraws: int = 0,
+                   basin_states: int = 0) -> dict[str, Any]:
     """``n_jumps`` jumps of ``SurrogateSimulation`` from MD frame ``frame``, guards acting
     (stochastic jumps with ``jump_noise``, a JumpNoise or its file, draws seeded with 1; a failed
     draw drawn again up to ``redraws`` times before MD stands in).
@@ -425,7 +432,9 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
     metadata with the same solvent, constraints, cutoff and hydrogen masses); fallback MD uses the
     dataset's integrator settings. Returns ``frames`` (n_jumps, model atoms, 3) Å and ``times``
     (n_jumps,) ps from the start, ``energies`` (n_jumps,) kJ/mol of the kept states, the engine's
-    ``guards`` summary, ``jumps``/``fallbacks`` counts and ``wall_s``.
+    ``guards`` summary, ``jumps``/``fallbacks`` counts and ``wall_s``. ``basin_states`` > 0:
+    also ``basins``, the :func:`basin_depths` of the start, of that many kept states spread
+    over the run and of as many MD frames (after the timed run).
     """
     import openmm
     from openmm import unit
@@ -468,11 +477,19 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
         for k, past in enumerate(hist[::-1]):
             sim.propagator.observe(start_ps - k * sur.history_stride_ps, past)
     kept = _KeptStates(sur.model_atoms)
+    if basin_states > 0:
+        kept.keep_full = {int(j) for j in np.linspace(0, n_jumps, basin_states + 1)[1:].round()}
     sim.reporters.append(kept)
     t0 = time.perf_counter()
     kept.start(sim)
     sim.step(n_jumps)
     wall = time.perf_counter() - t0
+    basins = None
+    if basin_states > 0:
+        md = np.linspace(frame, traj.n_frames - 1, basin_states).round().astype(int)
+        basins = basin_depths(prepared.system, sim.context.getPlatform(), sur.model_atoms,
+                              {f"jump {j}": x for j, x in sorted(kept.full.items())},
+                              {f"MD frame {i}": traj.read(np.array([i]))[0] for i in md})
     model = ~np.asarray(kept.from_md, dtype=bool)  # fallback MD's states are not scored
     n_atoms = len(sur.model_atoms)
     # how far each jump moved the model atoms once superposed (its internal part, Å²), and how
@@ -484,7 +501,7 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
             "times": (np.asarray(kept.times) - start_ps)[model],
             "energies": np.asarray(kept.energies)[model], "guards": sim.guard_summary(),
             "jumps": sim.n_jumps, "fallbacks": sim.n_fallbacks, "redrawn": sim.n_redraws,
-            "wall_s": wall,
+            "wall_s": wall, "basins": basins,
             "simulated_ps": float(kept.times[-1] - start_ps) if kept.times else 0.0,
             # per jump, fallbacks included: wall s (the reporters' own time too) and relaxation
             # iterations, where a run that grows dearer as it goes shows
@@ -496,6 +513,43 @@ def engine_rollout(sur, traj, frame: int, n_jumps: int, *, action: str, relax_it
                          "first_draw_rise_kJ_per_mol": kept.first_rise,
                          "energy_reference_kJ_per_mol": kept.reference,
                          "drop_ratio": kept.drop_ratio}}
+
+
+#: cumulative minimiser iterations at which :func:`basin_depths` reads the energy
+BASIN_ITERATIONS = (10, 30, 100, 300)
+
+
+def basin_depths(system, platform, model_atoms: np.ndarray, kept: dict[str, np.ndarray],
+                 md: dict[str, np.ndarray], iterations=BASIN_ITERATIONS) -> dict[str, Any]:
+    """How deep the energy basin of each state is: its potential energy (kJ/mol, the System's
+    full force field, flexible copy) and the energies after ``iterations`` cumulative L-BFGS
+    iterations from it, for ``kept`` states of a run and ``md`` frames (name -> (n_atoms, 3)
+    Å), all relative to the mean energy of the ``md`` frames.
+
+    An MD state carries its thermal strain, most of it in the stiff terms a few iterations
+    remove; a relaxed state sits at the guards' target with those terms already cold. The energy
+    after many iterations (the floor of the state's basin) tells whether the kept states stay in
+    basins as low as the MD's or climb into higher ones, where a relaxation that must reach the
+    same target needs ever more iterations."""
+    from integrations.openmm_simulation import Relaxation
+
+    relax = Relaxation(system, platform, None, model_atoms)
+
+    def profile(x: np.ndarray) -> list[float]:
+        y = np.asarray(x, dtype=np.float64)
+        out, done = [relax.energy(y)], 0
+        for n in iterations:
+            y = relax.minimise(y, None, n - done)
+            done = n
+            out.append(relax.energy(y))
+        return out
+
+    md_e = {k: profile(x) for k, x in md.items()}
+    ref = float(np.mean([e[0] for e in md_e.values()]))
+    shift = {k: [e - ref for e in v] for k, v in md_e.items()}
+    return {"iterations": [0, *iterations], "md_mean_energy_kJ_per_mol": ref,
+            "md": shift,
+            "kept": {k: [e - ref for e in profile(x)] for k, x in kept.items()}}
 
 
 def by_quarter(values: list[float], stat=np.mean) -> list[float | None]:
@@ -660,6 +714,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redraws", type=int, default=0, metavar="N",
                         help="with --jump-noise: a draw the guards reject (and its relaxation "
                              "cannot save) is drawn again up to N times before MD stands in")
+    parser.add_argument("--basin-states", type=int, default=0, metavar="N",
+                        help="with --engine: after the run, minimise N kept states spread over "
+                             "it, the start and N MD frames, and print how deep each one's "
+                             "energy basin is (energies after 10/30/100/300 iterations): "
+                             "whether a run's states climb into higher basins")
     parser.add_argument("--relax-iterations", type=int, default=200,
                         help="with --engine and relax: minimiser iterations per relaxation")
     parser.add_argument("--jumps", type=int, default=1000)
@@ -697,6 +756,9 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints = [train_model(args, m, data) for m in args.models]
     noises: list[str | None] = [None] * len(checkpoints)
     loaded: dict[str, Any] = {}
+    if args.basin_states < 0 or (args.basin_states and not args.engine):
+        parser.error("--basin-states N (N >= 0) minimises states of a run inside OpenMM: it "
+                     "needs --engine")
     if args.redraws < 0 or (args.redraws and args.jump_noise is None):
         parser.error("--redraws N (N >= 0) draws a stochastic jump again: it needs --jump-noise")
     if args.jump_noise is not None:
@@ -736,7 +798,8 @@ def main(argv: list[str] | None = None) -> int:
                                             end_velocities=args.end_velocities,
                                             jump_noise=loaded.get(noise),
                                             noise_scale=args.noise_scale,
-                                            redraws=args.redraws)
+                                            redraws=args.redraws,
+                                            basin_states=args.basin_states)
                 frames, times = engine_run["frames"], engine_run["times"]
                 rollout_s = engine_run["wall_s"]  # the engine's stepping, as its ns/day
                 if len(frames) == 0:
@@ -789,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
                             per["energy_reference_kJ_per_mol"]),
                         "drop_ratio": by_quarter(per["drop_ratio"])}
                     row["motion"] = engine_motion(per, traj, sur)
+                    if engine_run["basins"] is not None:
+                        row["basins"] = engine_run["basins"]
                     row["engine"] = {"guard_action": args.guard_action,
                                      "relax_iterations": args.relax_iterations,
                                      "redraws": args.redraws if noise is not None else 0,
@@ -880,6 +945,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"RMSD from the start by quarter "
                   f"{', '.join(fmt(v) for v in m['rmsd_from_start_A_by_quarter'])} Å, "
                   f"{fmt(m['rmsd_from_start_A_end'])} at the end")
+        if r.get("basins"):
+            b = r["basins"]
+            print(f"\n{r['model']}: energy basins, kJ/mol relative to the MD frames' mean "
+                  f"energy, as minimised (full force field, cumulative L-BFGS iterations)\n")
+            print(markdown_table(["state", *(f"{n} it." for n in b["iterations"])],
+                                 [[name, *(fmt(e, 4) for e in es)]
+                                  for part in ("md", "kept") for name, es in b[part].items()]))
     print(f"wall time {results['wall_seconds']:.1f} s")
     if args.json_path:
         save_json(args.json_path, results)
