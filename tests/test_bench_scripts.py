@@ -367,7 +367,7 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
     body = _check(tables[1])
     assert [r[0] for r in body[:2]] == ["egno", "estag"] and "MD fallbacks" in body[0][-1]
     assert "egno: energy basins" in printed
-    assert "egno: s per jump by quarter of the run" in printed and "draws per jump" in printed
+    assert "egno, by quarter of the run: s per jump" in printed and "draws per jump" in printed
     assert "egno: internal motion per jump" in printed
     data = json.loads(out.read_text())
     assert data["engine"]

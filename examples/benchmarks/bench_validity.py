@@ -925,26 +925,27 @@ def main(argv: list[str] | None = None) -> int:
           + (": the engine's own record (SurrogateSimulation scored the jump ends it kept, "
              "after the guard action)" if args.engine else "")
           + ".\n")
+    def series(values) -> str:
+        return ", ".join(fmt(v) for v in values)
+
+    quarters = (("s per jump", "s_per_jump"),
+                ("relaxation iterations per jump", "relax_iterations_per_jump"),
+                ("draws per jump", "draws_per_jump"),
+                ("first draw's energy rise (median, kJ/mol)", "first_draw_rise_kJ_per_mol_median"),
+                ("kept energy over the reference (median, kJ/mol)",
+                 "kept_energy_above_reference_kJ_per_mol_median"),
+                ("drop ratio", "drop_ratio"))
     for r in rows:
         if r.get("by_quarter"):
             q = r["by_quarter"]
-            print(f"{r['model']}: s per jump by quarter of the run "
-                  f"{', '.join(fmt(v) for v in q['s_per_jump'])}; relaxation iterations per jump "
-                  f"{', '.join(fmt(v) for v in q['relax_iterations_per_jump'])}; draws per "
-                  f"jump {', '.join(fmt(v) for v in q['draws_per_jump'])}; first draw's energy "
-                  f"rise (median, kJ/mol) "
-                  f"{', '.join(fmt(v) for v in q['first_draw_rise_kJ_per_mol_median'])}; "
-                  f"kept energy over the reference (median, kJ/mol) "
-                  f"{', '.join(fmt(v) for v in q['kept_energy_above_reference_kJ_per_mol_median'])}"
-                  f"; drop ratio "
-                  f"{', '.join(fmt(v) for v in q['drop_ratio'])}")
+            print(f"{r['model']}, by quarter of the run: "
+                  + "; ".join(f"{label} {series(q[key])}" for label, key in quarters))
         if r.get("motion"):
             m = r["motion"]
             print(f"{r['model']}: internal motion per jump {fmt(m['internal_A2_per_jump'])} Å² "
                   f"(the reference MD's over {r['jump_ps']:g} ps: {fmt(m['md_internal_A2'])}); "
-                  f"RMSD from the start by quarter "
-                  f"{', '.join(fmt(v) for v in m['rmsd_from_start_A_by_quarter'])} Å, "
-                  f"{fmt(m['rmsd_from_start_A_end'])} at the end")
+                  f"RMSD from the start by quarter {series(m['rmsd_from_start_A_by_quarter'])} "
+                  f"Å, {fmt(m['rmsd_from_start_A_end'])} at the end")
         if r.get("basins"):
             b = r["basins"]
             print(f"\n{r['model']}: energy basins, kJ/mol relative to the MD frames' mean "
