@@ -380,6 +380,17 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
             basins["md_mean_energy_kJ_per_mol"]) + 1e-6  # relative to the MD frames' mean
         for energies in [*basins["md"].values(), *basins["kept"].values()]:
             assert len(energies) == 5 and energies[-1] < energies[0]  # minimising lowers it
+        # the floor split by the System's forces: the MD frames' rows average to zero, and the
+        # forces add up to the floor (but for the flexible copy's stiff bonds in place of the
+        # constraints, held within a few J/mol of their lengths)
+        floors = basins["floor_by_force"]
+        assert list(floors) == [*basins["md"], *basins["kept"]]
+        assert any(name.startswith("NonbondedForce") for name in basins["forces"])
+        np.testing.assert_allclose(np.mean([floors[k] for k in basins["md"]], axis=0), 0.0,
+                                   atol=1e-6)
+        md_floor = np.mean([e[-1] for e in basins["md"].values()])
+        for name, energies in basins["kept"].items():
+            assert sum(floors[name]) == pytest.approx(energies[-1] - md_floor, abs=0.05)
     with pytest.raises(SystemExit):  # minimising a run's states needs the run in OpenMM
         validity.main(["--quick", "--basin-states", "2"])
     for row in data["models"]:  # a history model too: its first history is the MD's

@@ -524,32 +524,55 @@ def basin_depths(system, platform, model_atoms: np.ndarray, kept: dict[str, np.n
     """How deep the energy basin of each state is: its potential energy (kJ/mol, the System's
     full force field, flexible copy) and the energies after ``iterations`` cumulative L-BFGS
     iterations from it, for ``kept`` states of a run and ``md`` frames (name -> (n_atoms, 3)
-    Å), all relative to the mean energy of the ``md`` frames.
+    Å), all relative to the mean energy of the ``md`` frames; and per force of the System, the
+    energy at the floor (after the last iteration count) relative to the MD frames' mean floor
+    (``floor_by_force``: which terms hold a kept state's shallower basin).
 
     An MD state carries its thermal strain, most of it in the stiff terms a few iterations
     remove; a relaxed state sits at the guards' target with those terms already cold. The energy
     after many iterations (the floor of the state's basin) tells whether the kept states stay in
     basins as low as the MD's or climb into higher ones, where a relaxation that must reach the
     same target needs ever more iterations."""
+    import openmm
+
     from integrations.openmm_simulation import Relaxation
 
-    relax = Relaxation(system, platform, None, model_atoms)
+    grouped = openmm.XmlSerializer.clone(system)
+    forces = list(grouped.getForces())
+    if len(forces) > 31:
+        raise SystemExit(f"--basin-states splits the energy by force: the System has "
+                         f"{len(forces)} forces, OpenMM counts at most 31 besides the copy's own")
+    names = []
+    for group, force in enumerate(forces, start=1):  # 0: the flexible copy's own bonds
+        force.setForceGroup(group)
+        names.append(f"{type(force).__name__} {group}")
+    relax = Relaxation(grouped, platform, None, model_atoms)
 
-    def profile(x: np.ndarray) -> list[float]:
+    def by_force(y: np.ndarray) -> list[float]:
+        relax.energy(y)  # sets the positions
+        return [relax.context.getState(energy=True, groups={g}).getPotentialEnergy()
+                .value_in_unit(openmm.unit.kilojoule_per_mole)
+                for g in range(1, len(forces) + 1)]
+
+    def profile(x: np.ndarray) -> tuple[list[float], list[float]]:
         y = np.asarray(x, dtype=np.float64)
         out, done = [relax.energy(y)], 0
         for n in iterations:
             y = relax.minimise(y, None, n - done)
             done = n
             out.append(relax.energy(y))
-        return out
+        return out, by_force(y)
 
-    md_e = {k: profile(x) for k, x in md.items()}
-    ref = float(np.mean([e[0] for e in md_e.values()]))
-    shift = {k: [e - ref for e in v] for k, v in md_e.items()}
+    md_p = {k: profile(x) for k, x in md.items()}
+    kept_p = {k: profile(x) for k, x in kept.items()}
+    ref = float(np.mean([e[0] for e, _ in md_p.values()]))
+    floor = np.mean([f for _, f in md_p.values()], axis=0)
     return {"iterations": [0, *iterations], "md_mean_energy_kJ_per_mol": ref,
-            "md": shift,
-            "kept": {k: [e - ref for e in profile(x)] for k, x in kept.items()}}
+            "md": {k: [e - ref for e in es] for k, (es, _) in md_p.items()},
+            "kept": {k: [e - ref for e in es] for k, (es, _) in kept_p.items()},
+            "forces": names,
+            "floor_by_force": {k: (np.asarray(f) - floor).tolist()
+                               for k, (_, f) in {**md_p, **kept_p}.items()}}
 
 
 def by_quarter(values: list[float], stat=np.mean) -> list[float | None]:
@@ -953,6 +976,11 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown_table(["state", *(f"{n} it." for n in b["iterations"])],
                                  [[name, *(fmt(e, 4) for e in es)]
                                   for part in ("md", "kept") for name, es in b[part].items()]))
+            print(f"\n{r['model']}: the floor ({b['iterations'][-1]} it.) by force, kJ/mol "
+                  f"relative to the MD frames' mean floor\n")
+            print(markdown_table(["state", *b["forces"]],
+                                 [[name, *(fmt(e, 4) for e in es)]
+                                  for name, es in b["floor_by_force"].items()]))
     print(f"wall time {results['wall_seconds']:.1f} s")
     if args.json_path:
         save_json(args.json_path, results)
