@@ -44,6 +44,7 @@ import yaml
 from common import (
     clean_errors,
     command_line,
+    first_draw_rise,
     fmt,
     machine,
     machine_table,
@@ -260,10 +261,7 @@ class KineticTemperature:
             self._relaxed = guards.relax_iterations_used
             self.draws.append(1 + simulation.n_redraws - self._redraws)
             self._redraws = simulation.n_redraws
-            jump = simulation.n_jumps + simulation.n_fallbacks - 1  # the guards' index of it
-            rises = [ev.value for ev in guards.events
-                     if ev.jump == jump and ev.check == "energy"]
-            self.first_rise.append(rises[0] if rises else float("nan"))
+            self.first_rise.append(first_draw_rise(simulation))
         self.times_s.append(time.perf_counter())
 
 

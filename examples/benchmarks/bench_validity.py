@@ -65,6 +65,7 @@ from common import (
     ADK_MD,
     clean_errors,
     command_line,
+    first_draw_rise,
     fmt,
     machine,
     machine_table,
@@ -411,9 +412,7 @@ class _KeptStates:
         self.relaxed.append(guards.relax_iterations_used)
         self.draws.append(1 + simulation.n_redraws - self._redraws)
         self._redraws = simulation.n_redraws
-        jump = simulation.n_jumps + simulation.n_fallbacks - 1  # the index the guards gave it
-        rises = [ev.value for ev in guards.events if ev.jump == jump and ev.check == "energy"]
-        self.first_rise.append(rises[0] if rises else float("nan"))
+        self.first_rise.append(first_draw_rise(simulation))
         self.reference.append(guards.energy_reference_kJ_per_mol)
         relaxation = getattr(simulation, "_relax", None)  # built by the first relaxation
         self.drop_ratio.append(float("nan") if relaxation is None else relaxation.drop_ratio)

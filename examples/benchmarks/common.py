@@ -191,6 +191,20 @@ def motion_over_lag(positions_A: np.ndarray, lag: int) -> dict[str, Any] | None:
             "internal_A2": float(((fitted - start) ** 2).sum(-1).mean())}
 
 
+def first_draw_rise(simulation) -> float:
+    """The energy rise (kJ/mol over the guards' reference) at which the energy check failed the
+    first draw of the jump a ``SurrogateSimulation`` just took (fallbacks counted), NaN where
+    no draw failed it. Read from the guards' kept events, newest first."""
+    jump = simulation.n_jumps + simulation.n_fallbacks - 1  # the index the guards gave it
+    rise = float("nan")
+    for ev in reversed(simulation.guards.events):
+        if ev.jump < jump:
+            break
+        if ev.jump == jump and ev.check == "energy":
+            rise = ev.value  # going back in time: the earliest draw's stays
+    return rise
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
