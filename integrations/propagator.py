@@ -41,7 +41,9 @@ before fixed atoms are put back and the atoms the model does not predict are reb
 noisy frames. Velocities follow from the noisy frames as from any others. A non-finite
 prediction gets no noise (it stays broken for the guards). The engines' guards judge a noisy
 jump like any other (a draw that tears a bond or lifts the energy fails them and is handled by
-the guard action), and history models remember the noisy frames as the jump's own.
+the guard action), and history models remember the noisy frames as the jump's own. A jump
+asked for again from the same state (time, positions, velocities, history: an engine drawing a
+failed jump again) reuses the model's mean of the last call and draws only the noise anew.
 ``noise_scale`` (>= 0) multiplies the standard deviations (0: the model's mean, exactly the
 noiseless jump, where the noise is not mean-reverting; a reverting one still pulls). The draws come from their own generator, seeded by ``noise_seed`` (derived
 apart from the thermal velocity draws', so one seed for both gives independent streams); its
@@ -248,6 +250,8 @@ class SurrogatePropagator:
         self.offsets_ps = np.asarray(surrogate.times_ps, dtype=np.float64)
         self.jump_ps = float(surrogate.jump_ps)
         self._known: dict[int, np.ndarray] = {}
+        # (time, positions, velocities, history) of the last model call and its frames
+        self._last_mean: tuple[tuple, np.ndarray] | None = None
         self.fixed_atoms = fixed_atoms
 
     @property
@@ -433,7 +437,7 @@ class SurrogatePropagator:
             # the velocity of a massless particle)
             vel = np.array(vel, dtype=np.float64)
             vel[self._fixed] = 0.0
-        pred = self.surrogate.predict(pos, vel, history=self.history(time_ps))
+        pred = self._mean_prediction(pos, vel, time_ps)
         if self.jump_noise is not None and np.isfinite(pred).all():
             # a stochastic jump: the model's mean plus a draw of its residuals (module doc)
             pred = self.jump_noise.sample(pred, self.offsets_ps, self._noise_rng,
@@ -459,6 +463,26 @@ class SurrogatePropagator:
         dt = np.diff(np.concatenate([[0.0], offsets]))
         vel = (frames - prev) / dt[:, None, None]
         return JumpResult(frames, self._end_velocities(vel), offsets.copy(), predicted)
+
+    def _mean_prediction(self, pos: np.ndarray, vel: np.ndarray | None, time_ps: float
+                         ) -> np.ndarray:
+        """The model's frames (P, n_model_atoms, 3) Å from this state. With jump noise the
+        last call's result is kept: an engine that draws a failed stochastic jump again asks
+        for the same state's mean (the model is deterministic), and only the draw is new."""
+        hist = self.history(time_ps)
+        if self.jump_noise is None:
+            return self.surrogate.predict(pos, vel, history=hist)
+        key = (float(time_ps), pos, vel, hist)
+        last = self._last_mean
+        if last is not None and last[0][0] == key[0] and all(
+                (a is None and b is None) or (a is not None and b is not None
+                                              and np.array_equal(a, b))
+                for a, b in zip(last[0][1:], key[1:])):
+            return last[1].copy()
+        pred = self.surrogate.predict(pos, vel, history=hist)
+        self._last_mean = ((key[0], *(None if a is None else np.array(a, dtype=np.float64)
+                                      for a in key[1:])), pred)
+        return pred
 
     def _end_velocities(self, vel: np.ndarray) -> np.ndarray:
         """(P, n, 3) Å/ps with the last frame's replaced by thermal draws if so configured, and

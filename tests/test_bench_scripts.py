@@ -354,6 +354,45 @@ def test_validity_quick(bench, tmp_path, capsys):
     assert f"{row['radius_of_gyration_A']['model_min']:.3g}" in size and "(MD " in size
 
 
+def test_bonded_forces_split_by_the_atoms_their_terms_touch(bench):
+    """The basin split: every bond, angle and torsion lands in exactly one of three forces by
+    whether its atoms are all predicted, all rebuilt or both, and the energy is unchanged."""
+    import openmm
+
+    from datagen.openmm_md import prepare_system
+
+    validity = bench("bench_validity")
+    prepared = prepare_system("alanine-dipeptide", solvent="implicit", constraints=None)
+    topology_atoms = list(prepared.topology.atoms())
+    backbone = np.array([a.index for a in topology_atoms if a.name in ("N", "CA", "C", "O")])
+    split, names = validity.split_bonded_by_part(prepared.system, backbone)
+    assert split.getNumForces() == prepared.system.getNumForces() + 6  # three in place of one
+    by_name = dict(zip(names, split.getForces()))
+    predicted = set(backbone.tolist())
+    for kind, (count, get, _, n) in validity._BONDED.items():
+        original = next(f for f in prepared.system.getForces() if type(f).__name__ == kind)
+        parts = {part: by_name[f"{kind} ({part} atoms)"]
+                 for part in ("model", "junction", "rebuilt")}
+        assert sum(getattr(f, count)() for f in parts.values()) == getattr(original, count)()
+        for part, force in parts.items():
+            for i in range(getattr(force, count)()):
+                inside = [a in predicted for a in getattr(force, get)(i)[:n]]
+                assert {"model": all(inside), "rebuilt": not any(inside),
+                        "junction": any(inside) and not all(inside)}[part]
+        assert getattr(parts["model"], count)() > 0 and getattr(parts["junction"], count)() > 0
+        if kind != "PeriodicTorsionForce":  # a dipeptide has no torsion off its backbone
+            assert getattr(parts["rebuilt"], count)() > 0
+
+    def energy(system) -> float:
+        context = openmm.Context(system, openmm.VerletIntegrator(0.001),
+                                 openmm.Platform.getPlatformByName("Reference"))
+        context.setPositions(prepared.positions)
+        return context.getState(energy=True).getPotentialEnergy().value_in_unit(
+            openmm.unit.kilojoule_per_mole)
+
+    assert energy(split) == pytest.approx(energy(prepared.system), rel=1e-9, abs=1e-6)
+
+
 def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
     """--engine: the rollout runs through SurrogateSimulation on the dataset's force field; the
     jump ends it keeps are scored, and the guard record is the engine's."""
@@ -386,6 +425,8 @@ def test_validity_quick_inside_the_engine(bench, tmp_path, capsys):
         floors = basins["floor_by_force"]
         assert list(floors) == [*basins["md"], *basins["kept"]]
         assert any(name.startswith("NonbondedForce") for name in basins["forces"])
+        assert any(name.startswith("PeriodicTorsionForce (junction atoms)")
+                   for name in basins["forces"])
         np.testing.assert_allclose(np.mean([floors[k] for k in basins["md"]], axis=0), 0.0,
                                    atol=1e-6)
         md_floor = np.mean([e[-1] for e in basins["md"].values()])

@@ -341,6 +341,58 @@ def test_a_failed_draw_is_drawn_again_before_the_md_stands_in(linear, noise):
     assert sim.guards.summary()["actions"] == {"redraw": 1, "fallback": 1}
 
 
+def count_model_calls(surrogate, monkeypatch) -> list:
+    """Record every ``surrogate.predict`` call (its positions) while it still predicts."""
+    calls, predict = [], surrogate.predict
+
+    def counted(pos, *args, **kwargs):
+        calls.append(np.array(pos))
+        return predict(pos, *args, **kwargs)
+
+    monkeypatch.setattr(surrogate, "predict", counted)
+    return calls
+
+
+def test_a_redraw_reuses_the_models_mean_and_draws_only_the_noise_anew(linear, noise,
+                                                                        monkeypatch):
+    """The model is deterministic: drawing a jump again from the same state needs no second
+    model call, only a fresh draw; a new state (or time, or velocities) calls the model."""
+    from integrations.guards import GuardConfig
+
+    calls = count_model_calls(linear, monkeypatch)
+    prop = SurrogatePropagator(linear, jump_noise=noise, noise_seed=5)
+    plain = SurrogatePropagator(linear)
+    sim = make_sim(linear, guards=GuardConfig(action="fallback"))
+    start = positions_A(sim)
+    vel = sim.context.getState(velocities=True).getVelocities(asNumpy=True).value_in_unit(
+        A / unit.picosecond)
+    first, second = (prop.jump(start, vel, 0.0) for _ in range(2))
+    assert len(calls) == 1  # one model call for both draws
+    assert np.abs(first.predicted_A - second.predicted_A).max() > 1e-3  # two different draws
+    # the mean both draws scatter around is the model's own, not a stale one
+    mean = plain.jump(start, vel, 0.0).predicted_A
+    assert len(calls) == 2
+    fresh = SurrogatePropagator(linear, jump_noise=noise, noise_seed=5)
+    np.testing.assert_allclose(fresh.jump(start, vel, 0.0).predicted_A - mean,
+                               first.predicted_A - mean, atol=1e-12)
+    assert len(calls) == 3
+    moved = start + 0.01
+    for args in ((moved, vel, 0.0), (moved, vel, 1.0), (moved, 1.1 * vel, 1.0)):
+        prop.jump(*args)
+    assert len(calls) == 6  # each a new state for the model
+    result = prop.jump(moved, 1.1 * vel, 1.0)
+    result.predicted_A[:] = np.nan  # a caller's changes do not reach the kept mean
+    assert len(calls) == 6 and np.isfinite(prop.jump(moved, 1.1 * vel, 1.0).predicted_A).all()
+
+    # inside the engine: two failed draws and the kept third cost one model call
+    sim = make_sim(linear, guards=GuardConfig(action="fallback"), jump_noise=noise,
+                   noise_seed=5, redraws=3)
+    fail_first_checks(sim.guards, 2)
+    calls.clear()
+    sim.step(1)
+    assert sim.n_redraws == 2 and len(calls) == 1
+
+
 def test_a_relaxation_knows_whether_its_draw_can_be_drawn_again(linear, noise, monkeypatch):
     """Under the ``relax`` action the engine tells each relaxation whether a failure is drawn
     again (it may then stop early: ``relax_until_accepted(redraw_left=...)``), and the last

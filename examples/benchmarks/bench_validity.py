@@ -536,15 +536,14 @@ def basin_depths(system, platform, model_atoms: np.ndarray, kept: dict[str, np.n
 
     from integrations.openmm_simulation import Relaxation
 
-    grouped = openmm.XmlSerializer.clone(system)
+    grouped, names = split_bonded_by_part(system, model_atoms)
     forces = list(grouped.getForces())
     if len(forces) > 31:
         raise SystemExit(f"--basin-states splits the energy by force: the System has "
                          f"{len(forces)} forces, OpenMM counts at most 31 besides the copy's own")
-    names = []
     for group, force in enumerate(forces, start=1):  # 0: the flexible copy's own bonds
         force.setForceGroup(group)
-        names.append(f"{type(force).__name__} {group}")
+    names = [f"{name} {group}" for group, name in enumerate(names, start=1)]
     relax = Relaxation(grouped, platform, None, model_atoms)
 
     def by_force(y: np.ndarray) -> list[float]:
@@ -572,6 +571,50 @@ def basin_depths(system, platform, model_atoms: np.ndarray, kept: dict[str, np.n
             "forces": names,
             "floor_by_force": {k: (np.asarray(f) - floor).tolist()
                                for k, (_, f) in {**md_p, **kept_p}.items()}}
+
+
+#: bonded forces :func:`split_bonded_by_part` splits: class -> (terms, parameters of a term)
+_BONDED = {"HarmonicBondForce": ("getNumBonds", "getBondParameters", "addBond", 2),
+           "HarmonicAngleForce": ("getNumAngles", "getAngleParameters", "addAngle", 3),
+           "PeriodicTorsionForce": ("getNumTorsions", "getTorsionParameters", "addTorsion", 4)}
+
+
+def split_bonded_by_part(system, model_atoms: np.ndarray):
+    """A copy of ``system`` whose bond, angle and torsion forces are each split in three by the
+    atoms a term touches: only atoms the model predicts (``model``), only atoms it rebuilds
+    (``rebuilt``: side chains and hydrogens riding on a backbone) or both (``junction``). The
+    energy is unchanged. Returns the copy and a name per force (class and part)."""
+    import openmm
+
+    out = openmm.XmlSerializer.clone(system)
+    predicted = np.zeros(system.getNumParticles(), dtype=bool)
+    predicted[np.asarray(model_atoms)] = True
+    for index in reversed(range(out.getNumForces())):
+        force = out.getForce(index)
+        kind = type(force).__name__
+        if kind not in _BONDED:
+            continue
+        count, get, add, n_atoms = _BONDED[kind]
+        parts = {part: getattr(openmm, kind)() for part in ("model", "junction", "rebuilt")}
+        for i in range(getattr(force, count)()):
+            params = getattr(force, get)(i)
+            inside = predicted[list(params[:n_atoms])]
+            part = "model" if inside.all() else "rebuilt" if not inside.any() else "junction"
+            getattr(parts[part], add)(*params)
+        for part in parts.values():
+            part.setUsesPeriodicBoundaryConditions(force.usesPeriodicBoundaryConditions())
+        out.removeForce(index)
+        for part in parts.values():
+            out.addForce(part)
+    names = [type(force).__name__ for force in out.getForces()]
+    # the split forces were appended in (model, junction, rebuilt) order per class
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in _BONDED:
+            k = seen.get(name, 0)
+            seen[name] = k + 1
+            names[i] = f"{name} ({('model', 'junction', 'rebuilt')[k % 3]} atoms)"
+    return out, names
 
 
 def by_quarter(values: list[float], stat=np.mean) -> list[float | None]:
