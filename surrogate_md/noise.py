@@ -37,6 +37,21 @@ little every jump; with 20 reverting components that walked it to the bottom of 
 check's range, where one check in five failed, and 300 jumps needed 97 redraws and 14 MD
 fallbacks; with 60 components 100 jumps needed none).
 
+Size (``fit(..., size=True)``, ``evaluate --noise-size``): a model trained on the squared error
+predicts the mean of the states a jump may reach, and an average of fluctuating structures is a
+smaller structure. An AdK backbone EGNO's 64 ps ends have a radius of gyration 0.75 Å below their
+inputs', with a spread of 0.02 Å between windows: a bias, not noise, and the zero-mean draws do
+not undo it, so a run shrinks the protein jump after jump (to the bottom of the size check's
+range), its states packed ever worse and ever dearer to relax. A size model regresses, over the
+fitted windows, the radius of gyration of the reference MD's end on that of the model's end,
+``R_target = a + b R_pred + e`` (b clipped to [0, 1]), and scales each drawn end about its
+centroid so that its radius of gyration is ``a + b R_pred + σ z`` (σ the spread of e, z a draw
+of its own): the size of the ends follows the MD's own statistics at the jump's lag (for a lag
+longer than the size's memory, b ≈ 0: the MD's distribution of sizes; for a short one, b ≈ 1:
+the bias taken out). The scale reaches the frames inside the jump in proportion to their time,
+like ε. Scaling about the centroid is E(3)-equivariant and keeps every angle; bond lengths
+change by the same fraction (a few per cent), which the engines' relaxation undoes first.
+
 Fit one with ``python -m surrogate_md.evaluate CHECKPOINT --data FILE --split val --out DIR
 --noise-out noise.npz`` (the residuals of the windows it scores; ``val`` or ``train``: windows
 the model was tested on are better kept for the test) and hand it to an engine
@@ -57,6 +72,7 @@ import numpy as np
 
 from surrogate_md.errors import DataError
 from surrogate_md.fileio import atomic_path
+from surrogate_md.validity import radius_of_gyration
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +97,25 @@ def orthogonal_fit(reference_A: np.ndarray, current_A: np.ndarray) -> np.ndarray
     return u @ vt
 
 
+def fit_size(predicted_rg_A: np.ndarray, target_rg_A: np.ndarray) -> np.ndarray:
+    """The size model ``(a Å, b, σ Å)`` of ``R_target = a + b R_pred + e`` (module doc): least
+    squares over windows, b clipped to [0, 1] (a pulled-back or bias-corrected size, never an
+    exploding one), σ the spread of e.
+
+    Args:
+        predicted_rg_A, target_rg_A: (W,) Å, radii of gyration of the model's and the
+            reference MD's jump ends, W >= 3.
+    """
+    x = np.asarray(predicted_rg_A, dtype=np.float64)
+    y = np.asarray(target_rg_A, dtype=np.float64)
+    dx = x - x.mean()
+    sxx = float(np.sum(dx ** 2))
+    slope = float(np.clip(np.sum(dx * (y - y.mean())) / sxx, 0.0, 1.0)) if sxx > 0 else 0.0
+    intercept = float(y.mean() - slope * x.mean())
+    spread = float(np.sqrt(np.sum((y - intercept - slope * x) ** 2) / (len(x) - 2)))
+    return np.array([intercept, slope, spread])
+
+
 @dataclass
 class JumpNoise:
     """Gaussian residual model of one surrogate's jump ends (see the module doc).
@@ -96,6 +131,7 @@ class JumpNoise:
         reversion: (k,) γ_k in [-1, 0], or None: the draws' pull along each component towards
             the reference, per Å of the predicted end's coordinate along it (see the module
             doc; ``std_A`` is then the spread left after that pull).
+        size: (3,) ``(a Å, b, σ Å)`` of the size model (module doc), or None: none.
     """
 
     reference_A: np.ndarray
@@ -104,6 +140,7 @@ class JumpNoise:
     jump_ps: float
     meta: dict[str, Any] = field(default_factory=dict)
     reversion: np.ndarray | None = None
+    size: np.ndarray | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -117,7 +154,7 @@ class JumpNoise:
     @classmethod
     def fit(cls, predicted_A: np.ndarray, target_A: np.ndarray, jump_ps: float, *,
             max_components: int = DEFAULT_MAX_COMPONENTS, meta: dict[str, Any] | None = None,
-            revert: bool = False) -> JumpNoise:
+            revert: bool = False, size: bool = False) -> JumpNoise:
         """Fit to the jump ends of W windows.
 
         Args:
@@ -128,6 +165,7 @@ class JumpNoise:
                 residual variance they hold is in ``meta["captured_variance"]``).
             revert: also fit the mean reversion along each component (module doc; needs at
                 least 3 windows).
+            size: also fit the size model (module doc; needs at least 3 windows).
         """
         pred = np.asarray(predicted_A, dtype=np.float64)
         target = np.asarray(target_A, dtype=np.float64)
@@ -143,9 +181,10 @@ class JumpNoise:
                             "evaluate a checkpoint whose predictions are finite")
         if max_components < 1:
             raise DataError(f"jump noise: max_components must be >= 1, got {max_components}")
-        if revert and len(pred) < 3:
-            raise DataError(f"jump noise: {len(pred)} windows fit no mean reversion (a slope and "
-                            "a spread per component); fit it on at least 3 windows")
+        if (revert or size) and len(pred) < 3:
+            raise DataError(f"jump noise: {len(pred)} windows fit no "
+                            f"{'mean reversion' if revert else 'size model'} (a slope and a "
+                            "spread); fit it on at least 3 windows")
         centred = pred - pred.mean(1, keepdims=True)
         reference = centred[0]
         for _ in range(3):  # Procrustes mean: align every end onto the reference, average
@@ -180,10 +219,18 @@ class JumpNoise:
             info["reversion"] = {"mean": float(gamma.mean()), "min": float(gamma.min()),
                                  "max": float(gamma.max()),
                                  "draw_rms_A": float(np.sqrt(np.sum(std ** 2) / n))}
-        return cls(reference, comps.reshape(-1, n, 3), std, float(jump_ps), info, gamma)
+        size_model = None
+        if size:
+            size_model = fit_size(radius_of_gyration(pred), radius_of_gyration(target))
+            info["size"] = {"intercept_A": float(size_model[0]), "slope": float(size_model[1]),
+                            "spread_A": float(size_model[2]),
+                            "predicted_mean_A": float(radius_of_gyration(pred).mean()),
+                            "target_mean_A": float(radius_of_gyration(target).mean())}
+        return cls(reference, comps.reshape(-1, n, 3), std, float(jump_ps), info, gamma,
+                   size_model)
 
     def draw(self, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
-        """(n, 3) Å, one ε in the reference frame."""
+        """(n, 3) Å, one ε in the reference frame (without the size model's scale)."""
         z = rng.standard_normal(len(self.std_A))
         return np.tensordot(z * self.std_A * scale, self.components, axes=1)
 
@@ -198,7 +245,8 @@ class JumpNoise:
             scale: multiplies the standard deviations (0: the prediction itself, moved only by
                 a reverting model's pull).
         Returns:
-            (P, n, 3) Å: ``predicted + (t / jump_ps) · ε``, ε rotated onto the jump's end.
+            (P, n, 3) Å: ``predicted + (t / jump_ps) · ε``, ε rotated onto the jump's end;
+            with a size model, each frame then scaled about its centroid (module doc).
         """
         pred = np.asarray(predicted_A, dtype=np.float64)
         if pred.ndim != 3 or pred.shape[1:] != self.reference_A.shape:
@@ -214,7 +262,17 @@ class JumpNoise:
             eps = eps + np.tensordot(self.reversion * x, self.components, axes=1)
         eps = eps @ rot
         frac = np.asarray(times_ps, dtype=np.float64) / self.jump_ps
-        return pred + frac[:, None, None] * eps[None]
+        out = pred + frac[:, None, None] * eps[None]
+        if self.size is None:
+            return out
+        a, b, spread = self.size
+        want = a + b * radius_of_gyration(pred[-1]) + spread * scale * rng.standard_normal()
+        have = radius_of_gyration(out[-1])
+        if not (have > 0 and want > 0):  # a degenerate draw: left as drawn, for the guards
+            return out
+        factor = 1.0 + frac * (want / have - 1.0)  # (P,): the end's scale, reached in time
+        centre = out.mean(1, keepdims=True)
+        return centre + factor[:, None, None] * (out - centre)
 
     def check(self, surrogate, source: str = "") -> None:
         """Refuse a noise model fitted for another atom set or jump; warn for another
@@ -238,7 +296,7 @@ class JumpNoise:
     def describe(self) -> dict[str, Any]:
         """Provenance: what a run's JSON records of the noise it used."""
         return {"rms_A": self.rms_A, "jump_ps": self.jump_ps, "atoms": self.n_atoms,
-                "reverting": self.reversion is not None,
+                "reverting": self.reversion is not None, "sized": self.size is not None,
                 **{k: v for k, v in self.meta.items() if k != "source"}}
 
     def save(self, path: str | os.PathLike) -> None:
@@ -247,6 +305,8 @@ class JumpNoise:
                   "meta": self.meta}
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             extra = {} if self.reversion is None else {"reversion": self.reversion}
+            if self.size is not None:
+                extra["size"] = self.size
             np.savez(fh, header=np.array(json.dumps(header)), reference_A=self.reference_A,
                      components=self.components, std_A=self.std_A, **extra)
 
@@ -310,8 +370,19 @@ class JumpNoise:
                     or np.any(reversion < -1) or np.any(reversion > 0)):
                 raise DataError(f"{path}: the jump-noise reversion {reversion.shape} must hold "
                                 f"one value in [-1, 0] per component ({len(std)}); {fix}")
+        size = None
+        if "size" in arrays:
+            try:
+                size = np.asarray(arrays["size"], dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise DataError(f"{path}: the jump-noise size model is not numbers ({exc}); "
+                                f"{fix}") from None
+            if (size.shape != (3,) or not np.isfinite(size).all() or not 0 <= size[1] <= 1
+                    or size[2] < 0):
+                raise DataError(f"{path}: the jump-noise size model must be (intercept Å, slope "
+                                f"in [0, 1], spread Å >= 0), got {size.tolist()}; {fix}")
         meta["source"] = str(path)
-        return cls(ref, comps, std, jump_ps, meta, reversion)
+        return cls(ref, comps, std, jump_ps, meta, reversion, size)
 
     @classmethod
     def coerce(cls, noise: JumpNoise | str | os.PathLike | None) -> JumpNoise | None:
@@ -321,4 +392,4 @@ class JumpNoise:
         return cls.load(noise)
 
 
-__all__ = ["JumpNoise", "orthogonal_fit"]
+__all__ = ["JumpNoise", "fit_size", "orthogonal_fit"]

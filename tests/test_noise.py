@@ -401,3 +401,124 @@ def test_noise_revert_fits_the_pull_and_needs_a_noise_file(ala, checkpoint, tmp_
     assert "Mean-reverting draws" in (tmp_path / "r" / "report.md").read_text()
     assert evaluate_main(base + ["--out", str(tmp_path / "x"), "--noise-revert"]) == 2
     assert "--noise-revert" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+# -- the size model -------------------------------------------------------------------------------
+def _shrinking_windows(rng, n=40, w=400, bias=0.9):
+    """A model whose jump ends are its targets shrunk about their centroid by ``bias``, the
+    targets' radii of gyration scattering independently of where the window started."""
+    base = rng.normal(size=(n, 3)) * 4.0
+    base -= base.mean(0)
+    pred, target = [], []
+    for _ in range(w):
+        q = random_orthogonal(int(rng.integers(2 ** 31))).numpy()
+        shape = base + 0.3 * rng.normal(size=(n, 3))
+        shape = (shape - shape.mean(0)) * (1.0 + 0.03 * rng.normal())
+        end = shape @ q + rng.normal(size=3) * 5.0
+        centre = end.mean(0)
+        target.append(end)
+        pred.append(centre + bias * (end - centre) + 0.05 * rng.normal(size=(n, 3)))
+    return np.array(pred), np.array(target)
+
+
+def test_the_size_model_undoes_a_shrinking_mean_and_keeps_the_mds_sizes():
+    from surrogate_md.validity import radius_of_gyration
+
+    rng = np.random.default_rng(21)
+    pred, target = _shrinking_windows(rng)
+    noise = JumpNoise.fit(pred, target, 4.0, max_components=5, size=True)
+    plain = JumpNoise.fit(pred, target, 4.0, max_components=5)
+    assert plain.size is None and noise.size.shape == (3,)
+    r_pred, r_target = radius_of_gyration(pred), radius_of_gyration(target)
+    a, b, spread = noise.size
+    # the ends are the targets shrunk by 0.9 (plus a little noise): slope ~ 1 / 0.9, clipped
+    # to 1, and the intercept carries the rest of the bias
+    assert b == 1.0 and a == pytest.approx(np.mean(r_target - r_pred), rel=1e-9)
+    assert spread == pytest.approx(np.std(r_target - r_pred, ddof=2), rel=1e-9)
+    assert noise.meta["size"]["target_mean_A"] == pytest.approx(r_target.mean())
+    # drawn ends have the targets' sizes: mean and spread, where plain draws keep the bias
+    draws = np.random.default_rng(4)
+    times = np.array([4.0])
+    sized = np.array([radius_of_gyration(noise.sample(p[None], times, draws)[0])
+                      for p in pred[:200]])
+    unsized = np.array([radius_of_gyration(plain.sample(p[None], times, draws)[0])
+                        for p in pred[:200]])
+    left = sized - (a + b * r_pred[:200])  # the size model's own draws: mean 0, its spread
+    assert abs(left.mean()) < 4 * spread / np.sqrt(200)
+    assert left.std() == pytest.approx(spread, rel=0.2)
+    assert abs(sized.mean() - r_target[:200].mean()) < 0.2 * r_target.std()
+    assert r_target.mean() - unsized.mean() > 5 * r_target.std() / np.sqrt(200)
+    # a slope of 0: every end drawn around the MD's mean size whatever the model's
+    with_zero = JumpNoise(noise.reference_A, noise.components, noise.std_A, 4.0,
+                          size=np.array([12.0, 0.0, 0.0]))
+    for p in pred[:5]:
+        assert radius_of_gyration(with_zero.sample(p[None], times, draws)[0]) == pytest.approx(
+            12.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_sized_draws_are_equivariant_and_scale_the_frames_in_proportion_to_time(reflect):
+    from surrogate_md.validity import radius_of_gyration
+
+    rng = np.random.default_rng(22)
+    pred, target = _shrinking_windows(rng, w=60)
+    noise = JumpNoise.fit(pred, target, 3.0, max_components=4, revert=True, size=True)
+    frames = pred[:3] + np.linspace(0, 0.2, 3)[:, None, None]
+    times = np.array([1.0, 2.0, 3.0])
+    q = random_orthogonal(9, reflect=reflect).numpy()
+    shift = np.array([3.0, -1.0, 7.0])
+    perm = rng.permutation(frames.shape[1])
+    a = noise.sample(frames, times, np.random.default_rng(5))
+    b = noise.sample(frames @ q + shift, times, np.random.default_rng(5))
+    assert np.abs(b - (a @ q + shift)).max() < 1e-9
+    # permuting the atoms permutes the components with them: the same draw, permuted
+    permuted = JumpNoise(noise.reference_A[perm], noise.components[:, perm], noise.std_A, 3.0,
+                         reversion=noise.reversion, size=noise.size)
+    c = permuted.sample(frames[:, perm], times, np.random.default_rng(5))
+    assert np.abs(c - a[:, perm]).max() < 1e-9
+    # the scale grows with time: the end at the drawn size, no scale at t = 0
+    unsized = JumpNoise(noise.reference_A, noise.components, noise.std_A, 3.0,
+                        reversion=noise.reversion)
+    raw = unsized.sample(frames, times, np.random.default_rng(5))
+    factors = radius_of_gyration(a) / radius_of_gyration(raw)
+    np.testing.assert_allclose(factors - 1.0, (factors[-1] - 1.0) * times / 3.0, atol=1e-12)
+    assert abs(factors[-1] - 1.0) > 1e-3
+    # the centroids stay where the draws put them
+    np.testing.assert_allclose(a.mean(1), raw.mean(1), atol=1e-12)
+
+
+def test_the_size_model_survives_the_file_and_a_damaged_one_is_refused(tmp_path):
+    rng = np.random.default_rng(23)
+    pred, target = _shrinking_windows(rng, w=50)
+    noise = JumpNoise.fit(pred, target, 1.0, max_components=2, size=True)
+    noise.save(tmp_path / "s.npz")
+    back = JumpNoise.load(tmp_path / "s.npz")
+    assert np.array_equal(back.size, noise.size) and back.describe()["sized"]
+    assert back.describe()["size"]["slope"] == pytest.approx(noise.size[1])
+    assert not JumpNoise.fit(pred, target, 1.0).describe()["sized"]
+    header = json.dumps({"format": "surrogate-md jump noise", "version": 1, "jump_ps": 1.0})
+    arrays = {"reference_A": noise.reference_A, "components": noise.components,
+              "std_A": noise.std_A}
+    for name, value in {"steep": np.array([1.0, 1.5, 0.1]), "short": np.array([1.0, 0.5]),
+                        "negative": np.array([1.0, 0.5, -0.1]),
+                        "nan": np.array([1.0, np.nan, 0.1])}.items():
+        np.savez(tmp_path / f"{name}.npz", header=np.array(header), size=value, **arrays)
+        with pytest.raises(DataError, match=f"{name}.npz: .*size model.*--noise-out"):
+            JumpNoise.load(tmp_path / f"{name}.npz")
+    with pytest.raises(DataError, match="size model.*at least 3 windows"):
+        JumpNoise.fit(pred[:2], target[:2], 1.0, size=True)
+
+
+def test_noise_size_fits_the_size_model_and_needs_a_noise_file(ala, checkpoint, tmp_path,
+                                                               capsys):
+    base = [str(checkpoint), "--data", str(ala), "--split", "val", "--rollout-jumps", "0", "-q"]
+    assert evaluate_main(base + ["--out", str(tmp_path / "s"), "--noise-out",
+                                 str(tmp_path / "s.npz"), "--noise-size"]) == 0
+    noise = JumpNoise.load(tmp_path / "s.npz")
+    assert noise.size is not None and noise.reversion is None and 0 <= noise.size[1] <= 1
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert metrics["jump_noise"]["sized"] is True
+    assert metrics["jump_noise"]["size"]["slope"] == pytest.approx(noise.size[1])
+    assert "Size model" in (tmp_path / "s" / "report.md").read_text()
+    assert evaluate_main(base + ["--out", str(tmp_path / "x"), "--noise-size"]) == 2
+    assert "--noise-size" in capsys.readouterr().err and not (tmp_path / "x").exists()

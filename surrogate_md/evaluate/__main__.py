@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "long stochastic runs keep the fitted MD's spread instead of drifting "
                         "away like a random walk (keep more components with it: what lies "
                         "outside them is not pulled back; 60 for an AdK backbone)")
+    p.add_argument("--noise-size", action="store_true",
+                   help="with --noise-out: also fit a size model, so that the drawn ends keep "
+                        "the radius of gyration of the reference MD at the jump's lag instead of "
+                        "the model's mean prediction shrinking the molecule jump after jump")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
@@ -75,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                  n_rollouts=args.n_rollouts, batch_size=args.batch_size, device=args.device,
                  max_windows=args.max_windows, overwrite=args.overwrite,
                  transfer=args.transfer, noise_out=args.noise_out,
-                 noise_components=args.noise_components, noise_revert=args.noise_revert)
+                 noise_components=args.noise_components, noise_revert=args.noise_revert,
+                 noise_size=args.noise_size)
     except SurrogateMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

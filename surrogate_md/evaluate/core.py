@@ -51,7 +51,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
              overwrite: bool = False, plots: bool = True, transfer: bool = False,
              noise_out: str | os.PathLike | None = None,
              noise_components: int | None = None,
-             noise_revert: bool = False) -> dict[str, Any]:
+             noise_revert: bool = False, noise_size: bool = False) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``data`` and write ``report.md``, ``metrics.json`` and PNGs.
 
     Args:
@@ -86,6 +86,9 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         noise_revert: fit the noise's mean reversion along each component too (the draws
             pulled back towards the fitted frames' spread, so that long runs stay in it: module
             doc of :mod:`surrogate_md.noise`).
+        noise_size: fit the noise's size model too (the drawn ends scaled to the reference
+            MD's radius of gyration at the jump's lag, undoing the mean prediction's shrinking:
+            module doc of :mod:`surrogate_md.noise`).
 
     Returns:
         The metrics dict written to ``metrics.json``. Errors are Å² per atom (squared distance
@@ -104,9 +107,11 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         raise ConfigError(f"noise_components (--noise-components) must be >= 1, got "
                           f"{noise_components}; leave it out to keep up to "
                           f"{DEFAULT_MAX_COMPONENTS}")
-    if noise_revert and noise_out is None:
-        raise ConfigError("noise_revert (--noise-revert) is a property of the fitted jump noise; "
-                          "give --noise-out FILE.npz to fit one")
+    for flag, name in ((noise_revert, "noise_revert (--noise-revert)"),
+                       (noise_size, "noise_size (--noise-size)")):
+        if flag and noise_out is None:
+            raise ConfigError(f"{name} is a property of the fitted jump noise; give --noise-out "
+                              "FILE.npz to fit one")
     if noise_components is not None and noise_out is None:
         raise ConfigError("noise_components (--noise-components) sets how many components the "
                           "jump noise keeps, and no noise_out (--noise-out FILE) was given")
@@ -203,7 +208,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | list, out_
         if ends is not None:
             result["jump_noise"] = _fit_noise(sur, ends, noise_out, checkpoint, paths, split,
                                               noise_components or DEFAULT_MAX_COMPONENTS,
-                                              noise_revert)
+                                              noise_revert, noise_size)
         if rollout_jumps:
             result["rollout"] = _rollouts(sur, ds, prepared, rollout_jumps, n_rollouts)
             warnings += result["rollout"].pop("warnings", [])
@@ -514,7 +519,8 @@ def _check_noise_out(path: Path, transfer: bool, overwrite: bool) -> None:
 
 
 def _fit_noise(sur: Surrogate, ends: list[tuple[np.ndarray, np.ndarray]], path, checkpoint,
-               paths: list[str], split: str, max_components: int, revert: bool = False
+               paths: list[str], split: str, max_components: int, revert: bool = False,
+               size: bool = False
                ) -> dict[str, Any]:
     """Fit and save the :class:`~surrogate_md.noise.JumpNoise` of the scored windows' jump
     ends; returns what the metrics record of it."""
@@ -523,7 +529,7 @@ def _fit_noise(sur: Surrogate, ends: list[tuple[np.ndarray, np.ndarray]], path, 
     noise = JumpNoise.fit(pred, target, sur.jump_ps, max_components=max_components, meta={
         "model": sur.name, "checkpoint": Path(str(checkpoint)).name,
         "checkpoint_hash": sur.checkpoint_hash, "data": [Path(p).name for p in paths],
-        "split": split}, revert=revert)
+        "split": split}, revert=revert, size=size)
     noise.save(path)
     m = noise.meta
     log.info("jump noise: %d windows, %d components holding %.1f %% of the residual variance, "
@@ -533,6 +539,10 @@ def _fit_noise(sur: Surrogate, ends: list[tuple[np.ndarray, np.ndarray]], path, 
         log.info("jump noise: mean reversion per component %.2f to %.2f (mean %.2f); the draws "
                  "keep %.3g Å RMS per atom around the pull", m["reversion"]["min"],
                  m["reversion"]["max"], m["reversion"]["mean"], noise.rms_A)
+    if noise.size is not None:
+        log.info("jump noise: size model R_target = %.3g Å + %.3g R_pred (spread %.3g Å); the "
+                 "model's ends average %.3g Å, the MD's %.3g Å", *noise.size,
+                 m["size"]["predicted_mean_A"], m["size"]["target_mean_A"])
     return {"path": str(path), **noise.describe()}
 
 

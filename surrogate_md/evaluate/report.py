@@ -156,6 +156,13 @@ def write_report(result: dict[str, Any], path: Path) -> Path:
                       f"{_fmt(-rev['min'])} of its offset (mean {_fmt(-rev['mean'])}), so "
                       f"that long runs keep the spread of these windows; the random part "
                       f"left moves the atoms {_fmt(rev['draw_rms_A'])} Å RMS."]
+        if noise.get("sized"):
+            size = noise["size"]
+            lines += ["", f"Size model: each drawn end is scaled about its centroid to a radius "
+                      f"of gyration of {_fmt(size['intercept_A'])} Å + {_fmt(size['slope'])} × "
+                      f"the model's end's, with a spread of {_fmt(size['spread_A'])} Å (the "
+                      f"model's ends average {_fmt(size['predicted_mean_A'])} Å, the MD's "
+                      f"{_fmt(size['target_mean_A'])} Å)."]
     roll = result.get("rollout")
     if roll and "mse_vs_time" in roll:
         times = roll["times_ps"]
