@@ -995,9 +995,10 @@ class SurrogateSimulation:
             jump keeps its first draw that is accepted (as drawn or relaxed); the MD stands in
             only when every draw failed. A redraw costs a noise draw (the model's mean of the
             jump is kept), the rebuild and the guards, a fallback a jump's worth of MD; 0 (the
-            default): fall back at once. The guards check, and count, every draw. In implicit solvent the relaxation of a draw that may still be
-            drawn again ends with its solvent-free stages (``relax_until_accepted``'s
-            ``redraw_left``): a fresh draw costs less than full-force-field iterations.
+            default): fall back at once. The guards check, and count, every draw. In implicit
+            solvent the relaxation of a draw that may still be drawn again ends with its
+            solvent-free stages (``relax_until_accepted``'s ``redraw_left``): a fresh draw costs
+            less than full-force-field iterations.
         settle_iterations, relax_iterations, relax_restraint_kJ_per_mol_nm2: the settling and
             relaxation settings (may be changed between ``step`` calls).
     """

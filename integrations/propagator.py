@@ -36,18 +36,21 @@ noise model adds back the spread around it that it measured on reference MD. Eve
 predicted frames (the model's atoms, Å) become ``predicted + (t / jump_ps) · ε`` with ε a draw
 of a zero-mean Gaussian (correlated over the atoms, rotated onto the jump's end; RMS per atom
 ``noise_scale × JumpNoise.rms_A`` Å; a mean-reverting noise adds its pull back along each
-component, ``evaluate --noise-revert``) and ``t`` each frame's time after the jump's start (ps),
-before fixed atoms are put back and the atoms the model does not predict are rebuilt around the
-noisy frames. Velocities follow from the noisy frames as from any others. A non-finite
-prediction gets no noise (it stays broken for the guards). The engines' guards judge a noisy
-jump like any other (a draw that tears a bond or lifts the energy fails them and is handled by
-the guard action), and history models remember the noisy frames as the jump's own. A jump
-asked for again from the same state (time, positions, velocities, history: an engine drawing a
-failed jump again) reuses the model's mean of the last call and draws only the noise anew.
-``noise_scale`` (>= 0) multiplies the standard deviations (0: the model's mean, exactly the
-noiseless jump, where the noise is not mean-reverting; a reverting one still pulls). The draws come from their own generator, seeded by ``noise_seed`` (derived
-apart from the thermal velocity draws', so one seed for both gives independent streams); its
-state is part of :meth:`SurrogatePropagator.memory`, so a restart goes on with the same draws.
+component, ``evaluate --noise-revert``; one with a size model then scales each frame about its
+centroid towards a drawn radius of gyration, ``evaluate --noise-size``) and ``t`` each frame's
+time after the jump's start (ps), before fixed atoms are put back and the atoms the model does
+not predict are rebuilt around the noisy frames. Velocities follow from the noisy frames as from
+any others. A non-finite prediction gets no noise (it stays broken for the guards). The engines'
+guards judge a noisy jump like any other (a draw that tears a bond or lifts the energy fails
+them and is handled by the guard action), and history models remember the noisy frames as the
+jump's own. A jump asked for again from the same state (time, positions, velocities, history:
+an engine drawing a failed jump again) reuses the model's mean of the last call and draws only
+the noise anew. ``noise_scale`` (>= 0) multiplies the standard deviations (0: the model's mean,
+exactly the noiseless jump, where the noise is neither mean-reverting nor sized; a reverting
+one still pulls, a sized one still scales to its mean size). The draws come from their own
+generator, seeded by ``noise_seed`` (derived apart from the thermal velocity draws', so one seed
+for both gives independent streams); its state is part of :meth:`SurrogatePropagator.memory`,
+so a restart goes on with the same draws.
 
 History models (ESTAG) need the positions of the last ``history_length`` states at
 ``history_stride_ps``; the propagator remembers every state the engine shows it

@@ -40,7 +40,7 @@ fallbacks; with 60 components 100 jumps needed none).
 Size (``fit(..., size=True)``, ``evaluate --noise-size``): a model trained on the squared error
 predicts the mean of the states a jump may reach, and an average of fluctuating structures is a
 smaller structure. An AdK backbone EGNO's 64 ps ends have a radius of gyration 0.75 Å below their
-inputs', with a spread of 0.02 Å between windows: a bias, not noise, and the zero-mean draws do
+inputs', with a spread of 0.02 Å between starts: a bias, not noise, and the zero-mean draws do
 not undo it, so a run shrinks the protein jump after jump (to the bottom of the size check's
 range), its states packed ever worse and ever dearer to relax. A size model regresses, over the
 fitted windows, the radius of gyration of the reference MD's end on that of the model's end,
