@@ -359,28 +359,27 @@ class JumpNoise:
             raise DataError(f"{path}: jump-noise arrays are inconsistent or not finite "
                             f"(reference {ref.shape}, components {comps.shape}, std "
                             f"{std.shape}); {fix}")
-        reversion = None
-        if "reversion" in arrays:
+
+        def optional(key: str, what: str) -> np.ndarray | None:
+            if key not in arrays:
+                return None
             try:
-                reversion = np.asarray(arrays["reversion"], dtype=np.float64)
+                return np.asarray(arrays[key], dtype=np.float64)
             except (TypeError, ValueError) as exc:
-                raise DataError(f"{path}: the jump-noise reversion is not numbers ({exc}); "
+                raise DataError(f"{path}: the jump-noise {what} is not numbers ({exc}); "
                                 f"{fix}") from None
-            if (reversion.shape != std.shape or not np.isfinite(reversion).all()
-                    or np.any(reversion < -1) or np.any(reversion > 0)):
-                raise DataError(f"{path}: the jump-noise reversion {reversion.shape} must hold "
-                                f"one value in [-1, 0] per component ({len(std)}); {fix}")
-        size = None
-        if "size" in arrays:
-            try:
-                size = np.asarray(arrays["size"], dtype=np.float64)
-            except (TypeError, ValueError) as exc:
-                raise DataError(f"{path}: the jump-noise size model is not numbers ({exc}); "
-                                f"{fix}") from None
-            if (size.shape != (3,) or not np.isfinite(size).all() or not 0 <= size[1] <= 1
-                    or size[2] < 0):
-                raise DataError(f"{path}: the jump-noise size model must be (intercept Å, slope "
-                                f"in [0, 1], spread Å >= 0), got {size.tolist()}; {fix}")
+
+        reversion = optional("reversion", "reversion")
+        if reversion is not None and (reversion.shape != std.shape
+                                      or not np.isfinite(reversion).all()
+                                      or np.any(reversion < -1) or np.any(reversion > 0)):
+            raise DataError(f"{path}: the jump-noise reversion {reversion.shape} must hold "
+                            f"one value in [-1, 0] per component ({len(std)}); {fix}")
+        size = optional("size", "size model")
+        if size is not None and (size.shape != (3,) or not np.isfinite(size).all()
+                                 or not 0 <= size[1] <= 1 or size[2] < 0):
+            raise DataError(f"{path}: the jump-noise size model must be (intercept Å, slope in "
+                            f"[0, 1], spread Å >= 0), got {size.tolist()}; {fix}")
         meta["source"] = str(path)
         return cls(ref, comps, std, jump_ps, meta, reversion, size)
 
