@@ -253,8 +253,8 @@ class SurrogatePropagator:
         self.offsets_ps = np.asarray(surrogate.times_ps, dtype=np.float64)
         self.jump_ps = float(surrogate.jump_ps)
         self._known: dict[int, np.ndarray] = {}
-        # (time, positions, velocities, history) of the last model call and its frames
-        self._last_mean: tuple[tuple, np.ndarray] | None = None
+        # time, (positions, velocities, history) of the last model call, and its frames
+        self._last_mean: tuple[float, tuple, np.ndarray] | None = None
         self.fixed_atoms = fixed_atoms
 
     @property
@@ -475,16 +475,17 @@ class SurrogatePropagator:
         hist = self.history(time_ps)
         if self.jump_noise is None:
             return self.surrogate.predict(pos, vel, history=hist)
-        key = (float(time_ps), pos, vel, hist)
+        def same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+            return a is None if b is None else a is not None and np.array_equal(a, b)
+
+        state = (pos, vel, hist)
         last = self._last_mean
-        if last is not None and last[0][0] == key[0] and all(
-                (a is None and b is None) or (a is not None and b is not None
-                                              and np.array_equal(a, b))
-                for a, b in zip(last[0][1:], key[1:])):
-            return last[1].copy()
+        if (last is not None and last[0] == float(time_ps)
+                and all(same(a, b) for a, b in zip(last[1], state))):
+            return last[2].copy()
         pred = self.surrogate.predict(pos, vel, history=hist)
-        self._last_mean = ((key[0], *(None if a is None else np.array(a, dtype=np.float64)
-                                      for a in key[1:])), pred)
+        self._last_mean = (float(time_ps), tuple(None if a is None else np.array(a)
+                                                 for a in state), pred)
         return pred
 
     def _end_velocities(self, vel: np.ndarray) -> np.ndarray:
