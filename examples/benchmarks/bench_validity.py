@@ -596,6 +596,8 @@ def split_bonded_by_part(system, model_atoms: np.ndarray):
             continue
         count, get, add, n_atoms = _BONDED[kind]
         parts = {part: getattr(openmm, kind)() for part in ("model", "junction", "rebuilt")}
+        for part, split in parts.items():
+            split.setName(f"{kind} ({part} atoms)")
         for i in range(getattr(force, count)()):
             params = getattr(force, get)(i)
             inside = predicted[list(params[:n_atoms])]
@@ -606,14 +608,7 @@ def split_bonded_by_part(system, model_atoms: np.ndarray):
         out.removeForce(index)
         for part in parts.values():
             out.addForce(part)
-    names = [type(force).__name__ for force in out.getForces()]
-    # the split forces were appended in (model, junction, rebuilt) order per class
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if name in _BONDED:
-            k = seen.get(name, 0)
-            seen[name] = k + 1
-            names[i] = f"{name} ({('model', 'junction', 'rebuilt')[k % 3]} atoms)"
+    names = [force.getName() for force in out.getForces()]
     return out, names
 
 
