@@ -305,6 +305,55 @@ def test_surrogate_vs_md_measures_the_run_motion_and_stochastic_jumps(bench, tmp
         vs_md.main(["--quick", "--adk-redraws", "2"])
 
 
+def test_surrogate_vs_md_times_a_control_beside_the_model(bench, tmp_path, capsys):
+    """--adk-control times a second checkpoint's jumps from the same MD state in the same run:
+    its own row and speed-up, and the ratio of the two; a control that jumps other atoms or
+    over another time is refused, and so is a deterministic control beside stochastic jumps."""
+    import argparse
+    import types
+
+    from datagen.openmm_md import prepare_system
+    from surrogate_md.errors import CheckpointError
+
+    vs_md = bench("bench_surrogate_vs_md")
+    prepared = prepare_system("adk", solvent="implicit", cutoff_nm=1.2, hmr=True)
+    control = vs_md.adk_untrained_checkpoint(
+        argparse.Namespace(adk_model="constant", hidden=None, layers=None), prepared,
+        tmp_path / "constant.pt")
+    out = tmp_path / "vs.json"
+    assert vs_md.main(["--quick", "--systems", "adk", "--adk-control", str(control),
+                       "--out-dir", str(tmp_path / "r"), "--json", str(out),
+                       "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    speed = _check(_tables(text)[1])
+    assert len(speed) == 4 and "control" in speed[2][3] and "constant" in speed[2][3]
+    row = json.loads(out.read_text())["systems"][0]
+    c = row["control"]
+    assert c["model"] == "constant" and c["checkpoint"].endswith("constant.pt")
+    assert c["jumps"] == row["surrogate"]["jumps"] == 1
+    assert c["simulated_ps"] == pytest.approx(row["surrogate"]["simulated_ps"])
+    assert row["speedup_control"] == pytest.approx(c["ns_per_s"] / row["md"]["ns_per_s"])
+    assert float(speed[2][10]) == pytest.approx(row["speedup_control"], rel=1e-2)
+    ratio = row["speedup"] / row["speedup_control"]
+    assert f"the learned model's jumps run at {vs_md.fmt(ratio)}×" in text
+    # a constant copies its input: its jump moves the predicted atoms less than the model's
+    assert c["run_moved_A2"] < row["surrogate"]["run_moved_A2"]
+
+    def sur(jump_ps, atoms, n_atoms=3341):
+        return types.SimpleNamespace(name="m", jump_ps=jump_ps, model_atoms=np.asarray(atoms),
+                                     n_model_atoms=len(atoms), n_atoms=n_atoms)
+
+    vs_md.check_control(sur(4.0, [0, 1]), sur(4.0, [0, 1]), "c.pt")
+    for other in (sur(8.0, [0, 1]), sur(4.0, [0, 2]), sur(4.0, [0, 1], 22)):
+        with pytest.raises(CheckpointError, match="does not jump what the model does"):
+            vs_md.check_control(sur(4.0, [0, 1]), other, "c.pt")
+    with pytest.raises(SystemExit):  # the control's noise without the control
+        vs_md.main(["--quick", "--adk-control-noise", str(control)])
+    with pytest.raises(SystemExit):  # stochastic model, deterministic control
+        vs_md.main(["--quick", "--adk-checkpoint", str(control), "--adk-jump-noise",
+                    str(control), "--adk-control", str(control)])
+
+
 def test_surrogate_vs_md_finds_adk_training_data(bench, tmp_path):
     """The AdK accuracy row scores the checkpoint on the MD it was trained on, or --adk-data;
     without either there is no row (no error)."""

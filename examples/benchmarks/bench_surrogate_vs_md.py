@@ -23,6 +23,12 @@ with an **untrained** ``--adk-model`` on the backbone atoms (8 Å radius graph; 
 hydrogens ride along), guards in ``warn`` mode so every jump stays a jump; the table says so and
 the guard pass rate of an untrained model means nothing.
 
+``--adk-control CHECKPOINT`` (with ``--adk-control-noise`` when the model draws stochastic jumps)
+times a second checkpoint from the same MD state in the same run, with the same guards,
+relaxation and redraws: a ``constant`` model trained on the same data and protocol, with a noise
+fitted on its own residuals, shows what that machinery gives without a learned mean, and the
+script prints the learned model's speed as a multiple of the control's.
+
 Usage::
 
     python examples/benchmarks/bench_surrogate_vs_md.py --train-epochs 30 --jumps 200 \
@@ -436,6 +442,23 @@ def adk_data(args: argparse.Namespace, surrogate, checkpoint: Path) -> Path | No
     return None
 
 
+def check_control(surrogate, control, path: str | Path) -> None:
+    """Refuse a control checkpoint that does not jump the same atoms over the same time as the
+    model it is set beside (its speed would compare different jumps)."""
+    from surrogate_md.errors import CheckpointError
+
+    if (control.jump_ps != surrogate.jump_ps
+            or not np.array_equal(control.model_atoms, surrogate.model_atoms)
+            or control.n_atoms != surrogate.n_atoms):
+        raise CheckpointError(
+            f"{path}: the control ({control.name}, {control.n_model_atoms} of {control.n_atoms} "
+            f"atoms, {fmt(control.jump_ps)} ps jumps) does not jump what the model does "
+            f"({surrogate.name}, {surrogate.n_model_atoms} of {surrogate.n_atoms} atoms, "
+            f"{fmt(surrogate.jump_ps)} ps); train it on the model's data and protocol "
+            "(python -m surrogate_md.train --config <the model's config.yaml> --set "
+            "model.name=constant)")
+
+
 def passing_cell(s: dict[str, Any]) -> str:
     """'92.5% (37/40: 10 as predicted, 27 after relaxing, 12 iterations each; 3 fell back)'."""
     passing = round(s["pass_fraction"] * s["jumps"])
@@ -526,6 +549,16 @@ def run_system(args: argparse.Namespace, name: str) -> dict[str, Any]:
             args.adk_jump_noise if adk else None, args.adk_redraws if adk else 0)
         row["surrogate_compiled"]["compiled"] = compiled.compiled  # False: compiling failed
         row["speedup_compiled"] = row["surrogate_compiled"]["ns_per_s"] / row["md"]["ns_per_s"]
+    if adk and args.adk_control:  # the same machinery and draws around a copy of the input
+        control = Surrogate.load(Path(args.adk_control), device=args.device)
+        check_control(surrogate, control, args.adk_control)
+        log.info("%s: timing %d jumps of the control %s", name, n_jumps, control.name)
+        row["control"] = surrogate_timing(
+            prepared, platform, control, state, n_jumps, guards, step_ps,
+            args.relax_iterations, args.end_velocities, args.md_steps, args.settle_iterations,
+            args.adk_control_noise, args.adk_redraws if args.adk_control_noise else 0)
+        row["control"].update(model=control.name, checkpoint=relative_path(args.adk_control))
+        row["speedup_control"] = row["control"]["ns_per_s"] / row["md"]["ns_per_s"]
     return row
 
 
@@ -576,6 +609,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adk-redraws", type=int, default=0, metavar="N",
                         help="with --adk-jump-noise: a draw that would fall back to MD is drawn "
                              "again, up to N times per jump (default 0)")
+    parser.add_argument("--adk-control", default=None, metavar="CHECKPOINT",
+                        help="also time this checkpoint's jumps from the same MD state, in the "
+                             "same run (a constant model on the same data: what the guards, "
+                             "the relaxation and the drawn noise give without a learned mean)")
+    parser.add_argument("--adk-control-noise", default=None, metavar="NOISE.npz",
+                        help="the control's own jump noise (fitted on the same data as "
+                             "--adk-jump-noise; needed when that is given)")
     parser.add_argument("--adk-model", default="egno", choices=TRAINABLE)
     parser.add_argument("--adk-jumps", type=int, default=5)
     parser.add_argument("--adk-md-ps", type=float, default=0.1)
@@ -609,6 +649,14 @@ def main(argv: list[str] | None = None) -> int:
                   adk_jump_noise=args.adk_jump_noise)
     if args.adk_redraws and not args.adk_jump_noise:
         parser.error("--adk-redraws draws stochastic jumps again: give --adk-jump-noise")
+    require_files(adk_control=args.adk_control, adk_control_noise=args.adk_control_noise)
+    if args.adk_control_noise and not args.adk_control:
+        parser.error("--adk-control-noise is the control's noise: give --adk-control")
+    if args.adk_control and args.adk_jump_noise and not args.adk_control_noise:
+        parser.error("the model draws stochastic jumps (--adk-jump-noise): give the control its "
+                     "own noise too (--adk-control-noise, from python -m surrogate_md.evaluate "
+                     "CONTROL.pt --split train --noise-out NOISE.npz with the model's noise "
+                     "options), else the two rows compare different machinery")
     if args.adk_jump_noise and not args.adk_checkpoint:
         parser.error("--adk-jump-noise is the noise of a trained model: give --adk-checkpoint")
     if args.quick:
@@ -648,6 +696,15 @@ def main(argv: list[str] | None = None) -> int:
                      fmt(s["ns_per_day"]),
                      passing_cell(s), fmt(s.get("run_moved_A2")),
                      fmt(r["speedup"])])
+        if r.get("control"):
+            c = r["control"]
+            body.append([r["system"], r["atoms"], r["platform"],
+                         f"{c['model']} (control: copies its input), jump "
+                         f"{fmt(r['jump_ps'])} ps, guards {c['guard_action']}"
+                         + (", stochastic jumps" if c.get("jump_noise") else ""),
+                         fmt(c["simulated_ps"]), fmt(c["wall_s"]), fmt(c["ns_per_s"]),
+                         fmt(c["ns_per_day"]), passing_cell(c), fmt(c.get("run_moved_A2")),
+                         fmt(r["speedup_control"])])
         runs = [("", s, r["speedup"])]
         if r.get("surrogate_compiled"):
             c = r["surrogate_compiled"]
@@ -694,6 +751,13 @@ def main(argv: list[str] | None = None) -> int:
               "the jump's end from its start, per atom, the model's and the MD's; a model far "
               "below the MD copies its input more than it propagates, and its jumps pass the "
               "guards for that reason.\n")
+    for r in rows:
+        if r.get("control"):
+            print(f"{r['system']}: the learned model's jumps run at "
+                  f"{fmt(r['speedup'] / r['speedup_control'])}× the control's simulated time "
+                  f"per second ({fmt(relax_each(r['surrogate']))} against "
+                  f"{fmt(relax_each(r['control']))} relaxation iterations per relaxed jump); "
+                  "below 1 the learned mean costs more than copying the input.\n")
     if any(not r["trained"] for r in rows):
         print("Untrained models time the jump machinery only (model, reconstruction of the "
               "riding atoms, guards, energy); their guard pass rate means nothing.\n")
