@@ -63,6 +63,16 @@ def test_evaluate_writes_report_with_baselines(ala, checkpoint, tmp_path):
     moved = ((ends - f.read(t0)) ** 2).sum(-1).mean()
     assert models["egnn"]["fmsd"] == pytest.approx(moved, rel=1e-3)
     assert 0 < models["egnn"]["fmsd"] < 10 * by_hand
+    # size alone: each input scaled about its centroid to its MD end's radius of gyration
+    x0, x1 = f.read(t0), f.read(t0 + 10)
+
+    def rg(x):
+        return np.sqrt(((x - x.mean(1, keepdims=True)) ** 2).sum(-1).mean(-1))
+
+    c0 = x0.mean(1, keepdims=True)
+    sized = c0 + (x0 - c0) * (rg(x1) / rg(x0))[:, None, None]
+    assert res["errors"]["sized_copy_fmse"] == pytest.approx(
+        ((sized - x1) ** 2).sum(-1).mean(), rel=1e-5)
     roll = res["rollout"]
     assert roll["n_jumps"] == 3 and len(roll["times_ps"]) == 6
     assert set(roll["mse_vs_time"]) == {"egnn", "constant", "linear"}
@@ -74,6 +84,7 @@ def test_evaluate_writes_report_with_baselines(ala, checkpoint, tmp_path):
     report = (out / "report.md").read_text()
     assert "Å² per atom" in report and "| constant |" in report and "| linear |" in report
     assert "moves the atoms" in report and "| MD | – | – |" in report
+    assert "Size alone: the input scaled" in report
     assert "Jensen-Shannon" in report and "radius of gyration" in report
     assert val["radius_of_gyration_A"]["reference_mean"] > 0
     # a second run into the same directory is refused

@@ -556,7 +556,9 @@ def _window_errors(sur: Surrogate, ds: WindowDataset, protocol: str, batch_size:
     distance of the jump's end from the input positions, and ``fmsd_md`` the MD's own (the
     constant model's F-MSE). A model far below the MD's motion is close to copying its input,
     whatever its error: at long jumps a mean-square fit learns that, and its jump ends then
-    pass energy checks for the wrong reason."""
+    pass energy checks for the wrong reason. ``sized_copy_fmse``: the F-MSE of the input scaled
+    about its centroid to the radius of gyration of the MD's jump end (an oracle: no model is
+    told that size), the share of a model's gain over copying that size alone gives."""
     from torch.utils.data import DataLoader
 
     c = sur.selection.n_channels
@@ -566,7 +568,7 @@ def _window_errors(sur: Surrogate, ds: WindowDataset, protocol: str, batch_size:
             models[name] = build_model(name, {"n_channels": c}).to(sur.device).eval()
     sums = {name: M.ErrorSums() for name in models}
     moved = {name: M.ErrorSums() for name in models}
-    md_moved = M.ErrorSums()
+    md_moved, sized_copy = M.ErrorSums(), M.ErrorSums()
     times = ds.times_ps if protocol == "s2t" else ds.times_ps[-1:]
     for batch in DataLoader(ds, batch_size=batch_size, collate_fn=ds.collate):
         batch = batch_to(batch, sur.device, sur.dtype)
@@ -582,11 +584,28 @@ def _window_errors(sur: Surrogate, ds: WindowDataset, protocol: str, batch_size:
                 ends.append(tuple(x[-1].double().cpu().numpy().reshape(n_win, -1, 3)
                                   for x in (pred, batch[K.TARGET])))
         md_moved.add(batch[K.TARGET][-1:], batch[K.POS][None])
+        n_win = int(batch[K.N_GRAPHS])
+        sized_copy.add(_sized_to(batch[K.POS], batch[K.TARGET][-1], n_win)[None],
+                       batch[K.TARGET][-1:])
     return {"times_ps": [float(t) for t in times],
-            "fmsd_md": md_moved.fmse,
+            "fmsd_md": md_moved.fmse, "sized_copy_fmse": sized_copy.fmse,
             "models": {name: {"fmse": s.fmse, "amse": s.amse, "fmsd": moved[name].fmse,
                               "mse_per_time": s.mse_per_time.tolist()}
                        for name, s in sums.items()}}
+
+
+def _sized_to(pos: torch.Tensor, target: torch.Tensor, n_windows: int) -> torch.Tensor:
+    """``pos`` (N, C, 3) Å, ``n_windows`` windows of equal size one after another, each scaled
+    about its centroid to the radius of gyration of its window in ``target`` (same shape)."""
+    x = pos.to(torch.float64).reshape(n_windows, -1, 3)
+    y = target.to(torch.float64).reshape(n_windows, -1, 3)
+    cx, cy = x.mean(1, keepdim=True), y.mean(1, keepdim=True)
+
+    def rg(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return ((z - c) ** 2).sum(-1).mean(-1).sqrt()
+
+    scale = rg(y, cy) / rg(x, cx).clamp_min(1e-12)
+    return (cx + (x - cx) * scale[:, None, None]).reshape(pos.shape)
 
 
 def _rollouts(sur: Surrogate, ds: WindowDataset, prepared, rollout_jumps: int,

@@ -134,6 +134,16 @@ def write_report(result: dict[str, Any], path: Path) -> Path:
                   "Moves the atoms: squared distance of the jump's end from its start, per atom. "
                   "A model that moves them far less than the MD is close to copying its input "
                   "(a long jump's mean-square best guess), however small its error."]
+    sized = err.get("sized_copy_fmse")
+    const = err["models"].get("constant", {}).get("fmse")
+    own = err["models"].get(result["model"], {}).get("fmse")
+    if sized is not None and const is not None and own is not None and result["model"] != (
+            "constant"):
+        lines += ["", f"Size alone: the input scaled about its centroid to the radius of "
+                  f"gyration of the MD's jump end (an oracle: no model is told that size) "
+                  f"scores F-MSE {_fmt(sized)} Å²/atom, against the copy's {_fmt(const)} and "
+                  f"the model's {_fmt(own)}. A model at or above it has learned little "
+                  "beyond the size its jumps end at."]
     lines += ["", "Error per output time offset (Å² per atom, squared distance summed over xyz):",
               "", "| model | " + " | ".join(f"{t:g} ps" for t in err["times_ps"]) + " |",
               "|---|" + "---|" * len(err["times_ps"])]
