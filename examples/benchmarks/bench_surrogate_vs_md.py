@@ -456,7 +456,8 @@ def check_control(surrogate, control, path: str | Path) -> None:
             f"({surrogate.name}, {surrogate.n_model_atoms} of {surrogate.n_atoms} atoms, "
             f"{fmt(surrogate.jump_ps)} ps); train it on the model's data and protocol "
             "(python -m surrogate_md.train --config <the model's config.yaml> --set "
-            "model.name=constant)")
+            "model.name=constant, with --set model.<option>=null for each of the model's "
+            "other options)")
 
 
 def passing_cell(s: dict[str, Any]) -> str:
