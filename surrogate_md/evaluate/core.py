@@ -30,7 +30,12 @@ from surrogate_md.noise import DEFAULT_MAX_COMPONENTS, JumpNoise
 from surrogate_md.surrogate import Surrogate
 from surrogate_md.train.config import data_config_from_dict
 from surrogate_md.train.data import prepare_data
-from surrogate_md.validity import excluded_pairs, gyration_summary, min_nonbonded_distance
+from surrogate_md.validity import (
+    excluded_pairs,
+    gyration_summary,
+    min_nonbonded_distance,
+    radius_of_gyration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -597,15 +602,12 @@ def _window_errors(sur: Surrogate, ds: WindowDataset, protocol: str, batch_size:
 def _sized_to(pos: torch.Tensor, target: torch.Tensor, n_windows: int) -> torch.Tensor:
     """``pos`` (N, C, 3) Å, ``n_windows`` windows of equal size one after another, each scaled
     about its centroid to the radius of gyration of its window in ``target`` (same shape)."""
-    x = pos.to(torch.float64).reshape(n_windows, -1, 3)
-    y = target.to(torch.float64).reshape(n_windows, -1, 3)
-    cx, cy = x.mean(1, keepdim=True), y.mean(1, keepdim=True)
-
-    def rg(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return ((z - c) ** 2).sum(-1).mean(-1).sqrt()
-
-    scale = rg(y, cy) / rg(x, cx).clamp_min(1e-12)
-    return (cx + (x - cx) * scale[:, None, None]).reshape(pos.shape)
+    x = pos.double().cpu().numpy().reshape(n_windows, -1, 3)
+    y = target.double().cpu().numpy().reshape(n_windows, -1, 3)
+    c = x.mean(axis=1, keepdims=True)
+    scale = radius_of_gyration(y) / np.maximum(radius_of_gyration(x), 1e-12)
+    return torch.from_numpy((c + (x - c) * scale[:, None, None]).reshape(pos.shape)).to(
+        pos.device)
 
 
 def _rollouts(sur: Surrogate, ds: WindowDataset, prepared, rollout_jumps: int,
